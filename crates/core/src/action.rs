@@ -1,0 +1,131 @@
+//! What goes into the engine (requests) and what comes out (actions).
+
+use bytes::Bytes;
+
+use crate::types::{
+    BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId, VolumeId,
+};
+
+/// A client request against one volume. Offsets and lengths are in bytes
+/// and need not be block-aligned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Read {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        volume: VolumeId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    WriteZeroes {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    /// A hint: the range may read back as old data or zeros afterwards.
+    Trim {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    },
+    Flush {
+        volume: VolumeId,
+    },
+}
+
+impl Request {
+    pub fn volume(&self) -> VolumeId {
+        match self {
+            Request::Read { volume, .. }
+            | Request::Write { volume, .. }
+            | Request::WriteZeroes { volume, .. }
+            | Request::Trim { volume, .. }
+            | Request::Flush { volume } => *volume,
+        }
+    }
+}
+
+/// The successful outcome of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Done,
+    Data(Bytes),
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("no volume {0}")]
+    NoVolume(VolumeId),
+    #[error("range {offset}+{length} is outside the volume ({size} bytes)")]
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    #[error("write of {length} bytes does not fit the cache ({cache_bytes_max} bytes)")]
+    TooLarge { length: u64, cache_bytes_max: u64 },
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The node stopped taking writes after a journal or leg failure:
+    /// acknowledging more would promise durability it cannot give.
+    #[error("node is failed after a storage error: {0}")]
+    Failed(String),
+}
+
+/// A closed delta as it is journaled (and, later, shipped): every block a
+/// group's writes touched in one interval, each with its final image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRecord {
+    pub position: JournalPosition,
+    pub group: GroupId,
+    pub epoch: Epoch,
+    pub seq: DeltaSeq,
+    /// Sorted by key, one entry per block.
+    pub blocks: Vec<(BlockKey, BlockImage)>,
+}
+
+impl DeltaRecord {
+    pub fn data_bytes(&self) -> u64 {
+        self.blocks.len() as u64 * crate::types::BLOCK_SIZE as u64
+    }
+}
+
+/// Work the driver must do for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer a client request.
+    Reply {
+        request: RequestId,
+        result: Result<Response, RequestError>,
+    },
+    /// Read `length` bytes at `offset` of the volume's leg; answer with
+    /// [`crate::Engine::leg_read_done`].
+    ReadLeg {
+        io: IoId,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    },
+    /// Append the record to the journal (not yet durable). A failure is
+    /// reported with [`crate::Engine::journal_failed`].
+    AppendJournal { record: DeltaRecord },
+    /// Make every record appended so far durable; answer with
+    /// [`crate::Engine::journal_synced`].
+    SyncJournal { io: IoId, upto: JournalPosition },
+    /// Apply one delta's blocks to the legs (not yet durable); answer with
+    /// [`crate::Engine::leg_written`]. Blocks of a deleted volume are left out.
+    WriteLeg {
+        io: IoId,
+        group: GroupId,
+        seq: DeltaSeq,
+        blocks: Vec<(BlockKey, BlockImage)>,
+    },
+    /// Make every leg write so far durable on these volumes; answer with
+    /// [`crate::Engine::legs_synced`].
+    SyncLegs { io: IoId, volumes: Vec<VolumeId> },
+    /// Journal records up to and including `upto` are on synced legs and
+    /// may be deleted.
+    ReleaseJournal { upto: JournalPosition },
+}

@@ -1,0 +1,1223 @@
+//! The per-node engine: volumes, consistency groups, the cache, open and
+//! closed deltas, journal ordering and leg apply.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::action::{Action, DeltaRecord, Request, RequestError, Response};
+use crate::block_index::{BlockIndex, Entry};
+use crate::types::{
+    BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId,
+    Timestamp, VolumeId,
+};
+
+/// Tuning of one node's engine. Every limit names its unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// An open delta closes this long after its first write.
+    pub delta_interval_ms: u64,
+    /// An open delta closes once its blocks hold this many bytes.
+    pub delta_max_bytes: u64,
+    /// Bound on block memory: dirty deltas plus clean cached blocks. Writes
+    /// wait (throttled, never dropped) while taking them would pass it.
+    pub cache_bytes_max: u64,
+    /// Once this many journal bytes are awaiting release, the legs are synced
+    /// and the journal records they hold are released.
+    pub journal_checkpoint_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            delta_interval_ms: 100,
+            delta_max_bytes: 8 << 20,
+            cache_bytes_max: 256 << 20,
+            journal_checkpoint_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A volume as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Bytes; a multiple of [`BLOCK_SIZE`].
+    pub size: u64,
+    pub group: GroupId,
+}
+
+/// Where numbering resumes after crash recovery replayed the journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveredState {
+    /// The next journal record gets this position (at least 1).
+    pub next_position: JournalPosition,
+    /// The next delta of each group gets this sequence number; groups not
+    /// listed start at 1.
+    pub next_seq: BTreeMap<GroupId, DeltaSeq>,
+}
+
+/// Counters and gauges for metrics and status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub cache_hit_blocks: u64,
+    pub cache_miss_blocks: u64,
+    pub dirty_bytes: u64,
+    pub clean_bytes: u64,
+    pub cached_blocks: u64,
+    pub open_deltas: u64,
+    pub closed_deltas_total: u64,
+    pub applied_deltas_total: u64,
+    pub unapplied_deltas: u64,
+    pub journal_bytes: u64,
+    pub journal_syncs_total: u64,
+    pub throttled_writes_total: u64,
+    pub throttled_writes_now: u64,
+    pub failed: bool,
+}
+
+/// The node's protocol state machine. See the crate docs for the ordering
+/// rules it enforces.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    volumes: BTreeMap<VolumeId, VolumeState>,
+    groups: BTreeMap<GroupId, Group>,
+    index: BlockIndex,
+    pending: BTreeMap<RequestId, Pending>,
+    ios: BTreeMap<IoId, IoPurpose>,
+    next_io: u64,
+    /// Writes admitted before all throttled ones would jump the queue.
+    throttled: VecDeque<WriteRequest>,
+    /// Bytes promised to admitted writes still waiting for leg reads.
+    reserved_bytes: u64,
+    dirty_bytes: u64,
+    deadlines: BTreeSet<(Timestamp, GroupId)>,
+    journal: JournalState,
+    failed: Option<String>,
+    draining: bool,
+    now: Timestamp,
+    stats: EngineStats,
+    actions: VecDeque<Action>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, recovered: RecoveredState) -> Self {
+        assert!(
+            config.delta_max_bytes > 0 && config.cache_bytes_max >= 2 * config.delta_max_bytes,
+            "engine config invariant: cache_bytes_max must hold two full deltas"
+        );
+        let next_position = recovered.next_position.0.max(1);
+        let groups = recovered
+            .next_seq
+            .iter()
+            .map(|(group, seq)| (*group, Group::new(*seq)))
+            .collect();
+        Engine {
+            config,
+            volumes: BTreeMap::new(),
+            groups,
+            index: BlockIndex::default(),
+            pending: BTreeMap::new(),
+            ios: BTreeMap::new(),
+            next_io: 1,
+            throttled: VecDeque::new(),
+            reserved_bytes: 0,
+            dirty_bytes: 0,
+            deadlines: BTreeSet::new(),
+            journal: JournalState {
+                next_position,
+                synced_upto: next_position - 1,
+                sync_in_flight: false,
+                unapplied: BTreeSet::new(),
+                unreleased: VecDeque::new(),
+                unreleased_bytes: 0,
+                released_upto: next_position - 1,
+                leg_sync_in_flight: None,
+                touched_volumes: BTreeSet::new(),
+            },
+            failed: None,
+            draining: false,
+            now: Timestamp(0),
+            stats: EngineStats::default(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Serves `volume` from now on. Its leg must exist.
+    pub fn add_volume(&mut self, volume: VolumeId, spec: VolumeSpec) {
+        assert!(
+            spec.size % BLOCK_SIZE as u64 == 0,
+            "volume {volume} size {} is not a multiple of the block size",
+            spec.size
+        );
+        self.groups
+            .entry(spec.group)
+            .or_insert_with(|| Group::new(DeltaSeq(1)));
+        self.volumes.insert(volume, VolumeState { spec });
+    }
+
+    /// Stops serving `volume` and forgets its cached blocks. Refused while
+    /// requests on it are in flight; its blocks still queued in deltas are
+    /// left out when those deltas reach the legs.
+    pub fn remove_volume(&mut self, volume: VolumeId) -> Result<(), RequestError> {
+        if !self.volumes.contains_key(&volume) {
+            return Err(RequestError::NoVolume(volume));
+        }
+        let busy = self
+            .pending
+            .values()
+            .any(|pending| pending.volume() == volume)
+            || self.throttled.iter().any(|write| write.volume == volume);
+        if busy {
+            return Err(RequestError::Io(format!(
+                "volume {volume} has requests in flight"
+            )));
+        }
+        self.volumes.remove(&volume);
+        self.index.remove_where(|key| key.volume == volume);
+        Ok(())
+    }
+
+    pub fn volume(&self, volume: VolumeId) -> Option<VolumeSpec> {
+        self.volumes.get(&volume).map(|state| state.spec)
+    }
+
+    /// Takes a client request; its answer comes as an [`Action::Reply`].
+    pub fn submit(&mut self, now: Timestamp, request_id: RequestId, request: Request) {
+        self.observe(now);
+        let volume = request.volume();
+        let Some(spec) = self.volume(volume) else {
+            self.reply(request_id, Err(RequestError::NoVolume(volume)));
+            return;
+        };
+        match request {
+            Request::Read { offset, length, .. } => {
+                if let Err(error) = check_range(&spec, offset, length) {
+                    self.reply(request_id, Err(error));
+                    return;
+                }
+                self.start_read(request_id, volume, offset, length);
+            }
+            Request::Write {
+                offset, data, fua, ..
+            } => {
+                let length = data.len() as u64;
+                self.start_write(
+                    WriteRequest {
+                        request: request_id,
+                        volume,
+                        offset,
+                        payload: Payload::Data(data),
+                        fua,
+                    },
+                    &spec,
+                    length,
+                );
+            }
+            Request::WriteZeroes {
+                offset,
+                length,
+                fua,
+                ..
+            } => {
+                self.start_write(
+                    WriteRequest {
+                        request: request_id,
+                        volume,
+                        offset,
+                        payload: Payload::Zero(length),
+                        fua,
+                    },
+                    &spec,
+                    length,
+                );
+            }
+            Request::Trim { offset, length, .. } => {
+                // A trim is a hint (NBD allows old data or zeros afterwards);
+                // the leg keeps its blocks, so nothing can be lost by it.
+                let result = check_range(&spec, offset, length).map(|()| Response::Done);
+                self.reply(request_id, result);
+            }
+            Request::Flush { .. } => {
+                if let Some(reason) = &self.failed {
+                    let error = RequestError::Failed(reason.clone());
+                    self.reply(request_id, Err(error));
+                    return;
+                }
+                self.close_delta(spec.group);
+                self.wait_for_journal(request_id, volume, spec.group);
+            }
+        }
+    }
+
+    /// The answer to an [`Action::ReadLeg`].
+    pub fn leg_read_done(&mut self, io: IoId, result: Result<Bytes, String>) {
+        let Some(purpose) = self.ios.remove(&io) else {
+            panic!("engine invariant: leg read {io} answered twice or never issued");
+        };
+        match purpose {
+            IoPurpose::ReadPart { request, part } => self.read_part_done(request, part, result),
+            IoPurpose::Fill { request, key } => self.fill_done(request, key, result),
+            other => panic!("engine invariant: io {io} is {other:?}, not a leg read"),
+        }
+    }
+
+    /// The answer to an [`Action::SyncJournal`].
+    pub fn journal_synced(&mut self, io: IoId, result: Result<(), String>) {
+        let Some(IoPurpose::JournalSync { upto }) = self.ios.remove(&io) else {
+            panic!("engine invariant: io {io} is not a journal sync in flight");
+        };
+        self.journal.sync_in_flight = false;
+        self.stats.journal_syncs_total += 1;
+        if let Err(reason) = result {
+            self.fail(format!("journal sync failed: {reason}"));
+            return;
+        }
+        self.journal.synced_upto = upto.0;
+        self.answer_synced_waiters();
+        let groups: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.try_apply(group);
+        }
+        self.maybe_sync_journal();
+    }
+
+    /// A journal append failed: nothing after it can be made durable.
+    pub fn journal_failed(&mut self, reason: String) {
+        self.fail(format!("journal append failed: {reason}"));
+    }
+
+    /// The answer to an [`Action::WriteLeg`].
+    pub fn leg_written(&mut self, io: IoId, result: Result<(), String>) {
+        let Some(IoPurpose::LegWrite { group }) = self.ios.remove(&io) else {
+            panic!("engine invariant: io {io} is not a leg write in flight");
+        };
+        if let Err(reason) = result {
+            self.fail(format!("leg write failed: {reason}"));
+            return;
+        }
+        let state = self
+            .groups
+            .get_mut(&group)
+            .expect("engine invariant: a group with a leg write in flight exists");
+        state.applying = false;
+        let delta = state
+            .closed
+            .pop_front()
+            .expect("engine invariant: the delta being applied is queued");
+        for (key, _) in &delta.blocks {
+            self.index.mark_applied(*key, delta.seq);
+            self.journal.touched_volumes.insert(key.volume);
+        }
+        self.dirty_bytes -= delta.charge;
+        self.journal.unapplied.remove(&delta.position.0);
+        self.stats.applied_deltas_total += 1;
+        self.try_apply(group);
+        self.admit_throttled();
+        self.maybe_checkpoint();
+    }
+
+    /// The answer to an [`Action::SyncLegs`].
+    pub fn legs_synced(&mut self, io: IoId, result: Result<(), String>) {
+        let Some(IoPurpose::LegSync { upto }) = self.ios.remove(&io) else {
+            panic!("engine invariant: io {io} is not a leg sync in flight");
+        };
+        self.journal.leg_sync_in_flight = None;
+        if let Err(reason) = result {
+            self.fail(format!("leg sync failed: {reason}"));
+            return;
+        }
+        while let Some((position, bytes)) = self.journal.unreleased.front().copied() {
+            if position > upto {
+                break;
+            }
+            self.journal.unreleased.pop_front();
+            self.journal.unreleased_bytes -= bytes;
+        }
+        self.journal.released_upto = upto;
+        self.actions.push_back(Action::ReleaseJournal {
+            upto: JournalPosition(upto),
+        });
+        self.maybe_checkpoint();
+    }
+
+    /// When the engine next needs [`Engine::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.deadlines.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Closes every open delta whose interval ran out by `now`.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.observe(now);
+        while let Some((deadline, group)) = self.deadlines.first().copied() {
+            if deadline > now {
+                break;
+            }
+            self.close_delta(group);
+        }
+    }
+
+    /// Closes every open delta and releases the whole journal once it is on
+    /// synced legs; see [`Engine::is_drained`].
+    pub fn start_drain(&mut self) {
+        self.draining = true;
+        let groups: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.close_delta(group);
+        }
+        self.maybe_checkpoint();
+    }
+
+    /// True once nothing is in flight and every journal record is released.
+    pub fn is_drained(&self) -> bool {
+        self.ios.is_empty()
+            && self.pending.is_empty()
+            && self.throttled.is_empty()
+            && self.groups.values().all(|group| group.is_idle())
+            && self.journal.released_upto + 1 == self.journal.next_position
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut stats = self.stats.clone();
+        stats.dirty_bytes = self.dirty_bytes;
+        stats.clean_bytes = self.index.clean_bytes();
+        stats.cached_blocks = self.index.len() as u64;
+        stats.open_deltas = self
+            .groups
+            .values()
+            .filter(|group| !group.open.blocks.is_empty())
+            .count() as u64;
+        stats.unapplied_deltas = self.journal.unapplied.len() as u64;
+        stats.journal_bytes = self.journal.unreleased_bytes;
+        stats.throttled_writes_now = self.throttled.len() as u64;
+        stats.failed = self.failed.is_some();
+        stats
+    }
+
+    /// The newest image of a block held in memory, if any (for checkers).
+    pub fn cached_block(&self, key: &BlockKey) -> Option<&BlockImage> {
+        self.index.get(key).map(|entry| &entry.image)
+    }
+
+    /// Why the node stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Internal state
+
+#[derive(Debug)]
+struct VolumeState {
+    spec: VolumeSpec,
+}
+
+#[derive(Debug)]
+struct Group {
+    epoch: Epoch,
+    /// Sequence number of the open delta (the next one to close).
+    next_seq: DeltaSeq,
+    open: OpenDelta,
+    /// Closed deltas not yet on the leg, oldest first.
+    closed: VecDeque<ClosedDelta>,
+    applying: bool,
+    /// Position of the newest closed delta: a flush waits for it.
+    last_position: u64,
+}
+
+impl Group {
+    fn new(next_seq: DeltaSeq) -> Self {
+        Group {
+            epoch: Epoch(1),
+            next_seq,
+            open: OpenDelta::default(),
+            closed: VecDeque::new(),
+            applying: false,
+            last_position: 0,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.open.blocks.is_empty() && self.closed.is_empty() && !self.applying
+    }
+}
+
+#[derive(Debug, Default)]
+struct OpenDelta {
+    blocks: BTreeMap<BlockKey, BlockImage>,
+    /// Memory charged for `blocks`.
+    charge: u64,
+    /// Data bytes, compared with `delta_max_bytes`.
+    data_bytes: u64,
+    deadline: Option<Timestamp>,
+}
+
+#[derive(Debug)]
+struct ClosedDelta {
+    position: JournalPosition,
+    seq: DeltaSeq,
+    blocks: Vec<(BlockKey, BlockImage)>,
+    charge: u64,
+}
+
+#[derive(Debug)]
+struct JournalState {
+    next_position: u64,
+    synced_upto: u64,
+    sync_in_flight: bool,
+    /// Positions of journaled deltas not yet on their leg.
+    unapplied: BTreeSet<u64>,
+    /// (position, bytes) of records not yet released, in order.
+    unreleased: VecDeque<(u64, u64)>,
+    unreleased_bytes: u64,
+    released_upto: u64,
+    leg_sync_in_flight: Option<u64>,
+    /// Volumes written to legs since the last leg sync.
+    touched_volumes: BTreeSet<VolumeId>,
+}
+
+#[derive(Debug)]
+enum IoPurpose {
+    ReadPart { request: RequestId, part: usize },
+    Fill { request: RequestId, key: BlockKey },
+    JournalSync { upto: JournalPosition },
+    LegWrite { group: GroupId },
+    LegSync { upto: u64 },
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Data(Bytes),
+    Zero(u64),
+}
+
+impl Payload {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(data) => data.len() as u64,
+            Payload::Zero(length) => *length,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WriteRequest {
+    request: RequestId,
+    volume: VolumeId,
+    offset: u64,
+    payload: Payload,
+    fua: bool,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Read(PendingRead),
+    /// Admitted, waiting for leg reads of partially covered blocks.
+    Write {
+        write: WriteRequest,
+        outstanding_fills: u32,
+        reserved: u64,
+        failed: Option<String>,
+    },
+    /// Waiting for the journal to be synced up to `upto`.
+    Durable {
+        volume: VolumeId,
+        upto: u64,
+    },
+}
+
+impl Pending {
+    fn volume(&self) -> VolumeId {
+        match self {
+            Pending::Read(read) => read.volume,
+            Pending::Write { write, .. } => write.volume,
+            Pending::Durable { volume, .. } => *volume,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    volume: VolumeId,
+    length: usize,
+    parts: Vec<ReadPart>,
+    outstanding: u32,
+    failed: Option<String>,
+}
+
+#[derive(Debug)]
+struct ReadPart {
+    /// Where this part lands in the reply.
+    out_offset: usize,
+    length: usize,
+    source: ReadSource,
+}
+
+#[derive(Debug)]
+enum ReadSource {
+    Memory { image: BlockImage, from: usize },
+    Leg(Option<Bytes>),
+}
+
+fn check_range(spec: &VolumeSpec, offset: u64, length: u64) -> Result<(), RequestError> {
+    match offset.checked_add(length) {
+        Some(end) if end <= spec.size => Ok(()),
+        _ => Err(RequestError::OutOfRange {
+            offset,
+            length,
+            size: spec.size,
+        }),
+    }
+}
+
+fn block_span(offset: u64, length: u64) -> std::ops::RangeInclusive<u64> {
+    let block = BLOCK_SIZE as u64;
+    (offset / block)..=((offset + length - 1) / block)
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+
+impl Engine {
+    fn start_read(&mut self, request: RequestId, volume: VolumeId, offset: u64, length: u64) {
+        if length == 0 {
+            self.reply(request, Ok(Response::Data(Bytes::new())));
+            return;
+        }
+        let block_bytes = BLOCK_SIZE as u64;
+        let end = offset + length;
+        let mut parts: Vec<ReadPart> = Vec::new();
+        for block in block_span(offset, length) {
+            let block_start = block * block_bytes;
+            let from = offset.max(block_start);
+            let to = end.min(block_start + block_bytes);
+            let out_offset = (from - offset) as usize;
+            let part_length = (to - from) as usize;
+            let key = BlockKey { volume, block };
+            match self.index.get(&key) {
+                Some(entry) => {
+                    self.stats.cache_hit_blocks += 1;
+                    parts.push(ReadPart {
+                        out_offset,
+                        length: part_length,
+                        source: ReadSource::Memory {
+                            image: entry.image.clone(),
+                            from: (from - block_start) as usize,
+                        },
+                    });
+                }
+                None => {
+                    self.stats.cache_miss_blocks += 1;
+                    // Runs of missing blocks become one leg read.
+                    if let Some(last) = parts.last_mut()
+                        && matches!(last.source, ReadSource::Leg(_))
+                        && last.out_offset + last.length == out_offset
+                    {
+                        last.length += part_length;
+                        continue;
+                    }
+                    parts.push(ReadPart {
+                        out_offset,
+                        length: part_length,
+                        source: ReadSource::Leg(None),
+                    });
+                }
+            }
+        }
+        let mut outstanding = 0;
+        for (index, part) in parts.iter().enumerate() {
+            if !matches!(part.source, ReadSource::Leg(_)) {
+                continue;
+            }
+            outstanding += 1;
+            let io = self.new_io(IoPurpose::ReadPart {
+                request,
+                part: index,
+            });
+            self.actions.push_back(Action::ReadLeg {
+                io,
+                volume,
+                offset: offset + part.out_offset as u64,
+                length: part.length as u64,
+            });
+        }
+        let read = PendingRead {
+            volume,
+            length: length as usize,
+            parts,
+            outstanding,
+            failed: None,
+        };
+        if outstanding == 0 {
+            self.finish_read(request, read);
+            return;
+        }
+        self.pending.insert(request, Pending::Read(read));
+    }
+
+    fn read_part_done(&mut self, request: RequestId, part: usize, result: Result<Bytes, String>) {
+        let Some(Pending::Read(read)) = self.pending.get_mut(&request) else {
+            panic!("engine invariant: read part for request {request} without a pending read");
+        };
+        read.outstanding -= 1;
+        match result {
+            Ok(data) if data.len() == read.parts[part].length => {
+                read.parts[part].source = ReadSource::Leg(Some(data));
+            }
+            Ok(data) => {
+                read.failed = Some(format!(
+                    "short leg read: {} of {} bytes",
+                    data.len(),
+                    read.parts[part].length
+                ));
+            }
+            Err(reason) => read.failed = Some(reason),
+        }
+        if read.outstanding > 0 {
+            return;
+        }
+        let Some(Pending::Read(read)) = self.pending.remove(&request) else {
+            unreachable!("checked above");
+        };
+        self.finish_read(request, read);
+    }
+
+    fn finish_read(&mut self, request: RequestId, mut read: PendingRead) {
+        if let Some(reason) = read.failed {
+            self.reply(request, Err(RequestError::Io(reason)));
+            return;
+        }
+        // One leg read covering the whole request: hand its buffer on as is.
+        if read.parts.len() == 1
+            && let ReadSource::Leg(Some(data)) = &mut read.parts[0].source
+        {
+            let data = std::mem::take(data);
+            self.reply(request, Ok(Response::Data(data)));
+            return;
+        }
+        let mut out = BytesMut::zeroed(read.length);
+        for part in &read.parts {
+            let target = &mut out[part.out_offset..part.out_offset + part.length];
+            match &part.source {
+                ReadSource::Memory { image, from } => image.copy_range(*from, target),
+                ReadSource::Leg(Some(data)) => target.copy_from_slice(data),
+                ReadSource::Leg(None) => {
+                    panic!("engine invariant: read {request} finished with a leg part missing")
+                }
+            }
+        }
+        self.reply(request, Ok(Response::Data(out.freeze())));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writes
+
+impl Engine {
+    fn start_write(&mut self, write: WriteRequest, spec: &VolumeSpec, length: u64) {
+        if let Err(error) = check_range(spec, write.offset, length) {
+            self.reply(write.request, Err(error));
+            return;
+        }
+        if let Some(reason) = &self.failed {
+            let error = RequestError::Failed(reason.clone());
+            self.reply(write.request, Err(error));
+            return;
+        }
+        if length == 0 {
+            self.finish_write_ack(write.request, write.volume, spec.group, write.fua);
+            return;
+        }
+        let charge = write_charge(write.offset, &write.payload);
+        // Half the cache: a write that large could never be admitted next
+        // to a full delta being drained.
+        if charge > self.config.cache_bytes_max / 2 {
+            let error = RequestError::TooLarge {
+                length,
+                cache_bytes_max: self.config.cache_bytes_max,
+            };
+            self.reply(write.request, Err(error));
+            return;
+        }
+        if !self.throttled.is_empty() || !self.make_room(charge) {
+            self.stats.throttled_writes_total += 1;
+            self.throttled.push_back(write);
+            self.relieve_pressure();
+            return;
+        }
+        self.admit(write, charge);
+    }
+
+    /// True if `charge` more bytes fit the cache, evicting clean blocks if
+    /// needed.
+    fn make_room(&mut self, charge: u64) -> bool {
+        let used = self.dirty_bytes + self.index.clean_bytes() + self.reserved_bytes;
+        let limit = self.config.cache_bytes_max;
+        if used + charge <= limit {
+            return true;
+        }
+        let needed = used + charge - limit;
+        self.index.evict(needed) >= needed
+    }
+
+    /// Dirty data only leaves memory once its delta is closed, journaled and
+    /// applied: under pressure, close the open deltas now.
+    fn relieve_pressure(&mut self) {
+        let groups: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, group)| !group.open.blocks.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for group in groups {
+            self.close_delta(group);
+        }
+    }
+
+    fn admit_throttled(&mut self) {
+        while let Some(front) = self.throttled.front() {
+            let charge = write_charge(front.offset, &front.payload);
+            if !self.make_room(charge) {
+                self.relieve_pressure();
+                return;
+            }
+            let write = self
+                .throttled
+                .pop_front()
+                .expect("engine invariant: front exists");
+            if !self.volumes.contains_key(&write.volume) {
+                self.reply(write.request, Err(RequestError::NoVolume(write.volume)));
+                continue;
+            }
+            self.admit(write, charge);
+        }
+    }
+
+    /// Reserves memory and fetches the partially covered edge blocks that are
+    /// not resident, then merges.
+    fn admit(&mut self, write: WriteRequest, charge: u64) {
+        self.reserved_bytes += charge;
+        let length = write.payload.len();
+        let mut fills = Vec::new();
+        for key in partial_blocks(write.volume, write.offset, length) {
+            if !self.index.pin(&key) {
+                fills.push(key);
+            }
+        }
+        if fills.is_empty() {
+            self.accept(write, charge);
+            return;
+        }
+        let request = write.request;
+        for key in &fills {
+            let io = self.new_io(IoPurpose::Fill { request, key: *key });
+            self.actions.push_back(Action::ReadLeg {
+                io,
+                volume: key.volume,
+                offset: key.block * BLOCK_SIZE as u64,
+                length: BLOCK_SIZE as u64,
+            });
+        }
+        self.pending.insert(
+            request,
+            Pending::Write {
+                write,
+                outstanding_fills: fills.len() as u32,
+                reserved: charge,
+                failed: None,
+            },
+        );
+    }
+
+    fn fill_done(&mut self, request: RequestId, key: BlockKey, result: Result<Bytes, String>) {
+        let Some(Pending::Write {
+            outstanding_fills,
+            failed,
+            ..
+        }) = self.pending.get_mut(&request)
+        else {
+            panic!("engine invariant: fill for request {request} without a pending write");
+        };
+        *outstanding_fills -= 1;
+        match result {
+            Ok(data) if data.len() == BLOCK_SIZE => {
+                // If a write made the block resident meanwhile, its image is
+                // newer than what the leg returned and is kept.
+                self.index.insert_clean_pinned(key, BlockImage::Data(data));
+            }
+            Ok(data) => *failed = Some(format!("short leg read: {} bytes", data.len())),
+            Err(reason) => *failed = Some(reason),
+        }
+        let Some(Pending::Write {
+            outstanding_fills: 0,
+            ..
+        }) = self.pending.get(&request)
+        else {
+            return;
+        };
+        let Some(Pending::Write {
+            write,
+            reserved,
+            failed,
+            ..
+        }) = self.pending.remove(&request)
+        else {
+            unreachable!("checked above");
+        };
+        if let Some(reason) = failed {
+            for key in partial_blocks(write.volume, write.offset, write.payload.len()) {
+                self.index.unpin(&key);
+            }
+            self.reserved_bytes -= reserved;
+            self.reply(request, Err(RequestError::Io(reason)));
+            self.admit_throttled();
+            return;
+        }
+        self.accept(write, reserved);
+    }
+
+    /// Puts the write's blocks into the open delta of its group, merging
+    /// partial blocks into their resident (pinned) images, then acknowledges
+    /// it (or, with FUA, waits for the journal).
+    fn accept(&mut self, write: WriteRequest, reserved: u64) {
+        self.reserved_bytes -= reserved;
+        let Some(spec) = self.volume(write.volume) else {
+            self.reply(write.request, Err(RequestError::NoVolume(write.volume)));
+            return;
+        };
+        let group_id = spec.group;
+        let block_bytes = BLOCK_SIZE as u64;
+        let length = write.payload.len();
+        let end = write.offset + length;
+        for block in block_span(write.offset, length) {
+            let key = BlockKey {
+                volume: write.volume,
+                block,
+            };
+            let block_start = block * block_bytes;
+            let from = write.offset.max(block_start);
+            let to = end.min(block_start + block_bytes);
+            let image = if to - from == block_bytes {
+                match &write.payload {
+                    Payload::Data(data) => {
+                        let at = (from - write.offset) as usize;
+                        BlockImage::Data(data.slice(at..at + BLOCK_SIZE))
+                    }
+                    Payload::Zero(_) => BlockImage::Zero,
+                }
+            } else {
+                let entry = self
+                    .index
+                    .get(&key)
+                    .expect("engine invariant: a partial block is pinned resident until merged");
+                let mut merged = BytesMut::zeroed(BLOCK_SIZE);
+                entry.image.copy_range(0, &mut merged);
+                let inner = (from - block_start) as usize..(to - block_start) as usize;
+                match &write.payload {
+                    Payload::Data(data) => {
+                        let at = (from - write.offset) as usize;
+                        merged[inner.clone()].copy_from_slice(&data[at..at + inner.len()]);
+                    }
+                    Payload::Zero(_) => merged[inner].fill(0),
+                }
+                self.index.unpin(&key);
+                BlockImage::Data(merged.freeze())
+            };
+            self.put_block(group_id, key, image);
+        }
+        let group = &self.groups[&group_id];
+        if group.open.data_bytes >= self.config.delta_max_bytes {
+            self.close_delta(group_id);
+        }
+        self.finish_write_ack(write.request, write.volume, group_id, write.fua);
+    }
+
+    fn put_block(&mut self, group_id: GroupId, key: BlockKey, image: BlockImage) {
+        let group = self
+            .groups
+            .get_mut(&group_id)
+            .expect("engine invariant: every volume's group exists");
+        let charge = Entry::charge(&image);
+        if let Some(old) = group.open.blocks.insert(key, image.clone()) {
+            // Folded: a later write in the same delta replaces the block.
+            let old_charge = Entry::charge(&old);
+            group.open.charge -= old_charge;
+            self.dirty_bytes -= old_charge;
+        } else {
+            group.open.data_bytes += BLOCK_SIZE as u64;
+        }
+        group.open.charge += charge;
+        self.dirty_bytes += charge;
+        if group.open.deadline.is_none() {
+            let deadline = self.now.saturating_add_millis(self.config.delta_interval_ms);
+            group.open.deadline = Some(deadline);
+            self.deadlines.insert((deadline, group_id));
+        }
+        let seq = group.next_seq;
+        self.index.set_dirty(key, image, seq);
+    }
+
+    fn finish_write_ack(&mut self, request: RequestId, volume: VolumeId, group: GroupId, fua: bool) {
+        if !fua {
+            self.reply(request, Ok(Response::Done));
+            return;
+        }
+        // FUA closes the open delta early so the journal can cover it now.
+        self.close_delta(group);
+        self.wait_for_journal(request, volume, group);
+    }
+}
+
+/// Memory a write will take: its blocks, each with bookkeeping.
+fn write_charge(offset: u64, payload: &Payload) -> u64 {
+    let length = payload.len();
+    if length == 0 {
+        return 0;
+    }
+    let blocks = block_span(offset, length).count() as u64;
+    let per_block = match payload {
+        Payload::Data(_) => BLOCK_SIZE as u64,
+        // Zeroed blocks carry no buffer except where partially covered.
+        Payload::Zero(_) => 0,
+    };
+    blocks * (per_block + crate::block_index::ENTRY_OVERHEAD_BYTES)
+        + partial_blocks(VolumeId(0), offset, length).len() as u64 * BLOCK_SIZE as u64
+}
+
+/// The blocks a write covers only in part (at most the first and the last).
+fn partial_blocks(volume: VolumeId, offset: u64, length: u64) -> Vec<BlockKey> {
+    let block_bytes = BLOCK_SIZE as u64;
+    if length == 0 {
+        return Vec::new();
+    }
+    let end = offset + length;
+    let first = offset / block_bytes;
+    let last = (end - 1) / block_bytes;
+    let mut blocks = Vec::with_capacity(2);
+    if offset % block_bytes != 0 || (first == last && end % block_bytes != 0) {
+        blocks.push(BlockKey {
+            volume,
+            block: first,
+        });
+    }
+    if last != first && end % block_bytes != 0 {
+        blocks.push(BlockKey {
+            volume,
+            block: last,
+        });
+    }
+    blocks
+}
+
+// ---------------------------------------------------------------------------
+// Deltas, journal, legs
+
+impl Engine {
+    fn close_delta(&mut self, group_id: GroupId) {
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
+        if let Some(deadline) = group.open.deadline.take() {
+            self.deadlines.remove(&(deadline, group_id));
+        }
+        if group.open.blocks.is_empty() {
+            return;
+        }
+        let open = std::mem::take(&mut group.open);
+        let position = self.journal.next_position;
+        self.journal.next_position += 1;
+        let seq = group.next_seq;
+        group.next_seq = DeltaSeq(seq.0 + 1);
+        group.last_position = position;
+        let blocks: Vec<(BlockKey, BlockImage)> = open.blocks.into_iter().collect();
+        let record = DeltaRecord {
+            position: JournalPosition(position),
+            group: group_id,
+            epoch: group.epoch,
+            seq,
+            blocks: blocks.clone(),
+        };
+        let record_bytes = journal_record_bytes(&record);
+        group.closed.push_back(ClosedDelta {
+            position: JournalPosition(position),
+            seq,
+            blocks,
+            charge: open.charge,
+        });
+        self.stats.closed_deltas_total += 1;
+        self.journal.unapplied.insert(position);
+        self.journal.unreleased.push_back((position, record_bytes));
+        self.journal.unreleased_bytes += record_bytes;
+        self.actions.push_back(Action::AppendJournal { record });
+        self.maybe_sync_journal();
+    }
+
+    /// Group commit: one sync in flight at a time; whatever was appended
+    /// meanwhile rides on the next one.
+    fn maybe_sync_journal(&mut self) {
+        if self.failed.is_some() || self.journal.sync_in_flight {
+            return;
+        }
+        let appended = self.journal.next_position - 1;
+        if appended <= self.journal.synced_upto {
+            return;
+        }
+        self.journal.sync_in_flight = true;
+        let upto = JournalPosition(appended);
+        let io = self.new_io(IoPurpose::JournalSync { upto });
+        self.actions.push_back(Action::SyncJournal { io, upto });
+    }
+
+    fn wait_for_journal(&mut self, request: RequestId, volume: VolumeId, group: GroupId) {
+        let upto = self.groups[&group].last_position;
+        if upto <= self.journal.synced_upto {
+            self.reply(request, Ok(Response::Done));
+            return;
+        }
+        self.pending
+            .insert(request, Pending::Durable { volume, upto });
+    }
+
+    fn answer_synced_waiters(&mut self) {
+        let synced = self.journal.synced_upto;
+        let ready: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| matches!(pending, Pending::Durable { upto, .. } if *upto <= synced))
+            .map(|(request, _)| *request)
+            .collect();
+        for request in ready {
+            self.pending.remove(&request);
+            self.reply(request, Ok(Response::Done));
+        }
+    }
+
+    /// Sends the oldest closed delta of a group to the legs once the journal
+    /// holds it durably (so a crash mid-apply is redone from the journal).
+    fn try_apply(&mut self, group_id: GroupId) {
+        if self.failed.is_some() {
+            return;
+        }
+        let synced = self.journal.synced_upto;
+        let group = self
+            .groups
+            .get(&group_id)
+            .expect("engine invariant: group exists");
+        if group.applying {
+            return;
+        }
+        let Some(delta) = group.closed.front() else {
+            return;
+        };
+        if delta.position.0 > synced {
+            return;
+        }
+        let seq = delta.seq;
+        let blocks: Vec<(BlockKey, BlockImage)> = delta
+            .blocks
+            .iter()
+            .filter(|(key, _)| self.volumes.contains_key(&key.volume))
+            .cloned()
+            .collect();
+        self.groups
+            .get_mut(&group_id)
+            .expect("engine invariant: group exists")
+            .applying = true;
+        let io = self.new_io(IoPurpose::LegWrite { group: group_id });
+        self.actions.push_back(Action::WriteLeg {
+            io,
+            group: group_id,
+            seq,
+            blocks,
+        });
+    }
+
+    /// Syncs the legs and releases journal records they hold, once enough
+    /// journal has piled up (or when draining).
+    fn maybe_checkpoint(&mut self) {
+        if self.failed.is_some() || self.journal.leg_sync_in_flight.is_some() {
+            return;
+        }
+        let applied_prefix = match self.journal.unapplied.first() {
+            Some(first) => first - 1,
+            None => self.journal.next_position - 1,
+        };
+        if applied_prefix <= self.journal.released_upto {
+            return;
+        }
+        let worth_it = self.journal.unreleased_bytes >= self.config.journal_checkpoint_bytes;
+        if !worth_it && !self.draining {
+            return;
+        }
+        self.journal.leg_sync_in_flight = Some(applied_prefix);
+        let volumes: Vec<VolumeId> = std::mem::take(&mut self.journal.touched_volumes)
+            .into_iter()
+            .collect();
+        let io = self.new_io(IoPurpose::LegSync {
+            upto: applied_prefix,
+        });
+        self.actions.push_back(Action::SyncLegs { io, volumes });
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.failed = Some(reason.clone());
+        let waiting: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| matches!(pending, Pending::Durable { .. }))
+            .map(|(request, _)| *request)
+            .collect();
+        for request in waiting {
+            self.pending.remove(&request);
+            self.reply(request, Err(RequestError::Failed(reason.clone())));
+        }
+        while let Some(write) = self.throttled.pop_front() {
+            self.reply(write.request, Err(RequestError::Failed(reason.clone())));
+        }
+    }
+
+    /// Time only moves forward; completions without a timestamp use the
+    /// latest one seen (a delta opened then closes at most that much early).
+    fn observe(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
+    }
+
+    fn new_io(&mut self, purpose: IoPurpose) -> IoId {
+        let io = IoId(self.next_io);
+        self.next_io += 1;
+        self.ios.insert(io, purpose);
+        io
+    }
+
+    fn reply(&mut self, request: RequestId, result: Result<Response, RequestError>) {
+        self.actions.push_back(Action::Reply { request, result });
+    }
+}
+
+/// Journal bytes a record takes, as the storage layer lays it out: a fixed
+/// header plus, per block, its key and (for data blocks) its image.
+fn journal_record_bytes(record: &DeltaRecord) -> u64 {
+    const HEADER_BYTES: u64 = 48;
+    const BLOCK_HEADER_BYTES: u64 = 13;
+    record
+        .blocks
+        .iter()
+        .map(|(_, image)| BLOCK_HEADER_BYTES + image.memory_bytes())
+        .sum::<u64>()
+        + HEADER_BYTES
+}
+
+#[cfg(test)]
+mod tests;

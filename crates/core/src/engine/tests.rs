@@ -1,0 +1,437 @@
+//! Engine tests: feed events, assert the exact actions that come out.
+
+use bytes::Bytes;
+
+use super::*;
+
+const VOLUME: VolumeId = VolumeId(1);
+const GROUP: GroupId = GroupId(7);
+
+fn engine() -> Engine {
+    engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 1 << 20,
+        journal_checkpoint_bytes: 1 << 20,
+    })
+}
+
+fn engine_with(config: EngineConfig) -> Engine {
+    let mut engine = Engine::new(config, RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: 1 << 20,
+            group: GROUP,
+        },
+    );
+    engine
+}
+
+fn drain(engine: &mut Engine) -> Vec<Action> {
+    std::iter::from_fn(|| engine.poll_action()).collect()
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; BLOCK_SIZE])
+}
+
+fn key(block: u64) -> BlockKey {
+    BlockKey {
+        volume: VOLUME,
+        block,
+    }
+}
+
+fn write(engine: &mut Engine, now_ms: u64, request: u64, offset: u64, data: Bytes, fua: bool) {
+    engine.submit(
+        Timestamp::from_millis(now_ms),
+        RequestId(request),
+        Request::Write {
+            volume: VOLUME,
+            offset,
+            data,
+            fua,
+        },
+    );
+}
+
+fn done(request: u64) -> Action {
+    Action::Reply {
+        request: RequestId(request),
+        result: Ok(Response::Done),
+    }
+}
+
+#[test]
+fn write_is_acknowledged_at_once_and_held_in_the_open_delta() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(0xaa), false);
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+    assert_eq!(engine.poll_timeout(), Some(Timestamp::from_millis(100)));
+    assert_eq!(engine.stats().open_deltas, 1);
+}
+
+#[test]
+fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), false);
+    write(&mut engine, 10, 2, 4096, block(2), false);
+    drain(&mut engine);
+    engine.handle_timeout(Timestamp::from_millis(99));
+    assert_eq!(drain(&mut engine), vec![]);
+    engine.handle_timeout(Timestamp::from_millis(100));
+    let record = DeltaRecord {
+        position: JournalPosition(1),
+        group: GROUP,
+        epoch: Epoch(1),
+        seq: DeltaSeq(1),
+        blocks: vec![
+            (key(0), BlockImage::Data(block(1))),
+            (key(1), BlockImage::Data(block(2))),
+        ],
+    };
+    assert_eq!(
+        drain(&mut engine),
+        vec![
+            Action::AppendJournal {
+                record: record.clone()
+            },
+            Action::SyncJournal {
+                io: IoId(1),
+                upto: JournalPosition(1)
+            },
+        ]
+    );
+    engine.journal_synced(IoId(1), Ok(()));
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::WriteLeg {
+            io: IoId(2),
+            group: GROUP,
+            seq: DeltaSeq(1),
+            blocks: record.blocks.clone(),
+        }]
+    );
+    engine.leg_written(IoId(2), Ok(()));
+    assert_eq!(drain(&mut engine), vec![]);
+    assert_eq!(engine.stats().dirty_bytes, 0);
+    engine.start_drain();
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::SyncLegs {
+            io: IoId(3),
+            volumes: vec![VOLUME]
+        }]
+    );
+    engine.legs_synced(IoId(3), Ok(()));
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::ReleaseJournal {
+            upto: JournalPosition(1)
+        }]
+    );
+    assert!(engine.is_drained());
+}
+
+#[test]
+fn later_writes_fold_into_the_same_delta() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), false);
+    write(&mut engine, 1, 2, 0, block(2), false);
+    engine.submit(
+        Timestamp::from_millis(2),
+        RequestId(3),
+        Request::Flush { volume: VOLUME },
+    );
+    let actions = drain(&mut engine);
+    let Action::AppendJournal { record } = &actions[2] else {
+        panic!("expected an append, got {actions:?}");
+    };
+    assert_eq!(record.blocks, vec![(key(0), BlockImage::Data(block(2)))]);
+}
+
+#[test]
+fn flush_waits_for_the_journal_sync_that_covers_it() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), false);
+    engine.submit(
+        Timestamp::from_millis(1),
+        RequestId(2),
+        Request::Flush { volume: VOLUME },
+    );
+    let actions = drain(&mut engine);
+    assert_eq!(actions.len(), 3, "{actions:?}");
+    assert_eq!(actions[0], done(1));
+    assert!(matches!(actions[1], Action::AppendJournal { .. }));
+    assert_eq!(
+        actions[2],
+        Action::SyncJournal {
+            io: IoId(1),
+            upto: JournalPosition(1)
+        }
+    );
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions = drain(&mut engine);
+    assert_eq!(actions[0], done(2));
+    assert!(matches!(actions[1], Action::WriteLeg { .. }));
+}
+
+#[test]
+fn flush_with_nothing_dirty_answers_at_once() {
+    let mut engine = engine();
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Flush { volume: VOLUME },
+    );
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+}
+
+#[test]
+fn fua_write_closes_the_delta_and_waits_for_the_journal() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), true);
+    let actions = drain(&mut engine);
+    assert!(matches!(actions[0], Action::AppendJournal { .. }));
+    assert!(matches!(actions[1], Action::SyncJournal { .. }));
+    assert_eq!(actions.len(), 2);
+    engine.journal_synced(IoId(1), Ok(()));
+    assert_eq!(drain(&mut engine)[0], done(1));
+}
+
+#[test]
+fn group_commit_keeps_one_sync_in_flight() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), true);
+    write(&mut engine, 0, 2, 4096, block(2), true);
+    let actions = drain(&mut engine);
+    let syncs = actions
+        .iter()
+        .filter(|action| matches!(action, Action::SyncJournal { .. }))
+        .count();
+    assert_eq!(syncs, 1, "{actions:?}");
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions = drain(&mut engine);
+    assert_eq!(actions[0], done(1));
+    assert!(actions.contains(&Action::SyncJournal {
+        io: IoId(3),
+        upto: JournalPosition(2)
+    }));
+}
+
+#[test]
+fn deltas_of_a_group_reach_the_leg_one_at_a_time_in_order() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), true);
+    drain(&mut engine);
+    write(&mut engine, 0, 2, 0, block(2), true);
+    drain(&mut engine);
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions = drain(&mut engine);
+    let legs: Vec<&Action> = actions
+        .iter()
+        .filter(|action| matches!(action, Action::WriteLeg { .. }))
+        .collect();
+    assert_eq!(legs.len(), 1);
+    assert!(matches!(legs[0], Action::WriteLeg { seq: DeltaSeq(1), .. }));
+    // Delta 2 is journaled but waits for delta 1 to reach the leg.
+    engine.journal_synced(IoId(3), Ok(()));
+    let actions = drain(&mut engine);
+    assert!(!actions.iter().any(|a| matches!(a, Action::WriteLeg { .. })));
+    engine.leg_written(IoId(2), Ok(()));
+    let actions = drain(&mut engine);
+    assert!(matches!(actions[0], Action::WriteLeg { seq: DeltaSeq(2), .. }));
+}
+
+#[test]
+fn read_combines_cache_and_leg() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 4096, block(9), false);
+    drain(&mut engine);
+    engine.submit(
+        Timestamp(0),
+        RequestId(2),
+        Request::Read {
+            volume: VOLUME,
+            offset: 2048,
+            length: 4096 + 2048 + 4096,
+        },
+    );
+    assert_eq!(
+        drain(&mut engine),
+        vec![
+            Action::ReadLeg {
+                io: IoId(1),
+                volume: VOLUME,
+                offset: 2048,
+                length: 2048
+            },
+            Action::ReadLeg {
+                io: IoId(2),
+                volume: VOLUME,
+                offset: 8192,
+                length: 4096
+            },
+        ]
+    );
+    engine.leg_read_done(IoId(2), Ok(block(3)));
+    assert_eq!(drain(&mut engine), vec![]);
+    engine.leg_read_done(IoId(1), Ok(Bytes::from(vec![5u8; 2048])));
+    let mut expected = vec![5u8; 2048];
+    expected.extend(vec![9u8; 4096]);
+    expected.extend(vec![3u8; 4096]);
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::Reply {
+            request: RequestId(2),
+            result: Ok(Response::Data(Bytes::from(expected)))
+        }]
+    );
+    let stats = engine.stats();
+    assert_eq!((stats.cache_hit_blocks, stats.cache_miss_blocks), (1, 2));
+}
+
+#[test]
+fn unaligned_write_merges_into_the_block_read_from_the_leg() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 100, Bytes::from(vec![7u8; 10]), false);
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::ReadLeg {
+            io: IoId(1),
+            volume: VOLUME,
+            offset: 0,
+            length: 4096
+        }]
+    );
+    engine.leg_read_done(IoId(1), Ok(block(1)));
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+    let mut expected = vec![1u8; BLOCK_SIZE];
+    expected[100..110].fill(7);
+    assert_eq!(
+        engine.cached_block(&key(0)),
+        Some(&BlockImage::Data(Bytes::from(expected)))
+    );
+}
+
+#[test]
+fn concurrent_partial_writes_to_one_block_both_land() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, Bytes::from(vec![1u8; 10]), false);
+    write(&mut engine, 0, 2, 10, Bytes::from(vec![2u8; 10]), false);
+    let actions = drain(&mut engine);
+    assert_eq!(actions.len(), 2, "each waits for its own fill: {actions:?}");
+    engine.leg_read_done(IoId(1), Ok(block(0)));
+    engine.leg_read_done(IoId(2), Ok(block(0)));
+    assert_eq!(drain(&mut engine), vec![done(1), done(2)]);
+    let mut expected = vec![0u8; BLOCK_SIZE];
+    expected[..10].fill(1);
+    expected[10..20].fill(2);
+    assert_eq!(
+        engine.cached_block(&key(0)),
+        Some(&BlockImage::Data(Bytes::from(expected)))
+    );
+}
+
+#[test]
+fn out_of_range_requests_are_refused() {
+    let mut engine = engine();
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Read {
+            volume: VOLUME,
+            offset: (1 << 20) - 1,
+            length: 2,
+        },
+    );
+    engine.submit(
+        Timestamp(0),
+        RequestId(2),
+        Request::Write {
+            volume: VOLUME,
+            offset: u64::MAX,
+            data: block(1),
+            fua: false,
+        },
+    );
+    let actions = drain(&mut engine);
+    assert!(matches!(
+        &actions[0],
+        Action::Reply { result: Err(RequestError::OutOfRange { .. }), .. }
+    ));
+    assert!(matches!(
+        &actions[1],
+        Action::Reply { result: Err(RequestError::OutOfRange { .. }), .. }
+    ));
+}
+
+#[test]
+fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 128 << 10,
+        journal_checkpoint_bytes: 1 << 20,
+    });
+    let big = Bytes::from(vec![1u8; 60 << 10]);
+    write(&mut engine, 0, 1, 0, big.clone(), false);
+    write(&mut engine, 0, 2, 64 << 10, big.clone(), false);
+    write(&mut engine, 0, 3, 128 << 10, big, false);
+    let actions = drain(&mut engine);
+    assert_eq!(actions.iter().filter(|a| matches!(a, Action::Reply { .. })).count(), 2);
+    assert_eq!(engine.stats().throttled_writes_now, 1);
+    // Pressure closed the open delta so it can drain.
+    let sync = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::SyncJournal { io, .. } => Some(*io),
+            _ => None,
+        })
+        .expect("a sync under pressure");
+    engine.journal_synced(sync, Ok(()));
+    let actions = drain(&mut engine);
+    let Some(Action::WriteLeg { io, .. }) = actions.iter().find(|a| matches!(a, Action::WriteLeg { .. })) else {
+        panic!("expected a leg write: {actions:?}");
+    };
+    engine.leg_written(*io, Ok(()));
+    let actions = drain(&mut engine);
+    assert!(actions.contains(&done(3)), "{actions:?}");
+}
+
+#[test]
+fn a_failed_journal_sync_fails_flushes_and_later_writes() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), true);
+    drain(&mut engine);
+    engine.journal_synced(IoId(1), Err("EIO".into()));
+    let actions = drain(&mut engine);
+    assert!(matches!(
+        &actions[0],
+        Action::Reply { request: RequestId(1), result: Err(RequestError::Failed(_)) }
+    ));
+    write(&mut engine, 1, 2, 0, block(2), false);
+    assert!(matches!(
+        &drain(&mut engine)[0],
+        Action::Reply { request: RequestId(2), result: Err(RequestError::Failed(_)) }
+    ));
+}
+
+#[test]
+fn write_zeroes_holds_no_buffer() {
+    let mut engine = engine();
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::WriteZeroes {
+            volume: VOLUME,
+            offset: 0,
+            length: 32 << 10,
+            fua: false,
+        },
+    );
+    assert_eq!(drain(&mut engine)[0], done(1));
+    assert_eq!(engine.cached_block(&key(3)), Some(&BlockImage::Zero));
+    assert!(engine.stats().dirty_bytes < 4096);
+}
