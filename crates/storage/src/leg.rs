@@ -1,0 +1,154 @@
+//! A volume's leg: its back-end copy, a file (sparse where never written).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use stretch_core::{BLOCK_SIZE, BlockImage};
+
+use crate::filesystem::{FileSystem, StorageFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LegError {
+    #[error("leg {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("leg {path} is {found} bytes, the volume is {expected}")]
+    WrongSize {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+}
+
+/// One volume's leg, open for positional reads and writes.
+#[derive(Debug)]
+pub struct Leg<F: FileSystem> {
+    path: PathBuf,
+    file: F::File,
+    size: u64,
+}
+
+impl<F: FileSystem> Leg<F> {
+    /// Creates (or resets) the leg at `path` as `size` bytes of zeros; the
+    /// file is sparse, so creation costs no data writes. Durable on return.
+    pub fn create(fs: &F, path: &Path, size: u64) -> Result<Self, LegError> {
+        let error = |source| LegError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            fs.create_dir_all(parent).map_err(error)?;
+        }
+        let file = fs.open(path, true).map_err(error)?;
+        // Truncating first zeroes whatever an earlier, deleted volume left.
+        file.set_len(0).map_err(error)?;
+        file.set_len(size).map_err(error)?;
+        file.sync_data().map_err(error)?;
+        if let Some(parent) = path.parent() {
+            fs.sync_dir(parent).map_err(error)?;
+        }
+        Ok(Leg {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
+    }
+
+    /// Opens an existing leg, checking it has the volume's size.
+    pub fn open(fs: &F, path: &Path, size: u64) -> Result<Self, LegError> {
+        let error = |source| LegError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = fs.open(path, false).map_err(error)?;
+        let found = file.len().map_err(error)?;
+        if found != size {
+            return Err(LegError::WrongSize {
+                path: path.to_path_buf(),
+                found,
+                expected: size,
+            });
+        }
+        Ok(Leg {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read(&self, offset: u64, length: u64) -> Result<Bytes, LegError> {
+        let mut buffer = BytesMut::zeroed(length as usize);
+        self.file
+            .read_exact_at(&mut buffer, offset)
+            .map_err(|source| self.error(source))?;
+        Ok(buffer.freeze())
+    }
+
+    /// Writes blocks (sorted by block number); runs of adjacent blocks go
+    /// down as one write.
+    pub fn apply<'a>(
+        &self,
+        blocks: impl IntoIterator<Item = (u64, &'a BlockImage)>,
+    ) -> Result<(), LegError> {
+        let block_bytes = BLOCK_SIZE as u64;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        let mut run_next = 0u64;
+        for (block, image) in blocks {
+            if !run.is_empty() && block != run_next {
+                self.write_run(run_start, &run)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = block;
+            }
+            match image {
+                BlockImage::Data(data) => run.extend_from_slice(data),
+                BlockImage::Zero => run.resize(run.len() + BLOCK_SIZE, 0),
+            }
+            run_next = block + 1;
+        }
+        if !run.is_empty() {
+            self.write_run(run_start, &run)?;
+        }
+        debug_assert!(run_next * block_bytes <= self.size || run_next == 0);
+        Ok(())
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), LegError> {
+        self.file.sync_data().map_err(|source| self.error(source))
+    }
+
+    fn write_run(&self, first_block: u64, data: &[u8]) -> Result<(), LegError> {
+        let offset = first_block * BLOCK_SIZE as u64;
+        if offset + data.len() as u64 > self.size {
+            return Err(self.error(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("write at {offset}+{} past the end", data.len()),
+            )));
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|source| self.error(source))
+    }
+
+    fn error(&self, source: io::Error) -> LegError {
+        LegError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}

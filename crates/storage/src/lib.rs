@@ -1,0 +1,23 @@
+//! Durable state of a stretch node, behind a [`FileSystem`] so the same code
+//! runs on real files and on the simulator's disk.
+//!
+//! - [`Journal`]: the redo log of deltas, in segments; checksummed records,
+//!   so a torn tail is found and dropped, never replayed.
+//! - [`Leg`]: a volume's back-end copy, a preallocated sparse file.
+//! - [`Catalog`]: the volumes (name, size, group, leg), saved atomically.
+//! - [`recover`]: crash recovery: replays the journal onto the legs in order
+//!   and syncs them, so every leg is the image after a whole delta.
+
+mod catalog;
+mod filesystem;
+mod journal;
+mod leg;
+mod recovery;
+mod sim_filesystem;
+
+pub use catalog::{Catalog, CatalogError, VolumeRecord, validate_volume_name};
+pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
+pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
+pub use leg::{Leg, LegError};
+pub use recovery::{Recovery, RecoveryError, recover};
+pub use sim_filesystem::{CrashChooser, SimFileSystem};

@@ -1,0 +1,130 @@
+//! Crash recovery: replay the journal onto the legs, in order.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use stretch_core::{DeltaSeq, GroupId, JournalPosition, VolumeId};
+
+use crate::filesystem::FileSystem;
+use crate::journal::{JournalError, find_segments, read_records};
+use crate::leg::{Leg, LegError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Leg(#[from] LegError),
+}
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// The journal continues at this position.
+    pub next_position: JournalPosition,
+    /// Each group's next delta sequence number.
+    pub next_seq: BTreeMap<GroupId, DeltaSeq>,
+    /// Deltas written again onto the legs.
+    pub replayed_deltas: u64,
+    pub replayed_blocks: u64,
+    /// Why replay stopped before the end of the journal, if it did: a torn
+    /// tail, lost unsynced writes, or a gap. Nothing past that point was
+    /// ever acknowledged as durable.
+    pub dropped_tail: Option<String>,
+    /// Segments already replayed; delete them once a new segment exists.
+    pub stale_segments: Vec<PathBuf>,
+}
+
+/// Replays every whole record of the journal in `dir`, in position order,
+/// onto the legs, then syncs the legs. Afterwards each leg is the image
+/// after the last whole delta of its group that the journal held (G3), and
+/// every delta that was ever synced in the journal is on a synced leg (G4).
+///
+/// Replay is idempotent (records carry whole block images), so a crash
+/// during recovery just means recovering again.
+pub fn recover<F: FileSystem>(
+    fs: &Arc<F>,
+    dir: &Path,
+    legs: &BTreeMap<VolumeId, Leg<F>>,
+) -> Result<Recovery, RecoveryError> {
+    let segments = find_segments(fs.as_ref(), dir)?;
+    let mut recovery = Recovery {
+        next_position: JournalPosition(1),
+        ..Recovery::default()
+    };
+    let mut expected: Option<u64> = None;
+    let mut touched: std::collections::BTreeSet<VolumeId> = Default::default();
+    for segment in &segments {
+        recovery.stale_segments.push(segment.path.clone());
+        if recovery.dropped_tail.is_some() {
+            continue;
+        }
+        if let Some(expected) = expected
+            && segment.first_position != expected
+        {
+            recovery.dropped_tail = Some(format!(
+                "segment {} starts at {} where {expected} was due",
+                segment.path.display(),
+                segment.first_position
+            ));
+            continue;
+        }
+        expected = Some(segment.first_position);
+        for (group, seq) in &segment.next_seq {
+            let entry = recovery.next_seq.entry(*group).or_insert(*seq);
+            *entry = (*entry).max(*seq);
+        }
+        let mut stop: Option<String> = None;
+        let stopped = read_records::<F, RecoveryError>(fs.as_ref(), segment, |record| {
+            if stop.is_some() {
+                return Ok(());
+            }
+            let due = expected.unwrap_or(record.position.0);
+            if record.position.0 != due {
+                stop = Some(format!(
+                    "record at position {} where {due} was due",
+                    record.position.0
+                ));
+                return Ok(());
+            }
+            for (volume, blocks) in by_volume(&record.blocks) {
+                // Records of a deleted volume have no leg to land on.
+                let Some(leg) = legs.get(&volume) else {
+                    continue;
+                };
+                leg.apply(blocks)?;
+                touched.insert(volume);
+            }
+            recovery.replayed_deltas += 1;
+            recovery.replayed_blocks += record.blocks.len() as u64;
+            let next = DeltaSeq(record.seq.0 + 1);
+            let entry = recovery.next_seq.entry(record.group).or_insert(next);
+            *entry = (*entry).max(next);
+            expected = Some(record.position.0 + 1);
+            Ok(())
+        })?;
+        if let Some(reason) = stop.or(stopped) {
+            recovery.dropped_tail = Some(format!("{}: {reason}", segment.path.display()));
+        }
+    }
+    for volume in touched {
+        legs[&volume].sync()?;
+    }
+    recovery.next_position = JournalPosition(expected.unwrap_or(1).max(1));
+    Ok(recovery)
+}
+
+/// Splits a record's sorted blocks into per-volume runs.
+fn by_volume(
+    blocks: &[(stretch_core::BlockKey, stretch_core::BlockImage)],
+) -> Vec<(VolumeId, Vec<(u64, &stretch_core::BlockImage)>)> {
+    let mut out: Vec<(VolumeId, Vec<(u64, &stretch_core::BlockImage)>)> = Vec::new();
+    for (key, image) in blocks {
+        match out.last_mut() {
+            Some((volume, list)) if *volume == key.volume => list.push((key.block, image)),
+            _ => out.push((key.volume, vec![(key.block, image)])),
+        }
+    }
+    out
+}

@@ -1,0 +1,269 @@
+//! An in-memory disk for the simulator and crash tests: writes stay pending
+//! until `sync_data`, and a crash keeps an arbitrary prefix of the pending
+//! writes of each file, tearing the last one kept at a sector boundary.
+//!
+//! Namespace operations (create, remove, rename) are durable at once: the
+//! storage code syncs the directory after each of them anyway, and modelling
+//! lost renames would test the host file system rather than stretch.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::filesystem::{FileSystem, StorageFile};
+
+/// Draws the crash outcome; the simulator backs it with its seeded PRNG.
+pub trait CrashChooser {
+    /// A number in `0..bound` (`bound` > 0).
+    fn below(&mut self, bound: u64) -> u64;
+}
+
+impl<F: FnMut(u64) -> u64> CrashChooser for F {
+    fn below(&mut self, bound: u64) -> u64 {
+        self(bound)
+    }
+}
+
+/// Torn writes keep whole sectors of this size.
+const SECTOR_BYTES: usize = 512;
+
+#[derive(Debug, Clone, Default)]
+pub struct SimFileSystem {
+    state: Arc<Mutex<SimState>>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    files: BTreeMap<PathBuf, SimFileState>,
+    dirs: std::collections::BTreeSet<PathBuf>,
+    fail_syncs: bool,
+    /// Bumped on every crash so handles opened before it stop working.
+    generation: u64,
+    bytes_written: u64,
+    syncs: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SimFileState {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    pending: Vec<PendingOp>,
+}
+
+#[derive(Debug, Clone)]
+enum PendingOp {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+fn apply(content: &mut Vec<u8>, op: &PendingOp) {
+    match op {
+        PendingOp::Write { offset, data } => {
+            let start = *offset as usize;
+            let end = start + data.len();
+            if content.len() < end {
+                content.resize(end, 0);
+            }
+            content[start..end].copy_from_slice(data);
+        }
+        PendingOp::SetLen(len) => content.resize(*len as usize, 0),
+    }
+}
+
+impl SimFileSystem {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// While set, every `sync_data` fails with EIO (and makes nothing durable).
+    pub fn set_sync_failure(&self, fail: bool) {
+        self.state.lock().fail_syncs = fail;
+    }
+
+    /// Power loss: every file keeps its durable content plus a prefix of its
+    /// pending writes chosen by `chooser`, the last kept write possibly torn.
+    /// Handles opened before the crash fail from now on.
+    pub fn crash(&self, chooser: &mut dyn CrashChooser) {
+        let mut state = self.state.lock();
+        state.generation += 1;
+        for file in state.files.values_mut() {
+            let pending = std::mem::take(&mut file.pending);
+            let keep = chooser.below(pending.len() as u64 + 1) as usize;
+            let mut content = std::mem::take(&mut file.durable);
+            for (index, op) in pending.iter().take(keep).enumerate() {
+                let torn = index + 1 == keep && chooser.below(4) == 0;
+                match op {
+                    PendingOp::Write { offset, data } if torn && data.len() > SECTOR_BYTES => {
+                        let sectors = data.len().div_ceil(SECTOR_BYTES) as u64;
+                        let kept = chooser.below(sectors) as usize * SECTOR_BYTES;
+                        let partial = PendingOp::Write {
+                            offset: *offset,
+                            data: data[..kept].to_vec(),
+                        };
+                        apply(&mut content, &partial);
+                    }
+                    _ => apply(&mut content, op),
+                }
+            }
+            file.current = content.clone();
+            file.durable = content;
+        }
+    }
+
+    /// Content a file would have after a crash that loses every pending write.
+    pub fn durable_content(&self, path: &Path) -> Option<Vec<u8>> {
+        self.state.lock().files.get(path).map(|f| f.durable.clone())
+    }
+
+    /// (bytes written, syncs) so far, for simulator statistics.
+    pub fn counters(&self) -> (u64, u64) {
+        let state = self.state.lock();
+        (state.bytes_written, state.syncs)
+    }
+}
+
+/// A handle on one simulated file.
+#[derive(Debug)]
+pub struct SimFile {
+    state: Arc<Mutex<SimState>>,
+    path: PathBuf,
+    generation: u64,
+}
+
+impl SimFile {
+    fn with<T>(&self, f: impl FnOnce(&mut SimState, &Path) -> io::Result<T>) -> io::Result<T> {
+        let mut state = self.state.lock();
+        if state.generation != self.generation {
+            return Err(io::Error::other("handle opened before a crash"));
+        }
+        f(&mut state, &self.path)
+    }
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display()))
+}
+
+impl StorageFile for SimFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.with(|state, path| {
+            let file = state.files.get(path).ok_or_else(|| not_found(path))?;
+            let start = offset as usize;
+            let end = start + buf.len();
+            if end > file.current.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past end of file",
+                ));
+            }
+            buf.copy_from_slice(&file.current[start..end]);
+            Ok(())
+        })
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.with(|state, path| {
+            state.bytes_written += data.len() as u64;
+            let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
+            let op = PendingOp::Write {
+                offset,
+                data: data.to_vec(),
+            };
+            apply(&mut file.current, &op);
+            file.pending.push(op);
+            Ok(())
+        })
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.with(|state, path| {
+            state.syncs += 1;
+            if state.fail_syncs {
+                return Err(io::Error::other("simulated fsync failure"));
+            }
+            let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
+            file.durable = file.current.clone();
+            file.pending.clear();
+            Ok(())
+        })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.with(|state, path| {
+            let file = state.files.get(path).ok_or_else(|| not_found(path))?;
+            Ok(file.current.len() as u64)
+        })
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.with(|state, path| {
+            let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
+            let op = PendingOp::SetLen(len);
+            apply(&mut file.current, &op);
+            file.pending.push(op);
+            Ok(())
+        })
+    }
+}
+
+impl FileSystem for SimFileSystem {
+    type File = SimFile;
+
+    fn open(&self, path: &Path, create: bool) -> io::Result<SimFile> {
+        let mut state = self.state.lock();
+        if !state.files.contains_key(path) {
+            if !create {
+                return Err(not_found(path));
+            }
+            state.files.insert(path.to_path_buf(), SimFileState::default());
+        }
+        Ok(SimFile {
+            state: self.state.clone(),
+            path: path.to_path_buf(),
+            generation: state.generation,
+        })
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        state
+            .files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| not_found(path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let file = state.files.remove(from).ok_or_else(|| not_found(from))?;
+        state.files.insert(to.to_path_buf(), file);
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let state = self.state.lock();
+        Ok(state
+            .files
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .cloned()
+            .collect())
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.state.lock().dirs.insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        let state = self.state.lock();
+        state.files.contains_key(path) || state.dirs.contains(path)
+    }
+}
