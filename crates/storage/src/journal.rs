@@ -88,6 +88,7 @@ struct Segment<File> {
     file: File,
     len: u64,
     unsynced: bool,
+    holds_records: bool,
 }
 
 /// A segment as found on disk by recovery.
@@ -151,6 +152,7 @@ impl<F: FileSystem> Journal<F> {
         segment.len += encoded.len() as u64;
         segment.last_position = record.position.0;
         segment.unsynced = true;
+        segment.holds_records = true;
         self.next_position += 1;
         let next = DeltaSeq(record.seq.0 + 1);
         let entry = self.next_seq.entry(record.group).or_insert(next);
@@ -170,6 +172,14 @@ impl<F: FileSystem> Journal<F> {
     /// Deletes whole segments whose records are all at or before `upto`
     /// (the legs holding them were synced). The active segment stays.
     pub fn release(&mut self, upto: JournalPosition) -> Result<(), JournalError> {
+        // A fully released active segment is replaced by an empty one, so a
+        // clean shutdown leaves nothing for the next start to replay.
+        let active_released = self.segments.back().is_some_and(|segment| {
+            segment.holds_records && segment.last_position <= upto.0 && !segment.unsynced
+        });
+        if active_released {
+            self.roll()?;
+        }
         let mut removed = false;
         while self.segments.len() > 1 {
             let oldest = &self.segments[0];
@@ -225,6 +235,7 @@ impl<F: FileSystem> Journal<F> {
             file,
             len: header.len() as u64,
             unsynced: false,
+            holds_records: false,
         });
         Ok(())
     }

@@ -1,0 +1,220 @@
+//! The accept loop, graceful shutdown, and the per-connection driver that
+//! runs the handshake and then the transmission session.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, Span, debug, error, field, info, warn, warn_span};
+
+use crate::backend::{Backend, Export};
+use crate::handshake::{Handshake, Negotiated, PREFERRED_BLOCK_SIZE};
+use crate::session::Session;
+
+/// Default largest READ or WRITE payload: 32 MiB, the same limit qemu's
+/// client uses, so qemu never has to split differently because of us.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 32 * 1024 * 1024;
+/// Default number of requests one connection may have outstanding.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
+/// Default bound on one handshake option's payload. The largest legitimate
+/// option is NBD_OPT_GO with a 4 KiB name and a few info requests.
+pub const DEFAULT_MAX_OPTION_BYTES: u32 = 64 * 1024;
+
+/// After a failed `accept` (typically EMFILE), wait this long before trying
+/// again rather than spinning while file descriptors are exhausted.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest READ or WRITE payload; advertised as the maximum block size
+    /// and also the largest single call an export receives. Must be at
+    /// least 4096 (the advertised preferred block size).
+    pub max_request_bytes: u32,
+    /// Requests one connection may have outstanding before the server stops
+    /// reading from it. Together with `max_request_bytes` this bounds a
+    /// connection's buffer memory. Must be at least 1.
+    pub max_in_flight_per_connection: usize,
+    /// Largest handshake option payload accepted; a client sending more is
+    /// disconnected before anything is allocated for it.
+    pub max_option_bytes: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            max_option_bytes: DEFAULT_MAX_OPTION_BYTES,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Rejects limits the protocol or the server cannot honour.
+    pub fn validate(&self) -> io::Result<()> {
+        let invalid = |why: String| Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        if self.max_request_bytes < PREFERRED_BLOCK_SIZE {
+            // The spec wants the maximum block size to be at least the
+            // preferred one.
+            return invalid(format!(
+                "max_request_bytes {} is below the {PREFERRED_BLOCK_SIZE}-byte preferred block size",
+                self.max_request_bytes
+            ));
+        }
+        // The bound comes from `Semaphore::acquire_many`, which takes a u32.
+        let max_in_flight = u32::MAX as usize;
+        if self.max_in_flight_per_connection == 0
+            || self.max_in_flight_per_connection > max_in_flight.min(Semaphore::MAX_PERMITS)
+        {
+            return invalid(format!(
+                "max_in_flight_per_connection {} is out of range",
+                self.max_in_flight_per_connection
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serves NBD on `listener` until `shutdown` completes.
+///
+/// Each accepted connection gets its own task. On shutdown the listener is
+/// closed at once, every connection stops reading new requests (and any
+/// connection still negotiating is dropped), requests already accepted run
+/// to completion and their replies are sent, and only then does this
+/// function return.
+///
+/// Errors only if `config` is invalid; failures of individual connections,
+/// and of `accept`, are logged and do not stop the server.
+pub async fn serve<B: Backend>(
+    listener: TcpListener,
+    backend: Arc<B>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let (stop, stopped) = watch::channel(false);
+    let mut shutdown = pin!(shutdown);
+    let mut connections = JoinSet::new();
+    info!(local = ?listener.local_addr().ok(), "NBD server listening");
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(handle_connection(
+                        stream,
+                        peer,
+                        Arc::clone(&backend),
+                        Arc::clone(&config),
+                        ShutdownSignal(stopped.clone()),
+                    ));
+                }
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            // Reap finished connections so the set does not grow forever.
+            Some(finished) = connections.join_next(), if !connections.is_empty() => {
+                log_connection_end(finished);
+            }
+        }
+    }
+
+    drop(listener);
+    info!(
+        connections = connections.len(),
+        "NBD server shutting down; draining connections"
+    );
+    // Sending fails only if no receiver exists, i.e. no connection to tell.
+    let _ = stop.send(true);
+    while let Some(finished) = connections.join_next().await {
+        log_connection_end(finished);
+    }
+    info!("NBD server stopped");
+    Ok(())
+}
+
+fn log_connection_end(finished: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = finished {
+        error!(%error, "connection task failed");
+    }
+}
+
+/// Tells connection tasks that the server is shutting down.
+#[derive(Debug, Clone)]
+pub(crate) struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    /// Completes once shutdown has begun. Cancel-safe, so it can sit in a
+    /// `select!` that loops.
+    pub async fn wait(&mut self) {
+        // An error means the server future itself was dropped: also a stop.
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+}
+
+/// Drives one connection: handshake, then transmission until either side
+/// ends it. Everything is logged inside a span naming the peer and, once
+/// known, the export.
+async fn handle_connection<B: Backend>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    backend: Arc<B>,
+    config: Arc<ServerConfig>,
+    mut shutdown: ShutdownSignal,
+) {
+    // WARN level, not INFO: a span is only recorded when its level is
+    // enabled, and the warnings below are exactly what an operator running
+    // at `warn` needs the peer address and export name for.
+    let span = warn_span!("nbd_conn", %peer, export = field::Empty);
+    async move {
+        debug!("connection accepted");
+        // Replies are small and latency-bound; Nagle would hold them back
+        // until the previous segment is acknowledged.
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let negotiated = tokio::select! {
+            biased;
+            () = shutdown.wait() => {
+                debug!("server shutting down during handshake; closing");
+                return;
+            }
+            result = Handshake::new(&mut stream, &*backend, &config).run() => result,
+        };
+        let (export, name) = match negotiated {
+            Ok(Negotiated::Export { export, name }) => (export, name),
+            Ok(Negotiated::Aborted) => {
+                debug!("client ended negotiation with NBD_OPT_ABORT");
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "handshake failed; closing connection");
+                return;
+            }
+        };
+        Span::current().record("export", name.as_str());
+        info!(
+            size = export.size(),
+            read_only = export.read_only(),
+            "client entered transmission"
+        );
+        let (reader, writer) = stream.into_split();
+        Session::new(export, &config)
+            .run(reader, writer, &mut shutdown)
+            .await;
+        debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,20 @@
+//! The stretch node runtime.
+//!
+//! [`Node`] drives the I/O-free [`stretch_core::Engine`] with real files and
+//! real time: a journal thread (appends, group-commit fdatasync, release), a
+//! leg thread (delta apply, leg sync), leg reads on the requesting task, and
+//! a timer task for delta intervals. It serves volumes over NBD
+//! ([`stretch_nbd`]) and exposes an admin HTTP API with Prometheus metrics.
+
+mod admin;
+mod byte_size;
+mod config;
+mod driver;
+mod export;
+mod metrics;
+mod node;
+
+pub use admin::{CreateVolume, StatusInfo, VolumeInfo};
+pub use byte_size::ByteSize;
+pub use config::{ClusterConfig, ConfigError, DEFAULT_CONFIG, NodeConfig, SiteConfig, Tuning};
+pub use node::{Node, NodeError, run_cluster, run_node};
