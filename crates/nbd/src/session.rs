@@ -171,6 +171,7 @@ impl<E: Export> Session<E> {
                     .clone()
                     .acquire_owned()
                     .await
+                    // Only a closed semaphore fails, and this one never is.
                     .map_err(|_| Stop::Shutdown)?;
                 let Some(raw) = read_header(reader).await? else {
                     return Err(Stop::ClientClosed);
