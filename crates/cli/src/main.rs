@@ -2,6 +2,7 @@
 //! node's admin API.
 
 mod admin_client;
+mod sim_command;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ enum Command {
     Volume(VolumeCommand),
     /// Show the node's state: volumes, dirty data, journal, failures.
     Status,
+    /// Run the deterministic simulator: the real core under seeded faults,
+    /// checked against a reference model. Exits 1 on a violation.
+    Sim(sim_command::SimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volume(command) => volume(&AdminClient::new(&cli.admin), command),
         Command::Status => status(&AdminClient::new(&cli.admin)),
+        Command::Sim(args) => sim_command::run(args),
     }
 }
 

@@ -25,6 +25,21 @@ pub struct EngineConfig {
     /// Once this many journal bytes are awaiting release, the legs are synced
     /// and the journal records they hold are released.
     pub journal_checkpoint_bytes: u64,
+    /// A deliberate defect, for the simulator's proof that its checker can
+    /// fail. Only the simulator sets it; no configuration file can.
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Defects the simulator plants to show its checker catches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Answer FLUSH before the journal sync covering it (breaks G4).
+    AckFlushEarly,
+    /// Apply a delta to the leg before the journal holds it durably
+    /// (breaks G3 after a crash).
+    ApplyBeforeJournalSync,
+    /// Apply the newest ready delta of a group first (breaks G2 and G3).
+    ApplyNewestFirst,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +49,7 @@ impl Default for EngineConfig {
             delta_max_bytes: 8 << 20,
             cache_bytes_max: 256 << 20,
             journal_checkpoint_bytes: 64 << 20,
+            planted_bug: None,
         }
     }
 }
@@ -249,6 +265,10 @@ impl Engine {
                     return;
                 }
                 self.close_delta(spec.group);
+                if self.config.planted_bug == Some(PlantedBug::AckFlushEarly) {
+                    self.reply(request_id, Ok(Response::Done));
+                    return;
+                }
                 self.wait_for_journal(request_id, volume, spec.group);
             }
         }
@@ -304,11 +324,19 @@ impl Engine {
             .groups
             .get_mut(&group)
             .expect("engine invariant: a group with a leg write in flight exists");
-        state.applying = false;
+        let seq = state
+            .applying
+            .take()
+            .expect("engine invariant: a group with a leg write in flight records which");
+        let index = state
+            .closed
+            .iter()
+            .position(|delta| delta.seq == seq)
+            .expect("engine invariant: the delta being applied is queued");
         let delta = state
             .closed
-            .pop_front()
-            .expect("engine invariant: the delta being applied is queued");
+            .remove(index)
+            .expect("engine invariant: index is in range");
         for (key, _) in &delta.blocks {
             self.index.mark_applied(*key, delta.seq);
             self.journal.touched_volumes.insert(key.volume);
@@ -429,7 +457,8 @@ struct Group {
     open: OpenDelta,
     /// Closed deltas not yet on the leg, oldest first.
     closed: VecDeque<ClosedDelta>,
-    applying: bool,
+    /// The delta whose leg write is in flight.
+    applying: Option<DeltaSeq>,
     /// Position of the newest closed delta: a flush waits for it.
     last_position: u64,
 }
@@ -441,13 +470,13 @@ impl Group {
             next_seq,
             open: OpenDelta::default(),
             closed: VecDeque::new(),
-            applying: false,
+            applying: None,
             last_position: 0,
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.open.blocks.is_empty() && self.closed.is_empty() && !self.applying
+        self.open.blocks.is_empty() && self.closed.is_empty() && self.applying.is_none()
     }
 }
 
@@ -1112,15 +1141,23 @@ impl Engine {
             .groups
             .get(&group_id)
             .expect("engine invariant: group exists");
-        if group.applying {
+        if group.applying.is_some() {
             return;
         }
-        let Some(delta) = group.closed.front() else {
+        let bug = self.config.planted_bug;
+        let newest_ready = group
+            .closed
+            .iter()
+            .rev()
+            .find(|delta| delta.position.0 <= synced);
+        let delta = match bug {
+            Some(PlantedBug::ApplyNewestFirst) => newest_ready,
+            Some(PlantedBug::ApplyBeforeJournalSync) => group.closed.front(),
+            _ => group.closed.front().filter(|delta| delta.position.0 <= synced),
+        };
+        let Some(delta) = delta else {
             return;
         };
-        if delta.position.0 > synced {
-            return;
-        }
         let seq = delta.seq;
         let blocks: Vec<(BlockKey, BlockImage)> = delta
             .blocks
@@ -1131,7 +1168,7 @@ impl Engine {
         self.groups
             .get_mut(&group_id)
             .expect("engine invariant: group exists")
-            .applying = true;
+            .applying = Some(seq);
         let io = self.new_io(IoPurpose::LegWrite { group: group_id });
         self.actions.push_back(Action::WriteLeg {
             io,

@@ -27,7 +27,7 @@ mod engine;
 mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
-pub use engine::{Engine, EngineConfig, EngineStats, RecoveredState, VolumeSpec};
+pub use engine::{Engine, EngineConfig, EngineStats, PlantedBug, RecoveredState, VolumeSpec};
 pub use types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId,
     Timestamp, VolumeId,

@@ -91,6 +91,7 @@ impl Tuning {
             delta_max_bytes: self.delta_max_bytes.0,
             cache_bytes_max: self.cache_bytes_max.0,
             journal_checkpoint_bytes: self.journal_checkpoint_bytes.0,
+            planted_bug: None,
         }
     }
 }

@@ -13,6 +13,7 @@ fn engine() -> Engine {
         delta_max_bytes: 64 << 10,
         cache_bytes_max: 1 << 20,
         journal_checkpoint_bytes: 1 << 20,
+        planted_bug: None,
     })
 }
 
@@ -374,6 +375,7 @@ fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
         delta_max_bytes: 64 << 10,
         cache_bytes_max: 128 << 10,
         journal_checkpoint_bytes: 1 << 20,
+        planted_bug: None,
     });
     let big = Bytes::from(vec![1u8; 60 << 10]);
     write(&mut engine, 0, 1, 0, big.clone(), false);

@@ -1,0 +1,164 @@
+//! `stretch sim`: run, swarm and replay simulations.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use stretch_sim::{Outcome, Scenario, SimBug, SimOptions};
+
+/// The scenario `stretch sim` runs when given none.
+const DEFAULT_SCENARIO: &str = include_str!("../../../simulation/single-site.toml");
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Seed of the run (every random choice derives from it).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Scenario file (see simulation/); the built-in single-site one if absent.
+    #[arg(long, conflicts_with = "swarm")]
+    scenario: Option<PathBuf>,
+    /// Draw a random scenario from each seed instead of using a file.
+    #[arg(long)]
+    swarm: bool,
+    /// With --swarm: how many seeds to run.
+    #[arg(long, default_value_t = 1, requires = "swarm")]
+    seeds: u64,
+    /// With --swarm: the first seed (then from+1, ...).
+    #[arg(long, requires = "swarm")]
+    from: Option<u64>,
+    /// Override the scenario's duration, in simulated seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Print every event of the run (use on a failing seed).
+    #[arg(long)]
+    replay: bool,
+    /// Plant a known defect to see the checker catch it: skip-journal-fsync,
+    /// ack-flush-early, apply-before-journal-sync, apply-newest-first.
+    #[arg(long, value_parser = parse_bug)]
+    bug: Option<SimBug>,
+}
+
+fn parse_bug(name: &str) -> Result<SimBug, String> {
+    SimBug::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = SimBug::ALL.iter().map(|bug| bug.name()).collect();
+        format!("unknown bug {name:?}; one of: {}", names.join(", "))
+    })
+}
+
+pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    if args.swarm {
+        return swarm(&args);
+    }
+    let (mut scenario, source) = match &args.scenario {
+        Some(path) => (Scenario::load(path)?, format!("--scenario {}", path.display())),
+        None => {
+            let scenario: Scenario = toml::from_str(DEFAULT_SCENARIO)
+                .context("built-in scenario invariant: it parses")?;
+            (scenario, String::new())
+        }
+    };
+    if let Some(duration) = args.duration {
+        scenario.duration_seconds = duration;
+        scenario.validate().map_err(anyhow::Error::msg)?;
+    }
+    let options = SimOptions {
+        seed: args.seed,
+        bug: args.bug,
+        record_trace: args.replay,
+    };
+    let started = Instant::now();
+    let outcome = stretch_sim::run(&scenario, &options);
+    let replay = format!(
+        "stretch sim --seed {} {source}{}{} --replay",
+        args.seed,
+        args.duration.map(|d| format!(" --duration {d}")).unwrap_or_default(),
+        args.bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
+    );
+    report(&outcome, started, &replay, args.replay);
+    if outcome.violation.is_some() {
+        bail!("guarantee violated (seed {})", args.seed);
+    }
+    Ok(())
+}
+
+fn swarm(args: &SimArgs) -> anyhow::Result<()> {
+    let from = args.from.unwrap_or(args.seed);
+    let started = Instant::now();
+    let mut simulated_ns = 0u64;
+    let mut failures = Vec::new();
+    for seed in from..from.saturating_add(args.seeds) {
+        let mut scenario = stretch_sim::swarm_scenario(seed);
+        if let Some(duration) = args.duration {
+            scenario.duration_seconds = duration;
+        }
+        let options = SimOptions {
+            seed,
+            bug: args.bug,
+            record_trace: args.replay,
+        };
+        let run_started = Instant::now();
+        let outcome = stretch_sim::run(&scenario, &options);
+        simulated_ns += outcome.simulated_ns;
+        let replay = format!(
+            "stretch sim --swarm --from {seed} --seeds 1{}{} --replay",
+            args.duration.map(|d| format!(" --duration {d}")).unwrap_or_default(),
+            args.bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
+        );
+        if outcome.violation.is_some() || args.replay || args.seeds == 1 {
+            report(&outcome, run_started, &replay, args.replay);
+        }
+        if outcome.violation.is_some() {
+            failures.push(seed);
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "swarm: {} seeds from {from}, {} failed, {:.1} simulated s in {:.2} wall s ({:.0}x)",
+        args.seeds,
+        failures.len(),
+        simulated_ns as f64 / 1e9,
+        wall,
+        simulated_ns as f64 / 1e9 / wall.max(1e-9)
+    );
+    if !failures.is_empty() {
+        bail!("failing seeds: {failures:?}");
+    }
+    Ok(())
+}
+
+fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace: bool) {
+    if print_trace {
+        for line in &outcome.trace {
+            println!("{line}");
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let simulated = outcome.simulated_ns as f64 / 1e9;
+    let stats = &outcome.stats;
+    println!(
+        "seed {} scenario {}: trace {:016x}; {:.2} simulated s in {:.3} wall s ({:.0}x); {} events, {} requests ({} reads, {} writes, {} flushes), {} crashes, {} fsync-failure windows",
+        outcome.seed,
+        outcome.scenario,
+        outcome.trace_hash,
+        simulated,
+        wall,
+        simulated / wall.max(1e-9),
+        stats.events,
+        stats.requests,
+        stats.reads,
+        stats.writes,
+        stats.flushes,
+        stats.crashes,
+        stats.fsync_failure_windows,
+    );
+    if let Some((violation, step, at)) = &outcome.violation {
+        println!(
+            "VIOLATION of {} at step {step} ({:.3} ms), seed {}: {}",
+            violation.guarantee,
+            *at as f64 / 1e6,
+            outcome.seed,
+            violation.detail
+        );
+        println!("replay: {replay_command}");
+    }
+}
