@@ -299,7 +299,9 @@ impl Checker {
             }
             visible.push(versions);
         }
-        let present = |id: u32| self.present(&visible, id);
+        // Each write is judged once; most sectors share their write.
+        let mut judged: BTreeMap<u32, bool> = BTreeMap::new();
+        let mut present = |id: u32| *judged.entry(id).or_insert_with(|| self.present(&visible, id));
         // G4: durable writes survive.
         for (id, write) in &self.writes {
             if write.durable && !present(*id) {

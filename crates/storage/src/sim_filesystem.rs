@@ -46,30 +46,78 @@ struct SimState {
     syncs: u64,
 }
 
+/// A file's content as reads see it, plus an undo log of the writes since
+/// its last sync: a crash undoes a suffix of them. Keeping undo records
+/// instead of a second copy makes a sync free, whatever the file's size.
 #[derive(Debug, Default, Clone)]
 struct SimFileState {
-    durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<PendingOp>,
 }
 
 #[derive(Debug, Clone)]
 enum PendingOp {
-    Write { offset: u64, data: Vec<u8> },
-    SetLen(u64),
+    Write {
+        offset: usize,
+        /// The bytes the write replaced, and the file length before it.
+        old: Vec<u8>,
+        old_len: usize,
+        data: Vec<u8>,
+    },
+    SetLen {
+        old_len: usize,
+        /// The bytes a shrink cut off.
+        truncated: Vec<u8>,
+    },
 }
 
-fn apply(content: &mut Vec<u8>, op: &PendingOp) {
-    match op {
-        PendingOp::Write { offset, data } => {
-            let start = *offset as usize;
-            let end = start + data.len();
-            if content.len() < end {
-                content.resize(end, 0);
-            }
-            content[start..end].copy_from_slice(data);
+impl SimFileState {
+    fn write(&mut self, offset: usize, data: &[u8]) {
+        let old_len = self.current.len();
+        let end = offset + data.len();
+        let old = self.current[offset.min(old_len)..end.min(old_len)].to_vec();
+        if self.current.len() < end {
+            self.current.resize(end, 0);
         }
-        PendingOp::SetLen(len) => content.resize(*len as usize, 0),
+        self.current[offset..end].copy_from_slice(data);
+        self.pending.push(PendingOp::Write {
+            offset,
+            old,
+            old_len,
+            data: data.to_vec(),
+        });
+    }
+
+    fn set_len(&mut self, len: usize) {
+        let old_len = self.current.len();
+        let truncated = if len < old_len {
+            self.current[len..].to_vec()
+        } else {
+            Vec::new()
+        };
+        self.current.resize(len, 0);
+        self.pending.push(PendingOp::SetLen { old_len, truncated });
+    }
+
+    fn undo(&mut self, op: &PendingOp) {
+        match op {
+            PendingOp::Write {
+                offset,
+                old,
+                old_len,
+                ..
+            } => {
+                self.current[*offset..*offset + old.len()].copy_from_slice(old);
+                self.current.truncate(*old_len);
+            }
+            PendingOp::SetLen { old_len, truncated } => {
+                if truncated.is_empty() {
+                    self.current.truncate(*old_len);
+                } else {
+                    self.current.extend_from_slice(truncated);
+                }
+            }
+        }
     }
 }
 
@@ -92,30 +140,26 @@ impl SimFileSystem {
         for file in state.files.values_mut() {
             let pending = std::mem::take(&mut file.pending);
             let keep = chooser.below(pending.len() as u64 + 1) as usize;
-            let mut content = std::mem::take(&mut file.durable);
-            for (index, op) in pending.iter().take(keep).enumerate() {
-                let torn = index + 1 == keep && chooser.below(4) == 0;
-                match op {
-                    PendingOp::Write { offset, data } if torn && data.len() > SECTOR_BYTES => {
-                        let sectors = data.len().div_ceil(SECTOR_BYTES) as u64;
-                        let kept = chooser.below(sectors) as usize * SECTOR_BYTES;
-                        let partial = PendingOp::Write {
-                            offset: *offset,
-                            data: data[..kept].to_vec(),
-                        };
-                        apply(&mut content, &partial);
-                    }
-                    _ => apply(&mut content, op),
-                }
+            for op in pending[keep..].iter().rev() {
+                file.undo(op);
             }
-            file.current = content.clone();
-            file.durable = content;
+            if keep == 0 || chooser.below(4) != 0 {
+                continue;
+            }
+            // Tear the last write kept: only some of its sectors landed.
+            if let PendingOp::Write { offset, data, .. } = &pending[keep - 1]
+                && data.len() > SECTOR_BYTES
+            {
+                let sectors = data.len().div_ceil(SECTOR_BYTES) as u64;
+                let kept = chooser.below(sectors) as usize * SECTOR_BYTES;
+                file.undo(&pending[keep - 1]);
+                let end = offset + kept;
+                if file.current.len() < end {
+                    file.current.resize(end, 0);
+                }
+                file.current[*offset..end].copy_from_slice(&data[..kept]);
+            }
         }
-    }
-
-    /// Content a file would have after a crash that loses every pending write.
-    pub fn durable_content(&self, path: &Path) -> Option<Vec<u8>> {
-        self.state.lock().files.get(path).map(|f| f.durable.clone())
     }
 
     /// (bytes written, syncs) so far, for simulator statistics.
@@ -168,12 +212,7 @@ impl StorageFile for SimFile {
         self.with(|state, path| {
             state.bytes_written += data.len() as u64;
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
-            let op = PendingOp::Write {
-                offset,
-                data: data.to_vec(),
-            };
-            apply(&mut file.current, &op);
-            file.pending.push(op);
+            file.write(offset as usize, data);
             Ok(())
         })
     }
@@ -185,7 +224,6 @@ impl StorageFile for SimFile {
                 return Err(io::Error::other("simulated fsync failure"));
             }
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
-            file.durable = file.current.clone();
             file.pending.clear();
             Ok(())
         })
@@ -201,9 +239,7 @@ impl StorageFile for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.with(|state, path| {
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
-            let op = PendingOp::SetLen(len);
-            apply(&mut file.current, &op);
-            file.pending.push(op);
+            file.set_len(len as usize);
             Ok(())
         })
     }
