@@ -1191,7 +1191,17 @@ impl Engine {
         if applied_prefix <= self.journal.released_upto {
             return;
         }
-        let worth_it = self.journal.unreleased_bytes >= self.config.journal_checkpoint_bytes;
+        // Only records already on the legs can be released: count those, or
+        // a backlog of journaled-but-unapplied deltas would make every
+        // single apply trigger a leg sync.
+        let releasable: u64 = self
+            .journal
+            .unreleased
+            .iter()
+            .take_while(|(position, _)| *position <= applied_prefix)
+            .map(|(_, bytes)| bytes)
+            .sum();
+        let worth_it = releasable >= self.config.journal_checkpoint_bytes;
         if !worth_it && !self.draining {
             return;
         }

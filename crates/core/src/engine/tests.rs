@@ -437,3 +437,38 @@ fn write_zeroes_holds_no_buffer() {
     assert_eq!(engine.cached_block(&key(3)), Some(&BlockImage::Zero));
     assert!(engine.stats().dirty_bytes < 4096);
 }
+
+#[test]
+fn a_backlog_of_unapplied_deltas_does_not_force_leg_syncs() {
+    // Three one-block records hold about 12.5 KB of journal; only the
+    // applied one (about 4.2 KB) could be released, which is below the
+    // checkpoint size, so no leg sync may be issued yet.
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 1 << 20,
+        journal_checkpoint_bytes: 12_000,
+        planted_bug: None,
+    });
+    for request in 1..=3 {
+        write(&mut engine, 0, request, 0, block(request as u8), true);
+    }
+    drain(&mut engine);
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions = drain(&mut engine);
+    let sync = actions
+        .iter()
+        .find_map(|action| match action {
+            Action::SyncJournal { io, .. } => Some(*io),
+            _ => None,
+        })
+        .expect("the second sync covers deltas 2 and 3");
+    engine.journal_synced(sync, Ok(()));
+    drain(&mut engine);
+    engine.leg_written(IoId(2), Ok(()));
+    let actions = drain(&mut engine);
+    assert!(
+        !actions.iter().any(|action| matches!(action, Action::SyncLegs { .. })),
+        "{actions:?}"
+    );
+}
