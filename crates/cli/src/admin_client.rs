@@ -68,7 +68,12 @@ impl AdminClient {
         if !status.is_success() {
             let message = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
-                .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .and_then(|value| {
+                    value
+                        .get("error")
+                        .and_then(|e| e.as_str())
+                        .map(str::to_string)
+                })
                 .unwrap_or(text);
             bail!("{message}");
         }

@@ -24,7 +24,12 @@ use crate::admin_client::AdminClient;
 )]
 struct Cli {
     /// Admin API of the node to talk to.
-    #[arg(long, global = true, env = "STRETCH_ADMIN", default_value = "http://127.0.0.1:9180")]
+    #[arg(
+        long,
+        global = true,
+        env = "STRETCH_ADMIN",
+        default_value = "http://127.0.0.1:9180"
+    )]
     admin: String,
 
     #[command(subcommand)]
@@ -171,7 +176,12 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                 size: size.0,
                 group,
             })?;
-            println!("created volume {} ({}), export {}", volume.name, ByteSize(volume.size), volume.export);
+            println!(
+                "created volume {} ({}), export {}",
+                volume.name,
+                ByteSize(volume.size),
+                volume.export
+            );
         }
         VolumeCommand::List => {
             let volumes = client.volumes()?;
@@ -218,7 +228,10 @@ fn status(client: &AdminClient) -> anyhow::Result<()> {
         "deltas:           {} open, {} journaled but not on the leg",
         status.open_deltas, status.unapplied_deltas
     );
-    println!("journal:          {} bytes awaiting release", status.journal_bytes);
+    println!(
+        "journal:          {} bytes awaiting release",
+        status.journal_bytes
+    );
     println!("throttled writes: {}", status.throttled_writes);
     match status.failure {
         Some(reason) => println!("state:            FAILED, not taking writes: {reason}"),

@@ -50,7 +50,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         return swarm(&args);
     }
     let (mut scenario, source) = match &args.scenario {
-        Some(path) => (Scenario::load(path)?, format!("--scenario {}", path.display())),
+        Some(path) => (
+            Scenario::load(path)?,
+            format!("--scenario {}", path.display()),
+        ),
         None => {
             let scenario: Scenario = toml::from_str(DEFAULT_SCENARIO)
                 .context("built-in scenario invariant: it parses")?;
@@ -71,8 +74,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let replay = format!(
         "stretch sim --seed {} {source}{}{} --replay",
         args.seed,
-        args.duration.map(|d| format!(" --duration {d}")).unwrap_or_default(),
-        args.bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
+        args.duration
+            .map(|d| format!(" --duration {d}"))
+            .unwrap_or_default(),
+        args.bug
+            .map(|b| format!(" --bug {}", b.name()))
+            .unwrap_or_default(),
     );
     report(&outcome, started, &replay, args.replay);
     if outcome.violation.is_some() {
@@ -101,8 +108,12 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         simulated_ns += outcome.simulated_ns;
         let replay = format!(
             "stretch sim --swarm --from {seed} --seeds 1{}{} --replay",
-            args.duration.map(|d| format!(" --duration {d}")).unwrap_or_default(),
-            args.bug.map(|b| format!(" --bug {}", b.name())).unwrap_or_default(),
+            args.duration
+                .map(|d| format!(" --duration {d}"))
+                .unwrap_or_default(),
+            args.bug
+                .map(|b| format!(" --bug {}", b.name()))
+                .unwrap_or_default(),
         );
         if outcome.violation.is_some() || args.replay || args.seeds == 1 {
             report(&outcome, run_started, &replay, args.replay);

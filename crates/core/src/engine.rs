@@ -166,7 +166,7 @@ impl Engine {
     /// Serves `volume` from now on. Its leg must exist.
     pub fn add_volume(&mut self, volume: VolumeId, spec: VolumeSpec) {
         assert!(
-            spec.size % BLOCK_SIZE as u64 == 0,
+            spec.size.is_multiple_of(BLOCK_SIZE as u64),
             "volume {volume} size {} is not a multiple of the block size",
             spec.size
         );
@@ -987,7 +987,9 @@ impl Engine {
         group.open.charge += charge;
         self.dirty_bytes += charge;
         if group.open.deadline.is_none() {
-            let deadline = self.now.saturating_add_millis(self.config.delta_interval_ms);
+            let deadline = self
+                .now
+                .saturating_add_millis(self.config.delta_interval_ms);
             group.open.deadline = Some(deadline);
             self.deadlines.insert((deadline, group_id));
         }
@@ -995,7 +997,13 @@ impl Engine {
         self.index.set_dirty(key, image, seq);
     }
 
-    fn finish_write_ack(&mut self, request: RequestId, volume: VolumeId, group: GroupId, fua: bool) {
+    fn finish_write_ack(
+        &mut self,
+        request: RequestId,
+        volume: VolumeId,
+        group: GroupId,
+        fua: bool,
+    ) {
         if !fua {
             self.reply(request, Ok(Response::Done));
             return;
@@ -1032,13 +1040,13 @@ fn partial_blocks(volume: VolumeId, offset: u64, length: u64) -> Vec<BlockKey> {
     let first = offset / block_bytes;
     let last = (end - 1) / block_bytes;
     let mut blocks = Vec::with_capacity(2);
-    if offset % block_bytes != 0 || (first == last && end % block_bytes != 0) {
+    if !offset.is_multiple_of(block_bytes) || (first == last && !end.is_multiple_of(block_bytes)) {
         blocks.push(BlockKey {
             volume,
             block: first,
         });
     }
-    if last != first && end % block_bytes != 0 {
+    if last != first && !end.is_multiple_of(block_bytes) {
         blocks.push(BlockKey {
             volume,
             block: last,
@@ -1121,7 +1129,9 @@ impl Engine {
         let ready: Vec<RequestId> = self
             .pending
             .iter()
-            .filter(|(_, pending)| matches!(pending, Pending::Durable { upto, .. } if *upto <= synced))
+            .filter(
+                |(_, pending)| matches!(pending, Pending::Durable { upto, .. } if *upto <= synced),
+            )
             .map(|(request, _)| *request)
             .collect();
         for request in ready {
@@ -1153,7 +1163,10 @@ impl Engine {
         let delta = match bug {
             Some(PlantedBug::ApplyNewestFirst) => newest_ready,
             Some(PlantedBug::ApplyBeforeJournalSync) => group.closed.front(),
-            _ => group.closed.front().filter(|delta| delta.position.0 <= synced),
+            _ => group
+                .closed
+                .front()
+                .filter(|delta| delta.position.0 <= synced),
         };
         let Some(delta) = delta else {
             return;

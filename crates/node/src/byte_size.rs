@@ -19,7 +19,9 @@ impl FromStr for ByteSize {
             .unwrap_or(trimmed.len());
         let (digits, suffix) = trimmed.split_at(split);
         if digits.is_empty() {
-            return Err(format!("{text:?} is not a size (expected e.g. 4096, 256M, 1G)"));
+            return Err(format!(
+                "{text:?} is not a size (expected e.g. 4096, 256M, 1G)"
+            ));
         }
         let number: u64 = digits
             .parse()
@@ -48,7 +50,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [(&str, u32); 4] = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
         for (unit, shift) in UNITS {
             let size = 1u64 << shift;
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }

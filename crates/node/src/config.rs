@@ -162,7 +162,9 @@ impl ClusterConfig {
             return Err("tuning.delta_interval_ms must be at least 1".into());
         }
         if tuning.delta_max_bytes.0 < BLOCK_SIZE as u64 {
-            return Err(format!("tuning.delta_max_bytes must be at least {BLOCK_SIZE}"));
+            return Err(format!(
+                "tuning.delta_max_bytes must be at least {BLOCK_SIZE}"
+            ));
         }
         // Room for two full deltas and two largest requests, so a write can
         // always be admitted once the deltas ahead of it drain.

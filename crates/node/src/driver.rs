@@ -299,7 +299,10 @@ fn journal_loop(
                 }
             }
         }
-        driver.metrics.journal_disk_bytes.set(journal.bytes() as i64);
+        driver
+            .metrics
+            .journal_disk_bytes
+            .set(journal.bytes() as i64);
     }
 }
 

@@ -61,7 +61,11 @@ pub(crate) struct VolumeExport {
 }
 
 impl VolumeExport {
-    async fn run(&self, request: Request, metrics: &OperationMetrics) -> Result<Response, ExportError> {
+    async fn run(
+        &self,
+        request: Request,
+        metrics: &OperationMetrics,
+    ) -> Result<Response, ExportError> {
         let started = Instant::now();
         metrics.requests.inc();
         let result = self.node.driver.submit(request).await;
@@ -147,6 +151,8 @@ impl Export for VolumeExport {
             length: length as u64,
             fua,
         };
-        self.run(request, &self.metrics.write_zeroes).await.map(|_| ())
+        self.run(request, &self.metrics.write_zeroes)
+            .await
+            .map(|_| ())
     }
 }

@@ -11,8 +11,8 @@ use stretch_core::EngineStats;
 
 /// Latency buckets in seconds: 20 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
-    0.5, 1.0, 2.0, 5.0, 10.0,
+    0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0,
 ];
 
 #[derive(Debug, Clone)]
@@ -109,17 +109,26 @@ impl Metrics {
         let registry = Registry::new_custom(None, Some(labels))
             .expect("metric registry invariant: valid labels");
         let requests = IntCounterVec::new(
-            Opts::new("stretch_volume_requests_total", "Requests served, by volume and operation"),
+            Opts::new(
+                "stretch_volume_requests_total",
+                "Requests served, by volume and operation",
+            ),
             &["volume", "op"],
         )
         .expect("metric definition invariant");
         let request_errors = IntCounterVec::new(
-            Opts::new("stretch_volume_request_errors_total", "Requests answered with an error"),
+            Opts::new(
+                "stretch_volume_request_errors_total",
+                "Requests answered with an error",
+            ),
             &["volume", "op"],
         )
         .expect("metric definition invariant");
         let bytes = IntCounterVec::new(
-            Opts::new("stretch_volume_bytes_total", "Bytes read or written by clients"),
+            Opts::new(
+                "stretch_volume_bytes_total",
+                "Bytes read or written by clients",
+            ),
             &["volume", "direction"],
         )
         .expect("metric definition invariant");
@@ -143,26 +152,98 @@ impl Metrics {
                 .expect("metric registration invariant: unique name");
         }
         let engine = EngineGauges {
-            cache_hit_blocks: counter(&registry, "stretch_cache_hit_blocks_total", "Blocks read from memory"),
-            cache_miss_blocks: counter(&registry, "stretch_cache_miss_blocks_total", "Blocks read from the leg"),
-            dirty_bytes: gauge(&registry, "stretch_dirty_bytes", "Memory held by deltas not yet on the leg"),
-            clean_bytes: gauge(&registry, "stretch_cache_clean_bytes", "Memory held by clean cached blocks"),
-            cached_blocks: gauge(&registry, "stretch_cache_blocks", "Blocks resident in memory"),
-            open_deltas: gauge(&registry, "stretch_deltas_open", "Consistency groups with an open delta"),
-            closed_deltas: counter(&registry, "stretch_deltas_closed_total", "Deltas closed and journaled"),
-            applied_deltas: counter(&registry, "stretch_deltas_applied_total", "Deltas applied to legs"),
-            unapplied_deltas: gauge(&registry, "stretch_deltas_unapplied", "Closed deltas not yet on their leg"),
-            journal_bytes: gauge(&registry, "stretch_journal_bytes", "Journal bytes not yet released"),
-            journal_syncs: counter(&registry, "stretch_journal_syncs_total", "Journal fdatasyncs (group commits)"),
-            throttled_writes: counter(&registry, "stretch_writes_throttled_total", "Writes that waited for cache room"),
-            throttled_now: gauge(&registry, "stretch_writes_throttled", "Writes waiting for cache room now"),
-            failed: gauge(&registry, "stretch_node_failed", "1 once a storage error stopped the node taking writes"),
+            cache_hit_blocks: counter(
+                &registry,
+                "stretch_cache_hit_blocks_total",
+                "Blocks read from memory",
+            ),
+            cache_miss_blocks: counter(
+                &registry,
+                "stretch_cache_miss_blocks_total",
+                "Blocks read from the leg",
+            ),
+            dirty_bytes: gauge(
+                &registry,
+                "stretch_dirty_bytes",
+                "Memory held by deltas not yet on the leg",
+            ),
+            clean_bytes: gauge(
+                &registry,
+                "stretch_cache_clean_bytes",
+                "Memory held by clean cached blocks",
+            ),
+            cached_blocks: gauge(
+                &registry,
+                "stretch_cache_blocks",
+                "Blocks resident in memory",
+            ),
+            open_deltas: gauge(
+                &registry,
+                "stretch_deltas_open",
+                "Consistency groups with an open delta",
+            ),
+            closed_deltas: counter(
+                &registry,
+                "stretch_deltas_closed_total",
+                "Deltas closed and journaled",
+            ),
+            applied_deltas: counter(
+                &registry,
+                "stretch_deltas_applied_total",
+                "Deltas applied to legs",
+            ),
+            unapplied_deltas: gauge(
+                &registry,
+                "stretch_deltas_unapplied",
+                "Closed deltas not yet on their leg",
+            ),
+            journal_bytes: gauge(
+                &registry,
+                "stretch_journal_bytes",
+                "Journal bytes not yet released",
+            ),
+            journal_syncs: counter(
+                &registry,
+                "stretch_journal_syncs_total",
+                "Journal fdatasyncs (group commits)",
+            ),
+            throttled_writes: counter(
+                &registry,
+                "stretch_writes_throttled_total",
+                "Writes that waited for cache room",
+            ),
+            throttled_now: gauge(
+                &registry,
+                "stretch_writes_throttled",
+                "Writes waiting for cache room now",
+            ),
+            failed: gauge(
+                &registry,
+                "stretch_node_failed",
+                "1 once a storage error stopped the node taking writes",
+            ),
         };
         Metrics {
-            journal_fsync_seconds: histogram(&registry, "stretch_journal_fsync_seconds", "Journal fdatasync latency"),
-            leg_sync_seconds: histogram(&registry, "stretch_leg_sync_seconds", "Leg fdatasync latency at checkpoints"),
-            leg_apply_seconds: histogram(&registry, "stretch_leg_apply_seconds", "Time to write one delta to the legs"),
-            journal_disk_bytes: gauge(&registry, "stretch_journal_disk_bytes", "Bytes in journal segment files"),
+            journal_fsync_seconds: histogram(
+                &registry,
+                "stretch_journal_fsync_seconds",
+                "Journal fdatasync latency",
+            ),
+            leg_sync_seconds: histogram(
+                &registry,
+                "stretch_leg_sync_seconds",
+                "Leg fdatasync latency at checkpoints",
+            ),
+            leg_apply_seconds: histogram(
+                &registry,
+                "stretch_leg_apply_seconds",
+                "Time to write one delta to the legs",
+            ),
+            journal_disk_bytes: gauge(
+                &registry,
+                "stretch_journal_disk_bytes",
+                "Bytes in journal segment files",
+            ),
             volumes: gauge(&registry, "stretch_volumes", "Volumes served by this node"),
             registry,
             requests,

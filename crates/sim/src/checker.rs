@@ -79,10 +79,19 @@ struct VolumeModel {
 /// A request as the checker tracks it.
 #[derive(Debug, Clone, Copy)]
 pub enum Tracked {
-    Read { volume: usize, first: u64, count: u64 },
-    Write { id: u32 },
+    Read {
+        volume: usize,
+        first: u64,
+        count: u64,
+    },
+    Write {
+        id: u32,
+    },
     /// `issued`: the logical instant from [`Checker::tick`].
-    Flush { volume: usize, issued: u64 },
+    Flush {
+        volume: usize,
+        issued: u64,
+    },
     Trim,
 }
 
@@ -248,7 +257,13 @@ impl Checker {
         self.in_flight.clear();
     }
 
-    fn check_read(&self, volume: usize, first: u64, count: u64, data: &Bytes) -> Result<(), Violation> {
+    fn check_read(
+        &self,
+        volume: usize,
+        first: u64,
+        count: u64,
+        data: &Bytes,
+    ) -> Result<(), Violation> {
         if data.len() as u64 != count * SECTOR_BYTES {
             return Err(violation(
                 "G2",
@@ -286,13 +301,17 @@ impl Checker {
                 let Some(version) = decode_sector(bytes, sector as u64) else {
                     return Err(violation(
                         "G3",
-                        format!("volume {volume} sector {sector} holds bytes no write put there (torn or misplaced)"),
+                        format!(
+                            "volume {volume} sector {sector} holds bytes no write put there (torn or misplaced)"
+                        ),
                     ));
                 };
                 if version != 0 && !self.version_could_be_here(volume, sector as u64, version) {
                     return Err(violation(
                         "G3",
-                        format!("volume {volume} sector {sector} holds write {version}, which never covered it"),
+                        format!(
+                            "volume {volume} sector {sector} holds write {version}, which never covered it"
+                        ),
                     ));
                 }
                 versions.push(version);
@@ -301,7 +320,11 @@ impl Checker {
         }
         // Each write is judged once; most sectors share their write.
         let mut judged: BTreeMap<u32, bool> = BTreeMap::new();
-        let mut present = |id: u32| *judged.entry(id).or_insert_with(|| self.present(&visible, id));
+        let mut present = |id: u32| {
+            *judged
+                .entry(id)
+                .or_insert_with(|| self.present(&visible, id))
+        };
         // G4: durable writes survive.
         for (id, write) in &self.writes {
             if write.durable && !present(*id) {
@@ -431,7 +454,10 @@ pub fn payload(write: u32, first: u64, count: u64) -> Bytes {
 /// pattern at this sector, None for anything else.
 fn decode_sector(bytes: &[u8], sector: u64) -> Option<u32> {
     let first = u64::from_le_bytes(bytes[..8].try_into().expect("sector has 8 bytes"));
-    if bytes.chunks_exact(8).any(|word| word != first.to_le_bytes()) {
+    if bytes
+        .chunks_exact(8)
+        .any(|word| word != first.to_le_bytes())
+    {
         return None;
     }
     if first == 0 {

@@ -158,7 +158,8 @@ impl Scenario {
             path: path.display().to_string(),
             message,
         };
-        let scenario: Scenario = toml::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+        let scenario: Scenario =
+            toml::from_str(&text).map_err(|error| invalid(error.to_string()))?;
         scenario.validate().map_err(invalid)?;
         Ok(scenario)
     }
@@ -213,8 +214,10 @@ impl Scenario {
         if t.volumes == 0 || t.groups == 0 || t.groups > t.volumes {
             return Err("topology needs volumes >= groups >= 1".into());
         }
-        if t.volume_bytes == 0 || t.volume_bytes % 4096 != 0 || t.volume_bytes > 1 << 30 {
-            return Err("topology.volume_bytes must be a positive multiple of 4096 up to 1G".into());
+        if t.volume_bytes == 0 || !t.volume_bytes.is_multiple_of(4096) || t.volume_bytes > 1 << 30 {
+            return Err(
+                "topology.volume_bytes must be a positive multiple of 4096 up to 1G".into(),
+            );
         }
         let w = &self.workload;
         if w.clients == 0 || w.sectors_max == 0 {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use stretch_core::{
-    Action, BlockImage, BlockKey, DeltaRecord, Engine, EngineConfig, GroupId, IoId, JournalPosition,
-    PlantedBug, RecoveredState, Request, RequestId, Response, Timestamp, VolumeId, VolumeSpec,
+    Action, BlockImage, BlockKey, DeltaRecord, Engine, EngineConfig, GroupId, IoId,
+    JournalPosition, PlantedBug, RecoveredState, Request, RequestId, Response, Timestamp, VolumeId,
+    VolumeSpec,
 };
 use stretch_storage::{Journal, Leg, SimFileSystem, recover};
 
@@ -234,8 +235,9 @@ impl<'a> Simulation<'a> {
     fn fail(&mut self, violation: Violation) {
         if self.violation.is_none() {
             let detail = violation.detail.clone();
-            self.trace
-                .record(self.now, &[u64::MAX], || format!("VIOLATION {}: {detail}", violation.guarantee));
+            self.trace.record(self.now, &[u64::MAX], || {
+                format!("VIOLATION {}: {detail}", violation.guarantee)
+            });
             self.violation = Some((violation, self.stats.events, self.now));
         }
     }
@@ -245,7 +247,9 @@ impl<'a> Simulation<'a> {
         let size = self.scenario.topology.volume_bytes;
         for index in 0..volumes {
             if let Err(error) = Leg::create(&self.fs, &volume_path(index), size) {
-                panic!("simulator invariant: creating a leg on a fresh simulated disk works: {error}");
+                panic!(
+                    "simulator invariant: creating a leg on a fresh simulated disk works: {error}"
+                );
             }
         }
         self.start_node(true);
@@ -277,7 +281,8 @@ impl<'a> Simulation<'a> {
             {
                 self.fail(Violation {
                     guarantee: "G6",
-                    detail: "the node did not drain to its legs within 120 simulated seconds".into(),
+                    detail: "the node did not drain to its legs within 120 simulated seconds"
+                        .into(),
                 });
                 return;
             }
@@ -404,9 +409,10 @@ impl<'a> Simulation<'a> {
                     Some(leg) => leg.read(offset, length).map_err(|error| error.to_string()),
                     None => Err(format!("no leg for volume {volume}")),
                 };
-                self.trace.record(self.now, &[3, io.0, result.is_ok() as u64], || {
-                    format!("leg read io {io} volume {volume} {offset}+{length} done")
-                });
+                self.trace
+                    .record(self.now, &[3, io.0, result.is_ok() as u64], || {
+                        format!("leg read io {io} volume {volume} {offset}+{length} done")
+                    });
                 node.engine.leg_read_done(io, result);
                 self.dispatch();
             }
@@ -444,12 +450,14 @@ impl<'a> Simulation<'a> {
             }
             Event::SyncFailureEnd => {
                 self.fs.set_sync_failure(false);
-                self.trace.record(self.now, &[6], || "fsync works again".into());
+                self.trace
+                    .record(self.now, &[6], || "fsync works again".into());
             }
             Event::EndOfWorkload => {
                 self.workload_over = true;
                 self.fs.set_sync_failure(false);
-                self.trace.record(self.now, &[7], || "workload over; draining".into());
+                self.trace
+                    .record(self.now, &[7], || "workload over; draining".into());
                 self.draining_since = Some(self.now);
                 self.maybe_start_drain();
             }
@@ -553,7 +561,8 @@ impl<'a> Simulation<'a> {
             3 => {
                 self.stats.flushes += 1;
                 let issued = self.checker.tick();
-                self.checker.issue(request, Tracked::Flush { volume, issued });
+                self.checker
+                    .issue(request, Tracked::Flush { volume, issued });
                 (Request::Flush { volume: volume_id }, false)
             }
             4 => {
@@ -694,7 +703,11 @@ impl<'a> Simulation<'a> {
         self.schedule(at, Event::Timer(generation));
     }
 
-    fn on_reply(&mut self, request: RequestId, result: Result<Response, stretch_core::RequestError>) {
+    fn on_reply(
+        &mut self,
+        request: RequestId,
+        result: Result<Response, stretch_core::RequestError>,
+    ) {
         let Some(tracked) = self.requests.remove(&request.0) else {
             self.fail(Violation {
                 guarantee: "acks",
@@ -708,14 +721,17 @@ impl<'a> Simulation<'a> {
             _ => None,
         };
         self.trace.record(self.now, &[2, request.0, ok as u64], || {
-            format!("reply to request {request}: {}", match &result {
-                Ok(_) => "ok".to_string(),
-                Err(error) => format!("error: {error}"),
-            })
+            format!(
+                "reply to request {request}: {}",
+                match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(error) => format!("error: {error}"),
+                }
+            )
         });
-        if let Err(violation) =
-            self.checker
-                .on_reply(request.0, ok, data.as_ref(), tracked.fua)
+        if let Err(violation) = self
+            .checker
+            .on_reply(request.0, ok, data.as_ref(), tracked.fua)
         {
             self.fail(violation);
             return;
@@ -809,7 +825,9 @@ impl<'a> Simulation<'a> {
                         .position(|(key, _)| key.volume != volume)
                         .map_or(blocks.len(), |offset| start + offset);
                     if let Some(leg) = node.legs.get(&volume) {
-                        let run = blocks[start..end].iter().map(|(key, image)| (key.block, image));
+                        let run = blocks[start..end]
+                            .iter()
+                            .map(|(key, image)| (key.block, image));
                         result = leg.apply(run).map_err(|error| error.to_string());
                     }
                     start = end;
@@ -856,8 +874,9 @@ impl<'a> Simulation<'a> {
         for (_, request) in std::mem::take(&mut self.requests) {
             self.clients_busy[request.client] = false;
         }
-        self.trace
-            .record(self.now, &[20, self.generation], || format!("CRASH ({why})"));
+        self.trace.record(self.now, &[20, self.generation], || {
+            format!("CRASH ({why})")
+        });
         self.restart_pending = true;
         let delay = self.scenario.faults.restart_ms.max(1) * MS;
         self.schedule(self.now + delay, Event::Restart);

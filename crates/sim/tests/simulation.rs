@@ -36,7 +36,11 @@ fn same_seed_same_trace() {
         let second = run(&short, &options(seed, None));
         assert_eq!(first.trace_hash, second.trace_hash, "seed {seed} diverged");
         assert_eq!(first.stats.events, second.stats.events);
-        assert!(first.violation.is_none(), "seed {seed}: {:?}", first.violation);
+        assert!(
+            first.violation.is_none(),
+            "seed {seed}: {:?}",
+            first.violation
+        );
     }
     let swarm = swarm_scenario(7);
     assert_eq!(
@@ -92,7 +96,10 @@ fn every_planted_bug_is_caught() {
                 .map(|(violation, ..)| (seed, violation))
         });
         let Some((seed, violation)) = caught else {
-            panic!("planted bug {} went unnoticed for {seeds} seeds", bug.name());
+            panic!(
+                "planted bug {} went unnoticed for {seeds} seeds",
+                bug.name()
+            );
         };
         let expected: &[&str] = match bug {
             SimBug::SkipJournalFsync => &["G4", "G3"],

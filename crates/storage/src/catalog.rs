@@ -90,7 +90,9 @@ pub fn validate_volume_name(name: &str) -> Result<(), CatalogError> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
-        return Err(invalid("only letters, digits, '.', '_' and '-' are allowed"));
+        return Err(invalid(
+            "only letters, digits, '.', '_' and '-' are allowed",
+        ));
     }
     Ok(())
 }
@@ -175,7 +177,7 @@ impl Catalog {
     ) -> Result<VolumeRecord, CatalogError> {
         validate_volume_name(name)?;
         validate_volume_name(group)?;
-        if size == 0 || size % BLOCK_SIZE as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(CatalogError::InvalidSize {
                 size,
                 reason: format!("must be a positive multiple of {BLOCK_SIZE} bytes"),

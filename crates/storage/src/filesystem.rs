@@ -21,6 +21,9 @@ pub trait FileSystem: Send + Sync + 'static {
 }
 
 /// One open file. Positional I/O only, so it can be shared across threads.
+// `len` is the file size, as on `std::fs::Metadata`; an `is_empty` would
+// add nothing callers need.
+#[allow(clippy::len_without_is_empty)]
 pub trait StorageFile: Send + Sync + 'static {
     /// Reads exactly `buf.len()` bytes at `offset`; past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -186,7 +186,9 @@ impl<F: FileSystem> Journal<F> {
             if oldest.last_position > upto.0 || oldest.unsynced {
                 break;
             }
-            self.fs.remove(&oldest.path).map_err(io_error(&oldest.path))?;
+            self.fs
+                .remove(&oldest.path)
+                .map_err(io_error(&oldest.path))?;
             self.segments.pop_front();
             removed = true;
         }
@@ -269,7 +271,9 @@ pub(crate) fn find_segments<F: FileSystem>(
         };
         let file = fs.open(&path, false).map_err(io_error(&path))?;
         match read_segment_header(&file) {
-            Ok((header_position, next_seq, records_offset)) if header_position == first_position => {
+            Ok((header_position, next_seq, records_offset))
+                if header_position == first_position =>
+            {
                 found.push(FoundSegment {
                     path,
                     first_position,
@@ -390,7 +394,8 @@ pub(crate) fn read_records<F: FileSystem, E: From<JournalError>>(
             return Ok(Some(format!("record body cut short at byte {offset}")));
         }
         let mut body = vec![0u8; body_len as usize];
-        file.read_exact_at(&mut body, body_start).map_err(io_error)?;
+        file.read_exact_at(&mut body, body_start)
+            .map_err(io_error)?;
         if crc32c::crc32c(&body) != crc {
             return Ok(Some(format!("record checksum mismatch at byte {offset}")));
         }

@@ -188,7 +188,10 @@ impl SimFile {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found", path.display()),
+    )
 }
 
 impl StorageFile for SimFile {
@@ -254,7 +257,9 @@ impl FileSystem for SimFileSystem {
             if !create {
                 return Err(not_found(path));
             }
-            state.files.insert(path.to_path_buf(), SimFileState::default());
+            state
+                .files
+                .insert(path.to_path_buf(), SimFileState::default());
         }
         Ok(SimFile {
             state: self.state.clone(),

@@ -51,7 +51,13 @@ fn random_history(rng: &mut Rng, count: u64) -> (Vec<DeltaRecord>, Vec<Vec<u8>>)
             } else {
                 BlockImage::Data(Bytes::from(vec![rng.below(255) as u8 + 1; BLOCK_SIZE]))
             };
-            blocks.insert(BlockKey { volume: VOLUME, block }, image);
+            blocks.insert(
+                BlockKey {
+                    volume: VOLUME,
+                    block,
+                },
+                image,
+            );
         }
         for (key, block_image) in &blocks {
             let at = key.block as usize * BLOCK_SIZE;
@@ -159,7 +165,10 @@ fn check_round_trip<F: FileSystem>(node: &Node<F>) {
     assert_eq!(recovery.dropped_tail, None);
     assert_eq!(recovery.next_position, JournalPosition(41));
     assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(41));
-    assert!(node.leg_image(&legs) == images[40], "leg differs from the model");
+    assert!(
+        node.leg_image(&legs) == images[40],
+        "leg differs from the model"
+    );
 }
 
 fn corrupt_tail<F: FileSystem>(node: &Node<F>, how: impl Fn(&F::File, u64)) {
@@ -174,7 +183,10 @@ fn corrupt_tail<F: FileSystem>(node: &Node<F>, how: impl Fn(&F::File, u64)) {
     how(&file, len);
     let legs = node.legs(true);
     let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
-    assert_eq!(recovery.replayed_deltas, 4, "the damaged last record is dropped");
+    assert_eq!(
+        recovery.replayed_deltas, 4,
+        "the damaged last record is dropped"
+    );
     assert!(recovery.dropped_tail.is_some());
     assert!(node.leg_image(&legs) == images[4]);
 }
@@ -227,7 +239,10 @@ fn check_crash_at_random_points(seed: u64) {
     let legs = node.legs(false);
     let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
     let k = recovery.replayed_deltas as usize;
-    assert!(k >= synced, "seed {seed}: lost a synced delta ({k} < {synced})");
+    assert!(
+        k >= synced,
+        "seed {seed}: lost a synced delta ({k} < {synced})"
+    );
     assert!(
         node.leg_image(&legs) == images[k],
         "seed {seed}: leg is not the image after whole delta {k}"

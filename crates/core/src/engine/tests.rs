@@ -235,14 +235,26 @@ fn deltas_of_a_group_reach_the_leg_one_at_a_time_in_order() {
         .filter(|action| matches!(action, Action::WriteLeg { .. }))
         .collect();
     assert_eq!(legs.len(), 1);
-    assert!(matches!(legs[0], Action::WriteLeg { seq: DeltaSeq(1), .. }));
+    assert!(matches!(
+        legs[0],
+        Action::WriteLeg {
+            seq: DeltaSeq(1),
+            ..
+        }
+    ));
     // Delta 2 is journaled but waits for delta 1 to reach the leg.
     engine.journal_synced(IoId(3), Ok(()));
     let actions = drain(&mut engine);
     assert!(!actions.iter().any(|a| matches!(a, Action::WriteLeg { .. })));
     engine.leg_written(IoId(2), Ok(()));
     let actions = drain(&mut engine);
-    assert!(matches!(actions[0], Action::WriteLeg { seq: DeltaSeq(2), .. }));
+    assert!(matches!(
+        actions[0],
+        Action::WriteLeg {
+            seq: DeltaSeq(2),
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -360,11 +372,17 @@ fn out_of_range_requests_are_refused() {
     let actions = drain(&mut engine);
     assert!(matches!(
         &actions[0],
-        Action::Reply { result: Err(RequestError::OutOfRange { .. }), .. }
+        Action::Reply {
+            result: Err(RequestError::OutOfRange { .. }),
+            ..
+        }
     ));
     assert!(matches!(
         &actions[1],
-        Action::Reply { result: Err(RequestError::OutOfRange { .. }), .. }
+        Action::Reply {
+            result: Err(RequestError::OutOfRange { .. }),
+            ..
+        }
     ));
 }
 
@@ -382,7 +400,13 @@ fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
     write(&mut engine, 0, 2, 64 << 10, big.clone(), false);
     write(&mut engine, 0, 3, 128 << 10, big, false);
     let actions = drain(&mut engine);
-    assert_eq!(actions.iter().filter(|a| matches!(a, Action::Reply { .. })).count(), 2);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Reply { .. }))
+            .count(),
+        2
+    );
     assert_eq!(engine.stats().throttled_writes_now, 1);
     // Pressure closed the open delta so it can drain.
     let sync = actions
@@ -394,7 +418,10 @@ fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
         .expect("a sync under pressure");
     engine.journal_synced(sync, Ok(()));
     let actions = drain(&mut engine);
-    let Some(Action::WriteLeg { io, .. }) = actions.iter().find(|a| matches!(a, Action::WriteLeg { .. })) else {
+    let Some(Action::WriteLeg { io, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::WriteLeg { .. }))
+    else {
         panic!("expected a leg write: {actions:?}");
     };
     engine.leg_written(*io, Ok(()));
@@ -411,12 +438,18 @@ fn a_failed_journal_sync_fails_flushes_and_later_writes() {
     let actions = drain(&mut engine);
     assert!(matches!(
         &actions[0],
-        Action::Reply { request: RequestId(1), result: Err(RequestError::Failed(_)) }
+        Action::Reply {
+            request: RequestId(1),
+            result: Err(RequestError::Failed(_))
+        }
     ));
     write(&mut engine, 1, 2, 0, block(2), false);
     assert!(matches!(
         &drain(&mut engine)[0],
-        Action::Reply { request: RequestId(2), result: Err(RequestError::Failed(_)) }
+        Action::Reply {
+            request: RequestId(2),
+            result: Err(RequestError::Failed(_))
+        }
     ));
 }
 
@@ -468,7 +501,9 @@ fn a_backlog_of_unapplied_deltas_does_not_force_leg_syncs() {
     engine.leg_written(IoId(2), Ok(()));
     let actions = drain(&mut engine);
     assert!(
-        !actions.iter().any(|action| matches!(action, Action::SyncLegs { .. })),
+        !actions
+            .iter()
+            .any(|action| matches!(action, Action::SyncLegs { .. })),
         "{actions:?}"
     );
 }
