@@ -291,33 +291,36 @@ impl Checker {
         Ok(())
     }
 
-    /// After recovery: checks each volume's leg image against what was
-    /// acknowledged, then makes it the new baseline.
-    pub fn after_recovery(&mut self, legs: &[Bytes]) -> Result<(), Violation> {
-        let mut visible: Vec<Vec<u32>> = Vec::with_capacity(legs.len());
-        for (volume, image) in legs.iter().enumerate() {
-            let mut versions = Vec::with_capacity(image.len() / SECTOR_BYTES as usize);
-            for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
-                let Some(version) = decode_sector(bytes, sector as u64) else {
-                    return Err(violation(
-                        "G3",
-                        format!(
-                            "volume {volume} sector {sector} holds bytes no write put there (torn or misplaced)"
-                        ),
-                    ));
-                };
-                if version != 0 && !self.version_could_be_here(volume, sector as u64, version) {
-                    return Err(violation(
-                        "G3",
-                        format!(
-                            "volume {volume} sector {sector} holds write {version}, which never covered it"
-                        ),
-                    ));
-                }
-                versions.push(version);
+    /// Decodes a leg image into a version per sector, refusing sectors no
+    /// write could have produced there.
+    pub fn decode_image(&self, volume: usize, image: &[u8]) -> Result<Vec<u32>, Violation> {
+        let mut versions = Vec::with_capacity(image.len() / SECTOR_BYTES as usize);
+        for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
+            let Some(version) = decode_sector(bytes, sector as u64) else {
+                return Err(violation(
+                    "G3",
+                    format!(
+                        "volume {volume} sector {sector} holds bytes no write put there (torn or misplaced)"
+                    ),
+                ));
+            };
+            if version != 0 && !self.version_could_be_here(volume, sector as u64, version) {
+                return Err(violation(
+                    "G3",
+                    format!(
+                        "volume {volume} sector {sector} holds write {version}, which never covered it"
+                    ),
+                ));
             }
-            visible.push(versions);
+            versions.push(version);
         }
+        Ok(versions)
+    }
+
+    /// After recovery: checks the decoded leg images (one per volume, from
+    /// [`Checker::decode_image`]) against what was acknowledged, then makes
+    /// them the new baseline.
+    pub fn after_recovery(&mut self, visible: Vec<Vec<u32>>) -> Result<(), Violation> {
         // Each write is judged once; most sectors share their write.
         let mut judged: BTreeMap<u32, bool> = BTreeMap::new();
         let mut present = |id: u32| {
@@ -380,21 +383,19 @@ impl Checker {
     }
 
     /// At the end of a run, after the drain: the legs hold exactly the model.
-    pub fn check_final(&self, legs: &[Bytes]) -> Result<(), Violation> {
-        for (volume, image) in legs.iter().enumerate() {
-            for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
-                let found = decode_sector(bytes, sector as u64);
-                let expected = self.volumes[volume].sectors[sector];
-                if found != Some(expected) {
-                    return Err(violation(
-                        "G3",
-                        format!(
-                            "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
-                            describe(found),
-                            describe(Some(expected))
-                        ),
-                    ));
-                }
+    pub fn check_final(&self, volume: usize, image: &[u8]) -> Result<(), Violation> {
+        for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
+            let found = decode_sector(bytes, sector as u64);
+            let expected = self.volumes[volume].sectors[sector];
+            if found != Some(expected) {
+                return Err(violation(
+                    "G3",
+                    format!(
+                        "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
+                        describe(found),
+                        describe(Some(expected))
+                    ),
+                ));
             }
         }
         Ok(())

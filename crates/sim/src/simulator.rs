@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use stretch_core::{
     Action, BlockImage, BlockKey, DeltaRecord, Engine, EngineConfig, GroupId, IoId,
     JournalPosition, PlantedBug, RecoveredState, Request, RequestId, Response, Timestamp, VolumeId,
@@ -315,17 +314,24 @@ impl<'a> Simulation<'a> {
             });
             return;
         };
-        let images = read_legs(&node.legs, self.scenario.topology.volumes as usize);
-        match images {
-            Ok(images) => {
-                if let Err(violation) = self.checker.check_final(&images) {
-                    self.fail(violation);
-                }
+        debug_assert!(
+            node.engine.failure().is_none(),
+            "a drained node has not failed"
+        );
+        for volume in 0..self.scenario.topology.volumes as usize {
+            let checked = self.fs.with_content(&volume_path(volume), |image| {
+                self.checker.check_final(volume, image)
+            });
+            let result = checked.unwrap_or_else(|| {
+                Err(Violation {
+                    guarantee: "G6",
+                    detail: format!("the leg of volume {volume} is gone at the end"),
+                })
+            });
+            if let Err(violation) = result {
+                self.fail(violation);
+                return;
             }
-            Err(error) => self.fail(Violation {
-                guarantee: "G6",
-                detail: format!("cannot read legs at the end: {error}"),
-            }),
         }
     }
 
@@ -952,20 +958,30 @@ impl<'a> Simulation<'a> {
             }
         };
         if !fresh {
-            match read_legs(&legs, volumes) {
-                Ok(images) => {
-                    if let Err(violation) = self.checker.after_recovery(&images) {
+            let mut visible = Vec::with_capacity(volumes);
+            for volume in 0..volumes {
+                let decoded = self
+                    .fs
+                    .with_content(&volume_path(volume), |image| {
+                        self.checker.decode_image(volume, image)
+                    })
+                    .unwrap_or_else(|| {
+                        Err(Violation {
+                            guarantee: "G3",
+                            detail: format!("the leg of volume {volume} is gone after recovery"),
+                        })
+                    });
+                match decoded {
+                    Ok(versions) => visible.push(versions),
+                    Err(violation) => {
                         self.fail(violation);
                         return true;
                     }
                 }
-                Err(error) => {
-                    self.fail(Violation {
-                        guarantee: "G3",
-                        detail: format!("cannot read legs after recovery: {error}"),
-                    });
-                    return true;
-                }
+            }
+            if let Err(violation) = self.checker.after_recovery(visible) {
+                self.fail(violation);
+                return true;
             }
         }
         let replayed = recovery.replayed_deltas;
@@ -1000,18 +1016,6 @@ impl<'a> Simulation<'a> {
         });
         true
     }
-}
-
-fn read_legs(
-    legs: &BTreeMap<VolumeId, Leg<SimFileSystem>>,
-    volumes: usize,
-) -> Result<Vec<Bytes>, stretch_storage::LegError> {
-    (0..volumes)
-        .map(|index| {
-            let leg = &legs[&VolumeId(index as u32 + 1)];
-            leg.read(0, leg.size())
-        })
-        .collect()
 }
 
 /// Time to the next event of a Poisson process with `rate` per second.

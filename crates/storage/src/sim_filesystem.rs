@@ -59,10 +59,10 @@ struct SimFileState {
 enum PendingOp {
     Write {
         offset: usize,
+        length: usize,
         /// The bytes the write replaced, and the file length before it.
         old: Vec<u8>,
         old_len: usize,
-        data: Vec<u8>,
     },
     SetLen {
         old_len: usize,
@@ -82,9 +82,9 @@ impl SimFileState {
         self.current[offset..end].copy_from_slice(data);
         self.pending.push(PendingOp::Write {
             offset,
+            length: data.len(),
             old,
             old_len,
-            data: data.to_vec(),
         });
     }
 
@@ -100,15 +100,28 @@ impl SimFileState {
     }
 
     fn undo(&mut self, op: &PendingOp) {
+        self.undo_from(op, 0);
+    }
+
+    /// Undoes a write from byte `kept` of it on: the first `kept` bytes
+    /// stay written (a torn write), the rest is as before.
+    fn undo_from(&mut self, op: &PendingOp, kept: usize) {
         match op {
             PendingOp::Write {
                 offset,
+                length,
                 old,
                 old_len,
-                ..
             } => {
-                self.current[*offset..*offset + old.len()].copy_from_slice(old);
-                self.current.truncate(*old_len);
+                if kept < old.len() {
+                    self.current[offset + kept..offset + old.len()].copy_from_slice(&old[kept..]);
+                }
+                let landed = if kept == 0 {
+                    0
+                } else {
+                    offset + kept.min(*length)
+                };
+                self.current.truncate((*old_len).max(landed));
             }
             PendingOp::SetLen { old_len, truncated } => {
                 if truncated.is_empty() {
@@ -146,20 +159,22 @@ impl SimFileSystem {
             if keep == 0 || chooser.below(4) != 0 {
                 continue;
             }
-            // Tear the last write kept: only some of its sectors landed.
-            if let PendingOp::Write { offset, data, .. } = &pending[keep - 1]
-                && data.len() > SECTOR_BYTES
+            // Tear the last write kept: only its first sectors landed.
+            if let PendingOp::Write { length, .. } = &pending[keep - 1]
+                && *length > SECTOR_BYTES
             {
-                let sectors = data.len().div_ceil(SECTOR_BYTES) as u64;
+                let sectors = length.div_ceil(SECTOR_BYTES) as u64;
                 let kept = chooser.below(sectors) as usize * SECTOR_BYTES;
-                file.undo(&pending[keep - 1]);
-                let end = offset + kept;
-                if file.current.len() < end {
-                    file.current.resize(end, 0);
-                }
-                file.current[*offset..end].copy_from_slice(&data[..kept]);
+                file.undo_from(&pending[keep - 1], kept);
             }
         }
+    }
+
+    /// Runs `read` over a file's current content without copying it (the
+    /// simulator's checker decodes whole legs this way).
+    pub fn with_content<T>(&self, path: &Path, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        let state = self.state.lock();
+        state.files.get(path).map(|file| read(&file.current))
     }
 
     /// (bytes written, syncs) so far, for simulator statistics.
