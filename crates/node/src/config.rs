@@ -217,7 +217,7 @@ mod tests {
         let bad = DEFAULT_CONFIG.replace("site = \"a\"", "site = \"zz\"");
         let error = ClusterConfig::parse(&bad, "test").expect_err("unknown site");
         assert!(error.to_string().contains("\"zz\""), "{error}");
-        let typo = format!("{DEFAULT_CONFIG}\n[tuning]\ndelta_intervall_ms = 3\n");
+        let typo = DEFAULT_CONFIG.replace("delta_interval_ms", "delta_intervall_ms");
         let error = ClusterConfig::parse(&typo, "test").expect_err("unknown key");
         assert!(error.to_string().contains("delta_intervall_ms"), "{error}");
     }
