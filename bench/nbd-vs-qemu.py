@@ -115,6 +115,8 @@ def fio(uri, rw, bs, depth, runtime, size, workdir, time_based=True):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     with open(output) as source:
         job = json.load(source)["jobs"][0]
+    if job.get("error", 0) != 0:
+        sys.exit(f"bench: fio reported error {job['error']} against {uri}; see the server log")
     side = job["read"] if rw in ("read", "randread") else job["write"]
     percentiles = side["clat_ns"].get("percentile", {})
     return {

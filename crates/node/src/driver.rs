@@ -150,10 +150,38 @@ impl Driver {
         let (result, actions) = {
             let mut engine = self.engine.lock();
             let result = call(&mut engine);
-            (result, drain(&mut engine))
+            (result, self.drain(&mut engine))
         };
         self.execute(actions);
         result
+    }
+
+    /// Takes the engine's actions. Journal and leg actions are queued here,
+    /// under the engine lock: the engine emits them in the order the disk
+    /// must see them, and two threads each draining and then queueing
+    /// outside the lock could swap them. Replies and leg reads are returned
+    /// to run outside the lock.
+    fn drain(&self, engine: &mut Engine) -> Vec<Action> {
+        let mut rest = Vec::new();
+        while let Some(action) = engine.poll_action() {
+            match action {
+                Action::AppendJournal { record } => {
+                    self.queue_journal(JournalCommand::Append(record));
+                }
+                Action::SyncJournal { io, .. } => self.queue_journal(JournalCommand::Sync(io)),
+                Action::ReleaseJournal { upto } => {
+                    self.queue_journal(JournalCommand::Release(upto));
+                }
+                Action::WriteLeg { io, blocks, .. } => {
+                    self.queue_leg(LegCommand::Write { io, blocks });
+                }
+                Action::SyncLegs { io, volumes } => {
+                    self.queue_leg(LegCommand::Sync { io, volumes });
+                }
+                Action::Reply { .. } | Action::ReadLeg { .. } => rest.push(action),
+            }
+        }
+        rest
     }
 
     fn execute(&self, mut actions: Vec<Action>) {
@@ -175,21 +203,9 @@ impl Driver {
                         let result = self.read_leg(volume, offset, length);
                         let mut engine = self.engine.lock();
                         engine.leg_read_done(io, result);
-                        more.extend(drain(&mut engine));
+                        more.extend(self.drain(&mut engine));
                     }
-                    Action::AppendJournal { record } => {
-                        self.queue_journal(JournalCommand::Append(record));
-                    }
-                    Action::SyncJournal { io, .. } => self.queue_journal(JournalCommand::Sync(io)),
-                    Action::ReleaseJournal { upto } => {
-                        self.queue_journal(JournalCommand::Release(upto));
-                    }
-                    Action::WriteLeg { io, blocks, .. } => {
-                        self.queue_leg(LegCommand::Write { io, blocks });
-                    }
-                    Action::SyncLegs { io, volumes } => {
-                        self.queue_leg(LegCommand::Sync { io, volumes });
-                    }
+                    other => unreachable!("drain queues {other:?} itself"),
                 }
             }
             actions = more;
@@ -257,10 +273,6 @@ impl Driver {
             }
         }
     }
-}
-
-fn drain(engine: &mut Engine) -> Vec<Action> {
-    std::iter::from_fn(|| engine.poll_action()).collect()
 }
 
 fn journal_loop(
