@@ -346,3 +346,57 @@ fn fio_randwrite_verify() {
         );
     }
 }
+
+/// One-block deltas and a 1 ms interval make every write close a delta, so
+/// several threads (NBD tasks on both runtime workers, the timer, the I/O
+/// threads) hand journal appends to the journal thread at once. They must
+/// still reach it in position order: a swap once made the journal refuse
+/// an append and the node stop taking writes under sequential load.
+#[test]
+fn concurrent_writers_closing_deltas_keep_the_journal_in_order() {
+    require_tool("fio");
+    let tuning = r#"delta_interval_ms = 1
+delta_max_bytes = "4K"
+cache_bytes_max = "24M"
+journal_checkpoint_bytes = "1M"
+journal_segment_bytes = "1M"
+nbd_request_bytes_max = "4M"
+nbd_in_flight_per_connection = 128
+"#;
+    let node = TestNode::start_with_tuning(tuning);
+    node.create_volume("busy", "64M");
+    let scratch = node.scratch();
+    let output = scratch.join("fio.json");
+    let mut command = Command::new("fio");
+    command
+        .current_dir(&scratch)
+        .args([
+            "--name=busy",
+            "--ioengine=nbd",
+            &format!("--uri={}", node.uri("busy")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64m",
+            "--iodepth=32",
+            "--numjobs=4",
+            "--time_based",
+            "--runtime=4",
+            "--output-format=json",
+        ])
+        .arg(format!("--output={}", output.display()));
+    let result = run(&mut command, None, COMMAND_TIMEOUT);
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(result.success(), "fio failed: {result}\n{text}\n{}", node.log());
+    let report: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
+    for job in report["jobs"].as_array().expect("fio report has jobs") {
+        assert_eq!(job["error"].as_u64(), Some(0), "fio job error: {job}");
+        assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{job}");
+    }
+    let status = node.status();
+    assert!(
+        status["failure"].is_null(),
+        "the node failed: {status}\n{}",
+        node.log()
+    );
+}
