@@ -386,7 +386,11 @@ nbd_in_flight_per_connection = 128
         .arg(format!("--output={}", output.display()));
     let result = run(&mut command, None, COMMAND_TIMEOUT);
     let text = std::fs::read_to_string(&output).unwrap_or_default();
-    assert!(result.success(), "fio failed: {result}\n{text}\n{}", node.log());
+    assert!(
+        result.success(),
+        "fio failed: {result}\n{text}\n{}",
+        node.log()
+    );
     let report: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
     for job in report["jobs"].as_array().expect("fio report has jobs") {

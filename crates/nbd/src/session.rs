@@ -478,8 +478,16 @@ async fn read_header<R: AsyncRead + Unpin>(
 /// Reads a WRITE payload whose length has already been checked against
 /// `max_request_bytes`.
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(length as usize);
-    reader.read_exact(&mut buf).await?;
+    // Filled straight from the socket: zeroing it first would touch every
+    // byte of a large write twice.
+    let length = length as usize;
+    let mut buf = BytesMut::with_capacity(length);
+    while buf.len() < length {
+        let mut limited = (&mut *reader).take((length - buf.len()) as u64);
+        if limited.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
     Ok(buf.freeze())
 }
 

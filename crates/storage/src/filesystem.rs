@@ -28,6 +28,11 @@ pub trait StorageFile: Send + Sync + 'static {
     /// Reads exactly `buf.len()` bytes at `offset`; past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the concatenation of `parts` at `offset`. Files that can
+    /// gather (pwritev) avoid copying the parts into one buffer first.
+    fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_all_at(&parts.concat(), offset)
+    }
     /// Makes every write so far durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -90,6 +95,41 @@ impl StorageFile for std::fs::File {
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+    }
+
+    fn write_all_vectored_at(&self, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+        // The kernel takes at most IOV_MAX (1024 on Linux) slices per call.
+        const SLICES_PER_CALL: usize = 1024;
+        let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+        let mut first = 0;
+        while first < parts.len() {
+            let last = (first + SLICES_PER_CALL).min(parts.len());
+            let slices: Vec<io::IoSlice<'_>> = parts[first..last]
+                .iter()
+                .map(|part| io::IoSlice::new(part))
+                .collect();
+            let mut written =
+                rustix::io::pwritev(self, &slices, offset).map_err(io::Error::from)?;
+            if written == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
+            }
+            offset += written as u64;
+            // Skip what went down, possibly ending inside a part.
+            while written > 0 {
+                let part = parts[first];
+                if written >= part.len() {
+                    written -= part.len();
+                    first += 1;
+                } else {
+                    parts[first] = &part[written..];
+                    written = 0;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {

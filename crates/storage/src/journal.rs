@@ -140,16 +140,18 @@ impl<F: FileSystem> Journal<F> {
         if needs_roll {
             self.roll()?;
         }
-        let encoded = encode_record(record);
+        let meta = record_meta(record);
+        let parts = record_parts(record, &meta);
+        let length: usize = parts.iter().map(|part| part.len()).sum();
         let segment = self
             .segments
             .back_mut()
             .expect("journal invariant: there is always an active segment");
         segment
             .file
-            .write_all_at(&encoded, segment.len)
+            .write_all_vectored_at(&parts, segment.len)
             .map_err(io_error(&segment.path))?;
-        segment.len += encoded.len() as u64;
+        segment.len += length as u64;
         segment.last_position = record.position.0;
         segment.unsynced = true;
         segment.holds_records = true;
@@ -411,6 +413,13 @@ pub(crate) fn read_records<F: FileSystem, E: From<JournalError>>(
 
 /// Encodes a record with its framing header and checksum.
 pub fn encode_record(record: &DeltaRecord) -> Vec<u8> {
+    let meta = record_meta(record);
+    record_parts(record, &meta).concat()
+}
+
+/// The record's headers, checksum included: the framing and fixed body
+/// fields, then each block's header. Block data stays where it is.
+fn record_meta(record: &DeltaRecord) -> Vec<u8> {
     let data_blocks = record
         .blocks
         .iter()
@@ -418,29 +427,48 @@ pub fn encode_record(record: &DeltaRecord) -> Vec<u8> {
         .count();
     let body_len =
         BODY_FIXED_BYTES + record.blocks.len() * BLOCK_HEADER_BYTES + data_blocks * BLOCK_SIZE;
-    let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + body_len);
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(body_len as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&record.position.0.to_le_bytes());
-    out.extend_from_slice(&record.group.0.to_le_bytes());
-    out.extend_from_slice(&record.epoch.0.to_le_bytes());
-    out.extend_from_slice(&record.seq.0.to_le_bytes());
-    out.extend_from_slice(&(record.blocks.len() as u32).to_le_bytes());
+    let mut meta = Vec::with_capacity(
+        RECORD_HEADER_BYTES + BODY_FIXED_BYTES + record.blocks.len() * BLOCK_HEADER_BYTES,
+    );
+    meta.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+    meta.extend_from_slice(&(body_len as u32).to_le_bytes());
+    meta.extend_from_slice(&[0; 4]);
+    meta.extend_from_slice(&record.position.0.to_le_bytes());
+    meta.extend_from_slice(&record.group.0.to_le_bytes());
+    meta.extend_from_slice(&record.epoch.0.to_le_bytes());
+    meta.extend_from_slice(&record.seq.0.to_le_bytes());
+    meta.extend_from_slice(&(record.blocks.len() as u32).to_le_bytes());
     for (key, image) in &record.blocks {
-        out.extend_from_slice(&key.volume.0.to_le_bytes());
-        out.extend_from_slice(&key.block.to_le_bytes());
-        match image {
-            BlockImage::Data(data) => {
-                out.push(KIND_DATA);
-                out.extend_from_slice(data);
-            }
-            BlockImage::Zero => out.push(KIND_ZERO),
+        meta.extend_from_slice(&key.volume.0.to_le_bytes());
+        meta.extend_from_slice(&key.block.to_le_bytes());
+        meta.push(match image {
+            BlockImage::Data(_) => KIND_DATA,
+            BlockImage::Zero => KIND_ZERO,
+        });
+    }
+    let crc = record_parts(record, &meta)
+        .iter()
+        .skip(1)
+        .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
+    meta[8..12].copy_from_slice(&crc.to_le_bytes());
+    meta
+}
+
+/// The record as the pieces laid end to end on disk: the first piece is the
+/// 12-byte framing header, the rest is the checksummed body.
+fn record_parts<'a>(record: &'a DeltaRecord, meta: &'a [u8]) -> Vec<&'a [u8]> {
+    let fixed_end = RECORD_HEADER_BYTES + BODY_FIXED_BYTES;
+    let mut parts = Vec::with_capacity(2 + record.blocks.len() * 2);
+    parts.push(&meta[..RECORD_HEADER_BYTES]);
+    parts.push(&meta[RECORD_HEADER_BYTES..fixed_end]);
+    for (index, (_, image)) in record.blocks.iter().enumerate() {
+        let at = fixed_end + index * BLOCK_HEADER_BYTES;
+        parts.push(&meta[at..at + BLOCK_HEADER_BYTES]);
+        if let BlockImage::Data(data) = image {
+            parts.push(data);
         }
     }
-    let crc = crc32c::crc32c(&out[RECORD_HEADER_BYTES..]);
-    out[8..12].copy_from_slice(&crc.to_le_bytes());
-    out
+    parts
 }
 
 /// Decodes a record body (after its checksum was verified). Every length is

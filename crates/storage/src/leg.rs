@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 use stretch_core::{BLOCK_SIZE, BlockImage};
 
+/// What a zeroed block writes.
+static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
 use crate::filesystem::{FileSystem, StorageFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +100,12 @@ impl<F: FileSystem> Leg<F> {
     }
 
     /// Writes blocks (sorted by block number); runs of adjacent blocks go
-    /// down as one write.
+    /// down as one gathered write, without copying the blocks.
     pub fn apply<'a>(
         &self,
         blocks: impl IntoIterator<Item = (u64, &'a BlockImage)>,
     ) -> Result<(), LegError> {
-        let block_bytes = BLOCK_SIZE as u64;
-        let mut run: Vec<u8> = Vec::new();
+        let mut run: Vec<&[u8]> = Vec::new();
         let mut run_start = 0u64;
         let mut run_next = 0u64;
         for (block, image) in blocks {
@@ -114,16 +116,15 @@ impl<F: FileSystem> Leg<F> {
             if run.is_empty() {
                 run_start = block;
             }
-            match image {
-                BlockImage::Data(data) => run.extend_from_slice(data),
-                BlockImage::Zero => run.resize(run.len() + BLOCK_SIZE, 0),
-            }
+            run.push(match image {
+                BlockImage::Data(data) => data,
+                BlockImage::Zero => &ZERO_BLOCK,
+            });
             run_next = block + 1;
         }
         if !run.is_empty() {
             self.write_run(run_start, &run)?;
         }
-        debug_assert!(run_next * block_bytes <= self.size || run_next == 0);
         Ok(())
     }
 
@@ -132,16 +133,17 @@ impl<F: FileSystem> Leg<F> {
         self.file.sync_data().map_err(|source| self.error(source))
     }
 
-    fn write_run(&self, first_block: u64, data: &[u8]) -> Result<(), LegError> {
+    fn write_run(&self, first_block: u64, blocks: &[&[u8]]) -> Result<(), LegError> {
         let offset = first_block * BLOCK_SIZE as u64;
-        if offset + data.len() as u64 > self.size {
+        let length = blocks.len() as u64 * BLOCK_SIZE as u64;
+        if offset + length > self.size {
             return Err(self.error(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("write at {offset}+{} past the end", data.len()),
+                format!("write at {offset}+{length} past the end"),
             )));
         }
         self.file
-            .write_all_at(data, offset)
+            .write_all_vectored_at(blocks, offset)
             .map_err(|source| self.error(source))
     }
 
