@@ -357,24 +357,8 @@ fn apply_blocks(
     driver: &Driver,
     blocks: &[(stretch_core::BlockKey, stretch_core::BlockImage)],
 ) -> Result<(), String> {
-    let mut start = 0;
-    while start < blocks.len() {
-        let volume = blocks[start].0.volume;
-        let end = blocks[start..]
-            .iter()
-            .position(|(key, _)| key.volume != volume)
-            .map_or(blocks.len(), |offset| start + offset);
-        let leg = driver.legs.read().get(&volume).cloned();
-        // A volume deleted after its delta closed has no leg to write.
-        if let Some(leg) = leg {
-            let run = blocks[start..end]
-                .iter()
-                .map(|(key, image)| (key.block, image));
-            leg.apply(run).map_err(|error| error.to_string())?;
-        }
-        start = end;
-    }
-    Ok(())
+    stretch_storage::apply_to_legs(blocks, |volume| driver.legs.read().get(&volume).cloned())
+        .map_err(|error| error.to_string())
 }
 
 /// Where a node keeps its files.

@@ -11,7 +11,7 @@ use stretch_core::{
     JournalPosition, PlantedBug, RecoveredState, Request, RequestId, Response, Timestamp, VolumeId,
     VolumeSpec,
 };
-use stretch_storage::{Journal, Leg, SimFileSystem, recover};
+use stretch_storage::{Journal, Leg, SimFileSystem, apply_to_legs, recover};
 
 use crate::checker::{Checker, SECTOR_BYTES, Tracked, Violation, WriteKind, payload};
 use crate::rng::SimRng;
@@ -354,23 +354,21 @@ impl<'a> Simulation<'a> {
     }
 
     fn schedule_next_crash(&mut self) {
-        let rate = self.scenario.faults.crash_per_second;
-        if rate <= 0.0 {
-            return;
-        }
-        let gap = exponential(&mut self.rng, rate);
-        let at = self.now + gap;
-        self.schedule(at, Event::Crash);
+        self.schedule_poisson(self.scenario.faults.crash_per_second, Event::Crash);
     }
 
     fn schedule_next_sync_failure(&mut self) {
         let rate = self.scenario.faults.fsync_failure_per_second;
-        if rate <= 0.0 {
+        self.schedule_poisson(rate, Event::SyncFailureStart);
+    }
+
+    /// Schedules the next event of a Poisson process (none at rate 0).
+    fn schedule_poisson(&mut self, rate_per_second: f64, event: Event) {
+        if rate_per_second <= 0.0 {
             return;
         }
-        let gap = exponential(&mut self.rng, rate);
-        let at = self.now + gap;
-        self.schedule(at, Event::SyncFailureStart);
+        let at = self.now + exponential(&mut self.rng, rate_per_second);
+        self.schedule(at, event);
     }
 
     fn disk_latency(&mut self) -> u64 {
@@ -822,22 +820,9 @@ impl<'a> Simulation<'a> {
             .expect("simulator invariant: a leg completion has an operation");
         match op {
             LegOp::Write(io, blocks) => {
-                let mut result = Ok(());
-                let mut start = 0;
-                while start < blocks.len() && result.is_ok() {
-                    let volume = blocks[start].0.volume;
-                    let end = blocks[start..]
-                        .iter()
-                        .position(|(key, _)| key.volume != volume)
-                        .map_or(blocks.len(), |offset| start + offset);
-                    if let Some(leg) = node.legs.get(&volume) {
-                        let run = blocks[start..end]
-                            .iter()
-                            .map(|(key, image)| (key.block, image));
-                        result = leg.apply(run).map_err(|error| error.to_string());
-                    }
-                    start = end;
-                }
+                let legs = &node.legs;
+                let result = apply_to_legs(&blocks, |volume| legs.get(&volume))
+                    .map_err(|error| error.to_string());
                 let ok = result.is_ok();
                 node.engine.leg_written(io, result);
                 self.trace.record(self.now, &[13, io.0, ok as u64], || {

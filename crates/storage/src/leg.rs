@@ -4,7 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
-use stretch_core::{BLOCK_SIZE, BlockImage};
+use stretch_core::{BLOCK_SIZE, BlockImage, BlockKey, VolumeId};
 
 /// What a zeroed block writes.
 static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
@@ -153,4 +153,23 @@ impl<F: FileSystem> Leg<F> {
             source,
         }
     }
+}
+
+/// Writes a delta's blocks (sorted by key, as deltas hold them) to the legs
+/// of their volumes, one gathered run at a time. `leg_of` finds a volume's
+/// leg; a volume without one (deleted after the delta closed) is skipped.
+pub fn apply_to_legs<F, L>(
+    blocks: &[(BlockKey, BlockImage)],
+    mut leg_of: impl FnMut(VolumeId) -> Option<L>,
+) -> Result<(), LegError>
+where
+    F: FileSystem,
+    L: std::ops::Deref<Target = Leg<F>>,
+{
+    for run in blocks.chunk_by(|(a, _), (b, _)| a.volume == b.volume) {
+        if let Some(leg) = leg_of(run[0].0.volume) {
+            leg.apply(run.iter().map(|(key, image)| (key.block, image)))?;
+        }
+    }
+    Ok(())
 }

@@ -18,6 +18,6 @@ mod sim_filesystem;
 pub use catalog::{Catalog, CatalogError, VolumeRecord, validate_volume_name};
 pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
-pub use leg::{Leg, LegError};
+pub use leg::{Leg, LegError, apply_to_legs};
 pub use recovery::{Recovery, RecoveryError, recover};
 pub use sim_filesystem::{CrashChooser, SimFileSystem};

@@ -8,7 +8,7 @@ use stretch_core::{DeltaSeq, GroupId, JournalPosition, VolumeId};
 
 use crate::filesystem::FileSystem;
 use crate::journal::{JournalError, find_segments, read_records};
-use crate::leg::{Leg, LegError};
+use crate::leg::{Leg, LegError, apply_to_legs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -88,14 +88,12 @@ pub fn recover<F: FileSystem>(
                 ));
                 return Ok(());
             }
-            for (volume, blocks) in by_volume(&record.blocks) {
-                // Records of a deleted volume have no leg to land on.
-                let Some(leg) = legs.get(&volume) else {
-                    continue;
-                };
-                leg.apply(blocks)?;
+            // Records of a deleted volume have no leg to land on.
+            apply_to_legs(&record.blocks, |volume| {
+                let leg = legs.get(&volume)?;
                 touched.insert(volume);
-            }
+                Some(leg)
+            })?;
             recovery.replayed_deltas += 1;
             recovery.replayed_blocks += record.blocks.len() as u64;
             let next = DeltaSeq(record.seq.0 + 1);
@@ -113,18 +111,4 @@ pub fn recover<F: FileSystem>(
     }
     recovery.next_position = JournalPosition(expected.unwrap_or(1).max(1));
     Ok(recovery)
-}
-
-/// Splits a record's sorted blocks into per-volume runs.
-fn by_volume(
-    blocks: &[(stretch_core::BlockKey, stretch_core::BlockImage)],
-) -> Vec<(VolumeId, Vec<(u64, &stretch_core::BlockImage)>)> {
-    let mut out: Vec<(VolumeId, Vec<(u64, &stretch_core::BlockImage)>)> = Vec::new();
-    for (key, image) in blocks {
-        match out.last_mut() {
-            Some((volume, list)) if *volume == key.volume => list.push((key.block, image)),
-            _ => out.push((key.volume, vec![(key.block, image)])),
-        }
-    }
-    out
 }
