@@ -396,3 +396,40 @@ fn stretch_up_serves_and_stops_cleanly() {
         "the leg after a clean stop"
     );
 }
+
+/// `stretch init` makes the cluster CA and node certificates once, keeps
+/// them on a second run, and refuses a place it cannot write.
+#[test]
+fn init_creates_the_cluster_pki_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki_arg = pki.to_str().expect("utf-8 path");
+    let first = run(
+        Command::new(STRETCH).args(["init", "--dir", pki_arg]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    first.assert_ok();
+    assert!(first.stdout.contains("cluster CA created"), "{first}");
+    assert!(
+        first.stdout.contains("certificate created for node a1"),
+        "{first}"
+    );
+    let ca = std::fs::read(pki.join("ca.pem")).expect("ca.pem");
+    let second = run(
+        Command::new(STRETCH).args(["init", "--dir", pki_arg]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    second.assert_ok();
+    assert!(second.stdout.contains("cluster CA kept"), "{second}");
+    assert_eq!(std::fs::read(pki.join("ca.pem")).expect("ca.pem"), ca);
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"not a directory").expect("write");
+    let refused = run(
+        Command::new(STRETCH).args(["init", "--dir", blocked.to_str().expect("utf-8")]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert_one_line_error(&refused, &["a-file"]);
+}

@@ -57,6 +57,15 @@ enum Command {
         #[arg(long, default_value = "stretch-data")]
         data_dir: PathBuf,
     },
+    /// Create the cluster CA and a certificate for every node of a config
+    /// (only what is missing; existing keys are never replaced).
+    Init {
+        /// Cluster config (TOML); the embedded single-site config if absent.
+        config: Option<PathBuf>,
+        /// Where the CA and node certificates go.
+        #[arg(long, default_value = "stretch-data/pki")]
+        dir: PathBuf,
+    },
     /// Create, list, show and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -93,10 +102,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("stretch: {error:#}");
+            eprintln!("stretch: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the
+/// message already quotes (typed errors often embed their source).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -122,6 +145,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             serve(data_dir, move |data_dir, shutdown| async move {
                 stretch_node::run_node(&config, &node, &data_dir, shutdown).await
             })
+        }
+        Command::Init { config, dir } => {
+            let config = match config {
+                Some(path) => ClusterConfig::load(&path)?,
+                None => ClusterConfig::embedded_default(),
+            };
+            let nodes: Vec<&str> = config.nodes.iter().map(|node| node.name.as_str()).collect();
+            let report = stretch_transport::init(&dir, &config.cluster.name, &nodes)?;
+            let ca = if report.ca_created { "created" } else { "kept" };
+            println!("cluster CA {ca} in {}", dir.display());
+            for node in &report.nodes_created {
+                println!("certificate created for node {node}");
+            }
+            for node in &report.nodes_kept {
+                println!("certificate kept for node {node}");
+            }
+            Ok(())
         }
         Command::Volume(command) => volume(&AdminClient::new(&cli.admin), command),
         Command::Status => status(&AdminClient::new(&cli.admin)),

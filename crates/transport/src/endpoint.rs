@@ -1,0 +1,145 @@
+//! A node's QUIC endpoint: it accepts connections from peers and opens them
+//! to peers, both ways with mutual TLS against the cluster CA. A peer whose
+//! certificate does not chain to the CA is refused during the handshake,
+//! whichever side it is on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::ServerName;
+
+use crate::pki::NodeIdentity;
+
+/// Application protocol name negotiated over TLS.
+pub const ALPN: &[u8] = b"stretch/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC crypto configuration: {0}")]
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("cannot bind {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a valid peer name")]
+    BadPeerName(String),
+    #[error("cannot connect to {peer} at {address}: {source}")]
+    Connect {
+        peer: String,
+        address: SocketAddr,
+        #[source]
+        source: quinn::ConnectError,
+    },
+    #[error("connection to {peer} at {address} failed: {source}")]
+    Connection {
+        peer: String,
+        address: SocketAddr,
+        #[source]
+        source: quinn::ConnectionError,
+    },
+}
+
+/// A node's endpoint between sites.
+#[derive(Debug)]
+pub struct PeerEndpoint {
+    endpoint: quinn::Endpoint,
+    name: String,
+}
+
+impl PeerEndpoint {
+    /// Binds a UDP socket at `address` serving and dialling as `identity`.
+    pub fn bind(identity: &NodeIdentity, address: SocketAddr) -> Result<Self, EndpointError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        roots.add(identity.ca.clone())?;
+        let roots = Arc::new(roots);
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(vec![identity.certificate.clone()], identity.key.clone_key())?;
+        server_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let server_config =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
+
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![identity.certificate.clone()], identity.key.clone_key())?;
+        client_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let client_config =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+
+        let mut endpoint = quinn::Endpoint::server(server_config, address)
+            .map_err(|source| EndpointError::Bind { address, source })?;
+        endpoint.set_default_client_config(client_config);
+        Ok(PeerEndpoint {
+            endpoint,
+            name: identity.name.clone(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens a connection to the node `peer` at `address`; its certificate
+    /// must chain to the cluster CA and name `peer`.
+    pub async fn connect(
+        &self,
+        peer: &str,
+        address: SocketAddr,
+    ) -> Result<quinn::Connection, EndpointError> {
+        ServerName::try_from(peer.to_string())
+            .map_err(|_| EndpointError::BadPeerName(peer.to_string()))?;
+        let connecting =
+            self.endpoint
+                .connect(address, peer)
+                .map_err(|source| EndpointError::Connect {
+                    peer: peer.to_string(),
+                    address,
+                    source,
+                })?;
+        connecting
+            .await
+            .map_err(|source| EndpointError::Connection {
+                peer: peer.to_string(),
+                address,
+                source,
+            })
+    }
+
+    /// Waits for the next peer to connect. A peer that fails the mutual
+    /// TLS handshake is logged and skipped; None once the endpoint closed.
+    pub async fn accept(&self) -> Option<quinn::Connection> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => return Some(connection),
+                Err(error) => {
+                    tracing::warn!(%remote, %error, "refused a peer that failed the cluster handshake");
+                }
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}

@@ -1,0 +1,11 @@
+//! Links between stretch nodes: the cluster CA (`stretch init`) and QUIC
+//! endpoints that speak mutual TLS against it.
+//!
+//! This is the transport foundation of the multi-site data plane; delta
+//! shipping, remote reads and the link shaper build on [`PeerEndpoint`].
+
+mod endpoint;
+mod pki;
+
+pub use endpoint::{ALPN, EndpointError, PeerEndpoint};
+pub use pki::{InitReport, NodeIdentity, PkiError, init};

@@ -1,0 +1,151 @@
+//! Two nodes of one cluster talk; a node with a certificate from another
+//! CA is refused whether it dials or is dialled.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use stretch_transport::{NodeIdentity, PeerEndpoint, init};
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("address")
+}
+
+/// Runs `future` on a fresh runtime with a time limit.
+fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), future)
+                .await
+                .expect("test timed out")
+        })
+}
+
+#[test]
+fn init_creates_then_keeps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    assert!(first.ca_created);
+    assert_eq!(first.nodes_created, vec!["a1", "b1"]);
+    let ca = std::fs::read(dir.path().join("ca.pem")).expect("ca");
+    let again = init(dir.path(), "test", &["a1", "b1", "w1"]).expect("init again");
+    assert!(!again.ca_created);
+    assert_eq!(again.nodes_created, vec!["w1"]);
+    assert_eq!(again.nodes_kept, vec!["a1", "b1"]);
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).expect("ca"), ca);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("a1.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "private keys are private");
+    assert!(init(dir.path(), "test", &["bad name"]).is_err());
+}
+
+#[test]
+fn members_exchange_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    run(async {
+        let a = PeerEndpoint::bind(
+            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
+            loopback(),
+        )
+        .expect("bind a1");
+        let b = PeerEndpoint::bind(
+            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
+            loopback(),
+        )
+        .expect("bind b1");
+        let b_address = b.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let connection = b.accept().await.expect("a1 connects");
+            let (mut send, mut receive) = connection.accept_bi().await.expect("stream");
+            let message = receive.read_to_end(1024).await.expect("read");
+            send.write_all(&message).await.expect("echo");
+            send.finish().expect("finish");
+            connection.closed().await;
+        });
+        let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+        let (mut send, mut receive) = connection.open_bi().await.expect("stream");
+        send.write_all(b"delta 1").await.expect("write");
+        send.finish().expect("finish");
+        let echo = receive.read_to_end(1024).await.expect("echo");
+        assert_eq!(echo, b"delta 1");
+        connection.close(0u32.into(), b"done");
+        server.await.expect("server task");
+    });
+}
+
+/// Accepts connections on `endpoint` forever, counting the ones that
+/// completed the handshake.
+fn count_accepted(
+    endpoint: std::sync::Arc<PeerEndpoint>,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Some(connection) = endpoint.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(connection);
+        }
+    });
+    accepted
+}
+
+#[test]
+fn a_stranger_is_refused_both_ways() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let cluster = tempfile::tempdir().expect("tempdir");
+    let other = tempfile::tempdir().expect("tempdir");
+    init(cluster.path(), "test", &["a1", "b1"]).expect("init");
+    // Same node name, same cluster name, different CA.
+    init(other.path(), "test", &["b1"]).expect("init other");
+    run(async {
+        let member = Arc::new(
+            PeerEndpoint::bind(
+                &NodeIdentity::load(cluster.path(), "a1").expect("a1"),
+                loopback(),
+            )
+            .expect("bind"),
+        );
+        let stranger = Arc::new(
+            PeerEndpoint::bind(
+                &NodeIdentity::load(other.path(), "b1").expect("stranger"),
+                loopback(),
+            )
+            .expect("bind"),
+        );
+        let member_address = member.local_addr().expect("address");
+        let stranger_address = stranger.local_addr().expect("address");
+        let member_accepted = count_accepted(member.clone());
+        let stranger_accepted = count_accepted(stranger.clone());
+
+        // The member dials the stranger: the stranger's server certificate
+        // does not chain to the cluster CA.
+        let dialled = member.connect("b1", stranger_address).await;
+        assert!(dialled.is_err(), "connected to a stranger");
+
+        // The stranger dials the member: its client certificate is refused.
+        // TLS 1.3 can complete on the client before the server has checked
+        // the client certificate, so the connection may open and then die.
+        if let Ok(connection) = stranger.connect("a1", member_address).await {
+            let error = connection.closed().await;
+            assert!(
+                !matches!(error, quinn::ConnectionError::LocallyClosed),
+                "the member closed nothing; the connection died of {error}"
+            );
+        }
+        assert_eq!(
+            member_accepted.load(Ordering::SeqCst),
+            0,
+            "the member let a stranger in"
+        );
+        assert_eq!(stranger_accepted.load(Ordering::SeqCst), 0);
+    });
+}
