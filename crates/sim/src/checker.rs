@@ -74,6 +74,8 @@ struct VolumeModel {
     /// The versions recovered at the last restart (zeros at first): what a
     /// sector may fall back to when every later write to it was lost.
     baseline: Vec<u32>,
+    /// Acknowledged writes no flush has covered yet, in answer order.
+    undurable: std::collections::VecDeque<u32>,
 }
 
 /// A request as the checker tracks it.
@@ -119,6 +121,7 @@ impl Checker {
                     group: *group,
                     sectors: vec![0; sectors],
                     baseline: vec![0; sectors],
+                    undurable: std::collections::VecDeque::new(),
                 })
                 .collect(),
             writes: BTreeMap::new(),
@@ -226,6 +229,9 @@ impl Checker {
                 write.durable = fua;
                 let version = if write.kind == WriteKind::Data { id } else { 0 };
                 let model = &mut self.volumes[write.volume];
+                if !fua {
+                    model.undurable.push_back(id);
+                }
                 for sector in write.first..write.first + write.count {
                     model.sectors[sector as usize] = version;
                     self.maybe.remove(&(write.volume, sector));
@@ -235,14 +241,18 @@ impl Checker {
             Tracked::Flush { volume, issued } => {
                 if ok {
                     // NBD: a flush covers every write completed before it
-                    // was sent.
-                    for write in self.writes.values_mut() {
-                        if write.volume == volume
-                            && write.ok
-                            && write.answered.is_some_and(|at| at <= issued)
-                        {
-                            write.durable = true;
+                    // was sent (the queue is in answer order).
+                    let undurable = &mut self.volumes[volume].undurable;
+                    while let Some(id) = undurable.front().copied() {
+                        let write = self
+                            .writes
+                            .get_mut(&id)
+                            .expect("checker invariant: queued writes are recorded");
+                        if write.answered.is_none_or(|at| at > issued) {
+                            break;
                         }
+                        write.durable = true;
+                        undurable.pop_front();
                     }
                 }
                 Ok(())
@@ -376,6 +386,7 @@ impl Checker {
         for (volume, versions) in visible.into_iter().enumerate() {
             self.volumes[volume].baseline = versions.clone();
             self.volumes[volume].sectors = versions;
+            self.volumes[volume].undurable.clear();
         }
         self.writes.clear();
         self.maybe.clear();

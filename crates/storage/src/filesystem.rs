@@ -27,6 +27,12 @@ pub trait FileSystem: Send + Sync + 'static {
 pub trait StorageFile: Send + Sync + 'static {
     /// Reads exactly `buf.len()` bytes at `offset`; past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `length` bytes at `offset` into a new buffer.
+    fn read_bytes_at(&self, offset: u64, length: usize) -> io::Result<bytes::Bytes> {
+        let mut buffer = bytes::BytesMut::zeroed(length);
+        self.read_exact_at(&mut buffer, offset)?;
+        Ok(buffer.freeze())
+    }
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// Writes the concatenation of `parts` at `offset`. Files that can
     /// gather (pwritev) avoid copying the parts into one buffer first.

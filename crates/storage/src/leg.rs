@@ -3,7 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use stretch_core::{BLOCK_SIZE, BlockImage, BlockKey, VolumeId};
 
 /// What a zeroed block writes.
@@ -92,11 +92,9 @@ impl<F: FileSystem> Leg<F> {
     }
 
     pub fn read(&self, offset: u64, length: u64) -> Result<Bytes, LegError> {
-        let mut buffer = BytesMut::zeroed(length as usize);
         self.file
-            .read_exact_at(&mut buffer, offset)
-            .map_err(|source| self.error(source))?;
-        Ok(buffer.freeze())
+            .read_bytes_at(offset, length as usize)
+            .map_err(|source| self.error(source))
     }
 
     /// Writes blocks (sorted by block number); runs of adjacent blocks go

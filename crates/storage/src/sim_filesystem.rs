@@ -72,17 +72,27 @@ enum PendingOp {
 }
 
 impl SimFileState {
-    fn write(&mut self, offset: usize, data: &[u8]) {
+    /// Writes the concatenation of `parts` at `offset`, keeping the bytes
+    /// it replaces for a crash to restore.
+    fn write(&mut self, offset: usize, parts: &[&[u8]]) {
+        let length: usize = parts.iter().map(|part| part.len()).sum();
         let old_len = self.current.len();
-        let end = offset + data.len();
+        let end = offset + length;
         let old = self.current[offset.min(old_len)..end.min(old_len)].to_vec();
-        if self.current.len() < end {
-            self.current.resize(end, 0);
+        if offset > old_len {
+            self.current.resize(offset, 0);
         }
-        self.current[offset..end].copy_from_slice(data);
+        let mut at = offset;
+        for part in parts {
+            // Overwrite what exists, append the rest (no zero fill first).
+            let overlap = part.len().min(self.current.len().saturating_sub(at));
+            self.current[at..at + overlap].copy_from_slice(&part[..overlap]);
+            self.current.extend_from_slice(&part[overlap..]);
+            at += part.len();
+        }
         self.pending.push(PendingOp::Write {
             offset,
-            length: data.len(),
+            length,
             old,
             old_len,
         });
@@ -230,8 +240,32 @@ impl StorageFile for SimFile {
         self.with(|state, path| {
             state.bytes_written += data.len() as u64;
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
-            file.write(offset as usize, data);
+            file.write(offset as usize, &[data]);
             Ok(())
+        })
+    }
+
+    fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.with(|state, path| {
+            state.bytes_written += parts.iter().map(|part| part.len() as u64).sum::<u64>();
+            let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
+            file.write(offset as usize, parts);
+            Ok(())
+        })
+    }
+
+    fn read_bytes_at(&self, offset: u64, length: usize) -> io::Result<bytes::Bytes> {
+        self.with(|state, path| {
+            let file = state.files.get(path).ok_or_else(|| not_found(path))?;
+            let start = offset as usize;
+            let end = start + length;
+            if end > file.current.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past end of file",
+                ));
+            }
+            Ok(bytes::Bytes::copy_from_slice(&file.current[start..end]))
         })
     }
 
