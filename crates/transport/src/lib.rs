@@ -5,7 +5,9 @@
 //! shipping, remote reads and the link shaper build on [`PeerEndpoint`].
 
 mod endpoint;
+mod framing;
 mod pki;
 
 pub use endpoint::{ALPN, EndpointError, PeerEndpoint};
+pub use framing::{FrameError, read_message, write_message};
 pub use pki::{InitReport, NodeIdentity, PkiError, init};

@@ -149,3 +149,88 @@ fn a_stranger_is_refused_both_ways() {
         assert_eq!(stranger_accepted.load(Ordering::SeqCst), 0);
     });
 }
+
+/// A delta crosses an authenticated link as a validated message; a
+/// malformed frame on another stream ends only that stream with an error,
+/// and the connection keeps carrying messages.
+#[test]
+fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
+    use stretch_transport::{FrameError, read_message, write_message};
+    use stretch_wire::PeerMessage;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    run(async {
+        let a = PeerEndpoint::bind(
+            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
+            loopback(),
+        )
+        .expect("bind a1");
+        let b = PeerEndpoint::bind(
+            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
+            loopback(),
+        )
+        .expect("bind b1");
+        let b_address = b.local_addr().expect("address");
+        let receiver = tokio::spawn(async move {
+            let connection = b.accept().await.expect("a1 connects");
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                let mut stream = connection.accept_uni().await.expect("stream");
+                let mut messages = Vec::new();
+                let ended = loop {
+                    match read_message(&mut stream).await {
+                        Ok(Some(message)) => messages.push(message),
+                        Ok(None) => break None,
+                        Err(error) => break Some(error),
+                    }
+                };
+                outcomes.push((messages, ended));
+            }
+            outcomes
+        });
+        let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+        let delta = PeerMessage::Delta {
+            group: 1,
+            epoch: 1,
+            seq: 7,
+            blocks: vec![stretch_wire::WireBlock {
+                volume: 1,
+                block: 3,
+                data: Some(vec![0x5a; stretch_core::BLOCK_SIZE]),
+            }],
+        };
+        // Stream 1: two good messages.
+        let mut good = connection.open_uni().await.expect("stream");
+        write_message(&mut good, &delta).await.expect("write");
+        let ack = PeerMessage::DeltaAck {
+            group: 1,
+            epoch: 1,
+            seq: 7,
+        };
+        write_message(&mut good, &ack).await.expect("write");
+        good.finish().expect("finish");
+        // Stream 2: a frame announcing 64 bytes of garbage.
+        let mut bad = connection.open_uni().await.expect("stream");
+        let mut garbage = 64u32.to_le_bytes().to_vec();
+        garbage.extend([0xff; 64]);
+        bad.write_all(&garbage).await.expect("write");
+        bad.finish().expect("finish");
+        // Stream 3: good again, on the same connection.
+        let mut after = connection.open_uni().await.expect("stream");
+        write_message(&mut after, &ack).await.expect("write");
+        after.finish().expect("finish");
+
+        let outcomes = receiver.await.expect("receiver");
+        assert_eq!(outcomes[0].0, vec![delta, ack.clone()]);
+        assert!(outcomes[0].1.is_none());
+        assert!(outcomes[1].0.is_empty());
+        assert!(
+            matches!(outcomes[1].1, Some(FrameError::Wire(_))),
+            "garbage must end its stream with a wire error: {:?}",
+            outcomes[1].1
+        );
+        assert_eq!(outcomes[2].0, vec![ack]);
+        assert!(outcomes[2].1.is_none());
+    });
+}
