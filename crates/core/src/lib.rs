@@ -24,10 +24,12 @@
 mod action;
 mod block_index;
 mod engine;
+mod link_shaper;
 mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{Engine, EngineConfig, EngineStats, PlantedBug, RecoveredState, VolumeSpec};
+pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId,
     Timestamp, VolumeId,
