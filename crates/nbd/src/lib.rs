@@ -27,5 +27,5 @@ mod transmission;
 pub use backend::{Backend, Export, ExportError, ExportListing, OpenError};
 pub use server::{
     DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, DEFAULT_MAX_OPTION_BYTES, DEFAULT_MAX_REQUEST_BYTES,
-    ServerConfig, serve,
+    DEFAULT_SHUTDOWN_GRACE, ServerConfig, serve,
 };

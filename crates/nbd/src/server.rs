@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
 /// option is NBD_OPT_GO with a 4 KiB name and a few info requests.
 pub const DEFAULT_MAX_OPTION_BYTES: u32 = 64 * 1024;
 
+/// Default time connections get to finish once shutdown begins.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// After a failed `accept` (typically EMFILE), wait this long before trying
 /// again rather than spinning while file descriptors are exhausted.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -44,6 +47,11 @@ pub struct ServerConfig {
     /// Largest handshake option payload accepted; a client sending more is
     /// disconnected before anything is allocated for it.
     pub max_option_bytes: u32,
+    /// Once shutdown begins, how long connections get to finish their
+    /// requests and deliver the replies; then they are closed, so a client
+    /// that stopped reading cannot hold the server open. Requests cut off
+    /// this way were never acknowledged.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +60,7 @@ impl Default for ServerConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             max_option_bytes: DEFAULT_MAX_OPTION_BYTES,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -137,8 +146,20 @@ pub async fn serve<B: Backend>(
     );
     // Sending fails only if no receiver exists, i.e. no connection to tell.
     let _ = stop.send(true);
-    while let Some(finished) = connections.join_next().await {
-        log_connection_end(finished);
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while let Some(finished) = connections.join_next().await {
+            log_connection_end(finished);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            connections = connections.len(),
+            grace = ?config.shutdown_grace,
+            "connections still busy after the shutdown grace; closing them"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
     info!("NBD server stopped");
     Ok(())

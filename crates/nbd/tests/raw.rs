@@ -682,6 +682,35 @@ async fn shutdown_finishes_in_flight_requests_then_returns() {
     );
 }
 
+/// A client that sends large reads and never reads the replies fills the
+/// socket and blocks the server's writer: shutdown still completes once the
+/// grace period runs out.
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_hold_shutdown_open() {
+    let export = MemExport::new(DISK);
+    let mut server = TestServer::with_config(
+        MemBackend::new().with("disk", "", export),
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    );
+    let (mut stuck, _) = connect(server.addr, "disk").await;
+    let chunk = (DISK as u32).min(4 << 20);
+    for handle in 0..64 {
+        send_request(&mut stuck, NBD_CMD_READ, 0, handle, 0, chunk, &[]).await;
+    }
+    // Let the replies pile up in the socket until the writer blocks.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.begin_stop();
+    // Without the grace period this never returns (the writer stays
+    // blocked on the full socket).
+    server
+        .wait_stopped(Duration::from_secs(10))
+        .expect("serve returns Ok");
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn invalid_config_is_rejected() {
     for config in [
