@@ -52,7 +52,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let (mut scenario, source) = match &args.scenario {
         Some(path) => (
             Scenario::load(path)?,
-            format!("--scenario {}", path.display()),
+            format!(" --scenario {}", path.display()),
         ),
         None => {
             let scenario: Scenario = toml::from_str(DEFAULT_SCENARIO)
@@ -72,14 +72,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let outcome = stretch_sim::run(&scenario, &options);
     let replay = format!(
-        "stretch sim --seed {} {source}{}{} --replay",
+        "stretch sim --seed {}{source}{} --replay",
         args.seed,
-        args.duration
-            .map(|d| format!(" --duration {d}"))
-            .unwrap_or_default(),
-        args.bug
-            .map(|b| format!(" --bug {}", b.name()))
-            .unwrap_or_default(),
+        replay_options(&args)
     );
     report(&outcome, started, &replay, args.replay);
     if outcome.violation.is_some() {
@@ -107,13 +102,8 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         let outcome = stretch_sim::run(&scenario, &options);
         simulated_ns += outcome.simulated_ns;
         let replay = format!(
-            "stretch sim --swarm --from {seed} --seeds 1{}{} --replay",
-            args.duration
-                .map(|d| format!(" --duration {d}"))
-                .unwrap_or_default(),
-            args.bug
-                .map(|b| format!(" --bug {}", b.name()))
-                .unwrap_or_default(),
+            "stretch sim --swarm --from {seed} --seeds 1{} --replay",
+            replay_options(args)
         );
         if outcome.violation.is_some() || args.replay || args.seeds == 1 {
             report(&outcome, run_started, &replay, args.replay);
@@ -135,6 +125,18 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         bail!("failing seeds: {failures:?}");
     }
     Ok(())
+}
+
+/// The options a replay command must repeat to run the same simulation.
+fn replay_options(args: &SimArgs) -> String {
+    let mut options = String::new();
+    if let Some(duration) = args.duration {
+        options.push_str(&format!(" --duration {duration}"));
+    }
+    if let Some(bug) = args.bug {
+        options.push_str(&format!(" --bug {}", bug.name()));
+    }
+    options
 }
 
 fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace: bool) {

@@ -137,11 +137,42 @@ struct NodeState {
     engine: Engine,
     journal: Journal<SimFileSystem>,
     legs: BTreeMap<VolumeId, Leg<SimFileSystem>>,
-    journal_queue: VecDeque<JournalOp>,
-    journal_busy: bool,
-    leg_queue: VecDeque<LegOp>,
-    leg_busy: bool,
+    journal_device: Device<JournalOp>,
+    leg_device: Device<LegOp>,
     timer_at: Option<u64>,
+}
+
+/// A disk queue that performs one operation at a time, in order (the
+/// runtime's journal and leg threads behave the same way).
+struct Device<Op> {
+    queue: VecDeque<Op>,
+    busy: bool,
+}
+
+impl<Op> Device<Op> {
+    fn new() -> Self {
+        Device {
+            queue: VecDeque::new(),
+            busy: false,
+        }
+    }
+
+    /// Queues an operation; true if the device was idle and must start.
+    fn push(&mut self, op: Op) -> bool {
+        self.queue.push_back(op);
+        !std::mem::replace(&mut self.busy, true)
+    }
+
+    /// Takes the operation that just finished; true if more are waiting
+    /// (the device stays busy with the next one).
+    fn finish(&mut self) -> (Op, bool) {
+        let op = self
+            .queue
+            .pop_front()
+            .expect("simulator invariant: a device completion has an operation");
+        self.busy = !self.queue.is_empty();
+        (op, self.busy)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -747,22 +778,22 @@ impl<'a> Simulation<'a> {
 
     fn queue_journal(&mut self, op: JournalOp) {
         let node = self.node.as_mut().expect("simulator invariant: node up");
-        node.journal_queue.push_back(op);
-        if !node.journal_busy {
-            node.journal_busy = true;
-            let latency = self.disk_latency();
-            self.schedule(self.now + latency, Event::JournalOpDone(self.generation));
+        if node.journal_device.push(op) {
+            self.start_device(Event::JournalOpDone(self.generation));
         }
     }
 
     fn queue_leg(&mut self, op: LegOp) {
         let node = self.node.as_mut().expect("simulator invariant: node up");
-        node.leg_queue.push_back(op);
-        if !node.leg_busy {
-            node.leg_busy = true;
-            let latency = self.disk_latency();
-            self.schedule(self.now + latency, Event::LegOpDone(self.generation));
+        if node.leg_device.push(op) {
+            self.start_device(Event::LegOpDone(self.generation));
         }
+    }
+
+    /// The device's next operation completes after one disk latency.
+    fn start_device(&mut self, done: Event) {
+        let latency = self.disk_latency();
+        self.schedule(self.now + latency, done);
     }
 
     /// The journal device finished its oldest queued operation: perform it
@@ -770,10 +801,7 @@ impl<'a> Simulation<'a> {
     fn finish_journal_op(&mut self) {
         let skip_fsync = self.options.bug == Some(SimBug::SkipJournalFsync);
         let node = self.node.as_mut().expect("simulator invariant: node up");
-        let op = node
-            .journal_queue
-            .pop_front()
-            .expect("simulator invariant: a journal completion has an operation");
+        let (op, more) = node.journal_device.finish();
         match op {
             JournalOp::Append(record) => {
                 let position = record.position.0;
@@ -803,21 +831,15 @@ impl<'a> Simulation<'a> {
                 });
             }
         }
-        let more = !node.journal_queue.is_empty();
-        node.journal_busy = more;
         if more {
-            let latency = self.disk_latency();
-            self.schedule(self.now + latency, Event::JournalOpDone(self.generation));
+            self.start_device(Event::JournalOpDone(self.generation));
         }
         self.dispatch();
     }
 
     fn finish_leg_op(&mut self) {
         let node = self.node.as_mut().expect("simulator invariant: node up");
-        let op = node
-            .leg_queue
-            .pop_front()
-            .expect("simulator invariant: a leg completion has an operation");
+        let (op, more) = node.leg_device.finish();
         match op {
             LegOp::Write(io, blocks) => {
                 let legs = &node.legs;
@@ -842,11 +864,8 @@ impl<'a> Simulation<'a> {
                 });
             }
         }
-        let more = !node.leg_queue.is_empty();
-        node.leg_busy = more;
         if more {
-            let latency = self.disk_latency();
-            self.schedule(self.now + latency, Event::LegOpDone(self.generation));
+            self.start_device(Event::LegOpDone(self.generation));
         }
         self.dispatch();
     }
@@ -993,10 +1012,8 @@ impl<'a> Simulation<'a> {
             engine,
             journal,
             legs,
-            journal_queue: VecDeque::new(),
-            journal_busy: false,
-            leg_queue: VecDeque::new(),
-            leg_busy: false,
+            journal_device: Device::new(),
+            leg_device: Device::new(),
             timer_at: None,
         });
         true

@@ -10,6 +10,12 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("address")
 }
 
+/// The endpoint of cluster member `node`, on a free loopback port.
+fn member(pki: &std::path::Path, node: &str) -> PeerEndpoint {
+    let identity = NodeIdentity::load(pki, node).expect("identity");
+    PeerEndpoint::bind(&identity, loopback()).expect("bind")
+}
+
 /// Runs `future` on a fresh runtime with a time limit.
 fn run<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_multi_thread()
@@ -50,16 +56,8 @@ fn members_exchange_messages() {
     let dir = tempfile::tempdir().expect("tempdir");
     init(dir.path(), "test", &["a1", "b1"]).expect("init");
     run(async {
-        let a = PeerEndpoint::bind(
-            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
-            loopback(),
-        )
-        .expect("bind a1");
-        let b = PeerEndpoint::bind(
-            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
-            loopback(),
-        )
-        .expect("bind b1");
+        let a = member(dir.path(), "a1");
+        let b = member(dir.path(), "b1");
         let b_address = b.local_addr().expect("address");
         let server = tokio::spawn(async move {
             let connection = b.accept().await.expect("a1 connects");
@@ -161,16 +159,8 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     init(dir.path(), "test", &["a1", "b1"]).expect("init");
     run(async {
-        let a = PeerEndpoint::bind(
-            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
-            loopback(),
-        )
-        .expect("bind a1");
-        let b = PeerEndpoint::bind(
-            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
-            loopback(),
-        )
-        .expect("bind b1");
+        let a = member(dir.path(), "a1");
+        let b = member(dir.path(), "b1");
         let b_address = b.local_addr().expect("address");
         let receiver = tokio::spawn(async move {
             let connection = b.accept().await.expect("a1 connects");
