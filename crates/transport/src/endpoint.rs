@@ -12,6 +12,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::ServerName;
 
 use crate::pki::NodeIdentity;
+use crate::shaped_socket::{LinkTable, ShapedSocket};
 
 /// Application protocol name negotiated over TLS.
 pub const ALPN: &[u8] = b"stretch/1";
@@ -58,6 +59,25 @@ pub struct PeerEndpoint {
 impl PeerEndpoint {
     /// Binds a UDP socket at `address` serving and dialling as `identity`.
     pub fn bind(identity: &NodeIdentity, address: SocketAddr) -> Result<Self, EndpointError> {
+        Self::bind_with_links(identity, address, None)
+    }
+
+    /// Like [`PeerEndpoint::bind`], with every datagram sent through the
+    /// link shaper of its destination (emulated long-distance links).
+    /// Needs a tokio runtime.
+    pub fn bind_shaped(
+        identity: &NodeIdentity,
+        address: SocketAddr,
+        links: LinkTable,
+    ) -> Result<Self, EndpointError> {
+        Self::bind_with_links(identity, address, Some(links))
+    }
+
+    fn bind_with_links(
+        identity: &NodeIdentity,
+        address: SocketAddr,
+        links: Option<LinkTable>,
+    ) -> Result<Self, EndpointError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(identity.ca.clone())?;
@@ -81,8 +101,27 @@ impl PeerEndpoint {
         let client_config =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
 
-        let mut endpoint = quinn::Endpoint::server(server_config, address)
-            .map_err(|source| EndpointError::Bind { address, source })?;
+        let bind_error = |source| EndpointError::Bind { address, source };
+        let mut endpoint = match links {
+            None => quinn::Endpoint::server(server_config, address).map_err(bind_error)?,
+            Some(links) => {
+                let runtime = quinn::default_runtime().ok_or_else(|| {
+                    bind_error(std::io::Error::other(
+                        "no async runtime to drive the endpoint",
+                    ))
+                })?;
+                let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
+                let inner = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+                let shaped = Arc::new(ShapedSocket::new(inner, links));
+                quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    shaped,
+                    runtime,
+                )
+                .map_err(bind_error)?
+            }
+        };
         endpoint.set_default_client_config(client_config);
         Ok(PeerEndpoint {
             endpoint,

@@ -224,3 +224,77 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
         assert!(outcomes[2].1.is_none());
     });
 }
+
+/// Sends `payload` on a new bidirectional stream and waits for the echo.
+async fn echo(connection: &quinn::Connection, payload: &[u8]) -> Vec<u8> {
+    let (mut send, mut receive) = connection.open_bi().await.expect("stream");
+    send.write_all(payload).await.expect("write");
+    send.finish().expect("finish");
+    receive.read_to_end(1 << 20).await.expect("echo")
+}
+
+/// With a 25 ms one-way link each way, no round trip can take less than
+/// 50 ms; with the link cut nothing arrives, and after healing it does.
+#[test]
+fn shaped_links_delay_and_cut() {
+    use stretch_core::LinkProfile;
+    use stretch_transport::LinkTable;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    run(async {
+        let links_a = LinkTable::new(1);
+        let links_b = LinkTable::new(2);
+        let a = PeerEndpoint::bind_shaped(
+            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
+            loopback(),
+            links_a.clone(),
+        )
+        .expect("bind a1");
+        let b = PeerEndpoint::bind_shaped(
+            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
+            loopback(),
+            links_b.clone(),
+        )
+        .expect("bind b1");
+        let a_address = a.local_addr().expect("address");
+        let b_address = b.local_addr().expect("address");
+        let wan = LinkProfile {
+            delay_ms: 25,
+            ..LinkProfile::IDEAL
+        };
+        links_a.set(b_address, wan);
+        links_b.set(a_address, wan);
+        tokio::spawn(async move {
+            while let Some(connection) = b.accept().await {
+                tokio::spawn(async move {
+                    while let Ok((mut send, mut receive)) = connection.accept_bi().await {
+                        // The stream given up while the link was cut may
+                        // fail here; later streams must still work.
+                        let Ok(message) = receive.read_to_end(1 << 20).await else {
+                            continue;
+                        };
+                        if send.write_all(&message).await.is_ok() {
+                            let _ = send.finish();
+                        }
+                    }
+                });
+            }
+        });
+        let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            assert_eq!(echo(&connection, b"ping").await, b"ping");
+            let round_trip = started.elapsed();
+            assert!(
+                round_trip >= Duration::from_millis(50),
+                "a round trip over two 25 ms links took {round_trip:?}"
+            );
+        }
+        links_a.set(b_address, LinkProfile { cut: true, ..wan });
+        let while_cut = tokio::time::timeout(Duration::from_millis(400), echo(&connection, b"cut"));
+        assert!(while_cut.await.is_err(), "a message crossed a cut link");
+        links_a.set(b_address, wan);
+        assert_eq!(echo(&connection, b"healed").await, b"healed");
+    });
+}
