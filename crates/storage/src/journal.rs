@@ -219,10 +219,6 @@ impl<F: FileSystem> Journal<F> {
         self.segments.iter().map(|segment| segment.len).sum()
     }
 
-    pub fn next_position(&self) -> JournalPosition {
-        JournalPosition(self.next_position)
-    }
-
     /// Starts a new segment: its header is written and synced, and the
     /// directory synced, before any record is appended to it.
     fn roll(&mut self) -> Result<(), JournalError> {

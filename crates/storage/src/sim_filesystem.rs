@@ -42,8 +42,6 @@ struct SimState {
     fail_syncs: bool,
     /// Bumped on every crash so handles opened before it stop working.
     generation: u64,
-    bytes_written: u64,
-    syncs: u64,
 }
 
 /// A file's content as reads see it, plus an undo log of the writes since
@@ -186,12 +184,6 @@ impl SimFileSystem {
         let state = self.state.lock();
         state.files.get(path).map(|file| read(&file.current))
     }
-
-    /// (bytes written, syncs) so far, for simulator statistics.
-    pub fn counters(&self) -> (u64, u64) {
-        let state = self.state.lock();
-        (state.bytes_written, state.syncs)
-    }
 }
 
 /// A handle on one simulated file.
@@ -238,7 +230,6 @@ impl StorageFile for SimFile {
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.with(|state, path| {
-            state.bytes_written += data.len() as u64;
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
             file.write(offset as usize, &[data]);
             Ok(())
@@ -247,7 +238,6 @@ impl StorageFile for SimFile {
 
     fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
         self.with(|state, path| {
-            state.bytes_written += parts.iter().map(|part| part.len() as u64).sum::<u64>();
             let file = state.files.get_mut(path).ok_or_else(|| not_found(path))?;
             file.write(offset as usize, parts);
             Ok(())
@@ -271,7 +261,6 @@ impl StorageFile for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.with(|state, path| {
-            state.syncs += 1;
             if state.fail_syncs {
                 return Err(io::Error::other("simulated fsync failure"));
             }
