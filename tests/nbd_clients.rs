@@ -293,47 +293,58 @@ fn nbdcopy_round_trip_32m() {
     }
 }
 
-/// fio random 4k writes at queue depth 16 with crc32c verification.
-#[test]
-fn fio_randwrite_verify() {
+/// Runs fio's nbd engine against `volume` with `options` and returns its
+/// jobs, each already checked for errors. fio's nbd engine prints a
+/// "connected" line on stdout, so the JSON report goes to a file.
+fn fio_jobs(node: &TestNode, volume: &str, options: &[&str]) -> Vec<serde_json::Value> {
     require_tool("fio");
-    let node = TestNode::start();
-    node.create_volume("fio", "32M");
     let scratch = node.scratch();
-    let output = scratch.join("fio.json");
+    let output = scratch.join(format!("fio-{volume}.json"));
     let mut command = Command::new("fio");
     command
         .current_dir(&scratch)
-        .args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", node.uri("fio")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=32m",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--output-format=json",
-        ])
+        .args(["--ioengine=nbd", &format!("--uri={}", node.uri(volume))])
+        .args(options)
+        .arg("--output-format=json")
         .arg(format!("--output={}", output.display()));
     let result = run(&mut command, None, COMMAND_TIMEOUT);
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
     assert!(
         result.success(),
-        "fio failed (its nbd engine needs fio built with libnbd): {result}"
+        "fio failed (its nbd engine needs fio built with libnbd): {result}\n{text}\n{}",
+        node.log()
     );
-    // fio's nbd engine prints a "connected" line on stdout, so the JSON
-    // report goes to a file.
-    let text = std::fs::read_to_string(&output).expect("reading fio's JSON report");
     let report: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
-    let jobs = report["jobs"].as_array().expect("fio report has jobs");
+    let jobs = report["jobs"]
+        .as_array()
+        .expect("fio report has jobs")
+        .clone();
     assert!(!jobs.is_empty(), "fio ran no job: {text}");
-    for job in jobs {
+    for job in &jobs {
         assert_eq!(job["error"].as_u64(), Some(0), "fio job error: {job}");
         if let Some(total) = job.get("total_err") {
             assert_eq!(total.as_u64(), Some(0), "fio job total_err: {job}");
         }
+    }
+    jobs
+}
+
+/// fio random 4k writes at queue depth 16 with crc32c verification.
+#[test]
+fn fio_randwrite_verify() {
+    let node = TestNode::start();
+    node.create_volume("fio", "32M");
+    let options = [
+        "--name=verify",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=32m",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+    ];
+    for job in fio_jobs(&node, "fio", &options) {
         assert_eq!(
             job["write"]["io_bytes"].as_u64(),
             Some(32 * MIB),
@@ -354,7 +365,6 @@ fn fio_randwrite_verify() {
 /// an append and the node stop taking writes under sequential load.
 #[test]
 fn concurrent_writers_closing_deltas_keep_the_journal_in_order() {
-    require_tool("fio");
     let tuning = r#"delta_interval_ms = 1
 delta_max_bytes = "4K"
 cache_bytes_max = "24M"
@@ -365,36 +375,17 @@ nbd_in_flight_per_connection = 128
 "#;
     let node = TestNode::start_with_tuning(tuning);
     node.create_volume("busy", "64M");
-    let scratch = node.scratch();
-    let output = scratch.join("fio.json");
-    let mut command = Command::new("fio");
-    command
-        .current_dir(&scratch)
-        .args([
-            "--name=busy",
-            "--ioengine=nbd",
-            &format!("--uri={}", node.uri("busy")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=64m",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--time_based",
-            "--runtime=4",
-            "--output-format=json",
-        ])
-        .arg(format!("--output={}", output.display()));
-    let result = run(&mut command, None, COMMAND_TIMEOUT);
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
-    assert!(
-        result.success(),
-        "fio failed: {result}\n{text}\n{}",
-        node.log()
-    );
-    let report: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
-    for job in report["jobs"].as_array().expect("fio report has jobs") {
-        assert_eq!(job["error"].as_u64(), Some(0), "fio job error: {job}");
+    let options = [
+        "--name=busy",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=64m",
+        "--iodepth=32",
+        "--numjobs=4",
+        "--time_based",
+        "--runtime=4",
+    ];
+    for job in fio_jobs(&node, "busy", &options) {
         assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "{job}");
     }
     let status = node.status();

@@ -16,6 +16,16 @@ fn member(pki: &std::path::Path, node: &str) -> PeerEndpoint {
     PeerEndpoint::bind(&identity, loopback()).expect("bind")
 }
 
+/// Like [`member`], with every datagram it sends shaped by `links`.
+fn shaped_member(
+    pki: &std::path::Path,
+    node: &str,
+    links: stretch_transport::LinkTable,
+) -> PeerEndpoint {
+    let identity = NodeIdentity::load(pki, node).expect("identity");
+    PeerEndpoint::bind_shaped(&identity, loopback(), links).expect("bind")
+}
+
 /// Runs `future` on a fresh runtime with a time limit.
 fn run<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_multi_thread()
@@ -105,28 +115,16 @@ fn a_stranger_is_refused_both_ways() {
     // Same node name, same cluster name, different CA.
     init(other.path(), "test", &["b1"]).expect("init other");
     run(async {
-        let member = Arc::new(
-            PeerEndpoint::bind(
-                &NodeIdentity::load(cluster.path(), "a1").expect("a1"),
-                loopback(),
-            )
-            .expect("bind"),
-        );
-        let stranger = Arc::new(
-            PeerEndpoint::bind(
-                &NodeIdentity::load(other.path(), "b1").expect("stranger"),
-                loopback(),
-            )
-            .expect("bind"),
-        );
-        let member_address = member.local_addr().expect("address");
+        let insider = Arc::new(member(cluster.path(), "a1"));
+        let stranger = Arc::new(member(other.path(), "b1"));
+        let member_address = insider.local_addr().expect("address");
         let stranger_address = stranger.local_addr().expect("address");
-        let member_accepted = count_accepted(member.clone());
+        let member_accepted = count_accepted(insider.clone());
         let stranger_accepted = count_accepted(stranger.clone());
 
         // The member dials the stranger: the stranger's server certificate
         // does not chain to the cluster CA.
-        let dialled = member.connect("b1", stranger_address).await;
+        let dialled = insider.connect("b1", stranger_address).await;
         assert!(dialled.is_err(), "connected to a stranger");
 
         // The stranger dials the member: its client certificate is refused.
@@ -245,18 +243,8 @@ fn shaped_links_delay_and_cut() {
     run(async {
         let links_a = LinkTable::new(1);
         let links_b = LinkTable::new(2);
-        let a = PeerEndpoint::bind_shaped(
-            &NodeIdentity::load(dir.path(), "a1").expect("a1"),
-            loopback(),
-            links_a.clone(),
-        )
-        .expect("bind a1");
-        let b = PeerEndpoint::bind_shaped(
-            &NodeIdentity::load(dir.path(), "b1").expect("b1"),
-            loopback(),
-            links_b.clone(),
-        )
-        .expect("bind b1");
+        let a = shaped_member(dir.path(), "a1", links_a.clone());
+        let b = shaped_member(dir.path(), "b1", links_b.clone());
         let a_address = a.local_addr().expect("address");
         let b_address = b.local_addr().expect("address");
         let wan = LinkProfile {
