@@ -59,6 +59,13 @@ fn init_creates_then_keeps() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "private keys are private");
     assert!(init(dir.path(), "test", &["bad name"]).is_err());
+    // Loading from a place without a CA, or a node without a certificate,
+    // is an error that names the problem.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let error = NodeIdentity::load(empty.path(), "a1").expect_err("no CA");
+    assert!(error.to_string().contains("stretch init"), "{error}");
+    let error = NodeIdentity::load(dir.path(), "zz").expect_err("no certificate");
+    assert!(error.to_string().contains("zz.pem"), "{error}");
 }
 
 #[test]
