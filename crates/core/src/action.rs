@@ -2,15 +2,26 @@
 
 use bytes::Bytes;
 
+use crate::site_message::SiteMessage;
 use crate::types::{
-    BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId, VolumeId,
+    BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId, SiteId,
+    VolumeId,
 };
 
 /// A client request against one volume. Offsets and lengths are in bytes
 /// and need not be block-aligned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
+    /// A strict read: at a site that does not own the volume it asks the
+    /// owner for blocks newer than what the site holds (G2).
     Read {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    },
+    /// A snapshot read: the newest whole-delta image held at this site,
+    /// without a round trip to the owner.
+    ReadSnapshot {
         volume: VolumeId,
         offset: u64,
         length: u64,
@@ -42,6 +53,7 @@ impl Request {
     pub fn volume(&self) -> VolumeId {
         match self {
             Request::Read { volume, .. }
+            | Request::ReadSnapshot { volume, .. }
             | Request::Write { volume, .. }
             | Request::WriteZeroes { volume, .. }
             | Request::Trim { volume, .. }
@@ -95,6 +107,10 @@ impl DeltaRecord {
 /// Work the driver must do for the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Send a message to the engine of another site. Messages of one
+    /// [`crate::Lane`] must be delivered in order or not at all; a lost
+    /// connection is reported with [`crate::Engine::peer_down`].
+    Send { peer: SiteId, message: SiteMessage },
     /// Answer a client request.
     Reply {
         request: RequestId,

@@ -7,10 +7,15 @@ use bytes::{Bytes, BytesMut};
 
 use crate::action::{Action, DeltaRecord, Request, RequestError, Response};
 use crate::block_index::{BlockIndex, Entry};
+use crate::site_message::SiteMessage;
 use crate::types::{
-    BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId,
-    Timestamp, VolumeId,
+    BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,
+    RequestId, SiteId, Timestamp, VolumeId,
 };
+
+mod replication;
+
+pub use replication::{GroupReplication, PeerReplication, PeerState};
 
 /// Tuning of one node's engine. Every limit names its unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +30,18 @@ pub struct EngineConfig {
     /// Once this many journal bytes are awaiting release, the legs are synced
     /// and the journal records they hold are released.
     pub journal_checkpoint_bytes: u64,
+    /// The site this engine serves.
+    pub site: SiteId,
+    /// The other sites holding a leg of every volume; empty on a single site.
+    pub peers: Vec<SiteId>,
+    /// Bound on delta bytes kept for other sites until all applied them.
+    /// Writes wait (throttled, never dropped) while it is passed and a
+    /// connected site is behind; a disconnected site past it falls back to
+    /// a resync of the regions it missed.
+    pub backlog_bytes_max: u64,
+    /// A strict read or forwarded request at a site that does not own the
+    /// volume fails with an I/O error after this long without an answer.
+    pub remote_timeout_ms: u64,
     /// A deliberate defect, for the simulator's proof that its checker can
     /// fail. Only the simulator sets it; no configuration file can.
     pub planted_bug: Option<PlantedBug>,
@@ -40,6 +57,12 @@ pub enum PlantedBug {
     ApplyBeforeJournalSync,
     /// Apply the newest ready delta of a group first (breaks G2 and G3).
     ApplyNewestFirst,
+    /// Let a replica queue a received delta although its predecessor is
+    /// missing (breaks G3 at the replica).
+    AcceptDeltaGap,
+    /// Answer a flush-sync FLUSH once the local journal holds it, without
+    /// waiting for another site (breaks G4 on site loss).
+    FlushSyncLocalOnly,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +72,10 @@ impl Default for EngineConfig {
             delta_max_bytes: 8 << 20,
             cache_bytes_max: 256 << 20,
             journal_checkpoint_bytes: 64 << 20,
+            site: SiteId(0),
+            peers: Vec::new(),
+            backlog_bytes_max: 256 << 20,
+            remote_timeout_ms: 5_000,
             planted_bug: None,
         }
     }
@@ -60,6 +87,7 @@ pub struct VolumeSpec {
     /// Bytes; a multiple of [`BLOCK_SIZE`].
     pub size: u64,
     pub group: GroupId,
+    pub mode: Mode,
 }
 
 /// Where numbering resumes after crash recovery replayed the journal.
@@ -89,6 +117,26 @@ pub struct EngineStats {
     pub throttled_writes_total: u64,
     pub throttled_writes_now: u64,
     pub failed: bool,
+    /// Deltas and their bytes sent to other sites.
+    pub shipped_deltas_total: u64,
+    pub shipped_bytes_total: u64,
+    /// Deltas received from owners at other sites.
+    pub received_deltas_total: u64,
+    pub received_bytes_total: u64,
+    /// Delta bytes kept until every site applied them.
+    pub backlog_bytes: u64,
+    pub backlog_deltas: u64,
+    /// Writes that waited because the backlog was full.
+    pub backlog_throttled_total: u64,
+    /// Strict reads sent to an owner, and forwarded requests.
+    pub remote_reads_total: u64,
+    pub forwarded_total: u64,
+    pub remote_timeouts_total: u64,
+    /// Resync: regions still to copy to other sites, and copied so far.
+    pub resync_regions_left: u64,
+    pub resync_regions_done_total: u64,
+    /// Messages from other sites refused (wrong owner, unknown id).
+    pub refused_messages_total: u64,
 }
 
 /// The node's protocol state machine. See the crate docs for the ordering
@@ -109,6 +157,7 @@ pub struct Engine {
     dirty_bytes: u64,
     deadlines: BTreeSet<(Timestamp, GroupId)>,
     journal: JournalState,
+    replication: replication::Replication,
     failed: Option<String>,
     draining: bool,
     now: Timestamp,
@@ -126,7 +175,7 @@ impl Engine {
         let groups = recovered
             .next_seq
             .iter()
-            .map(|(group, seq)| (*group, Group::new(*seq)))
+            .map(|(group, seq)| (*group, Group::new(*seq, config.site)))
             .collect();
         Engine {
             config,
@@ -151,6 +200,7 @@ impl Engine {
                 leg_sync_in_flight: None,
                 touched_volumes: BTreeSet::new(),
             },
+            replication: replication::Replication::default(),
             failed: None,
             draining: false,
             now: Timestamp(0),
@@ -170,9 +220,10 @@ impl Engine {
             "volume {volume} size {} is not a multiple of the block size",
             spec.size
         );
+        let site = self.config.site;
         self.groups
             .entry(spec.group)
-            .or_insert_with(|| Group::new(DeltaSeq(1)));
+            .or_insert_with(|| Group::new(DeltaSeq(1), site));
         self.volumes.insert(volume, VolumeState { spec });
     }
 
@@ -210,13 +261,23 @@ impl Engine {
             self.reply(request_id, Err(RequestError::NoVolume(volume)));
             return;
         };
+        if self.owner_of(spec.group) != self.config.site
+            && !matches!(request, Request::ReadSnapshot { .. })
+        {
+            self.submit_remote(request_id, &spec, request);
+            return;
+        }
         match request {
-            Request::Read { offset, length, .. } => {
+            Request::Read { offset, length, .. } | Request::ReadSnapshot { offset, length, .. } => {
                 if let Err(error) = check_range(&spec, offset, length) {
                     self.reply(request_id, Err(error));
                     return;
                 }
-                self.start_read(request_id, volume, offset, length);
+                if let Some(reason) = self.snapshot_unavailable(spec.group) {
+                    self.reply(request_id, Err(RequestError::Io(reason)));
+                    return;
+                }
+                self.start_read(request_id, volume, offset, length, None);
             }
             Request::Write {
                 offset, data, fua, ..
@@ -269,7 +330,7 @@ impl Engine {
                     self.reply(request_id, Ok(Response::Done));
                     return;
                 }
-                self.wait_for_journal(request_id, volume, spec.group);
+                self.wait_for_journal(request_id, volume, spec.group, spec.mode);
             }
         }
     }
@@ -303,6 +364,7 @@ impl Engine {
         for group in groups {
             self.try_apply(group);
         }
+        self.after_journal_sync();
         self.maybe_sync_journal();
     }
 
@@ -324,23 +386,24 @@ impl Engine {
             .groups
             .get_mut(&group)
             .expect("engine invariant: a group with a leg write in flight exists");
-        let seq = state
+        let position = state
             .applying
             .take()
             .expect("engine invariant: a group with a leg write in flight records which");
         let index = state
             .closed
             .iter()
-            .position(|delta| delta.seq == seq)
+            .position(|delta| delta.position.0 == position)
             .expect("engine invariant: the delta being applied is queued");
         let delta = state
             .closed
             .remove(index)
             .expect("engine invariant: index is in range");
         for (key, _) in &delta.blocks {
-            self.index.mark_applied(*key, delta.seq);
+            self.index.mark_applied(*key, delta.tag);
             self.journal.touched_volumes.insert(key.volume);
         }
+        self.replica_applied(group, &delta);
         self.dirty_bytes -= delta.charge;
         self.journal.unapplied.remove(&delta.position.0);
         self.stats.applied_deltas_total += 1;
@@ -375,7 +438,12 @@ impl Engine {
 
     /// When the engine next needs [`Engine::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.deadlines.first().map(|(deadline, _)| *deadline)
+        let delta = self.deadlines.first().map(|(deadline, _)| *deadline);
+        let remote = self.replication.next_deadline();
+        match (delta, remote) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Closes every open delta whose interval ran out by `now`.
@@ -387,6 +455,7 @@ impl Engine {
             }
             self.close_delta(group);
         }
+        self.expire_remote(now);
     }
 
     /// Closes every open delta and releases the whole journal once it is on
@@ -427,6 +496,7 @@ impl Engine {
         stats.journal_bytes = self.journal.unreleased_bytes;
         stats.throttled_writes_now = self.throttled.len() as u64;
         stats.failed = self.failed.is_some();
+        self.replication.fill_stats(&mut stats);
         stats
     }
 
@@ -451,21 +521,24 @@ struct VolumeState {
 
 #[derive(Debug)]
 struct Group {
+    /// The site accepting writes for the group's volumes.
+    owner: SiteId,
     epoch: Epoch,
     /// Sequence number of the open delta (the next one to close).
     next_seq: DeltaSeq,
     open: OpenDelta,
     /// Closed deltas not yet on the leg, oldest first.
     closed: VecDeque<ClosedDelta>,
-    /// The delta whose leg write is in flight.
-    applying: Option<DeltaSeq>,
+    /// Journal position of the delta whose leg write is in flight.
+    applying: Option<u64>,
     /// Position of the newest closed delta: a flush waits for it.
     last_position: u64,
 }
 
 impl Group {
-    fn new(next_seq: DeltaSeq) -> Self {
+    fn new(next_seq: DeltaSeq, owner: SiteId) -> Self {
         Group {
+            owner,
             epoch: Epoch(1),
             next_seq,
             open: OpenDelta::default(),
@@ -494,6 +567,11 @@ struct OpenDelta {
 struct ClosedDelta {
     position: JournalPosition,
     seq: DeltaSeq,
+    /// What the cache marks this delta's dirty blocks with: the seq for a
+    /// delta, a private value for a resync chunk (which has no seq).
+    tag: DeltaSeq,
+    /// A resync chunk received from the owner, not a delta.
+    resync: bool,
     blocks: Vec<(BlockKey, BlockImage)>,
     charge: u64,
 }
@@ -557,10 +635,12 @@ enum Pending {
         reserved: u64,
         failed: Option<String>,
     },
-    /// Waiting for the journal to be synced up to `upto`.
+    /// Waiting for the journal to be synced up to `upto` and, outside
+    /// async mode, for another site's journal to hold delta `peer_seq`.
     Durable {
         volume: VolumeId,
         upto: u64,
+        peer_seq: Option<(GroupId, DeltaSeq)>,
     },
 }
 
@@ -617,7 +697,16 @@ fn block_span(offset: u64, length: u64) -> std::ops::RangeInclusive<u64> {
 // Reads
 
 impl Engine {
-    fn start_read(&mut self, request: RequestId, volume: VolumeId, offset: u64, length: u64) {
+    /// Reads from the cache and the leg; blocks in `overlay` (newer ones an
+    /// owner sent) win over both.
+    fn start_read(
+        &mut self,
+        request: RequestId,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        overlay: Option<&BTreeMap<u64, BlockImage>>,
+    ) {
         if length == 0 {
             self.reply(request, Ok(Response::Data(Bytes::new())));
             return;
@@ -632,14 +721,15 @@ impl Engine {
             let out_offset = (from - offset) as usize;
             let part_length = (to - from) as usize;
             let key = BlockKey { volume, block };
-            match self.index.get(&key) {
-                Some(entry) => {
+            let newer = overlay.and_then(|overlay| overlay.get(&block));
+            match newer.or_else(|| self.index.get(&key).map(|entry| &entry.image)) {
+                Some(image) => {
                     self.stats.cache_hit_blocks += 1;
                     parts.push(ReadPart {
                         out_offset,
                         length: part_length,
                         source: ReadSource::Memory {
-                            image: entry.image.clone(),
+                            image: image.clone(),
                             from: (from - block_start) as usize,
                         },
                     });
@@ -766,6 +856,12 @@ impl Engine {
             self.finish_write_ack(write.request, write.volume, spec.group, write.fua);
             return;
         }
+        if self.backlog_full() {
+            self.stats.backlog_throttled_total += 1;
+            self.stats.throttled_writes_total += 1;
+            self.throttled.push_back(write);
+            return;
+        }
         let charge = write_charge(write.offset, &write.payload);
         // Half the cache: a write that large could never be admitted next
         // to a full delta being drained.
@@ -814,6 +910,9 @@ impl Engine {
 
     fn admit_throttled(&mut self) {
         while let Some(front) = self.throttled.front() {
+            if self.backlog_full() {
+                return;
+            }
             let charge = write_charge(front.offset, &front.payload);
             if !self.make_room(charge) {
                 self.relieve_pressure();
@@ -1004,13 +1103,17 @@ impl Engine {
         group: GroupId,
         fua: bool,
     ) {
-        if !fua {
+        let mode = self
+            .volume(volume)
+            .map_or(Mode::Async, |spec| spec.mode);
+        if !fua && mode != Mode::Sync {
             self.reply(request, Ok(Response::Done));
             return;
         }
-        // FUA closes the open delta early so the journal can cover it now.
+        // FUA (and every write in sync mode) closes the open delta early so
+        // the journal, and in sync mode another site, can cover it now.
         self.close_delta(group);
-        self.wait_for_journal(request, volume, group);
+        self.wait_for_journal(request, volume, group, mode);
     }
 }
 
@@ -1070,16 +1173,39 @@ impl Engine {
             return;
         }
         let open = std::mem::take(&mut group.open);
-        let position = self.journal.next_position;
-        self.journal.next_position += 1;
         let seq = group.next_seq;
         group.next_seq = DeltaSeq(seq.0 + 1);
-        group.last_position = position;
+        let epoch = group.epoch;
         let blocks: Vec<(BlockKey, BlockImage)> = open.blocks.into_iter().collect();
+        self.stats.closed_deltas_total += 1;
+        let record = self.enqueue_closed(group_id, epoch, seq, seq, blocks, open.charge, false);
+        self.retain_for_peers(&record);
+    }
+
+    /// Queues a closed delta (or a received resync chunk) for the journal
+    /// and then the legs, and returns the record appended to the journal.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_closed(
+        &mut self,
+        group_id: GroupId,
+        epoch: Epoch,
+        seq: DeltaSeq,
+        tag: DeltaSeq,
+        blocks: Vec<(BlockKey, BlockImage)>,
+        charge: u64,
+        resync: bool,
+    ) -> DeltaRecord {
+        let position = self.journal.next_position;
+        self.journal.next_position += 1;
+        let group = self
+            .groups
+            .get_mut(&group_id)
+            .expect("engine invariant: a delta's group exists");
+        group.last_position = position;
         let record = DeltaRecord {
             position: JournalPosition(position),
             group: group_id,
-            epoch: group.epoch,
+            epoch,
             seq,
             blocks: blocks.clone(),
         };
@@ -1087,15 +1213,19 @@ impl Engine {
         group.closed.push_back(ClosedDelta {
             position: JournalPosition(position),
             seq,
+            tag,
+            resync,
             blocks,
-            charge: open.charge,
+            charge,
         });
-        self.stats.closed_deltas_total += 1;
         self.journal.unapplied.insert(position);
         self.journal.unreleased.push_back((position, record_bytes));
         self.journal.unreleased_bytes += record_bytes;
-        self.actions.push_back(Action::AppendJournal { record });
+        self.actions.push_back(Action::AppendJournal {
+            record: record.clone(),
+        });
         self.maybe_sync_journal();
+        record
     }
 
     /// Group commit: one sync in flight at a time; whatever was appended
@@ -1114,24 +1244,51 @@ impl Engine {
         self.actions.push_back(Action::SyncJournal { io, upto });
     }
 
-    fn wait_for_journal(&mut self, request: RequestId, volume: VolumeId, group: GroupId) {
-        let upto = self.groups[&group].last_position;
-        if upto <= self.journal.synced_upto {
+    fn wait_for_journal(
+        &mut self,
+        request: RequestId,
+        volume: VolumeId,
+        group: GroupId,
+        mode: Mode,
+    ) {
+        let state = &self.groups[&group];
+        let upto = state.last_position;
+        let needs_peer = mode != Mode::Async
+            && !self.config.peers.is_empty()
+            && self.config.planted_bug != Some(PlantedBug::FlushSyncLocalOnly);
+        let peer_seq = needs_peer.then(|| (group, DeltaSeq(state.next_seq.0 - 1)));
+        if self.durable_now(upto, peer_seq) {
             self.reply(request, Ok(Response::Done));
             return;
         }
-        self.pending
-            .insert(request, Pending::Durable { volume, upto });
+        self.pending.insert(
+            request,
+            Pending::Durable {
+                volume,
+                upto,
+                peer_seq,
+            },
+        );
+    }
+
+    fn durable_now(&self, upto: u64, peer_seq: Option<(GroupId, DeltaSeq)>) -> bool {
+        if upto > self.journal.synced_upto {
+            return false;
+        }
+        match peer_seq {
+            None => true,
+            Some((group, seq)) => self.replication.some_peer_journaled(group, seq),
+        }
     }
 
     fn answer_synced_waiters(&mut self) {
-        let synced = self.journal.synced_upto;
         let ready: Vec<RequestId> = self
             .pending
             .iter()
-            .filter(
-                |(_, pending)| matches!(pending, Pending::Durable { upto, .. } if *upto <= synced),
-            )
+            .filter(|(_, pending)| match pending {
+                Pending::Durable { upto, peer_seq, .. } => self.durable_now(*upto, *peer_seq),
+                _ => false,
+            })
             .map(|(request, _)| *request)
             .collect();
         for request in ready {
@@ -1172,6 +1329,7 @@ impl Engine {
             return;
         };
         let seq = delta.seq;
+        let position = delta.position.0;
         let blocks: Vec<(BlockKey, BlockImage)> = delta
             .blocks
             .iter()
@@ -1181,7 +1339,7 @@ impl Engine {
         self.groups
             .get_mut(&group_id)
             .expect("engine invariant: group exists")
-            .applying = Some(seq);
+            .applying = Some(position);
         let io = self.new_io(IoPurpose::LegWrite { group: group_id });
         self.actions.push_back(Action::WriteLeg {
             io,
@@ -1262,6 +1420,9 @@ impl Engine {
     }
 
     fn reply(&mut self, request: RequestId, result: Result<Response, RequestError>) {
+        let Some(result) = replication::route_reply(self, request, result) else {
+            return;
+        };
         self.actions.push_back(Action::Reply { request, result });
     }
 }

@@ -25,12 +25,17 @@ mod action;
 mod block_index;
 mod engine;
 mod link_shaper;
+mod site_message;
 mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
-pub use engine::{Engine, EngineConfig, EngineStats, PlantedBug, RecoveredState, VolumeSpec};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, GroupReplication, PeerReplication, PeerState, PlantedBug,
+    RecoveredState, VolumeSpec,
+};
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
+pub use site_message::{Lane, SiteMessage};
 pub use types::{
-    BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, RequestId,
-    Timestamp, VolumeId,
+    BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,
+    RequestId, SiteId, Timestamp, VolumeId,
 };

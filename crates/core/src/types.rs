@@ -119,3 +119,41 @@ impl BlockImage {
 }
 
 pub(crate) static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+id_type!(
+    /// A site (datacenter) of the cluster, numbered by the driver.
+    SiteId,
+    u32
+);
+
+/// How far a volume's writes must travel before FLUSH (or a write) returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Mode {
+    /// FLUSH is durable in the owner's journal; other sites follow.
+    #[default]
+    Async,
+    /// FLUSH also waits until at least one other site's journal holds the
+    /// flushed writes, so committed data survives the loss of a site.
+    FlushSync,
+    /// Every write waits for the local and one other site's journal.
+    Sync,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Async => "async",
+            Mode::FlushSync => "flush-sync",
+            Mode::Sync => "sync",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "async" => Some(Mode::Async),
+            "flush-sync" => Some(Mode::FlushSync),
+            "sync" => Some(Mode::Sync),
+            _ => None,
+        }
+    }
+}

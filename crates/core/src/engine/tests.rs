@@ -13,7 +13,7 @@ fn engine() -> Engine {
         delta_max_bytes: 64 << 10,
         cache_bytes_max: 1 << 20,
         journal_checkpoint_bytes: 1 << 20,
-        planted_bug: None,
+        ..EngineConfig::default()
     })
 }
 
@@ -24,6 +24,7 @@ fn engine_with(config: EngineConfig) -> Engine {
         VolumeSpec {
             size: 1 << 20,
             group: GROUP,
+            mode: Mode::Async,
         },
     );
     engine
@@ -393,7 +394,7 @@ fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
         delta_max_bytes: 64 << 10,
         cache_bytes_max: 128 << 10,
         journal_checkpoint_bytes: 1 << 20,
-        planted_bug: None,
+        ..EngineConfig::default()
     });
     let big = Bytes::from(vec![1u8; 60 << 10]);
     write(&mut engine, 0, 1, 0, big.clone(), false);
@@ -481,7 +482,7 @@ fn a_backlog_of_unapplied_deltas_does_not_force_leg_syncs() {
         delta_max_bytes: 64 << 10,
         cache_bytes_max: 1 << 20,
         journal_checkpoint_bytes: 12_000,
-        planted_bug: None,
+        ..EngineConfig::default()
     });
     for request in 1..=3 {
         write(&mut engine, 0, request, 0, block(request as u8), true);

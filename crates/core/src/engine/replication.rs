@@ -1,0 +1,1417 @@
+//! The multi-site half of the engine: shipping closed deltas to the other
+//! sites in order, receiving them, strict reads and forwarded requests at a
+//! site that does not own a volume, and resync of a site that fell behind.
+//!
+//! Rules, in addition to the single-site ones:
+//! - an owner ships a delta only after its own journal holds it durably, so
+//!   a replica never holds a delta its owner could lose in a crash and then
+//!   number differently;
+//! - a replica queues a received delta only if it is the next of its group,
+//!   journals it, acknowledges it (`Journaled`) once synced, applies it in
+//!   order and acknowledges that (`Applied`);
+//! - an owner keeps every delta until every site applied it, within
+//!   `backlog_bytes_max`; a site that is disconnected when the bound is
+//!   passed falls back to a resync of the 1 MiB regions it missed;
+//! - a resync chunk holds the owner's image of a region at the moment it is
+//!   sent (re-read if a leg write touched the region meanwhile); the
+//!   replica's leg is at a delta boundary again once the last chunk and
+//!   every delta up to `consistent_at` are applied.
+
+use super::*;
+
+/// Requests the engine issues itself (forwarded from other sites, resync
+/// reads) are numbered from here; drivers number theirs below it.
+const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
+/// Cache tags of resync chunks are numbered from here, far above any seq.
+const RESYNC_TAG_BASE: u64 = 1 << 62;
+/// Resync copies regions of this many blocks (1 MiB).
+pub(super) const REGION_BLOCKS: u64 = 256;
+/// Region reads (and unacknowledged chunks) in flight per resyncing site.
+const RESYNC_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Where a site stands with respect to a group this site owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Not connected, or connected but not yet resumed: deltas are kept.
+    Waiting,
+    /// Receiving deltas as they close.
+    Streaming,
+    /// Receiving the regions it missed, then deltas.
+    Resyncing,
+    /// Fell too far behind while away: needs a resync when it returns.
+    NeedsResync,
+}
+
+impl PeerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerState::Waiting => "waiting",
+            PeerState::Streaming => "streaming",
+            PeerState::Resyncing => "resyncing",
+            PeerState::NeedsResync => "needs-resync",
+        }
+    }
+}
+
+/// One other site's progress on a group owned here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReplication {
+    pub peer: SiteId,
+    pub state: PeerState,
+    pub shipped: DeltaSeq,
+    pub journaled: DeltaSeq,
+    pub applied: DeltaSeq,
+    /// Closed deltas (and their bytes) the site has not applied yet.
+    pub unapplied_deltas: u64,
+    pub unapplied_bytes: u64,
+    /// Age of the oldest delta the site has not journaled: the live RPO.
+    pub lag_nanos: u64,
+    pub resync_regions_left: u64,
+}
+
+/// Replication state of one group, as seen from this site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReplication {
+    pub group: GroupId,
+    pub owner: SiteId,
+    pub epoch: Epoch,
+    /// Newest delta closed (at the owner) or received (at a replica).
+    pub last_seq: DeltaSeq,
+    /// Filled at the owner: one entry per other site.
+    pub peers: Vec<PeerReplication>,
+    /// False at a replica whose leg is mid-resync (not at a delta boundary).
+    pub consistent: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Replication {
+    outbound: BTreeMap<GroupId, Outbound>,
+    inbound: BTreeMap<GroupId, Inbound>,
+    connected: BTreeSet<SiteId>,
+    remote: BTreeMap<u64, RemoteOp>,
+    remote_deadlines: BTreeSet<(Timestamp, u64)>,
+    next_remote: u64,
+    internal: BTreeMap<RequestId, Internal>,
+    next_internal: u64,
+    backlog_bytes: u64,
+    backlog_deltas: u64,
+    next_resync_tag: u64,
+}
+
+/// A group this site owns.
+#[derive(Debug, Default)]
+struct Outbound {
+    peers: BTreeMap<SiteId, PeerProgress>,
+    /// Closed deltas not yet applied at every site, oldest first.
+    retained: VecDeque<Retained>,
+    /// Newest seq (and image) of each block in `retained`, so a strict read
+    /// can be answered with only the blocks newer than what a site holds.
+    history: BTreeMap<BlockKey, (DeltaSeq, BlockImage)>,
+    /// Deltas up to here are no longer retained (or predate this run).
+    retired_upto: DeltaSeq,
+}
+
+#[derive(Debug)]
+struct Retained {
+    seq: DeltaSeq,
+    position: u64,
+    record: DeltaRecord,
+    bytes: u64,
+    closed_at: Timestamp,
+}
+
+#[derive(Debug)]
+struct PeerProgress {
+    state: PeerState,
+    shipped: DeltaSeq,
+    journaled: DeltaSeq,
+    applied: DeltaSeq,
+    /// Regions (volume, first block / REGION_BLOCKS) the site may lack.
+    dirty: BTreeSet<(VolumeId, u64)>,
+    /// Every region of the group's volumes must be assumed dirty (the
+    /// deltas the site missed are no longer known here).
+    dirty_all: bool,
+    /// Deltas up to here are covered by the resync in progress.
+    resync_base: DeltaSeq,
+    resync_reading: usize,
+    /// Chunks sent and not yet acknowledged, oldest first.
+    resync_unacked: VecDeque<(VolumeId, u64)>,
+    resync_generation: u64,
+    /// The chunk marked `last` went out in this resync.
+    last_chunk_sent: bool,
+}
+
+impl PeerProgress {
+    fn new() -> Self {
+        PeerProgress {
+            state: PeerState::Waiting,
+            shipped: DeltaSeq(0),
+            journaled: DeltaSeq(0),
+            applied: DeltaSeq(0),
+            dirty: BTreeSet::new(),
+            dirty_all: false,
+            resync_base: DeltaSeq(0),
+            resync_reading: 0,
+            resync_unacked: VecDeque::new(),
+            resync_generation: 0,
+            last_chunk_sent: false,
+        }
+    }
+
+    /// True while this site still needs delta `seq` kept for it.
+    fn holds(&self, seq: DeltaSeq) -> bool {
+        match self.state {
+            PeerState::NeedsResync => false,
+            PeerState::Resyncing if seq <= self.resync_base => false,
+            _ => self.applied < seq,
+        }
+    }
+}
+
+/// A group owned by another site.
+#[derive(Debug, Default)]
+struct Inbound {
+    journaled_reported: DeltaSeq,
+    /// Journal positions of resync chunks not yet acknowledged, in order.
+    chunk_positions: VecDeque<u64>,
+    resync: Option<InboundResync>,
+}
+
+#[derive(Debug)]
+struct InboundResync {
+    last_received: bool,
+    consistent_at: DeltaSeq,
+}
+
+#[derive(Debug)]
+struct RemoteOp {
+    request: RequestId,
+    deadline: Timestamp,
+    kind: RemoteKind,
+}
+
+#[derive(Debug)]
+enum RemoteKind {
+    Read {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    },
+    Forward,
+}
+
+#[derive(Debug)]
+enum Internal {
+    Forward {
+        peer: SiteId,
+        id: u64,
+    },
+    Read {
+        peer: SiteId,
+        id: u64,
+        volume: VolumeId,
+        first_block: u64,
+    },
+    ResyncRead {
+        peer: SiteId,
+        group: GroupId,
+        region: (VolumeId, u64),
+        generation: u64,
+        stale: bool,
+    },
+}
+
+impl Replication {
+    pub(super) fn next_deadline(&self) -> Option<Timestamp> {
+        self.remote_deadlines.first().map(|(deadline, _)| *deadline)
+    }
+
+    pub(super) fn some_peer_journaled(&self, group: GroupId, seq: DeltaSeq) -> bool {
+        self.outbound.get(&group).is_some_and(|outbound| {
+            outbound
+                .peers
+                .values()
+                .any(|peer| peer.state != PeerState::NeedsResync && peer.journaled >= seq)
+        })
+    }
+
+    pub(super) fn fill_stats(&self, stats: &mut EngineStats) {
+        stats.backlog_bytes = self.backlog_bytes;
+        stats.backlog_deltas = self.backlog_deltas;
+        stats.resync_regions_left = self
+            .outbound
+            .values()
+            .flat_map(|outbound| outbound.peers.values())
+            .map(|peer| (peer.dirty.len() + peer.resync_unacked.len()) as u64)
+            .sum();
+    }
+}
+
+fn is_internal(request: RequestId) -> bool {
+    request.0 >= INTERNAL_REQUEST_BASE
+}
+
+fn region_of(key: &BlockKey) -> (VolumeId, u64) {
+    (key.volume, key.block / REGION_BLOCKS)
+}
+
+// ---------------------------------------------------------------------------
+// Public API
+
+impl Engine {
+    /// The site that accepts writes for `group` now (this site for a group
+    /// never assigned).
+    pub fn owner_of(&self, group: GroupId) -> SiteId {
+        self.groups
+            .get(&group)
+            .map_or(self.config.site, |state| state.owner)
+    }
+
+    /// Records who owns `group` from now on, as the ownership authority
+    /// decided. A replica that can reach the new owner asks it to resume.
+    pub fn set_owner(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
+        let site = self.config.site;
+        let state = self
+            .groups
+            .entry(group)
+            .or_insert_with(|| Group::new(DeltaSeq(1), owner));
+        state.owner = owner;
+        state.epoch = epoch;
+        let last = DeltaSeq(state.next_seq.0 - 1);
+        if owner == site {
+            self.replication.inbound.remove(&group);
+            let peers = self.config.peers.clone();
+            let outbound = self.replication.outbound.entry(group).or_default();
+            outbound.retired_upto = outbound.retired_upto.max(last);
+            for peer in peers {
+                outbound.peers.entry(peer).or_insert_with(PeerProgress::new);
+            }
+            return;
+        }
+        if let Some(outbound) = self.replication.outbound.remove(&group) {
+            for retained in outbound.retained {
+                self.replication.backlog_bytes -= retained.bytes;
+                self.replication.backlog_deltas -= 1;
+            }
+        }
+        self.replication.inbound.entry(group).or_default();
+        if self.replication.connected.contains(&owner) {
+            self.send_resume(group);
+        }
+    }
+
+    /// A connection to `peer` is up (again).
+    pub fn peer_up(&mut self, now: Timestamp, peer: SiteId) {
+        self.observe(now);
+        self.replication.connected.insert(peer);
+        let replicated: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, state)| state.owner == peer)
+            .map(|(group, _)| *group)
+            .collect();
+        for group in replicated {
+            self.send_resume(group);
+        }
+    }
+
+    /// The connection to `peer` is gone: whatever was in flight on it may
+    /// be lost. Deltas are kept for it until it resumes.
+    pub fn peer_down(&mut self, now: Timestamp, peer: SiteId) {
+        self.observe(now);
+        self.replication.connected.remove(&peer);
+        for outbound in self.replication.outbound.values_mut() {
+            let Some(progress) = outbound.peers.get_mut(&peer) else {
+                continue;
+            };
+            match progress.state {
+                PeerState::Streaming => progress.state = PeerState::Waiting,
+                PeerState::Resyncing => {
+                    progress.state = PeerState::NeedsResync;
+                    progress.resync_generation += 1;
+                    progress.resync_reading = 0;
+                    progress.last_chunk_sent = false;
+                    let unacked: Vec<(VolumeId, u64)> = progress
+                        .resync_unacked
+                        .drain(..)
+                        .filter(|region| region.0 != VolumeId(u32::MAX))
+                        .collect();
+                    progress.dirty.extend(unacked);
+                }
+                PeerState::Waiting | PeerState::NeedsResync => {}
+            }
+        }
+        self.retire_shipped();
+    }
+
+    /// A message from the engine at site `from`. Messages are checked
+    /// against this site's view (owner, sequence) and refused, never
+    /// trusted, when they do not fit.
+    pub fn receive(&mut self, now: Timestamp, from: SiteId, message: SiteMessage) {
+        self.observe(now);
+        match message {
+            SiteMessage::Delta(record) => self.receive_delta(from, record),
+            SiteMessage::Journaled { group, seq } => {
+                if let Some(progress) = self.peer_progress(group, from) {
+                    progress.journaled = progress.journaled.max(seq);
+                    self.answer_synced_waiters();
+                }
+            }
+            SiteMessage::Applied { group, seq } => {
+                if let Some(progress) = self.peer_progress(group, from) {
+                    progress.applied = progress.applied.max(seq);
+                    progress.journaled = progress.journaled.max(seq);
+                    self.answer_synced_waiters();
+                    self.retire_shipped();
+                }
+            }
+            SiteMessage::Resume { group, have } => self.receive_resume(from, group, have),
+            SiteMessage::Resync {
+                group,
+                blocks,
+                last,
+                base,
+                consistent_at,
+            } => self.receive_resync(from, group, blocks, last, base, consistent_at),
+            SiteMessage::ResyncAck { group } => self.receive_resync_ack(from, group),
+            SiteMessage::ReadRequest { id, request, have } => {
+                self.receive_read_request(from, id, request, have)
+            }
+            SiteMessage::ReadReply { id, result } => self.receive_read_reply(id, result),
+            SiteMessage::Forward { id, request } => self.receive_forward(from, id, request),
+            SiteMessage::ForwardReply { id, result } => {
+                let Some(op) = self.take_remote(id) else {
+                    self.stats.refused_messages_total += 1;
+                    return;
+                };
+                self.reply(op.request, result);
+            }
+        }
+    }
+
+    /// Replication state of every group, for status and metrics.
+    pub fn replication_status(&self) -> Vec<GroupReplication> {
+        let now = self.now;
+        self.groups
+            .iter()
+            .map(|(group, state)| {
+                let peers = self
+                    .replication
+                    .outbound
+                    .get(group)
+                    .map(|outbound| {
+                        outbound
+                            .peers
+                            .iter()
+                            .map(|(peer, progress)| {
+                                let unapplied =
+                                    outbound.retained.iter().filter(|r| r.seq > progress.applied);
+                                let (deltas, bytes) =
+                                    unapplied.fold((0, 0), |(d, b), r| (d + 1, b + r.bytes));
+                                let oldest_unjournaled = outbound
+                                    .retained
+                                    .iter()
+                                    .find(|r| r.seq > progress.journaled)
+                                    .map(|r| r.closed_at);
+                                PeerReplication {
+                                    peer: *peer,
+                                    state: progress.state,
+                                    shipped: progress.shipped,
+                                    journaled: progress.journaled,
+                                    applied: progress.applied,
+                                    unapplied_deltas: deltas,
+                                    unapplied_bytes: bytes,
+                                    lag_nanos: oldest_unjournaled
+                                        .map_or(0, |at| now.0.saturating_sub(at.0)),
+                                    resync_regions_left: (progress.dirty.len()
+                                        + progress.resync_unacked.len())
+                                        as u64,
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                GroupReplication {
+                    group: *group,
+                    owner: state.owner,
+                    epoch: state.epoch,
+                    last_seq: DeltaSeq(state.next_seq.0 - 1),
+                    peers,
+                    consistent: self
+                        .replication
+                        .inbound
+                        .get(group)
+                        .is_none_or(|inbound| inbound.resync.is_none()),
+                }
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Owner side
+
+impl Engine {
+    fn peer_progress(&mut self, group: GroupId, peer: SiteId) -> Option<&mut PeerProgress> {
+        let found = self
+            .replication
+            .outbound
+            .get_mut(&group)
+            .and_then(|outbound| outbound.peers.get_mut(&peer));
+        if found.is_none() {
+            self.stats.refused_messages_total += 1;
+        }
+        found
+    }
+
+    pub(super) fn backlog_full(&self) -> bool {
+        self.replication.backlog_bytes > self.config.backlog_bytes_max
+    }
+
+    /// Keeps a just-closed delta for the other sites (shipped once the
+    /// local journal holds it).
+    pub(super) fn retain_for_peers(&mut self, record: &DeltaRecord) {
+        let now = self.now;
+        let Some(outbound) = self.replication.outbound.get_mut(&record.group) else {
+            return;
+        };
+        if outbound.peers.is_empty() {
+            return;
+        }
+        for progress in outbound.peers.values_mut() {
+            if progress.state == PeerState::NeedsResync {
+                progress
+                    .dirty
+                    .extend(record.blocks.iter().map(|(key, _)| region_of(key)));
+            }
+        }
+        for (key, image) in &record.blocks {
+            outbound.history.insert(*key, (record.seq, image.clone()));
+        }
+        let bytes = record.data_bytes();
+        outbound.retained.push_back(Retained {
+            seq: record.seq,
+            position: record.position.0,
+            record: record.clone(),
+            bytes,
+            closed_at: now,
+        });
+        self.replication.backlog_bytes += bytes;
+        self.replication.backlog_deltas += 1;
+        if self.backlog_full() {
+            self.fold_absent_peers();
+        }
+        self.retire_shipped();
+    }
+
+    /// Past the backlog bound, a site that is not connected no longer holds
+    /// deltas back: what it misses becomes regions to resync.
+    fn fold_absent_peers(&mut self) {
+        for outbound in self.replication.outbound.values_mut() {
+            for progress in outbound.peers.values_mut() {
+                if progress.state != PeerState::Waiting {
+                    continue;
+                }
+                for retained in outbound.retained.iter().filter(|r| r.seq > progress.journaled) {
+                    progress
+                        .dirty
+                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                }
+                progress.state = PeerState::NeedsResync;
+            }
+        }
+    }
+
+    /// Drops deltas every site applied (or will get by resync).
+    pub(super) fn retire_shipped(&mut self) {
+        let mut freed = false;
+        for outbound in self.replication.outbound.values_mut() {
+            while let Some(front) = outbound.retained.front() {
+                if outbound.peers.values().any(|peer| peer.holds(front.seq)) {
+                    break;
+                }
+                let retained = outbound
+                    .retained
+                    .pop_front()
+                    .expect("engine invariant: front exists");
+                for (key, _) in &retained.record.blocks {
+                    if outbound
+                        .history
+                        .get(key)
+                        .is_some_and(|(seq, _)| *seq == retained.seq)
+                    {
+                        outbound.history.remove(key);
+                    }
+                }
+                outbound.retired_upto = retained.seq;
+                self.replication.backlog_bytes -= retained.bytes;
+                self.replication.backlog_deltas -= 1;
+                freed = true;
+            }
+        }
+        if freed {
+            self.admit_throttled();
+        }
+    }
+
+    /// After a journal sync: ship what became durable to streaming sites;
+    /// at a replica, acknowledge what became durable.
+    pub(super) fn after_journal_sync(&mut self) {
+        let owned: Vec<GroupId> = self.replication.outbound.keys().copied().collect();
+        for group in owned {
+            let peers: Vec<SiteId> = self.replication.outbound[&group]
+                .peers
+                .keys()
+                .copied()
+                .collect();
+            for peer in peers {
+                self.ship_ready(group, peer);
+            }
+        }
+        let replicated: Vec<GroupId> = self.replication.inbound.keys().copied().collect();
+        for group in replicated {
+            self.send_replica_acks(group);
+        }
+    }
+
+    /// Sends a site every retained delta after what it was shipped that the
+    /// local journal holds durably.
+    fn ship_ready(&mut self, group: GroupId, peer: SiteId) {
+        let synced = self.journal.synced_upto;
+        let Some(outbound) = self.replication.outbound.get_mut(&group) else {
+            return;
+        };
+        let Some(progress) = outbound.peers.get_mut(&peer) else {
+            return;
+        };
+        if !matches!(progress.state, PeerState::Streaming | PeerState::Resyncing) {
+            return;
+        }
+        let mut messages = Vec::new();
+        for retained in &outbound.retained {
+            if retained.seq <= progress.shipped {
+                continue;
+            }
+            if retained.position > synced {
+                break;
+            }
+            progress.shipped = retained.seq;
+            self.stats.shipped_deltas_total += 1;
+            self.stats.shipped_bytes_total += retained.bytes;
+            messages.push(SiteMessage::Delta(retained.record.clone()));
+        }
+        for message in messages {
+            self.actions.push_back(Action::Send { peer, message });
+        }
+    }
+
+    fn receive_resume(&mut self, from: SiteId, group: GroupId, have: Option<DeltaSeq>) {
+        if self.owner_of(group) != self.config.site {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
+        let last = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        let Some(outbound) = self.replication.outbound.get_mut(&group) else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        let retired_upto = outbound.retired_upto;
+        let Some(progress) = outbound.peers.get_mut(&from) else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        // A resume while resyncing means the connection was reset before we
+        // noticed: chunks in flight may be lost.
+        if progress.state == PeerState::Resyncing {
+            progress.resync_generation += 1;
+            progress.resync_reading = 0;
+            progress.last_chunk_sent = false;
+            let unacked: Vec<(VolumeId, u64)> = progress
+                .resync_unacked
+                .drain(..)
+                .filter(|region| region.0 != VolumeId(u32::MAX))
+                .collect();
+            progress.dirty.extend(unacked);
+            progress.state = PeerState::NeedsResync;
+        }
+        if let Some(have) = have
+            && progress.state != PeerState::NeedsResync
+            && have >= retired_upto
+            && have <= last
+        {
+            progress.state = PeerState::Streaming;
+            progress.shipped = have;
+            self.ship_ready(group, from);
+            return;
+        }
+        // The deltas it lacks are not all here: copy the regions instead.
+        match have {
+            Some(have) if have < retired_upto || have > last => progress.dirty_all = true,
+            Some(have) => {
+                for retained in outbound.retained.iter().filter(|r| r.seq > have) {
+                    progress
+                        .dirty
+                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                }
+            }
+            None => {
+                let floor = progress.applied;
+                for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
+                    progress
+                        .dirty
+                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                }
+            }
+        }
+        progress.state = PeerState::Resyncing;
+        progress.shipped = last;
+        progress.resync_base = last;
+        if std::mem::take(&mut progress.dirty_all) {
+            let regions: Vec<(VolumeId, u64)> = self
+                .volumes
+                .iter()
+                .filter(|(_, state)| state.spec.group == group)
+                .flat_map(|(volume, state)| {
+                    let blocks = state.spec.size / BLOCK_SIZE as u64;
+                    (0..blocks.div_ceil(REGION_BLOCKS)).map(move |region| (*volume, region))
+                })
+                .collect();
+            let progress = self
+                .peer_progress(group, from)
+                .expect("engine invariant: progress looked up above");
+            progress.dirty.extend(regions);
+        }
+        self.pump_resync(group, from);
+        self.retire_shipped();
+    }
+
+    /// Keeps up to [`RESYNC_CHUNKS_IN_FLIGHT`] region reads and chunks
+    /// going; sends the last (possibly empty) chunk when nothing is left.
+    fn pump_resync(&mut self, group: GroupId, peer: SiteId) {
+        loop {
+            let Some(progress) = self
+                .replication
+                .outbound
+                .get_mut(&group)
+                .and_then(|outbound| outbound.peers.get_mut(&peer))
+            else {
+                return;
+            };
+            if progress.state != PeerState::Resyncing {
+                return;
+            }
+            let busy = progress.resync_reading + progress.resync_unacked.len();
+            if progress.dirty.is_empty() {
+                if busy == 0 {
+                    self.finish_resync(group, peer);
+                }
+                return;
+            }
+            if busy >= RESYNC_CHUNKS_IN_FLIGHT {
+                return;
+            }
+            let region = progress
+                .dirty
+                .pop_first()
+                .expect("engine invariant: dirty is not empty");
+            progress.resync_reading += 1;
+            let generation = progress.resync_generation;
+            self.start_resync_read(group, peer, region, generation);
+        }
+    }
+
+    fn start_resync_read(
+        &mut self,
+        group: GroupId,
+        peer: SiteId,
+        region: (VolumeId, u64),
+        generation: u64,
+    ) {
+        let (volume, index) = region;
+        let request = self.new_internal(Internal::ResyncRead {
+            peer,
+            group,
+            region,
+            generation,
+            stale: false,
+        });
+        let Some(spec) = self.volume(volume) else {
+            // A deleted volume has nothing left to copy.
+            self.reply(request, Ok(Response::Data(Bytes::new())));
+            return;
+        };
+        let offset = index * REGION_BLOCKS * BLOCK_SIZE as u64;
+        let length = (REGION_BLOCKS * BLOCK_SIZE as u64).min(spec.size.saturating_sub(offset));
+        self.start_read(request, volume, offset, length, None);
+    }
+
+    /// A leg write landed: resync reads of regions it touched may have read
+    /// a mix of old and new blocks, so they are read again.
+    pub(super) fn mark_resync_reads_stale(&mut self, blocks: &[(BlockKey, BlockImage)]) {
+        for internal in self.replication.internal.values_mut() {
+            if let Internal::ResyncRead { region, stale, .. } = internal
+                && !*stale
+                && blocks.iter().any(|(key, _)| region_of(key) == *region)
+            {
+                *stale = true;
+            }
+        }
+    }
+
+    fn resync_read_done(
+        &mut self,
+        peer: SiteId,
+        group: GroupId,
+        region: (VolumeId, u64),
+        generation: u64,
+        stale: bool,
+        result: Result<Response, RequestError>,
+    ) {
+        let Some(progress) = self
+            .replication
+            .outbound
+            .get_mut(&group)
+            .and_then(|outbound| outbound.peers.get_mut(&peer))
+        else {
+            return;
+        };
+        if progress.resync_generation != generation {
+            // The connection dropped meanwhile; the region went back to
+            // dirty then (or goes now).
+            progress.dirty.insert(region);
+            return;
+        }
+        if stale || result.is_err() {
+            // Read again (an error retries: the region must still be copied).
+            let generation = progress.resync_generation;
+            self.start_resync_read(group, peer, region, generation);
+            return;
+        }
+        progress.resync_reading -= 1;
+        let Ok(Response::Data(data)) = result else {
+            panic!("engine invariant: a resync read answers with data");
+        };
+        let (volume, index) = region;
+        let mut blocks = Vec::with_capacity(data.len() / BLOCK_SIZE);
+        for (number, chunk) in data.chunks(BLOCK_SIZE).enumerate() {
+            let key = BlockKey {
+                volume,
+                block: index * REGION_BLOCKS + number as u64,
+            };
+            // The cache holds the newest image of resident blocks, newer
+            // than what the leg read returned if a write landed meanwhile.
+            let image = match self.index.get(&key) {
+                Some(entry) => entry.image.clone(),
+                None if chunk.iter().all(|byte| *byte == 0) => BlockImage::Zero,
+                None => BlockImage::Data(data.slice_ref(chunk)),
+            };
+            blocks.push((key, image));
+        }
+        let progress = self
+            .peer_progress(group, peer)
+            .expect("engine invariant: progress looked up above");
+        progress.resync_unacked.push_back(region);
+        let last = progress.dirty.is_empty() && progress.resync_reading == 0;
+        let base = progress.resync_base;
+        self.send_chunk(group, peer, blocks, last, base);
+        self.pump_resync(group, peer);
+    }
+
+    fn send_chunk(
+        &mut self,
+        group: GroupId,
+        peer: SiteId,
+        blocks: Vec<(BlockKey, BlockImage)>,
+        last: bool,
+        base: DeltaSeq,
+    ) {
+        if last {
+            // Whatever the chunks observed is in deltas up to this one.
+            self.close_delta(group);
+        }
+        if let Some(progress) = self
+            .replication
+            .outbound
+            .get_mut(&group)
+            .and_then(|outbound| outbound.peers.get_mut(&peer))
+        {
+            progress.last_chunk_sent = last;
+        }
+        let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
+        self.actions.push_back(Action::Send {
+            peer,
+            message: SiteMessage::Resync {
+                group,
+                blocks,
+                last,
+                base,
+                consistent_at,
+            },
+        });
+    }
+
+    fn finish_resync(&mut self, group: GroupId, peer: SiteId) {
+        let Some(progress) = self.peer_progress(group, peer) else {
+            return;
+        };
+        if !progress.last_chunk_sent {
+            // Nothing (more) to copy: the site still needs to hear the end.
+            progress.resync_unacked.push_back((VolumeId(u32::MAX), 0));
+            let base = progress.resync_base;
+            self.send_chunk(group, peer, Vec::new(), true, base);
+            return;
+        }
+        progress.state = PeerState::Streaming;
+        progress.last_chunk_sent = false;
+        self.ship_ready(group, peer);
+        self.retire_shipped();
+    }
+
+    fn receive_resync_ack(&mut self, from: SiteId, group: GroupId) {
+        let Some(progress) = self.peer_progress(group, from) else {
+            return;
+        };
+        if progress.state != PeerState::Resyncing || progress.resync_unacked.pop_front().is_none()
+        {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
+        self.stats.resync_regions_done_total += 1;
+        self.pump_resync(group, from);
+    }
+
+    fn receive_read_request(
+        &mut self,
+        from: SiteId,
+        id: u64,
+        request: Request,
+        have: Option<DeltaSeq>,
+    ) {
+        let Request::Read {
+            volume,
+            offset,
+            length,
+        } = request
+        else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        let answer = |engine: &mut Engine, result| {
+            engine.actions.push_back(Action::Send {
+                peer: from,
+                message: SiteMessage::ReadReply { id, result },
+            });
+        };
+        let Some(spec) = self.volume(volume) else {
+            answer(self, Err(RequestError::NoVolume(volume)));
+            return;
+        };
+        if let Err(error) = check_range(&spec, offset, length) {
+            answer(self, Err(error));
+            return;
+        }
+        if self.owner_of(spec.group) != self.config.site {
+            let error = RequestError::Io(format!(
+                "site {} does not own volume {volume}",
+                self.config.site
+            ));
+            answer(self, Err(error));
+            return;
+        }
+        if length == 0 {
+            answer(self, Ok(Vec::new()));
+            return;
+        }
+        let last = DeltaSeq(self.groups[&spec.group].next_seq.0 - 1);
+        let outbound = self.replication.outbound.get(&spec.group);
+        let retired_upto = outbound.map_or(last, |outbound| outbound.retired_upto);
+        if let Some(have) = have
+            && have >= retired_upto
+            && have <= last
+        {
+            // Every delta after `have` is retained or still in the cache.
+            let mut blocks = Vec::new();
+            for block in block_span(offset, length) {
+                let key = BlockKey { volume, block };
+                let entry = self.index.get(&key);
+                let in_cache = entry.is_some_and(|entry| entry.dirty_seq.is_some_and(|s| s > have));
+                let in_history = outbound
+                    .and_then(|outbound| outbound.history.get(&key))
+                    .filter(|(seq, _)| *seq > have);
+                if !in_cache && in_history.is_none() {
+                    continue;
+                }
+                let image = match (entry, in_history) {
+                    (Some(entry), _) => entry.image.clone(),
+                    (None, Some((_, image))) => image.clone(),
+                    (None, None) => unreachable!("checked above"),
+                };
+                blocks.push((key, image));
+            }
+            answer(self, Ok(blocks));
+            return;
+        }
+        // The site is too far behind for a diff: send the whole range.
+        let block_bytes = BLOCK_SIZE as u64;
+        let first_block = offset / block_bytes;
+        let end_block = (offset + length).div_ceil(block_bytes);
+        let internal = self.new_internal(Internal::Read {
+            peer: from,
+            id,
+            volume,
+            first_block,
+        });
+        self.start_read(
+            internal,
+            volume,
+            first_block * block_bytes,
+            (end_block - first_block) * block_bytes,
+            None,
+        );
+    }
+
+    fn receive_forward(&mut self, from: SiteId, id: u64, request: Request) {
+        let volume = request.volume();
+        let owned = self
+            .volume(volume)
+            .is_some_and(|spec| self.owner_of(spec.group) == self.config.site);
+        if !owned {
+            let result = match self.volume(volume) {
+                None => Err(RequestError::NoVolume(volume)),
+                Some(_) => Err(RequestError::Io(format!(
+                    "site {} does not own volume {volume}",
+                    self.config.site
+                ))),
+            };
+            self.actions.push_back(Action::Send {
+                peer: from,
+                message: SiteMessage::ForwardReply { id, result },
+            });
+            return;
+        }
+        let internal = self.new_internal(Internal::Forward { peer: from, id });
+        let now = self.now;
+        self.submit(now, internal, request);
+    }
+
+    fn new_internal(&mut self, purpose: Internal) -> RequestId {
+        let request = RequestId(INTERNAL_REQUEST_BASE + self.replication.next_internal);
+        self.replication.next_internal += 1;
+        self.replication.internal.insert(request, purpose);
+        request
+    }
+
+    /// The answer to a request the engine issued itself.
+    pub(super) fn internal_reply(
+        &mut self,
+        request: RequestId,
+        result: Result<Response, RequestError>,
+    ) {
+        let Some(purpose) = self.replication.internal.remove(&request) else {
+            panic!("engine invariant: internal request {request} answered twice or never issued");
+        };
+        match purpose {
+            Internal::Forward { peer, id } => self.actions.push_back(Action::Send {
+                peer,
+                message: SiteMessage::ForwardReply { id, result },
+            }),
+            Internal::Read {
+                peer,
+                id,
+                volume,
+                first_block,
+            } => {
+                let result = result.map(|response| match response {
+                    Response::Data(data) => data
+                        .chunks(BLOCK_SIZE)
+                        .enumerate()
+                        .map(|(number, chunk)| {
+                            let key = BlockKey {
+                                volume,
+                                block: first_block + number as u64,
+                            };
+                            (key, BlockImage::Data(data.slice_ref(chunk)))
+                        })
+                        .collect(),
+                    Response::Done => Vec::new(),
+                });
+                self.actions.push_back(Action::Send {
+                    peer,
+                    message: SiteMessage::ReadReply { id, result },
+                });
+            }
+            Internal::ResyncRead {
+                peer,
+                group,
+                region,
+                generation,
+                stale,
+            } => self.resync_read_done(peer, group, region, generation, stale, result),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replica side
+
+impl Engine {
+    pub(super) fn send_resume(&mut self, group: GroupId) {
+        let Some(state) = self.groups.get(&group) else {
+            return;
+        };
+        let owner = state.owner;
+        let have = match self.replication.inbound.get(&group) {
+            Some(inbound) if inbound.resync.is_some() => None,
+            _ => Some(DeltaSeq(state.next_seq.0 - 1)),
+        };
+        self.actions.push_back(Action::Send {
+            peer: owner,
+            message: SiteMessage::Resume { group, have },
+        });
+    }
+
+    /// Why a snapshot read cannot be served here now, if it cannot.
+    pub(super) fn snapshot_unavailable(&self, group: GroupId) -> Option<String> {
+        let inbound = self.replication.inbound.get(&group)?;
+        inbound.resync.as_ref()?;
+        Some(format!(
+            "group {group} is resyncing from site {}: its image here is not at a delta boundary",
+            self.owner_of(group)
+        ))
+    }
+
+    fn receive_delta(&mut self, from: SiteId, record: DeltaRecord) {
+        let group_id = record.group;
+        let site = self.config.site;
+        let group = self
+            .groups
+            .entry(group_id)
+            .or_insert_with(|| Group::new(DeltaSeq(1), from));
+        if group.owner != from || from == site {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
+        let expected = group.next_seq;
+        if record.seq < expected {
+            // Sent again after a reconnect: already queued here.
+            self.send_replica_acks(group_id);
+            return;
+        }
+        let gap_accepted = self.config.planted_bug == Some(PlantedBug::AcceptDeltaGap);
+        if record.seq > expected && !gap_accepted {
+            // A predecessor is missing: ask for everything after what we hold.
+            self.stats.refused_messages_total += 1;
+            self.send_resume(group_id);
+            return;
+        }
+        group.next_seq = DeltaSeq(record.seq.0 + 1);
+        group.epoch = record.epoch;
+        self.replication.inbound.entry(group_id).or_default();
+        let charge: u64 = record
+            .blocks
+            .iter()
+            .map(|(_, image)| Entry::charge(image))
+            .sum();
+        // Memory for received deltas is bounded by the owner's backlog
+        // bound; clean blocks make room where they can.
+        self.make_room(charge);
+        for (key, image) in &record.blocks {
+            self.index.set_dirty(*key, image.clone(), record.seq);
+        }
+        self.dirty_bytes += charge;
+        self.stats.received_deltas_total += 1;
+        self.stats.received_bytes_total += record.data_bytes();
+        self.enqueue_closed(
+            group_id,
+            record.epoch,
+            record.seq,
+            record.seq,
+            record.blocks,
+            charge,
+            false,
+        );
+    }
+
+    fn receive_resync(
+        &mut self,
+        from: SiteId,
+        group_id: GroupId,
+        blocks: Vec<(BlockKey, BlockImage)>,
+        last: bool,
+        base: DeltaSeq,
+        consistent_at: DeltaSeq,
+    ) {
+        if self.owner_of(group_id) != from || from == self.config.site {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
+        let group = self
+            .groups
+            .get_mut(&group_id)
+            .expect("engine invariant: owner_of found the group");
+        // Deltas after `base` follow the chunks on the same stream.
+        group.next_seq = group.next_seq.max(DeltaSeq(base.0 + 1));
+        let epoch = group.epoch;
+        let inbound = self.replication.inbound.entry(group_id).or_default();
+        let resync = inbound.resync.get_or_insert(InboundResync {
+            last_received: false,
+            consistent_at,
+        });
+        resync.last_received = last;
+        resync.consistent_at = resync.consistent_at.max(consistent_at);
+        if blocks.is_empty() {
+            inbound.chunk_positions.push_back(0);
+        } else {
+            let tag = DeltaSeq(RESYNC_TAG_BASE + self.replication.next_resync_tag);
+            self.replication.next_resync_tag += 1;
+            let charge: u64 = blocks.iter().map(|(_, image)| Entry::charge(image)).sum();
+            self.make_room(charge);
+            for (key, image) in &blocks {
+                self.index.set_dirty(*key, image.clone(), tag);
+            }
+            self.dirty_bytes += charge;
+            let record = self.enqueue_closed(group_id, epoch, base, tag, blocks, charge, true);
+            self.replication
+                .inbound
+                .get_mut(&group_id)
+                .expect("engine invariant: inbound created above")
+                .chunk_positions
+                .push_back(record.position.0);
+        }
+        self.send_replica_acks(group_id);
+        self.check_consistent(group_id);
+    }
+
+    /// Acknowledges, in order, the deltas and chunks of a group the journal
+    /// now holds durably.
+    fn send_replica_acks(&mut self, group_id: GroupId) {
+        let synced = self.journal.synced_upto;
+        let Some(state) = self.groups.get(&group_id) else {
+            return;
+        };
+        let owner = state.owner;
+        let journaled = if state.last_position <= synced {
+            DeltaSeq(state.next_seq.0 - 1)
+        } else {
+            state
+                .closed
+                .iter()
+                .filter(|delta| !delta.resync && delta.position.0 <= synced)
+                .map(|delta| delta.seq)
+                .max()
+                .unwrap_or(DeltaSeq(0))
+        };
+        let Some(inbound) = self.replication.inbound.get_mut(&group_id) else {
+            return;
+        };
+        let mut messages = Vec::new();
+        while let Some(position) = inbound.chunk_positions.front() {
+            if *position > synced {
+                break;
+            }
+            inbound.chunk_positions.pop_front();
+            messages.push(SiteMessage::ResyncAck { group: group_id });
+        }
+        if journaled > inbound.journaled_reported {
+            inbound.journaled_reported = journaled;
+            messages.push(SiteMessage::Journaled {
+                group: group_id,
+                seq: journaled,
+            });
+        } else if messages.is_empty() && inbound.journaled_reported > DeltaSeq(0) {
+            // A duplicate delta: say again what we hold.
+            messages.push(SiteMessage::Journaled {
+                group: group_id,
+                seq: inbound.journaled_reported,
+            });
+        }
+        for message in messages {
+            self.actions.push_back(Action::Send {
+                peer: owner,
+                message,
+            });
+        }
+    }
+
+    /// A delta or chunk reached the legs.
+    pub(super) fn replica_applied(&mut self, group_id: GroupId, delta: &ClosedDelta) {
+        if !self.config.peers.is_empty() {
+            self.mark_resync_reads_stale(&delta.blocks);
+        }
+        let owner = self.owner_of(group_id);
+        if owner == self.config.site {
+            return;
+        }
+        if !delta.resync {
+            self.actions.push_back(Action::Send {
+                peer: owner,
+                message: SiteMessage::Applied {
+                    group: group_id,
+                    seq: delta.seq,
+                },
+            });
+        }
+        self.check_consistent(group_id);
+    }
+
+    fn check_consistent(&mut self, group_id: GroupId) {
+        let Some(state) = self.groups.get(&group_id) else {
+            return;
+        };
+        let Some(inbound) = self.replication.inbound.get_mut(&group_id) else {
+            return;
+        };
+        let Some(resync) = &inbound.resync else {
+            return;
+        };
+        let chunks_pending = state.closed.iter().any(|delta| delta.resync);
+        let deltas_pending = state
+            .closed
+            .iter()
+            .any(|delta| !delta.resync && delta.seq <= resync.consistent_at);
+        let received = DeltaSeq(state.next_seq.0 - 1) >= resync.consistent_at;
+        if resync.last_received && !chunks_pending && !deltas_pending && received {
+            inbound.resync = None;
+        }
+    }
+
+    /// A request at a site that does not own the volume: strict reads ask
+    /// the owner for newer blocks, everything else is forwarded.
+    pub(super) fn submit_remote(&mut self, request_id: RequestId, spec: &VolumeSpec, request: Request) {
+        let owner = self.owner_of(spec.group);
+        let id = self.replication.next_remote;
+        self.replication.next_remote += 1;
+        let deadline = self.now.saturating_add_millis(self.config.remote_timeout_ms);
+        let (kind, message) = match request {
+            Request::Read {
+                volume,
+                offset,
+                length,
+            } => {
+                if let Err(error) = check_range(spec, offset, length) {
+                    self.reply(request_id, Err(error));
+                    return;
+                }
+                self.stats.remote_reads_total += 1;
+                let have = match self.replication.inbound.get(&spec.group) {
+                    Some(inbound) if inbound.resync.is_some() => None,
+                    _ => Some(DeltaSeq(self.groups[&spec.group].next_seq.0 - 1)),
+                };
+                (
+                    RemoteKind::Read {
+                        volume,
+                        offset,
+                        length,
+                    },
+                    SiteMessage::ReadRequest { id, request, have },
+                )
+            }
+            request => {
+                self.stats.forwarded_total += 1;
+                (RemoteKind::Forward, SiteMessage::Forward { id, request })
+            }
+        };
+        self.replication.remote.insert(
+            id,
+            RemoteOp {
+                request: request_id,
+                deadline,
+                kind,
+            },
+        );
+        self.replication.remote_deadlines.insert((deadline, id));
+        self.actions.push_back(Action::Send {
+            peer: owner,
+            message,
+        });
+    }
+
+    fn take_remote(&mut self, id: u64) -> Option<RemoteOp> {
+        let op = self.replication.remote.remove(&id)?;
+        self.replication.remote_deadlines.remove(&(op.deadline, id));
+        Some(op)
+    }
+
+    fn receive_read_reply(
+        &mut self,
+        id: u64,
+        result: Result<Vec<(BlockKey, BlockImage)>, RequestError>,
+    ) {
+        let Some(op) = self.take_remote(id) else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        let RemoteKind::Read {
+            volume,
+            offset,
+            length,
+        } = op.kind
+        else {
+            self.stats.refused_messages_total += 1;
+            self.reply(
+                op.request,
+                Err(RequestError::Io("owner answered a write with data".into())),
+            );
+            return;
+        };
+        let blocks = match result {
+            Ok(blocks) => blocks,
+            Err(error) => {
+                self.reply(op.request, Err(error));
+                return;
+            }
+        };
+        let span = block_span(offset, length);
+        let mut overlay = BTreeMap::new();
+        for (key, image) in blocks {
+            let valid_image = match &image {
+                BlockImage::Data(data) => data.len() == BLOCK_SIZE,
+                BlockImage::Zero => true,
+            };
+            if key.volume != volume || !span.contains(&key.block) || !valid_image {
+                self.stats.refused_messages_total += 1;
+                let error = RequestError::Io("owner sent blocks outside the read".into());
+                self.reply(op.request, Err(error));
+                return;
+            }
+            overlay.insert(key.block, image);
+        }
+        if self.volume(volume).is_none() {
+            self.reply(op.request, Err(RequestError::NoVolume(volume)));
+            return;
+        }
+        self.start_read(op.request, volume, offset, length, Some(&overlay));
+    }
+
+    /// Fails strict reads and forwarded requests whose owner did not answer
+    /// in time.
+    pub(super) fn expire_remote(&mut self, now: Timestamp) {
+        while let Some((deadline, id)) = self.replication.remote_deadlines.first().copied() {
+            if deadline > now {
+                break;
+            }
+            let Some(op) = self.take_remote(id) else {
+                continue;
+            };
+            self.stats.remote_timeouts_total += 1;
+            let error = RequestError::Io(format!(
+                "the owner site did not answer within {} ms",
+                self.config.remote_timeout_ms
+            ));
+            self.reply(op.request, Err(error));
+        }
+    }
+}
+
+pub(super) fn route_reply(
+    engine: &mut Engine,
+    request: RequestId,
+    result: Result<Response, RequestError>,
+) -> Option<Result<Response, RequestError>> {
+    if is_internal(request) {
+        engine.internal_reply(request, result);
+        return None;
+    }
+    Some(result)
+}

@@ -1,0 +1,90 @@
+//! What the engines of two sites say to each other. The driver carries
+//! these over the network (see the wire crate for their encoding) and
+//! hands received ones to [`crate::Engine::receive`].
+
+use crate::action::{DeltaRecord, Request, RequestError, Response};
+use crate::types::{BlockImage, BlockKey, DeltaSeq, GroupId};
+
+/// Which stream a message travels on. Deltas and their acks of one group
+/// need one ordered stream; reads and forwarded requests go on their own
+/// streams so that a large delta never delays a small read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lane {
+    Group(GroupId),
+    Request,
+}
+
+/// One message between the engines of two sites.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteMessage {
+    /// Owner to replica: a closed delta, sent in `(group, epoch, seq)`
+    /// order. Its `position` is meaningless to the receiver.
+    Delta(DeltaRecord),
+    /// Replica to owner: every delta of the group up to `seq` is in the
+    /// replica's journal, durably.
+    Journaled { group: GroupId, seq: DeltaSeq },
+    /// Replica to owner: every delta of the group up to `seq` is on the
+    /// replica's legs.
+    Applied { group: GroupId, seq: DeltaSeq },
+    /// Replica to owner, when a connection comes up: the replica holds the
+    /// group's deltas up to `have` and wants the ones after it. `None`
+    /// means its image is not at any delta boundary (a resync was cut
+    /// short) and it needs every region the owner marked dirty for it.
+    Resume {
+        group: GroupId,
+        have: Option<DeltaSeq>,
+    },
+    /// Owner to replica: current images of blocks the replica may lack,
+    /// sent when retained deltas cannot bring it up to date. The replica's
+    /// leg is not at a delta boundary until the `last` chunk arrived and
+    /// the deltas up to `consistent_at` were applied after it.
+    Resync {
+        group: GroupId,
+        blocks: Vec<(BlockKey, BlockImage)>,
+        last: bool,
+        /// The deltas after this one follow on the same stream.
+        base: DeltaSeq,
+        consistent_at: DeltaSeq,
+    },
+    /// Replica to owner: one more [`SiteMessage::Resync`] chunk is in the
+    /// replica's journal, durably (chunks are acknowledged in order).
+    ResyncAck { group: GroupId },
+    /// Replica to owner: the strict read `id` of a block range. The owner
+    /// answers with only the blocks written after delta `have` of the
+    /// volume's group (or all of them when `have` is `None`).
+    ReadRequest {
+        id: u64,
+        request: Request,
+        have: Option<DeltaSeq>,
+    },
+    /// Owner to replica: the blocks of the range newer than `have`.
+    ReadReply {
+        id: u64,
+        result: Result<Vec<(BlockKey, BlockImage)>, RequestError>,
+    },
+    /// Replica to owner: a write, flush, trim or zeroing issued at a site
+    /// that does not own the volume.
+    Forward { id: u64, request: Request },
+    /// Owner to replica: the outcome of a forwarded request.
+    ForwardReply {
+        id: u64,
+        result: Result<Response, RequestError>,
+    },
+}
+
+impl SiteMessage {
+    pub fn lane(&self) -> Lane {
+        match self {
+            SiteMessage::Delta(record) => Lane::Group(record.group),
+            SiteMessage::Journaled { group, .. }
+            | SiteMessage::Applied { group, .. }
+            | SiteMessage::Resume { group, .. }
+            | SiteMessage::Resync { group, .. }
+            | SiteMessage::ResyncAck { group } => Lane::Group(*group),
+            SiteMessage::ReadRequest { .. }
+            | SiteMessage::ReadReply { .. }
+            | SiteMessage::Forward { .. }
+            | SiteMessage::ForwardReply { .. } => Lane::Request,
+        }
+    }
+}
