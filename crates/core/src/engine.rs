@@ -1103,9 +1103,7 @@ impl Engine {
         group: GroupId,
         fua: bool,
     ) {
-        let mode = self
-            .volume(volume)
-            .map_or(Mode::Async, |spec| spec.mode);
+        let mode = self.volume(volume).map_or(Mode::Async, |spec| spec.mode);
         if !fua && mode != Mode::Sync {
             self.reply(request, Ok(Response::Done));
             return;

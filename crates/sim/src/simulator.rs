@@ -41,6 +41,8 @@ impl SimBug {
             SimBug::Core(PlantedBug::AckFlushEarly) => "ack-flush-early",
             SimBug::Core(PlantedBug::ApplyBeforeJournalSync) => "apply-before-journal-sync",
             SimBug::Core(PlantedBug::ApplyNewestFirst) => "apply-newest-first",
+            SimBug::Core(PlantedBug::AcceptDeltaGap) => "accept-delta-gap",
+            SimBug::Core(PlantedBug::FlushSyncLocalOnly) => "flush-sync-local-only",
         }
     }
 
@@ -252,6 +254,7 @@ impl<'a> Simulation<'a> {
                 Some(SimBug::Core(bug)) => Some(bug),
                 _ => None,
             },
+            ..EngineConfig::default()
         }
     }
 
@@ -680,6 +683,9 @@ impl<'a> Simulation<'a> {
             };
             match action {
                 Action::Reply { request, result } => self.on_reply(request, result),
+                Action::Send { .. } => {
+                    unreachable!("simulator invariant: a single-site engine has no peer to send to")
+                }
                 Action::ReadLeg {
                     io,
                     volume,
@@ -1005,6 +1011,7 @@ impl<'a> Simulation<'a> {
                 VolumeSpec {
                     size,
                     group: GroupId(index as u32 % self.scenario.topology.groups + 1),
+                    mode: stretch_core::Mode::Async,
                 },
             );
         }

@@ -404,8 +404,10 @@ impl Engine {
                             .peers
                             .iter()
                             .map(|(peer, progress)| {
-                                let unapplied =
-                                    outbound.retained.iter().filter(|r| r.seq > progress.applied);
+                                let unapplied = outbound
+                                    .retained
+                                    .iter()
+                                    .filter(|r| r.seq > progress.applied);
                                 let (deltas, bytes) =
                                     unapplied.fold((0, 0), |(d, b), r| (d + 1, b + r.bytes));
                                 let oldest_unjournaled = outbound
@@ -512,7 +514,11 @@ impl Engine {
                 if progress.state != PeerState::Waiting {
                     continue;
                 }
-                for retained in outbound.retained.iter().filter(|r| r.seq > progress.journaled) {
+                for retained in outbound
+                    .retained
+                    .iter()
+                    .filter(|r| r.seq > progress.journaled)
+                {
                     progress
                         .dirty
                         .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
@@ -645,8 +651,12 @@ impl Engine {
             return;
         }
         // The deltas it lacks are not all here: copy the regions instead.
+        // A site marked for resync had every delta it missed recorded as
+        // dirty regions; otherwise what it lacks is unknown here.
+        let tracked = progress.state == PeerState::NeedsResync;
         match have {
-            Some(have) if have < retired_upto || have > last => progress.dirty_all = true,
+            Some(have) if have > last => progress.dirty_all = true,
+            Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
             Some(have) => {
                 for retained in outbound.retained.iter().filter(|r| r.seq > have) {
                     progress
@@ -872,12 +882,17 @@ impl Engine {
         let Some(progress) = self.peer_progress(group, from) else {
             return;
         };
-        if progress.state != PeerState::Resyncing || progress.resync_unacked.pop_front().is_none()
-        {
+        if progress.state != PeerState::Resyncing {
             self.stats.refused_messages_total += 1;
             return;
         }
-        self.stats.resync_regions_done_total += 1;
+        let Some(region) = progress.resync_unacked.pop_front() else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        if region.0 != VolumeId(u32::MAX) {
+            self.stats.resync_regions_done_total += 1;
+        }
         self.pump_resync(group, from);
     }
 
@@ -1278,11 +1293,18 @@ impl Engine {
 
     /// A request at a site that does not own the volume: strict reads ask
     /// the owner for newer blocks, everything else is forwarded.
-    pub(super) fn submit_remote(&mut self, request_id: RequestId, spec: &VolumeSpec, request: Request) {
+    pub(super) fn submit_remote(
+        &mut self,
+        request_id: RequestId,
+        spec: &VolumeSpec,
+        request: Request,
+    ) {
         let owner = self.owner_of(spec.group);
         let id = self.replication.next_remote;
         self.replication.next_remote += 1;
-        let deadline = self.now.saturating_add_millis(self.config.remote_timeout_ms);
+        let deadline = self
+            .now
+            .saturating_add_millis(self.config.remote_timeout_ms);
         let (kind, message) = match request {
             Request::Read {
                 volume,
@@ -1415,3 +1437,6 @@ pub(super) fn route_reply(
     }
     Some(result)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,747 @@
+//! Replication tests: exact messages for the basic steps, and two engines
+//! wired through an in-memory network and disk for the end-to-end rules.
+
+use bytes::Bytes;
+
+use super::*;
+use crate::site_message::Lane;
+
+const A: SiteId = SiteId(1);
+const B: SiteId = SiteId(2);
+const VOLUME: VolumeId = VolumeId(1);
+const GROUP: GroupId = GroupId(1);
+const VOLUME_BYTES: u64 = 4 << 20;
+
+fn config(site: SiteId, peer: SiteId) -> EngineConfig {
+    EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 4 << 20,
+        journal_checkpoint_bytes: 1 << 20,
+        site,
+        peers: vec![peer],
+        backlog_bytes_max: 256 << 10,
+        remote_timeout_ms: 1_000,
+        planted_bug: None,
+    }
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; BLOCK_SIZE])
+}
+
+/// One site: an engine whose disk completes every operation at once.
+struct Site {
+    engine: Engine,
+    leg: BTreeMap<u64, Bytes>,
+    replies: BTreeMap<RequestId, Result<Response, RequestError>>,
+    next_request: u64,
+}
+
+impl Site {
+    fn new(config: EngineConfig, mode: Mode, owner: SiteId) -> Self {
+        let mut engine = Engine::new(config, RecoveredState::default());
+        engine.add_volume(
+            VOLUME,
+            VolumeSpec {
+                size: VOLUME_BYTES,
+                group: GROUP,
+                mode,
+            },
+        );
+        engine.set_owner(GROUP, owner, Epoch(1));
+        Site {
+            engine,
+            leg: BTreeMap::new(),
+            replies: BTreeMap::new(),
+            next_request: 1,
+        }
+    }
+
+    fn submit(&mut self, now: Timestamp, request: Request) -> RequestId {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.engine.submit(now, id, request);
+        id
+    }
+
+    fn leg_bytes(&self, offset: u64, length: u64) -> Bytes {
+        let mut out = vec![0u8; length as usize];
+        for (index, chunk) in out.chunks_mut(BLOCK_SIZE).enumerate() {
+            let block = offset / BLOCK_SIZE as u64 + index as u64;
+            if let Some(data) = self.leg.get(&block) {
+                chunk.copy_from_slice(&data[..chunk.len()]);
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// Runs disk actions to completion; returns the messages sent.
+    fn run(&mut self) -> Vec<(SiteId, SiteMessage)> {
+        let mut sent = Vec::new();
+        while let Some(action) = self.engine.poll_action() {
+            match action {
+                Action::Send { peer, message } => sent.push((peer, message)),
+                Action::Reply { request, result } => {
+                    assert!(
+                        self.replies.insert(request, result).is_none(),
+                        "request {request} answered twice"
+                    );
+                }
+                Action::ReadLeg {
+                    io, offset, length, ..
+                } => {
+                    let data = self.leg_bytes(offset, length);
+                    self.engine.leg_read_done(io, Ok(data));
+                }
+                Action::AppendJournal { .. } | Action::ReleaseJournal { .. } => {}
+                Action::SyncJournal { io, .. } => self.engine.journal_synced(io, Ok(())),
+                Action::WriteLeg { io, blocks, .. } => {
+                    for (key, image) in blocks {
+                        self.leg.insert(key.block, image.to_bytes());
+                    }
+                    self.engine.leg_written(io, Ok(()));
+                }
+                Action::SyncLegs { io, .. } => self.engine.legs_synced(io, Ok(())),
+            }
+        }
+        sent
+    }
+
+    fn reply(&self, request: RequestId) -> Option<&Result<Response, RequestError>> {
+        self.replies.get(&request)
+    }
+
+    fn read_reply(&self, request: RequestId) -> Bytes {
+        match self.reply(request) {
+            Some(Ok(Response::Data(data))) => data.clone(),
+            other => panic!("read {request} answered {other:?}"),
+        }
+    }
+}
+
+/// Both legs hold the same bytes (an absent block reads as zeros); names
+/// the blocks that differ rather than printing megabytes.
+fn assert_legs_equal(pair: &Pair) {
+    let zero = Bytes::from(vec![0u8; BLOCK_SIZE]);
+    let blocks: BTreeSet<u64> = pair
+        .a
+        .leg
+        .keys()
+        .chain(pair.b.leg.keys())
+        .copied()
+        .collect();
+    let differing: Vec<u64> = blocks
+        .into_iter()
+        .filter(|block| {
+            pair.a.leg.get(block).unwrap_or(&zero) != pair.b.leg.get(block).unwrap_or(&zero)
+        })
+        .collect();
+    assert!(differing.is_empty(), "legs differ at blocks {differing:?}");
+}
+
+/// Two sites and the messages in flight between them, per direction.
+struct Pair {
+    a: Site,
+    b: Site,
+    to_a: VecDeque<SiteMessage>,
+    to_b: VecDeque<SiteMessage>,
+    /// Messages of this lane towards b are held back (a slow stream).
+    hold_group_lane_to_b: bool,
+    connected: bool,
+    now: Timestamp,
+}
+
+impl Pair {
+    fn new(mode: Mode) -> Self {
+        Pair::with_configs(mode, config(A, B), config(B, A))
+    }
+
+    fn with_configs(mode: Mode, config_a: EngineConfig, config_b: EngineConfig) -> Self {
+        let mut pair = Pair {
+            a: Site::new(config_a, mode, A),
+            b: Site::new(config_b, mode, A),
+            to_a: VecDeque::new(),
+            to_b: VecDeque::new(),
+            hold_group_lane_to_b: false,
+            connected: false,
+            now: Timestamp(0),
+        };
+        pair.connect();
+        pair
+    }
+
+    fn connect(&mut self) {
+        self.connected = true;
+        self.a.engine.peer_up(self.now, B);
+        self.b.engine.peer_up(self.now, A);
+        self.settle();
+    }
+
+    fn disconnect(&mut self) {
+        self.connected = false;
+        self.to_a.clear();
+        self.to_b.clear();
+        self.a.engine.peer_down(self.now, B);
+        self.b.engine.peer_down(self.now, A);
+        self.settle();
+    }
+
+    fn tick(&mut self, millis: u64) {
+        self.now = self.now.saturating_add_millis(millis);
+        self.a.engine.handle_timeout(self.now);
+        self.b.engine.handle_timeout(self.now);
+        self.settle();
+    }
+
+    /// Delivers messages until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            for (peer, message) in self.a.run() {
+                assert_eq!(peer, B);
+                if self.connected {
+                    self.to_b.push_back(message);
+                }
+            }
+            for (peer, message) in self.b.run() {
+                assert_eq!(peer, A);
+                if self.connected {
+                    self.to_a.push_back(message);
+                }
+            }
+            let mut moved = false;
+            if let Some(message) = self.to_a.pop_front() {
+                self.a.engine.receive(self.now, B, message);
+                moved = true;
+            }
+            let deliverable = self.to_b.iter().position(|message| {
+                !(self.hold_group_lane_to_b && message.lane() != Lane::Request)
+            });
+            if let Some(index) = deliverable {
+                let message = self.to_b.remove(index).expect("index is in range");
+                self.b.engine.receive(self.now, A, message);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn write(&mut self, at_b: bool, offset: u64, data: Bytes) -> RequestId {
+        let now = self.now;
+        let site = if at_b { &mut self.b } else { &mut self.a };
+        let request = site.submit(
+            now,
+            Request::Write {
+                volume: VOLUME,
+                offset,
+                data,
+                fua: false,
+            },
+        );
+        self.settle();
+        request
+    }
+
+    fn read(&mut self, at_b: bool, snapshot: bool, offset: u64, length: u64) -> RequestId {
+        let now = self.now;
+        let site = if at_b { &mut self.b } else { &mut self.a };
+        let request = if snapshot {
+            Request::ReadSnapshot {
+                volume: VOLUME,
+                offset,
+                length,
+            }
+        } else {
+            Request::Read {
+                volume: VOLUME,
+                offset,
+                length,
+            }
+        };
+        let id = site.submit(now, request);
+        self.settle();
+        id
+    }
+}
+
+#[test]
+fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), B);
+    engine.receive(
+        Timestamp(0),
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(0)),
+        },
+    );
+    assert_eq!(engine.poll_action(), None);
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Write {
+            volume: VOLUME,
+            offset: 0,
+            data: block(7),
+            fua: true,
+        },
+    );
+    let record = DeltaRecord {
+        position: JournalPosition(1),
+        group: GROUP,
+        epoch: Epoch(1),
+        seq: DeltaSeq(1),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(7)),
+        )],
+    };
+    let actions: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            Action::AppendJournal {
+                record: record.clone()
+            },
+            Action::SyncJournal {
+                io: IoId(1),
+                upto: JournalPosition(1)
+            },
+        ]
+    );
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            Action::Reply {
+                request: RequestId(1),
+                result: Ok(Response::Done)
+            },
+            Action::WriteLeg {
+                io: IoId(2),
+                group: GROUP,
+                seq: DeltaSeq(1),
+                blocks: record.blocks.clone(),
+            },
+            Action::Send {
+                peer: B,
+                message: SiteMessage::Delta(record),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
+    let mut engine = Engine::new(config(B, A), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), A);
+    assert_eq!(
+        engine.poll_action(),
+        Some(Action::Send {
+            peer: A,
+            message: SiteMessage::Resume {
+                group: GROUP,
+                have: Some(DeltaSeq(0))
+            }
+        })
+    );
+    let blocks = vec![(
+        BlockKey {
+            volume: VOLUME,
+            block: 3,
+        },
+        BlockImage::Data(block(9)),
+    )];
+    let delta = |seq: u64| DeltaRecord {
+        position: JournalPosition(0),
+        group: GROUP,
+        epoch: Epoch(1),
+        seq: DeltaSeq(seq),
+        blocks: blocks.clone(),
+    };
+    // A delta whose predecessor is missing is refused and the replica asks
+    // again from what it holds.
+    engine.receive(Timestamp(0), A, SiteMessage::Delta(delta(2)));
+    assert_eq!(
+        engine.poll_action(),
+        Some(Action::Send {
+            peer: A,
+            message: SiteMessage::Resume {
+                group: GROUP,
+                have: Some(DeltaSeq(0))
+            }
+        })
+    );
+    assert_eq!(engine.poll_action(), None);
+    engine.receive(Timestamp(0), A, SiteMessage::Delta(delta(1)));
+    let journaled = DeltaRecord {
+        position: JournalPosition(1),
+        ..delta(1)
+    };
+    let actions: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            Action::AppendJournal { record: journaled },
+            Action::SyncJournal {
+                io: IoId(1),
+                upto: JournalPosition(1)
+            },
+        ]
+    );
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            Action::WriteLeg {
+                io: IoId(2),
+                group: GROUP,
+                seq: DeltaSeq(1),
+                blocks: blocks.clone(),
+            },
+            Action::Send {
+                peer: A,
+                message: SiteMessage::Journaled {
+                    group: GROUP,
+                    seq: DeltaSeq(1)
+                }
+            },
+        ]
+    );
+    engine.leg_written(IoId(2), Ok(()));
+    assert_eq!(
+        engine.poll_action(),
+        Some(Action::Send {
+            peer: A,
+            message: SiteMessage::Applied {
+                group: GROUP,
+                seq: DeltaSeq(1)
+            }
+        })
+    );
+}
+
+#[test]
+fn deltas_reach_the_other_leg_and_retire_there() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.write(false, 8192, block(2));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+    assert_eq!(pair.b.leg.get(&2), Some(&block(2)));
+    assert_legs_equal(&pair);
+    let stats = pair.a.engine.stats();
+    assert_eq!(
+        stats.backlog_bytes, 0,
+        "every site applied: nothing retained"
+    );
+    assert_eq!(stats.shipped_deltas_total, 1);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].applied, DeltaSeq(1));
+    assert_eq!(status[0].peers[0].state, PeerState::Streaming);
+}
+
+#[test]
+fn a_strict_read_at_the_replica_sees_writes_its_leg_does_not_hold_yet() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 0, block(2));
+    pair.write(false, 4096, block(3));
+    // Still in the owner's open delta: nothing shipped.
+    let strict = pair.read(true, false, 0, 3 * 4096);
+    let data = pair.b.read_reply(strict);
+    assert_eq!(&data[..4096], &block(2)[..]);
+    assert_eq!(&data[4096..8192], &block(3)[..]);
+    assert_eq!(&data[8192..], &[0u8; 4096][..]);
+    // The snapshot read serves the last whole delta held locally.
+    let snapshot = pair.read(true, true, 0, 2 * 4096);
+    let data = pair.b.read_reply(snapshot);
+    assert_eq!(&data[..4096], &block(1)[..]);
+    assert_eq!(&data[4096..], &[0u8; 4096][..]);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+    pair.hold_group_lane_to_b = false;
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_strict_read_ships_only_blocks_newer_than_the_replica_holds() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.write(false, 4096, block(1));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 4096, block(5));
+    let strict = pair.b.submit(
+        pair.now,
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 8192,
+        },
+    );
+    let sent = pair.b.run();
+    let [(peer, SiteMessage::ReadRequest { id, have, .. })] = sent.as_slice() else {
+        panic!("expected one read request, got {sent:?}");
+    };
+    assert_eq!((*peer, *have), (A, Some(DeltaSeq(1))));
+    pair.a.engine.receive(pair.now, B, sent[0].1.clone());
+    let answer = pair.a.run();
+    assert_eq!(
+        answer,
+        vec![(
+            B,
+            SiteMessage::ReadReply {
+                id: *id,
+                result: Ok(vec![(
+                    BlockKey {
+                        volume: VOLUME,
+                        block: 1
+                    },
+                    BlockImage::Data(block(5))
+                )])
+            }
+        )]
+    );
+    pair.b.engine.receive(pair.now, A, answer[0].1.clone());
+    pair.b.run();
+    let data = pair.b.read_reply(strict);
+    assert_eq!(&data[..4096], &block(1)[..]);
+    assert_eq!(&data[4096..], &block(5)[..]);
+}
+
+#[test]
+fn a_write_at_the_replica_is_forwarded_to_the_owner() {
+    let mut pair = Pair::new(Mode::Async);
+    let write = pair.write(true, 4096, block(4));
+    assert_eq!(pair.b.reply(write), Some(&Ok(Response::Done)));
+    let read = pair.read(false, false, 4096, 4096);
+    assert_eq!(pair.a.read_reply(read), block(4));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&1), Some(&block(4)));
+    assert_eq!(pair.b.engine.stats().forwarded_total, 1);
+}
+
+#[test]
+fn an_unreachable_owner_fails_strict_reads_after_the_timeout_but_not_snapshots() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    let strict = pair.read(true, false, 0, 4096);
+    let write = pair.write(true, 0, block(2));
+    let snapshot = pair.read(true, true, 0, 4096);
+    assert_eq!(pair.b.read_reply(snapshot), block(1));
+    assert_eq!(pair.b.reply(strict), None);
+    pair.tick(999);
+    assert_eq!(pair.b.reply(strict), None);
+    pair.tick(1);
+    assert!(matches!(
+        pair.b.reply(strict),
+        Some(Err(RequestError::Io(_)))
+    ));
+    assert!(matches!(
+        pair.b.reply(write),
+        Some(Err(RequestError::Io(_)))
+    ));
+}
+
+#[test]
+fn flush_sync_waits_for_the_other_sites_journal() {
+    let mut pair = Pair::new(Mode::FlushSync);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 0, block(1));
+    let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), None, "no other site holds it yet");
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
+}
+
+#[test]
+fn async_flush_does_not_wait_for_the_other_site() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 0, block(1));
+    let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
+}
+
+#[test]
+fn the_planted_flush_sync_bug_answers_before_the_other_site() {
+    let mut config_a = config(A, B);
+    config_a.planted_bug = Some(PlantedBug::FlushSyncLocalOnly);
+    let mut pair = Pair::with_configs(Mode::FlushSync, config_a, config(B, A));
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 0, block(1));
+    let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
+}
+
+#[test]
+fn sync_mode_writes_wait_for_the_other_site() {
+    let mut pair = Pair::new(Mode::Sync);
+    pair.hold_group_lane_to_b = true;
+    let write = pair.write(false, 0, block(1));
+    assert_eq!(pair.a.reply(write), None);
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    assert_eq!(pair.a.reply(write), Some(&Ok(Response::Done)));
+}
+
+#[test]
+fn a_slow_connected_site_throttles_writes_past_the_backlog_bound() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.hold_group_lane_to_b = true;
+    // 64 blocks per delta (256 KiB): the second full delta passes the bound.
+    let big = Bytes::from(vec![3u8; 64 << 10]);
+    let mut requests = Vec::new();
+    for index in 0..8u64 {
+        requests.push(pair.write(false, index * (64 << 10), big.clone()));
+    }
+    let answered = |pair: &Pair| {
+        requests
+            .iter()
+            .filter(|request| pair.a.reply(**request).is_some())
+            .count()
+    };
+    assert!(
+        answered(&pair) < 8,
+        "the backlog bound must hold writes back"
+    );
+    assert!(pair.a.engine.stats().backlog_throttled_total > 0);
+    pair.hold_group_lane_to_b = false;
+    pair.tick(100);
+    pair.tick(100);
+    assert_eq!(answered(&pair), 8);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_site_away_past_the_backlog_bound_is_resynced_by_region_on_return() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // 1.5 MiB of writes in two separate 1 MiB regions while b is away.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..16u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].state, PeerState::NeedsResync);
+    assert_eq!(
+        pair.a.engine.stats().backlog_bytes,
+        0,
+        "writes never waited on b"
+    );
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].state, PeerState::Streaming);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    // Regions 0 and 3 were written; 1 and 2 never: 2 regions copied.
+    assert_eq!(pair.a.engine.stats().resync_regions_done_total, 2);
+    // Back to deltas.
+    pair.write(false, 4096, block(9));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&1), Some(&block(9)));
+}
+
+#[test]
+fn a_site_away_briefly_catches_up_from_retained_deltas() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.write(false, 0, block(2));
+    pair.write(false, 4096, block(3));
+    pair.tick(100);
+    assert_eq!(pair.a.engine.stats().backlog_deltas, 2);
+    pair.connect();
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.a.engine.stats().resync_regions_done_total, 0);
+    assert_eq!(pair.a.engine.stats().backlog_deltas, 0);
+}
+
+#[test]
+fn writes_during_a_resync_still_converge() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..6u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.connect();
+    // New writes interleave with chunks before anything settles further.
+    for index in 0..4u64 {
+        pair.write(false, index * 4096, block(20 + index as u8));
+        pair.tick(30);
+    }
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+}
+
+#[test]
+fn a_replica_refuses_deltas_from_a_site_that_does_not_own_the_group() {
+    let mut pair = Pair::new(Mode::Async);
+    let forged = DeltaRecord {
+        position: JournalPosition(0),
+        group: GROUP,
+        epoch: Epoch(1),
+        seq: DeltaSeq(1),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(66)),
+        )],
+    };
+    pair.b
+        .engine
+        .receive(pair.now, SiteId(9), SiteMessage::Delta(forged));
+    pair.settle();
+    assert_eq!(pair.b.engine.stats().refused_messages_total, 1);
+    assert!(pair.b.leg.is_empty());
+}
