@@ -1,4 +1,7 @@
-//! The NBD backend: every volume of the node is an export of the same name.
+//! The NBD backend: every volume is an export of the same name, whose reads
+//! are strict (at a site that does not own the volume they ask the owner
+//! for newer blocks), and a read-only export `NAME@snapshot` that serves
+//! the newest whole-delta image held at this site with no round trip.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,35 +31,58 @@ impl Backend for VolumeBackend {
         self.node
             .volumes()
             .into_iter()
-            .map(|record| ExportListing {
-                description: format!(
-                    "stretch volume {} ({} bytes, group {})",
-                    record.name, record.size, record.group
-                ),
-                name: record.name,
+            .flat_map(|record| {
+                let strict = ExportListing {
+                    description: format!(
+                        "stretch volume {} ({} bytes, group {}, owner site {})",
+                        record.name,
+                        record.size,
+                        record.group,
+                        self.node.owner_name(&record)
+                    ),
+                    name: record.name.clone(),
+                };
+                let snapshot = ExportListing {
+                    description: format!(
+                        "read-only: newest whole-delta image of {} held at site {}",
+                        record.name, self.node.site
+                    ),
+                    name: format!("{}{SNAPSHOT_SUFFIX}", record.name),
+                };
+                [strict, snapshot]
             })
             .collect()
     }
 
     fn open(&self, name: &str) -> Result<Arc<VolumeExport>, OpenError> {
-        let Some(record) = self.node.volume(name) else {
+        let (volume_name, snapshot) = match name.strip_suffix(SNAPSHOT_SUFFIX) {
+            Some(volume_name) => (volume_name, true),
+            None => (name, false),
+        };
+        let Some(record) = self.node.volume(volume_name) else {
             return Err(OpenError::Unknown(name.to_string()));
         };
         Ok(Arc::new(VolumeExport {
             node: self.node.clone(),
             volume: record.volume_id(),
             size: record.size,
-            metrics: self.node.driver.metrics.volume(name),
+            snapshot,
+            metrics: self.node.driver.metrics.volume(volume_name),
         }))
     }
 }
 
 /// One client's view of one volume.
+/// Export-name suffix of a volume's snapshot export.
+pub const SNAPSHOT_SUFFIX: &str = "@snapshot";
+
 #[derive(Debug)]
 pub(crate) struct VolumeExport {
     node: Arc<Node>,
     volume: VolumeId,
     size: u64,
+    /// Read-only, served from the newest whole delta held at this site.
+    snapshot: bool,
     metrics: VolumeMetrics,
 }
 
@@ -95,14 +121,22 @@ impl Export for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.snapshot
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, ExportError> {
-        let request = Request::Read {
-            volume: self.volume,
-            offset,
-            length: length as u64,
+        let request = if self.snapshot {
+            Request::ReadSnapshot {
+                volume: self.volume,
+                offset,
+                length: length as u64,
+            }
+        } else {
+            Request::Read {
+                volume: self.volume,
+                offset,
+                length: length as u64,
+            }
         };
         match self.run(request, &self.metrics.read).await? {
             Response::Data(data) => {
@@ -127,6 +161,10 @@ impl Export for VolumeExport {
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
+        if self.snapshot {
+            // Nothing is ever written through a snapshot export.
+            return Ok(());
+        }
         let request = Request::Flush {
             volume: self.volume,
         };

@@ -35,6 +35,8 @@ pub enum CatalogError {
     InvalidName { name: String, reason: String },
     #[error("invalid size {size}: {reason}")]
     InvalidSize { size: u64, reason: String },
+    #[error("volume {name:?} conflicts with this site's catalog: {reason}")]
+    Conflict { name: String, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +47,24 @@ pub struct VolumeRecord {
     pub group: String,
     pub group_id: u32,
     pub leg: PathBuf,
+    /// The site that accepts the volume's writes (its group's owner); empty
+    /// in catalogs written before volumes spanned sites: the local site.
+    #[serde(default)]
+    pub owner: String,
+    /// `async`, `flush-sync` or `sync` (see `stretch_core::Mode`).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Ownership epoch: raised each time the owner changes.
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
+}
+
+fn default_mode() -> String {
+    "async".to_string()
+}
+
+fn first_epoch() -> u64 {
+    1
 }
 
 impl VolumeRecord {
@@ -144,26 +164,66 @@ impl Catalog {
         self.content.volumes.get(name)
     }
 
-    /// Records a new volume and saves the catalog. The leg must already
-    /// exist (created durably), so a saved volume always has its leg.
+    /// Records a volume planned here ([`Catalog::plan_volume`]) or at
+    /// another site (same ids everywhere) and saves the catalog. The leg
+    /// must already exist (created durably), so a saved volume always has
+    /// its leg.
     pub fn add_volume<F: FileSystem>(
         &mut self,
         fs: &F,
-        name: &str,
-        size: u64,
-        group: &str,
-        leg: PathBuf,
+        record: VolumeRecord,
     ) -> Result<VolumeRecord, CatalogError> {
-        let record = self.plan_volume(name, size, group, leg)?;
+        self.check_new(&record)?;
         let mut content = self.content.clone();
-        content.next_volume_id = record.id + 1;
-        if !content.groups.contains_key(group) {
-            content.groups.insert(group.to_string(), record.group_id);
-            content.next_group_id = record.group_id + 1;
-        }
-        content.volumes.insert(name.to_string(), record.clone());
+        content.next_volume_id = content.next_volume_id.max(record.id + 1);
+        content.next_group_id = content.next_group_id.max(record.group_id + 1);
+        content
+            .groups
+            .insert(record.group.clone(), record.group_id);
+        content.volumes.insert(record.name.clone(), record.clone());
         self.save(fs, content)?;
         Ok(record)
+    }
+
+    /// Refuses a record whose name, id or group clashes with this catalog.
+    pub fn check_new(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
+        validate_volume_name(&record.name)?;
+        validate_volume_name(&record.group)?;
+        if record.size == 0 || !record.size.is_multiple_of(BLOCK_SIZE as u64) {
+            return Err(CatalogError::InvalidSize {
+                size: record.size,
+                reason: format!("must be a positive multiple of {BLOCK_SIZE} bytes"),
+            });
+        }
+        if self.content.volumes.contains_key(&record.name) {
+            return Err(CatalogError::Exists(record.name.clone()));
+        }
+        let conflict = |reason: String| CatalogError::Conflict {
+            name: record.name.clone(),
+            reason,
+        };
+        if let Some(other) = self.volumes().find(|other| other.id == record.id) {
+            return Err(conflict(format!("id {} is volume {:?}", record.id, other.name)));
+        }
+        match self.content.groups.get(&record.group) {
+            Some(id) if *id != record.group_id => {
+                return Err(conflict(format!("group {:?} has id {id}", record.group)));
+            }
+            None if self.content.groups.values().any(|id| *id == record.group_id) => {
+                return Err(conflict(format!("group id {} is taken", record.group_id)));
+            }
+            _ => {}
+        }
+        if let Some(other) = self
+            .volumes()
+            .find(|other| other.group == record.group && other.owner != record.owner)
+        {
+            return Err(conflict(format!(
+                "group {:?} is owned by site {:?} (volume {:?})",
+                record.group, other.owner, other.name
+            )));
+        }
+        Ok(())
     }
 
     /// What `add_volume` would record, after validating the request; lets
@@ -199,6 +259,9 @@ impl Catalog {
             group: group.to_string(),
             group_id,
             leg,
+            owner: String::new(),
+            mode: default_mode(),
+            epoch: first_epoch(),
         })
     }
 
