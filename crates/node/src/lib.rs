@@ -16,5 +16,8 @@ mod node;
 
 pub use admin::{CreateVolume, StatusInfo, VolumeInfo};
 pub use byte_size::ByteSize;
-pub use config::{ClusterConfig, ConfigError, DEFAULT_CONFIG, NodeConfig, SiteConfig, Tuning};
+pub use config::{
+    ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
+    LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
+};
 pub use node::{Node, NodeError, run_cluster, run_node};
