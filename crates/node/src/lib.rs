@@ -11,6 +11,7 @@ mod byte_size;
 mod config;
 mod driver;
 mod export;
+mod links;
 mod metrics;
 mod node;
 
@@ -20,4 +21,5 @@ pub use config::{
     ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
     LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
 };
+pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use node::{Node, NodeError, run_cluster, run_node};
