@@ -257,7 +257,10 @@ fn status(client: &AdminClient) -> anyhow::Result<()> {
     let status = client.status()?;
     println!("cluster:          {}", status.cluster);
     println!("node:             {} (site {})", status.node, status.site);
-    println!("nbd:              {}", status.nbd);
+    match status.nbd {
+        Some(nbd) => println!("nbd:              {nbd}"),
+        None => println!("nbd:              none (witness site, holds no volumes)"),
+    }
     println!("uptime:           {} s", status.uptime_seconds);
     println!("volumes:          {}", status.volumes);
     println!(

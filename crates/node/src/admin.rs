@@ -51,7 +51,8 @@ pub struct StatusInfo {
     pub cluster: String,
     pub node: String,
     pub site: String,
-    pub nbd: String,
+    /// The NBD listener; `None` at a witness site.
+    pub nbd: Option<String>,
     pub uptime_seconds: u64,
     pub volumes: u64,
     pub dirty_bytes: u64,
@@ -169,6 +170,13 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
                 .collect();
             Reply::json(200, &volumes)
         }
+        (Method::Post, "/v1/volumes", _) if node.nbd_address.is_none() => Reply::error(
+            409,
+            format!(
+                "node {:?} is at witness site {:?}, which holds no volumes",
+                node.name, node.site
+            ),
+        ),
         (Method::Post, "/v1/volumes", _) => {
             let create: CreateVolume = match serde_json::from_slice(body) {
                 Ok(create) => create,
@@ -210,7 +218,10 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
         size: record.size,
         group: record.group.clone(),
         leg: record.leg.display().to_string(),
-        export: format!("nbd://{}/{}", node.nbd_address, record.name),
+        export: node
+            .nbd_address
+            .map(|address| format!("nbd://{address}/{}", record.name))
+            .unwrap_or_default(),
     }
 }
 
@@ -227,7 +238,7 @@ fn status(node: &Node) -> StatusInfo {
         cluster: node.cluster.clone(),
         node: node.name.clone(),
         site: node.site.clone(),
-        nbd: node.nbd_address.to_string(),
+        nbd: node.nbd_address.map(|address| address.to_string()),
         uptime_seconds: node.started.elapsed().as_secs(),
         volumes: node.volumes().len() as u64,
         dirty_bytes: stats.dirty_bytes,

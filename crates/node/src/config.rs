@@ -1,11 +1,11 @@
-//! The cluster configuration file (TOML): sites, nodes, tuning.
+//! The cluster configuration file (TOML): sites, nodes, links, tuning.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use stretch_core::{BLOCK_SIZE, EngineConfig};
+use serde::{Deserialize, Serialize};
+use stretch_core::{BLOCK_SIZE, EngineConfig, LinkProfile};
 
 use crate::byte_size::ByteSize;
 
@@ -31,6 +31,9 @@ pub struct ClusterConfig {
     pub sites: Vec<SiteConfig>,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
+    /// Shaped links between sites; a pair of sites without one is unshaped.
+    #[serde(rename = "link", default)]
+    pub links: Vec<LinkConfig>,
     #[serde(default)]
     pub tuning: Tuning,
 }
@@ -45,6 +48,19 @@ pub struct ClusterSection {
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     pub name: String,
+    #[serde(default)]
+    pub role: SiteRole,
+}
+
+/// What a site is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteRole {
+    /// Holds volume legs and serves them over NBD.
+    #[default]
+    Data,
+    /// A metadata-only voter at a third failure domain: holds no volumes.
+    Witness,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,8 +68,89 @@ pub struct SiteConfig {
 pub struct NodeConfig {
     pub name: String,
     pub site: String,
-    pub nbd_listen: SocketAddr,
+    /// NBD listener; every node of a data site has one, a witness none.
+    #[serde(default)]
+    pub nbd_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
+    /// UDP address for QUIC between nodes; needed once more than one site
+    /// holds data.
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+}
+
+/// Longest one-way delay or jitter a link accepts, in milliseconds.
+pub const LINK_DELAY_MS_MAX: u64 = 60_000;
+/// Highest bandwidth limit a link accepts, in Mbit/s.
+pub const LINK_BANDWIDTH_MBIT_MAX: f64 = 1_000_000.0;
+
+/// One `[[link]]`: how datagrams between two sites travel, the same in both
+/// directions.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// The two sites the link joins.
+    pub sites: Vec<String>,
+    /// One-way delay in milliseconds.
+    pub delay_ms: u64,
+    /// Extra one-way delay, uniform in `0..=jitter_ms`, per datagram.
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// Bandwidth limit in Mbit/s; absent or 0 for unlimited.
+    #[serde(default)]
+    pub bandwidth_mbit: Option<f64>,
+    /// Datagrams lost at random, in percent (0 to 100).
+    #[serde(default)]
+    pub loss_pct: f64,
+}
+
+impl LinkConfig {
+    /// The link as the shaper sees it, or what is out of range.
+    pub fn profile(&self) -> Result<LinkProfile, String> {
+        Ok(LinkProfile {
+            delay_ms: link_delay_ms("delay_ms", self.delay_ms)?,
+            jitter_ms: link_delay_ms("jitter_ms", self.jitter_ms)?,
+            bandwidth_kbit: link_bandwidth_kbit(self.bandwidth_mbit.unwrap_or(0.0))?,
+            loss_ppm: link_loss_ppm(self.loss_pct)?,
+            cut: false,
+        })
+    }
+}
+
+/// Checks a delay or jitter (`key` names it in the error).
+pub(crate) fn link_delay_ms(key: &str, ms: u64) -> Result<u64, String> {
+    if ms > LINK_DELAY_MS_MAX {
+        return Err(format!(
+            "{key} must be at most {LINK_DELAY_MS_MAX} (got {ms})"
+        ));
+    }
+    Ok(ms)
+}
+
+/// Mbit/s to the shaper's kbit/s; 0 is unlimited.
+pub(crate) fn link_bandwidth_kbit(mbit: f64) -> Result<Option<u64>, String> {
+    if !(0.0..=LINK_BANDWIDTH_MBIT_MAX).contains(&mbit) {
+        return Err(format!(
+            "bandwidth_mbit must be between 0 (unlimited) and {LINK_BANDWIDTH_MBIT_MAX} (got {mbit})"
+        ));
+    }
+    if mbit == 0.0 {
+        return Ok(None);
+    }
+    let kbit = (mbit * 1000.0).round() as u64;
+    if kbit == 0 {
+        return Err(format!(
+            "bandwidth_mbit must be at least 0.001 unless 0 (unlimited) (got {mbit})"
+        ));
+    }
+    Ok(Some(kbit))
+}
+
+/// Percent to the shaper's parts per million.
+pub(crate) fn link_loss_ppm(pct: f64) -> Result<u32, String> {
+    if !(0.0..=100.0).contains(&pct) {
+        return Err(format!("loss_pct must be between 0 and 100 (got {pct})"));
+    }
+    Ok((pct * 10_000.0).round() as u32)
 }
 
 /// Engine and storage limits, shared by every node of the cluster.
@@ -67,6 +164,12 @@ pub struct Tuning {
     pub journal_segment_bytes: ByteSize,
     pub nbd_request_bytes_max: ByteSize,
     pub nbd_in_flight_per_connection: usize,
+    /// Bound on delta bytes shipped but not yet applied at every site;
+    /// writes are throttled past it.
+    pub backlog_bytes_max: ByteSize,
+    /// A strict read or forwarded write at a non-owner site fails with EIO
+    /// after this long without an answer from the owner.
+    pub remote_timeout_ms: u64,
 }
 
 impl Default for Tuning {
@@ -80,6 +183,8 @@ impl Default for Tuning {
             journal_segment_bytes: ByteSize(64 << 20),
             nbd_request_bytes_max: ByteSize(32 << 20),
             nbd_in_flight_per_connection: 128,
+            backlog_bytes_max: ByteSize(256 << 20),
+            remote_timeout_ms: 5000,
         }
     }
 }
@@ -98,6 +203,9 @@ impl Tuning {
 
 /// The configuration `stretch up` uses when given none.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../cluster-configs/single-site.toml");
+
+/// Two data sites 25 ms apart (one way) and a witness, on loopback.
+pub const LOCAL_CONFIG: &str = include_str!("../../../cluster-configs/local.toml");
 
 impl ClusterConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -129,6 +237,44 @@ impl ClusterConfig {
         self.nodes.iter().find(|node| node.name == name)
     }
 
+    pub fn site(&self, name: &str) -> Option<&SiteConfig> {
+        self.sites.iter().find(|site| site.name == name)
+    }
+
+    /// The sites that hold volumes (every site but the witness), in
+    /// config order.
+    pub fn data_sites(&self) -> Vec<&SiteConfig> {
+        self.sites
+            .iter()
+            .filter(|site| site.role == SiteRole::Data)
+            .collect()
+    }
+
+    /// Whether `node` belongs to a data site.
+    pub fn is_data_node(&self, node: &NodeConfig) -> bool {
+        self.site(&node.site)
+            .is_some_and(|site| site.role == SiteRole::Data)
+    }
+
+    /// The data nodes other than `node_name` (at its own site and others),
+    /// in config order: whom a node ships deltas to and reads from.
+    pub fn peers(&self, node_name: &str) -> Vec<&NodeConfig> {
+        self.nodes
+            .iter()
+            .filter(|node| node.name != node_name && self.is_data_node(node))
+            .collect()
+    }
+
+    /// How datagrams between sites `a` and `b` travel (either direction):
+    /// the `[[link]]` joining them, or an unshaped link if none does.
+    pub fn link_profile(&self, a: &str, b: &str) -> LinkProfile {
+        self.links
+            .iter()
+            .find(|link| link_joins(link, a, b))
+            .and_then(|link| link.profile().ok())
+            .unwrap_or(LinkProfile::IDEAL)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.sites.is_empty() || self.nodes.is_empty() {
             return Err("at least one [[site]] and one [[node]] are needed".into());
@@ -145,18 +291,51 @@ impl ClusterConfig {
             if !names.insert(node.name.as_str()) {
                 return Err(format!("node {:?} is listed twice", node.name));
             }
-            if !sites.contains(node.site.as_str()) {
+            let Some(site) = self.site(&node.site) else {
                 return Err(format!(
                     "node {:?} names site {:?}, which is not a [[site]]",
                     node.name, node.site
                 ));
+            };
+            match (site.role, node.nbd_listen) {
+                (SiteRole::Data, None) => {
+                    return Err(format!(
+                        "node {:?} needs nbd_listen: site {:?} holds volumes",
+                        node.name, site.name
+                    ));
+                }
+                (SiteRole::Witness, Some(_)) => {
+                    return Err(format!(
+                        "node {:?} has nbd_listen, but site {:?} is a witness and holds no volumes",
+                        node.name, site.name
+                    ));
+                }
+                _ => {}
             }
-            for address in [node.nbd_listen, node.admin_listen] {
+            let listeners = [Some(node.admin_listen), node.nbd_listen, node.peer_listen];
+            for address in listeners.into_iter().flatten() {
                 if !addresses.insert(address) {
                     return Err(format!("address {address} is used twice"));
                 }
             }
         }
+        let data_sites: BTreeSet<&str> = self
+            .nodes
+            .iter()
+            .filter(|node| self.is_data_node(node))
+            .map(|node| node.site.as_str())
+            .collect();
+        if data_sites.is_empty() {
+            return Err("at least one [[node]] must be at a data site (role = \"data\")".into());
+        }
+        let without_peer = self.nodes.iter().find(|node| node.peer_listen.is_none());
+        if let (true, Some(node)) = (data_sites.len() > 1, without_peer) {
+            return Err(format!(
+                "node {:?} needs peer_listen: more than one site holds data, so nodes talk to each other",
+                node.name
+            ));
+        }
+        self.validate_links(&sites)?;
         let tuning = &self.tuning;
         if tuning.delta_interval_ms == 0 {
             return Err("tuning.delta_interval_ms must be at least 1".into());
@@ -186,7 +365,67 @@ impl ClusterConfig {
         if tuning.nbd_in_flight_per_connection == 0 {
             return Err("tuning.nbd_in_flight_per_connection must be at least 1".into());
         }
+        if tuning.backlog_bytes_max.0 < tuning.delta_max_bytes.0 {
+            return Err(format!(
+                "tuning.backlog_bytes_max must be at least delta_max_bytes ({})",
+                tuning.delta_max_bytes
+            ));
+        }
+        if tuning.remote_timeout_ms == 0 {
+            return Err("tuning.remote_timeout_ms must be at least 1".into());
+        }
         Ok(())
+    }
+
+    fn validate_links(&self, sites: &BTreeSet<&str>) -> Result<(), String> {
+        let mut pairs = BTreeSet::new();
+        for link in &self.links {
+            let [a, b] = link.sites.as_slice() else {
+                return Err(format!(
+                    "[[link]] sites = {:?}: a link joins exactly two sites",
+                    link.sites
+                ));
+            };
+            for site in [a, b] {
+                if !sites.contains(site.as_str()) {
+                    return Err(format!(
+                        "[[link]] sites = {:?}: site {site:?} is not a [[site]]",
+                        link.sites
+                    ));
+                }
+            }
+            if a == b {
+                return Err(format!(
+                    "[[link]] sites = {:?}: a link joins two different sites",
+                    link.sites
+                ));
+            }
+            if !pairs.insert(site_pair(a, b)) {
+                return Err(format!(
+                    "[[link]] sites = {:?}: sites {a:?} and {b:?} already have a [[link]]",
+                    link.sites
+                ));
+            }
+            link.profile()
+                .map_err(|message| format!("[[link]] {a} <-> {b}: {message}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A pair of sites in a fixed order, so `(a, b)` and `(b, a)` are one link.
+pub(crate) fn site_pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+fn link_joins(link: &LinkConfig, a: &str, b: &str) -> bool {
+    match link.sites.as_slice() {
+        [x, y] => (x == a && y == b) || (x == b && y == a),
+        _ => false,
     }
 }
 
@@ -194,22 +433,153 @@ impl ClusterConfig {
 mod tests {
     use super::*;
 
+    /// Every file of `cluster-configs/`, embedded so a broken one fails the
+    /// build's tests wherever they run.
+    const SHIPPED: [(&str, &str); 5] = [
+        ("single-site.toml", DEFAULT_CONFIG),
+        ("local.toml", LOCAL_CONFIG),
+        (
+            "metro.toml",
+            include_str!("../../../cluster-configs/metro.toml"),
+        ),
+        (
+            "geo.toml",
+            include_str!("../../../cluster-configs/geo.toml"),
+        ),
+        (
+            "three-site.toml",
+            include_str!("../../../cluster-configs/three-site.toml"),
+        ),
+    ];
+
+    fn shipped(name: &str) -> ClusterConfig {
+        let (_, text) = SHIPPED
+            .iter()
+            .find(|(file, _)| *file == name)
+            .unwrap_or_else(|| panic!("{name} is not shipped"));
+        ClusterConfig::parse(text, name).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn parse_error(text: &str) -> String {
+        ClusterConfig::parse(text, "test")
+            .expect_err("config must be refused")
+            .to_string()
+    }
+
     #[test]
     fn embedded_default_is_valid() {
         let config = ClusterConfig::embedded_default();
         assert_eq!(config.nodes.len(), 1);
-        assert_eq!(config.nodes[0].nbd_listen.port(), 10809);
+        assert_eq!(
+            config.nodes[0].nbd_listen.map(|address| address.port()),
+            Some(10809)
+        );
+        assert!(config.links.is_empty());
+        assert_eq!(config.tuning.backlog_bytes_max, ByteSize(256 << 20));
+        assert_eq!(config.tuning.remote_timeout_ms, 5000);
     }
 
     #[test]
-    fn shipped_configs_parse() {
+    fn every_shipped_config_parses() {
+        for (name, text) in SHIPPED {
+            ClusterConfig::parse(text, name).unwrap_or_else(|error| panic!("{error}"));
+        }
+        // And no file of the folder is left out of the list above.
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster-configs");
         for entry in std::fs::read_dir(dir).expect("cluster-configs exists") {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|ext| ext == "toml") {
-                ClusterConfig::load(&path).unwrap_or_else(|error| panic!("{error}"));
+                let file = path.file_name().and_then(|name| name.to_str());
+                assert!(
+                    SHIPPED.iter().any(|(name, _)| Some(*name) == file),
+                    "{} is not in the SHIPPED list of config.rs",
+                    path.display()
+                );
             }
         }
+    }
+
+    #[test]
+    fn local_config_is_two_sites_and_a_witness() {
+        let config = shipped("local.toml");
+        assert_eq!(config.cluster.name, "local");
+        let data: Vec<&str> = config
+            .data_sites()
+            .iter()
+            .map(|site| site.name.as_str())
+            .collect();
+        assert_eq!(data, ["a", "b"]);
+        assert_eq!(
+            config.site("w").map(|site| site.role),
+            Some(SiteRole::Witness)
+        );
+        let w1 = config.node("w1").expect("w1");
+        assert_eq!(w1.nbd_listen, None);
+        assert_eq!(w1.peer_listen.map(|a| a.port()), Some(7402));
+        let peers: Vec<&str> = config
+            .peers("a1")
+            .iter()
+            .map(|node| node.name.as_str())
+            .collect();
+        assert_eq!(peers, ["b1"]);
+        let peers: Vec<&str> = config
+            .peers("w1")
+            .iter()
+            .map(|node| node.name.as_str())
+            .collect();
+        assert_eq!(peers, ["a1", "b1"]);
+        let ab = LinkProfile {
+            delay_ms: 25,
+            ..LinkProfile::IDEAL
+        };
+        assert_eq!(config.link_profile("a", "b"), ab);
+        assert_eq!(config.link_profile("b", "a"), ab);
+        assert_eq!(config.link_profile("a", "w"), LinkProfile::IDEAL);
+    }
+
+    /// local.toml without its links and tuning, then `links`.
+    fn local_with_links(links: &str) -> String {
+        let (head, _) = LOCAL_CONFIG
+            .split_once("# One [[link]]")
+            .expect("local.toml has links");
+        format!("{head}{links}")
+    }
+
+    #[test]
+    fn link_units_convert_to_the_shaper() {
+        let config = shipped("geo.toml");
+        let profile = config.link_profile("b", "a");
+        assert_eq!(profile.delay_ms, 50);
+        assert_eq!(profile.bandwidth_kbit, Some(100_000));
+        let three = shipped("three-site.toml");
+        assert_eq!(three.link_profile("a", "b").delay_ms, 10);
+        assert_eq!(three.link_profile("c", "a").delay_ms, 40);
+        assert_eq!(three.link_profile("b", "c").delay_ms, 40);
+        assert_eq!(three.data_sites().len(), 3);
+        let text = local_with_links(
+            "[[link]]\nsites = [\"a\", \"b\"]\ndelay_ms = 25\njitter_ms = 3\nbandwidth_mbit = 0.5\nloss_pct = 0.25\n",
+        );
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(
+            config.link_profile("a", "b"),
+            LinkProfile {
+                delay_ms: 25,
+                jitter_ms: 3,
+                bandwidth_kbit: Some(500),
+                loss_ppm: 2500,
+                cut: false,
+            }
+        );
+        let text = local_with_links(
+            "[[link]]\nsites = [\"b\", \"a\"]\ndelay_ms = 1\nbandwidth_mbit = 0\n",
+        );
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.link_profile("a", "b").bandwidth_kbit, None);
+        // A link may reach the witness too.
+        let text = local_with_links("[[link]]\nsites = [\"w\", \"a\"]\ndelay_ms = 7\n");
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.link_profile("a", "w").delay_ms, 7);
+        assert_eq!(config.link_profile("a", "b"), LinkProfile::IDEAL);
     }
 
     #[test]
@@ -220,5 +590,119 @@ mod tests {
         let typo = DEFAULT_CONFIG.replace("delta_interval_ms", "delta_intervall_ms");
         let error = ClusterConfig::parse(&typo, "test").expect_err("unknown key");
         assert!(error.to_string().contains("delta_intervall_ms"), "{error}");
+    }
+
+    #[test]
+    fn bad_links_are_refused_by_name() {
+        let sites = [
+            ("[\"a\", \"zz\"]", "site \"zz\" is not a [[site]]"),
+            ("[\"a\", \"a\"]", "two different sites"),
+            ("[\"a\"]", "exactly two sites"),
+            ("[\"a\", \"b\", \"w\"]", "exactly two sites"),
+        ];
+        for (pair, expected) in sites {
+            let error = parse_error(&local_with_links(&format!(
+                "[[link]]\nsites = {pair}\ndelay_ms = 1\n"
+            )));
+            assert!(error.contains(expected), "{pair}: {error}");
+        }
+        let duplicate = "[[link]]\nsites = [\"a\", \"b\"]\ndelay_ms = 1\n\
+                         [[link]]\nsites = [\"b\", \"a\"]\ndelay_ms = 2\n";
+        let error = parse_error(&local_with_links(duplicate));
+        assert!(error.contains("already have a [[link]]"), "{error}");
+        let values = [
+            (
+                "delay_ms = 1\nloss_pct = -1",
+                "loss_pct must be between 0 and 100",
+            ),
+            (
+                "delay_ms = 1\nloss_pct = 100.5",
+                "loss_pct must be between 0 and 100",
+            ),
+            (
+                "delay_ms = 1\nloss_pct = nan",
+                "loss_pct must be between 0 and 100",
+            ),
+            (
+                "delay_ms = 1\nbandwidth_mbit = -3",
+                "bandwidth_mbit must be between",
+            ),
+            (
+                "delay_ms = 1\nbandwidth_mbit = 0.0001",
+                "bandwidth_mbit must be at least",
+            ),
+            (
+                "delay_ms = 1\njitter_ms = 600000",
+                "jitter_ms must be at most",
+            ),
+            ("delay_ms = 60001", "delay_ms must be at most"),
+        ];
+        for (settings, expected) in values {
+            let error = parse_error(&local_with_links(&format!(
+                "[[link]]\nsites = [\"a\", \"b\"]\n{settings}\n"
+            )));
+            assert!(error.contains(expected), "{settings}: {error}");
+            assert!(error.contains("[[link]] a <-> b"), "{settings}: {error}");
+        }
+        // Type errors and unknown keys come from the parser, naming the key.
+        let parser = [
+            ("delay_ms = -5", "delay_ms"),
+            ("jitter_ms = 1", "delay_ms"),
+            ("delay_ms = 1\ncolour = \"red\"", "colour"),
+        ];
+        for (settings, expected) in parser {
+            let error = parse_error(&local_with_links(&format!(
+                "[[link]]\nsites = [\"a\", \"b\"]\n{settings}\n"
+            )));
+            assert!(error.contains(expected), "{settings}: {error}");
+        }
+    }
+
+    #[test]
+    fn roles_decide_which_listeners_a_node_needs() {
+        // A witness node must not serve NBD.
+        let text = LOCAL_CONFIG.replace(
+            "admin_listen = \"127.0.0.1:9182\"",
+            "admin_listen = \"127.0.0.1:9182\"\nnbd_listen = \"127.0.0.1:10811\"",
+        );
+        let error = parse_error(&text);
+        assert!(
+            error.contains("\"w1\"") && error.contains("witness"),
+            "{error}"
+        );
+        // A data node must.
+        let text = LOCAL_CONFIG.replace("nbd_listen = \"127.0.0.1:10810\"", "");
+        let error = parse_error(&text);
+        assert!(error.contains("\"b1\" needs nbd_listen"), "{error}");
+        // Two data sites: every node needs a peer address.
+        let text = LOCAL_CONFIG.replace("peer_listen = \"127.0.0.1:7401\"", "");
+        let error = parse_error(&text);
+        assert!(error.contains("\"b1\" needs peer_listen"), "{error}");
+        // A peer address is an address like the others.
+        let text = LOCAL_CONFIG.replace("127.0.0.1:7401", "127.0.0.1:7400");
+        let error = parse_error(&text);
+        assert!(error.contains("127.0.0.1:7400 is used twice"), "{error}");
+        // An unknown role is refused.
+        let text = LOCAL_CONFIG.replace("role = \"witness\"", "role = \"arbiter\"");
+        let error = parse_error(&text);
+        assert!(error.contains("arbiter"), "{error}");
+        // Only witness sites: nothing would hold data.
+        let text = DEFAULT_CONFIG
+            .replace("role = \"data\"", "role = \"witness\"")
+            .replace("nbd_listen = \"127.0.0.1:10809\"", "");
+        let error = parse_error(&text);
+        assert!(
+            error.contains("at least one [[node]] must be at a data site"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn new_tuning_keys_are_checked() {
+        let text = DEFAULT_CONFIG.replace("remote_timeout_ms = 5000", "remote_timeout_ms = 0");
+        assert!(parse_error(&text).contains("tuning.remote_timeout_ms"));
+        let text =
+            DEFAULT_CONFIG.replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
+        assert!(parse_error(&text).contains("tuning.backlog_bytes_max"));
     }
 }

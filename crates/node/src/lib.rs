@@ -11,10 +11,15 @@ mod byte_size;
 mod config;
 mod driver;
 mod export;
+mod links;
 mod metrics;
 mod node;
 
 pub use admin::{CreateVolume, StatusInfo, VolumeInfo};
 pub use byte_size::ByteSize;
-pub use config::{ClusterConfig, ConfigError, DEFAULT_CONFIG, NodeConfig, SiteConfig, Tuning};
+pub use config::{
+    ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
+    LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
+};
+pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use node::{Node, NodeError, run_cluster, run_node};

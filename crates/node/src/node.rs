@@ -53,7 +53,8 @@ pub struct Node {
     pub(crate) name: String,
     pub(crate) site: String,
     pub(crate) cluster: String,
-    pub(crate) nbd_address: std::net::SocketAddr,
+    /// `None` at a witness site, which serves no volumes.
+    pub(crate) nbd_address: Option<std::net::SocketAddr>,
     pub(crate) driver: Arc<Driver>,
     pub(crate) catalog: Mutex<Catalog>,
     pub(crate) layout: DataLayout,
@@ -232,12 +233,14 @@ pub async fn run_node(
         .node(node_name)
         .ok_or_else(|| NodeError::UnknownNode(node_name.to_string()))?;
     let (node, threads, lock) = open_node(config, node_config, data_dir)?;
-    let listener = tokio::net::TcpListener::bind(node_config.nbd_listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            address: node_config.nbd_listen,
-            source,
-        })?;
+    let listener = match node_config.nbd_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| NodeError::Listen { address, source })?,
+        ),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
     let admin = crate::admin::start(node.clone(), node_config.admin_listen, stopped.clone())
         .map_err(|source| NodeError::Listen {
@@ -248,19 +251,24 @@ pub async fn run_node(
     tracing::info!(
         node = %node.name,
         site = %node.site,
-        nbd = %node_config.nbd_listen,
+        nbd = ?node_config.nbd_listen,
         admin = %node_config.admin_listen,
         volumes = node.volumes().len(),
         "node serving"
     );
-    let backend = Arc::new(crate::export::VolumeBackend::new(node.clone()));
-    let server_config = stretch_nbd::ServerConfig {
-        max_request_bytes: config.tuning.nbd_request_bytes_max.0 as u32,
-        max_in_flight_per_connection: config.tuning.nbd_in_flight_per_connection,
-        ..stretch_nbd::ServerConfig::default()
-    };
-    if let Err(error) = stretch_nbd::serve(listener, backend, server_config, shutdown).await {
-        tracing::error!(%error, "NBD server failed");
+    if let Some(listener) = listener {
+        let backend = Arc::new(crate::export::VolumeBackend::new(node.clone()));
+        let server_config = stretch_nbd::ServerConfig {
+            max_request_bytes: config.tuning.nbd_request_bytes_max.0 as u32,
+            max_in_flight_per_connection: config.tuning.nbd_in_flight_per_connection,
+            ..stretch_nbd::ServerConfig::default()
+        };
+        if let Err(error) = stretch_nbd::serve(listener, backend, server_config, shutdown).await {
+            tracing::error!(%error, "NBD server failed");
+        }
+    } else {
+        // A witness node holds no volumes: it serves its admin API until told to stop.
+        shutdown.await;
     }
     tracing::info!(node = %node.name, "draining dirty data to the legs");
     node.driver.with_engine(|engine| engine.start_drain());
