@@ -196,7 +196,11 @@ impl Tuning {
             delta_max_bytes: self.delta_max_bytes.0,
             cache_bytes_max: self.cache_bytes_max.0,
             journal_checkpoint_bytes: self.journal_checkpoint_bytes.0,
-            planted_bug: None,
+            backlog_bytes_max: self.backlog_bytes_max.0,
+            remote_timeout_ms: self.remote_timeout_ms,
+            // The site and its peers come from the node's place in the
+            // cluster, not from tuning.
+            ..EngineConfig::default()
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use stretch_core::{
     Action, DeltaRecord, Engine, JournalPosition, Request, RequestError, RequestId, Response,
-    Timestamp, VolumeId,
+    SiteId, SiteMessage, Timestamp, VolumeId,
 };
 use stretch_storage::{Journal, Leg, OsFileSystem};
 use tokio::sync::{Notify, oneshot};
@@ -47,7 +47,14 @@ pub(crate) struct Driver {
     start: Instant,
     journal_queue: mpsc::Sender<JournalCommand>,
     leg_queue: mpsc::Sender<LegCommand>,
+    /// Messages for other sites, in the order the engine emitted them. Its
+    /// size is bounded by the engine: deltas by `backlog_bytes_max`, the
+    /// rest by the requests clients may have in flight.
+    outbox: tokio::sync::mpsc::UnboundedSender<(SiteId, SiteMessage)>,
 }
+
+/// Where a driver's messages for other sites come out.
+pub(crate) type Outbox = tokio::sync::mpsc::UnboundedReceiver<(SiteId, SiteMessage)>;
 
 #[derive(Debug)]
 enum JournalCommand {
@@ -94,9 +101,10 @@ impl Driver {
         journal: Journal<OsFileSystem>,
         metrics: Metrics,
         name: &str,
-    ) -> std::io::Result<(Arc<Driver>, IoThreads)> {
+    ) -> std::io::Result<(Arc<Driver>, IoThreads, Outbox)> {
         let (journal_queue, journal_commands) = mpsc::channel();
         let (leg_queue, leg_commands) = mpsc::channel();
+        let (outbox, outbox_receiver) = tokio::sync::mpsc::unbounded_channel();
         let driver = Arc::new(Driver {
             engine: Mutex::new(engine),
             legs: RwLock::new(legs),
@@ -108,6 +116,7 @@ impl Driver {
             start: Instant::now(),
             journal_queue,
             leg_queue,
+            outbox,
         });
         // The threads hold weak references: the queues close when the last
         // strong reference goes, which ends them.
@@ -125,6 +134,7 @@ impl Driver {
                 journal: journal_thread,
                 legs: leg_thread,
             },
+            outbox_receiver,
         ))
     }
 
@@ -177,6 +187,13 @@ impl Driver {
                 }
                 Action::SyncLegs { io, volumes } => {
                     self.queue_leg(LegCommand::Sync { io, volumes });
+                }
+                Action::Send { peer, message } => {
+                    // Queued under the lock too: a group's deltas must leave
+                    // in the order they were emitted.
+                    if self.outbox.send((peer, message)).is_err() {
+                        tracing::debug!(%peer, "links to other sites are stopped; message dropped");
+                    }
                 }
                 Action::Reply { .. } | Action::ReadLeg { .. } => rest.push(action),
             }

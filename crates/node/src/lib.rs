@@ -14,6 +14,8 @@ mod export;
 mod links;
 mod metrics;
 mod node;
+mod peers;
+mod sites;
 
 pub use admin::{CreateVolume, StatusInfo, VolumeInfo};
 pub use byte_size::ByteSize;
@@ -22,4 +24,5 @@ pub use config::{
     LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
 };
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
-pub use node::{Node, NodeError, run_cluster, run_node};
+pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};
+pub use peers::PeersError;

@@ -7,6 +7,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+use prometheus::{GaugeVec, IntGaugeVec};
 use stretch_core::EngineStats;
 
 /// Latency buckets in seconds: 20 µs to 10 s.
@@ -28,6 +29,43 @@ pub struct Metrics {
     pub journal_disk_bytes: IntGauge,
     pub volumes: IntGauge,
     engine: EngineGauges,
+    replication: ReplicationGauges,
+}
+
+/// Multi-site figures: the engine's totals, and per peer and per volume.
+#[derive(Debug, Clone)]
+struct ReplicationGauges {
+    shipped_deltas: IntCounter,
+    shipped_bytes: IntCounter,
+    received_deltas: IntCounter,
+    received_bytes: IntCounter,
+    backlog_bytes: IntGauge,
+    backlog_deltas: IntGauge,
+    backlog_throttled: IntCounter,
+    remote_reads: IntCounter,
+    forwarded: IntCounter,
+    remote_timeouts: IntCounter,
+    resync_regions_left: IntGauge,
+    resync_regions_done: IntCounter,
+    refused_messages: IntCounter,
+    peer_connected: IntGaugeVec,
+    peer_rtt_seconds: GaugeVec,
+    peer_malformed: IntCounterVec,
+    unapplied_deltas: IntGaugeVec,
+    unapplied_bytes: IntGaugeVec,
+    lag_seconds: GaugeVec,
+    peer_resync_regions: IntGaugeVec,
+}
+
+/// One volume's replication figures towards one peer site, for rendering.
+#[derive(Debug, Clone)]
+pub struct VolumeLag {
+    pub volume: String,
+    pub peer: String,
+    pub unapplied_deltas: u64,
+    pub unapplied_bytes: u64,
+    pub lag_seconds: f64,
+    pub resync_regions_left: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +189,55 @@ impl Metrics {
                 .register(metric)
                 .expect("metric registration invariant: unique name");
         }
+        let vector = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("metric definition invariant: valid name");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registration invariant: unique name");
+            metric
+        };
+        let float_vector = |name: &str, help: &str, labels: &[&str]| {
+            let metric = GaugeVec::new(Opts::new(name, help), labels)
+                .expect("metric definition invariant: valid name");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registration invariant: unique name");
+            metric
+        };
+        let peer_malformed = IntCounterVec::new(
+            Opts::new(
+                "stretch_peer_malformed_messages_total",
+                "Frames from a peer that failed validation (their stream was closed)",
+            ),
+            &["peer"],
+        )
+        .expect("metric definition invariant");
+        registry
+            .register(Box::new(peer_malformed.clone()))
+            .expect("metric registration invariant: unique name");
+        let replication = ReplicationGauges {
+            shipped_deltas: counter(&registry, "stretch_shipped_deltas_total", "Deltas sent to other sites"),
+            shipped_bytes: counter(&registry, "stretch_shipped_bytes_total", "Block bytes sent to other sites (deltas and resync)"),
+            received_deltas: counter(&registry, "stretch_received_deltas_total", "Deltas received from owners at other sites"),
+            received_bytes: counter(&registry, "stretch_received_bytes_total", "Block bytes of deltas received"),
+            backlog_bytes: gauge(&registry, "stretch_backlog_bytes", "Delta bytes kept until every site applied them"),
+            backlog_deltas: gauge(&registry, "stretch_backlog_deltas", "Deltas kept until every site applied them"),
+            backlog_throttled: counter(&registry, "stretch_backlog_throttled_writes_total", "Writes that waited because the backlog bound was reached"),
+            remote_reads: counter(&registry, "stretch_remote_reads_total", "Strict reads sent to the owner site"),
+            forwarded: counter(&registry, "stretch_forwarded_requests_total", "Writes, flushes and trims forwarded to the owner site"),
+            remote_timeouts: counter(&registry, "stretch_remote_timeouts_total", "Strict reads and forwarded requests failed: the owner did not answer in time"),
+            resync_regions_left: gauge(&registry, "stretch_resync_regions_left", "1 MiB regions still to copy to other sites"),
+            resync_regions_done: counter(&registry, "stretch_resync_regions_done_total", "1 MiB regions copied to other sites by resync"),
+            refused_messages: counter(&registry, "stretch_refused_peer_messages_total", "Peer messages refused by the engine (wrong owner, gap, unknown id)"),
+            peer_connected: vector("stretch_peer_connected", "1 while the connection to the peer site is up", &["peer"]),
+            peer_rtt_seconds: float_vector("stretch_peer_rtt_seconds", "Round-trip time to the peer site (QUIC estimate)", &["peer"]),
+            peer_malformed,
+            unapplied_deltas: vector("stretch_volume_unapplied_deltas", "Closed deltas of the volume's group the peer site has not applied", &["volume", "peer"]),
+            unapplied_bytes: vector("stretch_volume_unapplied_bytes", "Bytes of those deltas", &["volume", "peer"]),
+            lag_seconds: float_vector("stretch_volume_lag_seconds", "Age of the oldest delta the peer site has not journaled: the live RPO", &["volume", "peer"]),
+            peer_resync_regions: vector("stretch_volume_resync_regions_left", "1 MiB regions of the volume's group still to copy to the peer site", &["volume", "peer"]),
+        };
         let engine = EngineGauges {
             cache_hit_blocks: counter(
                 &registry,
@@ -251,6 +338,49 @@ impl Metrics {
             bytes,
             latency,
             engine,
+            replication,
+        }
+    }
+
+    pub fn peer_connected(&self, peer: &str, connected: bool) {
+        self.replication
+            .peer_connected
+            .with_label_values(&[peer])
+            .set(i64::from(connected));
+    }
+
+    pub fn peer_malformed(&self, peer: &str) {
+        self.replication
+            .peer_malformed
+            .with_label_values(&[peer])
+            .inc();
+    }
+
+    pub fn peer_rtt(&self, peer: &str, seconds: f64) {
+        self.replication
+            .peer_rtt_seconds
+            .with_label_values(&[peer])
+            .set(seconds);
+    }
+
+    /// Brings the per-volume replication gauges up to date.
+    pub fn set_volume_lags(&self, lags: &[VolumeLag]) {
+        let gauges = &self.replication;
+        for lag in lags {
+            let labels = [lag.volume.as_str(), lag.peer.as_str()];
+            gauges
+                .unapplied_deltas
+                .with_label_values(&labels)
+                .set(lag.unapplied_deltas as i64);
+            gauges
+                .unapplied_bytes
+                .with_label_values(&labels)
+                .set(lag.unapplied_bytes as i64);
+            gauges.lag_seconds.with_label_values(&labels).set(lag.lag_seconds);
+            gauges
+                .peer_resync_regions
+                .with_label_values(&labels)
+                .set(lag.resync_regions_left as i64);
         }
     }
 
@@ -300,6 +430,20 @@ impl Metrics {
         advance(&engine.throttled_writes, stats.throttled_writes_total);
         engine.throttled_now.set(stats.throttled_writes_now as i64);
         engine.failed.set(i64::from(stats.failed));
+        let replication = &self.replication;
+        advance(&replication.shipped_deltas, stats.shipped_deltas_total);
+        advance(&replication.shipped_bytes, stats.shipped_bytes_total);
+        advance(&replication.received_deltas, stats.received_deltas_total);
+        advance(&replication.received_bytes, stats.received_bytes_total);
+        replication.backlog_bytes.set(stats.backlog_bytes as i64);
+        replication.backlog_deltas.set(stats.backlog_deltas as i64);
+        advance(&replication.backlog_throttled, stats.backlog_throttled_total);
+        advance(&replication.remote_reads, stats.remote_reads_total);
+        advance(&replication.forwarded, stats.forwarded_total);
+        advance(&replication.remote_timeouts, stats.remote_timeouts_total);
+        replication.resync_regions_left.set(stats.resync_regions_left as i64);
+        advance(&replication.resync_regions_done, stats.resync_regions_done_total);
+        advance(&replication.refused_messages, stats.refused_messages_total);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use stretch_core::{Engine, RecoveredState, VolumeId, VolumeSpec};
+use stretch_core::{Engine, Epoch, Mode, RecoveredState, SiteId, VolumeId, VolumeSpec};
 use stretch_storage::{Catalog, CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
 use tokio::sync::watch;
 
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::driver::{DataLayout, Driver, IoThreads};
-use crate::metrics::Metrics;
+use crate::links::LinkControl;
+use crate::metrics::{Metrics, VolumeLag};
+use crate::peers::Peers;
+use crate::sites::SiteTable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -45,6 +48,12 @@ pub enum NodeError {
     Busy(String),
     #[error("cannot start node threads: {0}")]
     Threads(std::io::Error),
+    #[error("{0:?} is not a data site of this cluster")]
+    UnknownSite(String),
+    #[error("a witness site holds no volumes")]
+    Witness,
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeersError),
 }
 
 /// A running node's handle for the admin API and the NBD backend.
@@ -60,6 +69,13 @@ pub struct Node {
     pub(crate) layout: DataLayout,
     pub(crate) fs: Arc<OsFileSystem>,
     pub(crate) started: Instant,
+    pub(crate) sites: SiteTable,
+    pub(crate) site_id: SiteId,
+    /// The links to the other sites, once they are started.
+    pub(crate) peers: std::sync::OnceLock<Arc<Peers>>,
+    /// How the links between sites are shaped (shared by every node of a
+    /// `stretch up` process).
+    pub(crate) links: Arc<LinkControl>,
 }
 
 impl Node {
@@ -71,22 +87,117 @@ impl Node {
         self.catalog.lock().get(name).cloned()
     }
 
-    /// Creates a volume: the leg first (durably), then the catalog entry, so
-    /// a crash in between leaves at worst an unnamed leg file, never a
-    /// volume without its leg.
+    /// The site name owning a volume (the local site for volumes recorded
+    /// before volumes spanned sites).
+    pub(crate) fn owner_name(&self, record: &VolumeRecord) -> String {
+        if record.owner.is_empty() {
+            return self.site.clone();
+        }
+        record.owner.clone()
+    }
+
+    /// Per volume and peer site: what the peer has not applied yet.
+    pub(crate) fn volume_lags(&self) -> Vec<VolumeLag> {
+        let status = self.driver.engine.lock().replication_status();
+        let volumes = self.volumes();
+        let mut lags = Vec::new();
+        for group in &status {
+            for peer in &group.peers {
+                let peer_name = self.sites.name(peer.peer).unwrap_or("unknown");
+                for record in volumes.iter().filter(|r| r.group_id() == group.group) {
+                    lags.push(VolumeLag {
+                        volume: record.name.clone(),
+                        peer: peer_name.to_string(),
+                        unapplied_deltas: peer.unapplied_deltas,
+                        unapplied_bytes: peer.unapplied_bytes,
+                        lag_seconds: peer.lag_nanos as f64 / 1e9,
+                        resync_regions_left: peer.resync_regions_left,
+                    });
+                }
+            }
+        }
+        lags
+    }
+
+    /// Updates the gauges that are computed rather than counted.
+    pub(crate) fn refresh_replication_metrics(&self) {
+        let metrics = &self.driver.metrics;
+        metrics.set_volume_lags(&self.volume_lags());
+        if let Some(peers) = self.peers.get() {
+            for (site, rtt) in peers.round_trips() {
+                metrics.peer_rtt(&site, rtt.as_secs_f64());
+            }
+        }
+    }
+
+    fn is_witness(&self) -> bool {
+        !self.sites.is_data_site(&self.site)
+    }
+
+    /// Creates a volume here, owned by `owner` (this site by default), and
+    /// tells the other sites, which create their legs with the same ids.
+    /// Returns the record and the sites that have not confirmed yet (they
+    /// get the volume when they next connect).
     pub(crate) fn create_volume(
         &self,
         name: &str,
         size: u64,
         group: Option<&str>,
-    ) -> Result<VolumeRecord, NodeError> {
+        owner: Option<&str>,
+        mode: Mode,
+    ) -> Result<(VolumeRecord, Vec<String>), NodeError> {
+        if self.is_witness() {
+            return Err(NodeError::Witness);
+        }
+        let owner = owner.unwrap_or(&self.site).to_string();
+        if !self.sites.is_data_site(&owner) {
+            return Err(NodeError::UnknownSite(owner));
+        }
+        let planned = {
+            let catalog = self.catalog.lock();
+            let group = group.unwrap_or(name);
+            let leg_path = self.layout.legs().join(format!("{name}.raw"));
+            let mut planned = catalog.plan_volume(name, size, group, leg_path)?;
+            planned.owner = owner;
+            planned.mode = mode.name().to_string();
+            planned
+        };
+        let record = self.adopt_volume(planned)?;
+        let unconfirmed = match self.peers.get() {
+            Some(peers) => peers.announce_volume(&record),
+            None => Vec::new(),
+        };
+        Ok((record, unconfirmed))
+    }
+
+    /// Creates the leg and catalog entry of a volume planned here or at
+    /// another site (same ids), and starts serving it. The leg comes first
+    /// (durably), then the catalog entry, so a crash in between leaves at
+    /// worst an unnamed leg file, never a volume without its leg. Adopting
+    /// a volume already here with the same id is a no-op.
+    pub(crate) fn adopt_volume(&self, mut record: VolumeRecord) -> Result<VolumeRecord, NodeError> {
+        if self.is_witness() {
+            return Err(NodeError::Witness);
+        }
+        let owner_id = self
+            .sites
+            .id(&record.owner)
+            .filter(|_| self.sites.is_data_site(&record.owner))
+            .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
+        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
+            name: record.name.clone(),
+            reason: format!("unknown mode {:?}", record.mode),
+        })?;
         let mut catalog = self.catalog.lock();
-        let group = group.unwrap_or(name);
-        let leg_path = self.layout.legs().join(format!("{name}.raw"));
-        let planned = catalog.plan_volume(name, size, group, leg_path.clone())?;
-        let leg = Leg::create(self.fs.as_ref(), &leg_path, size)?;
-        let record = catalog.add_volume(self.fs.as_ref(), name, size, group, leg_path)?;
-        debug_assert_eq!(planned, record);
+        if let Some(existing) = catalog.get(&record.name)
+            && existing.id == record.id
+        {
+            return Ok(existing.clone());
+        }
+        record.leg = self.layout.legs().join(format!("{}.raw", record.name));
+        catalog.check_new(&record)?;
+        let leg = Leg::create(self.fs.as_ref(), &record.leg, record.size)?;
+        let record = catalog.add_volume(self.fs.as_ref(), record)?;
         self.driver
             .legs
             .write()
@@ -95,19 +206,38 @@ impl Node {
             engine.add_volume(
                 record.volume_id(),
                 VolumeSpec {
-                    size,
+                    size: record.size,
                     group: record.group_id(),
+                    mode,
                 },
             );
+            engine.set_owner(record.group_id(), owner_id, Epoch(record.epoch));
         });
         self.driver.metrics.volumes.inc();
-        tracing::info!(volume = name, size, group, "volume created");
+        tracing::info!(
+            volume = %record.name,
+            size = record.size,
+            group = %record.group,
+            owner = %record.owner,
+            mode = %record.mode,
+            "volume created"
+        );
         Ok(record)
     }
 
-    /// Deletes a volume: the engine stops serving it, the catalog forgets
-    /// it, then the leg file goes.
+    /// Deletes a volume here and at the other sites it reaches.
     pub(crate) fn delete_volume(&self, name: &str) -> Result<VolumeRecord, NodeError> {
+        let record = self.delete_local_volume(name)?;
+        if let Some(peers) = self.peers.get() {
+            peers.announce_deletion(&record);
+        }
+        Ok(record)
+    }
+
+    /// Deletes a volume at this site: the engine stops serving it, the
+    /// catalog forgets it (and remembers its id as deleted), then the leg
+    /// file goes.
+    pub(crate) fn delete_local_volume(&self, name: &str) -> Result<VolumeRecord, NodeError> {
         let mut catalog = self.catalog.lock();
         let record = catalog
             .get(name)
@@ -134,7 +264,8 @@ fn open_node(
     config: &ClusterConfig,
     node: &NodeConfig,
     data_dir: &Path,
-) -> Result<(Arc<Node>, IoThreads, std::fs::File), NodeError> {
+    links: Arc<LinkControl>,
+) -> Result<(Arc<Node>, IoThreads, std::fs::File, crate::driver::Outbox), NodeError> {
     let layout = DataLayout {
         root: data_dir.join(&node.name),
     };
@@ -179,8 +310,15 @@ fn open_node(
         recovery.next_seq.clone(),
     )?;
     journal.discard_replayed(&recovery.stale_segments)?;
+    let sites = SiteTable::from_config(config);
+    let site_id = sites
+        .id(&node.site)
+        .ok_or_else(|| NodeError::UnknownSite(node.site.clone()))?;
+    let mut engine_config = config.tuning.engine();
+    engine_config.site = site_id;
+    engine_config.peers = sites.data_peers(&node.site);
     let mut engine = Engine::new(
-        config.tuning.engine(),
+        engine_config,
         RecoveredState {
             next_position: recovery.next_position,
             next_seq: recovery.next_seq,
@@ -188,20 +326,32 @@ fn open_node(
     );
     let metrics = Metrics::new(&node.name, &node.site);
     for record in catalog.volumes() {
+        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Corrupt {
+            path: layout.catalog(),
+            reason: format!("volume {:?} has mode {:?}", record.name, record.mode),
+        })?;
+        let owner = if record.owner.is_empty() {
+            Some(site_id)
+        } else {
+            sites.id(&record.owner)
+        };
+        let owner = owner.ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
         engine.add_volume(
             record.volume_id(),
             VolumeSpec {
                 size: record.size,
                 group: record.group_id(),
+                mode,
             },
         );
+        engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
         metrics.volumes.inc();
     }
     let legs: BTreeMap<VolumeId, Arc<Leg<OsFileSystem>>> = legs
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))
         .collect();
-    let (driver, threads) =
+    let (driver, threads, outbox) =
         Driver::start(engine, legs, journal, metrics, &node.name).map_err(NodeError::Threads)?;
     let node = Arc::new(Node {
         name: node.name.clone(),
@@ -213,8 +363,12 @@ fn open_node(
         layout,
         fs,
         started: Instant::now(),
+        sites,
+        site_id,
+        peers: std::sync::OnceLock::new(),
+        links,
     });
-    Ok((node, threads, lock))
+    Ok((node, threads, lock, outbox))
 }
 
 /// Longest a clean shutdown waits for dirty data to reach the legs.
@@ -227,12 +381,31 @@ pub async fn run_node(
     config: &ClusterConfig,
     node_name: &str,
     data_dir: &Path,
+    options: NodeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
     let node_config = config
         .node(node_name)
         .ok_or_else(|| NodeError::UnknownNode(node_name.to_string()))?;
-    let (node, threads, lock) = open_node(config, node_config, data_dir)?;
+    let links = options
+        .links
+        .unwrap_or_else(|| Arc::new(LinkControl::from_config(config)));
+    let (node, threads, lock, outbox) = open_node(config, node_config, data_dir, links)?;
+    let (stop_peers, peers_stopped) = watch::channel(false);
+    let multi_site = config.data_sites().len() > 1;
+    let mut peer_tasks = None;
+    if multi_site && config.is_data_node(node_config) {
+        let (peers, tasks) = Peers::start(
+            &node,
+            config,
+            &options.pki_dir,
+            &node.links,
+            outbox,
+            peers_stopped,
+        )?;
+        let _ = node.peers.set(peers);
+        peer_tasks = Some(tasks);
+    }
     let listener = match node_config.nbd_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
@@ -287,6 +460,13 @@ pub async fn run_node(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let _ = stop_peers.send(true);
+    if let Some(peers) = node.peers.get() {
+        peers.close();
+    }
+    if let Some(mut tasks) = peer_tasks {
+        while tasks.join_next().await.is_some() {}
+    }
     let _ = stop.send(true);
     let _ = timer.await;
     admin.join();
@@ -299,13 +479,41 @@ pub async fn run_node(
     Ok(())
 }
 
+/// Where a node finds what it shares with the rest of the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The cluster CA and node certificates (`stretch init`).
+    pub pki_dir: PathBuf,
+    /// Link shaping shared by every node of this process; each node makes
+    /// its own from the config when absent.
+    pub links: Option<Arc<LinkControl>>,
+}
+
 /// Runs every node of the config in this process until `shutdown`. A node
-/// that fails stops the others, and its error is returned.
+/// that fails stops the others, and its error is returned. Creates the
+/// cluster CA and node certificates in `pki_dir` on first start.
 pub async fn run_cluster(
     config: &ClusterConfig,
     data_dir: &Path,
+    pki_dir: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    if config.data_sites().len() > 1 {
+        let names: Vec<&str> = config.nodes.iter().map(|node| node.name.as_str()).collect();
+        let report = stretch_transport::init(pki_dir, &config.cluster.name, &names)
+            .map_err(|source| crate::peers::PeersError::Identity {
+                dir: pki_dir.display().to_string(),
+                source,
+            })?;
+        if report.ca_created || !report.nodes_created.is_empty() {
+            tracing::info!(
+                dir = %pki_dir.display(),
+                nodes = ?report.nodes_created,
+                "created cluster certificates"
+            );
+        }
+    }
+    let links = Arc::new(LinkControl::from_config(config));
     let (stop, stopped) = watch::channel(false);
     let (failure, mut failures) = tokio::sync::mpsc::channel::<()>(config.nodes.len());
     let mut tasks = Vec::new();
@@ -313,13 +521,17 @@ pub async fn run_cluster(
         let config = config.clone();
         let name = node.name.clone();
         let data_dir = data_dir.to_path_buf();
+        let options = NodeOptions {
+            pki_dir: pki_dir.to_path_buf(),
+            links: Some(links.clone()),
+        };
         let mut stopped = stopped.clone();
         let failure = failure.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             };
-            let result = run_node(&config, &name, &data_dir, shutdown).await;
+            let result = run_node(&config, &name, &data_dir, options, shutdown).await;
             if result.is_err() {
                 let _ = failure.send(()).await;
             }

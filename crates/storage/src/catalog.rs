@@ -84,6 +84,10 @@ struct CatalogFile {
     next_group_id: u32,
     groups: BTreeMap<String, u32>,
     volumes: BTreeMap<String, VolumeRecord>,
+    /// Ids of deleted volumes: another site that missed the deletion must
+    /// not bring the volume back.
+    #[serde(default)]
+    deleted: std::collections::BTreeSet<u32>,
 }
 
 /// The catalog as loaded; changes are saved before they return.
@@ -164,6 +168,11 @@ impl Catalog {
         self.content.volumes.get(name)
     }
 
+    /// Whether the volume with this id was deleted here.
+    pub fn was_deleted(&self, id: u32) -> bool {
+        self.content.deleted.contains(&id)
+    }
+
     /// Records a volume planned here ([`Catalog::plan_volume`]) or at
     /// another site (same ids everywhere) and saves the catalog. The leg
     /// must already exist (created durably), so a saved volume always has
@@ -202,6 +211,9 @@ impl Catalog {
             name: record.name.clone(),
             reason,
         };
+        if self.content.deleted.contains(&record.id) {
+            return Err(conflict(format!("volume id {} was deleted here", record.id)));
+        }
         if let Some(other) = self.volumes().find(|other| other.id == record.id) {
             return Err(conflict(format!("id {} is volume {:?}", record.id, other.name)));
         }
@@ -277,6 +289,7 @@ impl Catalog {
             .volumes
             .remove(name)
             .ok_or_else(|| CatalogError::NoSuchVolume(name.to_string()))?;
+        content.deleted.insert(record.id);
         self.save(fs, content)?;
         Ok(record)
     }

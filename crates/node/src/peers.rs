@@ -1,0 +1,698 @@
+//! Links to the other sites: one QUIC connection per peer node (mutual
+//! TLS with the cluster CA), carrying the engine's messages and the
+//! catalog's control messages.
+//!
+//! Streams: each consistency group's deltas and acks travel on one ordered
+//! unidirectional stream per connection; every request-lane message (strict
+//! reads, forwarded writes and their answers) and every control message
+//! gets a stream of its own, so a large delta never holds up a small read.
+//!
+//! Connections: the node with the smaller name dials, with backoff; the
+//! other accepts. When a connection ends the engine hears `peer_down`, and
+//! `peer_up` when the next one is established: the engine resumes from
+//! there (retained deltas or a resync), so nothing depends on messages of a
+//! dead connection arriving.
+//!
+//! Bytes from a peer are untrusted: a frame that fails validation ends that
+//! stream only, is logged and counted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use stretch_core::{GroupId, Lane, SiteId, SiteMessage};
+use stretch_storage::VolumeRecord;
+use stretch_transport::{NodeIdentity, PeerEndpoint, read_message, write_message};
+use stretch_wire::{PROTOCOL_VERSION, PeerMessage, WireVolume};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::ClusterConfig;
+use crate::driver::Outbox;
+use crate::links::LinkControl;
+use crate::node::Node;
+
+/// Longest a volume create or delete waits for another site to confirm.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Redial backoff after a failed or lost connection, doubling up to the max.
+const REDIAL_DELAY_MIN: Duration = Duration::from_millis(100);
+const REDIAL_DELAY_MAX: Duration = Duration::from_secs(2);
+/// Longest the handshake (hello both ways) may take on a fresh connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeersError {
+    #[error("node {0:?} has no peer_listen address; nodes of a multi-site cluster need one")]
+    NoPeerAddress(String),
+    #[error("site {0:?} has more than one data node; one node per data site is supported")]
+    SharedSite(String),
+    #[error("node certificates in {dir}: {source} (run `stretch init` first)")]
+    Identity {
+        dir: String,
+        #[source]
+        source: stretch_transport::PkiError,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] stretch_transport::EndpointError),
+}
+
+/// Another data node this node exchanges deltas with.
+#[derive(Debug, Clone)]
+struct Remote {
+    node: String,
+    site: String,
+    site_id: SiteId,
+    address: SocketAddr,
+}
+
+/// The live connection to one peer and its group streams.
+#[derive(Debug)]
+struct Session {
+    connection: quinn::Connection,
+    groups: BTreeMap<GroupId, mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Peers {
+    node: Weak<Node>,
+    endpoint: PeerEndpoint,
+    cluster: String,
+    local_node: String,
+    local_site: String,
+    remotes: Vec<Remote>,
+    sessions: Mutex<BTreeMap<SiteId, Session>>,
+    waiters: Mutex<BTreeMap<u64, oneshot::Sender<Result<(), String>>>>,
+    next_request: AtomicU64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Peers {
+    /// Binds the node's QUIC endpoint (through the link shaper) and starts
+    /// dialing, accepting and sending. Tasks end when `stop` turns true.
+    pub fn start(
+        node: &Arc<Node>,
+        config: &ClusterConfig,
+        pki_dir: &Path,
+        links: &LinkControl,
+        outbox: Outbox,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<Peers>, tokio::task::JoinSet<()>), PeersError> {
+        let local = config
+            .node(&node.name)
+            .expect("peers invariant: the node comes from this config");
+        let address = local
+            .peer_listen
+            .ok_or_else(|| PeersError::NoPeerAddress(local.name.clone()))?;
+        let mut remotes = Vec::new();
+        for peer in config.peers(&node.name) {
+            if peer.site == node.site {
+                return Err(PeersError::SharedSite(peer.site.clone()));
+            }
+            let address = peer
+                .peer_listen
+                .ok_or_else(|| PeersError::NoPeerAddress(peer.name.clone()))?;
+            let site_id = node
+                .sites
+                .id(&peer.site)
+                .expect("peers invariant: a peer's site is in the config");
+            remotes.push(Remote {
+                node: peer.name.clone(),
+                site: peer.site.clone(),
+                site_id,
+                address,
+            });
+        }
+        let identity =
+            NodeIdentity::load(pki_dir, &node.name).map_err(|source| PeersError::Identity {
+                dir: pki_dir.display().to_string(),
+                source,
+            })?;
+        let table = stretch_transport::LinkTable::new(seed_of(&node.name));
+        links.register(&node.site, table.clone());
+        let endpoint = PeerEndpoint::bind_shaped(&identity, address, table)?;
+        let peers = Arc::new(Peers {
+            node: Arc::downgrade(node),
+            endpoint,
+            cluster: config.cluster.name.clone(),
+            local_node: node.name.clone(),
+            local_site: node.site.clone(),
+            remotes,
+            sessions: Mutex::new(BTreeMap::new()),
+            waiters: Mutex::new(BTreeMap::new()),
+            next_request: AtomicU64::new(1),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(peers.clone().send_loop(outbox, stop.clone()));
+        tasks.spawn(peers.clone().accept_loop(stop.clone()));
+        for remote in peers.remotes.clone() {
+            if peers.local_node < remote.node {
+                tasks.spawn(peers.clone().dial_loop(remote, stop.clone()));
+            }
+        }
+        tracing::info!(
+            node = %peers.local_node,
+            %address,
+            peers = peers.remotes.len(),
+            "links to other sites started"
+        );
+        Ok((peers, tasks))
+    }
+
+    /// Closes every connection; the tasks end.
+    pub fn close(&self) {
+        self.endpoint.close();
+    }
+
+    /// The sites connected now.
+    pub fn connected_sites(&self) -> Vec<String> {
+        let sessions = self.sessions.lock();
+        self.remotes
+            .iter()
+            .filter(|remote| sessions.contains_key(&remote.site_id))
+            .map(|remote| remote.site.clone())
+            .collect()
+    }
+
+    /// Round-trip time to each connected site.
+    pub fn round_trips(&self) -> Vec<(String, Duration)> {
+        let sessions = self.sessions.lock();
+        self.remotes
+            .iter()
+            .filter_map(|remote| {
+                let session = sessions.get(&remote.site_id)?;
+                Some((remote.site.clone(), session.connection.rtt()))
+            })
+            .collect()
+    }
+
+    /// Tells every other site about a new volume and waits (bounded) for
+    /// each to create its leg. Returns the sites that did not confirm; they
+    /// learn of the volume from the catalog exchange when they reconnect.
+    /// Called from a thread outside the async runtime (the admin API).
+    pub fn announce_volume(&self, record: &VolumeRecord) -> Vec<String> {
+        let volume = wire_volume(record);
+        self.announce(|request| PeerMessage::CreateVolume {
+            request,
+            volume: volume.clone(),
+        })
+    }
+
+    /// Tells every other site a volume was deleted (bounded wait).
+    pub fn announce_deletion(&self, record: &VolumeRecord) -> Vec<String> {
+        self.announce(|request| PeerMessage::DeleteVolume {
+            request,
+            name: record.name.clone(),
+            id: record.id,
+        })
+    }
+
+    fn announce(&self, message: impl Fn(u64) -> PeerMessage) -> Vec<String> {
+        let mut pending = Vec::new();
+        for remote in &self.remotes {
+            let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+            let (sender, receiver) = oneshot::channel();
+            self.waiters.lock().insert(request, sender);
+            self.send_control(remote.site_id, message(request));
+            pending.push((remote.site.clone(), request, receiver));
+        }
+        let mut unconfirmed = Vec::new();
+        for (site, request, receiver) in pending {
+            let answer = self
+                .runtime
+                .block_on(async { tokio::time::timeout(CONTROL_TIMEOUT, receiver).await });
+            self.waiters.lock().remove(&request);
+            match answer {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(reason))) => {
+                    tracing::warn!(%site, %reason, "site refused the catalog change");
+                    unconfirmed.push(site);
+                }
+                _ => unconfirmed.push(site),
+            }
+        }
+        unconfirmed
+    }
+
+    // -----------------------------------------------------------------------
+    // Sending
+
+    /// Routes the engine's messages to the live connection of their site.
+    async fn send_loop(self: Arc<Self>, mut outbox: Outbox, mut stop: watch::Receiver<bool>) {
+        loop {
+            let next = tokio::select! {
+                next = outbox.recv() => next,
+                _ = stop.wait_for(|stop| *stop) => None,
+            };
+            let Some((site, message)) = next else {
+                return;
+            };
+            self.send_site_message(site, &message);
+        }
+    }
+
+    fn send_site_message(&self, site: SiteId, message: &SiteMessage) {
+        let frame = stretch_wire::encode_frame(&PeerMessage::from_site(message));
+        let mut sessions = self.sessions.lock();
+        let Some(session) = sessions.get_mut(&site) else {
+            // Not connected: the engine resumes when the link returns.
+            return;
+        };
+        match message.lane() {
+            Lane::Group(group) => {
+                let sender = session
+                    .groups
+                    .entry(group)
+                    .or_insert_with(|| spawn_group_stream(session.connection.clone(), group));
+                if sender.send(frame).is_err() {
+                    session.groups.remove(&group);
+                }
+            }
+            Lane::Request => {
+                let connection = session.connection.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = send_on_new_stream(&connection, &frame).await {
+                        tracing::debug!(%error, "request stream to a peer failed");
+                    }
+                });
+            }
+        }
+    }
+
+    fn send_control(&self, site: SiteId, message: PeerMessage) {
+        let Some(connection) = self
+            .sessions
+            .lock()
+            .get(&site)
+            .map(|session| session.connection.clone())
+        else {
+            return;
+        };
+        let frame = stretch_wire::encode_frame(&message);
+        self.runtime.spawn(async move {
+            if let Err(error) = send_on_new_stream(&connection, &frame).await {
+                tracing::debug!(%error, "control stream to a peer failed");
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------
+    // Connections
+
+    async fn dial_loop(self: Arc<Self>, remote: Remote, mut stop: watch::Receiver<bool>) {
+        let mut delay = REDIAL_DELAY_MIN;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let attempt = async {
+                let connection = self.endpoint.connect(&remote.node, remote.address).await?;
+                let (mut send, mut receive) = connection.open_bi().await?;
+                write_message(&mut send, &self.hello()).await?;
+                let answer = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut receive))
+                    .await
+                    .map_err(|_| anyhow_like("no hello within the timeout"))??;
+                self.check_hello(answer, Some(&remote))?;
+                let _ = send.finish();
+                Ok::<_, SessionError>(connection)
+            };
+            let result = tokio::select! {
+                result = attempt => result,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match result {
+                Ok(connection) => {
+                    delay = REDIAL_DELAY_MIN;
+                    self.clone()
+                        .run_session(remote.clone(), connection, stop.clone())
+                        .await;
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %remote.node, %error, "cannot reach peer; retrying");
+                    delay = (delay * 2).min(REDIAL_DELAY_MAX);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let connection = tokio::select! {
+                connection = self.endpoint.accept() => connection,
+                _ = stop.wait_for(|stop| *stop) => None,
+            };
+            let Some(connection) = connection else {
+                return;
+            };
+            let peers = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let handshake = async {
+                    let (mut send, mut receive) = connection.accept_bi().await?;
+                    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut receive))
+                        .await
+                        .map_err(|_| anyhow_like("no hello within the timeout"))??;
+                    let remote = peers.check_hello(hello, None)?;
+                    write_message(&mut send, &peers.hello()).await?;
+                    let _ = send.finish();
+                    Ok::<_, SessionError>(remote)
+                };
+                match handshake.await {
+                    Ok(remote) => peers.run_session(remote, connection, stop).await,
+                    Err(error) => {
+                        tracing::warn!(
+                            remote = %connection.remote_address(),
+                            %error,
+                            "refused a peer connection"
+                        );
+                        connection.close(1u32.into(), b"refused");
+                    }
+                }
+            });
+        }
+    }
+
+    fn hello(&self) -> PeerMessage {
+        PeerMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            node: self.local_node.clone(),
+            site: self.local_site.clone(),
+        }
+    }
+
+    /// Checks a peer's hello: same protocol and cluster, a data node of the
+    /// config at the site the config gives it (and the one dialled).
+    fn check_hello(
+        &self,
+        message: Option<PeerMessage>,
+        expected: Option<&Remote>,
+    ) -> Result<Remote, SessionError> {
+        let Some(PeerMessage::Hello {
+            protocol,
+            cluster,
+            node,
+            site,
+        }) = message
+        else {
+            return Err(anyhow_like("the first message was not a hello"));
+        };
+        if protocol != PROTOCOL_VERSION {
+            return Err(SessionError::Refused(format!(
+                "protocol {protocol}, this node speaks {PROTOCOL_VERSION}"
+            )));
+        }
+        if cluster != self.cluster {
+            return Err(SessionError::Refused(format!(
+                "cluster {cluster:?}, this node is in {:?}",
+                self.cluster
+            )));
+        }
+        let Some(remote) = self.remotes.iter().find(|remote| remote.node == node) else {
+            return Err(SessionError::Refused(format!(
+                "node {node:?} is not a data node of this cluster"
+            )));
+        };
+        if remote.site != site || expected.is_some_and(|expected| expected.node != node) {
+            return Err(SessionError::Refused(format!(
+                "node {node:?} claims site {site:?}"
+            )));
+        }
+        Ok(remote.clone())
+    }
+
+    async fn run_session(
+        self: Arc<Self>,
+        remote: Remote,
+        connection: quinn::Connection,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        let id = connection.stable_id();
+        let previous = self.sessions.lock().insert(
+            remote.site_id,
+            Session {
+                connection: connection.clone(),
+                groups: BTreeMap::new(),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.connection.close(0u32.into(), b"replaced");
+        }
+        tracing::info!(peer = %remote.node, site = %remote.site, "connected to peer");
+        node.driver.metrics.peer_connected(&remote.site, true);
+        let now = node.driver.now();
+        node.driver
+            .with_engine(|engine| engine.peer_up(now, remote.site_id));
+        let catalog: Vec<WireVolume> = node.volumes().iter().map(wire_volume).collect();
+        self.send_control(remote.site_id, PeerMessage::Catalog { volumes: catalog });
+        drop(node);
+        loop {
+            let stream = tokio::select! {
+                stream = connection.accept_uni() => stream,
+                _ = stop.wait_for(|stop| *stop) => {
+                    connection.close(0u32.into(), b"node stopping");
+                    break;
+                }
+            };
+            match stream {
+                Ok(stream) => {
+                    let peers = self.clone();
+                    let remote = remote.clone();
+                    tokio::spawn(async move { peers.read_stream(remote, stream).await });
+                }
+                Err(error) => {
+                    tracing::info!(peer = %remote.node, %error, "connection to peer ended");
+                    break;
+                }
+            }
+        }
+        let mut sessions = self.sessions.lock();
+        let current = sessions
+            .get(&remote.site_id)
+            .is_some_and(|session| session.connection.stable_id() == id);
+        if current {
+            sessions.remove(&remote.site_id);
+        }
+        drop(sessions);
+        if current && let Some(node) = self.node.upgrade() {
+            node.driver.metrics.peer_connected(&remote.site, false);
+            let now = node.driver.now();
+            node.driver
+                .with_engine(|engine| engine.peer_down(now, remote.site_id));
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Receiving
+
+    async fn read_stream(self: Arc<Self>, remote: Remote, mut stream: quinn::RecvStream) {
+        loop {
+            let message = match read_message(&mut stream).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return,
+                Err(error) => {
+                    self.refuse(&remote, &error.to_string());
+                    let _ = stream.stop(2u32.into());
+                    return;
+                }
+            };
+            if let Err(reason) = self.handle(&remote, message).await {
+                self.refuse(&remote, &reason);
+                let _ = stream.stop(2u32.into());
+                return;
+            }
+        }
+    }
+
+    fn refuse(&self, remote: &Remote, reason: &str) {
+        tracing::warn!(peer = %remote.node, reason, "malformed message from peer; stream closed");
+        if let Some(node) = self.node.upgrade() {
+            node.driver.metrics.peer_malformed(&remote.site);
+        }
+    }
+
+    async fn handle(&self, remote: &Remote, message: PeerMessage) -> Result<(), String> {
+        let Some(node) = self.node.upgrade() else {
+            return Ok(());
+        };
+        match message {
+            PeerMessage::Hello { .. } => Err("a second hello".into()),
+            PeerMessage::CreateVolume { request, volume } => {
+                let result = blocking(&node, move |node| {
+                    node.adopt_volume(record_of(volume)).map(|_| ())
+                })
+                .await;
+                self.answer_control(remote.site_id, request, result);
+                Ok(())
+            }
+            PeerMessage::DeleteVolume { request, name, id } => {
+                let result = blocking(&node, move |node| match node.volume(&name) {
+                    Some(record) if record.id == id => node.delete_local_volume(&name).map(|_| ()),
+                    // Already gone here (or a different volume of that name).
+                    _ => Ok(()),
+                })
+                .await;
+                self.answer_control(remote.site_id, request, result);
+                Ok(())
+            }
+            PeerMessage::Catalog { volumes } => {
+                for volume in volumes {
+                    let known = node.volume(&volume.name).is_some_and(|v| v.id == volume.id);
+                    if known {
+                        continue;
+                    }
+                    let (name, id) = (volume.name.clone(), volume.id);
+                    let deleted_here = node.catalog.lock().was_deleted(id);
+                    if deleted_here {
+                        // The peer missed the deletion: tell it again.
+                        self.send_control(
+                            remote.site_id,
+                            PeerMessage::DeleteVolume {
+                                request: 0,
+                                name,
+                                id,
+                            },
+                        );
+                        continue;
+                    }
+                    let result = blocking(&node, move |node| {
+                        node.adopt_volume(record_of(volume)).map(|_| ())
+                    })
+                    .await;
+                    if let Err(reason) = result {
+                        tracing::warn!(peer = %remote.node, volume = %name, %reason,
+                            "cannot take a volume from the peer's catalog");
+                    }
+                }
+                Ok(())
+            }
+            PeerMessage::ControlReply { request, result } => {
+                if let Some(waiter) = self.waiters.lock().remove(&request) {
+                    let _ = waiter.send(result);
+                }
+                Ok(())
+            }
+            other => match other.into_site() {
+                Ok(Some(site_message)) => {
+                    let now = node.driver.now();
+                    node.driver
+                        .with_engine(|engine| engine.receive(now, remote.site_id, site_message));
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(error) => Err(error.to_string()),
+            },
+        }
+    }
+
+    fn answer_control(&self, site: SiteId, request: u64, result: Result<(), String>) {
+        if request == 0 {
+            return;
+        }
+        self.send_control(site, PeerMessage::ControlReply { request, result });
+    }
+}
+
+/// Runs catalog work (leg creation: blocking file I/O) off the runtime.
+async fn blocking(
+    node: &Arc<Node>,
+    work: impl FnOnce(&Node) -> Result<(), crate::node::NodeError> + Send + 'static,
+) -> Result<(), String> {
+    let node = node.clone();
+    match tokio::task::spawn_blocking(move || work(&node)).await {
+        Ok(result) => result.map_err(|error| error.to_string()),
+        Err(error) => Err(format!("catalog task failed: {error}")),
+    }
+}
+
+fn spawn_group_stream(
+    connection: quinn::Connection,
+    group: GroupId,
+) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (sender, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let mut stream = match connection.open_uni().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%group, %error, "cannot open a group stream");
+                return;
+            }
+        };
+        while let Some(frame) = frames.recv().await {
+            if let Err(error) = stream.write_all(&frame).await {
+                tracing::debug!(%group, %error, "group stream to a peer failed");
+                return;
+            }
+        }
+        let _ = stream.finish();
+    });
+    sender
+}
+
+async fn send_on_new_stream(connection: &quinn::Connection, frame: &[u8]) -> Result<(), String> {
+    let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+    stream.write_all(frame).await.map_err(|e| e.to_string())?;
+    stream.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn wire_volume(record: &VolumeRecord) -> WireVolume {
+    WireVolume {
+        name: record.name.clone(),
+        id: record.id,
+        size: record.size,
+        group: record.group.clone(),
+        group_id: record.group_id,
+        owner_site: record.owner.clone(),
+        mode: record.mode.clone(),
+        epoch: record.epoch,
+    }
+}
+
+fn record_of(volume: WireVolume) -> VolumeRecord {
+    VolumeRecord {
+        id: volume.id,
+        name: volume.name,
+        size: volume.size,
+        group: volume.group,
+        group_id: volume.group_id,
+        leg: Default::default(),
+        owner: volume.owner_site,
+        mode: volume.mode,
+        epoch: volume.epoch,
+    }
+}
+
+/// A fixed seed per node for its link shaper's draws (jitter, loss).
+fn seed_of(name: &str) -> u64 {
+    name.bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Endpoint(#[from] stretch_transport::EndpointError),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Frame(#[from] stretch_transport::FrameError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn anyhow_like(reason: &str) -> SessionError {
+    SessionError::Refused(reason.to_string())
+}
