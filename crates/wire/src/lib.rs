@@ -1,16 +1,34 @@
 //! Messages between stretch nodes.
 //!
+//! [`PeerMessage`] is everything one node says to another: a
+//! [`PeerMessage::Hello`] opening each connection, the messages of the
+//! engines of two sites (deltas and their acknowledgements, resync, strict
+//! reads and forwarded requests), and the nodes' control messages (volume
+//! creation and deletion, and the catalog of volumes).
+//!
 //! Each message is an rkyv archive in a frame: a little-endian u32 length,
 //! then the archive. Bytes from a peer are untrusted: a frame over
 //! [`FRAME_BYTES_MAX`] is refused before anything is allocated for it, the
 //! archive is validated (bytecheck) before any field is read, and then
-//! checked against the protocol's own rules (block sizes, key order). Any
-//! failure is a [`WireError`]: the caller closes that stream and carries on.
-//! Nothing here panics on input.
+//! checked against the protocol's own rules:
+//! - names in a hello at most [`NAME_BYTES_MAX`] bytes;
+//! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
+//!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
+//!   in strictly increasing `(volume, block)` order;
+//! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded write of
+//!   at most [`WRITE_BYTES_MAX`] bytes;
+//! - a volume of a positive multiple of the block size, its name and group
+//!   at most [`VOLUME_NAME_BYTES_MAX`] bytes, its mode one of `async`,
+//!   `flush-sync` and `sync`.
+//!
+//! Any failure is a [`WireError`]: the caller closes that stream and
+//! carries on. Nothing here panics on input.
 
+mod frame;
 mod message;
 
+pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
 pub use message::{
-    FRAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, decode_frame,
-    encode_frame, frame_length,
+    NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, VOLUME_NAME_BYTES_MAX, WRITE_BYTES_MAX,
+    WireBlock, WireFailure, WireRequest, WireResponse, WireVolume,
 };
