@@ -23,14 +23,21 @@ pub enum WireError {
     Invalid(String),
 }
 
-/// Encodes a message as one frame.
-pub fn encode_frame(message: &PeerMessage) -> Vec<u8> {
+/// Encodes a message as one frame, refusing what a peer would refuse: a
+/// message breaking the protocol's rules, or a frame over
+/// [`FRAME_BYTES_MAX`].
+pub fn encode_frame(message: &PeerMessage) -> Result<Vec<u8>, WireError> {
+    message.check()?;
     let archive = rkyv::to_bytes::<rancor::Error>(message)
-        .expect("wire invariant: serialising plain owned data into memory cannot fail");
+        .map_err(|error| WireError::Invalid(format!("cannot archive: {error}")))?;
+    let length = match u32::try_from(archive.len()) {
+        Ok(length) if length <= FRAME_BYTES_MAX => length,
+        _ => return Err(WireError::FrameTooLarge(archive.len() as u64)),
+    };
     let mut frame = Vec::with_capacity(LENGTH_BYTES + archive.len());
-    frame.extend_from_slice(&(archive.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&length.to_le_bytes());
     frame.extend_from_slice(&archive);
-    frame
+    Ok(frame)
 }
 
 /// The archive length a frame header announces, refusing oversized frames

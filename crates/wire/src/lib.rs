@@ -23,6 +23,9 @@
 //!
 //! Any failure is a [`WireError`]: the caller closes that stream and
 //! carries on. Nothing here panics on input.
+//!
+//! [`encode_frame`] checks the same rules and the frame limit, so a node
+//! never sends what its peer would refuse (and close the stream over).
 
 mod frame;
 mod message;

@@ -360,7 +360,7 @@ impl Rng {
 #[test]
 fn every_message_round_trips() {
     for message in samples() {
-        let frame = encode_frame(&message);
+        let frame = encode_frame(&message).expect("encodes");
         assert_eq!(frame, raw_frame(&message));
         assert_eq!(decode_frame(&frame), Ok(message));
     }
@@ -369,7 +369,7 @@ fn every_message_round_trips() {
 #[test]
 fn every_truncation_is_an_error() {
     for message in samples() {
-        let frame = encode_frame(&message);
+        let frame = encode_frame(&message).expect("encodes");
         for cut in 0..frame.len() {
             assert!(decode_frame(&frame[..cut]).is_err(), "cut at {cut} decoded");
         }
@@ -385,7 +385,7 @@ fn every_truncation_is_an_error() {
 #[test]
 fn flipped_bits_never_panic() {
     for message in samples() {
-        let frame = encode_frame(&message);
+        let frame = encode_frame(&message).expect("encodes");
         // Skip the data blocks' interiors in long frames: flips there are
         // valid data, and the test stays quick.
         let positions: Vec<usize> = if frame.len() > 600 {
@@ -399,7 +399,7 @@ fn flipped_bits_never_panic() {
                 damaged[position] ^= 1 << bit;
                 if let Ok(decoded) = decode_frame(&damaged) {
                     // Whatever passes validation obeys the protocol rules.
-                    let again = encode_frame(&decoded);
+                    let again = encode_frame(&decoded).expect("re-encodes");
                     assert_eq!(decode_frame(&again), Ok(decoded));
                 }
             }
@@ -431,7 +431,7 @@ fn spliced_garbage_never_panics() {
     let samples = samples();
     for _ in 0..20_000 {
         let index = (rng.next() % samples.len() as u64) as usize;
-        let mut frame = encode_frame(&samples[index]);
+        let mut frame = encode_frame(&samples[index]).expect("encodes");
         let body = frame.len() - 4;
         let start = 4 + (rng.next() % body as u64) as usize;
         let length = (rng.next() % 9) as usize;
@@ -439,16 +439,25 @@ fn spliced_garbage_never_panics() {
             *byte = rng.next() as u8;
         }
         if let Ok(decoded) = decode_frame(&frame) {
-            assert_eq!(decode_frame(&encode_frame(&decoded)), Ok(decoded));
+            let again = encode_frame(&decoded).expect("re-encodes");
+            assert_eq!(decode_frame(&again), Ok(decoded));
         }
     }
 }
 
+/// Whether the protocol's rules refuse the message, both when it is
+/// received and when it is to be sent.
 fn refused(message: &PeerMessage) -> bool {
-    matches!(
-        decode_frame(&raw_frame(message)),
-        Err(WireError::Invalid(_))
-    )
+    let received = decode_frame(&raw_frame(message));
+    let sent = encode_frame(message);
+    match (received, sent) {
+        (Err(WireError::Invalid(_)), Err(WireError::Invalid(_))) => true,
+        (Ok(decoded), Ok(_)) => {
+            assert_eq!(&decoded, message);
+            false
+        }
+        (received, sent) => panic!("received as {received:?}, sent as {sent:?}"),
+    }
 }
 
 #[test]
@@ -616,4 +625,24 @@ fn oversized_frames_are_refused_from_their_header() {
         decode_frame(&frame),
         Err(WireError::FrameTooLarge(_))
     ));
+}
+
+#[test]
+fn a_message_over_the_frame_limit_is_not_sent() {
+    let blocks = FRAME_BYTES_MAX as usize / BLOCK_SIZE;
+    let delta = |blocks: usize| PeerMessage::Delta {
+        group: 1,
+        epoch: 1,
+        seq: 1,
+        blocks: (0..blocks as u64).map(|b| block(1, b, Some(1))).collect(),
+    };
+    assert!(matches!(
+        encode_frame(&delta(blocks)),
+        Err(WireError::FrameTooLarge(_))
+    ));
+    // A delta of 32 MiB of blocks fits.
+    let fits = delta(WRITE_BYTES_MAX / BLOCK_SIZE);
+    let frame = encode_frame(&fits).expect("a 32 MiB delta encodes");
+    assert!(frame.len() <= FRAME_BYTES_MAX as usize + 4);
+    assert_eq!(decode_frame(&frame), Ok(fits));
 }
