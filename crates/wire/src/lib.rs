@@ -6,6 +6,14 @@
 //! reads and forwarded requests), and the nodes' control messages (volume
 //! creation and deletion, and the catalog of volumes).
 //!
+//! The engines' messages are [`stretch_core::SiteMessage`]s;
+//! [`PeerMessage::from_site`] turns one into its wire form and
+//! [`PeerMessage::into_site`] turns a received one back (`None` for a hello
+//! or a control message, which the node handles itself). The wire form has
+//! plain integers for identifiers, `Option<Vec<u8>>` for a block's image
+//! (none: zeroed) and its own mirrors of requests, responses and request
+//! errors ([`WireRequest`], [`WireResponse`], [`WireFailure`]).
+//!
 //! Each message is an rkyv archive in a frame: a little-endian u32 length,
 //! then the archive. Bytes from a peer are untrusted: a frame over
 //! [`FRAME_BYTES_MAX`] is refused before anything is allocated for it, the
@@ -27,6 +35,7 @@
 //! [`encode_frame`] checks the same rules and the frame limit, so a node
 //! never sends what its peer would refuse (and close the stream over).
 
+mod convert;
 mod frame;
 mod message;
 
