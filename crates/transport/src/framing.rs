@@ -13,12 +13,14 @@ pub enum FrameError {
     Wire(#[from] WireError),
 }
 
-/// Writes one message as a frame.
+/// Writes one message as a frame. A message the peer would refuse (see
+/// [`encode_frame`]) is not sent: the error leaves the stream as it was.
 pub async fn write_message<W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &PeerMessage,
 ) -> Result<(), FrameError> {
-    writer.write_all(&encode_frame(message)).await?;
+    let frame = encode_frame(message)?;
+    writer.write_all(&frame).await?;
     Ok(())
 }
 
@@ -56,4 +58,45 @@ pub async fn read_message<R: AsyncRead + Unpin>(
         .into());
     }
     Ok(Some(decode_frame(&frame)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
+    #[test]
+    fn a_message_the_peer_would_refuse_is_not_written() {
+        run(async {
+            let mut stream = Vec::new();
+            let refused = PeerMessage::ReadRequest {
+                id: 1,
+                volume: 1,
+                offset: 0,
+                length: 0,
+                have: None,
+            };
+            let error = write_message(&mut stream, &refused).await;
+            assert!(
+                matches!(error, Err(FrameError::Wire(WireError::Invalid(_)))),
+                "{error:?}"
+            );
+            assert!(stream.is_empty());
+            let journaled = PeerMessage::Journaled { group: 1, seq: 2 };
+            write_message(&mut stream, &journaled).await.expect("write");
+            write_message(&mut stream, &journaled).await.expect("write");
+            let mut reader = stream.as_slice();
+            for _ in 0..2 {
+                let read = read_message(&mut reader).await.expect("read");
+                assert_eq!(read, Some(journaled.clone()));
+            }
+            assert_eq!(read_message(&mut reader).await.expect("end"), None);
+        });
+    }
 }

@@ -153,7 +153,7 @@ fn a_stranger_is_refused_both_ways() {
     });
 }
 
-/// A delta crosses an authenticated link as a validated message; a
+/// A hello and a delta cross an authenticated link as validated messages; a
 /// malformed frame on another stream ends only that stream with an error,
 /// and the connection keeps carrying messages.
 #[test]
@@ -195,14 +195,17 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
                 data: Some(vec![0x5a; stretch_core::BLOCK_SIZE]),
             }],
         };
-        // Stream 1: two good messages.
-        let mut good = connection.open_uni().await.expect("stream");
-        write_message(&mut good, &delta).await.expect("write");
-        let ack = PeerMessage::DeltaAck {
-            group: 1,
-            epoch: 1,
-            seq: 7,
+        let hello = PeerMessage::Hello {
+            protocol: stretch_wire::PROTOCOL_VERSION,
+            cluster: "test".into(),
+            node: "a1".into(),
+            site: "a".into(),
         };
+        // Stream 1: three good messages.
+        let mut good = connection.open_uni().await.expect("stream");
+        write_message(&mut good, &hello).await.expect("write");
+        write_message(&mut good, &delta).await.expect("write");
+        let ack = PeerMessage::Journaled { group: 1, seq: 7 };
         write_message(&mut good, &ack).await.expect("write");
         good.finish().expect("finish");
         // Stream 2: a frame announcing 64 bytes of garbage.
@@ -217,7 +220,7 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
         after.finish().expect("finish");
 
         let outcomes = receiver.await.expect("receiver");
-        assert_eq!(outcomes[0].0, vec![delta, ack.clone()]);
+        assert_eq!(outcomes[0].0, vec![hello, delta, ack.clone()]);
         assert!(outcomes[0].1.is_none());
         assert!(outcomes[1].0.is_empty());
         assert!(

@@ -1,16 +1,46 @@
 //! Messages between stretch nodes.
 //!
+//! [`PeerMessage`] is everything one node says to another: a
+//! [`PeerMessage::Hello`] opening each connection, the messages of the
+//! engines of two sites (deltas and their acknowledgements, resync, strict
+//! reads and forwarded requests), and the nodes' control messages (volume
+//! creation and deletion, and the catalog of volumes).
+//!
+//! The engines' messages are [`stretch_core::SiteMessage`]s;
+//! [`PeerMessage::from_site`] turns one into its wire form and
+//! [`PeerMessage::into_site`] turns a received one back (`None` for a hello
+//! or a control message, which the node handles itself). The wire form has
+//! plain integers for identifiers, `Option<Vec<u8>>` for a block's image
+//! (none: zeroed) and its own mirrors of requests, responses and request
+//! errors ([`WireRequest`], [`WireResponse`], [`WireFailure`]).
+//!
 //! Each message is an rkyv archive in a frame: a little-endian u32 length,
 //! then the archive. Bytes from a peer are untrusted: a frame over
 //! [`FRAME_BYTES_MAX`] is refused before anything is allocated for it, the
 //! archive is validated (bytecheck) before any field is read, and then
-//! checked against the protocol's own rules (block sizes, key order). Any
-//! failure is a [`WireError`]: the caller closes that stream and carries on.
-//! Nothing here panics on input.
+//! checked against the protocol's own rules:
+//! - names in a hello at most [`NAME_BYTES_MAX`] bytes;
+//! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
+//!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
+//!   in strictly increasing `(volume, block)` order;
+//! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded write of
+//!   at most [`WRITE_BYTES_MAX`] bytes;
+//! - a volume of a positive multiple of the block size, its name and group
+//!   at most [`VOLUME_NAME_BYTES_MAX`] bytes, its mode one of `async`,
+//!   `flush-sync` and `sync`.
+//!
+//! Any failure is a [`WireError`]: the caller closes that stream and
+//! carries on. Nothing here panics on input.
+//!
+//! [`encode_frame`] checks the same rules and the frame limit, so a node
+//! never sends what its peer would refuse (and close the stream over).
 
+mod convert;
+mod frame;
 mod message;
 
+pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
 pub use message::{
-    FRAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, decode_frame,
-    encode_frame, frame_length,
+    NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, VOLUME_NAME_BYTES_MAX, WRITE_BYTES_MAX,
+    WireBlock, WireFailure, WireRequest, WireResponse, WireVolume,
 };

@@ -1,36 +1,21 @@
-//! The message set and its framing.
+//! The message set and the protocol's rules on it.
 
-use bytes::Bytes;
-use rkyv::rancor;
-use rkyv::util::AlignedVec;
-use stretch_core::{
-    BLOCK_SIZE, BlockImage, BlockKey, DeltaRecord, DeltaSeq, Epoch, GroupId, JournalPosition,
-    VolumeId,
-};
+use stretch_core::{BLOCK_SIZE, Mode};
+
+use crate::frame::{FRAME_BYTES_MAX, WireError};
 
 /// Version of this message set, exchanged in [`PeerMessage::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Largest frame accepted: a delta of 32 MiB of blocks plus its keys.
-pub const FRAME_BYTES_MAX: u32 = 40 << 20;
+/// Longest name (cluster, node, site) in a message.
+pub const NAME_BYTES_MAX: usize = 255;
 
-/// Bytes of the length prefix before each archive.
-const LENGTH_BYTES: usize = 4;
+/// Longest volume or group name in a control message.
+pub const VOLUME_NAME_BYTES_MAX: usize = 64;
 
-/// Longest name (cluster, node) in a hello.
-const NAME_BYTES_MAX: usize = 255;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum WireError {
-    #[error("frame of {0} bytes is over the {FRAME_BYTES_MAX}-byte limit")]
-    FrameTooLarge(u64),
-    #[error("frame cut short: {have} of {need} bytes")]
-    Truncated { have: usize, need: usize },
-    #[error("malformed archive: {0}")]
-    Malformed(String),
-    #[error("invalid message: {0}")]
-    Invalid(String),
-}
+/// Largest write a site forwards to a volume's owner, the largest write a
+/// client may send.
+pub const WRITE_BYTES_MAX: usize = 32 << 20;
 
 /// One block in a message: its volume and index, and its 4096 bytes, or
 /// none for a zeroed block.
@@ -41,128 +26,227 @@ pub struct WireBlock {
     pub data: Option<Vec<u8>>,
 }
 
-/// Everything one node says to another.
+/// A client request sent to the volume's owner: [`stretch_core::Request`]
+/// on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WireRequest {
+    Read {
+        volume: u32,
+        offset: u64,
+        length: u64,
+    },
+    ReadSnapshot {
+        volume: u32,
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        volume: u32,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    WriteZeroes {
+        volume: u32,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    Trim {
+        volume: u32,
+        offset: u64,
+        length: u64,
+    },
+    Flush {
+        volume: u32,
+    },
+}
+
+/// The successful outcome of a forwarded request:
+/// [`stretch_core::Response`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WireResponse {
+    Done,
+    Data(Vec<u8>),
+}
+
+/// Why a request failed at the owner: [`stretch_core::RequestError`] on the
+/// wire.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WireFailure {
+    NoVolume(u32),
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    TooLarge { length: u64, cache_bytes_max: u64 },
+    Io(String),
+    Failed(String),
+}
+
+/// A volume as the nodes of a cluster agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireVolume {
+    pub name: String,
+    /// Permanent number, never reused.
+    pub id: u32,
+    /// Bytes; a positive multiple of the block size.
+    pub size: u64,
+    /// Consistency group, by name and number.
+    pub group: String,
+    pub group_id: u32,
+    /// The site whose writes the volume takes.
+    pub owner_site: String,
+    /// `async`, `flush-sync` or `sync` (see [`Mode::parse`]).
+    pub mode: String,
+    /// Ownership epoch of the group.
+    pub epoch: u64,
+}
+
+/// Everything one node says to another: the engines' messages
+/// ([`stretch_core::SiteMessage`], see [`PeerMessage::from_site`]) and the
+/// nodes' own.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum PeerMessage {
-    /// First message on a connection.
+    /// First message on a connection, each way.
     Hello {
         protocol: u32,
         cluster: String,
         node: String,
+        site: String,
     },
-    /// A closed delta of a group, shipped in `(group, epoch, seq)` order.
+
+    // Between engines, on a group's ordered stream.
+    /// Owner to replica: a closed delta of a group, shipped in
+    /// `(group, epoch, seq)` order.
     Delta {
         group: u32,
         epoch: u64,
         seq: u64,
         blocks: Vec<WireBlock>,
     },
-    /// The sender's journal holds the delta durably.
-    DeltaAck { group: u32, epoch: u64, seq: u64 },
-    /// A strict read at a non-owner: the range, and the newest delta of the
-    /// group the asking site holds, so the owner sends only newer blocks.
+    /// Replica to owner: the deltas of the group up to `seq` are in the
+    /// replica's journal, durably.
+    Journaled { group: u32, seq: u64 },
+    /// Replica to owner: the deltas of the group up to `seq` are on the
+    /// replica's legs.
+    Applied { group: u32, seq: u64 },
+    /// Replica to owner: the replica holds the deltas up to `have` (none:
+    /// its image is at no delta boundary) and wants the ones after it.
+    Resume { group: u32, have: Option<u64> },
+    /// Owner to replica: current images of blocks the replica may lack.
+    Resync {
+        group: u32,
+        blocks: Vec<WireBlock>,
+        last: bool,
+        base: u64,
+        consistent_at: u64,
+    },
+    /// Replica to owner: one more resync chunk is journaled.
+    ResyncAck { group: u32 },
+
+    // Between engines, on request streams.
+    /// Replica to owner: strict read `id` of a byte range, wanting only the
+    /// blocks written after delta `have` of the volume's group.
     ReadRequest {
-        request: u64,
+        id: u64,
         volume: u32,
         offset: u64,
-        length: u32,
-        have_seq: u64,
+        length: u64,
+        have: Option<u64>,
     },
-    /// The owner's answer: the blocks of the range newer than `have_seq`.
+    /// Owner to replica: the blocks of the range newer than `have`.
     ReadReply {
-        request: u64,
-        owner_seq: u64,
-        blocks: Vec<WireBlock>,
+        id: u64,
+        result: Result<Vec<WireBlock>, WireFailure>,
     },
-    /// The owner could not answer.
-    ReadFailed { request: u64, reason: String },
+    /// Replica to owner: a request issued at a site that does not own the
+    /// volume.
+    Forward { id: u64, request: WireRequest },
+    /// Owner to replica: the outcome of a forwarded request.
+    ForwardReply {
+        id: u64,
+        result: Result<WireResponse, WireFailure>,
+    },
+
+    // Between nodes, not engines.
+    /// Create a volume; answered with a [`PeerMessage::ControlReply`]
+    /// carrying the same `request`.
+    CreateVolume { request: u64, volume: WireVolume },
+    /// Delete a volume, named and numbered so a stale request cannot delete
+    /// a new volume of the same name.
+    DeleteVolume { request: u64, name: String, id: u32 },
+    /// The outcome of a control request.
+    ControlReply {
+        request: u64,
+        result: Result<(), String>,
+    },
+    /// Every volume of the cluster, as the sender knows them.
+    Catalog { volumes: Vec<WireVolume> },
 }
 
 impl PeerMessage {
-    /// A delta as shipped (its journal position is local to each node).
-    pub fn from_delta(record: &DeltaRecord) -> Self {
-        PeerMessage::Delta {
-            group: record.group.0,
-            epoch: record.epoch.0,
-            seq: record.seq.0,
-            blocks: record
-                .blocks
-                .iter()
-                .map(|(key, image)| WireBlock {
-                    volume: key.volume.0,
-                    block: key.block,
-                    data: match image {
-                        BlockImage::Data(data) => Some(data.to_vec()),
-                        BlockImage::Zero => None,
-                    },
-                })
-                .collect(),
-        }
-    }
-
-    /// A received delta as a record for the local journal at `position`.
-    /// None if this message is not a delta.
-    pub fn into_delta(self, position: JournalPosition) -> Option<DeltaRecord> {
-        let PeerMessage::Delta {
-            group,
-            epoch,
-            seq,
-            blocks,
-        } = self
-        else {
-            return None;
-        };
-        Some(DeltaRecord {
-            position,
-            group: GroupId(group),
-            epoch: Epoch(epoch),
-            seq: DeltaSeq(seq),
-            blocks: blocks
-                .into_iter()
-                .map(|block| {
-                    let key = BlockKey {
-                        volume: VolumeId(block.volume),
-                        block: block.block,
-                    };
-                    let image = match block.data {
-                        Some(data) => BlockImage::Data(Bytes::from(data)),
-                        None => BlockImage::Zero,
-                    };
-                    (key, image)
-                })
-                .collect(),
-        })
-    }
-
     /// The protocol's own rules, beyond what the archive format checks.
-    fn check(&self) -> Result<(), WireError> {
+    pub(crate) fn check(&self) -> Result<(), WireError> {
         match self {
-            PeerMessage::Hello { cluster, node, .. } => {
-                if cluster.len() > NAME_BYTES_MAX || node.len() > NAME_BYTES_MAX {
-                    return Err(WireError::Invalid("name too long in hello".into()));
-                }
-                Ok(())
+            PeerMessage::Hello {
+                cluster,
+                node,
+                site,
+                ..
+            } => {
+                check_name("cluster", cluster, NAME_BYTES_MAX)?;
+                check_name("node", node, NAME_BYTES_MAX)?;
+                check_name("site", site, NAME_BYTES_MAX)
             }
-            PeerMessage::Delta { blocks, .. } => check_blocks(blocks),
-            PeerMessage::ReadReply { blocks, .. } => check_blocks(blocks),
+            PeerMessage::Delta { blocks, .. } | PeerMessage::Resync { blocks, .. } => {
+                check_blocks(blocks)
+            }
+            PeerMessage::ReadReply { result, .. } => match result {
+                Ok(blocks) => check_blocks(blocks),
+                Err(_) => Ok(()),
+            },
             PeerMessage::ReadRequest { length, .. } => {
-                if *length == 0 || *length > FRAME_BYTES_MAX {
-                    return Err(WireError::Invalid(format!("read length {length}")));
+                if *length == 0 || *length > u64::from(FRAME_BYTES_MAX) {
+                    return Err(invalid(format!("strict read of {length} bytes")));
                 }
                 Ok(())
             }
-            PeerMessage::DeltaAck { .. } | PeerMessage::ReadFailed { .. } => Ok(()),
+            PeerMessage::Forward { request, .. } => check_request(request),
+            PeerMessage::CreateVolume { volume, .. } => check_volume(volume),
+            PeerMessage::DeleteVolume { name, .. } => {
+                check_name("volume", name, VOLUME_NAME_BYTES_MAX)
+            }
+            PeerMessage::Catalog { volumes } => volumes.iter().try_for_each(check_volume),
+            PeerMessage::Journaled { .. }
+            | PeerMessage::Applied { .. }
+            | PeerMessage::Resume { .. }
+            | PeerMessage::ResyncAck { .. }
+            | PeerMessage::ForwardReply { .. }
+            | PeerMessage::ControlReply { .. } => Ok(()),
         }
     }
 }
 
+fn invalid(reason: String) -> WireError {
+    WireError::Invalid(reason)
+}
+
+fn check_name(what: &str, name: &str, bytes_max: usize) -> Result<(), WireError> {
+    if name.len() > bytes_max {
+        return Err(invalid(format!(
+            "{what} name of {} bytes is over {bytes_max}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Every block whole or zero, keys strictly increasing.
 fn check_blocks(blocks: &[WireBlock]) -> Result<(), WireError> {
     let mut previous: Option<(u32, u64)> = None;
     for block in blocks {
         if let Some(data) = &block.data
             && data.len() != BLOCK_SIZE
         {
-            return Err(WireError::Invalid(format!(
+            return Err(invalid(format!(
                 "block {} of volume {} has {} bytes",
                 block.block,
                 block.volume,
@@ -171,56 +255,45 @@ fn check_blocks(blocks: &[WireBlock]) -> Result<(), WireError> {
         }
         let key = (block.volume, block.block);
         if previous.is_some_and(|previous| previous >= key) {
-            return Err(WireError::Invalid(
-                "blocks not in strictly increasing order".into(),
-            ));
+            return Err(invalid("blocks not in strictly increasing order".into()));
         }
         previous = Some(key);
     }
     Ok(())
 }
 
-/// Encodes a message as one frame.
-pub fn encode_frame(message: &PeerMessage) -> Vec<u8> {
-    let archive = rkyv::to_bytes::<rancor::Error>(message)
-        .expect("wire invariant: serialising plain owned data into memory cannot fail");
-    let mut frame = Vec::with_capacity(LENGTH_BYTES + archive.len());
-    frame.extend_from_slice(&(archive.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&archive);
-    frame
+fn check_request(request: &WireRequest) -> Result<(), WireError> {
+    match request {
+        WireRequest::Write { data, .. } if data.len() > WRITE_BYTES_MAX => Err(invalid(format!(
+            "forwarded write of {} bytes is over {WRITE_BYTES_MAX}",
+            data.len()
+        ))),
+        // The answer must fit in one frame.
+        WireRequest::Read { length, .. } | WireRequest::ReadSnapshot { length, .. }
+            if *length > u64::from(FRAME_BYTES_MAX) =>
+        {
+            Err(invalid(format!("forwarded read of {length} bytes")))
+        }
+        _ => Ok(()),
+    }
 }
 
-/// The archive length a frame header announces, refusing oversized frames
-/// before the caller reads (or allocates for) the rest.
-pub fn frame_length(header: [u8; LENGTH_BYTES]) -> Result<usize, WireError> {
-    let length = u32::from_le_bytes(header);
-    if length > FRAME_BYTES_MAX {
-        return Err(WireError::FrameTooLarge(length as u64));
+fn check_volume(volume: &WireVolume) -> Result<(), WireError> {
+    check_name("volume", &volume.name, VOLUME_NAME_BYTES_MAX)?;
+    check_name("group", &volume.group, VOLUME_NAME_BYTES_MAX)?;
+    check_name("owner site", &volume.owner_site, NAME_BYTES_MAX)?;
+    if volume.size == 0 || !volume.size.is_multiple_of(BLOCK_SIZE as u64) {
+        return Err(invalid(format!(
+            "volume {:?} of {} bytes is not a positive multiple of {BLOCK_SIZE}",
+            volume.name, volume.size
+        )));
     }
-    Ok(length as usize)
-}
-
-/// Decodes one whole frame (length prefix included).
-pub fn decode_frame(frame: &[u8]) -> Result<PeerMessage, WireError> {
-    let Some((header, archive)) = frame.split_first_chunk::<LENGTH_BYTES>() else {
-        return Err(WireError::Truncated {
-            have: frame.len(),
-            need: LENGTH_BYTES,
-        });
-    };
-    let length = frame_length(*header)?;
-    if archive.len() != length {
-        return Err(WireError::Truncated {
-            have: archive.len(),
-            need: length,
-        });
+    if Mode::parse(&volume.mode).is_none() {
+        // Not echoed: it may be megabytes long.
+        return Err(invalid(format!(
+            "volume {:?} has an unknown mode",
+            volume.name
+        )));
     }
-    // rkyv reads archives in place and needs them aligned; bytes off a
-    // socket are not.
-    let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
-    aligned.extend_from_slice(archive);
-    let message = rkyv::from_bytes::<PeerMessage, rancor::Error>(&aligned)
-        .map_err(|error| WireError::Malformed(error.to_string()))?;
-    message.check()?;
-    Ok(message)
+    Ok(())
 }

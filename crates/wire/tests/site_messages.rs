@@ -1,0 +1,435 @@
+//! The engines' messages survive the wire: what one site's engine sends is
+//! what the other's receives.
+
+use bytes::Bytes;
+use stretch_core::{
+    BLOCK_SIZE, BlockImage, BlockKey, DeltaRecord, DeltaSeq, Epoch, GroupId, JournalPosition,
+    Request, RequestError, Response, SiteMessage, VolumeId,
+};
+use stretch_wire::{
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WireResponse, WireVolume, decode_frame,
+    encode_frame,
+};
+
+fn key(volume: u32, block: u64) -> BlockKey {
+    BlockKey {
+        volume: VolumeId(volume),
+        block,
+    }
+}
+
+fn data(byte: u8) -> BlockImage {
+    BlockImage::Data(Bytes::from(vec![byte; BLOCK_SIZE]))
+}
+
+fn requests() -> Vec<Request> {
+    let volume = VolumeId(3);
+    vec![
+        Request::Read {
+            volume,
+            offset: 4096,
+            length: 100,
+        },
+        Request::ReadSnapshot {
+            volume,
+            offset: 0,
+            length: 8192,
+        },
+        Request::Write {
+            volume,
+            offset: 10,
+            data: Bytes::from_static(b"written at a replica"),
+            fua: true,
+        },
+        Request::WriteZeroes {
+            volume,
+            offset: 0,
+            length: 1 << 30,
+            fua: false,
+        },
+        Request::Trim {
+            volume,
+            offset: 4096,
+            length: 4096,
+        },
+        Request::Flush { volume },
+    ]
+}
+
+fn errors() -> Vec<RequestError> {
+    vec![
+        RequestError::NoVolume(VolumeId(8)),
+        RequestError::OutOfRange {
+            offset: 1 << 20,
+            length: 1,
+            size: 1 << 20,
+        },
+        RequestError::TooLarge {
+            length: 1 << 26,
+            cache_bytes_max: 1 << 24,
+        },
+        RequestError::Io("site 2 does not own volume 3".into()),
+        RequestError::Failed("journal sync failed".into()),
+    ]
+}
+
+/// A message of every variant, and every variant of what they carry.
+fn samples() -> Vec<SiteMessage> {
+    let group = GroupId(2);
+    let mut samples = vec![
+        SiteMessage::Delta(DeltaRecord {
+            position: JournalPosition(0),
+            group,
+            epoch: Epoch(3),
+            seq: DeltaSeq(17),
+            blocks: vec![
+                (key(1, 0), data(1)),
+                (key(1, 1), BlockImage::Zero),
+                (key(4, 0), data(2)),
+            ],
+        }),
+        SiteMessage::Delta(DeltaRecord {
+            position: JournalPosition(0),
+            group,
+            epoch: Epoch(3),
+            seq: DeltaSeq(18),
+            blocks: Vec::new(),
+        }),
+        SiteMessage::Journaled {
+            group,
+            seq: DeltaSeq(17),
+        },
+        SiteMessage::Applied {
+            group,
+            seq: DeltaSeq(16),
+        },
+        SiteMessage::Resume {
+            group,
+            have: Some(DeltaSeq(16)),
+        },
+        SiteMessage::Resume { group, have: None },
+        SiteMessage::Resync {
+            group,
+            blocks: vec![(key(1, 256), data(5)), (key(1, 300), BlockImage::Zero)],
+            last: false,
+            base: DeltaSeq(16),
+            consistent_at: DeltaSeq(20),
+        },
+        SiteMessage::Resync {
+            group,
+            blocks: Vec::new(),
+            last: true,
+            base: DeltaSeq(20),
+            consistent_at: DeltaSeq(20),
+        },
+        SiteMessage::ResyncAck { group },
+        SiteMessage::ReadRequest {
+            id: 1,
+            request: requests().remove(0),
+            have: Some(DeltaSeq(15)),
+        },
+        SiteMessage::ReadRequest {
+            id: 2,
+            request: requests().remove(0),
+            have: None,
+        },
+        SiteMessage::ReadReply {
+            id: 1,
+            result: Ok(vec![(key(3, 1), data(9)), (key(3, 2), BlockImage::Zero)]),
+        },
+        SiteMessage::ReadReply {
+            id: 2,
+            result: Ok(Vec::new()),
+        },
+        SiteMessage::ForwardReply {
+            id: 3,
+            result: Ok(Response::Done),
+        },
+        SiteMessage::ForwardReply {
+            id: 4,
+            result: Ok(Response::Data(Bytes::from_static(b"read at the owner"))),
+        },
+    ];
+    for (id, request) in (10..).zip(requests()) {
+        samples.push(SiteMessage::Forward { id, request });
+    }
+    for (id, error) in (20..).zip(errors()) {
+        samples.push(SiteMessage::ReadReply {
+            id,
+            result: Err(error.clone()),
+        });
+        samples.push(SiteMessage::ForwardReply {
+            id,
+            result: Err(error),
+        });
+    }
+    samples
+}
+
+/// Names the variant, and the variants inside it; a new variant anywhere
+/// does not compile here until it is named, and then
+/// [`samples_cover_every_variant`] wants a sample of it.
+fn variants(message: &SiteMessage) -> Vec<String> {
+    fn request(request: &Request) -> &'static str {
+        match request {
+            Request::Read { .. } => "Read",
+            Request::ReadSnapshot { .. } => "ReadSnapshot",
+            Request::Write { .. } => "Write",
+            Request::WriteZeroes { .. } => "WriteZeroes",
+            Request::Trim { .. } => "Trim",
+            Request::Flush { .. } => "Flush",
+        }
+    }
+    fn error(error: &RequestError) -> &'static str {
+        match error {
+            RequestError::NoVolume(_) => "NoVolume",
+            RequestError::OutOfRange { .. } => "OutOfRange",
+            RequestError::TooLarge { .. } => "TooLarge",
+            RequestError::Io(_) => "Io",
+            RequestError::Failed(_) => "Failed",
+        }
+    }
+    fn images(blocks: &[(BlockKey, BlockImage)]) -> Vec<&'static str> {
+        blocks
+            .iter()
+            .map(|(_, image)| match image {
+                BlockImage::Data(_) => "Data",
+                BlockImage::Zero => "Zero",
+            })
+            .collect()
+    }
+    let (name, inner): (&str, Vec<&str>) = match message {
+        SiteMessage::Delta(record) => ("Delta", images(&record.blocks)),
+        SiteMessage::Journaled { .. } => ("Journaled", Vec::new()),
+        SiteMessage::Applied { .. } => ("Applied", Vec::new()),
+        SiteMessage::Resume { have, .. } => ("Resume", vec![some(have)]),
+        SiteMessage::Resync { blocks, last, .. } => {
+            let mut inner = images(blocks);
+            inner.push(if *last { "last" } else { "more" });
+            ("Resync", inner)
+        }
+        SiteMessage::ResyncAck { .. } => ("ResyncAck", Vec::new()),
+        SiteMessage::ReadRequest {
+            request: r, have, ..
+        } => ("ReadRequest", vec![request(r), some(have)]),
+        SiteMessage::ReadReply { result, .. } => match result {
+            Ok(blocks) => ("ReadReply", [vec!["Ok"], images(blocks)].concat()),
+            Err(e) => ("ReadReply", vec![error(e)]),
+        },
+        SiteMessage::Forward { request: r, .. } => ("Forward", vec![request(r)]),
+        SiteMessage::ForwardReply { result, .. } => match result {
+            Ok(Response::Done) => ("ForwardReply", vec!["Done"]),
+            Ok(Response::Data(_)) => ("ForwardReply", vec!["Data"]),
+            Err(e) => ("ForwardReply", vec![error(e)]),
+        },
+    };
+    let mut all = vec![name.to_string()];
+    all.extend(inner.into_iter().map(|inner| format!("{name} {inner}")));
+    all
+}
+
+fn some<T>(option: &Option<T>) -> &'static str {
+    if option.is_some() { "Some" } else { "None" }
+}
+
+#[test]
+fn samples_cover_every_variant() {
+    let covered: std::collections::BTreeSet<String> = samples().iter().flat_map(variants).collect();
+    let mut want = vec![
+        "Delta Data",
+        "Delta Zero",
+        "Journaled",
+        "Applied",
+        "Resume Some",
+        "Resume None",
+        "Resync Data",
+        "Resync Zero",
+        "Resync last",
+        "Resync more",
+        "ResyncAck",
+        "ReadRequest Read",
+        "ReadRequest Some",
+        "ReadRequest None",
+        "ReadReply Ok",
+        "ReadReply Data",
+        "ReadReply Zero",
+        "ForwardReply Done",
+        "ForwardReply Data",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    for request in [
+        "Read",
+        "ReadSnapshot",
+        "Write",
+        "WriteZeroes",
+        "Trim",
+        "Flush",
+    ] {
+        want.push(format!("Forward {request}"));
+    }
+    for error in ["NoVolume", "OutOfRange", "TooLarge", "Io", "Failed"] {
+        want.push(format!("ReadReply {error}"));
+        want.push(format!("ForwardReply {error}"));
+    }
+    let missing: Vec<&String> = want.iter().filter(|w| !covered.contains(*w)).collect();
+    assert!(missing.is_empty(), "no sample of {missing:?}");
+}
+
+/// What arrives at the other site.
+fn across(message: &SiteMessage) -> SiteMessage {
+    let sent = PeerMessage::from_site(message).expect("converts");
+    let frame = encode_frame(&sent).expect("encodes");
+    let received = decode_frame(&frame).expect("decodes");
+    assert_eq!(received, sent);
+    received
+        .into_site()
+        .expect("converts back")
+        .expect("an engine message")
+}
+
+#[test]
+fn every_site_message_round_trips() {
+    for message in samples() {
+        assert_eq!(across(&message), message);
+    }
+}
+
+#[test]
+fn a_delta_arrives_without_the_senders_journal_position() {
+    let SiteMessage::Delta(record) = samples().remove(0) else {
+        panic!("the first sample is a delta");
+    };
+    let sent = SiteMessage::Delta(DeltaRecord {
+        position: JournalPosition(4711),
+        ..record.clone()
+    });
+    assert_eq!(across(&sent), SiteMessage::Delta(record));
+}
+
+#[test]
+fn a_strict_read_carries_only_a_read() {
+    for request in requests().into_iter().skip(1) {
+        let message = SiteMessage::ReadRequest {
+            id: 1,
+            request,
+            have: None,
+        };
+        assert!(
+            matches!(PeerMessage::from_site(&message), Err(WireError::Invalid(_))),
+            "{message:?} converted"
+        );
+    }
+}
+
+#[test]
+fn hello_and_control_messages_are_not_the_engines() {
+    let volume = WireVolume {
+        name: "v".into(),
+        id: 1,
+        size: 1 << 20,
+        group: "g".into(),
+        group_id: 1,
+        owner_site: "a".into(),
+        mode: "async".into(),
+        epoch: 1,
+    };
+    for message in [
+        PeerMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            cluster: "c".into(),
+            node: "a1".into(),
+            site: "a".into(),
+        },
+        PeerMessage::CreateVolume {
+            request: 1,
+            volume: volume.clone(),
+        },
+        PeerMessage::DeleteVolume {
+            request: 2,
+            name: "v".into(),
+            id: 1,
+        },
+        PeerMessage::ControlReply {
+            request: 1,
+            result: Err("exists".into()),
+        },
+        PeerMessage::Catalog {
+            volumes: vec![volume],
+        },
+    ] {
+        assert_eq!(message.into_site(), Ok(None));
+    }
+}
+
+/// A message built by hand, not decoded, still cannot hand the engine a
+/// short block or unsorted keys.
+#[test]
+fn a_message_breaking_the_rules_does_not_reach_the_engine() {
+    let short = PeerMessage::Delta {
+        group: 1,
+        epoch: 1,
+        seq: 1,
+        blocks: vec![WireBlock {
+            volume: 1,
+            block: 0,
+            data: Some(vec![0; 512]),
+        }],
+    };
+    assert!(matches!(short.into_site(), Err(WireError::Invalid(_))));
+    let unsorted = PeerMessage::ReadReply {
+        id: 1,
+        result: Ok(vec![
+            WireBlock {
+                volume: 1,
+                block: 2,
+                data: None,
+            },
+            WireBlock {
+                volume: 1,
+                block: 1,
+                data: None,
+            },
+        ]),
+    };
+    assert!(matches!(unsorted.into_site(), Err(WireError::Invalid(_))));
+}
+
+#[test]
+fn received_data_is_not_copied_into_the_engines_message() {
+    let block = vec![7; BLOCK_SIZE];
+    let block_at = block.as_ptr();
+    let delta = PeerMessage::Delta {
+        group: 1,
+        epoch: 1,
+        seq: 1,
+        blocks: vec![WireBlock {
+            volume: 1,
+            block: 0,
+            data: Some(block),
+        }],
+    };
+    let Ok(Some(SiteMessage::Delta(record))) = delta.into_site() else {
+        panic!("a delta");
+    };
+    let BlockImage::Data(data) = &record.blocks[0].1 else {
+        panic!("a data block");
+    };
+    assert_eq!(data.as_ptr(), block_at);
+
+    let read = vec![1; 100];
+    let read_at = read.as_ptr();
+    let reply = PeerMessage::ForwardReply {
+        id: 1,
+        result: Ok(WireResponse::Data(read)),
+    };
+    let Ok(Some(SiteMessage::ForwardReply {
+        result: Ok(Response::Data(data)),
+        ..
+    })) = reply.into_site()
+    else {
+        panic!("a forwarded read's data");
+    };
+    assert_eq!(data.as_ptr(), read_at);
+}
