@@ -7,9 +7,18 @@
 //! | POST   | /v1/volumes           | [`CreateVolume`] in, [`VolumeInfo`] |
 //! | GET    | /v1/volumes/NAME      | [`VolumeInfo`]                      |
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
+//! | GET    | /v1/links             | list of [`LinkInfo`], every site pair |
+//! | POST   | /v1/links/set         | [`SetLink`] in, [`LinkInfo`]        |
+//! | POST   | /v1/links/cut         | [`LinkPair`] in, [`LinkInfo`]       |
+//! | POST   | /v1/links/heal        | [`LinkPair`] in, [`LinkInfo`]       |
 //! | GET    | /metrics              | Prometheus text format              |
 //!
 //! Errors come back as `{"error": "..."}` with a 4xx/5xx status.
+//!
+//! The link routes change the [`LinkControl`] of this process only: under
+//! `stretch up` every node shares it, under `stretch node` each node
+//! shapes only what it sends, and must be told on its own. Nothing is
+//! forwarded to other nodes.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -22,6 +31,7 @@ use stretch_storage::{CatalogError, VolumeRecord};
 use tiny_http::{Header, Method, Response, Server};
 use tokio::sync::watch;
 
+use crate::links::{LinkChange, LinkControl, LinkError, LinkInfo};
 use crate::node::{Node, NodeError};
 
 /// Largest request body accepted.
@@ -44,6 +54,42 @@ pub struct VolumeInfo {
     pub leg: String,
     /// Where a client connects, e.g. `nbd://127.0.0.1:10809/NAME`.
     pub export: String,
+}
+
+/// `POST /v1/links/set`: the settings given change, the others stay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetLink {
+    pub a: String,
+    pub b: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter_ms: Option<u64>,
+    /// 0 removes the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_pct: Option<f64>,
+}
+
+impl SetLink {
+    fn change(&self) -> LinkChange {
+        LinkChange {
+            delay_ms: self.delay_ms,
+            jitter_ms: self.jitter_ms,
+            bandwidth_mbit: self.bandwidth_mbit,
+            loss_pct: self.loss_pct,
+        }
+    }
+}
+
+/// `POST /v1/links/cut` and `/v1/links/heal`: the two sites of a link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkPair {
+    pub a: String,
+    pub b: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +127,7 @@ impl AdminServer {
 
 pub(crate) fn start(
     node: Arc<Node>,
+    links: Arc<LinkControl>,
     address: SocketAddr,
     stopped: watch::Receiver<bool>,
 ) -> std::io::Result<AdminServer> {
@@ -90,7 +137,7 @@ pub(crate) fn start(
         .spawn(move || {
             while !*stopped.borrow() {
                 match server.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Some(request)) => handle(&node, request),
+                    Ok(Some(request)) => handle(&node, &links, request),
                     Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(%error, "admin API accept failed");
@@ -123,7 +170,7 @@ impl Reply {
     }
 }
 
-fn handle(node: &Arc<Node>, mut request: tiny_http::Request) {
+fn handle(node: &Arc<Node>, links: &LinkControl, mut request: tiny_http::Request) {
     let method = request.method().clone();
     let url = request.url().to_string();
     let path = url.split('?').next().unwrap_or_default().to_string();
@@ -136,6 +183,8 @@ fn handle(node: &Arc<Node>, mut request: tiny_http::Request) {
         Reply::error(400, "could not read the request body")
     } else if body.len() as u64 > BODY_BYTES_MAX {
         Reply::error(413, format!("request body over {BODY_BYTES_MAX} bytes"))
+    } else if let Some(reply) = link_route(links, &method, &path, &body) {
+        reply
     } else {
         route(node, &method, &path, &body)
     };
@@ -199,6 +248,42 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
     }
 }
 
+/// The `/v1/links` routes, or `None` for any other request.
+fn link_route(links: &LinkControl, method: &Method, path: &str, body: &[u8]) -> Option<Reply> {
+    let result = match (method, path) {
+        (Method::Get, "/v1/links") => return Some(Reply::json(200, &links.list())),
+        (Method::Post, "/v1/links/set") => match serde_json::from_slice::<SetLink>(body) {
+            Ok(set) if set.change() == LinkChange::default() => {
+                return Some(Reply::error(
+                    400,
+                    "nothing to change: give delay_ms, jitter_ms, bandwidth_mbit or loss_pct",
+                ));
+            }
+            Ok(set) => links.set(&set.a, &set.b, &set.change()),
+            Err(error) => return Some(Reply::error(400, format!("bad link request: {error}"))),
+        },
+        (Method::Post, "/v1/links/cut" | "/v1/links/heal") => {
+            match serde_json::from_slice::<LinkPair>(body) {
+                Ok(pair) if path.ends_with("/cut") => links.cut(&pair.a, &pair.b),
+                Ok(pair) => links.heal(&pair.a, &pair.b),
+                Err(error) => {
+                    return Some(Reply::error(400, format!("bad link request: {error}")));
+                }
+            }
+        }
+        _ => return None,
+    };
+    Some(link_reply(result))
+}
+
+fn link_reply(result: Result<LinkInfo, LinkError>) -> Reply {
+    match result {
+        Ok(info) => Reply::json(200, &info),
+        Err(error @ LinkError::UnknownSite { .. }) => Reply::error(404, error),
+        Err(error) => Reply::error(400, error),
+    }
+}
+
 fn node_error(error: NodeError) -> Reply {
     let status = match &error {
         NodeError::Catalog(CatalogError::Exists(_)) | NodeError::Busy(_) => 409,
@@ -249,5 +334,132 @@ fn status(node: &Node) -> StatusInfo {
         journal_bytes: stats.journal_bytes,
         throttled_writes: stats.throttled_writes_now,
         failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, LOCAL_CONFIG};
+
+    fn control() -> LinkControl {
+        let config = ClusterConfig::parse(LOCAL_CONFIG, "local.toml").expect("valid");
+        LinkControl::from_config(&config)
+    }
+
+    fn call(links: &LinkControl, method: Method, path: &str, body: &str) -> Reply {
+        link_route(links, &method, path, body.as_bytes()).expect("a link route")
+    }
+
+    fn error_of(reply: &Reply) -> String {
+        let value: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+        value["error"]
+            .as_str()
+            .expect("an error message")
+            .to_string()
+    }
+
+    #[test]
+    fn link_routes_list_set_cut_and_heal() {
+        let links = control();
+        let reply = call(&links, Method::Get, "/v1/links", "");
+        assert_eq!(reply.status, 200);
+        let list: Vec<LinkInfo> = serde_json::from_str(&reply.body).expect("a list");
+        assert_eq!(list.len(), 3);
+        assert_eq!((list[0].a.as_str(), list[0].b.as_str()), ("a", "b"));
+        assert_eq!(list[0].delay_ms, 25);
+
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/set",
+            r#"{"a": "b", "b": "a", "delay_ms": 5, "bandwidth_mbit": 10, "loss_pct": 0.5}"#,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let info: LinkInfo = serde_json::from_str(&reply.body).expect("a link");
+        assert_eq!(info.delay_ms, 5);
+        assert_eq!(info.bandwidth_mbit, Some(10.0));
+        assert_eq!(info.loss_pct, 0.5);
+
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/cut",
+            r#"{"a": "a", "b": "b"}"#,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(
+            serde_json::from_str::<LinkInfo>(&reply.body)
+                .expect("a link")
+                .cut
+        );
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/heal",
+            r#"{"a": "b", "b": "a"}"#,
+        );
+        let info: LinkInfo = serde_json::from_str(&reply.body).expect("a link");
+        assert!(!info.cut);
+        assert_eq!(info.delay_ms, 5);
+        assert!(link_route(&links, &Method::Get, "/v1/status", b"").is_none());
+    }
+
+    #[test]
+    fn bad_link_requests_say_why() {
+        let links = control();
+        let cases = [
+            (
+                "/v1/links/cut",
+                r#"{"a": "a", "b": "zz"}"#,
+                404,
+                "no site named \"zz\"",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "q", "b": "a", "delay_ms": 1}"#,
+                404,
+                "\"q\"",
+            ),
+            (
+                "/v1/links/heal",
+                r#"{"a": "a", "b": "a"}"#,
+                400,
+                "two different sites",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "loss_pct": 150}"#,
+                400,
+                "loss_pct must be between 0 and 100",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "delay_ms": -1}"#,
+                400,
+                "expected u64",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b"}"#,
+                400,
+                "nothing to change",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "delay": 3}"#,
+                400,
+                "delay",
+            ),
+            ("/v1/links/cut", "not json", 400, "bad link request"),
+        ];
+        for (path, body, status, message) in cases {
+            let reply = call(&links, Method::Post, path, body);
+            assert_eq!(reply.status, status, "{path} {body}: {}", reply.body);
+            let error = error_of(&reply);
+            assert!(error.contains(message), "{path} {body}: {error}");
+        }
+        // Nothing changed.
+        assert_eq!(control().list(), links.list());
     }
 }

@@ -15,11 +15,11 @@ mod links;
 mod metrics;
 mod node;
 
-pub use admin::{CreateVolume, StatusInfo, VolumeInfo};
+pub use admin::{CreateVolume, LinkPair, SetLink, StatusInfo, VolumeInfo};
 pub use byte_size::ByteSize;
 pub use config::{
     ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
     LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
 };
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
-pub use node::{Node, NodeError, run_cluster, run_node};
+pub use node::{Node, NodeError, run_cluster, run_node, run_node_with_links};

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::driver::{DataLayout, Driver, IoThreads};
+use crate::links::LinkControl;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +230,19 @@ pub async fn run_node(
     data_dir: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    let links = Arc::new(LinkControl::from_config(config));
+    run_node_with_links(config, node_name, data_dir, links, shutdown).await
+}
+
+/// [`run_node`] with the links between sites controlled by `links`, which
+/// other nodes of this process may share.
+pub async fn run_node_with_links(
+    config: &ClusterConfig,
+    node_name: &str,
+    data_dir: &Path,
+    links: Arc<LinkControl>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
     let node_config = config
         .node(node_name)
         .ok_or_else(|| NodeError::UnknownNode(node_name.to_string()))?;
@@ -242,11 +256,16 @@ pub async fn run_node(
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
-    let admin = crate::admin::start(node.clone(), node_config.admin_listen, stopped.clone())
-        .map_err(|source| NodeError::Listen {
-            address: node_config.admin_listen,
-            source,
-        })?;
+    let admin = crate::admin::start(
+        node.clone(),
+        links.clone(),
+        node_config.admin_listen,
+        stopped.clone(),
+    )
+    .map_err(|source| NodeError::Listen {
+        address: node_config.admin_listen,
+        source,
+    })?;
     let timer = tokio::spawn(node.driver.clone().run_timer(stopped.clone()));
     tracing::info!(
         node = %node.name,
@@ -300,7 +319,9 @@ pub async fn run_node(
 }
 
 /// Runs every node of the config in this process until `shutdown`. A node
-/// that fails stops the others, and its error is returned.
+/// that fails stops the others, and its error is returned. The nodes share
+/// one [`LinkControl`], so a link changed through any node's admin API
+/// changes for all of them.
 pub async fn run_cluster(
     config: &ClusterConfig,
     data_dir: &Path,
@@ -308,8 +329,10 @@ pub async fn run_cluster(
 ) -> Result<(), NodeError> {
     let (stop, stopped) = watch::channel(false);
     let (failure, mut failures) = tokio::sync::mpsc::channel::<()>(config.nodes.len());
+    let links = Arc::new(LinkControl::from_config(config));
     let mut tasks = Vec::new();
     for node in &config.nodes {
+        let links = links.clone();
         let config = config.clone();
         let name = node.name.clone();
         let data_dir = data_dir.to_path_buf();
@@ -319,7 +342,7 @@ pub async fn run_cluster(
             let shutdown = async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             };
-            let result = run_node(&config, &name, &data_dir, shutdown).await;
+            let result = run_node_with_links(&config, &name, &data_dir, links, shutdown).await;
             if result.is_err() {
                 let _ = failure.send(()).await;
             }
