@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
-use stretch_node::{CreateVolume, StatusInfo, VolumeInfo};
+use stretch_node::{CreateVolume, LinkInfo, LinkPair, SetLink, StatusInfo, VolumeInfo};
 
 #[derive(Debug)]
 pub struct AdminClient {
@@ -42,6 +42,25 @@ impl AdminClient {
 
     pub fn delete_volume(&self, name: &str) -> anyhow::Result<VolumeInfo> {
         self.call("DELETE", &format!("/v1/volumes/{name}"), None)
+    }
+
+    pub fn links(&self) -> anyhow::Result<Vec<LinkInfo>> {
+        self.call("GET", "/v1/links", None)
+    }
+
+    pub fn set_link(&self, request: &SetLink) -> anyhow::Result<LinkInfo> {
+        let body = serde_json::to_value(request).context("encoding the request")?;
+        self.call("POST", "/v1/links/set", Some(body))
+    }
+
+    pub fn cut_link(&self, pair: &LinkPair) -> anyhow::Result<LinkInfo> {
+        let body = serde_json::to_value(pair).context("encoding the request")?;
+        self.call("POST", "/v1/links/cut", Some(body))
+    }
+
+    pub fn heal_link(&self, pair: &LinkPair) -> anyhow::Result<LinkInfo> {
+        let body = serde_json::to_value(pair).context("encoding the request")?;
+        self.call("POST", "/v1/links/heal", Some(body))
     }
 
     fn call<T: DeserializeOwned>(

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use stretch_node::{ByteSize, ClusterConfig, CreateVolume};
+use clap::{ArgGroup, Parser, Subcommand};
+use stretch_node::{ByteSize, ClusterConfig, CreateVolume, LinkInfo, LinkPair, SetLink};
 
 use crate::admin_client::AdminClient;
 
@@ -71,6 +71,10 @@ enum Command {
     Volume(VolumeCommand),
     /// Show the node's state: volumes, dirty data, journal, failures.
     Status,
+    /// Shape, cut and heal the links between sites (the built-in link
+    /// shaper), live.
+    #[command(subcommand, long_about = LINK_ABOUT)]
+    Link(LinkCommand),
     /// Run the deterministic simulator: the real core under seeded faults,
     /// checked against a reference model. Exits 1 on a violation.
     Sim(sim_command::SimArgs),
@@ -95,6 +99,77 @@ enum VolumeCommand {
     Show { name: String },
     /// Delete a volume and its leg. Refused while requests are in flight.
     Delete { name: String },
+}
+
+const LINK_ABOUT: &str = "Shape, cut and heal the links between sites (the built-in link \
+    shaper), live. A link joins two sites and applies in both directions; the change takes \
+    effect at once and lasts until the node stops (the cluster config's [[link]] tables are \
+    the shape at start).\n\n\
+    Each node shapes only the datagrams it sends. Under `stretch up` every node runs in one \
+    process and shares one set of links, so telling one node (--admin) is enough. When nodes \
+    run as separate `stretch node` processes, EVERY node must be told: give --config CONFIG \
+    to send the change to the admin API of every node of that config, or run the command \
+    once per node with --admin. A node never forwards a change to others.";
+
+#[derive(Debug, Subcommand)]
+enum LinkCommand {
+    /// Change the shape of the link between sites A and B (both
+    /// directions); settings not given keep their value, a cut link stays
+    /// cut.
+    #[command(group(ArgGroup::new("change").required(true).multiple(true)))]
+    Set {
+        /// One site of the link.
+        a: String,
+        /// The other site.
+        b: String,
+        /// One-way delay in milliseconds (the round trip is twice this).
+        #[arg(long, group = "change")]
+        delay_ms: Option<u64>,
+        /// Extra one-way delay per datagram, uniform in 0..=N milliseconds.
+        #[arg(long, group = "change")]
+        jitter_ms: Option<u64>,
+        /// Bandwidth limit in Mbit/s, each direction; 0 removes the limit.
+        #[arg(long, group = "change", allow_negative_numbers = true)]
+        bandwidth_mbit: Option<f64>,
+        /// Datagrams lost at random, in percent (0 to 100).
+        #[arg(long, group = "change", allow_negative_numbers = true)]
+        loss_pct: Option<f64>,
+        #[command(flatten)]
+        targets: LinkTargets,
+    },
+    /// Cut the link between sites A and B: nothing gets through either way
+    /// until it is healed.
+    Cut {
+        /// One site of the link.
+        a: String,
+        /// The other site.
+        b: String,
+        #[command(flatten)]
+        targets: LinkTargets,
+    },
+    /// Restore a cut link between sites A and B, with the shape it had.
+    Heal {
+        /// One site of the link.
+        a: String,
+        /// The other site.
+        b: String,
+        #[command(flatten)]
+        targets: LinkTargets,
+    },
+    /// Show every pair of sites as the node shapes it now.
+    List {
+        #[command(flatten)]
+        targets: LinkTargets,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LinkTargets {
+    /// Talk to every node of this cluster config (each node's
+    /// admin_listen) instead of --admin only: needed when nodes run as
+    /// separate `stretch node` processes.
+    #[arg(long, value_name = "CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -165,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volume(command) => volume(&AdminClient::new(&cli.admin), command),
         Command::Status => status(&AdminClient::new(&cli.admin)),
+        Command::Link(command) => link(&cli.admin, command),
         Command::Sim(args) => sim_command::run(args),
     }
 }
@@ -248,6 +324,126 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Delete { name } => {
             let volume = client.delete_volume(&name)?;
             println!("deleted volume {}", volume.name);
+        }
+    }
+    Ok(())
+}
+
+/// The admin APIs a link command talks to: `--admin`, or every node of
+/// `--config`, each with a label for its output lines.
+fn link_endpoints(admin: &str, targets: &LinkTargets) -> anyhow::Result<Vec<(String, String)>> {
+    match &targets.config {
+        None => Ok(vec![(admin.to_string(), admin.to_string())]),
+        Some(path) => {
+            let config = ClusterConfig::load(path)?;
+            Ok(config
+                .nodes
+                .iter()
+                .map(|node| (node.name.clone(), format!("http://{}", node.admin_listen)))
+                .collect())
+        }
+    }
+}
+
+/// A change to one link, sent to one or more nodes.
+enum LinkAction {
+    Set(SetLink),
+    Cut(LinkPair),
+    Heal(LinkPair),
+}
+
+impl LinkAction {
+    fn send(&self, client: &AdminClient) -> anyhow::Result<LinkInfo> {
+        match self {
+            LinkAction::Set(request) => client.set_link(request),
+            LinkAction::Cut(pair) => client.cut_link(pair),
+            LinkAction::Heal(pair) => client.heal_link(pair),
+        }
+    }
+}
+
+fn link(admin: &str, command: LinkCommand) -> anyhow::Result<()> {
+    let (targets, action) = match command {
+        LinkCommand::List { targets } => return link_list(admin, &targets),
+        LinkCommand::Set {
+            a,
+            b,
+            delay_ms,
+            jitter_ms,
+            bandwidth_mbit,
+            loss_pct,
+            targets,
+        } => (
+            targets,
+            LinkAction::Set(SetLink {
+                a,
+                b,
+                delay_ms,
+                jitter_ms,
+                bandwidth_mbit,
+                loss_pct,
+            }),
+        ),
+        LinkCommand::Cut { a, b, targets } => (targets, LinkAction::Cut(LinkPair { a, b })),
+        LinkCommand::Heal { a, b, targets } => (targets, LinkAction::Heal(LinkPair { a, b })),
+    };
+    let endpoints = link_endpoints(admin, &targets)?;
+    if let [(_, url)] = endpoints.as_slice() {
+        println!("{}", action.send(&AdminClient::new(url))?);
+        return Ok(());
+    }
+    let mut failed = 0;
+    for (node, url) in &endpoints {
+        match action.send(&AdminClient::new(url)) {
+            Ok(info) => println!("{node}: {info}"),
+            Err(error) => {
+                failed += 1;
+                eprintln!("stretch: node {node} ({url}): {}", one_line(&error));
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "the change reached {} of {} nodes",
+            endpoints.len() - failed,
+            endpoints.len()
+        );
+    }
+    Ok(())
+}
+
+fn link_list(admin: &str, targets: &LinkTargets) -> anyhow::Result<()> {
+    let endpoints = link_endpoints(admin, targets)?;
+    let several = endpoints.len() > 1;
+    for (node, url) in &endpoints {
+        let links = AdminClient::new(url)
+            .links()
+            .with_context(|| format!("node {node}"))?;
+        if several {
+            println!("node {node}:");
+        }
+        if links.is_empty() {
+            println!("no links: the cluster has one site");
+            continue;
+        }
+        println!(
+            "{:<16} {:>9} {:>9} {:>14} {:>8}  STATE",
+            "LINK", "DELAY", "JITTER", "BANDWIDTH", "LOSS"
+        );
+        for link in links {
+            let bandwidth = match link.bandwidth_mbit {
+                Some(mbit) => format!("{mbit} Mbit/s"),
+                None => "unlimited".to_string(),
+            };
+            println!(
+                "{:<16} {:>9} {:>9} {:>14} {:>8}  {}",
+                format!("{} <-> {}", link.a, link.b),
+                format!("{} ms", link.delay_ms),
+                format!("{} ms", link.jitter_ms),
+                bandwidth,
+                format!("{} %", link.loss_pct),
+                if link.cut { "CUT" } else { "up" }
+            );
         }
     }
     Ok(())

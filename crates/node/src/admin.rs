@@ -7,9 +7,18 @@
 //! | POST   | /v1/volumes           | [`CreateVolume`] in, [`VolumeInfo`] |
 //! | GET    | /v1/volumes/NAME      | [`VolumeInfo`]                      |
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
+//! | GET    | /v1/links             | list of [`LinkInfo`], every site pair |
+//! | POST   | /v1/links/set         | [`SetLink`] in, [`LinkInfo`]        |
+//! | POST   | /v1/links/cut         | [`LinkPair`] in, [`LinkInfo`]       |
+//! | POST   | /v1/links/heal        | [`LinkPair`] in, [`LinkInfo`]       |
 //! | GET    | /metrics              | Prometheus text format              |
 //!
 //! Errors come back as `{"error": "..."}` with a 4xx/5xx status.
+//!
+//! The link routes change the [`LinkControl`] of this process only: under
+//! `stretch up` every node shares it, under `stretch node` each node
+//! shapes only what it sends, and must be told on its own. Nothing is
+//! forwarded to other nodes.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -22,6 +31,7 @@ use stretch_storage::{CatalogError, VolumeRecord};
 use tiny_http::{Header, Method, Response, Server};
 use tokio::sync::watch;
 
+use crate::links::{LinkChange, LinkControl, LinkError, LinkInfo};
 use crate::node::{Node, NodeError};
 
 /// Largest request body accepted.
@@ -33,9 +43,15 @@ pub struct CreateVolume {
     pub size: u64,
     #[serde(default)]
     pub group: Option<String>,
+    /// The site accepting its writes; the site of the node asked, if none.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// `async` (default), `flush-sync` or `sync`.
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
     pub id: u32,
@@ -44,9 +60,76 @@ pub struct VolumeInfo {
     pub leg: String,
     /// Where a client connects, e.g. `nbd://127.0.0.1:10809/NAME`.
     pub export: String,
+    /// The site that accepts the volume's writes.
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub mode: String,
+    /// Per other site: how far behind it is (filled at the owner).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaInfo>,
+    /// Sites that did not confirm a create yet (they get it on reconnect).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed_sites: Vec<String>,
 }
 
+/// How far one other site is behind on a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub site: String,
+    pub unapplied_deltas: u64,
+    pub unapplied_bytes: u64,
+    /// Age of the oldest delta the site has not journaled (the live RPO).
+    pub lag_seconds: f64,
+    /// 1 MiB regions still to copy to it (resync progress).
+    pub resync_regions_left: u64,
+}
+
+/// One other site as this node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub site: String,
+    pub connected: bool,
+    pub rtt_ms: Option<f64>,
+}
+
+/// `POST /v1/links/set`: the settings given change, the others stay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetLink {
+    pub a: String,
+    pub b: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter_ms: Option<u64>,
+    /// 0 removes the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_pct: Option<f64>,
+}
+
+impl SetLink {
+    fn change(&self) -> LinkChange {
+        LinkChange {
+            delay_ms: self.delay_ms,
+            jitter_ms: self.jitter_ms,
+            bandwidth_mbit: self.bandwidth_mbit,
+            loss_pct: self.loss_pct,
+        }
+    }
+}
+
+/// `POST /v1/links/cut` and `/v1/links/heal`: the two sites of a link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkPair {
+    pub a: String,
+    pub b: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub cluster: String,
     pub node: String,
@@ -64,6 +147,14 @@ pub struct StatusInfo {
     pub throttled_writes: u64,
     /// Why the node stopped taking writes, if it did.
     pub failure: Option<String>,
+    /// Delta bytes kept until every other site applied them.
+    #[serde(default)]
+    pub backlog_bytes: u64,
+    /// 1 MiB regions still to copy to other sites (resync progress).
+    #[serde(default)]
+    pub resync_regions_left: u64,
+    #[serde(default)]
+    pub peers: Vec<PeerInfo>,
 }
 
 #[derive(Debug)]
@@ -81,6 +172,7 @@ impl AdminServer {
 
 pub(crate) fn start(
     node: Arc<Node>,
+    links: Arc<LinkControl>,
     address: SocketAddr,
     stopped: watch::Receiver<bool>,
 ) -> std::io::Result<AdminServer> {
@@ -90,7 +182,7 @@ pub(crate) fn start(
         .spawn(move || {
             while !*stopped.borrow() {
                 match server.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Some(request)) => handle(&node, request),
+                    Ok(Some(request)) => handle(&node, &links, request),
                     Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(%error, "admin API accept failed");
@@ -123,7 +215,7 @@ impl Reply {
     }
 }
 
-fn handle(node: &Arc<Node>, mut request: tiny_http::Request) {
+fn handle(node: &Arc<Node>, links: &LinkControl, mut request: tiny_http::Request) {
     let method = request.method().clone();
     let url = request.url().to_string();
     let path = url.split('?').next().unwrap_or_default().to_string();
@@ -136,6 +228,8 @@ fn handle(node: &Arc<Node>, mut request: tiny_http::Request) {
         Reply::error(400, "could not read the request body")
     } else if body.len() as u64 > BODY_BYTES_MAX {
         Reply::error(413, format!("request body over {BODY_BYTES_MAX} bytes"))
+    } else if let Some(reply) = link_route(links, &method, &path, &body) {
+        reply
     } else {
         route(node, &method, &path, &body)
     };
@@ -157,7 +251,10 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
             let stats = node.driver.engine.lock().stats();
             Reply {
                 status: 200,
-                body: node.driver.metrics.render(&stats),
+                body: {
+                    node.refresh_replication_metrics();
+                    node.driver.metrics.render(&stats)
+                },
                 content_type: "text/plain; version=0.0.4",
             }
         }
@@ -182,8 +279,31 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
                 Ok(create) => create,
                 Err(error) => return Reply::error(400, format!("bad volume request: {error}")),
             };
-            match node.create_volume(&create.name, create.size, create.group.as_deref()) {
-                Ok(record) => Reply::json(201, &volume_info(node, &record)),
+            let mode = match create.mode.as_deref() {
+                None => stretch_core::Mode::Async,
+                Some(text) => match stretch_core::Mode::parse(text) {
+                    Some(mode) => mode,
+                    None => {
+                        return Reply::error(
+                            400,
+                            format!("unknown mode {text:?}: use async, flush-sync or sync"),
+                        );
+                    }
+                },
+            };
+            let created = node.create_volume(
+                &create.name,
+                create.size,
+                create.group.as_deref(),
+                create.owner.as_deref(),
+                mode,
+            );
+            match created {
+                Ok((record, unconfirmed)) => {
+                    let mut info = volume_info(node, &record);
+                    info.unconfirmed_sites = unconfirmed;
+                    Reply::json(201, &info)
+                }
                 Err(error) => node_error(error),
             }
         }
@@ -199,13 +319,49 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
     }
 }
 
+/// The `/v1/links` routes, or `None` for any other request.
+fn link_route(links: &LinkControl, method: &Method, path: &str, body: &[u8]) -> Option<Reply> {
+    let result = match (method, path) {
+        (Method::Get, "/v1/links") => return Some(Reply::json(200, &links.list())),
+        (Method::Post, "/v1/links/set") => match serde_json::from_slice::<SetLink>(body) {
+            Ok(set) if set.change() == LinkChange::default() => {
+                return Some(Reply::error(
+                    400,
+                    "nothing to change: give delay_ms, jitter_ms, bandwidth_mbit or loss_pct",
+                ));
+            }
+            Ok(set) => links.set(&set.a, &set.b, &set.change()),
+            Err(error) => return Some(Reply::error(400, format!("bad link request: {error}"))),
+        },
+        (Method::Post, "/v1/links/cut" | "/v1/links/heal") => {
+            match serde_json::from_slice::<LinkPair>(body) {
+                Ok(pair) if path.ends_with("/cut") => links.cut(&pair.a, &pair.b),
+                Ok(pair) => links.heal(&pair.a, &pair.b),
+                Err(error) => {
+                    return Some(Reply::error(400, format!("bad link request: {error}")));
+                }
+            }
+        }
+        _ => return None,
+    };
+    Some(link_reply(result))
+}
+
+fn link_reply(result: Result<LinkInfo, LinkError>) -> Reply {
+    match result {
+        Ok(info) => Reply::json(200, &info),
+        Err(error @ LinkError::UnknownSite { .. }) => Reply::error(404, error),
+        Err(error) => Reply::error(400, error),
+    }
+}
+
 fn node_error(error: NodeError) -> Reply {
     let status = match &error {
         NodeError::Catalog(CatalogError::Exists(_)) | NodeError::Busy(_) => 409,
         NodeError::Catalog(CatalogError::NoSuchVolume(_)) => 404,
-        NodeError::Catalog(CatalogError::InvalidName { .. } | CatalogError::InvalidSize { .. }) => {
-            400
-        }
+        NodeError::Catalog(CatalogError::InvalidName { .. } | CatalogError::InvalidSize { .. })
+        | NodeError::UnknownSite(_) => 400,
+        NodeError::Catalog(CatalogError::Conflict { .. }) | NodeError::Witness => 409,
         _ => 500,
     };
     Reply::error(status, error)
@@ -222,6 +378,21 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
             .nbd_address
             .map(|address| format!("nbd://{address}/{}", record.name))
             .unwrap_or_default(),
+        owner: node.owner_name(record),
+        mode: record.mode.clone(),
+        replicas: node
+            .volume_lags()
+            .into_iter()
+            .filter(|lag| lag.volume == record.name)
+            .map(|lag| ReplicaInfo {
+                site: lag.peer,
+                unapplied_deltas: lag.unapplied_deltas,
+                unapplied_bytes: lag.unapplied_bytes,
+                lag_seconds: lag.lag_seconds,
+                resync_regions_left: lag.resync_regions_left,
+            })
+            .collect(),
+        unconfirmed_sites: Vec::new(),
     }
 }
 
@@ -249,5 +420,155 @@ fn status(node: &Node) -> StatusInfo {
         journal_bytes: stats.journal_bytes,
         throttled_writes: stats.throttled_writes_now,
         failure,
+        backlog_bytes: stats.backlog_bytes,
+        resync_regions_left: stats.resync_regions_left,
+        peers: peer_infos(node),
+    }
+}
+
+fn peer_infos(node: &Node) -> Vec<PeerInfo> {
+    let Some(peers) = node.peers.get() else {
+        return Vec::new();
+    };
+    let connected = peers.connected_sites();
+    let rtts = peers.round_trips();
+    peers
+        .sites()
+        .into_iter()
+        .map(|site| PeerInfo {
+            connected: connected.contains(&site),
+            rtt_ms: rtts
+                .iter()
+                .find(|(name, _)| *name == site)
+                .map(|(_, rtt)| rtt.as_secs_f64() * 1e3),
+            site,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, LOCAL_CONFIG};
+
+    fn control() -> LinkControl {
+        let config = ClusterConfig::parse(LOCAL_CONFIG, "local.toml").expect("valid");
+        LinkControl::from_config(&config)
+    }
+
+    fn call(links: &LinkControl, method: Method, path: &str, body: &str) -> Reply {
+        link_route(links, &method, path, body.as_bytes()).expect("a link route")
+    }
+
+    fn error_of(reply: &Reply) -> String {
+        let value: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+        value["error"]
+            .as_str()
+            .expect("an error message")
+            .to_string()
+    }
+
+    #[test]
+    fn link_routes_list_set_cut_and_heal() {
+        let links = control();
+        let reply = call(&links, Method::Get, "/v1/links", "");
+        assert_eq!(reply.status, 200);
+        let list: Vec<LinkInfo> = serde_json::from_str(&reply.body).expect("a list");
+        assert_eq!(list.len(), 3);
+        assert_eq!((list[0].a.as_str(), list[0].b.as_str()), ("a", "b"));
+        assert_eq!(list[0].delay_ms, 25);
+
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/set",
+            r#"{"a": "b", "b": "a", "delay_ms": 5, "bandwidth_mbit": 10, "loss_pct": 0.5}"#,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let info: LinkInfo = serde_json::from_str(&reply.body).expect("a link");
+        assert_eq!(info.delay_ms, 5);
+        assert_eq!(info.bandwidth_mbit, Some(10.0));
+        assert_eq!(info.loss_pct, 0.5);
+
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/cut",
+            r#"{"a": "a", "b": "b"}"#,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(
+            serde_json::from_str::<LinkInfo>(&reply.body)
+                .expect("a link")
+                .cut
+        );
+        let reply = call(
+            &links,
+            Method::Post,
+            "/v1/links/heal",
+            r#"{"a": "b", "b": "a"}"#,
+        );
+        let info: LinkInfo = serde_json::from_str(&reply.body).expect("a link");
+        assert!(!info.cut);
+        assert_eq!(info.delay_ms, 5);
+        assert!(link_route(&links, &Method::Get, "/v1/status", b"").is_none());
+    }
+
+    #[test]
+    fn bad_link_requests_say_why() {
+        let links = control();
+        let cases = [
+            (
+                "/v1/links/cut",
+                r#"{"a": "a", "b": "zz"}"#,
+                404,
+                "no site named \"zz\"",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "q", "b": "a", "delay_ms": 1}"#,
+                404,
+                "\"q\"",
+            ),
+            (
+                "/v1/links/heal",
+                r#"{"a": "a", "b": "a"}"#,
+                400,
+                "two different sites",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "loss_pct": 150}"#,
+                400,
+                "loss_pct must be between 0 and 100",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "delay_ms": -1}"#,
+                400,
+                "expected u64",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b"}"#,
+                400,
+                "nothing to change",
+            ),
+            (
+                "/v1/links/set",
+                r#"{"a": "a", "b": "b", "delay": 3}"#,
+                400,
+                "delay",
+            ),
+            ("/v1/links/cut", "not json", 400, "bad link request"),
+        ];
+        for (path, body, status, message) in cases {
+            let reply = call(&links, Method::Post, path, body);
+            assert_eq!(reply.status, status, "{path} {body}: {}", reply.body);
+            let error = error_of(&reply);
+            assert!(error.contains(message), "{path} {body}: {error}");
+        }
+        // Nothing changed.
+        assert_eq!(control().list(), links.list());
     }
 }

@@ -390,7 +390,7 @@ pub async fn run_node(
     let links = options
         .links
         .unwrap_or_else(|| Arc::new(LinkControl::from_config(config)));
-    let (node, threads, lock, outbox) = open_node(config, node_config, data_dir, links)?;
+    let (node, threads, lock, outbox) = open_node(config, node_config, data_dir, links.clone())?;
     let (stop_peers, peers_stopped) = watch::channel(false);
     let multi_site = config.data_sites().len() > 1;
     let mut peer_tasks = None;
@@ -415,11 +415,16 @@ pub async fn run_node(
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
-    let admin = crate::admin::start(node.clone(), node_config.admin_listen, stopped.clone())
-        .map_err(|source| NodeError::Listen {
-            address: node_config.admin_listen,
-            source,
-        })?;
+    let admin = crate::admin::start(
+        node.clone(),
+        links.clone(),
+        node_config.admin_listen,
+        stopped.clone(),
+    )
+    .map_err(|source| NodeError::Listen {
+        address: node_config.admin_listen,
+        source,
+    })?;
     let timer = tokio::spawn(node.driver.clone().run_timer(stopped.clone()));
     tracing::info!(
         node = %node.name,
@@ -513,9 +518,9 @@ pub async fn run_cluster(
             );
         }
     }
-    let links = Arc::new(LinkControl::from_config(config));
     let (stop, stopped) = watch::channel(false);
     let (failure, mut failures) = tokio::sync::mpsc::channel::<()>(config.nodes.len());
+    let links = Arc::new(LinkControl::from_config(config));
     let mut tasks = Vec::new();
     for node in &config.nodes {
         let config = config.clone();

@@ -167,6 +167,11 @@ impl Peers {
         self.endpoint.close();
     }
 
+    /// Every other data site.
+    pub fn sites(&self) -> Vec<String> {
+        self.remotes.iter().map(|remote| remote.site.clone()).collect()
+    }
+
     /// The sites connected now.
     pub fn connected_sites(&self) -> Vec<String> {
         let sessions = self.sessions.lock();
@@ -255,7 +260,17 @@ impl Peers {
     }
 
     fn send_site_message(&self, site: SiteId, message: &SiteMessage) {
-        let frame = stretch_wire::encode_frame(&PeerMessage::from_site(message));
+        let frame = match PeerMessage::from_site(message).and_then(|m| stretch_wire::encode_frame(&m))
+        {
+            Ok(frame) => frame,
+            Err(error) => {
+                // The engine asked for something the wire cannot carry (a
+                // forwarded write over the size limit, say): the request
+                // fails by its timeout; say why here.
+                tracing::error!(%error, "cannot send a message to a peer");
+                return;
+            }
+        };
         let mut sessions = self.sessions.lock();
         let Some(session) = sessions.get_mut(&site) else {
             // Not connected: the engine resumes when the link returns.
@@ -291,7 +306,13 @@ impl Peers {
         else {
             return;
         };
-        let frame = stretch_wire::encode_frame(&message);
+        let frame = match stretch_wire::encode_frame(&message) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::error!(%error, "cannot send a control message to a peer");
+                return;
+            }
+        };
         self.runtime.spawn(async move {
             if let Err(error) = send_on_new_stream(&connection, &frame).await {
                 tracing::debug!(%error, "control stream to a peer failed");
