@@ -19,15 +19,16 @@
 //! [`FRAME_BYTES_MAX`] is refused before anything is allocated for it, the
 //! archive is validated (bytecheck) before any field is read, and then
 //! checked against the protocol's own rules:
-//! - names in a hello at most [`NAME_BYTES_MAX`] bytes;
+//! - site, node and cluster names at most [`NAME_BYTES_MAX`] bytes, volume
+//!   and group names at most [`VOLUME_NAME_BYTES_MAX`];
 //! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
 //!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
 //!   in strictly increasing `(volume, block)` order;
-//! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded write of
-//!   at most [`WRITE_BYTES_MAX`] bytes;
-//! - a volume of a positive multiple of the block size, its name and group
-//!   at most [`VOLUME_NAME_BYTES_MAX`] bytes, its mode one of `async`,
-//!   `flush-sync` and `sync`.
+//! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded read of
+//!   at most that (its answer must fit in a frame), a forwarded write of at
+//!   most [`WRITE_BYTES_MAX`] bytes;
+//! - a volume of a positive multiple of the block size, with a mode of
+//!   `async`, `flush-sync` or `sync`.
 //!
 //! Any failure is a [`WireError`]: the caller closes that stream and
 //! carries on. Nothing here panics on input.
