@@ -40,11 +40,17 @@ struct Cli {
 enum Command {
     /// Run every node of a cluster config in this process until Ctrl-C.
     Up {
-        /// Cluster config (TOML); the embedded single-site config if absent.
+        /// Cluster config (TOML); if absent, the embedded local config:
+        /// sites a and b 25 ms apart (one way) plus a witness w, on
+        /// loopback (cluster-configs/local.toml).
         config: Option<PathBuf>,
         /// Where nodes keep journals, legs and catalogs (one folder each).
         #[arg(long, default_value = "stretch-data")]
         data_dir: PathBuf,
+        /// The cluster CA and node certificates; created on first start if
+        /// missing (default: DATA_DIR/pki).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
     },
     /// Run one node of a cluster config until Ctrl-C.
     Node {
@@ -56,11 +62,15 @@ enum Command {
         node: String,
         #[arg(long, default_value = "stretch-data")]
         data_dir: PathBuf,
+        /// The cluster CA and node certificates made by `stretch init`
+        /// (default: DATA_DIR/pki).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
     },
     /// Create the cluster CA and a certificate for every node of a config
     /// (only what is missing; existing keys are never replaced).
     Init {
-        /// Cluster config (TOML); the embedded single-site config if absent.
+        /// Cluster config (TOML); the embedded local config if absent.
         config: Option<PathBuf>,
         /// Where the CA and node certificates go.
         #[arg(long, default_value = "stretch-data/pki")]
@@ -92,6 +102,14 @@ enum VolumeCommand {
         /// (default: a group of its own, named after the volume).
         #[arg(long)]
         group: Option<String>,
+        /// The site that accepts its writes (default: the site of the node
+        /// asked). Every volume of a group has the same owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// async: FLUSH durable at the owner; flush-sync: FLUSH also waits
+        /// for another site's journal; sync: every write does.
+        #[arg(long, default_value = "async", value_parser = ["async", "flush-sync", "sync"])]
+        mode: String,
     },
     /// List volumes.
     List,
@@ -199,26 +217,36 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up { config, data_dir } => {
+        Command::Up {
+            config,
+            data_dir,
+            pki_dir,
+        } => {
             let config = match config {
                 Some(path) => ClusterConfig::load(&path)?,
                 None => ClusterConfig::embedded_default(),
             };
+            let pki_dir = pki_dir.unwrap_or_else(|| data_dir.join("pki"));
             serve(data_dir, move |data_dir, shutdown| async move {
-                stretch_node::run_cluster(&config, &data_dir, shutdown).await
+                stretch_node::run_cluster(&config, &data_dir, &pki_dir, shutdown).await
             })
         }
         Command::Node {
             config,
             node,
             data_dir,
+            pki_dir,
         } => {
             let config = ClusterConfig::load(&config)?;
             if config.node(&node).is_none() {
                 anyhow::bail!("node {node:?} is not in the config");
             }
+            let options = stretch_node::NodeOptions {
+                pki_dir: pki_dir.unwrap_or_else(|| data_dir.join("pki")),
+                links: None,
+            };
             serve(data_dir, move |data_dir, shutdown| async move {
-                stretch_node::run_node(&config, &node, &data_dir, shutdown).await
+                stretch_node::run_node(&config, &node, &data_dir, options, shutdown).await
             })
         }
         Command::Init { config, dir } => {
@@ -286,18 +314,34 @@ where
 
 fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
     match command {
-        VolumeCommand::Create { name, size, group } => {
+        VolumeCommand::Create {
+            name,
+            size,
+            group,
+            owner,
+            mode,
+        } => {
             let volume = client.create_volume(&CreateVolume {
                 name,
                 size: size.0,
                 group,
+                owner,
+                mode: Some(mode),
             })?;
             println!(
-                "created volume {} ({}), export {}",
+                "created volume {} ({}, {} mode, owned by site {}), export {}",
                 volume.name,
                 ByteSize(volume.size),
+                volume.mode,
+                volume.owner,
                 volume.export
             );
+            if !volume.unconfirmed_sites.is_empty() {
+                println!(
+                    "sites not reached yet (they create it when they reconnect): {}",
+                    volume.unconfirmed_sites.join(", ")
+                );
+            }
         }
         VolumeCommand::List => {
             let volumes = client.volumes()?;
@@ -320,6 +364,18 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!("group:  {}", volume.group);
             println!("leg:    {}", volume.leg);
             println!("export: {}", volume.export);
+            println!("owner:  site {}", volume.owner);
+            println!("mode:   {}", volume.mode);
+            for replica in &volume.replicas {
+                println!(
+                    "site {}: {} deltas ({} bytes) not applied, lag {:.3} s, {} regions to resync",
+                    replica.site,
+                    replica.unapplied_deltas,
+                    replica.unapplied_bytes,
+                    replica.lag_seconds,
+                    replica.resync_regions_left
+                );
+            }
         }
         VolumeCommand::Delete { name } => {
             let volume = client.delete_volume(&name)?;
@@ -459,6 +515,20 @@ fn status(client: &AdminClient) -> anyhow::Result<()> {
     }
     println!("uptime:           {} s", status.uptime_seconds);
     println!("volumes:          {}", status.volumes);
+    for peer in &status.peers {
+        let state = match (peer.connected, peer.rtt_ms) {
+            (true, Some(rtt)) => format!("connected, rtt {rtt:.1} ms"),
+            (true, None) => "connected".to_string(),
+            (false, _) => "NOT CONNECTED".to_string(),
+        };
+        println!("site {:<12} {state}", format!("{}:", peer.site));
+    }
+    if !status.peers.is_empty() {
+        println!(
+            "replication:      {} bytes not yet applied at every site, {} regions to resync",
+            status.backlog_bytes, status.resync_regions_left
+        );
+    }
     println!(
         "cache:            {} dirty + {} clean of {} bytes",
         status.dirty_bytes, status.cache_clean_bytes, status.cache_bytes_max

@@ -206,7 +206,13 @@ impl Tuning {
 }
 
 /// The configuration `stretch up` uses when given none.
-pub const DEFAULT_CONFIG: &str = include_str!("../../../cluster-configs/single-site.toml");
+/// Two data sites 25 ms apart (one way) and a witness, on loopback.
+pub const DEFAULT_CONFIG: &str = LOCAL_CONFIG;
+
+/// One site, one node, on loopback.
+#[cfg(test)]
+pub const SINGLE_SITE_CONFIG: &str =
+    include_str!("../../../cluster-configs/single-site.toml");
 
 /// Two data sites 25 ms apart (one way) and a witness, on loopback.
 pub const LOCAL_CONFIG: &str = include_str!("../../../cluster-configs/local.toml");
@@ -221,7 +227,7 @@ impl ClusterConfig {
     }
 
     pub fn embedded_default() -> Self {
-        Self::parse(DEFAULT_CONFIG, "embedded single-site.toml")
+        Self::parse(DEFAULT_CONFIG, "embedded local.toml")
             .expect("embedded default config invariant: it parses and validates")
     }
 
@@ -440,7 +446,7 @@ mod tests {
     /// Every file of `cluster-configs/`, embedded so a broken one fails the
     /// build's tests wherever they run.
     const SHIPPED: [(&str, &str); 5] = [
-        ("single-site.toml", DEFAULT_CONFIG),
+        ("single-site.toml", SINGLE_SITE_CONFIG),
         ("local.toml", LOCAL_CONFIG),
         (
             "metro.toml",

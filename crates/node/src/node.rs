@@ -70,7 +70,6 @@ pub struct Node {
     pub(crate) fs: Arc<OsFileSystem>,
     pub(crate) started: Instant,
     pub(crate) sites: SiteTable,
-    pub(crate) site_id: SiteId,
     /// The links to the other sites, once they are started.
     pub(crate) peers: std::sync::OnceLock<Arc<Peers>>,
     /// How the links between sites are shaped (shared by every node of a
@@ -364,7 +363,6 @@ fn open_node(
         fs,
         started: Instant::now(),
         sites,
-        site_id,
         peers: std::sync::OnceLock::new(),
         links,
     });

@@ -3,7 +3,7 @@
 //! bandwidth, loss and cuts of a long-distance link. Only the sending side
 //! is shaped: each direction of a link is the sender's shaper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use stretch_core::{Fate, LinkProfile, LinkShaper, Timestamp};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::Notify;
 
 /// Datagrams a link may hold waiting for bandwidth, in bytes.
 pub const LINK_QUEUE_BYTES_MAX: u64 = 4 << 20;
@@ -111,9 +111,25 @@ impl LinkTable {
 pub struct ShapedSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     links: LinkTable,
-    /// Serialises delayed sends so a link never reorders what it delays
-    /// equally.
-    sender: Arc<AsyncMutex<()>>,
+    /// Datagrams waiting out their delay, in the order they were sent. One
+    /// task delivers them in that order: a datagram per task, each racing
+    /// for the socket, would reorder a burst, and QUIC takes reordering
+    /// for loss and shrinks its window to a crawl.
+    delayed: Arc<DelayLine>,
+}
+
+struct DelayLine {
+    queue: std::sync::Mutex<VecDeque<Delayed>>,
+    wake: Notify,
+    started: std::sync::Once,
+}
+
+struct Delayed {
+    at: Instant,
+    destination: SocketAddr,
+    ecn: Option<quinn::udp::EcnCodepoint>,
+    src_ip: Option<std::net::IpAddr>,
+    contents: Vec<u8>,
 }
 
 impl fmt::Debug for ShapedSocket {
@@ -127,7 +143,64 @@ impl ShapedSocket {
         ShapedSocket {
             inner,
             links,
-            sender: Arc::new(AsyncMutex::new(())),
+            delayed: Arc::new(DelayLine {
+                queue: std::sync::Mutex::new(VecDeque::new()),
+                wake: Notify::new(),
+                started: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// The delivery task: sends each datagram once its time came, in
+    /// queue order. It ends when the socket is dropped.
+    fn start_delivery(&self) {
+        let line = Arc::downgrade(&self.delayed);
+        let inner = self.inner.clone();
+        self.delayed.started.call_once(|| {
+            tokio::spawn(async move {
+                loop {
+                    let Some(line) = line.upgrade() else {
+                        return;
+                    };
+                    let head = lock(&line.queue).front().map(|datagram| datagram.at);
+                    match head {
+                        None => line.wake.notified().await,
+                        Some(at) if at > Instant::now() => {
+                            tokio::time::sleep_until(at.into()).await;
+                        }
+                        Some(_) => {
+                            let Some(datagram) = lock(&line.queue).pop_front() else {
+                                continue;
+                            };
+                            deliver(inner.as_ref(), &datagram).await;
+                        }
+                    }
+                }
+            });
+        });
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the queue half-changed
+    // (push and pop are single calls), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn deliver(inner: &dyn AsyncUdpSocket, datagram: &Delayed) {
+    let transmit = Transmit {
+        destination: datagram.destination,
+        ecn: datagram.ecn,
+        contents: &datagram.contents,
+        segment_size: None,
+        src_ip: datagram.src_ip,
+    };
+    for _ in 0..DELAYED_SEND_ATTEMPTS {
+        match inner.try_send(&transmit) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ => return,
         }
     }
 }
@@ -145,34 +218,19 @@ impl AsyncUdpSocket for ShapedSocket {
             // Lost on the link: to the sender, a successful send.
             return Ok(());
         };
-        if at <= Instant::now() {
+        let queue_empty = lock(&self.delayed.queue).is_empty();
+        if at <= Instant::now() && queue_empty {
             return self.inner.try_send(transmit);
         }
-        let inner = self.inner.clone();
-        let sender = self.sender.clone();
-        let destination = transmit.destination;
-        let ecn = transmit.ecn;
-        let src_ip = transmit.src_ip;
-        let contents = transmit.contents.to_vec();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
-            let _order = sender.lock().await;
-            let delayed = Transmit {
-                destination,
-                ecn,
-                contents: &contents,
-                segment_size: None,
-                src_ip,
-            };
-            for _ in 0..DELAYED_SEND_ATTEMPTS {
-                match inner.try_send(&delayed) {
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    _ => return,
-                }
-            }
+        self.start_delivery();
+        lock(&self.delayed.queue).push_back(Delayed {
+            at,
+            destination: transmit.destination,
+            ecn: transmit.ecn,
+            src_ip: transmit.src_ip,
+            contents: transmit.contents.to_vec(),
         });
+        self.delayed.wake.notify_one();
         Ok(())
     }
 
