@@ -211,8 +211,7 @@ pub const DEFAULT_CONFIG: &str = LOCAL_CONFIG;
 
 /// One site, one node, on loopback.
 #[cfg(test)]
-pub const SINGLE_SITE_CONFIG: &str =
-    include_str!("../../../cluster-configs/single-site.toml");
+pub const SINGLE_SITE_CONFIG: &str = include_str!("../../../cluster-configs/single-site.toml");
 
 /// Two data sites 25 ms apart (one way) and a witness, on loopback.
 pub const LOCAL_CONFIG: &str = include_str!("../../../cluster-configs/local.toml");
@@ -477,8 +476,18 @@ mod tests {
     }
 
     #[test]
-    fn embedded_default_is_valid() {
+    fn embedded_default_is_two_sites_25_ms_apart_and_a_witness() {
         let config = ClusterConfig::embedded_default();
+        let data: Vec<&str> = config.data_sites().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(data, ["a", "b"]);
+        assert_eq!(config.sites.len(), 3);
+        assert_eq!(config.link_profile("a", "b").delay_ms, 25);
+        assert_eq!(config.peers("a1").len(), 1);
+    }
+
+    #[test]
+    fn single_site_config_is_valid() {
+        let config = ClusterConfig::parse(SINGLE_SITE_CONFIG, "single-site.toml").expect("valid");
         assert_eq!(config.nodes.len(), 1);
         assert_eq!(
             config.nodes[0].nbd_listen.map(|address| address.port()),
@@ -594,10 +603,10 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        let bad = DEFAULT_CONFIG.replace("site = \"a\"", "site = \"zz\"");
+        let bad = SINGLE_SITE_CONFIG.replace("site = \"a\"", "site = \"zz\"");
         let error = ClusterConfig::parse(&bad, "test").expect_err("unknown site");
         assert!(error.to_string().contains("\"zz\""), "{error}");
-        let typo = DEFAULT_CONFIG.replace("delta_interval_ms", "delta_intervall_ms");
+        let typo = SINGLE_SITE_CONFIG.replace("delta_interval_ms", "delta_intervall_ms");
         let error = ClusterConfig::parse(&typo, "test").expect_err("unknown key");
         assert!(error.to_string().contains("delta_intervall_ms"), "{error}");
     }
@@ -697,7 +706,7 @@ mod tests {
         let error = parse_error(&text);
         assert!(error.contains("arbiter"), "{error}");
         // Only witness sites: nothing would hold data.
-        let text = DEFAULT_CONFIG
+        let text = SINGLE_SITE_CONFIG
             .replace("role = \"data\"", "role = \"witness\"")
             .replace("nbd_listen = \"127.0.0.1:10809\"", "");
         let error = parse_error(&text);
@@ -709,10 +718,10 @@ mod tests {
 
     #[test]
     fn new_tuning_keys_are_checked() {
-        let text = DEFAULT_CONFIG.replace("remote_timeout_ms = 5000", "remote_timeout_ms = 0");
+        let text = SINGLE_SITE_CONFIG.replace("remote_timeout_ms = 5000", "remote_timeout_ms = 0");
         assert!(parse_error(&text).contains("tuning.remote_timeout_ms"));
         let text =
-            DEFAULT_CONFIG.replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
+            SINGLE_SITE_CONFIG.replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
         assert!(parse_error(&text).contains("tuning.backlog_bytes_max"));
     }
 }

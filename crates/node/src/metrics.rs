@@ -217,26 +217,102 @@ impl Metrics {
             .register(Box::new(peer_malformed.clone()))
             .expect("metric registration invariant: unique name");
         let replication = ReplicationGauges {
-            shipped_deltas: counter(&registry, "stretch_shipped_deltas_total", "Deltas sent to other sites"),
-            shipped_bytes: counter(&registry, "stretch_shipped_bytes_total", "Block bytes sent to other sites (deltas and resync)"),
-            received_deltas: counter(&registry, "stretch_received_deltas_total", "Deltas received from owners at other sites"),
-            received_bytes: counter(&registry, "stretch_received_bytes_total", "Block bytes of deltas received"),
-            backlog_bytes: gauge(&registry, "stretch_backlog_bytes", "Delta bytes kept until every site applied them"),
-            backlog_deltas: gauge(&registry, "stretch_backlog_deltas", "Deltas kept until every site applied them"),
-            backlog_throttled: counter(&registry, "stretch_backlog_throttled_writes_total", "Writes that waited because the backlog bound was reached"),
-            remote_reads: counter(&registry, "stretch_remote_reads_total", "Strict reads sent to the owner site"),
-            forwarded: counter(&registry, "stretch_forwarded_requests_total", "Writes, flushes and trims forwarded to the owner site"),
-            remote_timeouts: counter(&registry, "stretch_remote_timeouts_total", "Strict reads and forwarded requests failed: the owner did not answer in time"),
-            resync_regions_left: gauge(&registry, "stretch_resync_regions_left", "1 MiB regions still to copy to other sites"),
-            resync_regions_done: counter(&registry, "stretch_resync_regions_done_total", "1 MiB regions copied to other sites by resync"),
-            refused_messages: counter(&registry, "stretch_refused_peer_messages_total", "Peer messages refused by the engine (wrong owner, gap, unknown id)"),
-            peer_connected: vector("stretch_peer_connected", "1 while the connection to the peer site is up", &["peer"]),
-            peer_rtt_seconds: float_vector("stretch_peer_rtt_seconds", "Round-trip time to the peer site (QUIC estimate)", &["peer"]),
+            shipped_deltas: counter(
+                &registry,
+                "stretch_shipped_deltas_total",
+                "Deltas sent to other sites",
+            ),
+            shipped_bytes: counter(
+                &registry,
+                "stretch_shipped_bytes_total",
+                "Block bytes sent to other sites (deltas and resync)",
+            ),
+            received_deltas: counter(
+                &registry,
+                "stretch_received_deltas_total",
+                "Deltas received from owners at other sites",
+            ),
+            received_bytes: counter(
+                &registry,
+                "stretch_received_bytes_total",
+                "Block bytes of deltas received",
+            ),
+            backlog_bytes: gauge(
+                &registry,
+                "stretch_backlog_bytes",
+                "Delta bytes kept until every site applied them",
+            ),
+            backlog_deltas: gauge(
+                &registry,
+                "stretch_backlog_deltas",
+                "Deltas kept until every site applied them",
+            ),
+            backlog_throttled: counter(
+                &registry,
+                "stretch_backlog_throttled_writes_total",
+                "Writes that waited because the backlog bound was reached",
+            ),
+            remote_reads: counter(
+                &registry,
+                "stretch_remote_reads_total",
+                "Strict reads sent to the owner site",
+            ),
+            forwarded: counter(
+                &registry,
+                "stretch_forwarded_requests_total",
+                "Writes, flushes and trims forwarded to the owner site",
+            ),
+            remote_timeouts: counter(
+                &registry,
+                "stretch_remote_timeouts_total",
+                "Strict reads and forwarded requests failed: the owner did not answer in time",
+            ),
+            resync_regions_left: gauge(
+                &registry,
+                "stretch_resync_regions_left",
+                "1 MiB regions still to copy to other sites",
+            ),
+            resync_regions_done: counter(
+                &registry,
+                "stretch_resync_regions_done_total",
+                "1 MiB regions copied to other sites by resync",
+            ),
+            refused_messages: counter(
+                &registry,
+                "stretch_refused_peer_messages_total",
+                "Peer messages refused by the engine (wrong owner, gap, unknown id)",
+            ),
+            peer_connected: vector(
+                "stretch_peer_connected",
+                "1 while the connection to the peer site is up",
+                &["peer"],
+            ),
+            peer_rtt_seconds: float_vector(
+                "stretch_peer_rtt_seconds",
+                "Round-trip time to the peer site (QUIC estimate)",
+                &["peer"],
+            ),
             peer_malformed,
-            unapplied_deltas: vector("stretch_volume_unapplied_deltas", "Closed deltas of the volume's group the peer site has not applied", &["volume", "peer"]),
-            unapplied_bytes: vector("stretch_volume_unapplied_bytes", "Bytes of those deltas", &["volume", "peer"]),
-            lag_seconds: float_vector("stretch_volume_lag_seconds", "Age of the oldest delta the peer site has not journaled: the live RPO", &["volume", "peer"]),
-            peer_resync_regions: vector("stretch_volume_resync_regions_left", "1 MiB regions of the volume's group still to copy to the peer site", &["volume", "peer"]),
+            unapplied_deltas: vector(
+                "stretch_volume_unapplied_deltas",
+                "Closed deltas of the volume's group the peer site has not applied",
+                &["volume", "peer"],
+            ),
+            unapplied_bytes: vector(
+                "stretch_volume_unapplied_bytes",
+                "Bytes of those deltas",
+                &["volume", "peer"],
+            ),
+            lag_seconds: float_vector(
+                "stretch_volume_lag_seconds",
+                "Age of the oldest delta the peer site has not journaled: the live RPO",
+                &["volume", "peer"],
+            ),
+            peer_resync_regions: vector(
+                "stretch_volume_resync_regions_left",
+                "1 MiB regions of the volume's group still to copy to the peer site",
+                &["volume", "peer"],
+            ),
         };
         let engine = EngineGauges {
             cache_hit_blocks: counter(
@@ -376,7 +452,10 @@ impl Metrics {
                 .unapplied_bytes
                 .with_label_values(&labels)
                 .set(lag.unapplied_bytes as i64);
-            gauges.lag_seconds.with_label_values(&labels).set(lag.lag_seconds);
+            gauges
+                .lag_seconds
+                .with_label_values(&labels)
+                .set(lag.lag_seconds);
             gauges
                 .peer_resync_regions
                 .with_label_values(&labels)
@@ -437,12 +516,20 @@ impl Metrics {
         advance(&replication.received_bytes, stats.received_bytes_total);
         replication.backlog_bytes.set(stats.backlog_bytes as i64);
         replication.backlog_deltas.set(stats.backlog_deltas as i64);
-        advance(&replication.backlog_throttled, stats.backlog_throttled_total);
+        advance(
+            &replication.backlog_throttled,
+            stats.backlog_throttled_total,
+        );
         advance(&replication.remote_reads, stats.remote_reads_total);
         advance(&replication.forwarded, stats.forwarded_total);
         advance(&replication.remote_timeouts, stats.remote_timeouts_total);
-        replication.resync_regions_left.set(stats.resync_regions_left as i64);
-        advance(&replication.resync_regions_done, stats.resync_regions_done_total);
+        replication
+            .resync_regions_left
+            .set(stats.resync_regions_left as i64);
+        advance(
+            &replication.resync_regions_done,
+            stats.resync_regions_done_total,
+        );
         advance(&replication.refused_messages, stats.refused_messages_total);
         let mut out = Vec::new();
         TextEncoder::new()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use stretch_core::{Engine, Epoch, Mode, RecoveredState, SiteId, VolumeId, VolumeSpec};
+use stretch_core::{Engine, Epoch, Mode, RecoveredState, VolumeId, VolumeSpec};
 use stretch_storage::{Catalog, CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
 use tokio::sync::watch;
 
@@ -503,10 +503,12 @@ pub async fn run_cluster(
 ) -> Result<(), NodeError> {
     if config.data_sites().len() > 1 {
         let names: Vec<&str> = config.nodes.iter().map(|node| node.name.as_str()).collect();
-        let report = stretch_transport::init(pki_dir, &config.cluster.name, &names)
-            .map_err(|source| crate::peers::PeersError::Identity {
-                dir: pki_dir.display().to_string(),
-                source,
+        let report =
+            stretch_transport::init(pki_dir, &config.cluster.name, &names).map_err(|source| {
+                crate::peers::PeersError::Identity {
+                    dir: pki_dir.display().to_string(),
+                    source,
+                }
             })?;
         if report.ca_created || !report.nodes_created.is_empty() {
             tracing::info!(

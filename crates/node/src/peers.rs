@@ -169,7 +169,10 @@ impl Peers {
 
     /// Every other data site.
     pub fn sites(&self) -> Vec<String> {
-        self.remotes.iter().map(|remote| remote.site.clone()).collect()
+        self.remotes
+            .iter()
+            .map(|remote| remote.site.clone())
+            .collect()
     }
 
     /// The sites connected now.
@@ -260,17 +263,17 @@ impl Peers {
     }
 
     fn send_site_message(&self, site: SiteId, message: &SiteMessage) {
-        let frame = match PeerMessage::from_site(message).and_then(|m| stretch_wire::encode_frame(&m))
-        {
-            Ok(frame) => frame,
-            Err(error) => {
-                // The engine asked for something the wire cannot carry (a
-                // forwarded write over the size limit, say): the request
-                // fails by its timeout; say why here.
-                tracing::error!(%error, "cannot send a message to a peer");
-                return;
-            }
-        };
+        let frame =
+            match PeerMessage::from_site(message).and_then(|m| stretch_wire::encode_frame(&m)) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    // The engine asked for something the wire cannot carry (a
+                    // forwarded write over the size limit, say): the request
+                    // fails by its timeout; say why here.
+                    tracing::error!(%error, "cannot send a message to a peer");
+                    return;
+                }
+            };
         let mut sessions = self.sessions.lock();
         let Some(session) = sessions.get_mut(&site) else {
             // Not connected: the engine resumes when the link returns.
@@ -696,10 +699,9 @@ fn record_of(volume: WireVolume) -> VolumeRecord {
 
 /// A fixed seed per node for its link shaper's draws (jitter, loss).
 fn seed_of(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-            (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
-        })
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -106,6 +106,10 @@ fn every_planted_bug_is_caught() {
             SimBug::Core(stretch_core::PlantedBug::AckFlushEarly) => &["G4"],
             SimBug::Core(stretch_core::PlantedBug::ApplyBeforeJournalSync) => &["G3", "G4"],
             SimBug::Core(stretch_core::PlantedBug::ApplyNewestFirst) => &["G2", "G3"],
+            SimBug::Core(
+                stretch_core::PlantedBug::AcceptDeltaGap
+                | stretch_core::PlantedBug::FlushSyncLocalOnly,
+            ) => &["G3", "G4"],
         };
         assert!(
             expected.contains(&violation.guarantee),

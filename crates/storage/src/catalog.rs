@@ -186,9 +186,7 @@ impl Catalog {
         let mut content = self.content.clone();
         content.next_volume_id = content.next_volume_id.max(record.id + 1);
         content.next_group_id = content.next_group_id.max(record.group_id + 1);
-        content
-            .groups
-            .insert(record.group.clone(), record.group_id);
+        content.groups.insert(record.group.clone(), record.group_id);
         content.volumes.insert(record.name.clone(), record.clone());
         self.save(fs, content)?;
         Ok(record)
@@ -212,16 +210,27 @@ impl Catalog {
             reason,
         };
         if self.content.deleted.contains(&record.id) {
-            return Err(conflict(format!("volume id {} was deleted here", record.id)));
+            return Err(conflict(format!(
+                "volume id {} was deleted here",
+                record.id
+            )));
         }
         if let Some(other) = self.volumes().find(|other| other.id == record.id) {
-            return Err(conflict(format!("id {} is volume {:?}", record.id, other.name)));
+            return Err(conflict(format!(
+                "id {} is volume {:?}",
+                record.id, other.name
+            )));
         }
         match self.content.groups.get(&record.group) {
             Some(id) if *id != record.group_id => {
                 return Err(conflict(format!("group {:?} has id {id}", record.group)));
             }
-            None if self.content.groups.values().any(|id| *id == record.group_id) => {
+            None if self
+                .content
+                .groups
+                .values()
+                .any(|id| *id == record.group_id) =>
+            {
                 return Err(conflict(format!("group id {} is taken", record.group_id)));
             }
             _ => {}

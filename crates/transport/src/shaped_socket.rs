@@ -184,7 +184,9 @@ impl ShapedSocket {
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the queue half-changed
     // (push and pop are single calls), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn deliver(inner: &dyn AsyncUdpSocket, datagram: &Delayed) {
