@@ -6,6 +6,8 @@
 //! Every test file includes this module, and none uses all of it.
 #![allow(dead_code)]
 
+pub mod sites;
+
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -198,6 +200,17 @@ pub fn require_tool(tool: &str) {
 pub fn qemu_io(uri: &str, commands: &[&str]) -> Run {
     let mut command = Command::new("qemu-io");
     command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.arg(uri);
+    run(&mut command, None, COMMAND_TIMEOUT)
+}
+
+/// Runs qemu-io read-only (as a read-only export requires).
+pub fn qemu_io_read_only(uri: &str, commands: &[&str]) -> Run {
+    let mut command = Command::new("qemu-io");
+    command.args(["-r", "-f", "raw"]);
     for c in commands {
         command.args(["-c", c]);
     }

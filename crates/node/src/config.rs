@@ -478,7 +478,11 @@ mod tests {
     #[test]
     fn embedded_default_is_two_sites_25_ms_apart_and_a_witness() {
         let config = ClusterConfig::embedded_default();
-        let data: Vec<&str> = config.data_sites().iter().map(|s| s.name.as_str()).collect();
+        let data: Vec<&str> = config
+            .data_sites()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(data, ["a", "b"]);
         assert_eq!(config.sites.len(), 3);
         assert_eq!(config.link_profile("a", "b").delay_ms, 25);
@@ -720,8 +724,8 @@ mod tests {
     fn new_tuning_keys_are_checked() {
         let text = SINGLE_SITE_CONFIG.replace("remote_timeout_ms = 5000", "remote_timeout_ms = 0");
         assert!(parse_error(&text).contains("tuning.remote_timeout_ms"));
-        let text =
-            SINGLE_SITE_CONFIG.replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
+        let text = SINGLE_SITE_CONFIG
+            .replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
         assert!(parse_error(&text).contains("tuning.backlog_bytes_max"));
     }
 }

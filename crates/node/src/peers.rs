@@ -355,7 +355,14 @@ impl Peers {
                         .await;
                 }
                 Err(error) => {
-                    tracing::debug!(peer = %remote.node, %error, "cannot reach peer; retrying");
+                    // The first failure of a streak is worth an operator's
+                    // eye (a wrong certificate looks like this); the
+                    // retries are not.
+                    if delay == REDIAL_DELAY_MIN {
+                        tracing::warn!(peer = %remote.node, %error, "cannot reach peer; retrying");
+                    } else {
+                        tracing::debug!(peer = %remote.node, %error, "cannot reach peer; retrying");
+                    }
                     delay = (delay * 2).min(REDIAL_DELAY_MAX);
                 }
             }

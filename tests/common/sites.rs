@@ -1,0 +1,302 @@
+//! The shipped two-site config (`cluster-configs/local.toml`: sites a and b
+//! 25 ms apart one way, plus a witness) on free ports, run either as one
+//! `stretch up` process or as one `stretch node` process per node, so a
+//! test can kill one site's node on its own.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::*;
+
+/// The shipped config, with its loopback ports.
+pub const LOCAL: &str = include_str!("../../cluster-configs/local.toml");
+/// Every port `local.toml` uses: nbd a1, b1; admin a1, b1, w1; peer a1, b1, w1.
+const LOCAL_PORTS: [u16; 8] = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402];
+/// The nodes of local.toml, by index: a1, b1, w1.
+pub const NODES: [&str; 3] = ["a1", "b1", "w1"];
+pub const A: usize = 0;
+pub const B: usize = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `stretch up`: every node in one process.
+    OneProcess,
+    /// `stretch node` per node, sharing the certificates of `stretch init`.
+    ProcessPerNode,
+}
+
+/// A running two-site cluster, killed when dropped.
+pub struct TwoSites {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    layout: Layout,
+    /// nbd a, b; admin a, b, w; peer a, b, w.
+    ports: [u16; 8],
+    /// One child for `OneProcess`, one per node otherwise (None once killed).
+    children: Vec<Option<Child>>,
+}
+
+impl TwoSites {
+    /// Starts the shipped config with each `(from, to)` replacement applied
+    /// to its text (to change tuning keys), and waits for every admin API
+    /// and for sites a and b to be connected.
+    pub fn start(layout: Layout, edits: &[(&str, &str)]) -> TwoSites {
+        let dir = tempfile::Builder::new()
+            .prefix("stretch-sites-")
+            .tempdir()
+            .expect("creating a temporary directory");
+        let mut sites = TwoSites {
+            config: dir.path().join("local.toml"),
+            dir,
+            layout,
+            ports: [0; 8],
+            children: Vec::new(),
+        };
+        for _attempt in 0..5 {
+            let ports = free_port_set();
+            let mut text = LOCAL.to_string();
+            for (from, to) in edits {
+                assert!(text.contains(from), "local.toml has no {from:?}");
+                text = text.replace(from, to);
+            }
+            for (shipped, free) in LOCAL_PORTS.iter().zip(ports) {
+                text = text.replace(
+                    &format!("127.0.0.1:{shipped}\""),
+                    &format!("127.0.0.1:{free}\""),
+                );
+            }
+            std::fs::write(&sites.config, text).expect("writing the config");
+            sites.ports = ports;
+            if sites.spawn_all() {
+                sites.wait_connected();
+                return sites;
+            }
+            sites.kill_all();
+        }
+        panic!(
+            "could not find free ports for the cluster:\n{}",
+            sites.logs()
+        );
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn log_path(&self, index: usize) -> PathBuf {
+        self.dir.path().join(format!("log-{index}.txt"))
+    }
+
+    /// Every process's log.
+    pub fn logs(&self) -> String {
+        (0..3)
+            .filter_map(|index| std::fs::read_to_string(self.log_path(index)).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn spawn_all(&mut self) -> bool {
+        match self.layout {
+            Layout::OneProcess => {
+                let child = self.spawn(0, &["up".as_ref(), self.config.as_os_str()]);
+                self.children = vec![Some(child)];
+            }
+            Layout::ProcessPerNode => {
+                let pki = self.pki_dir();
+                run(
+                    Command::new(STRETCH)
+                        .arg("init")
+                        .arg(&self.config)
+                        .arg("--dir")
+                        .arg(&pki),
+                    None,
+                    COMMAND_TIMEOUT,
+                )
+                .assert_ok();
+                self.children = (0..3).map(|index| Some(self.spawn_node(index))).collect();
+            }
+        }
+        self.wait_ready()
+    }
+
+    /// Starts node `index` (a `stretch node` process).
+    pub fn spawn_node(&self, index: usize) -> Child {
+        self.spawn(
+            index,
+            &[
+                "node".as_ref(),
+                "--config".as_ref(),
+                self.config.as_os_str(),
+                "--node".as_ref(),
+                NODES[index].as_ref(),
+                "--pki-dir".as_ref(),
+                self.pki_dir().as_os_str(),
+            ],
+        )
+    }
+
+    fn spawn(&self, index: usize, args: &[&std::ffi::OsStr]) -> Child {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path(index))
+            .expect("opening the log");
+        Command::new(STRETCH)
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("STRETCH_ADMIN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting the stretch binary")
+    }
+
+    /// False if a process exited because a port was taken.
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            for child in self.children.iter_mut().flatten() {
+                if let Some(status) = child.try_wait().expect("polling a node") {
+                    let logs = self.logs();
+                    assert!(
+                        logs.contains("cannot listen") || logs.contains("cannot bind"),
+                        "a node exited at start ({status}):\n{logs}"
+                    );
+                    return false;
+                }
+            }
+            if (0..3).all(|node| http_get(&self.url(node), "/v1/status").is_ok()) {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes did not answer within {READY_TIMEOUT:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until a1 and b1 report each other connected.
+    pub fn wait_connected(&self) {
+        self.wait_until("sites a and b connected", Duration::from_secs(30), || {
+            [A, B].iter().all(|node| {
+                self.status(*node)["peers"]
+                    .as_array()
+                    .is_some_and(|peers| peers.iter().all(|p| p["connected"] == true))
+            })
+        });
+    }
+
+    pub fn url(&self, node: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[2 + node])
+    }
+
+    pub fn nbd_uri(&self, node: usize, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.ports[node])
+    }
+
+    pub fn cli(&self, node: usize, args: &[&str]) -> Run {
+        stretch_cli(&self.url(node), args)
+    }
+
+    pub fn ok(&self, node: usize, args: &[&str]) -> String {
+        let result = self.cli(node, args);
+        assert!(result.success(), "{result}\nlogs:\n{}", self.logs());
+        result.stdout
+    }
+
+    pub fn status(&self, node: usize) -> serde_json::Value {
+        let text = http_get(&self.url(node), "/v1/status").unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn metrics(&self, node: usize) -> String {
+        http_get(&self.url(node), "/metrics").unwrap_or_default()
+    }
+
+    /// The leg file of `volume` at node `node`.
+    pub fn leg(&self, node: usize, volume: &str) -> PathBuf {
+        self.data_dir()
+            .join(NODES[node])
+            .join("legs")
+            .join(format!("{volume}.raw"))
+    }
+
+    /// Waits until a's backlog is empty and nothing is left to resync: b
+    /// has applied every delta a closed.
+    pub fn wait_replicated(&self, timeout: Duration) {
+        self.wait_until("site b caught up with site a", timeout, || {
+            let status = self.status(A);
+            status["backlog_bytes"] == 0
+                && status["resync_regions_left"] == 0
+                && status["dirty_bytes"] == 0
+                && self.status(B)["unapplied_deltas"] == 0
+        });
+    }
+
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}\nlogs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// kill -9 of node `index` (ProcessPerNode only).
+    pub fn kill9(&mut self, index: usize) {
+        assert_eq!(self.layout, Layout::ProcessPerNode);
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for child in self.children.iter_mut() {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for TwoSites {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            eprintln!("cluster logs:\n{}", self.logs());
+        }
+    }
+}
+
+/// Eight distinct free loopback ports (free when asked; another process
+/// may take one before the cluster binds it, so the start retries).
+fn free_port_set() -> [u16; 8] {
+    let listeners: Vec<TcpListener> = (0..8)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
+        .collect();
+    let mut ports = [0; 8];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr().expect("local address").port();
+    }
+    ports
+}

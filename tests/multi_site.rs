@@ -1,0 +1,235 @@
+//! Two sites 25 ms apart (the shipped `local.toml`), driven by real NBD
+//! clients: what is written at the owner site reads back at the other site
+//! at once, the legs converge, flush-sync data survives the owner's loss,
+//! a cut link heals into equal legs, and a node with a foreign certificate
+//! is refused.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::sites::{A, B, Layout, TwoSites};
+use common::*;
+
+const SIZE_MIB: u64 = 256;
+
+fn random_file(dir: &std::path::Path, name: &str, seed: u64, bytes: u64) -> std::path::PathBuf {
+    let mut data = vec![0u8; bytes as usize];
+    Rng::new(seed).fill(&mut data);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).expect("writing test data");
+    path
+}
+
+fn head(path: &std::path::Path, bytes: u64) -> Vec<u8> {
+    let mut data = std::fs::read(path).expect("reading a leg");
+    data.truncate(bytes as usize);
+    data
+}
+
+fn qemu_img_compare(left: &std::path::Path, right: &std::path::Path) -> Run {
+    require_tool("qemu-img");
+    run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(left)
+            .arg(right),
+        None,
+        COMMAND_TIMEOUT,
+    )
+}
+
+#[test]
+fn a_write_at_site_a_reads_back_at_site_b_at_once_and_the_legs_converge() {
+    require_tool("nbdcopy");
+    // 100 Mbit/s: 64 MiB take seconds to ship, so b's leg is still behind
+    // when the read at b starts.
+    let sites = TwoSites::start(
+        Layout::OneProcess,
+        &[("delay_ms = 25", "delay_ms = 25\nbandwidth_mbit = 100")],
+    );
+    sites.ok(A, &["volume", "create", "vm", "--size", "256M"]);
+    let size = 64 * MIB;
+    let data = random_file(sites.dir.path(), "data.bin", 7, size);
+    let uri_a = sites.nbd_uri(A, "vm");
+    run(
+        Command::new("nbdcopy").arg(&data).arg(&uri_a),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    let expected = std::fs::read(&data).expect("reading test data");
+    assert_ne!(
+        head(&sites.leg(B, "vm"), size),
+        expected,
+        "site b's leg already holds the data: the link was not slow enough to tell"
+    );
+    // A strict read at b asks a for what b lacks.
+    let read_at_b = nbd_read_all(&sites.nbd_uri(B, "vm"), sites.dir.path(), "at-b.bin");
+    assert!(
+        read_at_b[..size as usize] == expected[..],
+        "strict read at b differs"
+    );
+    assert!(read_at_b[size as usize..].iter().all(|byte| *byte == 0));
+    let metrics = sites.metrics(B);
+    assert!(metric_value(&metrics, "stretch_remote_reads_total", &[]).unwrap_or(0.0) > 0.0);
+    sites.wait_replicated(Duration::from_secs(120));
+    qemu_img_compare(&sites.leg(A, "vm"), &sites.leg(B, "vm")).assert_ok();
+    // The snapshot export at b now serves the same image, locally.
+    let snapshot = nbd_read_all(
+        &sites.nbd_uri(B, "vm@snapshot"),
+        sites.dir.path(),
+        "snap.bin",
+    );
+    assert!(snapshot[..size as usize] == expected[..]);
+    let shipped = metric_value(&sites.metrics(A), "stretch_shipped_bytes_total", &[])
+        .expect("shipped bytes metric");
+    assert!(
+        shipped >= size as f64 && shipped <= size as f64 * 1.05,
+        "shipped {shipped} bytes for {size} bytes written"
+    );
+}
+
+#[test]
+fn flush_sync_data_survives_the_loss_of_the_owner_site() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(
+        Layout::ProcessPerNode,
+        &[("remote_timeout_ms = 5000", "remote_timeout_ms = 1000")],
+    );
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "db",
+            "--size",
+            "64M",
+            "--mode",
+            "flush-sync",
+        ],
+    );
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "db"]).success()
+    });
+    let uri_a = sites.nbd_uri(A, "db");
+    qemu_io_ok(
+        &uri_a,
+        &["write -P 0x5a 0 4M", "write -P 0x6b 8M 1M", "flush"],
+    );
+    // FLUSH returned: b's journal holds the writes. Lose site a at once.
+    sites.kill9(A);
+    let snapshot_b = sites.nbd_uri(B, "db@snapshot");
+    let result = qemu_io_read_only(&snapshot_b, &["read -P 0x5a 0 4M", "read -P 0x6b 8M 1M"]);
+    assert_qemu_io_clean(&result);
+    // Strict reads and writes need the owner: they fail (EIO) after the
+    // timeout, while snapshot reads go on.
+    let strict = qemu_io(&sites.nbd_uri(B, "db"), &["read 0 4k"]);
+    assert!(
+        strict.output().contains("Input/output error"),
+        "a strict read without the owner must fail: {strict}"
+    );
+    let write = qemu_io(&sites.nbd_uri(B, "db"), &["write -P 1 0 4k"]);
+    assert!(
+        write.output().contains("Input/output error"),
+        "a write without the owner must fail: {write}"
+    );
+    assert_qemu_io_clean(&qemu_io_read_only(&snapshot_b, &["read -P 0x5a 0 4M"]));
+}
+
+#[test]
+fn a_cut_link_heals_and_the_legs_converge_with_every_flushed_write() {
+    require_tool("qemu-io");
+    require_tool("nbdcopy");
+    // A small backlog bound: the writes made during the cut overflow it,
+    // so the return goes through a region resync, not only retained deltas.
+    let sites = TwoSites::start(
+        Layout::OneProcess,
+        &[
+            ("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"8M\""),
+            ("remote_timeout_ms = 5000", "remote_timeout_ms = 1000"),
+        ],
+    );
+    sites.ok(
+        A,
+        &["volume", "create", "vm", "--size", &format!("{SIZE_MIB}M")],
+    );
+    let uri_a = sites.nbd_uri(A, "vm");
+    qemu_io_ok(&uri_a, &["write -P 0x11 0 8M", "flush"]);
+    sites.wait_replicated(Duration::from_secs(60));
+    sites.ok(A, &["link", "cut", "a", "b"]);
+    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
+        sites.status(A)["peers"][0]["connected"] == false
+    });
+    // A seeded workload at a while b is away: 2 MiB writes at scattered
+    // offsets, each batch flushed.
+    let mut rng = Rng::new(42);
+    let mut commands = Vec::new();
+    for index in 0..24u64 {
+        let offset = rng.range(0, SIZE_MIB / 2) * 2 * MIB;
+        commands.push(format!("write -P {} {offset} 2M", 0x20 + index));
+        if index % 6 == 5 {
+            commands.push("flush".to_string());
+        }
+    }
+    let script: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io_ok(&uri_a, &script);
+    // b cannot reach the owner: strict reads fail, snapshot reads serve the
+    // image b holds.
+    let strict = qemu_io(&sites.nbd_uri(B, "vm"), &["read 0 4k"]);
+    assert!(strict.output().contains("Input/output error"), "{strict}");
+    assert_qemu_io_clean(&qemu_io_read_only(
+        &sites.nbd_uri(B, "vm@snapshot"),
+        &["read -P 0x11 0 4k"],
+    ));
+    sites.ok(A, &["link", "heal", "a", "b"]);
+    sites.wait_connected();
+    sites.wait_replicated(Duration::from_secs(120));
+    qemu_img_compare(&sites.leg(A, "vm"), &sites.leg(B, "vm")).assert_ok();
+    let metrics = sites.metrics(A);
+    let regions = metric_value(&metrics, "stretch_resync_regions_done_total", &[]).unwrap_or(0.0);
+    assert!(
+        regions > 0.0,
+        "the return was expected to go through a resync"
+    );
+    // Regions never written were not copied: at most the 2 MiB writes'
+    // regions and the first 8 MiB.
+    assert!(regions <= 8.0 + 24.0 * 2.0, "{regions} regions copied");
+    let at_a = nbd_read_all(&uri_a, sites.dir.path(), "a.bin");
+    let at_b = nbd_read_all(&sites.nbd_uri(B, "vm@snapshot"), sites.dir.path(), "b.bin");
+    assert!(
+        at_a == at_b,
+        "snapshot at b differs from a after the resync"
+    );
+}
+
+#[test]
+fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    // Replace b1 by an impostor: same name, certificate from another CA.
+    sites.kill9(B);
+    let foreign = sites.dir.path().join("foreign-pki");
+    run(
+        Command::new(STRETCH)
+            .arg("init")
+            .arg(&sites.config)
+            .arg("--dir")
+            .arg(&foreign),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    std::fs::remove_dir_all(sites.pki_dir()).expect("removing b's certificates");
+    std::fs::rename(&foreign, sites.pki_dir()).expect("installing the foreign CA");
+    let _impostor = sites.spawn_node(B);
+    sites.wait_until("the impostor is refused", Duration::from_secs(30), || {
+        sites.logs().contains("failed the cluster handshake")
+    });
+    assert_eq!(sites.status(A)["peers"][0]["connected"], false);
+    assert_eq!(sites.status(B)["peers"][0]["connected"], false);
+    // Nothing reaches the impostor: a volume created at a stays at a.
+    let created = sites.ok(A, &["volume", "create", "private", "--size", "16M"]);
+    assert!(created.contains("not reached yet"), "{created}");
+    assert!(!sites.cli(B, &["volume", "show", "private"]).success());
+}
