@@ -128,8 +128,14 @@ impl TwoSites {
         self.wait_ready()
     }
 
+    /// Starts node `index` again after [`TwoSites::kill9`].
+    pub fn start_node(&mut self, index: usize) {
+        assert!(self.children[index].is_none(), "node {index} is running");
+        self.children[index] = Some(self.spawn_node(index));
+    }
+
     /// Starts node `index` (a `stretch node` process).
-    pub fn spawn_node(&self, index: usize) -> Child {
+    fn spawn_node(&self, index: usize) -> Child {
         self.spawn(
             index,
             &[
