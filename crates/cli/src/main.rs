@@ -244,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = stretch_node::NodeOptions {
                 pki_dir: pki_dir.unwrap_or_else(|| data_dir.join("pki")),
                 links: None,
+                shutdown_barrier: None,
             };
             serve(data_dir, move |data_dir, shutdown| async move {
                 stretch_node::run_node(&config, &node, &data_dir, options, shutdown).await

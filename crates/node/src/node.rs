@@ -371,6 +371,29 @@ fn open_node(
 
 /// Longest a clean shutdown waits for dirty data to reach the legs.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a clean shutdown waits for connected sites to apply what this
+/// node owns (after that, they catch up when it returns).
+const PEER_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits until every connected site applied every delta this node keeps for
+/// it: a site that is up to date at shutdown needs no resync at restart.
+async fn drain_to_peers(node: &Node, peers: &Peers) {
+    let deadline = Instant::now() + PEER_DRAIN_TIMEOUT;
+    loop {
+        let backlog = node.driver.engine.lock().stats().backlog_bytes;
+        if backlog == 0 || peers.connected_sites().is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                backlog,
+                "other sites did not apply everything in time; they catch up at restart"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Runs one node until `shutdown` resolves, then drains: every acknowledged
 /// write is journaled, applied to its leg and the legs synced before
@@ -463,6 +486,15 @@ pub async fn run_node(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    if let Some(peers) = node.peers.get() {
+        drain_to_peers(&node, peers).await;
+    }
+    // Under `stretch up` every node waits here, so no node closes its links
+    // while another still ships its last deltas over them.
+    // Bounded: a node that failed at start never arrives.
+    if let Some(barrier) = &options.shutdown_barrier {
+        let _ = tokio::time::timeout(PEER_DRAIN_TIMEOUT, barrier.wait()).await;
+    }
     let _ = stop_peers.send(true);
     if let Some(peers) = node.peers.get() {
         peers.close();
@@ -490,6 +522,8 @@ pub struct NodeOptions {
     /// Link shaping shared by every node of this process; each node makes
     /// its own from the config when absent.
     pub links: Option<Arc<LinkControl>>,
+    /// Nodes of one process meet here at shutdown before closing links.
+    pub shutdown_barrier: Option<Arc<tokio::sync::Barrier>>,
 }
 
 /// Runs every node of the config in this process until `shutdown`. A node
@@ -521,6 +555,7 @@ pub async fn run_cluster(
     let (stop, stopped) = watch::channel(false);
     let (failure, mut failures) = tokio::sync::mpsc::channel::<()>(config.nodes.len());
     let links = Arc::new(LinkControl::from_config(config));
+    let barrier = Arc::new(tokio::sync::Barrier::new(config.nodes.len()));
     let mut tasks = Vec::new();
     for node in &config.nodes {
         let config = config.clone();
@@ -529,6 +564,7 @@ pub async fn run_cluster(
         let options = NodeOptions {
             pki_dir: pki_dir.to_path_buf(),
             links: Some(links.clone()),
+            shutdown_barrier: Some(barrier.clone()),
         };
         let mut stopped = stopped.clone();
         let failure = failure.clone();
