@@ -233,3 +233,40 @@ fn a_node_with_a_certificate_from_another_ca_is_refused() {
     assert!(created.contains("not reached yet"), "{created}");
     assert!(!sites.cli(B, &["volume", "show", "private"]).success());
 }
+
+#[test]
+fn ownership_moves_to_the_other_site_without_losing_a_write() {
+    require_tool("qemu-io");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let uri_a = sites.nbd_uri(A, "vm");
+    let uri_b = sites.nbd_uri(B, "vm");
+    qemu_io_ok(&uri_a, &["write -P 0x31 0 1M"]);
+    // Only the owner's node moves a volume.
+    let refused = sites.cli(B, &["volume", "move", "vm", "--to", "b"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("owns volume"),
+        "{refused}"
+    );
+    let moved = sites.ok(A, &["volume", "move", "vm", "--to", "b"]);
+    assert!(moved.contains("owned by site b"), "{moved}");
+    let show = sites.ok(B, &["volume", "show", "vm"]);
+    assert!(show.contains("owner:  site b"), "{show}");
+    // Writes at b are now local, at a forwarded; both read everything.
+    qemu_io_ok(&uri_b, &["write -P 0x32 1M 1M", "flush"]);
+    qemu_io_ok(&uri_a, &["write -P 0x33 2M 1M", "flush"]);
+    for uri in [&uri_a, &uri_b] {
+        qemu_io_ok(
+            uri,
+            &[
+                "read -P 0x31 0 1M",
+                "read -P 0x32 1M 1M",
+                "read -P 0x33 2M 1M",
+            ],
+        );
+    }
+    sites.wait_until("a applied b's deltas", Duration::from_secs(60), || {
+        sites.status(B)["backlog_bytes"] == 0 && sites.status(A)["unapplied_deltas"] == 0
+    });
+    qemu_img_compare(&sites.leg(A, "vm"), &sites.leg(B, "vm")).assert_ok();
+}

@@ -44,6 +44,11 @@ impl AdminClient {
         self.call("DELETE", &format!("/v1/volumes/{name}"), None)
     }
 
+    pub fn move_volume(&self, name: &str, to: &str) -> anyhow::Result<VolumeInfo> {
+        let body = serde_json::json!({ "to": to });
+        self.call("POST", &format!("/v1/volumes/{name}/move"), Some(body))
+    }
+
     pub fn links(&self) -> anyhow::Result<Vec<LinkInfo>> {
         self.call("GET", "/v1/links", None)
     }

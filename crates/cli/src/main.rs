@@ -117,6 +117,16 @@ enum VolumeCommand {
     Show { name: String },
     /// Delete a volume and its leg. Refused while requests are in flight.
     Delete { name: String },
+    /// Move the ownership of a volume (and the rest of its group) to
+    /// another site. Ask the owner's node (--admin). Writes pause while the
+    /// new owner catches up (at most 30 s), then go to it; both sites must
+    /// be connected.
+    Move {
+        name: String,
+        /// The site that takes over.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 const LINK_ABOUT: &str = "Shape, cut and heal the links between sites (the built-in link \
@@ -377,6 +387,13 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                     replica.resync_regions_left
                 );
             }
+        }
+        VolumeCommand::Move { name, to } => {
+            let volume = client.move_volume(&name, &to)?;
+            println!(
+                "volume {} is now owned by site {} (epoch raised)",
+                volume.name, volume.owner
+            );
         }
         VolumeCommand::Delete { name } => {
             let volume = client.delete_volume(&name)?;

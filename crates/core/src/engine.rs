@@ -261,10 +261,17 @@ impl Engine {
             self.reply(request_id, Err(RequestError::NoVolume(volume)));
             return;
         };
+        let is_read = matches!(request, Request::Read { .. } | Request::ReadSnapshot { .. });
         if self.owner_of(spec.group) != self.config.site
             && !matches!(request, Request::ReadSnapshot { .. })
         {
             self.submit_remote(request_id, &spec, request);
+            return;
+        }
+        if !is_read && self.replication.is_handing_over(spec.group) {
+            // Held until the new owner takes over (then forwarded to it) or
+            // the hand-over is called off (then served here).
+            self.replication.hold(spec.group, request_id, request);
             return;
         }
         match request {

@@ -7,6 +7,7 @@
 //! | POST   | /v1/volumes           | [`CreateVolume`] in, [`VolumeInfo`] |
 //! | GET    | /v1/volumes/NAME      | [`VolumeInfo`]                      |
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
+//! | POST   | /v1/volumes/NAME/move | [`MoveVolume`] in, [`VolumeInfo`]   |
 //! | GET    | /v1/links             | list of [`LinkInfo`], every site pair |
 //! | POST   | /v1/links/set         | [`SetLink`] in, [`LinkInfo`]        |
 //! | POST   | /v1/links/cut         | [`LinkPair`] in, [`LinkInfo`]       |
@@ -71,6 +72,13 @@ pub struct VolumeInfo {
     /// Sites that did not confirm a create yet (they get it on reconnect).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unconfirmed_sites: Vec<String>,
+}
+
+/// `POST /v1/volumes/NAME/move`: hand the volume's group to another site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveVolume {
+    pub to: String,
 }
 
 /// How far one other site is behind on a volume.
@@ -307,6 +315,17 @@ fn route(node: &Arc<Node>, method: &Method, path: &str, body: &[u8]) -> Reply {
                 Err(error) => node_error(error),
             }
         }
+        (Method::Post, _, Some(rest)) if rest.ends_with("/move") => {
+            let name = rest.trim_end_matches("/move");
+            let request: MoveVolume = match serde_json::from_slice(body) {
+                Ok(request) => request,
+                Err(error) => return Reply::error(400, format!("bad move request: {error}")),
+            };
+            match node.move_volume(name, &request.to) {
+                Ok(record) => Reply::json(200, &volume_info(node, &record)),
+                Err(error) => node_error(error),
+            }
+        }
         (Method::Get, _, Some(name)) => match node.volume(name) {
             Some(record) => Reply::json(200, &volume_info(node, &record)),
             None => Reply::error(404, format!("no volume named {name:?}")),
@@ -361,6 +380,7 @@ fn node_error(error: NodeError) -> Reply {
         NodeError::Catalog(CatalogError::NoSuchVolume(_)) => 404,
         NodeError::Catalog(CatalogError::InvalidName { .. } | CatalogError::InvalidSize { .. })
         | NodeError::UnknownSite(_) => 400,
+        NodeError::NotOwner { .. } | NodeError::Move { .. } => 409,
         NodeError::Catalog(CatalogError::Conflict { .. }) | NodeError::Witness => 409,
         _ => 500,
     };

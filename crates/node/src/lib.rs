@@ -17,7 +17,9 @@ mod node;
 mod peers;
 mod sites;
 
-pub use admin::{CreateVolume, LinkPair, PeerInfo, ReplicaInfo, SetLink, StatusInfo, VolumeInfo};
+pub use admin::{
+    CreateVolume, LinkPair, MoveVolume, PeerInfo, ReplicaInfo, SetLink, StatusInfo, VolumeInfo,
+};
 pub use byte_size::ByteSize;
 pub use config::{
     ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,

@@ -54,6 +54,14 @@ pub enum NodeError {
     Witness,
     #[error(transparent)]
     Peers(#[from] crate::peers::PeersError),
+    #[error("site {owner:?} owns volume {volume:?}: ask its node to move it")]
+    NotOwner { volume: String, owner: String },
+    #[error("cannot move volume {volume:?} to site {site:?}: {reason}")]
+    Move {
+        volume: String,
+        site: String,
+        reason: String,
+    },
 }
 
 /// A running node's handle for the admin API and the NBD backend.
@@ -188,10 +196,29 @@ impl Node {
             reason: format!("unknown mode {:?}", record.mode),
         })?;
         let mut catalog = self.catalog.lock();
-        if let Some(existing) = catalog.get(&record.name)
+        if let Some(existing) = catalog.get(&record.name).cloned()
             && existing.id == record.id
         {
-            return Ok(existing.clone());
+            if record.epoch > existing.epoch {
+                // Ownership moved: a newer epoch names the new owner.
+                catalog.set_owner(
+                    self.fs.as_ref(),
+                    &existing.group,
+                    &record.owner,
+                    record.epoch,
+                )?;
+                self.driver.with_engine(|engine| {
+                    engine.set_owner(existing.group_id(), owner_id, Epoch(record.epoch));
+                });
+                tracing::info!(
+                    volume = %existing.name,
+                    owner = %record.owner,
+                    epoch = record.epoch,
+                    "volume ownership moved"
+                );
+                return Ok(catalog.get(&record.name).cloned().unwrap_or(existing));
+            }
+            return Ok(existing);
         }
         record.leg = self.layout.legs().join(format!("{}.raw", record.name));
         catalog.check_new(&record)?;
@@ -222,6 +249,90 @@ impl Node {
             "volume created"
         );
         Ok(record)
+    }
+
+    /// Moves the ownership of a volume's group from this site to `to`:
+    /// writes are held here, the open delta closes, and once `to` applied
+    /// every delta, `to` takes over with a higher epoch and the held writes
+    /// are forwarded to it. Needs `to` connected; bounded in time, and
+    /// called off (writes served here again) on any failure.
+    pub(crate) fn move_volume(&self, name: &str, to: &str) -> Result<VolumeRecord, NodeError> {
+        let record = self
+            .volume(name)
+            .ok_or_else(|| CatalogError::NoSuchVolume(name.to_string()))?;
+        let owner = self.owner_name(&record);
+        let fail = |reason: &str| NodeError::Move {
+            volume: name.to_string(),
+            site: to.to_string(),
+            reason: reason.to_string(),
+        };
+        if owner != self.site {
+            return Err(NodeError::NotOwner {
+                volume: name.to_string(),
+                owner,
+            });
+        }
+        if to == self.site {
+            return Err(fail("it already owns it"));
+        }
+        let to_id = self
+            .sites
+            .id(to)
+            .filter(|_| self.sites.is_data_site(to))
+            .ok_or_else(|| NodeError::UnknownSite(to.to_string()))?;
+        let peers = self
+            .peers
+            .get()
+            .ok_or_else(|| fail("this node has no links"))?;
+        if !peers.connected_sites().iter().any(|site| site == to) {
+            return Err(fail("it is not connected"));
+        }
+        let group = record.group_id();
+        let now = self.driver.now();
+        self.driver
+            .with_engine(|engine| engine.hand_over(now, group))
+            .map_err(|error| fail(&error.to_string()))?;
+        let call_off = |reason: &str| {
+            let now = self.driver.now();
+            self.driver
+                .with_engine(|engine| engine.cancel_hand_over(now, group));
+            fail(reason)
+        };
+        let deadline = Instant::now() + MOVE_TIMEOUT;
+        while !self.driver.engine.lock().hand_over_ready(group, to_id) {
+            if Instant::now() > deadline {
+                return Err(call_off("the new owner did not catch up in time"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let epoch = record.epoch + 1;
+        let mut moved = record.clone();
+        moved.owner = to.to_string();
+        moved.epoch = epoch;
+        // The new owner first: until it confirms, this site holds the
+        // writes. Without a confirmation this site still gives ownership
+        // up: calling the move off could leave two owners if the new one
+        // did take over; the catalog exchange completes the move when the
+        // sites next connect, and writes fail meanwhile rather than diverge.
+        let unconfirmed = peers.announce_volume(&moved);
+        if unconfirmed.iter().any(|site| site == to) {
+            tracing::warn!(
+                volume = name,
+                to,
+                "the new owner did not confirm the move; it takes over when it next connects"
+            );
+        }
+        let updated = self
+            .catalog
+            .lock()
+            .set_owner(self.fs.as_ref(), &record.group, to, epoch)?;
+        self.driver
+            .with_engine(|engine| engine.set_owner(group, to_id, Epoch(epoch)));
+        tracing::info!(volume = name, from = %self.site, to, epoch, "volume ownership moved");
+        Ok(updated
+            .into_iter()
+            .find(|updated| updated.name == name)
+            .unwrap_or(moved))
     }
 
     /// Deletes a volume here and at the other sites it reaches.
@@ -368,6 +479,9 @@ fn open_node(
     });
     Ok((node, threads, lock, outbox))
 }
+
+/// Longest a volume move waits for the new owner to hold every delta.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest a clean shutdown waits for dirty data to reach the legs.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);

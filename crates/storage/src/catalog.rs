@@ -168,6 +168,26 @@ impl Catalog {
         self.content.volumes.get(name)
     }
 
+    /// Records a new owner and epoch for every volume of `group` and saves
+    /// the catalog; returns the updated records.
+    pub fn set_owner<F: FileSystem>(
+        &mut self,
+        fs: &F,
+        group: &str,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<Vec<VolumeRecord>, CatalogError> {
+        let mut content = self.content.clone();
+        let mut updated = Vec::new();
+        for record in content.volumes.values_mut().filter(|r| r.group == group) {
+            record.owner = owner.to_string();
+            record.epoch = epoch;
+            updated.push(record.clone());
+        }
+        self.save(fs, content)?;
+        Ok(updated)
+    }
+
     /// Whether the volume with this id was deleted here.
     pub fn was_deleted(&self, id: u32) -> bool {
         self.content.deleted.contains(&id)

@@ -96,6 +96,9 @@ pub(super) struct Replication {
     backlog_bytes: u64,
     backlog_deltas: u64,
     next_resync_tag: u64,
+    /// Groups this site is handing over to another owner, with the writes
+    /// held meanwhile (bounded by what clients may have in flight).
+    handing_over: BTreeMap<GroupId, Vec<(RequestId, Request)>>,
 }
 
 /// A group this site owns.
@@ -222,6 +225,17 @@ enum Internal {
 }
 
 impl Replication {
+    pub(super) fn is_handing_over(&self, group: GroupId) -> bool {
+        self.handing_over.contains_key(&group)
+    }
+
+    pub(super) fn hold(&mut self, group: GroupId, request: RequestId, body: Request) {
+        self.handing_over
+            .get_mut(&group)
+            .expect("engine invariant: requests are held only during a hand-over")
+            .push((request, body));
+    }
+
     pub(super) fn next_deadline(&self) -> Option<Timestamp> {
         self.remote_deadlines.first().map(|(deadline, _)| *deadline)
     }
@@ -267,8 +281,71 @@ impl Engine {
             .map_or(self.config.site, |state| state.owner)
     }
 
+    /// Starts handing `group` over to another site: writes, flushes and
+    /// trims are held from now on, and the open delta closes so it can
+    /// reach the other sites. Refused unless this site owns the group.
+    pub fn hand_over(&mut self, now: Timestamp, group: GroupId) -> Result<(), RequestError> {
+        self.observe(now);
+        if self.owner_of(group) != self.config.site || !self.groups.contains_key(&group) {
+            return Err(RequestError::Io(format!(
+                "site {} does not own group {group}",
+                self.config.site
+            )));
+        }
+        self.replication.handing_over.entry(group).or_default();
+        self.close_delta(group);
+        Ok(())
+    }
+
+    /// True once `to` holds every delta of `group` applied and no write of
+    /// the group is in flight here: ownership can move without losing or
+    /// reordering anything.
+    pub fn hand_over_ready(&self, group: GroupId, to: SiteId) -> bool {
+        let Some(state) = self.groups.get(&group) else {
+            return false;
+        };
+        let last = DeltaSeq(state.next_seq.0 - 1);
+        let in_group = |volume: VolumeId| {
+            self.volumes
+                .get(&volume)
+                .is_some_and(|v| v.spec.group == group)
+        };
+        let busy = self
+            .pending
+            .values()
+            .any(|pending| !matches!(pending, Pending::Read(_)) && in_group(pending.volume()))
+            || self.throttled.iter().any(|write| in_group(write.volume));
+        let caught_up = self
+            .replication
+            .outbound
+            .get(&group)
+            .and_then(|outbound| outbound.peers.get(&to))
+            .is_some_and(|peer| peer.state == PeerState::Streaming && peer.applied >= last);
+        self.replication.is_handing_over(group)
+            && state.open.blocks.is_empty()
+            && !busy
+            && caught_up
+    }
+
+    /// Calls a hand-over off: held requests are served here.
+    pub fn cancel_hand_over(&mut self, now: Timestamp, group: GroupId) {
+        self.observe(now);
+        self.release_held(group);
+    }
+
+    fn release_held(&mut self, group: GroupId) {
+        let Some(held) = self.replication.handing_over.remove(&group) else {
+            return;
+        };
+        let now = self.now;
+        for (request, body) in held {
+            self.submit(now, request, body);
+        }
+    }
+
     /// Records who owns `group` from now on, as the ownership authority
     /// decided. A replica that can reach the new owner asks it to resume.
+    /// Requests held by a hand-over go to the new owner.
     pub fn set_owner(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
         let site = self.config.site;
         let state = self
@@ -298,6 +375,7 @@ impl Engine {
         if self.replication.connected.contains(&owner) {
             self.send_resume(group);
         }
+        self.release_held(group);
     }
 
     /// A connection to `peer` is up (again).

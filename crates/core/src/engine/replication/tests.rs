@@ -745,3 +745,49 @@ fn a_replica_refuses_deltas_from_a_site_that_does_not_own_the_group() {
     assert_eq!(pair.b.engine.stats().refused_messages_total, 1);
     assert!(pair.b.leg.is_empty());
 }
+
+#[test]
+fn ownership_moves_after_the_new_owner_holds_every_delta() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    // Writes are held at a from now on; reads still answer.
+    let held = pair.write(false, 4096, block(2));
+    assert_eq!(pair.a.reply(held), None);
+    let read = pair.read(false, false, 0, 4096);
+    assert_eq!(pair.a.read_reply(read), block(1));
+    pair.settle();
+    assert!(pair.a.engine.hand_over_ready(GROUP, B));
+    // The new owner first, then the old one: never two owners at once.
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    pair.settle();
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    pair.settle();
+    assert_eq!(pair.a.reply(held), Some(&Ok(Response::Done)));
+    let at_b = pair.write(true, 8192, block(3));
+    assert_eq!(pair.b.reply(at_b), Some(&Ok(Response::Done)));
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.a.leg.get(&1), Some(&block(2)));
+    assert_eq!(pair.a.leg.get(&2), Some(&block(3)));
+    assert_eq!(pair.a.engine.stats().forwarded_total, 1);
+}
+
+#[test]
+fn a_called_off_hand_over_serves_the_held_writes_locally() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    let held = pair.write(false, 0, block(4));
+    assert_eq!(pair.a.reply(held), None);
+    pair.a.engine.cancel_hand_over(pair.now, GROUP);
+    pair.settle();
+    assert_eq!(pair.a.reply(held), Some(&Ok(Response::Done)));
+    assert!(pair.b.engine.hand_over(pair.now, GROUP).is_err());
+}
