@@ -132,6 +132,10 @@ impl TwoSites {
     pub fn start_node(&mut self, index: usize) {
         assert!(self.children[index].is_none(), "node {index} is running");
         self.children[index] = Some(self.spawn_node(index));
+        let url = self.url(index);
+        self.wait_until("the restarted node answers", READY_TIMEOUT, || {
+            http_get(&url, "/v1/status").is_ok()
+        });
     }
 
     /// Starts node `index` (a `stretch node` process).

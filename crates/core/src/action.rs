@@ -144,4 +144,14 @@ pub enum Action {
     /// Journal records up to and including `upto` are on synced legs and
     /// may be deleted.
     ReleaseJournal { upto: JournalPosition },
+    /// Replace, durably, the map of regions site `peer` may lack (every
+    /// region, as `(volume, block / REGION_BLOCKS)`); answer with
+    /// [`crate::Engine::dirty_map_saved`]. Journal records are released
+    /// only after the maps covering them are saved, so a restarted owner
+    /// knows what to copy to a site from the maps plus its journal.
+    SaveDirtyMap {
+        io: IoId,
+        peer: SiteId,
+        regions: Vec<(VolumeId, u64)>,
+    },
 }

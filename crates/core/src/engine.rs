@@ -15,7 +15,7 @@ use crate::types::{
 
 mod replication;
 
-pub use replication::{GroupReplication, PeerReplication, PeerState};
+pub use replication::{GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
 
 /// Tuning of one node's engine. Every limit names its unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -424,11 +424,43 @@ impl Engine {
         let Some(IoPurpose::LegSync { upto }) = self.ios.remove(&io) else {
             panic!("engine invariant: io {io} is not a leg sync in flight");
         };
-        self.journal.leg_sync_in_flight = None;
         if let Err(reason) = result {
+            self.journal.leg_sync_in_flight = None;
             self.fail(format!("leg sync failed: {reason}"));
             return;
         }
+        // Other sites' maps first: a released record must be in the journal
+        // of every site or in the saved map of the sites that lack it.
+        let saves = self.save_dirty_maps(upto);
+        if saves > 0 {
+            self.replication.release_waiting = Some((upto, saves));
+            return;
+        }
+        self.finish_release(upto);
+    }
+
+    /// The answer to an [`Action::SaveDirtyMap`].
+    pub fn dirty_map_saved(&mut self, io: IoId, result: Result<(), String>) {
+        let Some(IoPurpose::MapSave) = self.ios.remove(&io) else {
+            panic!("engine invariant: io {io} is not a dirty-map save in flight");
+        };
+        if let Err(reason) = result {
+            self.journal.leg_sync_in_flight = None;
+            self.fail(format!("saving a dirty-region map failed: {reason}"));
+            return;
+        }
+        let Some((upto, saves)) = self.replication.release_waiting.take() else {
+            panic!("engine invariant: a map save answers a release that waits");
+        };
+        if saves > 1 {
+            self.replication.release_waiting = Some((upto, saves - 1));
+            return;
+        }
+        self.finish_release(upto);
+    }
+
+    fn finish_release(&mut self, upto: u64) {
+        self.journal.leg_sync_in_flight = None;
         while let Some((position, bytes)) = self.journal.unreleased.front().copied() {
             if position > upto {
                 break;
@@ -606,6 +638,7 @@ enum IoPurpose {
     JournalSync { upto: JournalPosition },
     LegWrite { group: GroupId },
     LegSync { upto: u64 },
+    MapSave,
 }
 
 #[derive(Debug, Clone)]

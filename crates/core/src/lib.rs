@@ -31,7 +31,7 @@ mod types;
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
     Engine, EngineConfig, EngineStats, GroupReplication, PeerReplication, PeerState, PlantedBug,
-    RecoveredState, VolumeSpec,
+    REGION_BLOCKS, RecoveredState, VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use site_message::{Lane, SiteMessage};

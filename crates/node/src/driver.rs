@@ -51,6 +51,8 @@ pub(crate) struct Driver {
     /// size is bounded by the engine: deltas by `backlog_bytes_max`, the
     /// rest by the requests clients may have in flight.
     outbox: tokio::sync::mpsc::UnboundedSender<(SiteId, SiteMessage)>,
+    /// Where the map of regions each other site may lack is saved.
+    dirty_maps: BTreeMap<SiteId, PathBuf>,
 }
 
 /// Where a driver's messages for other sites come out.
@@ -72,6 +74,11 @@ enum LegCommand {
     Sync {
         io: stretch_core::IoId,
         volumes: Vec<VolumeId>,
+    },
+    SaveMap {
+        io: stretch_core::IoId,
+        path: PathBuf,
+        regions: stretch_storage::Regions,
     },
 }
 
@@ -101,6 +108,7 @@ impl Driver {
         journal: Journal<OsFileSystem>,
         metrics: Metrics,
         name: &str,
+        dirty_maps: BTreeMap<SiteId, PathBuf>,
     ) -> std::io::Result<(Arc<Driver>, IoThreads, Outbox)> {
         let (journal_queue, journal_commands) = mpsc::channel();
         let (leg_queue, leg_commands) = mpsc::channel();
@@ -117,6 +125,7 @@ impl Driver {
             journal_queue,
             leg_queue,
             outbox,
+            dirty_maps,
         });
         // The threads hold weak references: the queues close when the last
         // strong reference goes, which ends them.
@@ -187,6 +196,13 @@ impl Driver {
                 }
                 Action::SyncLegs { io, volumes } => {
                     self.queue_leg(LegCommand::Sync { io, volumes });
+                }
+                Action::SaveDirtyMap { io, peer, regions } => {
+                    let Some(path) = self.dirty_maps.get(&peer).cloned() else {
+                        panic!("driver invariant: site {peer} has a dirty-map path");
+                    };
+                    let regions = regions.into_iter().collect();
+                    self.queue_leg(LegCommand::SaveMap { io, path, regions });
                 }
                 Action::Send { peer, message } => {
                     // Queued under the lock too: a group's deltas must leave
@@ -365,6 +381,15 @@ fn leg_loop(driver: std::sync::Weak<Driver>, commands: mpsc::Receiver<LegCommand
                     .leg_sync_seconds
                     .observe(started.elapsed().as_secs_f64());
                 driver.with_engine(|engine| engine.legs_synced(io, result));
+            }
+            LegCommand::SaveMap { io, path, regions } => {
+                let result = stretch_storage::save_dirty_map(
+                    &stretch_storage::OsFileSystem,
+                    &path,
+                    &regions,
+                )
+                .map_err(|error| error.to_string());
+                driver.with_engine(|engine| engine.dirty_map_saved(io, result));
             }
         }
     }

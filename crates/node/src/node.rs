@@ -38,6 +38,8 @@ pub enum NodeError {
     Recovery(#[from] stretch_storage::RecoveryError),
     #[error(transparent)]
     Journal(#[from] stretch_storage::JournalError),
+    #[error(transparent)]
+    DirtyMap(#[from] stretch_storage::DirtyMapError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -396,6 +398,9 @@ fn open_node(
         return Err(NodeError::Locked(layout.root.clone()));
     }
     let fs = Arc::new(OsFileSystem);
+    // A data directory without a catalog is new: no delta was ever
+    // released, so every other site lacks nothing the journal does not name.
+    let fresh = !layout.catalog().exists();
     let catalog = Catalog::load(fs.as_ref(), &layout.catalog())?;
     let mut legs = BTreeMap::new();
     for record in catalog.volumes() {
@@ -457,12 +462,26 @@ fn open_node(
         engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
         metrics.volumes.inc();
     }
+    // What each other site may lack: its saved map plus what the journal
+    // replayed (a restarted owner copies those regions to a lagging site).
+    let mut dirty_maps = BTreeMap::new();
+    for peer in sites.data_peers(&node.site) {
+        let name = sites.name(peer).unwrap_or("unknown");
+        let path = layout.root.join(format!("dirty-{name}.map"));
+        if fresh && !path.exists() {
+            stretch_storage::save_dirty_map(fs.as_ref(), &path, &Default::default())?;
+        }
+        let saved = stretch_storage::load_dirty_map(fs.as_ref(), &path)?;
+        engine.restore_dirty_map(peer, saved, &recovery.replayed_regions);
+        dirty_maps.insert(peer, path);
+    }
     let legs: BTreeMap<VolumeId, Arc<Leg<OsFileSystem>>> = legs
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))
         .collect();
     let (driver, threads, outbox) =
-        Driver::start(engine, legs, journal, metrics, &node.name).map_err(NodeError::Threads)?;
+        Driver::start(engine, legs, journal, metrics, &node.name, dirty_maps)
+            .map_err(NodeError::Threads)?;
     let node = Arc::new(Node {
         name: node.name.clone(),
         site: node.site.clone(),

@@ -683,8 +683,8 @@ impl<'a> Simulation<'a> {
             };
             match action {
                 Action::Reply { request, result } => self.on_reply(request, result),
-                Action::Send { .. } => {
-                    unreachable!("simulator invariant: a single-site engine has no peer to send to")
+                Action::Send { .. } | Action::SaveDirtyMap { .. } => {
+                    unreachable!("simulator invariant: a single-site engine has no peer")
                 }
                 Action::ReadLeg {
                     io,

@@ -9,6 +9,7 @@
 //!   and syncs them, so every leg is the image after a whole delta.
 
 mod catalog;
+mod dirty_map;
 mod filesystem;
 mod journal;
 mod leg;
@@ -16,6 +17,7 @@ mod recovery;
 mod sim_filesystem;
 
 pub use catalog::{Catalog, CatalogError, VolumeRecord, validate_volume_name};
+pub use dirty_map::{DirtyMapError, Regions, load_dirty_map, save_dirty_map};
 pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
 pub use leg::{Leg, LegError, apply_to_legs};

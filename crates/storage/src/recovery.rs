@@ -34,6 +34,9 @@ pub struct Recovery {
     pub dropped_tail: Option<String>,
     /// Segments already replayed; delete them once a new segment exists.
     pub stale_segments: Vec<PathBuf>,
+    /// The regions (volume, block / `REGION_BLOCKS`) the replayed deltas
+    /// touched: another site may lack them.
+    pub replayed_regions: std::collections::BTreeSet<(VolumeId, u64)>,
 }
 
 /// Replays every whole record of the journal in `dir`, in position order,
@@ -94,6 +97,12 @@ pub fn recover<F: FileSystem>(
                 touched.insert(volume);
                 Some(leg)
             })?;
+            recovery.replayed_regions.extend(
+                record
+                    .blocks
+                    .iter()
+                    .map(|(key, _)| (key.volume, key.block / stretch_core::REGION_BLOCKS)),
+            );
             recovery.replayed_deltas += 1;
             recovery.replayed_blocks += record.blocks.len() as u64;
             let next = DeltaSeq(record.seq.0 + 1);

@@ -25,7 +25,7 @@ const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
 /// Cache tags of resync chunks are numbered from here, far above any seq.
 const RESYNC_TAG_BASE: u64 = 1 << 62;
 /// Resync copies regions of this many blocks (1 MiB).
-pub(super) const REGION_BLOCKS: u64 = 256;
+pub const REGION_BLOCKS: u64 = 256;
 /// Region reads (and unacknowledged chunks) in flight per resyncing site.
 const RESYNC_CHUNKS_IN_FLIGHT: usize = 4;
 
@@ -99,6 +99,11 @@ pub(super) struct Replication {
     /// Groups this site is handing over to another owner, with the writes
     /// held meanwhile (bounded by what clients may have in flight).
     handing_over: BTreeMap<GroupId, Vec<(RequestId, Request)>>,
+    /// Per other site: the regions it may lack as last saved (or being
+    /// saved), and whether a map was ever saved this run.
+    durable_maps: BTreeMap<SiteId, (BTreeSet<(VolumeId, u64)>, bool)>,
+    /// A journal release waiting for this many map saves.
+    pub(super) release_waiting: Option<(u64, usize)>,
 }
 
 /// A group this site owns.
@@ -467,6 +472,45 @@ impl Engine {
         }
     }
 
+    /// At start, before any peer connects: what the saved map of `peer`
+    /// says it may lack (`None` if no map was ever saved: nothing is known,
+    /// and a lagging site gets every region), plus the regions of the
+    /// deltas recovery replayed (it may lack those too).
+    pub fn restore_dirty_map(
+        &mut self,
+        peer: SiteId,
+        saved: Option<BTreeSet<(VolumeId, u64)>>,
+        replayed: &BTreeSet<(VolumeId, u64)>,
+    ) {
+        let Some(saved) = saved else {
+            return;
+        };
+        let group_of: BTreeMap<VolumeId, GroupId> = self
+            .volumes
+            .iter()
+            .map(|(volume, state)| (*volume, state.spec.group))
+            .collect();
+        for region in saved.iter().chain(replayed) {
+            let Some(group) = group_of.get(&region.0) else {
+                continue;
+            };
+            if let Some(progress) = self
+                .replication
+                .outbound
+                .get_mut(group)
+                .and_then(|outbound| outbound.peers.get_mut(&peer))
+            {
+                progress.dirty.insert(*region);
+            }
+        }
+        for outbound in self.replication.outbound.values_mut() {
+            if let Some(progress) = outbound.peers.get_mut(&peer) {
+                progress.state = PeerState::NeedsResync;
+            }
+        }
+        self.replication.durable_maps.insert(peer, (saved, true));
+    }
+
     /// Replication state of every group, for status and metrics.
     pub fn replication_status(&self) -> Vec<GroupReplication> {
         let now = self.now;
@@ -606,6 +650,64 @@ impl Engine {
         }
     }
 
+    /// Before journal records up to `upto` are released: brings each other
+    /// site's saved map up to date and returns how many saves were asked
+    /// for. The map is recomputed each time: the regions of released
+    /// deltas the site has not journaled (kept until it does), the regions
+    /// still to resync and those being read for it. Unreleased records are
+    /// not needed in it: recovery replays them and names their regions.
+    pub(super) fn save_dirty_maps(&mut self, upto: u64) -> usize {
+        let mut saves = 0;
+        let peers = self.config.peers.clone();
+        for peer in peers {
+            let mut regions: BTreeSet<(VolumeId, u64)> = BTreeSet::new();
+            for outbound in self.replication.outbound.values() {
+                let Some(progress) = outbound.peers.get(&peer) else {
+                    continue;
+                };
+                regions.extend(progress.dirty.iter().copied());
+                regions.extend(
+                    progress
+                        .resync_unacked
+                        .iter()
+                        .filter(|region| region.0 != VolumeId(u32::MAX)),
+                );
+                for retained in outbound
+                    .retained
+                    .iter()
+                    .filter(|r| r.position <= upto && r.seq > progress.journaled)
+                {
+                    regions.extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                }
+            }
+            for internal in self.replication.internal.values() {
+                if let Internal::ResyncRead {
+                    peer: reading,
+                    region,
+                    ..
+                } = internal
+                    && *reading == peer
+                {
+                    regions.insert(*region);
+                }
+            }
+            let entry = self.replication.durable_maps.entry(peer).or_default();
+            let new = regions;
+            if entry.1 && new == entry.0 {
+                continue;
+            }
+            *entry = (new.clone(), true);
+            let io = self.new_io(IoPurpose::MapSave);
+            self.actions.push_back(Action::SaveDirtyMap {
+                io,
+                peer,
+                regions: new.into_iter().collect(),
+            });
+            saves += 1;
+        }
+        saves
+    }
+
     /// Drops deltas every site applied (or will get by resync).
     pub(super) fn retire_shipped(&mut self) {
         let mut freed = false;
@@ -718,8 +820,14 @@ impl Engine {
             progress.dirty.extend(unacked);
             progress.state = PeerState::NeedsResync;
         }
+        // A site holding every delta needs nothing else, whatever the maps
+        // say (they may predate what it received since).
+        if have == Some(last) {
+            progress.dirty.clear();
+            progress.dirty_all = false;
+        }
         if let Some(have) = have
-            && progress.state != PeerState::NeedsResync
+            && (progress.state != PeerState::NeedsResync || have == last)
             && have >= retired_upto
             && have <= last
         {
