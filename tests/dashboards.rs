@@ -196,10 +196,14 @@ fn dashboards_are_well_formed() {
 #[test]
 fn dashboards_only_use_exported_metrics() {
     require_tool("qemu-io");
-    let node = TestNode::start();
-    node.create_volume("vol", "16M");
+    // Two sites, so the per-peer and per-volume replication series exist.
+    let sites = common::sites::TwoSites::start(common::sites::Layout::OneProcess, &[]);
+    sites.ok(
+        common::sites::A,
+        &["volume", "create", "vol", "--size", "16M"],
+    );
     qemu_io_ok(
-        &node.uri("vol"),
+        &sites.nbd_uri(common::sites::A, "vol"),
         &[
             "write -P 1 0 1M",
             "write -f -P 2 1M 64k",
@@ -210,7 +214,7 @@ fn dashboards_only_use_exported_metrics() {
             "read 8M 64k",
         ],
     );
-    let families = exported(&node.metrics());
+    let families = exported(&sites.metrics(common::sites::A));
     assert!(families.len() > 10, "few metrics exported: {families:?}");
 
     let mut checked = BTreeSet::new();
