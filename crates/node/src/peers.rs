@@ -531,6 +531,12 @@ impl Peers {
             let message = match read_message(&mut stream).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return,
+                // The stream or connection ended (a peer stopping, a cut
+                // link): nothing malformed, the session handles it.
+                Err(stretch_transport::FrameError::Io(error)) => {
+                    tracing::debug!(peer = %remote.node, %error, "peer stream ended");
+                    return;
+                }
                 Err(error) => {
                     self.refuse(&remote, &error.to_string());
                     let _ = stream.stop(2u32.into());

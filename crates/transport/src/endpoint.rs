@@ -60,6 +60,9 @@ const KEEP_ALIVE_MS: u64 = 500;
 /// and a connection 64 MiB unread at the receiver (memory bound per peer),
 /// enough for 1 Gbit/s at 100 ms round trip.
 const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+/// UDP socket buffers asked of the kernel (capped by net.core.rmem_max and
+/// wmem_max).
+const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
 fn transport_config() -> quinn::TransportConfig {
@@ -128,26 +131,37 @@ impl PeerEndpoint {
         client_config.transport_config(transport);
 
         let bind_error = |source| EndpointError::Bind { address, source };
-        let mut endpoint = match links {
-            None => quinn::Endpoint::server(server_config, address).map_err(bind_error)?,
-            Some(links) => {
-                let runtime = quinn::default_runtime().ok_or_else(|| {
-                    bind_error(std::io::Error::other(
-                        "no async runtime to drive the endpoint",
-                    ))
-                })?;
-                let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
-                let inner = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
-                let shaped = Arc::new(ShapedSocket::new(inner, links));
-                quinn::Endpoint::new_with_abstract_socket(
-                    quinn::EndpointConfig::default(),
-                    Some(server_config),
-                    shaped,
-                    runtime,
-                )
-                .map_err(bind_error)?
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind_error(std::io::Error::other(
+                "no async runtime to drive the endpoint",
+            ))
+        })?;
+        let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
+        // A burst from a fast peer overflows the kernel's default 208 KiB
+        // receive buffer; every datagram dropped there is a loss to QUIC,
+        // which then shrinks its window on a long link for many round
+        // trips. The kernel caps the size at net.core.rmem_max.
+        let buffers = socket2::SockRef::from(&socket);
+        for result in [
+            buffers.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
+            buffers.set_send_buffer_size(SOCKET_BUFFER_BYTES),
+        ] {
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot enlarge the UDP socket buffers");
             }
+        }
+        let inner = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+        let socket: Arc<dyn quinn::AsyncUdpSocket> = match links {
+            None => inner,
+            Some(links) => Arc::new(ShapedSocket::new(inner, links)),
         };
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         endpoint.set_default_client_config(client_config);
         Ok(PeerEndpoint {
             endpoint,

@@ -20,6 +20,10 @@ use tokio::sync::Notify;
 /// Datagrams a link may hold waiting for bandwidth, in bytes.
 pub const LINK_QUEUE_BYTES_MAX: u64 = 4 << 20;
 
+/// Delayed datagrams leave up to this much before their time, to make up
+/// for timers that fire late.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 /// How long a delayed datagram keeps retrying a socket that is not ready
 /// before it counts as lost (UDP may lose it anyway).
 const DELAYED_SEND_ATTEMPTS: u32 = 100;
@@ -165,8 +169,12 @@ impl ShapedSocket {
                     let head = lock(&line.queue).front().map(|datagram| datagram.at);
                     match head {
                         None => line.wake.notified().await,
-                        Some(at) if at > Instant::now() => {
-                            tokio::time::sleep_until(at.into()).await;
+                        // The timer wheel has 1 ms slots and wakes late,
+                        // never early: aim that much ahead so the delay
+                        // averages out to the one configured instead of
+                        // adding a millisecond or more per direction.
+                        Some(at) if at > Instant::now() + TIMER_SLACK => {
+                            tokio::time::sleep_until((at - TIMER_SLACK).into()).await;
                         }
                         Some(_) => {
                             let Some(datagram) = lock(&line.queue).pop_front() else {
