@@ -12,4 +12,4 @@ mod shaped_socket;
 pub use endpoint::{ALPN, EndpointError, PeerEndpoint};
 pub use framing::{FrameError, read_message, write_message};
 pub use pki::{InitReport, NodeIdentity, PkiError, init};
-pub use shaped_socket::{LINK_QUEUE_BYTES_MAX, LinkTable, ShapedSocket};
+pub use shaped_socket::{LINK_QUEUE_BYTES_MAX, LinkTable, ShapedSocket, TIMER_SLACK};

@@ -21,8 +21,8 @@ use tokio::sync::Notify;
 pub const LINK_QUEUE_BYTES_MAX: u64 = 4 << 20;
 
 /// Delayed datagrams leave up to this much before their time, to make up
-/// for timers that fire late.
-const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// for timers that fire late (on average the configured delay holds).
+pub const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// How long a delayed datagram keeps retrying a socket that is not ready
 /// before it counts as lost (UDP may lose it anyway).
