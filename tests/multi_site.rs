@@ -303,3 +303,99 @@ fn a_restarted_owner_copies_only_the_regions_written_while_the_other_site_was_aw
         .expect("resync metric");
     assert_eq!(regions, 24.0, "copied {regions} regions for 24 MiB written");
 }
+
+#[test]
+fn a_malformed_message_from_a_peer_closes_only_its_stream() {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
+    // Pose as b1 (its certificate is genuine) to a1, once b1 is gone.
+    sites.kill9(B);
+    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
+        sites.status(A)["peers"][0]["connected"] == false
+    });
+    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
+    let a_peer = peer_address(&config, "a1");
+    let b_peer = peer_address(&config, "b1");
+    let identity =
+        stretch_transport::NodeIdentity::load(&sites.pki_dir(), "b1").expect("b1's certificate");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let endpoint = stretch_transport::PeerEndpoint::bind(&identity, b_peer).expect("binding");
+        let connection = endpoint.connect("a1", a_peer).await.expect("a1 accepts b1");
+        let (mut send, mut receive) = connection.open_bi().await.expect("a hello stream");
+        let hello = stretch_wire::PeerMessage::Hello {
+            protocol: stretch_wire::PROTOCOL_VERSION,
+            cluster: "local".into(),
+            node: "b1".into(),
+            site: "b".into(),
+        };
+        stretch_transport::write_message(&mut send, &hello)
+            .await
+            .expect("sending the hello");
+        let answer = stretch_transport::read_message(&mut receive)
+            .await
+            .expect("a1 answers the hello");
+        assert!(matches!(
+            answer,
+            Some(stretch_wire::PeerMessage::Hello { .. })
+        ));
+        // Garbage on one stream: a length that fits, an archive that does not.
+        let mut garbage = connection.open_uni().await.expect("a stream");
+        let mut frame = 64u32.to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0xa5; 64]);
+        garbage.write_all(&frame).await.expect("sending garbage");
+        let _ = garbage.finish();
+        // The connection stays up: a valid message on another stream is
+        // still taken (an ack for nothing is refused by the engine, counted).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut valid = connection.open_uni().await.expect("another stream");
+        let ack = stretch_wire::PeerMessage::Applied { group: 99, seq: 1 };
+        stretch_transport::write_message(&mut valid, &ack)
+            .await
+            .expect("sending an ack");
+        let _ = valid.finish();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            connection.close_reason().is_none(),
+            "a1 closed the connection over one malformed stream"
+        );
+    });
+    let metrics = sites.metrics(A);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "stretch_peer_malformed_messages_total",
+            &["peer=\"b\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(&metrics, "stretch_refused_peer_messages_total", &[]).unwrap_or(0.0) >= 1.0
+    );
+    assert!(sites.logs().contains("malformed message from peer"));
+    // And the volume still works.
+    qemu_io_ok(
+        &sites.nbd_uri(A, "vm"),
+        &["write -P 7 0 64k", "read -P 7 0 64k"],
+    );
+}
+
+fn peer_address(config: &str, node: &str) -> std::net::SocketAddr {
+    let section = config
+        .split("[[node]]")
+        .find(|section| section.contains(&format!("name = \"{node}\"")))
+        .expect("the node's section");
+    let line = section
+        .lines()
+        .find(|line| line.starts_with("peer_listen"))
+        .expect("peer_listen");
+    line.split('"')
+        .nth(1)
+        .expect("an address")
+        .parse()
+        .expect("a socket address")
+}
