@@ -98,6 +98,14 @@ pub struct RecoveredState {
     /// The next delta of each group gets this sequence number; groups not
     /// listed start at 1.
     pub next_seq: BTreeMap<GroupId, DeltaSeq>,
+    /// Where the ids of requests sent to other sites (strict reads,
+    /// forwarded writes) start. It must be above every id an earlier run of
+    /// this site issued: an owner may answer a request of the previous run
+    /// after the restart, and that answer must be refused, not taken for a
+    /// new request that reused the id. The runtime uses the wall clock in
+    /// microseconds at start (a run issues far fewer than one id per
+    /// microsecond), the simulator its restart count times 2^32.
+    pub next_remote_id: u64,
 }
 
 /// Counters and gauges for metrics and status.
@@ -200,7 +208,7 @@ impl Engine {
                 leg_sync_in_flight: None,
                 touched_volumes: BTreeSet::new(),
             },
-            replication: replication::Replication::default(),
+            replication: replication::Replication::starting_at(recovered.next_remote_id),
             failed: None,
             draining: false,
             now: Timestamp(0),

@@ -437,6 +437,10 @@ fn open_node(
         RecoveredState {
             next_position: recovery.next_position,
             next_seq: recovery.next_seq,
+            // Above every id an earlier run issued (see the field's docs).
+            next_remote_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_micros() as u64),
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);

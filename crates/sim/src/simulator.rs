@@ -1003,6 +1003,7 @@ impl<'a> Simulation<'a> {
             RecoveredState {
                 next_position: recovery.next_position,
                 next_seq: recovery.next_seq,
+                next_remote_id: self.generation << 32,
             },
         );
         for index in 0..volumes {

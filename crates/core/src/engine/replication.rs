@@ -230,6 +230,15 @@ enum Internal {
 }
 
 impl Replication {
+    /// Remote request ids of this run start at `next_remote` (see
+    /// [`super::RecoveredState::next_remote_id`]).
+    pub(super) fn starting_at(next_remote: u64) -> Self {
+        Replication {
+            next_remote,
+            ..Replication::default()
+        }
+    }
+
     pub(super) fn is_handing_over(&self, group: GroupId) -> bool {
         self.handing_over.contains_key(&group)
     }

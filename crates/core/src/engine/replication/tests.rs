@@ -45,7 +45,17 @@ struct Site {
 
 impl Site {
     fn new(config: EngineConfig, mode: Mode, owner: SiteId) -> Self {
-        let mut engine = Engine::new(config, RecoveredState::default());
+        Site::recovered(config, mode, owner, RecoveredState::default())
+    }
+
+    /// A site whose engine starts from `recovered` (a restart).
+    fn recovered(
+        config: EngineConfig,
+        mode: Mode,
+        owner: SiteId,
+        recovered: RecoveredState,
+    ) -> Self {
+        let mut engine = Engine::new(config, recovered);
         engine.add_volume(
             VOLUME,
             VolumeSpec {
@@ -215,6 +225,7 @@ impl Pair {
         let recovered = RecoveredState {
             next_position: JournalPosition(1_000),
             next_seq: [(GROUP, self.a.next_seq)].into(),
+            ..RecoveredState::default()
         };
         let mut engine = Engine::new(config(A, B), recovered);
         engine.add_volume(
@@ -897,4 +908,65 @@ fn a_restarted_owner_without_a_saved_map_copies_every_region_to_a_lagging_site()
         pair.a.engine.stats().resync_regions_done_total,
         VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64)
     );
+}
+
+/// Hands every message to its site (sites a and b only).
+fn deliver(to: &mut Site, from: SiteId, messages: Vec<(SiteId, SiteMessage)>) {
+    for (_, message) in messages {
+        to.engine.receive(Timestamp(0), from, message);
+    }
+}
+
+#[test]
+fn an_answer_meant_for_a_request_of_an_earlier_run_is_refused() {
+    let mut owner = Site::new(config(A, B), Mode::Async, A);
+    let mut earlier = Site::new(config(B, A), Mode::Async, A);
+    owner.engine.peer_up(Timestamp(0), B);
+    earlier.engine.peer_up(Timestamp(0), A);
+    deliver(&mut owner, B, earlier.run());
+    earlier.submit(
+        Timestamp(0),
+        Request::Write {
+            volume: VOLUME,
+            offset: 0,
+            data: block(1),
+            fua: false,
+        },
+    );
+    let forwarded = earlier.run();
+    // b restarts before the owner answers; its new run numbers its
+    // requests above every id of the earlier one.
+    let recovered = RecoveredState {
+        next_remote_id: 1 << 32,
+        ..RecoveredState::default()
+    };
+    let mut b = Site::recovered(config(B, A), Mode::Async, A, recovered);
+    b.engine.peer_up(Timestamp(0), A);
+    deliver(&mut owner, B, b.run());
+    owner.run();
+    let read = b.submit(
+        Timestamp(0),
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    let read_request = b.run();
+    // The answer to the earlier run's forward reaches the new run first.
+    deliver(&mut owner, B, forwarded);
+    let answer = owner.run();
+    deliver(&mut b, A, answer);
+    b.run();
+    assert_eq!(
+        b.reply(read),
+        None,
+        "a stale answer completed a new request"
+    );
+    assert_eq!(b.engine.stats().refused_messages_total, 1);
+    deliver(&mut owner, B, read_request);
+    let answer = owner.run();
+    deliver(&mut b, A, answer);
+    b.run();
+    assert_eq!(b.read_reply(read), block(1));
 }
