@@ -1279,6 +1279,34 @@ impl Engine {
             peer: owner,
             message: SiteMessage::Resume { group, have },
         });
+        // Acks sent on an earlier connection may be lost, and the owner
+        // may have restarted: say again what the journal and the legs hold.
+        // Without it a FLUSH waiting for this site's journal, or a backlog
+        // waiting for its legs (holding writes back past the bound), waits
+        // forever when nothing new is shipped. Acks of resync chunks sent
+        // before mean nothing to the resync the owner starts on a resume.
+        if let Some(inbound) = self.replication.inbound.get_mut(&group) {
+            inbound.journaled_reported = DeltaSeq(0);
+            inbound.chunk_positions.clear();
+        }
+        self.send_replica_acks(group);
+        let state = &self.groups[&group];
+        let applied = state
+            .closed
+            .iter()
+            .filter(|delta| !delta.resync)
+            .map(|delta| DeltaSeq(delta.seq.0 - 1))
+            .min()
+            .unwrap_or(DeltaSeq(state.next_seq.0 - 1));
+        if applied > DeltaSeq(0) {
+            self.actions.push_back(Action::Send {
+                peer: owner,
+                message: SiteMessage::Applied {
+                    group,
+                    seq: applied,
+                },
+            });
+        }
     }
 
     /// Why a snapshot read cannot be served here now, if it cannot.
