@@ -147,6 +147,9 @@ struct PeerProgress {
     resync_generation: u64,
     /// The chunk marked `last` went out in this resync.
     last_chunk_sent: bool,
+    /// Chunks built but not sent yet, oldest first, each with the journal
+    /// position the local journal must hold durably before it may leave.
+    held_chunks: VecDeque<(u64, SiteMessage)>,
 }
 
 impl PeerProgress {
@@ -163,6 +166,7 @@ impl PeerProgress {
             resync_unacked: VecDeque::new(),
             resync_generation: 0,
             last_chunk_sent: false,
+            held_chunks: VecDeque::new(),
         }
     }
 
@@ -423,6 +427,7 @@ impl Engine {
                     progress.resync_generation += 1;
                     progress.resync_reading = 0;
                     progress.last_chunk_sent = false;
+                    progress.held_chunks.clear();
                     let unacked: Vec<(VolumeId, u64)> = progress
                         .resync_unacked
                         .drain(..)
@@ -760,6 +765,9 @@ impl Engine {
                 .copied()
                 .collect();
             for peer in peers {
+                // Chunks first: deltas closed after a chunk was built must
+                // not overtake it.
+                self.release_chunks(group, peer);
                 self.ship_ready(group, peer);
             }
         }
@@ -821,6 +829,7 @@ impl Engine {
             progress.resync_generation += 1;
             progress.resync_reading = 0;
             progress.last_chunk_sent = false;
+            progress.held_chunks.clear();
             let unacked: Vec<(VolumeId, u64)> = progress
                 .resync_unacked
                 .drain(..)
@@ -1030,30 +1039,69 @@ impl Engine {
         last: bool,
         base: DeltaSeq,
     ) {
-        if last {
+        // A chunk shows the cache's newest images, perhaps some of the open
+        // delta, and names deltas up to `base` and `consistent_at`. Like a
+        // delta, it leaves only once the local journal holds all of that
+        // durably: a crash here must never take back what another site got
+        // (it would hold writes this site lost, numbered as deltas this
+        // site then numbers differently, and refuse those as duplicates).
+        let open_shown = {
+            let open = &self.groups[&group].open.blocks;
+            blocks.iter().any(|(key, _)| open.contains_key(key))
+        };
+        if last || open_shown {
             // Whatever the chunks observed is in deltas up to this one.
             self.close_delta(group);
         }
-        if let Some(progress) = self
+        let needed = self.groups[&group].last_position;
+        let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
+        let message = SiteMessage::Resync {
+            group,
+            blocks,
+            last,
+            base,
+            consistent_at,
+        };
+        let synced = self.journal.synced_upto;
+        let Some(progress) = self
             .replication
             .outbound
             .get_mut(&group)
             .and_then(|outbound| outbound.peers.get_mut(&peer))
-        {
-            progress.last_chunk_sent = last;
+        else {
+            return;
+        };
+        progress.last_chunk_sent = last;
+        if needed <= synced && progress.held_chunks.is_empty() {
+            self.actions.push_back(Action::Send { peer, message });
+        } else {
+            progress.held_chunks.push_back((needed, message));
         }
-        let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
-        self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
-        self.actions.push_back(Action::Send {
-            peer,
-            message: SiteMessage::Resync {
-                group,
-                blocks,
-                last,
-                base,
-                consistent_at,
-            },
-        });
+    }
+
+    /// Sends the held chunks the local journal now covers, in order.
+    fn release_chunks(&mut self, group: GroupId, peer: SiteId) {
+        let synced = self.journal.synced_upto;
+        let Some(progress) = self
+            .replication
+            .outbound
+            .get_mut(&group)
+            .and_then(|outbound| outbound.peers.get_mut(&peer))
+        else {
+            return;
+        };
+        while progress
+            .held_chunks
+            .front()
+            .is_some_and(|(needed, _)| *needed <= synced)
+        {
+            let (_, message) = progress
+                .held_chunks
+                .pop_front()
+                .expect("engine invariant: front exists");
+            self.actions.push_back(Action::Send { peer, message });
+        }
     }
 
     fn finish_resync(&mut self, group: GroupId, peer: SiteId) {

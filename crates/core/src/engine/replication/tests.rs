@@ -1003,3 +1003,74 @@ fn deltas_a_site_applied_are_retired_although_its_acks_were_lost() {
     // wait for good.
     assert_eq!(pair.a.engine.stats().backlog_deltas, 0);
 }
+
+#[test]
+fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), B);
+    // A write still in the open delta, then a site that needs every region.
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Write {
+            volume: VOLUME,
+            offset: 0,
+            data: block(7),
+            fua: false,
+        },
+    );
+    engine.receive(
+        Timestamp(0),
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(5)),
+        },
+    );
+    // Region reads complete at once; journal syncs wait.
+    let mut syncs = Vec::new();
+    let mut chunks = Vec::new();
+    loop {
+        let Some(action) = engine.poll_action() else {
+            break;
+        };
+        match action {
+            Action::ReadLeg { io, length, .. } => {
+                engine.leg_read_done(io, Ok(Bytes::from(vec![0u8; length as usize])));
+            }
+            Action::SyncJournal { io, .. } => syncs.push(io),
+            Action::Send {
+                message: SiteMessage::Resync { blocks, .. },
+                ..
+            } => chunks.push(blocks),
+            _ => {}
+        }
+    }
+    assert!(
+        chunks
+            .iter()
+            .all(|blocks| blocks.iter().all(|(key, _)| key.block != 0)),
+        "a chunk showing the unjournaled write left"
+    );
+    assert!(!syncs.is_empty());
+    for io in syncs {
+        engine.journal_synced(io, Ok(()));
+    }
+    let released: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert!(released.iter().any(|action| matches!(
+        action,
+        Action::Send {
+            message: SiteMessage::Resync { blocks, .. },
+            ..
+        } if blocks.iter().any(|(key, image)| key.block == 0 && *image == BlockImage::Data(block(7)))
+    )));
+}
