@@ -258,12 +258,15 @@ impl Replication {
         self.remote_deadlines.first().map(|(deadline, _)| *deadline)
     }
 
+    /// True if another site's journal holds every delta of `group` up to
+    /// `seq`. A site mid-resync does not count, whatever it journaled: the
+    /// regions not copied yet may lack the writes of those deltas.
     pub(super) fn some_peer_journaled(&self, group: GroupId, seq: DeltaSeq) -> bool {
         self.outbound.get(&group).is_some_and(|outbound| {
-            outbound
-                .peers
-                .values()
-                .any(|peer| peer.state != PeerState::NeedsResync && peer.journaled >= seq)
+            outbound.peers.values().any(|peer| {
+                matches!(peer.state, PeerState::Streaming | PeerState::Waiting)
+                    && peer.journaled >= seq
+            })
         })
     }
 
@@ -1119,6 +1122,8 @@ impl Engine {
         progress.last_chunk_sent = false;
         self.ship_ready(group, peer);
         self.retire_shipped();
+        // Every chunk is in its journal now: what it journaled counts.
+        self.answer_synced_waiters();
     }
 
     fn receive_resync_ack(&mut self, from: SiteId, group: GroupId) {

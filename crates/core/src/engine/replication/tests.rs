@@ -1074,3 +1074,41 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
         } if blocks.iter().any(|(key, image)| key.block == 0 && *image == BlockImage::Data(block(7)))
     )));
 }
+
+#[test]
+fn a_site_mid_resync_does_not_count_for_a_flush_sync_flush() {
+    let mut pair = Pair::new(Mode::FlushSync);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Writes in regions 0 and 3 while b is away, past the backlog bound: b
+    // will need a resync of both. The flush waits for b meanwhile.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+    }
+    pair.write(false, 3 << 20, block(8));
+    let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), None);
+    // b returns; only the first chunk reaches it.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    let first = pair
+        .to_b
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Resync { .. }))
+        .expect("a resync starts");
+    let chunk = pair.to_b.remove(first).expect("index is in range");
+    pair.b.engine.receive(pair.now, A, chunk);
+    pair.settle();
+    assert_eq!(
+        pair.a.reply(flush),
+        None,
+        "answered while b lacks a region the flush covers"
+    );
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
+    assert_legs_equal(&pair);
+}
