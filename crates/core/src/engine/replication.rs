@@ -419,27 +419,19 @@ impl Engine {
     pub fn peer_down(&mut self, now: Timestamp, peer: SiteId) {
         self.observe(now);
         self.replication.connected.remove(&peer);
-        for outbound in self.replication.outbound.values_mut() {
+        let mut resyncing = Vec::new();
+        for (group, outbound) in &mut self.replication.outbound {
             let Some(progress) = outbound.peers.get_mut(&peer) else {
                 continue;
             };
             match progress.state {
                 PeerState::Streaming => progress.state = PeerState::Waiting,
-                PeerState::Resyncing => {
-                    progress.state = PeerState::NeedsResync;
-                    progress.resync_generation += 1;
-                    progress.resync_reading = 0;
-                    progress.last_chunk_sent = false;
-                    progress.held_chunks.clear();
-                    let unacked: Vec<(VolumeId, u64)> = progress
-                        .resync_unacked
-                        .drain(..)
-                        .filter(|region| region.0 != VolumeId(u32::MAX))
-                        .collect();
-                    progress.dirty.extend(unacked);
-                }
+                PeerState::Resyncing => resyncing.push(*group),
                 PeerState::Waiting | PeerState::NeedsResync => {}
             }
+        }
+        for group in resyncing {
+            self.abandon_resync(group, peer);
         }
         self.retire_shipped();
     }
@@ -829,18 +821,14 @@ impl Engine {
         // A resume while resyncing means the connection was reset before we
         // noticed: chunks in flight may be lost.
         if progress.state == PeerState::Resyncing {
-            progress.resync_generation += 1;
-            progress.resync_reading = 0;
-            progress.last_chunk_sent = false;
-            progress.held_chunks.clear();
-            let unacked: Vec<(VolumeId, u64)> = progress
-                .resync_unacked
-                .drain(..)
-                .filter(|region| region.0 != VolumeId(u32::MAX))
-                .collect();
-            progress.dirty.extend(unacked);
-            progress.state = PeerState::NeedsResync;
+            self.abandon_resync(group, from);
         }
+        let Some(outbound) = self.replication.outbound.get_mut(&group) else {
+            return;
+        };
+        let Some(progress) = outbound.peers.get_mut(&from) else {
+            return;
+        };
         // A site holding every delta needs nothing else, whatever the maps
         // say (they may predate what it received since).
         if have == Some(last) {
@@ -900,6 +888,66 @@ impl Engine {
         }
         self.pump_resync(group, from);
         self.retire_shipped();
+    }
+
+    /// The resync of `group` to `peer` stops (the connection dropped, or
+    /// the site asked to resume anew). Whatever it had not finished is
+    /// dirty again at once: the regions being read (a new resync may start
+    /// and finish before those reads come back), held or sent but not
+    /// acknowledged, and the regions of deltas shipped after its base that
+    /// the site has not applied (they may be lost with the connection, and
+    /// stop being kept for it now).
+    fn abandon_resync(&mut self, group: GroupId, peer: SiteId) {
+        let Some(generation) = self
+            .replication
+            .outbound
+            .get(&group)
+            .and_then(|outbound| outbound.peers.get(&peer))
+            .map(|progress| progress.resync_generation)
+        else {
+            return;
+        };
+        let reading: Vec<(VolumeId, u64)> = self
+            .replication
+            .internal
+            .values()
+            .filter_map(|internal| match internal {
+                Internal::ResyncRead {
+                    peer: reader,
+                    group: read_group,
+                    region,
+                    generation: read_generation,
+                    ..
+                } if *reader == peer && *read_group == group && *read_generation == generation => {
+                    Some(*region)
+                }
+                _ => None,
+            })
+            .collect();
+        let Some(outbound) = self.replication.outbound.get_mut(&group) else {
+            return;
+        };
+        let Some(progress) = outbound.peers.get_mut(&peer) else {
+            return;
+        };
+        let floor = progress.applied.max(progress.resync_base);
+        for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
+            progress
+                .dirty
+                .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+        }
+        progress.state = PeerState::NeedsResync;
+        progress.resync_generation += 1;
+        progress.resync_reading = 0;
+        progress.last_chunk_sent = false;
+        progress.held_chunks.clear();
+        let unacked: Vec<(VolumeId, u64)> = progress
+            .resync_unacked
+            .drain(..)
+            .filter(|region| region.0 != VolumeId(u32::MAX))
+            .collect();
+        progress.dirty.extend(unacked);
+        progress.dirty.extend(reading);
     }
 
     /// Keeps up to [`RESYNC_CHUNKS_IN_FLIGHT`] region reads and chunks
@@ -993,9 +1041,8 @@ impl Engine {
             return;
         };
         if progress.resync_generation != generation {
-            // The connection dropped meanwhile; the region went back to
-            // dirty then (or goes now).
-            progress.dirty.insert(region);
+            // The resync was abandoned meanwhile; the region went back to
+            // dirty then.
             return;
         }
         if stale || result.is_err() {

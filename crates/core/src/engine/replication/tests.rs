@@ -1112,3 +1112,69 @@ fn a_site_mid_resync_does_not_count_for_a_flush_sync_flush() {
     assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
     assert_legs_equal(&pair);
 }
+
+#[test]
+fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), B);
+    let resume = |have| SiteMessage::Resume { group: GROUP, have };
+    // b claims more than a has: every region must be copied.
+    engine.receive(Timestamp(0), B, resume(Some(DeltaSeq(5))));
+    let reads: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert!(
+        reads
+            .iter()
+            .any(|action| matches!(action, Action::ReadLeg { .. }))
+    );
+    // The connection was reset before those reads came back: b asks again.
+    engine.receive(Timestamp(0), B, resume(None));
+    let again: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert!(
+        again
+            .iter()
+            .any(|action| matches!(action, Action::ReadLeg { .. })),
+        "the new resync must copy the regions the old one was reading: {again:?}"
+    );
+    assert!(!again.iter().any(|action| matches!(
+        action,
+        Action::Send {
+            message: SiteMessage::Resync { last: true, .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn deltas_shipped_during_an_abandoned_resync_are_copied_by_the_next() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: b needs a resync of region 0.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    // b returns; its stream stalls, then a delta in region 2 is shipped
+    // after the resync's base, and the connection drops with all of it.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    pair.write(false, 2 << 20, block(9));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = false;
+    pair.disconnect();
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
