@@ -154,4 +154,11 @@ pub enum Action {
         peer: SiteId,
         regions: Vec<(VolumeId, u64)>,
     },
+    /// Replace, durably, the set of consistency groups whose legs here are
+    /// mid-resync (a partial copy of the owner's image, at no delta
+    /// boundary); answer with [`crate::Engine::resync_marks_saved`]. A
+    /// restarted node hands the saved set back in
+    /// [`crate::RecoveredState::resyncing`]. No resync chunk of a group is
+    /// journaled before a save naming the group completed.
+    SaveResyncMarks { io: IoId, groups: Vec<GroupId> },
 }

@@ -106,6 +106,11 @@ pub struct RecoveredState {
     /// microseconds at start (a run issues far fewer than one id per
     /// microsecond), the simulator its restart count times 2^32.
     pub next_remote_id: u64,
+    /// The groups whose legs here were mid-resync, as last saved by
+    /// [`Action::SaveResyncMarks`]: their images are at no delta boundary
+    /// until a new resync completes, so snapshot reads are refused and the
+    /// owner is asked for every region.
+    pub resyncing: BTreeSet<GroupId>,
 }
 
 /// Counters and gauges for metrics and status.
@@ -208,7 +213,10 @@ impl Engine {
                 leg_sync_in_flight: None,
                 touched_volumes: BTreeSet::new(),
             },
-            replication: replication::Replication::starting_at(recovered.next_remote_id),
+            replication: replication::Replication::recovered(
+                recovered.next_remote_id,
+                &recovered.resyncing,
+            ),
             failed: None,
             draining: false,
             now: Timestamp(0),
@@ -647,6 +655,7 @@ enum IoPurpose {
     LegWrite { group: GroupId },
     LegSync { upto: u64 },
     MapSave,
+    MarksSave,
 }
 
 #[derive(Debug, Clone)]

@@ -53,6 +53,8 @@ pub(crate) struct Driver {
     outbox: tokio::sync::mpsc::UnboundedSender<(SiteId, SiteMessage)>,
     /// Where the map of regions each other site may lack is saved.
     dirty_maps: BTreeMap<SiteId, PathBuf>,
+    /// Where the groups mid-resync here are saved.
+    resync_marks: PathBuf,
 }
 
 /// Where a driver's messages for other sites come out.
@@ -63,6 +65,11 @@ enum JournalCommand {
     Append(DeltaRecord),
     Sync(stretch_core::IoId),
     Release(JournalPosition),
+    SaveResyncMarks {
+        io: stretch_core::IoId,
+        path: PathBuf,
+        groups: Vec<stretch_core::GroupId>,
+    },
 }
 
 #[derive(Debug)]
@@ -109,6 +116,7 @@ impl Driver {
         metrics: Metrics,
         name: &str,
         dirty_maps: BTreeMap<SiteId, PathBuf>,
+        resync_marks: PathBuf,
     ) -> std::io::Result<(Arc<Driver>, IoThreads, Outbox)> {
         let (journal_queue, journal_commands) = mpsc::channel();
         let (leg_queue, leg_commands) = mpsc::channel();
@@ -126,6 +134,7 @@ impl Driver {
             leg_queue,
             outbox,
             dirty_maps,
+            resync_marks,
         });
         // The threads hold weak references: the queues close when the last
         // strong reference goes, which ends them.
@@ -190,6 +199,10 @@ impl Driver {
                 Action::SyncJournal { io, .. } => self.queue_journal(JournalCommand::Sync(io)),
                 Action::ReleaseJournal { upto } => {
                     self.queue_journal(JournalCommand::Release(upto));
+                }
+                Action::SaveResyncMarks { io, groups } => {
+                    let path = self.resync_marks.clone();
+                    self.queue_journal(JournalCommand::SaveResyncMarks { io, path, groups });
                 }
                 Action::WriteLeg { io, blocks, .. } => {
                     self.queue_leg(LegCommand::Write { io, blocks });
@@ -336,6 +349,14 @@ fn journal_loop(
                 }
                 driver.with_engine(|engine| engine.journal_synced(io, result));
             }
+            JournalCommand::SaveResyncMarks { io, path, groups } => {
+                let result = stretch_storage::save_resync_marks(&OsFileSystem, &path, &groups)
+                    .map_err(|error| error.to_string());
+                if let Err(error) = &result {
+                    tracing::error!(%error, "saving the resync marks failed; the node stops taking writes");
+                }
+                driver.with_engine(|engine| engine.resync_marks_saved(io, result));
+            }
             JournalCommand::Release(upto) => {
                 if let Err(error) = journal.release(upto) {
                     // The records stay on disk; replaying them again is
@@ -420,6 +441,11 @@ impl DataLayout {
 
     pub fn catalog(&self) -> PathBuf {
         self.root.join("catalog.json")
+    }
+
+    /// The groups whose legs here are mid-resync.
+    pub fn resync_marks(&self) -> PathBuf {
+        self.root.join("resync-marks")
     }
 
     pub fn lock(&self) -> PathBuf {

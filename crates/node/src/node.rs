@@ -39,6 +39,8 @@ pub enum NodeError {
     #[error(transparent)]
     Journal(#[from] stretch_storage::JournalError),
     #[error(transparent)]
+    ResyncMarks(#[from] stretch_storage::ResyncMarksError),
+    #[error(transparent)]
     DirtyMap(#[from] stretch_storage::DirtyMapError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -425,6 +427,7 @@ fn open_node(
         recovery.next_seq.clone(),
     )?;
     journal.discard_replayed(&recovery.stale_segments)?;
+    let resyncing = stretch_storage::load_resync_marks(fs.as_ref(), &layout.resync_marks())?;
     let sites = SiteTable::from_config(config);
     let site_id = sites
         .id(&node.site)
@@ -441,6 +444,7 @@ fn open_node(
             next_remote_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| since.as_micros() as u64),
+            resyncing,
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);
@@ -483,9 +487,16 @@ fn open_node(
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))
         .collect();
-    let (driver, threads, outbox) =
-        Driver::start(engine, legs, journal, metrics, &node.name, dirty_maps)
-            .map_err(NodeError::Threads)?;
+    let (driver, threads, outbox) = Driver::start(
+        engine,
+        legs,
+        journal,
+        metrics,
+        &node.name,
+        dirty_maps,
+        layout.resync_marks(),
+    )
+    .map_err(NodeError::Threads)?;
     let node = Arc::new(Node {
         name: node.name.clone(),
         site: node.site.clone(),

@@ -683,7 +683,9 @@ impl<'a> Simulation<'a> {
             };
             match action {
                 Action::Reply { request, result } => self.on_reply(request, result),
-                Action::Send { .. } | Action::SaveDirtyMap { .. } => {
+                Action::Send { .. }
+                | Action::SaveDirtyMap { .. }
+                | Action::SaveResyncMarks { .. } => {
                     unreachable!("simulator invariant: a single-site engine has no peer")
                 }
                 Action::ReadLeg {
@@ -1004,6 +1006,8 @@ impl<'a> Simulation<'a> {
                 next_position: recovery.next_position,
                 next_seq: recovery.next_seq,
                 next_remote_id: self.generation << 32,
+                // One site: no legs are ever mid-resync.
+                ..RecoveredState::default()
             },
         );
         for index in 0..volumes {

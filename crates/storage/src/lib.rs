@@ -14,6 +14,7 @@ mod filesystem;
 mod journal;
 mod leg;
 mod recovery;
+mod resync_marks;
 mod sim_filesystem;
 
 pub use catalog::{Catalog, CatalogError, VolumeRecord, validate_volume_name};
@@ -22,4 +23,5 @@ pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
 pub use leg::{Leg, LegError, apply_to_legs};
 pub use recovery::{Recovery, RecoveryError, recover};
+pub use resync_marks::{ResyncMarksError, load_resync_marks, save_resync_marks};
 pub use sim_filesystem::{CrashChooser, SimFileSystem};

@@ -104,6 +104,12 @@ pub(super) struct Replication {
     durable_maps: BTreeMap<SiteId, (BTreeSet<(VolumeId, u64)>, bool)>,
     /// A journal release waiting for this many map saves.
     pub(super) release_waiting: Option<(u64, usize)>,
+    /// Groups durably marked as mid-resync here (the last completed save).
+    marks: BTreeSet<GroupId>,
+    /// The set a save in flight writes.
+    marks_saving: Option<BTreeSet<GroupId>>,
+    /// The wanted set changed while a save was in flight.
+    marks_stale: bool,
 }
 
 /// A group this site owns.
@@ -187,6 +193,10 @@ struct Inbound {
     /// Journal positions of resync chunks not yet acknowledged, in order.
     chunk_positions: VecDeque<u64>,
     resync: Option<InboundResync>,
+    /// Messages of the group's lane held, in order, until the group is
+    /// durably marked as mid-resync (a new resync's first chunk waits for
+    /// that, and what follows it on the stream waits behind it).
+    held: VecDeque<(SiteId, SiteMessage)>,
 }
 
 #[derive(Debug)]
@@ -234,13 +244,22 @@ enum Internal {
 }
 
 impl Replication {
-    /// Remote request ids of this run start at `next_remote` (see
-    /// [`super::RecoveredState::next_remote_id`]).
-    pub(super) fn starting_at(next_remote: u64) -> Self {
-        Replication {
+    /// The state a restarted engine starts from: remote request ids above
+    /// the earlier runs' (see [`super::RecoveredState::next_remote_id`]),
+    /// and the groups whose legs were mid-resync.
+    pub(super) fn recovered(next_remote: u64, resyncing: &BTreeSet<GroupId>) -> Self {
+        let mut replication = Replication {
             next_remote,
+            marks: resyncing.clone(),
             ..Replication::default()
+        };
+        for group in resyncing {
+            replication.inbound.entry(*group).or_default().resync = Some(InboundResync {
+                last_received: false,
+                consistent_at: DeltaSeq(0),
+            });
         }
+        replication
     }
 
     pub(super) fn is_handing_over(&self, group: GroupId) -> bool {
@@ -441,6 +460,20 @@ impl Engine {
     /// trusted, when they do not fit.
     pub fn receive(&mut self, now: Timestamp, from: SiteId, message: SiteMessage) {
         self.observe(now);
+        if self.hold_until_marked(from, &message) {
+            let group = match &message {
+                SiteMessage::Delta(record) => record.group,
+                SiteMessage::Resync { group, .. } => *group,
+                _ => unreachable!("only deltas and chunks are held"),
+            };
+            self.replication
+                .inbound
+                .entry(group)
+                .or_default()
+                .held
+                .push_back((from, message));
+            return;
+        }
         match message {
             SiteMessage::Delta(record) => self.receive_delta(from, record),
             SiteMessage::Journaled { group, seq } => {
@@ -518,6 +551,48 @@ impl Engine {
             }
         }
         self.replication.durable_maps.insert(peer, (saved, true));
+    }
+
+    /// The answer to an [`Action::SaveResyncMarks`].
+    pub fn resync_marks_saved(&mut self, io: IoId, result: Result<(), String>) {
+        let Some(IoPurpose::MarksSave) = self.ios.remove(&io) else {
+            panic!("engine invariant: io {io} is not a resync-marks save in flight");
+        };
+        let saved = self
+            .replication
+            .marks_saving
+            .take()
+            .expect("engine invariant: a marks save in flight records its set");
+        if let Err(reason) = result {
+            self.fail(format!("saving the resync marks failed: {reason}"));
+            return;
+        }
+        self.replication.marks = saved;
+        if std::mem::take(&mut self.replication.marks_stale) {
+            self.save_resync_marks(None);
+        }
+        // Chunks (and what followed them) held for a mark now saved.
+        let ready: Vec<GroupId> = self
+            .replication
+            .inbound
+            .iter()
+            .filter(|(group, inbound)| !inbound.held.is_empty() && self.marked(**group))
+            .map(|(group, _)| *group)
+            .collect();
+        for group in ready {
+            let held = std::mem::take(
+                &mut self
+                    .replication
+                    .inbound
+                    .get_mut(&group)
+                    .expect("engine invariant: listed above")
+                    .held,
+            );
+            let now = self.now;
+            for (from, message) in held {
+                self.receive(now, from, message);
+            }
+        }
     }
 
     /// Replication state of every group, for status and metrics.
@@ -859,6 +934,10 @@ impl Engine {
                         .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
                 }
             }
+            // Mid-resync, and nothing here says what it lacks (this site
+            // restarted without a saved map, or the site recovered from a
+            // crash mid-resync): every region.
+            None if !tracked => progress.dirty_all = true,
             None => {
                 let floor = progress.applied;
                 for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
@@ -1366,6 +1445,79 @@ impl Engine {
 // Replica side
 
 impl Engine {
+    /// True if the group is durably marked mid-resync, and no save in
+    /// flight unmarks it.
+    fn marked(&self, group: GroupId) -> bool {
+        self.replication.marks.contains(&group)
+            && self
+                .replication
+                .marks_saving
+                .as_ref()
+                .is_none_or(|saving| saving.contains(&group))
+    }
+
+    /// A delta or chunk from the owner must wait if it starts a resync of a
+    /// group not durably marked as mid-resync (a crash after its journal
+    /// replayed it would leave the legs at no delta boundary without
+    /// anything saying so), or if earlier messages of its stream wait.
+    fn hold_until_marked(&mut self, from: SiteId, message: &SiteMessage) -> bool {
+        let (group, chunk) = match message {
+            SiteMessage::Delta(record) => (record.group, false),
+            SiteMessage::Resync { group, .. } => (*group, true),
+            _ => return false,
+        };
+        if from == self.config.site || self.owner_of(group) != from {
+            // Refused by the normal path.
+            return false;
+        }
+        let waiting = self
+            .replication
+            .inbound
+            .get(&group)
+            .is_some_and(|inbound| !inbound.held.is_empty());
+        if waiting {
+            return true;
+        }
+        if !chunk || self.marked(group) {
+            return false;
+        }
+        self.save_resync_marks(Some(group));
+        true
+    }
+
+    /// Saves the set of groups mid-resync here (plus `starting`, whose
+    /// first chunk is about to be held) if it changed. One save is in
+    /// flight at a time; a change meanwhile is saved after it.
+    pub(super) fn save_resync_marks(&mut self, starting: Option<GroupId>) {
+        if self.replication.marks_saving.is_some() {
+            self.replication.marks_stale = true;
+            return;
+        }
+        let wanted: BTreeSet<GroupId> = self
+            .replication
+            .inbound
+            .iter()
+            .filter(|(_, inbound)| {
+                inbound.resync.is_some()
+                    || inbound
+                        .held
+                        .iter()
+                        .any(|(_, message)| matches!(message, SiteMessage::Resync { .. }))
+            })
+            .map(|(group, _)| *group)
+            .chain(starting)
+            .collect();
+        if wanted == self.replication.marks {
+            return;
+        }
+        let io = self.new_io(IoPurpose::MarksSave);
+        self.replication.marks_saving = Some(wanted.clone());
+        self.actions.push_back(Action::SaveResyncMarks {
+            io,
+            groups: wanted.into_iter().collect(),
+        });
+    }
+
     pub(super) fn send_resume(&mut self, group: GroupId) {
         let Some(state) = self.groups.get(&group) else {
             return;
@@ -1385,10 +1537,14 @@ impl Engine {
         // waiting for its legs (holding writes back past the bound), waits
         // forever when nothing new is shipped. Acks of resync chunks sent
         // before mean nothing to the resync the owner starts on a resume.
+        // Held messages predate the resume too: the owner sends again
+        // whatever `have` lacks.
         if let Some(inbound) = self.replication.inbound.get_mut(&group) {
             inbound.journaled_reported = DeltaSeq(0);
             inbound.chunk_positions.clear();
+            inbound.held.clear();
         }
+        self.save_resync_marks(None);
         self.send_replica_acks(group);
         let state = &self.groups[&group];
         let applied = state
@@ -1611,6 +1767,7 @@ impl Engine {
         let received = DeltaSeq(state.next_seq.0 - 1) >= resync.consistent_at;
         if resync.last_received && !chunks_pending && !deltas_pending && received {
             inbound.resync = None;
+            self.save_resync_marks(None);
         }
     }
 

@@ -41,6 +41,8 @@ struct Site {
     next_seq: DeltaSeq,
     /// The last dirty-region map saved for each other site.
     saved_maps: BTreeMap<SiteId, BTreeSet<(VolumeId, u64)>>,
+    /// The groups last saved as mid-resync here.
+    saved_marks: BTreeSet<GroupId>,
 }
 
 impl Site {
@@ -73,6 +75,7 @@ impl Site {
             journal: Vec::new(),
             next_seq: DeltaSeq(1),
             saved_maps: BTreeMap::new(),
+            saved_marks: BTreeSet::new(),
         }
     }
 
@@ -122,6 +125,10 @@ impl Site {
                 Action::SaveDirtyMap { io, peer, regions } => {
                     self.saved_maps.insert(peer, regions.into_iter().collect());
                     self.engine.dirty_map_saved(io, Ok(()));
+                }
+                Action::SaveResyncMarks { io, groups } => {
+                    self.saved_marks = groups.into_iter().collect();
+                    self.engine.resync_marks_saved(io, Ok(()));
                 }
                 Action::SyncJournal { io, .. } => self.engine.journal_synced(io, Ok(())),
                 Action::WriteLeg { io, blocks, .. } => {
@@ -1177,4 +1184,101 @@ fn deltas_shipped_during_an_abandoned_resync_are_copied_by_the_next() {
     pair.tick(100);
     pair.tick(100);
     assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_replica_that_crashed_mid_resync_knows_it_after_its_restart() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    // b returns; its first chunk arrives, then b loses power.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    let first = pair
+        .to_b
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Resync { .. }))
+        .expect("a resync starts");
+    let chunk = pair.to_b.remove(first).expect("index is in range");
+    pair.b.engine.receive(pair.now, A, chunk);
+    pair.b.run();
+    assert_eq!(
+        pair.b.saved_marks,
+        BTreeSet::from([GROUP]),
+        "marked before the chunk reached the journal"
+    );
+    pair.hold_group_lane_to_b = false;
+    pair.disconnect();
+    // b restarts: its journal (the chunk) replays onto its leg.
+    let mut leg = std::mem::take(&mut pair.b.leg);
+    for record in std::mem::take(&mut pair.b.journal) {
+        for (key, image) in record.blocks {
+            leg.insert(key.block, image.to_bytes());
+        }
+    }
+    let recovered = RecoveredState {
+        next_position: JournalPosition(1_000),
+        next_seq: [(GROUP, pair.b.next_seq)].into(),
+        next_remote_id: 1 << 32,
+        resyncing: pair.b.saved_marks.clone(),
+    };
+    let saved_marks = pair.b.saved_marks.clone();
+    pair.b = Site::recovered(config(B, A), Mode::Async, A, recovered);
+    pair.b.leg = leg;
+    pair.b.saved_marks = saved_marks;
+    assert!(!pair.b.engine.replication_status()[0].consistent);
+    let snapshot = pair.b.submit(
+        pair.now,
+        Request::ReadSnapshot {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    pair.b.run();
+    assert!(matches!(
+        pair.b.reply(snapshot),
+        Some(Err(RequestError::Io(_)))
+    ));
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    assert!(pair.b.saved_marks.is_empty());
+}
+
+#[test]
+fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), B);
+    engine.receive(
+        Timestamp(0),
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: None,
+        },
+    );
+    let reads = std::iter::from_fn(|| engine.poll_action())
+        .filter(|action| matches!(action, Action::ReadLeg { .. }))
+        .count();
+    assert!(reads > 0, "nothing here says what b lacks: copy everything");
 }
