@@ -33,6 +33,11 @@ pub enum SiteMessage {
     Resume {
         group: GroupId,
         have: Option<DeltaSeq>,
+        /// Names this resume: the chunks of the resync it starts, and their
+        /// acknowledgements, carry it, so that what was sent for an earlier
+        /// resume (still on its way when this one was sent) is told apart
+        /// and ignored. Unique across the replica's restarts.
+        resume: u64,
     },
     /// Owner to replica: current images of blocks the replica may lack,
     /// sent when retained deltas cannot bring it up to date. The replica's
@@ -45,10 +50,13 @@ pub enum SiteMessage {
         /// The deltas after this one follow on the same stream.
         base: DeltaSeq,
         consistent_at: DeltaSeq,
+        /// The [`SiteMessage::Resume`] this resync answers.
+        resume: u64,
     },
-    /// Replica to owner: one more [`SiteMessage::Resync`] chunk is in the
-    /// replica's journal, durably (chunks are acknowledged in order).
-    ResyncAck { group: GroupId },
+    /// Replica to owner: one more [`SiteMessage::Resync`] chunk of the
+    /// resync answering resume `resume` is in the replica's journal,
+    /// durably (chunks are acknowledged in order).
+    ResyncAck { group: GroupId, resume: u64 },
     /// Replica to owner: the strict read `id` of a block range. The owner
     /// answers with only the blocks written after delta `have` of the
     /// volume's group (or all of them when `have` is `None`).
@@ -80,7 +88,7 @@ impl SiteMessage {
             | SiteMessage::Applied { group, .. }
             | SiteMessage::Resume { group, .. }
             | SiteMessage::Resync { group, .. }
-            | SiteMessage::ResyncAck { group } => Lane::Group(*group),
+            | SiteMessage::ResyncAck { group, .. } => Lane::Group(*group),
             SiteMessage::ReadRequest { .. }
             | SiteMessage::ReadReply { .. }
             | SiteMessage::Forward { .. }

@@ -33,9 +33,14 @@ impl PeerMessage {
                 group: group.0,
                 seq: seq.0,
             },
-            SiteMessage::Resume { group, have } => PeerMessage::Resume {
+            SiteMessage::Resume {
+                group,
+                have,
+                resume,
+            } => PeerMessage::Resume {
                 group: group.0,
                 have: have.map(|have| have.0),
+                resume: *resume,
             },
             SiteMessage::Resync {
                 group,
@@ -43,14 +48,19 @@ impl PeerMessage {
                 last,
                 base,
                 consistent_at,
+                resume,
             } => PeerMessage::Resync {
                 group: group.0,
                 blocks: blocks_to_wire(blocks),
                 last: *last,
                 base: base.0,
                 consistent_at: consistent_at.0,
+                resume: *resume,
             },
-            SiteMessage::ResyncAck { group } => PeerMessage::ResyncAck { group: group.0 },
+            SiteMessage::ResyncAck { group, resume } => PeerMessage::ResyncAck {
+                group: group.0,
+                resume: *resume,
+            },
             SiteMessage::ReadRequest { id, request, have } => {
                 let Request::Read {
                     volume,
@@ -130,9 +140,14 @@ impl PeerMessage {
                 group: GroupId(group),
                 seq: DeltaSeq(seq),
             },
-            PeerMessage::Resume { group, have } => SiteMessage::Resume {
+            PeerMessage::Resume {
+                group,
+                have,
+                resume,
+            } => SiteMessage::Resume {
                 group: GroupId(group),
                 have: have.map(DeltaSeq),
+                resume,
             },
             PeerMessage::Resync {
                 group,
@@ -140,15 +155,18 @@ impl PeerMessage {
                 last,
                 base,
                 consistent_at,
+                resume,
             } => SiteMessage::Resync {
                 group: GroupId(group),
                 blocks: blocks_from_wire(blocks),
                 last,
                 base: DeltaSeq(base),
                 consistent_at: DeltaSeq(consistent_at),
+                resume,
             },
-            PeerMessage::ResyncAck { group } => SiteMessage::ResyncAck {
+            PeerMessage::ResyncAck { group, resume } => SiteMessage::ResyncAck {
                 group: GroupId(group),
+                resume,
             },
             PeerMessage::ReadRequest {
                 id,

@@ -5,7 +5,7 @@ use stretch_core::{BLOCK_SIZE, Mode};
 use crate::frame::{FRAME_BYTES_MAX, WireError};
 
 /// Version of this message set, exchanged in [`PeerMessage::Hello`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -130,7 +130,12 @@ pub enum PeerMessage {
     Applied { group: u32, seq: u64 },
     /// Replica to owner: the replica holds the deltas up to `have` (none:
     /// its image is at no delta boundary) and wants the ones after it.
-    Resume { group: u32, have: Option<u64> },
+    /// `resume` names this request; the resync answering it carries it.
+    Resume {
+        group: u32,
+        have: Option<u64>,
+        resume: u64,
+    },
     /// Owner to replica: current images of blocks the replica may lack.
     Resync {
         group: u32,
@@ -138,9 +143,11 @@ pub enum PeerMessage {
         last: bool,
         base: u64,
         consistent_at: u64,
+        resume: u64,
     },
-    /// Replica to owner: one more resync chunk is journaled.
-    ResyncAck { group: u32 },
+    /// Replica to owner: one more resync chunk (of the resync answering
+    /// `resume`) is journaled.
+    ResyncAck { group: u32, resume: u64 },
 
     // Between engines, on request streams.
     /// Replica to owner: strict read `id` of a byte range, wanting only the

@@ -106,14 +106,20 @@ fn samples() -> Vec<SiteMessage> {
         SiteMessage::Resume {
             group,
             have: Some(DeltaSeq(16)),
+            resume: 1,
         },
-        SiteMessage::Resume { group, have: None },
+        SiteMessage::Resume {
+            group,
+            have: None,
+            resume: u64::MAX,
+        },
         SiteMessage::Resync {
             group,
             blocks: vec![(key(1, 256), data(5)), (key(1, 300), BlockImage::Zero)],
             last: false,
             base: DeltaSeq(16),
             consistent_at: DeltaSeq(20),
+            resume: 1,
         },
         SiteMessage::Resync {
             group,
@@ -121,8 +127,12 @@ fn samples() -> Vec<SiteMessage> {
             last: true,
             base: DeltaSeq(20),
             consistent_at: DeltaSeq(20),
+            resume: 1 << 40,
         },
-        SiteMessage::ResyncAck { group },
+        SiteMessage::ResyncAck {
+            group,
+            resume: 1 << 40,
+        },
         SiteMessage::ReadRequest {
             id: 1,
             request: requests().remove(0),

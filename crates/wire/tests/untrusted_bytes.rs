@@ -111,10 +111,12 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::Resume {
             group: 3,
             have: Some(39),
+            resume: 7,
         },
         PeerMessage::Resume {
             group: 3,
             have: None,
+            resume: 8,
         },
         PeerMessage::Resync {
             group: 3,
@@ -122,6 +124,7 @@ fn samples() -> Vec<PeerMessage> {
             last: false,
             base: 40,
             consistent_at: 44,
+            resume: 8,
         },
         PeerMessage::Resync {
             group: 3,
@@ -129,8 +132,12 @@ fn samples() -> Vec<PeerMessage> {
             last: true,
             base: 44,
             consistent_at: 44,
+            resume: 8,
         },
-        PeerMessage::ResyncAck { group: 3 },
+        PeerMessage::ResyncAck {
+            group: 3,
+            resume: 8,
+        },
         PeerMessage::ReadRequest {
             id: 5,
             volume: 1,
@@ -474,6 +481,7 @@ fn protocol_rules_are_enforced() {
         last: false,
         base: 0,
         consistent_at: 1,
+        resume: 1,
     };
     let reply = |blocks| PeerMessage::ReadReply {
         id: 1,

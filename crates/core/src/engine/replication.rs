@@ -156,6 +156,9 @@ struct PeerProgress {
     /// Chunks built but not sent yet, oldest first, each with the journal
     /// position the local journal must hold durably before it may leave.
     held_chunks: VecDeque<(u64, SiteMessage)>,
+    /// The site's latest resume: the chunks sent for it and their acks
+    /// carry it; acks of an earlier one are ignored.
+    resume: u64,
 }
 
 impl PeerProgress {
@@ -173,6 +176,7 @@ impl PeerProgress {
             resync_generation: 0,
             last_chunk_sent: false,
             held_chunks: VecDeque::new(),
+            resume: 0,
         }
     }
 
@@ -192,11 +196,23 @@ struct Inbound {
     journaled_reported: DeltaSeq,
     /// Journal positions of resync chunks not yet acknowledged, in order.
     chunk_positions: VecDeque<u64>,
+    /// The latest resume sent: only chunks answering it are taken.
+    resume: u64,
     resync: Option<InboundResync>,
     /// Messages of the group's lane held, in order, until the group is
     /// durably marked as mid-resync (a new resync's first chunk waits for
     /// that, and what follows it on the stream waits behind it).
     held: VecDeque<(SiteId, SiteMessage)>,
+}
+
+/// A received [`SiteMessage::Resync`], unpacked.
+#[derive(Debug)]
+struct Chunk {
+    blocks: Vec<(BlockKey, BlockImage)>,
+    last: bool,
+    base: DeltaSeq,
+    consistent_at: DeltaSeq,
+    resume: u64,
 }
 
 #[derive(Debug)]
@@ -490,15 +506,31 @@ impl Engine {
                     self.retire_shipped();
                 }
             }
-            SiteMessage::Resume { group, have } => self.receive_resume(from, group, have),
+            SiteMessage::Resume {
+                group,
+                have,
+                resume,
+            } => self.receive_resume(from, group, have, resume),
             SiteMessage::Resync {
                 group,
                 blocks,
                 last,
                 base,
                 consistent_at,
-            } => self.receive_resync(from, group, blocks, last, base, consistent_at),
-            SiteMessage::ResyncAck { group } => self.receive_resync_ack(from, group),
+                resume,
+            } => {
+                let chunk = Chunk {
+                    blocks,
+                    last,
+                    base,
+                    consistent_at,
+                    resume,
+                };
+                self.receive_resync(from, group, chunk)
+            }
+            SiteMessage::ResyncAck { group, resume } => {
+                self.receive_resync_ack(from, group, resume)
+            }
             SiteMessage::ReadRequest { id, request, have } => {
                 self.receive_read_request(from, id, request, have)
             }
@@ -878,7 +910,13 @@ impl Engine {
         }
     }
 
-    fn receive_resume(&mut self, from: SiteId, group: GroupId, have: Option<DeltaSeq>) {
+    fn receive_resume(
+        &mut self,
+        from: SiteId,
+        group: GroupId,
+        have: Option<DeltaSeq>,
+        resume: u64,
+    ) {
         if self.owner_of(group) != self.config.site {
             self.stats.refused_messages_total += 1;
             return;
@@ -904,6 +942,7 @@ impl Engine {
         let Some(progress) = outbound.peers.get_mut(&from) else {
             return;
         };
+        progress.resume = resume;
         // A site holding every delta needs nothing else, whatever the maps
         // say (they may predate what it received since).
         if have == Some(last) {
@@ -1185,13 +1224,6 @@ impl Engine {
         let needed = self.groups[&group].last_position;
         let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
         self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
-        let message = SiteMessage::Resync {
-            group,
-            blocks,
-            last,
-            base,
-            consistent_at,
-        };
         let synced = self.journal.synced_upto;
         let Some(progress) = self
             .replication
@@ -1200,6 +1232,14 @@ impl Engine {
             .and_then(|outbound| outbound.peers.get_mut(&peer))
         else {
             return;
+        };
+        let message = SiteMessage::Resync {
+            group,
+            blocks,
+            last,
+            base,
+            consistent_at,
+            resume: progress.resume,
         };
         progress.last_chunk_sent = last;
         if needed <= synced && progress.held_chunks.is_empty() {
@@ -1252,11 +1292,13 @@ impl Engine {
         self.answer_synced_waiters();
     }
 
-    fn receive_resync_ack(&mut self, from: SiteId, group: GroupId) {
+    fn receive_resync_ack(&mut self, from: SiteId, group: GroupId, resume: u64) {
         let Some(progress) = self.peer_progress(group, from) else {
             return;
         };
-        if progress.state != PeerState::Resyncing {
+        // An ack for a chunk of an earlier resync: that resync was
+        // abandoned, its regions are copied again.
+        if progress.state != PeerState::Resyncing || progress.resume != resume {
             self.stats.refused_messages_total += 1;
             return;
         }
@@ -1470,6 +1512,12 @@ impl Engine {
             // Refused by the normal path.
             return false;
         }
+        if let SiteMessage::Resync { resume, .. } = message
+            && self.stale_chunk(group, *resume)
+        {
+            // Refused by the normal path.
+            return false;
+        }
         let waiting = self
             .replication
             .inbound
@@ -1527,9 +1575,18 @@ impl Engine {
             Some(inbound) if inbound.resync.is_some() => None,
             _ => Some(DeltaSeq(state.next_seq.0 - 1)),
         };
+        // Resume ids come from the request-id counter: unique across this
+        // site's restarts too.
+        let resume = self.replication.next_remote;
+        self.replication.next_remote += 1;
+        self.replication.inbound.entry(group).or_default().resume = resume;
         self.actions.push_back(Action::Send {
             peer: owner,
-            message: SiteMessage::Resume { group, have },
+            message: SiteMessage::Resume {
+                group,
+                have,
+                resume,
+            },
         });
         // Acks sent on an earlier connection may be lost, and the owner
         // may have restarted: say again what the journal and the legs hold.
@@ -1627,16 +1684,28 @@ impl Engine {
         );
     }
 
-    fn receive_resync(
-        &mut self,
-        from: SiteId,
-        group_id: GroupId,
-        blocks: Vec<(BlockKey, BlockImage)>,
-        last: bool,
-        base: DeltaSeq,
-        consistent_at: DeltaSeq,
-    ) {
-        if self.owner_of(group_id) != from || from == self.config.site {
+    /// True if a chunk answers a resume older than the latest one sent:
+    /// the owner sent it before it heard the latest, and copies again, for
+    /// the latest, whatever that older resync had not finished.
+    fn stale_chunk(&self, group: GroupId, resume: u64) -> bool {
+        self.replication
+            .inbound
+            .get(&group)
+            .is_none_or(|inbound| inbound.resume != resume)
+    }
+
+    fn receive_resync(&mut self, from: SiteId, group_id: GroupId, chunk: Chunk) {
+        let Chunk {
+            blocks,
+            last,
+            base,
+            consistent_at,
+            resume,
+        } = chunk;
+        if self.owner_of(group_id) != from
+            || from == self.config.site
+            || self.stale_chunk(group_id, resume)
+        {
             self.stats.refused_messages_total += 1;
             return;
         }
@@ -1705,7 +1774,10 @@ impl Engine {
                 break;
             }
             inbound.chunk_positions.pop_front();
-            messages.push(SiteMessage::ResyncAck { group: group_id });
+            messages.push(SiteMessage::ResyncAck {
+                group: group_id,
+                resume: inbound.resume,
+            });
         }
         if journaled > inbound.journaled_reported {
             inbound.journaled_reported = journaled;

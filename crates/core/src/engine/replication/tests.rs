@@ -356,6 +356,7 @@ fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
         SiteMessage::Resume {
             group: GROUP,
             have: Some(DeltaSeq(0)),
+            resume: 1,
         },
     );
     assert_eq!(engine.poll_action(), None);
@@ -437,7 +438,8 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
             peer: A,
             message: SiteMessage::Resume {
                 group: GROUP,
-                have: Some(DeltaSeq(0))
+                have: Some(DeltaSeq(0)),
+                resume: 0,
             }
         })
     );
@@ -464,7 +466,8 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
             peer: A,
             message: SiteMessage::Resume {
                 group: GROUP,
-                have: Some(DeltaSeq(0))
+                have: Some(DeltaSeq(0)),
+                resume: 1,
             }
         })
     );
@@ -1041,6 +1044,7 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
         SiteMessage::Resume {
             group: GROUP,
             have: Some(DeltaSeq(5)),
+            resume: 1,
         },
     );
     // Region reads complete at once; journal syncs wait.
@@ -1133,9 +1137,13 @@ fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
     );
     engine.set_owner(GROUP, A, Epoch(1));
     engine.peer_up(Timestamp(0), B);
-    let resume = |have| SiteMessage::Resume { group: GROUP, have };
+    let resume = |have, resume| SiteMessage::Resume {
+        group: GROUP,
+        have,
+        resume,
+    };
     // b claims more than a has: every region must be copied.
-    engine.receive(Timestamp(0), B, resume(Some(DeltaSeq(5))));
+    engine.receive(Timestamp(0), B, resume(Some(DeltaSeq(5)), 1));
     let reads: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
     assert!(
         reads
@@ -1143,7 +1151,7 @@ fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
             .any(|action| matches!(action, Action::ReadLeg { .. }))
     );
     // The connection was reset before those reads came back: b asks again.
-    engine.receive(Timestamp(0), B, resume(None));
+    engine.receive(Timestamp(0), B, resume(None, 2));
     let again: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();
     assert!(
         again
@@ -1275,10 +1283,88 @@ fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
         SiteMessage::Resume {
             group: GROUP,
             have: None,
+            resume: 1,
         },
     );
     let reads = std::iter::from_fn(|| engine.poll_action())
         .filter(|action| matches!(action, Action::ReadLeg { .. }))
         .count();
     assert!(reads > 0, "nothing here says what b lacks: copy everything");
+}
+
+#[test]
+fn chunks_and_acks_of_a_resync_an_earlier_resume_started_are_ignored() {
+    // The replica: a chunk answering its earlier resume arrives after it
+    // resumed again (the owner sent it before hearing the new resume).
+    let mut b = Site::new(config(B, A), Mode::Async, A);
+    b.engine.peer_up(Timestamp(0), A);
+    let resume = |messages: Vec<(SiteId, SiteMessage)>| {
+        messages
+            .into_iter()
+            .find_map(|(_, message)| match message {
+                SiteMessage::Resume { resume, .. } => Some(resume),
+                _ => None,
+            })
+            .expect("a resume was sent")
+    };
+    let earlier = resume(b.run());
+    b.engine.peer_down(Timestamp(0), A);
+    b.engine.peer_up(Timestamp(0), A);
+    let latest = resume(b.run());
+    assert_ne!(earlier, latest);
+    let chunk = |resume| SiteMessage::Resync {
+        group: GROUP,
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(3)),
+        )],
+        last: true,
+        base: DeltaSeq(0),
+        consistent_at: DeltaSeq(0),
+        resume,
+    };
+    b.engine.receive(Timestamp(0), A, chunk(earlier));
+    b.run();
+    assert!(b.leg.is_empty(), "a stale chunk was applied");
+    assert_eq!(b.engine.stats().refused_messages_total, 1);
+    b.engine.receive(Timestamp(0), A, chunk(latest));
+    b.run();
+    assert_eq!(b.leg.get(&0), Some(&block(3)));
+
+    // The owner: an ack of a chunk of the abandoned resync does not count
+    // for the new one.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.write(false, 3 << 20, block(2));
+    pair.tick(100);
+    let resume_message = |have, resume| SiteMessage::Resume {
+        group: GROUP,
+        have,
+        resume,
+    };
+    pair.a.engine.peer_up(pair.now, B);
+    pair.a
+        .engine
+        .receive(pair.now, B, resume_message(Some(DeltaSeq(9)), 100));
+    pair.a.run();
+    pair.a
+        .engine
+        .receive(pair.now, B, resume_message(Some(DeltaSeq(9)), 101));
+    pair.a.run();
+    let refused = pair.a.engine.stats().refused_messages_total;
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::ResyncAck {
+            group: GROUP,
+            resume: 100,
+        },
+    );
+    pair.a.run();
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
+    assert_eq!(pair.a.engine.stats().resync_regions_done_total, 0);
 }
