@@ -300,7 +300,14 @@ impl Engine {
                     self.reply(request_id, Err(RequestError::Io(reason)));
                     return;
                 }
+                let snapshot = matches!(request, Request::ReadSnapshot { .. })
+                    && self.owner_of(spec.group) != self.config.site;
                 self.start_read(request_id, volume, offset, length, None);
+                if snapshot && let Some(Pending::Read(read)) = self.pending.get_mut(&request_id) {
+                    // Whole-delta image: deltas wait until its leg parts
+                    // are read (see `try_apply`).
+                    read.snapshot_of = Some(spec.group);
+                }
             }
             Request::Write {
                 offset, data, fua, ..
@@ -718,6 +725,11 @@ struct PendingRead {
     parts: Vec<ReadPart>,
     outstanding: u32,
     failed: Option<String>,
+    /// A snapshot read at a site that does not own the volume: no delta of
+    /// this group may start onto the legs while its leg parts are read,
+    /// or they could show a delta its cached parts (taken at the start)
+    /// do not.
+    snapshot_of: Option<GroupId>,
 }
 
 #[derive(Debug)]
@@ -832,6 +844,7 @@ impl Engine {
             parts,
             outstanding,
             failed: None,
+            snapshot_of: None,
         };
         if outstanding == 0 {
             self.finish_read(request, read);
@@ -864,7 +877,11 @@ impl Engine {
         let Some(Pending::Read(read)) = self.pending.remove(&request) else {
             unreachable!("checked above");
         };
+        let snapshot_of = read.snapshot_of;
         self.finish_read(request, read);
+        if let Some(group) = snapshot_of {
+            self.try_apply(group);
+        }
     }
 
     fn finish_read(&mut self, request: RequestId, mut read: PendingRead) {
@@ -1364,6 +1381,12 @@ impl Engine {
             .get(&group_id)
             .expect("engine invariant: group exists");
         if group.applying.is_some() {
+            return;
+        }
+        let snapshot_reading = self.pending.values().any(
+            |pending| matches!(pending, Pending::Read(read) if read.snapshot_of == Some(group_id)),
+        );
+        if snapshot_reading {
             return;
         }
         let bug = self.config.planted_bug;

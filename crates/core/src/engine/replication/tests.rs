@@ -1368,3 +1368,76 @@ fn chunks_and_acks_of_a_resync_an_earlier_resume_started_are_ignored() {
     assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
     assert_eq!(pair.a.engine.stats().resync_regions_done_total, 0);
 }
+
+#[test]
+fn a_snapshot_read_is_not_torn_by_a_delta_landing_during_its_leg_read() {
+    let mut b = Site::new(config(B, A), Mode::Async, A);
+    b.engine.peer_up(Timestamp(0), A);
+    b.run();
+    let delta = |seq: u64, byte: u8, blocks: &[u64]| {
+        SiteMessage::Delta(DeltaRecord {
+            position: JournalPosition(0),
+            group: GROUP,
+            epoch: Epoch(1),
+            seq: DeltaSeq(seq),
+            blocks: blocks
+                .iter()
+                .map(|block| {
+                    let key = BlockKey {
+                        volume: VOLUME,
+                        block: *block,
+                    };
+                    (key, BlockImage::Data(self::block(byte)))
+                })
+                .collect(),
+        })
+    };
+    b.engine.receive(Timestamp(0), A, delta(1, 1, &[0]));
+    b.run();
+    // Block 0 is cached, block 1 must be read from the leg.
+    b.engine.submit(
+        Timestamp(0),
+        RequestId(9),
+        Request::ReadSnapshot {
+            volume: VOLUME,
+            offset: 0,
+            length: 2 * 4096,
+        },
+    );
+    let Some(Action::ReadLeg { io: read_io, .. }) = b.engine.poll_action() else {
+        panic!("the snapshot reads block 1 from the leg");
+    };
+    // Delta 2 (blocks 0 and 1) arrives and is journaled meanwhile.
+    b.engine.receive(Timestamp(0), A, delta(2, 2, &[0, 1]));
+    let mut writes = 0;
+    while let Some(action) = b.engine.poll_action() {
+        match action {
+            Action::SyncJournal { io, .. } => b.engine.journal_synced(io, Ok(())),
+            Action::WriteLeg { .. } => writes += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(writes, 0, "delta 2 started onto the leg under the read");
+    b.engine
+        .leg_read_done(read_io, Ok(Bytes::from(vec![0u8; 4096])));
+    let actions: Vec<Action> = std::iter::from_fn(|| b.engine.poll_action()).collect();
+    let image = actions
+        .iter()
+        .find_map(|action| match action {
+            Action::Reply {
+                request: RequestId(9),
+                result: Ok(Response::Data(data)),
+            } => Some(data.clone()),
+            _ => None,
+        })
+        .expect("the snapshot read is answered");
+    assert_eq!(&image[..4096], &block(1)[..]);
+    assert_eq!(&image[4096..], &[0u8; 4096][..]);
+    assert!(actions.iter().any(|action| matches!(
+        action,
+        Action::WriteLeg {
+            seq: DeltaSeq(2),
+            ..
+        }
+    )));
+}
