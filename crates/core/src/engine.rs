@@ -26,6 +26,9 @@ pub struct EngineConfig {
     pub delta_max_bytes: u64,
     /// Bound on block memory: dirty deltas plus clean cached blocks. Writes
     /// wait (throttled, never dropped) while taking them would pass it.
+    /// What other sites send cannot be refused: at a site that does not own
+    /// every group, each owner site may add its backlog of deltas not yet
+    /// applied here (see `backlog_bytes_max`) and 4 MiB of resync chunks.
     pub cache_bytes_max: u64,
     /// Once this many journal bytes are awaiting release, the legs are synced
     /// and the journal records they hold are released.

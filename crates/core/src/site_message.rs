@@ -54,8 +54,9 @@ pub enum SiteMessage {
         resume: u64,
     },
     /// Replica to owner: one more [`SiteMessage::Resync`] chunk of the
-    /// resync answering resume `resume` is in the replica's journal,
-    /// durably (chunks are acknowledged in order).
+    /// resync answering resume `resume` is on the replica's legs (so the
+    /// owner's window of chunks in flight bounds the replica's memory);
+    /// chunks are acknowledged in order.
     ResyncAck { group: GroupId, resume: u64 },
     /// Replica to owner: the strict read `id` of a block range. The owner
     /// answers with only the blocks written after delta `have` of the

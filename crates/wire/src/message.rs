@@ -146,7 +146,7 @@ pub enum PeerMessage {
         resume: u64,
     },
     /// Replica to owner: one more resync chunk (of the resync answering
-    /// `resume`) is journaled.
+    /// `resume`) is on the replica's legs.
     ResyncAck { group: u32, resume: u64 },
 
     // Between engines, on request streams.

@@ -26,7 +26,9 @@ const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
 const RESYNC_TAG_BASE: u64 = 1 << 62;
 /// Resync copies regions of this many blocks (1 MiB).
 pub const REGION_BLOCKS: u64 = 256;
-/// Region reads (and unacknowledged chunks) in flight per resyncing site.
+/// Region reads and chunks not yet on the other site's legs, per site
+/// being resynced (all its groups together): what a resync may add to that
+/// site's memory.
 const RESYNC_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Where a site stands with respect to a group this site owns.
@@ -198,6 +200,10 @@ struct Inbound {
     chunk_positions: VecDeque<u64>,
     /// The latest resume sent: only chunks answering it are taken.
     resume: u64,
+    /// Journal position of the newest resync chunk on the legs: chunks are
+    /// acknowledged once applied, so the owner's window of chunks in
+    /// flight bounds the memory they take here.
+    chunk_applied_upto: u64,
     resync: Option<InboundResync>,
     /// Messages of the group's lane held, in order, until the group is
     /// durably marked as mid-resync (a new resync's first chunk waits for
@@ -1004,7 +1010,7 @@ impl Engine {
                 .expect("engine invariant: progress looked up above");
             progress.dirty.extend(regions);
         }
-        self.pump_resync(group, from);
+        self.pump_peer(from);
         self.retire_shipped();
     }
 
@@ -1090,9 +1096,17 @@ impl Engine {
                 }
                 return;
             }
-            if busy >= RESYNC_CHUNKS_IN_FLIGHT {
+            if self.resync_in_flight(peer) >= RESYNC_CHUNKS_IN_FLIGHT {
                 return;
             }
+            let Some(progress) = self
+                .replication
+                .outbound
+                .get_mut(&group)
+                .and_then(|outbound| outbound.peers.get_mut(&peer))
+            else {
+                return;
+            };
             let region = progress
                 .dirty
                 .pop_first()
@@ -1100,6 +1114,35 @@ impl Engine {
             progress.resync_reading += 1;
             let generation = progress.resync_generation;
             self.start_resync_read(group, peer, region, generation);
+        }
+    }
+
+    /// Region reads and chunks not yet on `peer`'s legs, all groups.
+    fn resync_in_flight(&self, peer: SiteId) -> usize {
+        self.replication
+            .outbound
+            .values()
+            .filter_map(|outbound| outbound.peers.get(&peer))
+            .map(|progress| progress.resync_reading + progress.resync_unacked.len())
+            .sum()
+    }
+
+    /// Lets every group resyncing to `peer` use the window's free slots.
+    fn pump_peer(&mut self, peer: SiteId) {
+        let groups: Vec<GroupId> = self
+            .replication
+            .outbound
+            .iter()
+            .filter(|(_, outbound)| {
+                outbound
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|progress| progress.state == PeerState::Resyncing)
+            })
+            .map(|(group, _)| *group)
+            .collect();
+        for group in groups {
+            self.pump_resync(group, peer);
         }
     }
 
@@ -1286,6 +1329,10 @@ impl Engine {
         }
         progress.state = PeerState::Streaming;
         progress.last_chunk_sent = false;
+        // Every chunk is on its legs (chunks are acknowledged once applied):
+        // it holds every delta up to the resync's base.
+        progress.applied = progress.applied.max(progress.resync_base);
+        progress.journaled = progress.journaled.max(progress.resync_base);
         self.ship_ready(group, peer);
         self.retire_shipped();
         // Every chunk is in its journal now: what it journaled counts.
@@ -1309,7 +1356,7 @@ impl Engine {
         if region.0 != VolumeId(u32::MAX) {
             self.stats.resync_regions_done_total += 1;
         }
-        self.pump_resync(group, from);
+        self.pump_peer(from);
     }
 
     fn receive_read_request(
@@ -1768,17 +1815,7 @@ impl Engine {
         let Some(inbound) = self.replication.inbound.get_mut(&group_id) else {
             return;
         };
-        let mut messages = Vec::new();
-        while let Some(position) = inbound.chunk_positions.front() {
-            if *position > synced {
-                break;
-            }
-            inbound.chunk_positions.pop_front();
-            messages.push(SiteMessage::ResyncAck {
-                group: group_id,
-                resume: inbound.resume,
-            });
-        }
+        let mut messages = chunk_acks(group_id, inbound);
         if journaled > inbound.journaled_reported {
             inbound.journaled_reported = journaled;
             messages.push(SiteMessage::Journaled {
@@ -1817,6 +1854,14 @@ impl Engine {
                     seq: delta.seq,
                 },
             });
+        } else if let Some(inbound) = self.replication.inbound.get_mut(&group_id) {
+            inbound.chunk_applied_upto = inbound.chunk_applied_upto.max(delta.position.0);
+            for message in chunk_acks(group_id, inbound) {
+                self.actions.push_back(Action::Send {
+                    peer: owner,
+                    message,
+                });
+            }
         }
         self.check_consistent(group_id);
     }
@@ -1976,6 +2021,23 @@ impl Engine {
             self.reply(op.request, Err(error));
         }
     }
+}
+
+/// Acknowledges, in order, the resync chunks now on the legs (an empty
+/// chunk, never journaled, once every chunk before it is).
+fn chunk_acks(group: GroupId, inbound: &mut Inbound) -> Vec<SiteMessage> {
+    let mut messages = Vec::new();
+    while let Some(position) = inbound.chunk_positions.front() {
+        if *position != 0 && *position > inbound.chunk_applied_upto {
+            break;
+        }
+        inbound.chunk_positions.pop_front();
+        messages.push(SiteMessage::ResyncAck {
+            group,
+            resume: inbound.resume,
+        });
+    }
+    messages
 }
 
 pub(super) fn route_reply(

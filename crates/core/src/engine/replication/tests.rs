@@ -1441,3 +1441,109 @@ fn a_snapshot_read_is_not_torn_by_a_delta_landing_during_its_leg_read() {
         }
     )));
 }
+
+#[test]
+fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
+    // The owner: two groups resyncing to b share one window of reads.
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    for (volume, group) in [(VolumeId(1), GroupId(1)), (VolumeId(2), GroupId(2))] {
+        engine.add_volume(
+            volume,
+            VolumeSpec {
+                size: VOLUME_BYTES,
+                group,
+                mode: Mode::Async,
+            },
+        );
+        engine.set_owner(group, A, Epoch(1));
+    }
+    engine.peer_up(Timestamp(0), B);
+    for (group, resume) in [(GroupId(1), 1), (GroupId(2), 2)] {
+        let have = Some(DeltaSeq(9));
+        let message = SiteMessage::Resume {
+            group,
+            have,
+            resume,
+        };
+        engine.receive(Timestamp(0), B, message);
+    }
+    let reads = std::iter::from_fn(|| engine.poll_action())
+        .filter(|action| matches!(action, Action::ReadLeg { .. }))
+        .count();
+    assert_eq!(reads, RESYNC_CHUNKS_IN_FLIGHT);
+
+    // The replica: a chunk is acknowledged once on its legs, not before.
+    let mut b = Site::new(config(B, A), Mode::Async, A);
+    b.engine.peer_up(Timestamp(0), A);
+    let resume = b
+        .run()
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            SiteMessage::Resume { resume, .. } => Some(resume),
+            _ => None,
+        })
+        .expect("b resumes");
+    let chunk = SiteMessage::Resync {
+        group: GROUP,
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(4)),
+        )],
+        last: true,
+        base: DeltaSeq(0),
+        consistent_at: DeltaSeq(0),
+        resume,
+    };
+    b.engine.receive(Timestamp(0), A, chunk);
+    let mut sent = Vec::new();
+    let mut write = None;
+    while let Some(action) = b.engine.poll_action() {
+        match action {
+            Action::SaveResyncMarks { io, .. } => b.engine.resync_marks_saved(io, Ok(())),
+            Action::SyncJournal { io, .. } => b.engine.journal_synced(io, Ok(())),
+            Action::WriteLeg { io, .. } => write = Some(io),
+            Action::Send { message, .. } => sent.push(message),
+            _ => {}
+        }
+    }
+    assert!(
+        !sent
+            .iter()
+            .any(|message| matches!(message, SiteMessage::ResyncAck { .. })),
+        "acknowledged before it reached the legs"
+    );
+    b.engine
+        .leg_written(write.expect("the chunk goes to the leg"), Ok(()));
+    let acked = std::iter::from_fn(|| b.engine.poll_action()).any(|action| {
+        matches!(
+            action,
+            Action::Send {
+                message: SiteMessage::ResyncAck { .. },
+                ..
+            }
+        )
+    });
+    assert!(acked);
+}
+
+#[test]
+fn after_a_resync_the_owner_knows_the_site_holds_every_delta_up_to_its_base() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    let status = &pair.a.engine.replication_status()[0];
+    assert_eq!(status.peers[0].state, PeerState::Streaming);
+    assert_eq!(status.peers[0].applied, status.last_seq);
+    assert_eq!(status.peers[0].journaled, status.last_seq);
+}
