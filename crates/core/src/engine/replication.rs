@@ -125,6 +125,10 @@ struct Outbound {
     history: BTreeMap<BlockKey, (DeltaSeq, BlockImage)>,
     /// Deltas up to here are no longer retained (or predate this run).
     retired_upto: DeltaSeq,
+    /// The newest delta when this run started owning the group: what a
+    /// site lacks of the deltas up to it is unknown here (unless a saved
+    /// map says).
+    known_from: DeltaSeq,
 }
 
 #[derive(Debug)]
@@ -420,7 +424,14 @@ impl Engine {
         if owner == site {
             self.replication.inbound.remove(&group);
             let peers = self.config.peers.clone();
-            let outbound = self.replication.outbound.entry(group).or_default();
+            let outbound = self
+                .replication
+                .outbound
+                .entry(group)
+                .or_insert_with(|| Outbound {
+                    known_from: last,
+                    ..Outbound::default()
+                });
             outbound.retired_upto = outbound.retired_upto.max(last);
             for peer in peers {
                 outbound.peers.entry(peer).or_insert_with(PeerProgress::new);
@@ -766,6 +777,11 @@ impl Engine {
                     progress
                         .dirty
                         .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                }
+                if progress.journaled < outbound.known_from {
+                    // It may lack deltas from before this run, whose blocks
+                    // are not known here: every region must be copied.
+                    progress.dirty_all = true;
                 }
                 progress.state = PeerState::NeedsResync;
             }
