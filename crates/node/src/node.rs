@@ -426,9 +426,29 @@ fn open_node(
         recovery.next_position,
         recovery.next_seq.clone(),
     )?;
+    let sites = SiteTable::from_config(config);
+    // What each other site may lack: its saved map plus what the journal
+    // replayed (a restarted owner copies those regions to a lagging site).
+    // The replayed regions go into the saved maps before the replayed
+    // segments are deleted: after that, only the maps name them.
+    let mut dirty_maps = BTreeMap::new();
+    for peer in sites.data_peers(&node.site) {
+        let name = sites.name(peer).unwrap_or("unknown");
+        let path = layout.root.join(format!("dirty-{name}.map"));
+        if fresh && !path.exists() {
+            stretch_storage::save_dirty_map(fs.as_ref(), &path, &Default::default())?;
+        }
+        let mut saved = stretch_storage::load_dirty_map(fs.as_ref(), &path)?;
+        if let Some(regions) = &mut saved
+            && !recovery.replayed_regions.is_subset(regions)
+        {
+            regions.extend(recovery.replayed_regions.iter().copied());
+            stretch_storage::save_dirty_map(fs.as_ref(), &path, regions)?;
+        }
+        dirty_maps.insert(peer, (path, saved));
+    }
     journal.discard_replayed(&recovery.stale_segments)?;
     let resyncing = stretch_storage::load_resync_marks(fs.as_ref(), &layout.resync_marks())?;
-    let sites = SiteTable::from_config(config);
     let site_id = sites
         .id(&node.site)
         .ok_or_else(|| NodeError::UnknownSite(node.site.clone()))?;
@@ -470,19 +490,13 @@ fn open_node(
         engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
         metrics.volumes.inc();
     }
-    // What each other site may lack: its saved map plus what the journal
-    // replayed (a restarted owner copies those regions to a lagging site).
-    let mut dirty_maps = BTreeMap::new();
-    for peer in sites.data_peers(&node.site) {
-        let name = sites.name(peer).unwrap_or("unknown");
-        let path = layout.root.join(format!("dirty-{name}.map"));
-        if fresh && !path.exists() {
-            stretch_storage::save_dirty_map(fs.as_ref(), &path, &Default::default())?;
-        }
-        let saved = stretch_storage::load_dirty_map(fs.as_ref(), &path)?;
-        engine.restore_dirty_map(peer, saved, &recovery.replayed_regions);
-        dirty_maps.insert(peer, path);
-    }
+    let dirty_maps = dirty_maps
+        .into_iter()
+        .map(|(peer, (path, saved))| {
+            engine.restore_dirty_map(peer, saved, &recovery.replayed_regions);
+            (peer, path)
+        })
+        .collect();
     let legs: BTreeMap<VolumeId, Arc<Leg<OsFileSystem>>> = legs
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))
