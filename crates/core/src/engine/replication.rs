@@ -979,6 +979,9 @@ impl Engine {
             progress.state = PeerState::Streaming;
             progress.shipped = have;
             self.ship_ready(group, from);
+            // It counts for flush-sync and sync again: what it journaled
+            // may already cover requests waiting for another site.
+            self.answer_synced_waiters();
             return;
         }
         // The deltas it lacks are not all here: copy the regions instead.

@@ -240,13 +240,18 @@ impl Pair {
             next_seq: [(GROUP, self.a.next_seq)].into(),
             ..RecoveredState::default()
         };
+        let mode = self
+            .a
+            .engine
+            .volume(VOLUME)
+            .map_or(Mode::Async, |spec| spec.mode);
         let mut engine = Engine::new(config(A, B), recovered);
         engine.add_volume(
             VOLUME,
             VolumeSpec {
                 size: VOLUME_BYTES,
                 group: GROUP,
-                mode: Mode::Async,
+                mode,
             },
         );
         engine.set_owner(GROUP, A, Epoch(1));
@@ -1574,4 +1579,18 @@ fn a_site_folded_after_an_owner_restart_without_a_map_gets_every_region() {
     pair.tick(100);
     pair.tick(100);
     assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_flush_waiting_for_a_site_marked_for_resync_completes_once_it_streams() {
+    let mut pair = Pair::new(Mode::FlushSync);
+    // As a fresh node saves an empty map: a restarted owner marks b for a
+    // resync of nothing until b resumes.
+    pair.a.saved_maps.insert(B, BTreeSet::new());
+    pair.restart_a_alone();
+    let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
+    pair.settle();
+    assert_eq!(pair.a.reply(flush), None, "b is away");
+    pair.connect();
+    assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
 }
