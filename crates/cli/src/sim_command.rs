@@ -14,7 +14,8 @@ pub struct SimArgs {
     /// Seed of the run (every random choice derives from it).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Scenario file (see simulation/); the built-in single-site one if absent.
+    /// Scenario file (see simulation/, e.g. two-sites.toml); the built-in
+    /// single-site one if absent.
     #[arg(long, conflicts_with = "swarm")]
     scenario: Option<PathBuf>,
     /// Draw a random scenario from each seed instead of using a file.
@@ -29,11 +30,12 @@ pub struct SimArgs {
     /// Override the scenario's duration, in simulated seconds.
     #[arg(long)]
     duration: Option<f64>,
-    /// Print every event of the run (use on a failing seed).
+    /// Print the scenario and every event of the run (use on a failing seed).
     #[arg(long)]
     replay: bool,
     /// Plant a known defect to see the checker catch it: skip-journal-fsync,
-    /// ack-flush-early, apply-before-journal-sync, apply-newest-first.
+    /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
+    /// accept-delta-gap, flush-sync-local-only (the last two need sites).
     #[arg(long, value_parser = parse_bug)]
     bug: Option<SimBug>,
 }
@@ -69,6 +71,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         bug: args.bug,
         record_trace: args.replay,
     };
+    if args.replay {
+        print_scenario(&scenario);
+    }
     let started = Instant::now();
     let outcome = stretch_sim::run(&scenario, &options);
     let replay = format!(
@@ -98,6 +103,9 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
             bug: args.bug,
             record_trace: args.replay,
         };
+        if args.replay {
+            print_scenario(&scenario);
+        }
         let run_started = Instant::now();
         let outcome = stretch_sim::run(&scenario, &options);
         simulated_ns += outcome.simulated_ns;
@@ -139,6 +147,18 @@ fn replay_options(args: &SimArgs) -> String {
     options
 }
 
+/// The scenario a run used, as a scenario file (a swarm seed's draw).
+fn print_scenario(scenario: &Scenario) {
+    match toml::to_string(scenario) {
+        Ok(text) => {
+            for line in text.lines() {
+                println!("# {line}");
+            }
+        }
+        Err(error) => println!("# (scenario not printable: {error})"),
+    }
+}
+
 fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace: bool) {
     if print_trace {
         for line in &outcome.trace {
@@ -164,6 +184,21 @@ fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace
         stats.crashes,
         stats.fsync_failure_windows,
     );
+    if outcome.sites > 1 {
+        println!(
+            "  {} sites: {} requests sent to an owner ({} failed: owner unreachable), {} snapshot reads ({} refused mid-resync), {} messages ({} lost with their connection), {} link faults, {} site-loss checks, {} unflushed writes from other sites lost in an owner crash",
+            outcome.sites,
+            stats.remote_requests,
+            stats.remote_failures,
+            stats.snapshot_reads,
+            stats.snapshot_refusals,
+            stats.messages_sent,
+            stats.messages_lost,
+            stats.link_faults,
+            stats.site_loss_checks,
+            stats.remote_writes_lost,
+        );
+    }
     if let Some((violation, step, at)) = &outcome.violation {
         println!(
             "VIOLATION of {} at step {step} ({:.3} ms), seed {}: {}",

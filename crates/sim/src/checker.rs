@@ -3,21 +3,52 @@
 //! Every 512-byte sector a data write touches is filled with a pattern that
 //! names the write and the sector (8-byte words `write_id << 32 | sector`),
 //! so any image (a read reply, a leg after recovery) decodes into a version
-//! per sector. The model keeps the version each sector must have; the
-//! workload never runs two overlapping requests at once when one of them
-//! writes, so the model is exact.
+//! per sector. The workload never runs two overlapping requests at once when
+//! one of them writes (a write forwarded to another site counts as running
+//! until that site can no longer apply it), so the writes to any sector form
+//! one sequence, in issue order: a higher write id is a newer version. The
+//! model keeps, per volume, the version each sector has at the owner.
+//!
+//! A write is *acknowledged* when its owner site accepts it (the reply at
+//! the owner; for a write forwarded from another site, the owner's answer
+//! to the forward, which the simulator sees even if the network then loses
+//! it). The model changes at that moment.
 //!
 //! Checks:
-//! - G2: a read returns exactly the model's versions.
-//! - G4: after a crash, every write covered by a completed FLUSH, or written
-//!   with FUA, is present (its version, or a later write's, in each sector).
-//! - G3: after a crash, no write is partly present, and none is present
-//!   while a write of its group acknowledged before it was issued is not
-//!   (write order); every sector decodes to a write that covered it.
-//! - Acks: no request is answered twice or never; at the end, after the
-//!   drain, every leg equals the model.
+//! - G2: a strict read, at any site, returns exactly the model's versions
+//!   (no overlapping write runs meanwhile, so "at least as new as every
+//!   acknowledged write, nothing from a write not yet issued" is exact).
+//!   A read in flight while its owner crashed and recovered may also show
+//!   what was acknowledged before the crash (the owner answered first).
+//!   At a site that does not own the volume a strict read may fail with an
+//!   I/O error (the owner unreachable): allowed, and counted.
+//! - G2/G3: a snapshot read at a site that does not own the volume shows a
+//!   whole-delta image: no write in part, and every write acknowledged
+//!   before the newest write it shows was issued is there too (nothing
+//!   skipped), and no write its owner lost in a crash. If the site said it
+//!   was mid-resync when the read was issued, the read must be refused.
+//! - G4: after an owner's crash, every write covered by a completed FLUSH,
+//!   or written with FUA (or in sync mode), is present.
+//! - G3: after any site's crash, every leg is a whole-delta prefix: no write
+//!   partly present, none present while a write of its group acknowledged
+//!   before it was issued is not (write order), every sector decodes to a
+//!   write that covered it. A site that crashed mid-resync is exempt for
+//!   that group until it is whole again, and must say it is not (the
+//!   simulator checks its engine reports the group inconsistent).
+//! - G4 (site loss): writes a flush-sync FLUSH, a flush-sync FUA write or a
+//!   sync-mode write acknowledged are found at one or more of the other
+//!   sites after they all lose power at once.
+//! - Acks and convergence: no request is answered twice or never; at the
+//!   end, after the drain, every leg at every site equals the model.
+//!
+//! One assumption: an owner's crash is a crash for every client of the
+//! volumes it owns, as it is for the clients at its own site. What it
+//! acknowledged and lost unflushed is gone from the model, also for a
+//! client at another site whose own site did not crash (that client saw
+//! no error). The simulator counts such writes
+//! ([`crate::Stats::remote_writes_lost`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -40,51 +71,96 @@ pub enum WriteKind {
     Zero,
 }
 
+/// How a volume is set up, for the model.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeSetup {
+    pub group: u32,
+    /// The site (0-based) owning the volume's group.
+    pub owner: usize,
+    /// Every acknowledged write is durable at once (sync mode).
+    pub durable_writes: bool,
+    /// FLUSH and FUA promise survival of a site loss (flush-sync and sync
+    /// modes, with more than one site).
+    pub site_durable_flush: bool,
+    /// Every acknowledged write survives a site loss (sync mode, with more
+    /// than one site).
+    pub site_durable_writes: bool,
+}
+
 #[derive(Debug, Clone)]
 struct WriteRecord {
     volume: usize,
     first: u64,
     count: u64,
     kind: WriteKind,
-    /// Logical instants (see [`Checker::tick`]).
+    fua: bool,
+    /// Sent to the owner at another site.
+    forwarded: bool,
+    /// Logical instant of issue (see [`Checker::tick`]).
     issued: u64,
-    /// When it was answered (ok or error); None while unanswered.
+    /// When the client heard back, and whether it was a success.
     answered: Option<u64>,
-    ok: bool,
+    client_ok: bool,
+    /// The client no longer waits for it (answered, or its site crashed).
+    client_done: bool,
+    /// When the owner accepted it; from then on the model shows it.
+    acked: Option<u64>,
+    /// The owner can no longer apply it later (it answered, crashed, or
+    /// the forward was lost).
+    settled: bool,
+    /// Survives a crash of the owner.
     durable: bool,
+    /// Survives the loss of the owner's whole site.
+    site_durable: bool,
+    /// Judged absent after its owner's recovery: gone for good.
+    lost: bool,
+    /// Judged at an owner recovery; the owner's baseline covers it since.
+    finalized: bool,
 }
 
 impl WriteRecord {
-    /// Position in the order of overlapping writes (which never run
-    /// concurrently): unanswered writes come after every answered one.
-    fn order(&self) -> u64 {
-        self.answered.unwrap_or(u64::MAX)
-    }
-
     fn covers(&self, sector: u64) -> bool {
         sector >= self.first && sector < self.first + self.count
+    }
+
+    fn sectors(&self) -> std::ops::Range<u64> {
+        self.first..self.first + self.count
     }
 }
 
 #[derive(Debug, Clone)]
 struct VolumeModel {
-    group: u32,
-    /// Version per sector: 0 = zeros, otherwise a write id.
+    setup: VolumeSetup,
+    /// Version per sector at the owner: 0 = zeros, otherwise a write id.
     sectors: Vec<u32>,
-    /// The versions recovered at the last restart (zeros at first): what a
-    /// sector may fall back to when every later write to it was lost.
+    /// The versions the owner recovered at its last restart (zeros at
+    /// first): what a sector may fall back to when every later write to it
+    /// was lost.
     baseline: Vec<u32>,
+    /// The newest zeroing write that covered each sector (0 if none).
+    last_zero: Vec<u32>,
     /// Acknowledged writes no flush has covered yet, in answer order.
-    undurable: std::collections::VecDeque<u32>,
+    undurable: VecDeque<u32>,
+    /// Every write to the volume, oldest first.
+    writes: Vec<u32>,
 }
 
 /// A request as the checker tracks it.
 #[derive(Debug, Clone, Copy)]
 pub enum Tracked {
+    /// A strict read.
     Read {
         volume: usize,
         first: u64,
         count: u64,
+    },
+    /// A snapshot read at a site that does not own the volume; `consistent`
+    /// is what that site reported when the read was issued.
+    Snapshot {
+        volume: usize,
+        first: u64,
+        count: u64,
+        consistent: bool,
     },
     Write {
         id: u32,
@@ -97,49 +173,94 @@ pub enum Tracked {
     Trim,
 }
 
+/// Part of one volume's image: the versions of `versions.len()` sectors
+/// from `first`.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub volume: usize,
+    pub first: u64,
+    pub versions: Vec<u32>,
+}
+
+impl View {
+    fn shown(&self, sector: u64) -> Option<u32> {
+        let index = sector.checked_sub(self.first)?;
+        self.versions.get(index as usize).copied()
+    }
+
+    fn sectors(&self) -> std::ops::Range<u64> {
+        self.first..self.first + self.versions.len() as u64
+    }
+}
+
 #[derive(Debug)]
 pub struct Checker {
     volumes: Vec<VolumeModel>,
-    /// Writes since the last recovery, by id.
+    /// Every write of the run, by id (ids grow with issue order).
     writes: BTreeMap<u32, WriteRecord>,
+    /// Writes not yet judged by a recovery of their owner.
+    open: BTreeSet<u32>,
     next_write: u32,
-    in_flight: BTreeMap<u64, Tracked>,
-    /// Failed writes whose data the node may still show until it restarts.
+    /// Requests in flight: the site they were issued at, and what they are.
+    in_flight: BTreeMap<u64, (usize, Tracked)>,
+    /// Writes whose client is done but whose owner may still apply them
+    /// (a forward the owner has not answered): they still block
+    /// overlapping requests.
+    unsettled: BTreeSet<u32>,
+    /// Failed writes whose data the owner may still show until it restarts.
     maybe: BTreeMap<(usize, u64), u32>,
+    /// Strict reads in flight while their volume's owner recovered: what
+    /// each sector could show before the recovery (the owner may have
+    /// answered before it crashed).
+    straddling: BTreeMap<u64, Vec<BTreeSet<u32>>>,
+    /// Writes an owner accepted for a client at another site and then lost
+    /// in its crash (unflushed, so allowed; that client saw no crash).
+    remote_writes_lost: u64,
     /// Logical clock: every issue and every answer gets the next tick, so
     /// events at the same simulated instant still have an order.
     clock: u64,
 }
 
 impl Checker {
-    pub fn new(volume_groups: &[u32], volume_bytes: u64) -> Self {
+    pub fn new(volumes: &[VolumeSetup], volume_bytes: u64) -> Self {
         let sectors = (volume_bytes / SECTOR_BYTES) as usize;
         Checker {
-            volumes: volume_groups
+            volumes: volumes
                 .iter()
-                .map(|group| VolumeModel {
-                    group: *group,
+                .map(|setup| VolumeModel {
+                    setup: *setup,
                     sectors: vec![0; sectors],
                     baseline: vec![0; sectors],
-                    undurable: std::collections::VecDeque::new(),
+                    last_zero: vec![0; sectors],
+                    undurable: VecDeque::new(),
+                    writes: Vec::new(),
                 })
                 .collect(),
             writes: BTreeMap::new(),
+            open: BTreeSet::new(),
             next_write: 1,
             in_flight: BTreeMap::new(),
+            unsettled: BTreeSet::new(),
             maybe: BTreeMap::new(),
+            straddling: BTreeMap::new(),
+            remote_writes_lost: 0,
             clock: 0,
         }
     }
 
-    /// Registers a data or zero write; returns its id (the pattern to send).
+    /// Registers a data or zero write issued at `site`; returns its id (the
+    /// pattern to send). `forwarded`: the site does not own the volume.
+    #[allow(clippy::too_many_arguments)]
     pub fn issue_write(
         &mut self,
         request: u64,
+        site: usize,
         volume: usize,
         first: u64,
         count: u64,
         kind: WriteKind,
+        fua: bool,
+        forwarded: bool,
     ) -> u32 {
         let now = self.tick();
         let id = self.next_write;
@@ -151,19 +272,36 @@ impl Checker {
                 first,
                 count,
                 kind,
+                fua,
+                forwarded,
                 issued: now,
                 answered: None,
-                ok: false,
+                client_ok: false,
+                client_done: false,
+                acked: None,
+                settled: false,
                 durable: false,
+                site_durable: false,
+                lost: false,
+                finalized: false,
             },
         );
-        self.in_flight.insert(request, Tracked::Write { id });
+        let model = &mut self.volumes[volume];
+        model.writes.push(id);
+        if kind == WriteKind::Zero {
+            for sector in first..first + count {
+                model.last_zero[sector as usize] = id;
+            }
+        }
+        self.open.insert(id);
+        self.in_flight
+            .insert(request, (site, Tracked::Write { id }));
         id
     }
 
-    pub fn issue(&mut self, request: u64, tracked: Tracked) {
+    pub fn issue(&mut self, request: u64, site: usize, tracked: Tracked) {
         self.tick();
-        self.in_flight.insert(request, tracked);
+        self.in_flight.insert(request, (site, tracked));
     }
 
     /// The next logical instant (for ordering issues and answers).
@@ -173,7 +311,12 @@ impl Checker {
     }
 
     pub fn in_flight(&self) -> impl Iterator<Item = &Tracked> {
-        self.in_flight.values()
+        self.in_flight.values().map(|(_, tracked)| tracked)
+    }
+
+    /// Writes whose client is done but which their owner may still apply.
+    pub fn unsettled(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unsettled.iter().copied()
     }
 
     pub fn write_range(&self, id: u32) -> (usize, u64, u64) {
@@ -185,6 +328,64 @@ impl Checker {
         self.in_flight.len()
     }
 
+    /// Writes an owner accepted for a client at another site, then lost in
+    /// a crash before a flush covered them.
+    pub fn remote_writes_lost(&self) -> u64 {
+        self.remote_writes_lost
+    }
+
+    /// The owner accepted write `id`: the model shows it from now on.
+    fn owner_ack(&mut self, id: u32) {
+        let now = self.tick();
+        let write = self
+            .writes
+            .get_mut(&id)
+            .expect("checker invariant: an acknowledged write is recorded");
+        let setup = self.volumes[write.volume].setup;
+        write.acked = Some(now);
+        write.durable = write.fua || setup.durable_writes;
+        write.site_durable = (write.fua && setup.site_durable_flush) || setup.site_durable_writes;
+        let version = if write.kind == WriteKind::Data { id } else { 0 };
+        let model = &mut self.volumes[write.volume];
+        for sector in write.first..write.first + write.count {
+            model.sectors[sector as usize] = version;
+            self.maybe.remove(&(write.volume, sector));
+        }
+    }
+
+    fn add_maybe(&mut self, id: u32) {
+        let write = &self.writes[&id];
+        let version = if write.kind == WriteKind::Data { id } else { 0 };
+        for sector in write.first..write.first + write.count {
+            self.maybe.insert((write.volume, sector), version);
+        }
+    }
+
+    /// The owner answered a write forwarded to it (`ok`: it applied it).
+    pub fn forward_answered(&mut self, id: u32, ok: bool) {
+        let write = self
+            .writes
+            .get_mut(&id)
+            .expect("checker invariant: a forwarded write is recorded");
+        write.settled = true;
+        let client_failed = write.client_done && !write.client_ok;
+        if ok {
+            self.owner_ack(id);
+        } else if client_failed {
+            self.add_maybe(id);
+        }
+        self.unsettled.remove(&id);
+    }
+
+    /// A forwarded write can no longer be applied by its owner: the message
+    /// was lost, or the owner crashed holding it (its recovery judges it).
+    pub fn forward_settled(&mut self, id: u32) {
+        if let Some(write) = self.writes.get_mut(&id) {
+            write.settled = true;
+        }
+        self.unsettled.remove(&id);
+    }
+
     /// A reply arrived. `ok` and `data` describe it; `fua` for writes.
     pub fn on_reply(
         &mut self,
@@ -194,7 +395,7 @@ impl Checker {
         fua: bool,
     ) -> Result<(), Violation> {
         let now = self.tick();
-        let Some(tracked) = self.in_flight.remove(&request) else {
+        let Some((_, tracked)) = self.in_flight.remove(&request) else {
             return Err(violation(
                 "acks",
                 format!("request {request} answered twice or never issued"),
@@ -206,35 +407,52 @@ impl Checker {
                 first,
                 count,
             } => {
+                let before = self.straddling.remove(&request);
                 if !ok {
                     return Err(violation("G2", format!("read {request} failed")));
                 }
                 let data = data.ok_or_else(|| violation("G2", "read without data".into()))?;
-                self.check_read(volume, first, count, data)
+                self.check_read(volume, first, count, data, before.as_deref())
             }
+            Tracked::Snapshot { .. } => Err(violation(
+                "acks",
+                "checker invariant: snapshot replies go to on_snapshot_reply".into(),
+            )),
             Tracked::Write { id } => {
                 let write = self
                     .writes
                     .get_mut(&id)
                     .expect("checker invariant: a tracked write is recorded");
+                debug_assert_eq!(write.fua, fua);
                 write.answered = Some(now);
-                write.ok = ok;
-                if !ok {
-                    for sector in write.first..write.first + write.count {
-                        let version = if write.kind == WriteKind::Data { id } else { 0 };
-                        self.maybe.insert((write.volume, sector), version);
+                write.client_ok = ok;
+                write.client_done = true;
+                if !write.forwarded {
+                    // The owner itself answered: that settles it.
+                    write.settled = true;
+                    if !ok {
+                        self.add_maybe(id);
+                        return Ok(());
+                    }
+                    self.owner_ack(id);
+                } else if !ok {
+                    if !write.settled {
+                        self.unsettled.insert(id);
+                    } else if write.acked.is_none() {
+                        self.add_maybe(id);
                     }
                     return Ok(());
+                } else if write.acked.is_none() {
+                    return Err(violation(
+                        "acks",
+                        format!(
+                            "forwarded write {id} (request {request}) was acknowledged to the client but its owner never accepted it"
+                        ),
+                    ));
                 }
-                write.durable = fua;
-                let version = if write.kind == WriteKind::Data { id } else { 0 };
-                let model = &mut self.volumes[write.volume];
-                if !fua {
-                    model.undurable.push_back(id);
-                }
-                for sector in write.first..write.first + write.count {
-                    model.sectors[sector as usize] = version;
-                    self.maybe.remove(&(write.volume, sector));
+                let write = &self.writes[&id];
+                if !write.durable {
+                    self.volumes[write.volume].undurable.push_back(id);
                 }
                 Ok(())
             }
@@ -242,6 +460,7 @@ impl Checker {
                 if ok {
                     // NBD: a flush covers every write completed before it
                     // was sent (the queue is in answer order).
+                    let site = self.volumes[volume].setup.site_durable_flush;
                     let undurable = &mut self.volumes[volume].undurable;
                     while let Some(id) = undurable.front().copied() {
                         let write = self
@@ -252,6 +471,7 @@ impl Checker {
                             break;
                         }
                         write.durable = true;
+                        write.site_durable |= site;
                         undurable.pop_front();
                     }
                 }
@@ -261,10 +481,125 @@ impl Checker {
         }
     }
 
-    /// The node crashed: its in-flight requests are lost with the
-    /// connection (their writes may or may not have been taken).
-    pub fn on_crash(&mut self) {
-        self.in_flight.clear();
+    /// A request failed in a way its site is allowed to fail it (a request
+    /// at a site that does not own the volume, whose owner did not answer).
+    /// Writes go through [`Checker::on_reply`] instead.
+    pub fn on_allowed_failure(&mut self, request: u64) {
+        self.tick();
+        self.in_flight.remove(&request);
+        self.straddling.remove(&request);
+    }
+
+    /// A snapshot read answered: `Ok(data)` or an error. A site that said
+    /// it was mid-resync must refuse; one that said it was consistent must
+    /// answer with a whole-delta image.
+    pub fn on_snapshot_reply(
+        &mut self,
+        request: u64,
+        result: Result<&Bytes, String>,
+    ) -> Result<(), Violation> {
+        self.tick();
+        let Some((
+            site,
+            Tracked::Snapshot {
+                volume,
+                first,
+                count,
+                consistent,
+            },
+        )) = self.in_flight.remove(&request)
+        else {
+            return Err(violation(
+                "acks",
+                format!("snapshot read {request} answered twice or never issued"),
+            ));
+        };
+        match (consistent, result) {
+            (false, Err(_)) => Ok(()),
+            (false, Ok(_)) => Err(violation(
+                "G3",
+                format!(
+                    "site {} served a snapshot read of volume {volume} while it reported being mid-resync",
+                    site + 1
+                ),
+            )),
+            (true, Err(error)) => Err(violation(
+                "G2",
+                format!(
+                    "snapshot read {request} of volume {volume} at site {} failed although the site is consistent: {error}",
+                    site + 1
+                ),
+            )),
+            (true, Ok(data)) => {
+                if data.len() as u64 != count * SECTOR_BYTES {
+                    return Err(violation(
+                        "G2",
+                        format!(
+                            "snapshot read returned {} bytes for {count} sectors",
+                            data.len()
+                        ),
+                    ));
+                }
+                let mut versions = Vec::with_capacity(count as usize);
+                for index in 0..count {
+                    let at = (index * SECTOR_BYTES) as usize;
+                    let sector = first + index;
+                    match decode_sector(&data[at..at + SECTOR_BYTES as usize], sector) {
+                        Some(version) => versions.push(version),
+                        None => {
+                            return Err(violation(
+                                "G3",
+                                format!(
+                                    "snapshot read at site {} of volume {volume} sector {sector} returned bytes no write put there",
+                                    site + 1
+                                ),
+                            ));
+                        }
+                    }
+                }
+                let view = View {
+                    volume,
+                    first,
+                    versions,
+                };
+                self.check_replica_views(&[view], self.volumes[volume].setup.group)
+                    .map_err(|detail| {
+                        violation(
+                            "G3",
+                            format!("snapshot read at site {}: {detail}", site + 1),
+                        )
+                    })
+            }
+        }
+    }
+
+    /// A site crashed: its in-flight requests are lost with the connection
+    /// (their writes may or may not have been taken). Writes it forwarded
+    /// to another site stay pending until that site's fate for them is
+    /// known.
+    pub fn on_site_crash(&mut self, site: usize) {
+        let lost: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (at, _))| *at == site)
+            .map(|(request, _)| *request)
+            .collect();
+        for request in lost {
+            self.straddling.remove(&request);
+            let Some((_, Tracked::Write { id })) = self.in_flight.remove(&request) else {
+                continue;
+            };
+            let write = self
+                .writes
+                .get_mut(&id)
+                .expect("checker invariant: a tracked write is recorded");
+            write.client_done = true;
+            if !write.forwarded {
+                write.settled = true;
+            } else if !write.settled {
+                self.unsettled.insert(id);
+            }
+        }
     }
 
     fn check_read(
@@ -273,6 +608,7 @@ impl Checker {
         first: u64,
         count: u64,
         data: &Bytes,
+        before: Option<&[BTreeSet<u32>]>,
     ) -> Result<(), Violation> {
         if data.len() as u64 != count * SECTOR_BYTES {
             return Err(violation(
@@ -286,7 +622,10 @@ impl Checker {
             let found = decode_sector(&data[at..at + SECTOR_BYTES as usize], sector);
             let expected = self.volumes[volume].sectors[sector as usize];
             let maybe = self.maybe.get(&(volume, sector)).copied();
-            let allowed = found == Some(expected) || (maybe.is_some() && found == maybe);
+            let earlier = before.is_some_and(|before| {
+                found.is_some_and(|found| before[index as usize].contains(&found))
+            });
+            let allowed = found == Some(expected) || (maybe.is_some() && found == maybe) || earlier;
             if !allowed {
                 return Err(violation(
                     "G2",
@@ -302,8 +641,14 @@ impl Checker {
     }
 
     /// Decodes a leg image into a version per sector, refusing sectors no
-    /// write could have produced there.
-    pub fn decode_image(&self, volume: usize, image: &[u8]) -> Result<Vec<u32>, Violation> {
+    /// write could have produced there. `at_owner`: the image is the
+    /// owner's, which holds its baseline or writes not judged since.
+    pub fn decode_image(
+        &self,
+        volume: usize,
+        image: &[u8],
+        at_owner: bool,
+    ) -> Result<Vec<u32>, Violation> {
         let mut versions = Vec::with_capacity(image.len() / SECTOR_BYTES as usize);
         for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
             let Some(version) = decode_sector(bytes, sector as u64) else {
@@ -314,7 +659,8 @@ impl Checker {
                     ),
                 ));
             };
-            if version != 0 && !self.version_could_be_here(volume, sector as u64, version) {
+            if version != 0 && !self.version_could_be_here(volume, sector as u64, version, at_owner)
+            {
                 return Err(violation(
                     "G3",
                     format!(
@@ -327,20 +673,112 @@ impl Checker {
         Ok(versions)
     }
 
-    /// After recovery: checks the decoded leg images (one per volume, from
-    /// [`Checker::decode_image`]) against what was acknowledged, then makes
-    /// them the new baseline.
-    pub fn after_recovery(&mut self, visible: Vec<Vec<u32>>) -> Result<(), Violation> {
-        // Each write is judged once; most sectors share their write.
-        let mut judged: BTreeMap<u32, bool> = BTreeMap::new();
-        let mut present = |id: u32| {
-            *judged
-                .entry(id)
-                .or_insert_with(|| self.present(&visible, id))
+    fn version_could_be_here(
+        &self,
+        volume: usize,
+        sector: u64,
+        version: u32,
+        at_owner: bool,
+    ) -> bool {
+        let Some(write) = self.writes.get(&version) else {
+            return false;
         };
+        if write.volume != volume || !write.covers(sector) {
+            return false;
+        }
+        // A write judged at an earlier recovery of the owner can only be
+        // there if that recovery found it there.
+        !at_owner || !write.finalized || self.volumes[volume].baseline[sector as usize] == version
+    }
+
+    /// True if `shown` in `sector` is write `id` or a newer version of it.
+    fn at_least(&self, volume: usize, sector: u64, shown: u32, id: u32) -> bool {
+        let write = &self.writes[&id];
+        match write.kind {
+            WriteKind::Data if shown == id => return true,
+            WriteKind::Zero if shown == 0 => return true,
+            _ => {}
+        }
+        if shown != 0 {
+            return shown > id;
+        }
+        self.volumes[volume].last_zero[sector as usize] > id
+    }
+
+    /// True if every sector of write `id` inside the views shows it or a
+    /// newer version.
+    fn present(&self, views: &BTreeMap<usize, View>, id: u32) -> bool {
+        let write = &self.writes[&id];
+        let Some(view) = views.get(&write.volume) else {
+            return true;
+        };
+        write.sectors().all(|sector| {
+            view.shown(sector)
+                .is_none_or(|shown| self.at_least(write.volume, sector, shown, id))
+        })
+    }
+
+    /// Causality on one volume: every write among `candidates` (writes of
+    /// the view's volume, newest first) that was acknowledged before
+    /// `newest` (an issue instant) and not lost must be present in the
+    /// view. Writes to a sector form one sequence, so only the newest such
+    /// write matters per sector.
+    fn check_order(
+        &self,
+        view: &View,
+        candidates: impl Iterator<Item = u32>,
+        newest: u64,
+    ) -> Result<(), u32> {
+        let mut covered = vec![false; view.versions.len()];
+        let mut left = covered.len();
+        for id in candidates {
+            if left == 0 {
+                break;
+            }
+            let write = &self.writes[&id];
+            if write.lost || write.acked.is_none_or(|at| at >= newest) {
+                continue;
+            }
+            for sector in write.sectors() {
+                let Some(shown) = view.shown(sector) else {
+                    continue;
+                };
+                let index = (sector - view.first) as usize;
+                if covered[index] {
+                    continue;
+                }
+                if !self.at_least(write.volume, sector, shown, id) {
+                    return Err(id);
+                }
+                covered[index] = true;
+                left -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A recovered owner: checks the decoded leg images of the volumes it
+    /// owns (from [`Checker::decode_image`]) against what was acknowledged,
+    /// then makes them the new baseline.
+    pub fn after_owner_recovery(
+        &mut self,
+        site: usize,
+        visible: Vec<View>,
+    ) -> Result<(), Violation> {
+        let views: BTreeMap<usize, View> = visible
+            .into_iter()
+            .map(|view| (view.volume, view))
+            .collect();
+        let judged: Vec<u32> = self
+            .open
+            .iter()
+            .copied()
+            .filter(|id| self.volumes[self.writes[id].volume].setup.owner == site)
+            .collect();
         // G4: durable writes survive.
-        for (id, write) in &self.writes {
-            if write.durable && !present(*id) {
+        for id in &judged {
+            let write = &self.writes[id];
+            if write.durable && !self.present(&views, *id) {
                 return Err(violation(
                     "G4",
                     format!(
@@ -352,29 +790,38 @@ impl Checker {
         }
         // G3: whole writes only, in write order.
         let mut newest_issue: BTreeMap<u32, u64> = BTreeMap::new();
-        for (volume, versions) in visible.iter().enumerate() {
-            for version in versions {
-                let Some(write) = self.writes.get(version) else {
+        let mut seen = BTreeSet::new();
+        for (volume, view) in &views {
+            for version in &view.versions {
+                if *version == 0 || !seen.insert(*version) {
                     continue;
-                };
-                if !present(*version) {
+                }
+                let write = &self.writes[version];
+                if write.finalized {
+                    continue;
+                }
+                if !self.present(&views, *version) {
                     return Err(violation(
                         "G3",
                         format!("write {version} (volume {volume}) survived only in part"),
                     ));
                 }
-                let group = self.volumes[write.volume].group;
+                let group = self.volumes[write.volume].setup.group;
                 let entry = newest_issue.entry(group).or_insert(0);
                 *entry = (*entry).max(write.issued);
             }
         }
-        for (id, write) in &self.writes {
-            let group = self.volumes[write.volume].group;
+        for (volume, view) in &views {
+            let group = self.volumes[*volume].setup.group;
             let Some(newest) = newest_issue.get(&group) else {
                 continue;
             };
-            let acked_before = write.ok && write.answered.is_some_and(|at| at < *newest);
-            if acked_before && !present(*id) {
+            let candidates = judged
+                .iter()
+                .rev()
+                .copied()
+                .filter(|id| self.writes[id].volume == *volume);
+            if let Err(id) = self.check_order(view, candidates, *newest) {
                 return Err(violation(
                     "G3",
                     format!(
@@ -383,66 +830,178 @@ impl Checker {
                 ));
             }
         }
-        for (volume, versions) in visible.into_iter().enumerate() {
-            self.volumes[volume].baseline = versions.clone();
-            self.volumes[volume].sectors = versions;
-            self.volumes[volume].undurable.clear();
+        // The recovered image is the owner's truth from now on; what it
+        // lacks is gone for good.
+        for id in judged {
+            let present = self.present(&views, id);
+            let write = self
+                .writes
+                .get_mut(&id)
+                .expect("checker invariant: judged writes are recorded");
+            if !write.settled {
+                // Still on its way to the owner: it may land later.
+                continue;
+            }
+            write.finalized = true;
+            write.lost = !present;
+            if write.lost && write.forwarded && write.acked.is_some() {
+                self.remote_writes_lost += 1;
+            }
+            self.open.remove(&id);
         }
-        self.writes.clear();
-        self.maybe.clear();
+        // Strict reads in flight may have been answered before the crash.
+        for (request, (_, tracked)) in &self.in_flight {
+            let Tracked::Read {
+                volume,
+                first,
+                count,
+            } = tracked
+            else {
+                continue;
+            };
+            if !views.contains_key(volume) {
+                continue;
+            }
+            let before = self
+                .straddling
+                .entry(*request)
+                .or_insert_with(|| vec![BTreeSet::new(); *count as usize]);
+            for (index, sector) in (*first..first + count).enumerate() {
+                before[index].insert(self.volumes[*volume].sectors[sector as usize]);
+                if let Some(maybe) = self.maybe.get(&(*volume, sector)) {
+                    before[index].insert(*maybe);
+                }
+            }
+        }
+        for (volume, view) in views {
+            let model = &mut self.volumes[volume];
+            model.baseline.clone_from(&view.versions);
+            model.sectors = view.versions;
+            model.undurable.clear();
+            self.maybe
+                .retain(|(maybe_volume, _), _| *maybe_volume != volume);
+        }
         Ok(())
     }
 
-    /// At the end of a run, after the drain: the legs hold exactly the model.
-    pub fn check_final(&self, volume: usize, image: &[u8]) -> Result<(), Violation> {
-        for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
-            let found = decode_sector(bytes, sector as u64);
-            let expected = self.volumes[volume].sectors[sector];
-            if found != Some(expected) {
-                return Err(violation(
-                    "G3",
-                    format!(
-                        "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
-                        describe(found),
-                        describe(Some(expected))
-                    ),
+    /// A recovered site that does not own these volumes' groups: its legs
+    /// must each be a whole-delta prefix of the owner's history.
+    pub fn after_replica_recovery(&self, site: usize, visible: Vec<View>) -> Result<(), Violation> {
+        let mut by_group: BTreeMap<u32, Vec<View>> = BTreeMap::new();
+        for view in visible {
+            let group = self.volumes[view.volume].setup.group;
+            by_group.entry(group).or_default().push(view);
+        }
+        for (group, views) in by_group {
+            self.check_replica_views(&views, group).map_err(|detail| {
+                violation("G3", format!("site {} after recovery: {detail}", site + 1))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The prefix checks on part of a group's image at a site that does not
+    /// own it.
+    fn check_replica_views(&self, views: &[View], group: u32) -> Result<(), String> {
+        let views: BTreeMap<usize, View> = views
+            .iter()
+            .map(|view| (view.volume, view.clone()))
+            .collect();
+        let mut newest = 0;
+        let mut seen = BTreeSet::new();
+        for (volume, view) in &views {
+            for (sector, version) in view.sectors().zip(&view.versions) {
+                if *version == 0 || !seen.insert(*version) {
+                    continue;
+                }
+                let Some(write) = self.writes.get(version) else {
+                    return Err(format!(
+                        "volume {volume} sector {sector} shows unknown write {version}"
+                    ));
+                };
+                if write.volume != *volume || !write.covers(sector) {
+                    return Err(format!(
+                        "volume {volume} sector {sector} holds write {version}, which never covered it"
+                    ));
+                }
+                if write.lost {
+                    return Err(format!(
+                        "volume {volume} sector {sector} shows write {version}, which its owner lost in a crash"
+                    ));
+                }
+                if !self.present(&views, *version) {
+                    return Err(format!(
+                        "write {version} (volume {volume}) is there only in part (a delta half-applied)"
+                    ));
+                }
+                newest = newest.max(write.issued);
+            }
+        }
+        for (volume, view) in &views {
+            let candidates = self.volumes[*volume].writes.iter().rev().copied();
+            if let Err(id) = self.check_order(view, candidates, newest) {
+                let write = &self.writes[&id];
+                return Err(format!(
+                    "write {id} of group {group} (volume {}, sectors {}+{}) is missing while a write issued after it was acknowledged is there (a delta skipped or reordered)",
+                    write.volume, write.first, write.count
                 ));
             }
         }
         Ok(())
     }
 
-    fn version_could_be_here(&self, volume: usize, sector: u64, version: u32) -> bool {
-        match self.writes.get(&version) {
-            Some(write) => write.volume == volume && write.covers(sector),
-            // A write from before the last recovery: the baseline had it.
-            None => self.volumes[volume].baseline[sector as usize] == version,
-        }
+    /// Writes of groups owned by `owner` that must survive the loss of its
+    /// whole site.
+    pub fn site_durable_writes(&self, owner: usize) -> Vec<u32> {
+        self.writes
+            .iter()
+            .filter(|(_, write)| {
+                write.site_durable && !write.lost && self.volumes[write.volume].setup.owner == owner
+            })
+            .map(|(id, _)| *id)
+            .collect()
     }
 
-    /// True if every sector of write `id` shows it or a later write.
-    fn present(&self, visible: &[Vec<u32>], id: u32) -> bool {
+    /// Which of `writes` the decoded images of one site hold (each sector
+    /// showing it or a newer version).
+    pub fn present_at(&self, visible: &[View], writes: &[u32]) -> Vec<u32> {
+        let views: BTreeMap<usize, View> = visible
+            .iter()
+            .map(|view| (view.volume, view.clone()))
+            .collect();
+        writes
+            .iter()
+            .copied()
+            .filter(|id| views.contains_key(&self.writes[id].volume) && self.present(&views, *id))
+            .collect()
+    }
+
+    /// Describes a write, for a violation.
+    pub fn describe_write(&self, id: u32) -> String {
         let write = &self.writes[&id];
-        (write.first..write.first + write.count).all(|sector| {
-            let shown = visible[write.volume][sector as usize];
-            match write.kind {
-                WriteKind::Data if shown == id => return true,
-                WriteKind::Zero if shown == 0 => return true,
-                _ => {}
+        format!(
+            "write {id} (volume {}, sectors {}+{}{})",
+            write.volume,
+            write.first,
+            write.count,
+            if write.fua { ", FUA" } else { "" }
+        )
+    }
+
+    /// At the end of a run, after the drain: the leg holds exactly the model.
+    pub fn check_final(&self, volume: usize, image: &[u8]) -> Result<(), String> {
+        for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
+            let found = decode_sector(bytes, sector as u64);
+            let expected = self.volumes[volume].sectors[sector];
+            if found != Some(expected) {
+                return Err(format!(
+                    "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
+                    describe(found),
+                    describe(Some(expected))
+                ));
             }
-            if shown != 0 {
-                return self
-                    .writes
-                    .get(&shown)
-                    .is_some_and(|later| later.order() > write.order());
-            }
-            self.writes.values().any(|later| {
-                later.kind == WriteKind::Zero
-                    && later.volume == write.volume
-                    && later.covers(sector)
-                    && later.order() > write.order()
-            })
-        })
+        }
+        Ok(())
     }
 }
 

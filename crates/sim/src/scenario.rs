@@ -1,5 +1,7 @@
-//! A scenario: topology, workload mix and fault rates. Read from a TOML file
-//! under `simulation/`, or drawn from a seed in swarm mode.
+//! A scenario: topology, workload mix, fault rates and the network between
+//! sites. Read from a TOML file under `simulation/`, or drawn from a seed in
+//! swarm mode. Every field has a default, so a file names only what it
+//! changes; a file without `sites` describes one node, as before.
 
 use std::path::Path;
 
@@ -16,6 +18,7 @@ pub struct Scenario {
     pub topology: Topology,
     pub workload: Workload,
     pub faults: Faults,
+    pub network: Network,
     pub engine: EngineTuning,
 }
 
@@ -26,6 +29,24 @@ pub struct Topology {
     /// Volumes are dealt round-robin into this many consistency groups.
     pub groups: u32,
     pub volume_bytes: u64,
+    /// Sites, each a node with its own engine, disk, journal and legs;
+    /// every volume has a leg at every site.
+    pub sites: u32,
+    /// Which site owns each consistency group.
+    pub owners: Owners,
+    /// Replication modes ("async", "flush-sync", "sync"), dealt to the
+    /// volumes round-robin.
+    pub modes: Vec<String>,
+}
+
+/// How consistency groups are given owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owners {
+    /// Group g is owned by site ((g - 1) mod sites) + 1.
+    RoundRobin,
+    /// Every group is owned by site 1.
+    First,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +65,9 @@ pub struct Workload {
     pub write_zeroes: u32,
     /// Longest request, in 512-byte sectors.
     pub sectors_max: u64,
+    /// Weight of snapshot reads (at a site that does not own the volume;
+    /// a plain read elsewhere).
+    pub snapshot_read: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +84,42 @@ pub struct Faults {
     pub slow_disk_probability: f64,
     /// Windows of failing fsync per simulated second.
     pub fsync_failure_per_second: f64,
+    /// Site-loss checks per simulated second: every site but one loses
+    /// power at once, and what flush-sync and sync writes promised must be
+    /// found in the journals of the sites that remain.
+    pub site_loss_per_second: f64,
+}
+
+/// The links between sites: one connection per pair of sites, messages of
+/// one lane delivered in order on it, faults that drop the connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// One-way delay bounds, milliseconds; each direction draws its own
+    /// range inside them, each message a delay inside its direction's range.
+    pub delay_ms_min: u64,
+    pub delay_ms_max: u64,
+    /// Link cuts per simulated second (a partition between two sites).
+    pub cut_per_second: f64,
+    /// Share of cuts that stop one direction only.
+    pub one_way_share: f64,
+    /// Length of a cut, milliseconds.
+    pub cut_ms_min: u64,
+    pub cut_ms_max: u64,
+    /// Connection resets per simulated second: the connection drops, both
+    /// ends hear it, and a new one is made at once.
+    pub reset_per_second: f64,
+    /// Connection blips per simulated second: a new connection replaces
+    /// the old one before either end noticed the old one dying, so the
+    /// engines hear "up" twice with no "down" between.
+    pub blip_per_second: f64,
+    /// Longest time until an end notices a dead connection.
+    pub detect_ms_max: u64,
+    /// Longest pause before a dropped connection is dialled again.
+    pub redial_ms_max: u64,
+    /// Longest time a message waits in its sender's queue before it is put
+    /// on the connection current at that moment.
+    pub outbox_ms_max: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +130,11 @@ pub struct EngineTuning {
     pub cache_bytes_max: u64,
     pub journal_checkpoint_bytes: u64,
     pub journal_segment_bytes: u64,
+    /// Delta bytes an owner keeps for other sites (see the engine config).
+    pub backlog_bytes_max: u64,
+    /// A request at a site that does not own the volume fails after this
+    /// long without an answer from the owner.
+    pub remote_timeout_ms: u64,
 }
 
 impl Default for Scenario {
@@ -80,6 +145,7 @@ impl Default for Scenario {
             topology: Topology::default(),
             workload: Workload::default(),
             faults: Faults::default(),
+            network: Network::default(),
             engine: EngineTuning::default(),
         }
     }
@@ -91,6 +157,9 @@ impl Default for Topology {
             volumes: 4,
             groups: 2,
             volume_bytes: 1 << 20,
+            sites: 1,
+            owners: Owners::RoundRobin,
+            modes: vec!["async".into()],
         }
     }
 }
@@ -107,6 +176,7 @@ impl Default for Workload {
             trim: 2,
             write_zeroes: 5,
             sectors_max: 64,
+            snapshot_read: 0,
         }
     }
 }
@@ -120,6 +190,25 @@ impl Default for Faults {
             disk_latency_us_max: 500,
             slow_disk_probability: 0.01,
             fsync_failure_per_second: 0.05,
+            site_loss_per_second: 0.0,
+        }
+    }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            delay_ms_min: 1,
+            delay_ms_max: 50,
+            cut_per_second: 0.0,
+            one_way_share: 0.3,
+            cut_ms_min: 10,
+            cut_ms_max: 1000,
+            reset_per_second: 0.0,
+            blip_per_second: 0.0,
+            detect_ms_max: 100,
+            redial_ms_max: 100,
+            outbox_ms_max: 2,
         }
     }
 }
@@ -132,6 +221,8 @@ impl Default for EngineTuning {
             cache_bytes_max: 512 << 10,
             journal_checkpoint_bytes: 256 << 10,
             journal_segment_bytes: 1 << 20,
+            backlog_bytes_max: 256 << 20,
+            remote_timeout_ms: 5_000,
         }
     }
 }
@@ -149,6 +240,28 @@ pub enum ScenarioError {
 }
 
 impl Scenario {
+    /// Number of sites (at least 1).
+    pub fn sites(&self) -> usize {
+        self.topology.sites.max(1) as usize
+    }
+
+    /// The replication mode of volume `index` (0-based).
+    pub fn mode_of(&self, index: usize) -> stretch_core::Mode {
+        let modes = &self.topology.modes;
+        if modes.is_empty() {
+            return stretch_core::Mode::Async;
+        }
+        stretch_core::Mode::parse(&modes[index % modes.len()]).unwrap_or_default()
+    }
+
+    /// The site (0-based) owning group `group` (1-based).
+    pub fn owner_of_group(&self, group: u32) -> usize {
+        match self.topology.owners {
+            Owners::RoundRobin => (group as usize - 1) % self.sites(),
+            Owners::First => 0,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.display().to_string(),
@@ -165,17 +278,20 @@ impl Scenario {
     }
 
     /// A random scenario for swarm testing: every knob drawn from the seed,
-    /// so each seed explores a different corner.
+    /// so each seed explores a different corner. The single-site knobs are
+    /// drawn first and in a fixed order, so a seed that draws one site gets
+    /// the same scenario it always did.
     pub fn random(rng: &mut SimRng) -> Self {
         let volumes = rng.between(1, 12) as u32;
         let delta_max_bytes = 4096 * rng.between(4, 64);
-        let scenario = Scenario {
+        let mut scenario = Scenario {
             name: "swarm".into(),
             duration_seconds: 3.0,
             topology: Topology {
                 volumes,
                 groups: rng.between(1, volumes as u64) as u32,
                 volume_bytes: 4096 * rng.between(16, 256),
+                ..Topology::default()
             },
             workload: Workload {
                 clients: rng.between(1, 16) as u32,
@@ -187,6 +303,7 @@ impl Scenario {
                 trim: rng.between(0, 5) as u32,
                 write_zeroes: rng.between(0, 10) as u32,
                 sectors_max: rng.between(1, 80),
+                snapshot_read: 0,
             },
             faults: Faults {
                 crash_per_second: [0.0, 0.3, 1.0, 3.0][rng.below(4) as usize],
@@ -195,7 +312,9 @@ impl Scenario {
                 disk_latency_us_max: rng.between(100, 5000),
                 slow_disk_probability: [0.0, 0.01, 0.1][rng.below(3) as usize],
                 fsync_failure_per_second: [0.0, 0.0, 0.2, 1.0][rng.below(4) as usize],
+                site_loss_per_second: 0.0,
             },
+            network: Network::default(),
             engine: EngineTuning {
                 delta_interval_ms: rng.between(1, 200),
                 delta_max_bytes,
@@ -203,10 +322,51 @@ impl Scenario {
                 cache_bytes_max: delta_max_bytes * rng.between(2, 64) + (4096 * 80 * 4),
                 journal_checkpoint_bytes: 4096 * rng.between(1, 512),
                 journal_segment_bytes: 4096 * rng.between(16, 1024),
+                ..EngineTuning::default()
             },
         };
+        let sites = rng.between(1, 3) as u32;
+        if sites > 1 {
+            scenario.randomize_sites(rng, sites);
+        }
         debug_assert_eq!(scenario.validate(), Ok(()));
         scenario
+    }
+
+    /// Draws the multi-site knobs: modes, owners, the network and its
+    /// faults, snapshot reads, the backlog bound and site-loss checks.
+    fn randomize_sites(&mut self, rng: &mut SimRng, sites: u32) {
+        let topology = &mut self.topology;
+        topology.sites = sites;
+        topology.owners = if rng.chance(0.5) {
+            Owners::RoundRobin
+        } else {
+            Owners::First
+        };
+        topology.modes = (0..topology.volumes)
+            .map(|_| ["async", "flush-sync", "flush-sync", "sync"][rng.below(4) as usize].into())
+            .collect();
+        self.workload.snapshot_read = rng.between(0, 20) as u32;
+        let delay_ms_min = rng.between(1, 10);
+        let cut_ms_min = rng.between(1, 100);
+        self.network = Network {
+            delay_ms_min,
+            delay_ms_max: rng.between(delay_ms_min, 60),
+            cut_per_second: [0.0, 0.5, 1.0, 3.0][rng.below(4) as usize],
+            one_way_share: [0.0, 0.3, 0.7][rng.below(3) as usize],
+            cut_ms_min,
+            cut_ms_max: rng.between(cut_ms_min, 1500),
+            reset_per_second: [0.0, 0.5, 2.0, 5.0][rng.below(4) as usize],
+            blip_per_second: [0.0, 0.5, 2.0, 5.0][rng.below(4) as usize],
+            detect_ms_max: rng.between(0, 200),
+            redial_ms_max: rng.between(1, 100),
+            outbox_ms_max: rng.between(0, 5),
+        };
+        self.faults.site_loss_per_second = [0.0, 0.5, 1.0, 2.0][rng.below(4) as usize];
+        // From a bound every outage passes (resync by region) to one that
+        // holds a few seconds of writes.
+        self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(1, 64);
+        self.engine.remote_timeout_ms = rng.between(50, 2000);
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -219,11 +379,27 @@ impl Scenario {
                 "topology.volume_bytes must be a positive multiple of 4096 up to 1G".into(),
             );
         }
+        if t.sites == 0 || t.sites > 8 {
+            return Err("topology.sites must be 1 to 8".into());
+        }
+        if t.modes.is_empty() {
+            return Err("topology.modes needs at least one mode".into());
+        }
+        if let Some(bad) = t
+            .modes
+            .iter()
+            .find(|mode| stretch_core::Mode::parse(mode).is_none())
+        {
+            return Err(format!(
+                "topology.modes: {bad:?} is not one of async, flush-sync, sync"
+            ));
+        }
         let w = &self.workload;
         if w.clients == 0 || w.sectors_max == 0 {
             return Err("workload needs clients >= 1 and sectors_max >= 1".into());
         }
-        if w.read + w.write + w.fua_write + w.flush + w.trim + w.write_zeroes == 0 {
+        if w.read + w.write + w.fua_write + w.flush + w.trim + w.write_zeroes + w.snapshot_read == 0
+        {
             return Err("workload weights are all zero".into());
         }
         if w.sectors_max * 512 > t.volume_bytes {
@@ -232,6 +408,26 @@ impl Scenario {
         let f = &self.faults;
         if f.disk_latency_us_min > f.disk_latency_us_max {
             return Err("faults.disk_latency_us_min > disk_latency_us_max".into());
+        }
+        let rates = [
+            f.crash_per_second,
+            f.fsync_failure_per_second,
+            f.site_loss_per_second,
+            f.slow_disk_probability,
+        ];
+        if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {
+            return Err("faults: rates and probabilities must be finite and >= 0".into());
+        }
+        let n = &self.network;
+        if n.delay_ms_min > n.delay_ms_max || n.cut_ms_min > n.cut_ms_max {
+            return Err("network: a _min bound is above its _max".into());
+        }
+        let rates = [n.cut_per_second, n.reset_per_second, n.blip_per_second];
+        if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {
+            return Err("network: rates must be finite and >= 0".into());
+        }
+        if !(0.0..=1.0).contains(&n.one_way_share) {
+            return Err("network.one_way_share must be in [0, 1]".into());
         }
         let e = &self.engine;
         let largest_write = w.sectors_max * 512 + 8192;
@@ -243,6 +439,11 @@ impl Scenario {
         }
         if e.journal_segment_bytes < 4096 {
             return Err("engine.journal_segment_bytes must be at least 4096".into());
+        }
+        if e.backlog_bytes_max < 4096 || e.remote_timeout_ms == 0 {
+            return Err(
+                "engine.backlog_bytes_max >= 4096 and remote_timeout_ms >= 1 needed".into(),
+            );
         }
         if !(self.duration_seconds > 0.0 && self.duration_seconds <= 86_400.0) {
             return Err("duration_seconds must be in (0, 86400]".into());
