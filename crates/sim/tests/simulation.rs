@@ -127,6 +127,74 @@ fn every_planted_bug_is_caught() {
     }
 }
 
+/// The multi-site scenarios: same seed, same run; clean for a few seeds.
+#[test]
+fn multi_site_scenarios_are_deterministic_and_clean() {
+    for name in ["two-sites.toml", "three-sites.toml"] {
+        let mut short = scenario(name);
+        short.duration_seconds = 3.0;
+        for seed in [1, 2, 3] {
+            let first = run(&short, &options(seed, None));
+            let second = run(&short, &options(seed, None));
+            assert!(
+                first.violation.is_none(),
+                "{name} seed {seed}: {:?} (replay: stretch sim --scenario simulation/{name} --seed {seed} --duration 3 --replay)",
+                first.violation
+            );
+            assert_eq!(
+                first.trace_hash, second.trace_hash,
+                "{name} seed {seed} diverged"
+            );
+            assert_eq!(first.stats.events, second.stats.events);
+        }
+    }
+}
+
+/// `stretch sim --scenario simulation/two-sites.toml --seed 42` prints this
+/// hash. Like the single-site one, it changes only when the simulated
+/// behaviour changes on purpose.
+#[test]
+fn two_sites_seed_42_trace_hash_is_pinned() {
+    let outcome = run(&scenario("two-sites.toml"), &options(42, None));
+    assert!(outcome.violation.is_none(), "{:?}", outcome.violation);
+    assert_eq!(format!("{:016x}", outcome.trace_hash), "5fe2912f5de16d3d");
+}
+
+/// The multi-site checks only prove something if their situations happen:
+/// the network loses messages with their connections, requests at sites
+/// that do not own the volume fail while the owner is unreachable,
+/// snapshot reads run, sites are refused them mid-resync, and site-loss
+/// checks run.
+#[test]
+fn multi_site_runs_exercise_the_network_faults_and_checks() {
+    let mut totals = stretch_sim::Stats::default();
+    for seed in 1..=12 {
+        let outcome = run(&scenario("two-sites.toml"), &options(seed, None));
+        assert!(
+            outcome.violation.is_none(),
+            "seed {seed}: {:?}",
+            outcome.violation
+        );
+        let stats = outcome.stats;
+        totals.remote_requests += stats.remote_requests;
+        totals.remote_failures += stats.remote_failures;
+        totals.snapshot_reads += stats.snapshot_reads;
+        totals.snapshot_refusals += stats.snapshot_refusals;
+        totals.messages_lost += stats.messages_lost;
+        totals.link_faults += stats.link_faults;
+        totals.site_loss_checks += stats.site_loss_checks;
+        totals.crashes += stats.crashes;
+    }
+    assert!(totals.remote_requests > 1000, "{totals:?}");
+    assert!(totals.remote_failures > 0, "{totals:?}");
+    assert!(totals.snapshot_reads > 100, "{totals:?}");
+    assert!(totals.snapshot_refusals > 0, "{totals:?}");
+    assert!(totals.messages_lost > 0, "{totals:?}");
+    assert!(totals.link_faults > 10, "{totals:?}");
+    assert!(totals.site_loss_checks > 5, "{totals:?}");
+    assert!(totals.crashes > 10, "{totals:?}");
+}
+
 #[test]
 fn regression_seeds_pass() {
     #[derive(serde::Deserialize)]
