@@ -15,7 +15,27 @@
 //! - a resync chunk holds the owner's image of a region at the moment it is
 //!   sent (re-read if a leg write touched the region meanwhile); the
 //!   replica's leg is at a delta boundary again once the last chunk and
-//!   every delta up to `consistent_at` are applied.
+//!   every delta up to `consistent_at` are applied;
+//! - like a delta, a chunk leaves only once the owner's journal holds what
+//!   it shows (its open-delta blocks, its base, its `consistent_at`);
+//! - a replica saves that a group is mid-resync (`SaveResyncMarks`) before
+//!   the first chunk of a resync reaches its journal, and clears it once
+//!   whole: after a crash it still refuses snapshot reads and resumes
+//!   asking for every region;
+//! - every resume carries an id, echoed by the chunks and acks of the
+//!   resync that answers it; what answers an earlier resume is refused;
+//!   with every resume the replica repeats what it journaled and applied;
+//! - chunks are acknowledged once on the replica's legs, at most 4 in
+//!   flight per site (all groups together);
+//! - abandoning a resync (connection lost, or a new resume) makes every
+//!   region it had not finished dirty again at once;
+//! - only a streaming site (or one away after streaming) counts for
+//!   flush-sync and sync durability: a site mid-resync may lack the writes
+//!   of deltas it reports journaled;
+//! - while a snapshot read at a replica reads its leg parts, no new delta
+//!   of its group starts onto the legs (the image stays whole-delta);
+//! - ids of requests sent to an owner, and of resumes, start above every
+//!   id an earlier run of the site issued.
 
 use super::*;
 
