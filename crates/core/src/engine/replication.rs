@@ -290,6 +290,13 @@ enum Internal {
 }
 
 impl Replication {
+    /// Site `peer`'s progress on `group`, if this site owns the group.
+    fn progress_mut(&mut self, group: GroupId, peer: SiteId) -> Option<&mut PeerProgress> {
+        self.outbound
+            .get_mut(&group)
+            .and_then(|outbound| outbound.peers.get_mut(&peer))
+    }
+
     /// The state a restarted engine starts from: remote request ids above
     /// the earlier runs' (see [`super::RecoveredState::next_remote_id`]),
     /// and the groups whose legs were mid-resync.
@@ -353,6 +360,11 @@ fn is_internal(request: RequestId) -> bool {
 
 fn region_of(key: &BlockKey) -> (VolumeId, u64) {
     (key.volume, key.block / REGION_BLOCKS)
+}
+
+/// The regions a delta's blocks fall in (with repeats).
+fn regions_of(record: &DeltaRecord) -> impl Iterator<Item = (VolumeId, u64)> + '_ {
+    record.blocks.iter().map(|(key, _)| region_of(key))
 }
 
 // ---------------------------------------------------------------------------
@@ -605,12 +617,7 @@ impl Engine {
             let Some(group) = group_of.get(&region.0) else {
                 continue;
             };
-            if let Some(progress) = self
-                .replication
-                .outbound
-                .get_mut(group)
-                .and_then(|outbound| outbound.peers.get_mut(&peer))
-            {
+            if let Some(progress) = self.replication.progress_mut(*group, peer) {
                 progress.dirty.insert(*region);
             }
         }
@@ -730,11 +737,7 @@ impl Engine {
 
 impl Engine {
     fn peer_progress(&mut self, group: GroupId, peer: SiteId) -> Option<&mut PeerProgress> {
-        let found = self
-            .replication
-            .outbound
-            .get_mut(&group)
-            .and_then(|outbound| outbound.peers.get_mut(&peer));
+        let found = self.replication.progress_mut(group, peer);
         if found.is_none() {
             self.stats.refused_messages_total += 1;
         }
@@ -757,9 +760,7 @@ impl Engine {
         }
         for progress in outbound.peers.values_mut() {
             if progress.state == PeerState::NeedsResync {
-                progress
-                    .dirty
-                    .extend(record.blocks.iter().map(|(key, _)| region_of(key)));
+                progress.dirty.extend(regions_of(record));
             }
         }
         for (key, image) in &record.blocks {
@@ -794,9 +795,7 @@ impl Engine {
                     .iter()
                     .filter(|r| r.seq > progress.journaled)
                 {
-                    progress
-                        .dirty
-                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                    progress.dirty.extend(regions_of(&retained.record));
                 }
                 if progress.journaled < outbound.known_from {
                     // It may lack deltas from before this run, whose blocks
@@ -835,7 +834,7 @@ impl Engine {
                     .iter()
                     .filter(|r| r.position <= upto && r.seq > progress.journaled)
                 {
-                    regions.extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                    regions.extend(regions_of(&retained.record));
                 }
             }
             for internal in self.replication.internal.values() {
@@ -1013,9 +1012,7 @@ impl Engine {
             Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
             Some(have) => {
                 for retained in outbound.retained.iter().filter(|r| r.seq > have) {
-                    progress
-                        .dirty
-                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                    progress.dirty.extend(regions_of(&retained.record));
                 }
             }
             // Mid-resync, and nothing here says what it lacks (this site
@@ -1025,9 +1022,7 @@ impl Engine {
             None => {
                 let floor = progress.applied;
                 for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
-                    progress
-                        .dirty
-                        .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+                    progress.dirty.extend(regions_of(&retained.record));
                 }
             }
         }
@@ -1095,9 +1090,7 @@ impl Engine {
         };
         let floor = progress.applied.max(progress.resync_base);
         for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
-            progress
-                .dirty
-                .extend(retained.record.blocks.iter().map(|(key, _)| region_of(key)));
+            progress.dirty.extend(regions_of(&retained.record));
         }
         progress.state = PeerState::NeedsResync;
         progress.resync_generation += 1;
@@ -1117,12 +1110,7 @@ impl Engine {
     /// going; sends the last (possibly empty) chunk when nothing is left.
     fn pump_resync(&mut self, group: GroupId, peer: SiteId) {
         loop {
-            let Some(progress) = self
-                .replication
-                .outbound
-                .get_mut(&group)
-                .and_then(|outbound| outbound.peers.get_mut(&peer))
-            else {
+            let Some(progress) = self.replication.progress_mut(group, peer) else {
                 return;
             };
             if progress.state != PeerState::Resyncing {
@@ -1138,12 +1126,7 @@ impl Engine {
             if self.resync_in_flight(peer) >= RESYNC_CHUNKS_IN_FLIGHT {
                 return;
             }
-            let Some(progress) = self
-                .replication
-                .outbound
-                .get_mut(&group)
-                .and_then(|outbound| outbound.peers.get_mut(&peer))
-            else {
+            let Some(progress) = self.replication.progress_mut(group, peer) else {
                 return;
             };
             let region = progress
@@ -1232,12 +1215,7 @@ impl Engine {
         stale: bool,
         result: Result<Response, RequestError>,
     ) {
-        let Some(progress) = self
-            .replication
-            .outbound
-            .get_mut(&group)
-            .and_then(|outbound| outbound.peers.get_mut(&peer))
-        else {
+        let Some(progress) = self.replication.progress_mut(group, peer) else {
             return;
         };
         if progress.resync_generation != generation {
@@ -1307,12 +1285,7 @@ impl Engine {
         let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
         self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
         let synced = self.journal.synced_upto;
-        let Some(progress) = self
-            .replication
-            .outbound
-            .get_mut(&group)
-            .and_then(|outbound| outbound.peers.get_mut(&peer))
-        else {
+        let Some(progress) = self.replication.progress_mut(group, peer) else {
             return;
         };
         let message = SiteMessage::Resync {
@@ -1334,12 +1307,7 @@ impl Engine {
     /// Sends the held chunks the local journal now covers, in order.
     fn release_chunks(&mut self, group: GroupId, peer: SiteId) {
         let synced = self.journal.synced_upto;
-        let Some(progress) = self
-            .replication
-            .outbound
-            .get_mut(&group)
-            .and_then(|outbound| outbound.peers.get_mut(&peer))
-        else {
+        let Some(progress) = self.replication.progress_mut(group, peer) else {
             return;
         };
         while progress
