@@ -538,25 +538,31 @@ impl TestNode {
     /// SIGTERM, then waits for the node to drain and exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("node is running");
-        let pid = child.id().to_string();
-        let mut kill = Command::new("kill");
-        kill.args(["-TERM", &pid]);
-        run(&mut kill, None, Duration::from_secs(10)).assert_ok();
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("polling the node") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "node did not exit within {EXIT_TIMEOUT:?} of SIGTERM:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate_child(&mut child, || self.log())
+    }
+}
+
+/// SIGTERM to `child`, then its exit status once it drained and stopped;
+/// kills it and panics with `log()` if it takes longer than EXIT_TIMEOUT.
+pub fn terminate_child(child: &mut Child, log: impl Fn() -> String) -> ExitStatus {
+    let pid = child.id().to_string();
+    let mut kill = Command::new("kill");
+    kill.args(["-TERM", &pid]);
+    run(&mut kill, None, Duration::from_secs(10)).assert_ok();
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("polling a stretch process") {
+            return status;
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "stretch did not exit within {EXIT_TIMEOUT:?} of SIGTERM:\n{}",
+                log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -211,6 +211,18 @@ impl TwoSites {
         });
     }
 
+    /// Admin port of node 0 (a1), 1 (b1) or 2 (w1).
+    pub fn admin_port(&self, node: usize) -> u16 {
+        self.ports[2 + node]
+    }
+
+    /// SIGTERM to the `stretch up` process; its exit status after the drain.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        assert_eq!(self.layout, Layout::OneProcess);
+        let mut child = self.children[0].take().expect("running");
+        terminate_child(&mut child, || self.logs())
+    }
+
     pub fn url(&self, node: usize) -> String {
         format!("http://127.0.0.1:{}", self.ports[2 + node])
     }
@@ -300,7 +312,7 @@ impl Drop for TwoSites {
 
 /// Eight distinct free loopback ports (free when asked; another process
 /// may take one before the cluster binds it, so the start retries).
-fn free_port_set() -> [u16; 8] {
+pub fn free_port_set() -> [u16; 8] {
     let listeners: Vec<TcpListener> = (0..8)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
         .collect();
