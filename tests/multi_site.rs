@@ -248,6 +248,36 @@ fn ownership_moves_to_the_other_site_without_losing_a_write() {
         !refused.success() && refused.stderr.contains("owns volume"),
         "{refused}"
     );
+    // Bad sites and modes are refused with one clear line, changing nothing.
+    let unknown = sites.cli(A, &["volume", "move", "vm", "--to", "zz"]);
+    assert!(
+        !unknown.success() && unknown.stderr.contains("\"zz\""),
+        "{unknown}"
+    );
+    let itself = sites.cli(A, &["volume", "move", "vm", "--to", "a"]);
+    assert!(
+        !itself.success() && itself.stderr.contains("already owns"),
+        "{itself}"
+    );
+    let owner = sites.cli(
+        A,
+        &["volume", "create", "v2", "--size", "1M", "--owner", "w"],
+    );
+    assert!(
+        !owner.success() && owner.stderr.contains("not a data site"),
+        "{owner}"
+    );
+    let mode = sites.cli(
+        A,
+        &["volume", "create", "v2", "--size", "1M", "--mode", "fast"],
+    );
+    assert!(!mode.success() && mode.stderr.contains("fast"), "{mode}");
+    assert!(!sites.cli(A, &["volume", "show", "v2"]).success());
+    assert!(
+        sites
+            .ok(A, &["volume", "show", "vm"])
+            .contains("owner:  site a")
+    );
     let moved = sites.ok(A, &["volume", "move", "vm", "--to", "b"]);
     assert!(moved.contains("owned by site b"), "{moved}");
     let show = sites.ok(B, &["volume", "show", "vm"]);
