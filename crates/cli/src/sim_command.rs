@@ -35,7 +35,7 @@ pub struct SimArgs {
     replay: bool,
     /// Plant a known defect to see the checker catch it: skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
-    /// accept-delta-gap, flush-sync-local-only (the last two need sites).
+    /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the last three need sites).
     #[arg(long, value_parser = parse_bug)]
     bug: Option<SimBug>,
 }

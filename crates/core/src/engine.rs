@@ -42,6 +42,14 @@ pub struct EngineConfig {
     /// connected site is behind; a disconnected site past it falls back to
     /// a resync of the regions it missed.
     pub backlog_bytes_max: u64,
+    /// Longest a write waits because the backlog is full. Past it, every
+    /// site holding the backlog back (connected but slower than the
+    /// writes, or cut off but not yet noticed) stops being kept deltas for:
+    /// what it lacks is tracked as regions and copied when it resumes. A
+    /// site declared gone is folded at once, without waiting. So a slow or
+    /// partitioned link never stalls the owner's writes for longer than
+    /// this (plus the time to notice a dead link, which folds sooner).
+    pub backlog_wait_ms_max: u64,
     /// A strict read or forwarded request at a site that does not own the
     /// volume fails with an I/O error after this long without an answer.
     pub remote_timeout_ms: u64,
@@ -66,6 +74,10 @@ pub enum PlantedBug {
     /// Answer a flush-sync FLUSH once the local journal holds it, without
     /// waiting for another site (breaks G4 on site loss).
     FlushSyncLocalOnly,
+    /// Keep a full backlog for a site declared gone, and never give up on
+    /// a lagging one: owner writes stall until the link heals (breaks the
+    /// owner's write-stall bound during a partition).
+    StallOnFullBacklog,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +90,7 @@ impl Default for EngineConfig {
             site: SiteId(0),
             peers: Vec::new(),
             backlog_bytes_max: 256 << 20,
+            backlog_wait_ms_max: 5_000,
             remote_timeout_ms: 5_000,
             planted_bug: None,
         }
@@ -144,6 +157,10 @@ pub struct EngineStats {
     pub backlog_deltas: u64,
     /// Writes that waited because the backlog was full.
     pub backlog_throttled_total: u64,
+    /// Sites no longer kept deltas for because writes waited on them past
+    /// `backlog_wait_ms_max`, or because they were declared gone while the
+    /// backlog was full (each then resyncs by region).
+    pub backlog_folds_total: u64,
     /// Strict reads sent to an owner, and forwarded requests.
     pub remote_reads_total: u64,
     pub forwarded_total: u64,
@@ -505,10 +522,11 @@ impl Engine {
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let delta = self.deadlines.first().map(|(deadline, _)| *deadline);
         let remote = self.replication.next_deadline();
-        match (delta, remote) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let backlog = self
+            .replication
+            .backlog_wait_since
+            .map(|since| since.saturating_add_millis(self.config.backlog_wait_ms_max));
+        [delta, remote, backlog].into_iter().flatten().min()
     }
 
     /// Closes every open delta whose interval ran out by `now`.
@@ -521,6 +539,7 @@ impl Engine {
             self.close_delta(group);
         }
         self.expire_remote(now);
+        self.check_backlog_wait(now);
     }
 
     /// Closes every open delta and releases the whole journal once it is on
@@ -937,6 +956,7 @@ impl Engine {
             self.stats.backlog_throttled_total += 1;
             self.stats.throttled_writes_total += 1;
             self.throttled.push_back(write);
+            self.replication.backlog_wait_since.get_or_insert(self.now);
             return;
         }
         let charge = write_charge(write.offset, &write.payload);
@@ -986,6 +1006,9 @@ impl Engine {
     }
 
     fn admit_throttled(&mut self) {
+        if !self.backlog_full() {
+            self.replication.backlog_wait_since = None;
+        }
         while let Some(front) = self.throttled.front() {
             if self.backlog_full() {
                 return;

@@ -58,6 +58,11 @@ pub enum SiteMessage {
     /// owner's window of chunks in flight bounds the replica's memory);
     /// chunks are acknowledged in order.
     ResyncAck { group: GroupId, resume: u64 },
+    /// Owner to replica: the owner stopped keeping the group's deltas for
+    /// this site (it fell behind by more than the backlog bound allows for
+    /// longer than `backlog_wait_ms_max`) and tracks the regions it missed
+    /// instead; the replica resumes, and is resynced by region.
+    Rejoin { group: GroupId },
     /// Replica to owner: the strict read `id` of a block range. The owner
     /// answers with only the blocks written after delta `have` of the
     /// volume's group (or all of them when `have` is `None`).
@@ -89,7 +94,8 @@ impl SiteMessage {
             | SiteMessage::Applied { group, .. }
             | SiteMessage::Resume { group, .. }
             | SiteMessage::Resync { group, .. }
-            | SiteMessage::ResyncAck { group, .. } => Lane::Group(*group),
+            | SiteMessage::ResyncAck { group, .. }
+            | SiteMessage::Rejoin { group } => Lane::Group(*group),
             SiteMessage::ReadRequest { .. }
             | SiteMessage::ReadReply { .. }
             | SiteMessage::Forward { .. }

@@ -167,6 +167,9 @@ pub struct Tuning {
     /// Bound on delta bytes shipped but not yet applied at every site;
     /// writes are throttled past it.
     pub backlog_bytes_max: ByteSize,
+    /// Longest a write waits on a full backlog before the sites holding it
+    /// back are resynced by region instead (see the engine config).
+    pub backlog_wait_ms_max: u64,
     /// A strict read or forwarded write at a non-owner site fails with EIO
     /// after this long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -184,6 +187,7 @@ impl Default for Tuning {
             nbd_request_bytes_max: ByteSize(32 << 20),
             nbd_in_flight_per_connection: 128,
             backlog_bytes_max: ByteSize(256 << 20),
+            backlog_wait_ms_max: engine.backlog_wait_ms_max,
             remote_timeout_ms: 5000,
         }
     }
@@ -197,6 +201,7 @@ impl Tuning {
             cache_bytes_max: self.cache_bytes_max.0,
             journal_checkpoint_bytes: self.journal_checkpoint_bytes.0,
             backlog_bytes_max: self.backlog_bytes_max.0,
+            backlog_wait_ms_max: self.backlog_wait_ms_max,
             remote_timeout_ms: self.remote_timeout_ms,
             // The site and its peers come from the node's place in the
             // cluster, not from tuning.
@@ -382,6 +387,9 @@ impl ClusterConfig {
         }
         if tuning.remote_timeout_ms == 0 {
             return Err("tuning.remote_timeout_ms must be at least 1".into());
+        }
+        if tuning.backlog_wait_ms_max == 0 {
+            return Err("tuning.backlog_wait_ms_max must be at least 1".into());
         }
         Ok(())
     }

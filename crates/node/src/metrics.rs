@@ -42,6 +42,7 @@ struct ReplicationGauges {
     backlog_bytes: IntGauge,
     backlog_deltas: IntGauge,
     backlog_throttled: IntCounter,
+    backlog_folds: IntCounter,
     remote_reads: IntCounter,
     forwarded: IntCounter,
     remote_timeouts: IntCounter,
@@ -251,6 +252,11 @@ impl Metrics {
                 &registry,
                 "stretch_backlog_throttled_writes_total",
                 "Writes that waited because the backlog bound was reached",
+            ),
+            backlog_folds: counter(
+                &registry,
+                "stretch_backlog_folds_total",
+                "Times a site stopped being kept deltas (declared gone with the backlog full, or holding writes back past backlog_wait_ms_max) and was left to a resync by region",
             ),
             remote_reads: counter(
                 &registry,
@@ -520,6 +526,7 @@ impl Metrics {
             &replication.backlog_throttled,
             stats.backlog_throttled_total,
         );
+        advance(&replication.backlog_folds, stats.backlog_folds_total);
         advance(&replication.remote_reads, stats.remote_reads_total);
         advance(&replication.forwarded, stats.forwarded_total);
         advance(&replication.remote_timeouts, stats.remote_timeouts_total);

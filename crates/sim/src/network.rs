@@ -197,6 +197,7 @@ pub fn message_code(message: &SiteMessage) -> [u64; 3] {
             ..
         } => [5, group.0 as u64, blocks.len() as u64 * 2 + *last as u64],
         SiteMessage::ResyncAck { group, resume } => [6, group.0 as u64, *resume],
+        SiteMessage::Rejoin { group } => [11, group.0 as u64, 0],
         SiteMessage::ReadRequest { id, .. } => [7, *id, 0],
         SiteMessage::ReadReply { id, result } => [8, *id, result.is_ok() as u64],
         SiteMessage::Forward { id, .. } => [9, *id, 0],
@@ -238,6 +239,7 @@ pub fn describe_message(message: &SiteMessage) -> String {
         SiteMessage::ResyncAck { group, resume } => {
             format!("resync chunk ack group {group} (resume {resume})")
         }
+        SiteMessage::Rejoin { group } => format!("rejoin group {group} by resync"),
         SiteMessage::ReadRequest { id, request, have } => {
             format!("read request {id} {request:?} have {have:?}")
         }

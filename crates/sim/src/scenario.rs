@@ -132,6 +132,9 @@ pub struct EngineTuning {
     pub journal_segment_bytes: u64,
     /// Delta bytes an owner keeps for other sites (see the engine config).
     pub backlog_bytes_max: u64,
+    /// Longest a write waits on a full backlog before the sites holding it
+    /// back are left to a resync by region (see the engine config).
+    pub backlog_wait_ms_max: u64,
     /// A request at a site that does not own the volume fails after this
     /// long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -222,6 +225,7 @@ impl Default for EngineTuning {
             journal_checkpoint_bytes: 256 << 10,
             journal_segment_bytes: 1 << 20,
             backlog_bytes_max: 256 << 20,
+            backlog_wait_ms_max: 5_000,
             remote_timeout_ms: 5_000,
         }
     }
@@ -367,6 +371,27 @@ impl Scenario {
         // holds a few seconds of writes.
         self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(1, 64);
         self.engine.remote_timeout_ms = rng.between(50, 2000);
+        self.engine.backlog_wait_ms_max = rng.between(50, 3000);
+        if rng.chance(0.4) {
+            // A link that goes silent for seconds before anyone notices (a
+            // QUIC idle timeout is 3 s), cut for longer still: writes pile
+            // up against the backlog bound while the site still counts as
+            // connected, and must not wait for the link to heal.
+            self.network.detect_ms_max = rng.between(500, 3000);
+            self.network.cut_ms_max = rng.between(self.network.cut_ms_max, 6000);
+            self.network.cut_per_second = self.network.cut_per_second.max(0.5);
+            self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(1, 4);
+            self.engine.backlog_wait_ms_max = rng.between(50, 1000);
+            // Writes fast enough to fill the backlog, on disks quiet enough
+            // that a stall on the link stands out from one on the disk.
+            self.workload.think_ms_max = rng.between(0, 3);
+            if rng.chance(0.5) {
+                self.topology.modes = vec!["async".into()];
+            }
+            self.faults.slow_disk_probability = 0.0;
+            self.faults.disk_latency_us_max = self.faults.disk_latency_us_max.min(1000);
+            self.faults.disk_latency_us_min = self.faults.disk_latency_us_min.min(100);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -440,9 +465,9 @@ impl Scenario {
         if e.journal_segment_bytes < 4096 {
             return Err("engine.journal_segment_bytes must be at least 4096".into());
         }
-        if e.backlog_bytes_max < 4096 || e.remote_timeout_ms == 0 {
+        if e.backlog_bytes_max < 4096 || e.remote_timeout_ms == 0 || e.backlog_wait_ms_max == 0 {
             return Err(
-                "engine.backlog_bytes_max >= 4096 and remote_timeout_ms >= 1 needed".into(),
+                "engine.backlog_bytes_max >= 4096, remote_timeout_ms >= 1 and backlog_wait_ms_max >= 1 needed".into(),
             );
         }
         if !(self.duration_seconds > 0.0 && self.duration_seconds <= 86_400.0) {

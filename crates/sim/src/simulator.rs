@@ -39,13 +39,14 @@ pub enum SimBug {
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 6] = [
+    pub const ALL: [SimBug; 7] = [
         SimBug::SkipJournalFsync,
         SimBug::Core(PlantedBug::AckFlushEarly),
         SimBug::Core(PlantedBug::ApplyBeforeJournalSync),
         SimBug::Core(PlantedBug::ApplyNewestFirst),
         SimBug::Core(PlantedBug::AcceptDeltaGap),
         SimBug::Core(PlantedBug::FlushSyncLocalOnly),
+        SimBug::Core(PlantedBug::StallOnFullBacklog),
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +57,7 @@ impl SimBug {
             SimBug::Core(PlantedBug::ApplyNewestFirst) => "apply-newest-first",
             SimBug::Core(PlantedBug::AcceptDeltaGap) => "accept-delta-gap",
             SimBug::Core(PlantedBug::FlushSyncLocalOnly) => "flush-sync-local-only",
+            SimBug::Core(PlantedBug::StallOnFullBacklog) => "stall-on-full-backlog",
         }
     }
 
@@ -97,6 +99,12 @@ pub struct Stats {
     /// a crash before any flush covered them: allowed (like any unflushed
     /// write), but that client's own site did not crash.
     pub remote_writes_lost: u64,
+    /// Longest wait of a write at its owner that needs no other site.
+    pub owner_write_wait_max_ns: u64,
+    /// Writes that waited on a full backlog, and sites folded into regions
+    /// (by the nodes' last incarnations).
+    pub backlog_throttled_writes: u64,
+    pub backlog_folds: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +125,11 @@ pub fn run(scenario: &Scenario, options: &SimOptions) -> Outcome {
     let mut sim = Simulation::new(scenario, options);
     sim.run();
     sim.stats.remote_writes_lost = sim.checker.remote_writes_lost();
+    for node in sim.sites.iter().filter_map(|site| site.node.as_ref()) {
+        let stats = node.engine.stats();
+        sim.stats.backlog_throttled_writes += stats.backlog_throttled_total;
+        sim.stats.backlog_folds += stats.backlog_folds_total;
+    }
     Outcome {
         seed: options.seed,
         scenario: scenario.name.clone(),
@@ -264,6 +277,12 @@ struct ClientRequest {
     remote: bool,
     snapshot: bool,
     write: bool,
+    /// When it was issued.
+    issued_at: u64,
+    /// A write at the owner that needs no other site (async, or a plain
+    /// write in flush-sync mode): answered within the write-stall bound
+    /// whatever the network does.
+    owner_local_write: bool,
 }
 
 /// The trace, and whether events name their site (multi-site runs only, so
@@ -431,6 +450,7 @@ impl<'a> Simulation<'a> {
                 .map(|other| SiteId(other as u32 + 1))
                 .collect(),
             backlog_bytes_max: tuning.backlog_bytes_max,
+            backlog_wait_ms_max: tuning.backlog_wait_ms_max,
             remote_timeout_ms: tuning.remote_timeout_ms,
             planted_bug: match self.options.bug {
                 Some(SimBug::Core(bug)) => Some(bug),
@@ -650,8 +670,37 @@ impl<'a> Simulation<'a> {
         }
     }
 
+    /// Longest a write at its owner may wait when it needs no other site
+    /// (async, or a plain write in flush-sync mode), whatever the network
+    /// does: the backlog bound's wait, plus room for the simulated disk
+    /// (a write may wait on journal syncs and leg writes under cache
+    /// pressure).
+    fn owner_write_stall_bound_ns(&self) -> u64 {
+        let disk_ns = self.scenario.faults.disk_latency_us_max * 1000 * 300;
+        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns
+    }
+
     /// Cheap invariants after every step.
     fn check_invariants(&mut self) {
+        if self.multi() {
+            let bound = self.owner_write_stall_bound_ns();
+            let stalled = self.requests.iter().find(|(_, request)| {
+                request.owner_local_write && self.now - request.issued_at > bound
+            });
+            if let Some((id, request)) = stalled {
+                let detail = format!(
+                    "a write at its owner site {} (request {id}) has waited {} ms, over the bound of {} ms: a slow or cut link stalled the owner",
+                    request.site + 1,
+                    (self.now - request.issued_at) / MS,
+                    bound / MS
+                );
+                self.fail(Violation {
+                    guarantee: "G5",
+                    detail,
+                });
+                return;
+            }
+        }
         for site in 0..self.sites.len() {
             let Some(node) = &self.sites[site].node else {
                 continue;
@@ -1065,6 +1114,13 @@ impl<'a> Simulation<'a> {
         }
         self.stats.requests += 1;
         self.clients_busy[client] = true;
+        let write = matches!(kind, 1 | 2 | 5);
+        let mode = self.scenario.mode_of(volume);
+        let needs_peer = match mode {
+            stretch_core::Mode::Async => false,
+            stretch_core::Mode::FlushSync => fua,
+            stretch_core::Mode::Sync => true,
+        };
         self.requests.insert(
             request,
             ClientRequest {
@@ -1073,7 +1129,9 @@ impl<'a> Simulation<'a> {
                 site,
                 remote: remote && !snapshot,
                 snapshot,
-                write: matches!(kind, 1 | 2 | 5),
+                write,
+                issued_at: self.now,
+                owner_local_write: write && !remote && !(self.multi() && needs_peer),
             },
         );
         self.trace.record(
@@ -1236,6 +1294,10 @@ impl<'a> Simulation<'a> {
             return;
         };
         debug_assert_eq!(tracked.site, site);
+        if tracked.owner_local_write {
+            let waited = self.now - tracked.issued_at;
+            self.stats.owner_write_wait_max_ns = self.stats.owner_write_wait_max_ns.max(waited);
+        }
         let ok = result.is_ok();
         let data = match &result {
             Ok(Response::Data(data)) => Some(data.clone()),

@@ -116,6 +116,8 @@ fn every_planted_bug_is_caught() {
             SimBug::Core(PlantedBug::AcceptDeltaGap) => &["G3", "G2", "G6"],
             // Found by the site-loss check.
             SimBug::Core(PlantedBug::FlushSyncLocalOnly) => &["G4"],
+            // An owner write waits past its bound behind a stalled link.
+            SimBug::Core(PlantedBug::StallOnFullBacklog) => &["G5"],
         };
         assert!(
             expected.contains(&violation.guarantee),
@@ -259,4 +261,31 @@ fn bad_scenario_files_are_refused_with_the_reason() {
     let error = Scenario::load(&path).expect_err("unknown key");
     assert!(error.to_string().contains("clientz"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A link silent for seconds before anyone notices, cut for longer: the
+/// owner's writes go on within their bound (G5) on every seed, and the
+/// planted stall (today's fix undone) is caught on every seed.
+#[test]
+fn a_partition_never_stalls_the_owners_writes() {
+    let scenario = scenario("partition-stall.toml");
+    for seed in 1..=4 {
+        let clean = run(&scenario, &options(seed, None));
+        assert!(
+            clean.violation.is_none(),
+            "seed {seed}: {:?}",
+            clean.violation
+        );
+        assert!(
+            clean.stats.backlog_folds > 0 || clean.stats.backlog_throttled_writes > 0,
+            "seed {seed}: the backlog never filled; the scenario proves nothing"
+        );
+        let (violation, ..) = run(
+            &scenario,
+            &options(seed, Some(SimBug::Core(PlantedBug::StallOnFullBacklog))),
+        )
+        .violation
+        .unwrap_or_else(|| panic!("seed {seed}: the planted stall went unnoticed"));
+        assert_eq!(violation.guarantee, "G5", "{}", violation.detail);
+    }
 }

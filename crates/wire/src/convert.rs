@@ -61,6 +61,7 @@ impl PeerMessage {
                 group: group.0,
                 resume: *resume,
             },
+            SiteMessage::Rejoin { group } => PeerMessage::Rejoin { group: group.0 },
             SiteMessage::ReadRequest { id, request, have } => {
                 let Request::Read {
                     volume,
@@ -167,6 +168,9 @@ impl PeerMessage {
             PeerMessage::ResyncAck { group, resume } => SiteMessage::ResyncAck {
                 group: GroupId(group),
                 resume,
+            },
+            PeerMessage::Rejoin { group } => SiteMessage::Rejoin {
+                group: GroupId(group),
             },
             PeerMessage::ReadRequest {
                 id,

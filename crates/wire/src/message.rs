@@ -5,7 +5,7 @@ use stretch_core::{BLOCK_SIZE, Mode};
 use crate::frame::{FRAME_BYTES_MAX, WireError};
 
 /// Version of this message set, exchanged in [`PeerMessage::Hello`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -148,6 +148,9 @@ pub enum PeerMessage {
     /// Replica to owner: one more resync chunk (of the resync answering
     /// `resume`) is on the replica's legs.
     ResyncAck { group: u32, resume: u64 },
+    /// Owner to replica: the owner tracks what the replica lacks as
+    /// regions now; the replica resumes to be resynced.
+    Rejoin { group: u32 },
 
     // Between engines, on request streams.
     /// Replica to owner: strict read `id` of a byte range, wanting only the
@@ -226,6 +229,7 @@ impl PeerMessage {
             | PeerMessage::Applied { .. }
             | PeerMessage::Resume { .. }
             | PeerMessage::ResyncAck { .. }
+            | PeerMessage::Rejoin { .. }
             | PeerMessage::ForwardReply { .. }
             | PeerMessage::ControlReply { .. } => Ok(()),
         }

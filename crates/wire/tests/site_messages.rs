@@ -133,6 +133,7 @@ fn samples() -> Vec<SiteMessage> {
             group,
             resume: 1 << 40,
         },
+        SiteMessage::Rejoin { group },
         SiteMessage::ReadRequest {
             id: 1,
             request: requests().remove(0),
@@ -219,6 +220,7 @@ fn variants(message: &SiteMessage) -> Vec<String> {
             ("Resync", inner)
         }
         SiteMessage::ResyncAck { .. } => ("ResyncAck", Vec::new()),
+        SiteMessage::Rejoin { .. } => ("Rejoin", Vec::new()),
         SiteMessage::ReadRequest {
             request: r, have, ..
         } => ("ReadRequest", vec![request(r), some(have)]),
@@ -257,6 +259,7 @@ fn samples_cover_every_variant() {
         "Resync last",
         "Resync more",
         "ResyncAck",
+        "Rejoin",
         "ReadRequest Read",
         "ReadRequest Some",
         "ReadRequest None",

@@ -138,6 +138,7 @@ fn samples() -> Vec<PeerMessage> {
             group: 3,
             resume: 8,
         },
+        PeerMessage::Rejoin { group: 3 },
         PeerMessage::ReadRequest {
             id: 5,
             volume: 1,
@@ -220,6 +221,7 @@ fn variant(message: &PeerMessage) -> &'static str {
         PeerMessage::Resume { .. } => "Resume",
         PeerMessage::Resync { .. } => "Resync",
         PeerMessage::ResyncAck { .. } => "ResyncAck",
+        PeerMessage::Rejoin { .. } => "Rejoin",
         PeerMessage::ReadRequest { .. } => "ReadRequest",
         PeerMessage::ReadReply { .. } => "ReadReply",
         PeerMessage::Forward { .. } => "Forward",
@@ -294,7 +296,7 @@ fn samples_cover_every_variant() {
     use std::collections::BTreeSet;
     let samples = samples();
     let variants: BTreeSet<&str> = samples.iter().map(variant).collect();
-    assert_eq!(variants.len(), 15, "{variants:?}");
+    assert_eq!(variants.len(), 16, "{variants:?}");
     let nested: BTreeSet<String> = samples.iter().flat_map(nested_variants).collect();
     let mut want: BTreeSet<String> = BTreeSet::new();
     for inner in ["block data", "block zero"] {

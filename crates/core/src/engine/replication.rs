@@ -126,6 +126,10 @@ pub(super) struct Replication {
     durable_maps: BTreeMap<SiteId, (BTreeSet<(VolumeId, u64)>, bool)>,
     /// A journal release waiting for this many map saves.
     pub(super) release_waiting: Option<(u64, usize)>,
+    /// Since when writes have been waiting on a full backlog (reset when
+    /// one is admitted past it): after `backlog_wait_ms_max` the sites
+    /// holding the backlog back are folded into regions.
+    pub(super) backlog_wait_since: Option<Timestamp>,
     /// Groups durably marked as mid-resync here (the last completed save).
     marks: BTreeSet<GroupId>,
     /// The set a save in flight writes.
@@ -354,6 +358,20 @@ impl Replication {
     }
 }
 
+/// Stops keeping deltas for a site: the regions of every retained delta
+/// it has not journaled become regions to resync.
+fn fold(progress: &mut PeerProgress, retained: &VecDeque<Retained>, known_from: DeltaSeq) {
+    for retained in retained.iter().filter(|r| r.seq > progress.journaled) {
+        progress.dirty.extend(regions_of(&retained.record));
+    }
+    if progress.journaled < known_from {
+        // It may lack deltas from before this run, whose blocks are not
+        // known here: every region must be copied.
+        progress.dirty_all = true;
+    }
+    progress.state = PeerState::NeedsResync;
+}
+
 fn is_internal(request: RequestId) -> bool {
     request.0 >= INTERNAL_REQUEST_BASE
 }
@@ -517,6 +535,12 @@ impl Engine {
         for group in resyncing {
             self.abandon_resync(group, peer);
         }
+        // A site declared gone must not hold the owner's writes back: with
+        // the backlog already full (it filled while the site still counted
+        // as connected), what it lacks becomes regions at once.
+        if self.backlog_full() && self.config.planted_bug != Some(PlantedBug::StallOnFullBacklog) {
+            self.fold_absent_peers();
+        }
         self.retire_shipped();
     }
 
@@ -579,6 +603,13 @@ impl Engine {
             }
             SiteMessage::ResyncAck { group, resume } => {
                 self.receive_resync_ack(from, group, resume)
+            }
+            SiteMessage::Rejoin { group } => {
+                if from == self.config.site || self.owner_of(group) != from {
+                    self.stats.refused_messages_total += 1;
+                    return;
+                }
+                self.send_resume(group);
             }
             SiteMessage::ReadRequest { id, request, have } => {
                 self.receive_read_request(from, id, request, have)
@@ -790,19 +821,73 @@ impl Engine {
                 if progress.state != PeerState::Waiting {
                     continue;
                 }
-                for retained in outbound
+                fold(progress, &outbound.retained, outbound.known_from);
+                self.stats.backlog_folds_total += 1;
+            }
+        }
+    }
+
+    /// Writes have waited on a full backlog for `backlog_wait_ms_max`:
+    /// every site holding it back stops being kept deltas for, whether it
+    /// is connected (a link slower than the writes) or not (a cut not yet
+    /// noticed). What it lacks becomes regions, copied when it resumes; a
+    /// connected one is told to resume now.
+    pub(super) fn check_backlog_wait(&mut self, now: Timestamp) {
+        let Some(since) = self.replication.backlog_wait_since else {
+            return;
+        };
+        if !self.backlog_full() || self.throttled.is_empty() {
+            self.replication.backlog_wait_since = None;
+            return;
+        }
+        if now < since.saturating_add_millis(self.config.backlog_wait_ms_max) {
+            return;
+        }
+        self.replication.backlog_wait_since = None;
+        if self.config.planted_bug == Some(PlantedBug::StallOnFullBacklog) {
+            return;
+        }
+        self.fold_lagging_peers();
+        self.retire_shipped();
+    }
+
+    fn fold_lagging_peers(&mut self) {
+        let mut folded = Vec::new();
+        let mut resyncing = Vec::new();
+        for (group, outbound) in &mut self.replication.outbound {
+            for (peer, progress) in &mut outbound.peers {
+                let lagging = outbound
                     .retained
                     .iter()
-                    .filter(|r| r.seq > progress.journaled)
-                {
-                    progress.dirty.extend(regions_of(&retained.record));
+                    .any(|retained| progress.holds(retained.seq));
+                if !lagging {
+                    continue;
                 }
-                if progress.journaled < outbound.known_from {
-                    // It may lack deltas from before this run, whose blocks
-                    // are not known here: every region must be copied.
-                    progress.dirty_all = true;
+                match progress.state {
+                    PeerState::Waiting | PeerState::Streaming => {
+                        let was_streaming = progress.state == PeerState::Streaming;
+                        fold(progress, &outbound.retained, outbound.known_from);
+                        self.stats.backlog_folds_total += 1;
+                        if was_streaming {
+                            folded.push((*group, *peer));
+                        }
+                    }
+                    PeerState::Resyncing => resyncing.push((*group, *peer)),
+                    PeerState::NeedsResync => {}
                 }
-                progress.state = PeerState::NeedsResync;
+            }
+        }
+        for (group, peer) in resyncing {
+            self.abandon_resync(group, peer);
+            self.stats.backlog_folds_total += 1;
+            folded.push((group, peer));
+        }
+        for (group, peer) in folded {
+            if self.replication.connected.contains(&peer) {
+                self.actions.push_back(Action::Send {
+                    peer,
+                    message: SiteMessage::Rejoin { group },
+                });
             }
         }
     }

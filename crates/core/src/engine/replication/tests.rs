@@ -21,6 +21,7 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         site,
         peers: vec![peer],
         backlog_bytes_max: 256 << 10,
+        backlog_wait_ms_max: 2_000,
         remote_timeout_ms: 1_000,
         planted_bug: None,
     }
@@ -1593,4 +1594,109 @@ fn a_flush_waiting_for_a_site_marked_for_resync_completes_once_it_streams() {
     assert_eq!(pair.a.reply(flush), None, "b is away");
     pair.connect();
     assert_eq!(pair.a.reply(flush), Some(&Ok(Response::Done)));
+}
+
+/// Fills the backlog while b's group stream is stalled (connected, but
+/// nothing gets through): returns the writes, some of them throttled.
+fn fill_backlog_while_stalled(pair: &mut Pair) -> Vec<RequestId> {
+    pair.hold_group_lane_to_b = true;
+    let big = Bytes::from(vec![5u8; 64 << 10]);
+    let requests: Vec<RequestId> = (0..8u64)
+        .map(|index| pair.write(false, index * (64 << 10), big.clone()))
+        .collect();
+    // The open delta closes: nothing new will close while writes wait.
+    pair.tick(100);
+    assert!(
+        requests
+            .iter()
+            .any(|request| pair.a.reply(*request).is_none()),
+        "the backlog bound holds writes back"
+    );
+    requests
+}
+
+fn unanswered(pair: &Pair, requests: &[RequestId]) -> usize {
+    requests
+        .iter()
+        .filter(|request| pair.a.reply(**request).is_none())
+        .count()
+}
+
+#[test]
+fn writes_held_by_a_full_backlog_go_on_once_the_lagging_site_is_declared_gone() {
+    let mut pair = Pair::new(Mode::Async);
+    let requests = fill_backlog_while_stalled(&mut pair);
+    pair.disconnect();
+    assert_eq!(
+        unanswered(&pair, &requests),
+        0,
+        "a site declared gone must not hold the owner's writes"
+    );
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].state, PeerState::NeedsResync);
+    assert_eq!(pair.a.engine.stats().backlog_bytes, 0);
+    assert!(pair.a.engine.stats().backlog_folds_total > 0);
+    pair.hold_group_lane_to_b = false;
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+}
+
+#[test]
+fn the_planted_stall_keeps_writes_waiting_for_a_site_declared_gone() {
+    let mut buggy = config(A, B);
+    buggy.planted_bug = Some(PlantedBug::StallOnFullBacklog);
+    let mut pair = Pair::with_configs(Mode::Async, buggy, config(B, A));
+    let requests = fill_backlog_while_stalled(&mut pair);
+    pair.disconnect();
+    pair.tick(5_000);
+    assert!(unanswered(&pair, &requests) > 0);
+}
+
+#[test]
+fn a_connected_site_slower_than_the_writes_is_resynced_after_the_wait_bound() {
+    let mut pair = Pair::new(Mode::Async);
+    let requests = fill_backlog_while_stalled(&mut pair);
+    // backlog_wait_ms_max is 2 s: not yet.
+    pair.tick(1_500);
+    assert!(unanswered(&pair, &requests) > 0);
+    pair.tick(600);
+    assert_eq!(
+        unanswered(&pair, &requests),
+        0,
+        "no write waits past the bound"
+    );
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].state, PeerState::NeedsResync);
+    assert_eq!(pair.a.engine.stats().backlog_folds_total, 1);
+    let rejoin = SiteMessage::Rejoin { group: GROUP };
+    assert!(
+        pair.to_b.contains(&rejoin),
+        "b is told to resume: {:?}",
+        pair.to_b
+    );
+    // The stream flows again: b resumes and is resynced by region, without
+    // any reconnect.
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].state, PeerState::Streaming);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    assert!(pair.a.engine.stats().resync_regions_done_total > 0);
+}
+
+#[test]
+fn a_rejoin_from_a_site_that_does_not_own_the_group_is_refused() {
+    let mut pair = Pair::new(Mode::Async);
+    let refused = pair.a.engine.stats().refused_messages_total;
+    pair.a
+        .engine
+        .receive(pair.now, B, SiteMessage::Rejoin { group: GROUP });
+    assert!(pair.a.run().is_empty(), "the owner resumes nothing");
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
 }
