@@ -279,6 +279,28 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_hello_fits_the_hello_budget() {
+        let name = "n".repeat(stretch_wire::NAME_BYTES_MAX);
+        let hello = PeerMessage::Hello {
+            protocol: stretch_wire::PROTOCOL_VERSION,
+            cluster: name.clone(),
+            node: name.clone(),
+            site: name,
+        };
+        let frame = encode_frame(&hello).expect("a valid hello");
+        assert!(
+            frame.len() - HEADER_BYTES <= HELLO_BYTES_MAX,
+            "{}",
+            frame.len()
+        );
+        run(async {
+            let mut reader = frame.as_slice();
+            let read = read_message_within(&mut reader, &FrameBudget::hello()).await;
+            assert_eq!(read.expect("read"), Some(hello));
+        });
+    }
+
+    #[test]
     fn a_frame_over_the_budget_is_refused_before_its_body_is_read() {
         run(async {
             // A header announcing the largest frame, and nothing behind it.
