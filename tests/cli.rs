@@ -433,3 +433,63 @@ fn init_creates_the_cluster_pki_once() {
     );
     assert_one_line_error(&refused, &["a-file"]);
 }
+
+/// A node's exported directory holds no CA key, so nothing can be renewed
+/// or added there; a lifetime of 0 days is refused. Each with one line.
+#[test]
+fn cert_commands_refuse_what_they_cannot_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let node = dir.path().join("a1-pki");
+    let pki_arg = pki.to_str().expect("utf-8 path");
+    let node_arg = node.to_str().expect("utf-8 path");
+    run(
+        Command::new(STRETCH).args(["init", "--dir", pki_arg, "--cert-days", "10"]),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    let exported = run(
+        Command::new(STRETCH).args([
+            "cert", "export", "--node", "a1", "--dir", pki_arg, "--out", node_arg,
+        ]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    exported.assert_ok();
+    assert!(!node.join("ca.key").exists());
+    let renew_there = run(
+        Command::new(STRETCH).args(["cert", "renew", "--dir", node_arg]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert_one_line_error(&renew_there, &["no CA key"]);
+    let zero = run(
+        Command::new(STRETCH).args(["cert", "renew", "--dir", pki_arg, "--cert-days", "0"]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert_one_line_error(&zero, &["0 days"]);
+    let unknown = run(
+        Command::new(STRETCH).args([
+            "cert", "export", "--node", "zz", "--dir", pki_arg, "--out", node_arg,
+        ]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert_one_line_error(&unknown, &["zz"]);
+    let renewed = run(
+        Command::new(STRETCH).args(["cert", "renew", "--dir", pki_arg]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    renewed.assert_ok();
+    for node in ["a1", "b1", "w1"] {
+        assert!(
+            renewed
+                .stdout
+                .contains(&format!("certificate renewed for node {node}, valid until")),
+            "{renewed}"
+        );
+    }
+}

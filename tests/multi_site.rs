@@ -1,8 +1,10 @@
 //! Two sites 25 ms apart (the shipped `local.toml`), driven by real NBD
 //! clients: what is written at the owner site reads back at the other site
 //! at once, the legs converge, flush-sync data survives the owner's loss,
-//! a cut link heals into equal legs, and a node with a foreign certificate
-//! is refused.
+//! a cut link heals into equal legs, a node with a foreign certificate
+//! is refused, a genuine certificate claiming another node is refused, a
+//! peer's frame headers reserve no more than its connection's budget, and
+//! a renewed certificate is accepted.
 
 mod common;
 
@@ -412,6 +414,266 @@ fn a_malformed_message_from_a_peer_closes_only_its_stream() {
         &sites.nbd_uri(A, "vm"),
         &["write -P 7 0 64k", "read -P 7 0 64k"],
     );
+}
+
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn hello_as(node: &str, site: &str) -> stretch_wire::PeerMessage {
+    stretch_wire::PeerMessage::Hello {
+        protocol: stretch_wire::PROTOCOL_VERSION,
+        cluster: "local".into(),
+        node: node.into(),
+        site: site.into(),
+    }
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+#[test]
+fn a_genuine_certificate_claiming_another_node_is_refused_and_changes_nothing() {
+    let sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "vm"]).success()
+    });
+    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
+    let a_peer = peer_address(&config, "a1");
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let runtime = tokio_runtime();
+    // The witness's certificate, and a1's own, each claiming to be b1 (the
+    // data node at site b, connected to a1 all along).
+    for holder in ["w1", "a1"] {
+        let identity = stretch_transport::NodeIdentity::load(&sites.pki_dir(), holder)
+            .expect("a genuine certificate");
+        runtime.block_on(async {
+            let endpoint =
+                stretch_transport::PeerEndpoint::bind(&identity, loopback).expect("binding");
+            let connection = endpoint
+                .connect("a1", a_peer)
+                .await
+                .expect("the certificate chains to the cluster CA");
+            let (mut send, mut receive) = connection.open_bi().await.expect("a hello stream");
+            stretch_transport::write_message(&mut send, &hello_as("b1", "b"))
+                .await
+                .expect("sending the hello");
+            // What a peer taken for b1 could do: delete the volume (its id
+            // is one of the first few).
+            for id in 0..8 {
+                let Ok(mut stream) = connection.open_uni().await else {
+                    break;
+                };
+                let delete = stretch_wire::PeerMessage::DeleteVolume {
+                    request: 0,
+                    name: "vm".into(),
+                    id,
+                };
+                let _ = stretch_transport::write_message(&mut stream, &delete).await;
+                let _ = stream.finish();
+            }
+            let answer = stretch_transport::read_message(&mut receive).await;
+            assert!(
+                !matches!(answer, Ok(Some(stretch_wire::PeerMessage::Hello { .. }))),
+                "a1 answered the hello of {holder} posing as b1"
+            );
+            let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await;
+            assert!(closed.is_ok(), "a1 kept the connection of {holder} open");
+        });
+    }
+    // A hello announcing a frame of the largest size is refused at once,
+    // not waited for.
+    let identity =
+        stretch_transport::NodeIdentity::load(&sites.pki_dir(), "w1").expect("w1's certificate");
+    runtime.block_on(async {
+        let endpoint = stretch_transport::PeerEndpoint::bind(&identity, loopback).expect("binding");
+        let connection = endpoint.connect("a1", a_peer).await.expect("connecting");
+        let (mut send, _receive) = connection.open_bi().await.expect("a hello stream");
+        send.write_all(&stretch_wire::FRAME_BYTES_MAX.to_le_bytes())
+            .await
+            .expect("sending a header");
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+        assert!(closed.is_ok(), "a1 waited for a 40 MiB hello");
+    });
+    let logs = sites.logs();
+    for holder in ["w1", "a1"] {
+        let refusal = format!("the certificate names node \"{holder}\", the hello claims \"b1\"");
+        assert!(
+            logs.contains(&refusal),
+            "no refusal of {holder} logged:\n{logs}"
+        );
+    }
+    let metrics = sites.metrics(A);
+    assert_eq!(
+        metric_value(&metrics, "stretch_peer_connections_refused_total", &[]),
+        Some(3.0),
+        "{metrics}"
+    );
+    // Nothing changed: b1's connection was never replaced, and the volume
+    // is still at both sites.
+    assert!(!logs.contains("replaced"), "{logs}");
+    assert_eq!(sites.status(A)["peers"][0]["connected"], true);
+    assert_eq!(sites.status(B)["peers"][0]["connected"], true);
+    for site in [A, B] {
+        assert!(sites.cli(site, &["volume", "show", "vm"]).success());
+    }
+    qemu_io_ok(
+        &sites.nbd_uri(A, "vm"),
+        &["write -P 9 0 64k", "read -P 9 0 64k"],
+    );
+}
+
+#[test]
+fn a_frame_header_is_honoured_only_within_the_connection_budget() {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
+    // Pose as b1 (its certificate is genuine) once b1 is gone.
+    sites.kill9(B);
+    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
+        sites.status(A)["peers"][0]["connected"] == false
+    });
+    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
+    let a_peer = peer_address(&config, "a1");
+    let b_peer = peer_address(&config, "b1");
+    let identity =
+        stretch_transport::NodeIdentity::load(&sites.pki_dir(), "b1").expect("b1's certificate");
+    let a_pid = sites.pid(A);
+    let before = resident_bytes(a_pid);
+    const STREAMS: usize = 40;
+    const SENT_PER_STREAM: usize = 12 << 20;
+    let runtime = tokio_runtime();
+    runtime.block_on(async {
+        let endpoint = stretch_transport::PeerEndpoint::bind(&identity, b_peer).expect("binding");
+        let connection = endpoint.connect("a1", a_peer).await.expect("a1 accepts b1");
+        let (mut send, mut receive) = connection.open_bi().await.expect("a hello stream");
+        stretch_transport::write_message(&mut send, &hello_as("b1", "b"))
+            .await
+            .expect("sending the hello");
+        let answer = stretch_transport::read_message(&mut receive)
+            .await
+            .expect("a1 answers the hello");
+        assert!(matches!(
+            answer,
+            Some(stretch_wire::PeerMessage::Hello { .. })
+        ));
+        // Each stream announces the largest frame and sends 12 MiB of it,
+        // never the rest (the streams stay open): 480 MiB that a node
+        // honouring every header would hold.
+        let mut senders = Vec::new();
+        for _ in 0..STREAMS {
+            let connection = connection.clone();
+            senders.push(tokio::spawn(async move {
+                let mut stream = connection.open_uni().await.ok()?;
+                let header = stretch_wire::FRAME_BYTES_MAX.to_le_bytes();
+                stream.write_all(&header).await.ok()?;
+                let chunk = vec![0x5a; 1 << 20];
+                for _ in 0..SENT_PER_STREAM / chunk.len() {
+                    stream.write_all(&chunk).await.ok()?;
+                }
+                // Held open: the frame is neither finished nor cut short.
+                connection.closed().await;
+                Some(stream)
+            }));
+        }
+        let mut peak = 0;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            peak = peak.max(resident_bytes(a_pid));
+        }
+        let grown = peak.saturating_sub(before);
+        eprintln!("a1 grew by {} MiB under the announced frames", grown >> 20);
+        assert!(
+            grown < 256 << 20,
+            "a1 grew by {} MiB for frames announced but not sent",
+            grown >> 20
+        );
+        // Nothing on the connection progresses: a1 closes it.
+        let closed = tokio::time::timeout(Duration::from_secs(30), connection.closed()).await;
+        assert!(closed.is_ok(), "a1 kept a stalled connection open");
+        for sender in senders {
+            let _ = sender.await;
+        }
+        endpoint.close();
+    });
+    drop(runtime);
+    assert!(sites.logs().contains("frames from the peer stalled"));
+    // a1 kept serving, and the real b1 comes back.
+    qemu_io_ok(
+        &sites.nbd_uri(A, "vm"),
+        &["write -P 7 0 64k", "read -P 7 0 64k"],
+    );
+    sites.start_node(B);
+    sites.wait_connected();
+}
+
+#[test]
+fn a_renewed_certificate_is_accepted_from_a_node_directory_without_the_ca_key() {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    // `stretch init`'s default: one year.
+    assert_eq!(certificate_days(&sites, A), Some(364.0));
+    assert_eq!(certificate_days(&sites, B), Some(364.0));
+    let pki = sites.pki_dir();
+    let pki = pki.to_str().expect("a UTF-8 path");
+    let renewed = run(
+        Command::new(STRETCH).args([
+            "cert",
+            "renew",
+            "--node",
+            "b1",
+            "--cert-days",
+            "30",
+            "--dir",
+            pki,
+        ]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    renewed.assert_ok();
+    assert!(
+        renewed.stdout.contains("certificate renewed for node b1"),
+        "{renewed}"
+    );
+    let b_pki = sites.dir.path().join("b1-pki");
+    run(
+        Command::new(STRETCH)
+            .args(["cert", "export", "--node", "b1", "--dir", pki, "--out"])
+            .arg(&b_pki),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    assert!(!b_pki.join("ca.key").exists());
+    sites.kill9(B);
+    sites.start_node_with_pki(B, b_pki);
+    sites.wait_connected();
+    assert_eq!(certificate_days(&sites, B), Some(29.0));
+    assert_eq!(certificate_days(&sites, A), Some(364.0));
+    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "vm"]).success()
+    });
+}
+
+/// Whole days left on node `node`'s certificate, from its metrics.
+fn certificate_days(sites: &TwoSites, node: usize) -> Option<f64> {
+    metric_value(
+        &sites.metrics(node),
+        "stretch_certificate_expiry_seconds",
+        &[],
+    )
+    .map(|seconds| (seconds / 86_400.0).floor())
 }
 
 fn peer_address(config: &str, node: &str) -> std::net::SocketAddr {

@@ -39,6 +39,8 @@ pub struct TwoSites {
     ports: [u16; 8],
     /// One child for `OneProcess`, one per node otherwise (None once killed).
     children: Vec<Option<Child>>,
+    /// A node's own PKI directory, in place of the shared one.
+    node_pki: [Option<PathBuf>; 3],
 }
 
 impl TwoSites {
@@ -56,6 +58,7 @@ impl TwoSites {
             layout,
             ports: [0; 8],
             children: Vec::new(),
+            node_pki: [None, None, None],
         };
         for _attempt in 0..5 {
             let ports = free_port_set();
@@ -138,8 +141,24 @@ impl TwoSites {
         });
     }
 
+    /// Starts node `index` again after [`TwoSites::kill9`], with its
+    /// certificates from `pki` instead of the shared PKI directory.
+    pub fn start_node_with_pki(&mut self, index: usize, pki: PathBuf) {
+        self.node_pki[index] = Some(pki);
+        self.start_node(index);
+    }
+
+    /// The process id of node `index` (ProcessPerNode only).
+    pub fn pid(&self, index: usize) -> u32 {
+        assert_eq!(self.layout, Layout::ProcessPerNode);
+        self.children[index].as_ref().expect("running").id()
+    }
+
     /// Starts node `index` (a `stretch node` process).
     fn spawn_node(&self, index: usize) -> Child {
+        let pki = self.node_pki[index]
+            .clone()
+            .unwrap_or_else(|| self.pki_dir());
         self.spawn(
             index,
             &[
@@ -149,7 +168,7 @@ impl TwoSites {
                 "--node".as_ref(),
                 NODES[index].as_ref(),
                 "--pki-dir".as_ref(),
-                self.pki_dir().as_os_str(),
+                pki.as_os_str(),
             ],
         )
     }

@@ -68,14 +68,25 @@ enum Command {
         pki_dir: Option<PathBuf>,
     },
     /// Create the cluster CA and a certificate for every node of a config
-    /// (only what is missing; existing keys are never replaced).
+    /// (only what is missing; existing keys are never replaced). The
+    /// directory holds the CA key: give each node only its own files
+    /// (`stretch cert export`).
     Init {
         /// Cluster config (TOML); the embedded local config if absent.
         config: Option<PathBuf>,
         /// Where the CA and node certificates go.
         #[arg(long, default_value = "stretch-data/pki")]
         dir: PathBuf,
+        /// Lifetime of new node certificates, in days.
+        #[arg(long, default_value_t = stretch_transport::NODE_DAYS_DEFAULT)]
+        cert_days: u32,
+        /// Lifetime of a new cluster CA, in days.
+        #[arg(long, default_value_t = stretch_transport::CA_DAYS_DEFAULT)]
+        ca_days: u32,
     },
+    /// Renew node certificates and give a node the files it needs.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Create, list, show and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -88,6 +99,37 @@ enum Command {
     /// Run the deterministic simulator: the real core under seeded faults,
     /// checked against a reference model. Exits 1 on a violation.
     Sim(sim_command::SimArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Re-issue node certificates with the existing CA key (each node keeps
+    /// its key); a node uses its new certificate from its next start.
+    Renew {
+        /// The node to renew; repeat for several (default: every node
+        /// certificate in the directory).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The PKI directory `stretch init` made (it holds the CA key).
+        #[arg(long, default_value = "stretch-data/pki")]
+        dir: PathBuf,
+        /// Lifetime of the new certificates, in days (never past the CA's).
+        #[arg(long, default_value_t = stretch_transport::NODE_DAYS_DEFAULT)]
+        cert_days: u32,
+    },
+    /// Copy what one node needs (ca.pem, NODE.pem, NODE.key) into a
+    /// directory of its own, without the CA key; run again after a renewal.
+    Export {
+        /// The node whose files to copy.
+        #[arg(long)]
+        node: String,
+        /// The node's PKI directory (its `stretch node --pki-dir`).
+        #[arg(long)]
+        out: PathBuf,
+        /// The PKI directory `stretch init` made.
+        #[arg(long, default_value = "stretch-data/pki")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,13 +302,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 stretch_node::run_node(&config, &node, &data_dir, options, shutdown).await
             })
         }
-        Command::Init { config, dir } => {
+        Command::Init {
+            config,
+            dir,
+            cert_days,
+            ca_days,
+        } => {
             let config = match config {
                 Some(path) => ClusterConfig::load(&path)?,
                 None => ClusterConfig::embedded_default(),
             };
             let nodes: Vec<&str> = config.nodes.iter().map(|node| node.name.as_str()).collect();
-            let report = stretch_transport::init(&dir, &config.cluster.name, &nodes)?;
+            let lifetimes = stretch_transport::Lifetimes {
+                ca_days,
+                node_days: cert_days,
+            };
+            let report =
+                stretch_transport::init_with(&dir, &config.cluster.name, &nodes, lifetimes)?;
             let ca = if report.ca_created { "created" } else { "kept" };
             println!("cluster CA {ca} in {}", dir.display());
             for node in &report.nodes_created {
@@ -277,11 +329,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cert(command) => cert(command),
         Command::Volume(command) => volume(&AdminClient::new(&cli.admin), command),
         Command::Status => status(&AdminClient::new(&cli.admin)),
         Command::Link(command) => link(&cli.admin, command),
         Command::Sim(args) => sim_command::run(args),
     }
+}
+
+fn cert(command: CertCommand) -> anyhow::Result<()> {
+    match command {
+        CertCommand::Renew {
+            nodes,
+            dir,
+            cert_days,
+        } => {
+            let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            let renewed = stretch_transport::renew(&dir, &names, cert_days)?;
+            if renewed.is_empty() {
+                anyhow::bail!("no node certificates in {}", dir.display());
+            }
+            for certificate in &renewed {
+                println!(
+                    "certificate renewed for node {}, valid until {}",
+                    certificate.node,
+                    date(certificate.not_after)
+                );
+            }
+            println!(
+                "copy each node's new certificate to it (`stretch cert export`) and restart it"
+            );
+            Ok(())
+        }
+        CertCommand::Export { node, out, dir } => {
+            stretch_transport::export(&dir, &node, &out)?;
+            println!(
+                "{} holds ca.pem, {node}.pem and {node}.key (no CA key): run the node with \
+                 --pki-dir {}",
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A time as an RFC 3339 date in UTC.
+fn date(at: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{at:?}"))
 }
 
 /// Starts logging and the runtime, then runs until Ctrl-C or SIGTERM.

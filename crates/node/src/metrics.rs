@@ -2,12 +2,15 @@
 //! labels, so several nodes in one process (`stretch up`) stay apart.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
-use prometheus::{GaugeVec, IntGaugeVec};
+use prometheus::{Gauge, GaugeVec, IntGaugeVec};
 use stretch_core::EngineStats;
 
 /// Latency buckets in seconds: 20 µs to 10 s.
@@ -30,6 +33,10 @@ pub struct Metrics {
     pub volumes: IntGauge,
     engine: EngineGauges,
     replication: ReplicationGauges,
+    /// The node certificate's end, once the node loaded it, and the gauge
+    /// counting down to it (registered then: a node without a certificate
+    /// exports no expiry rather than a false one).
+    certificate: Arc<Mutex<Option<(Gauge, SystemTime)>>>,
 }
 
 /// Multi-site figures: the engine's totals, and per peer and per volume.
@@ -52,6 +59,7 @@ struct ReplicationGauges {
     peer_connected: IntGaugeVec,
     peer_rtt_seconds: GaugeVec,
     peer_malformed: IntCounterVec,
+    peer_refused: IntCounter,
     unapplied_deltas: IntGaugeVec,
     unapplied_bytes: IntGaugeVec,
     lag_seconds: GaugeVec,
@@ -299,6 +307,12 @@ impl Metrics {
                 &["peer"],
             ),
             peer_malformed,
+            peer_refused: counter(
+                &registry,
+                "stretch_peer_connections_refused_total",
+                "Peer connections refused: a certificate naming another node than the hello, \
+                 a hello from no data node of the cluster, or no hello",
+            ),
             unapplied_deltas: vector(
                 "stretch_volume_unapplied_deltas",
                 "Closed deltas of the volume's group the peer site has not applied",
@@ -421,6 +435,31 @@ impl Metrics {
             latency,
             engine,
             replication,
+            certificate: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn peer_refused(&self) {
+        self.replication.peer_refused.inc();
+    }
+
+    /// Starts exporting `stretch_certificate_expiry_seconds`: the time left
+    /// before this node's certificate ends, so an alert fires before peers
+    /// start refusing it.
+    pub fn set_certificate_expiry(&self, not_after: SystemTime) {
+        let mut certificate = self.certificate.lock();
+        if certificate.is_none() {
+            let gauge = Gauge::new(
+                "stretch_certificate_expiry_seconds",
+                "Seconds until this node's certificate expires (negative once it has)",
+            )
+            .expect("metric definition invariant: valid name");
+            self.registry
+                .register(Box::new(gauge.clone()))
+                .expect("metric registration invariant: unique name");
+            *certificate = Some((gauge, not_after));
+        } else if let Some((_, end)) = certificate.as_mut() {
+            *end = not_after;
         }
     }
 
@@ -538,6 +577,14 @@ impl Metrics {
             stats.resync_regions_done_total,
         );
         advance(&replication.refused_messages, stats.refused_messages_total);
+        if let Some((gauge, not_after)) = self.certificate.lock().as_ref() {
+            let now = SystemTime::now();
+            let left = match not_after.duration_since(now) {
+                Ok(left) => left.as_secs_f64(),
+                Err(past) => -past.duration().as_secs_f64(),
+            };
+            gauge.set(left.floor());
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

@@ -13,8 +13,20 @@
 //! there (retained deltas or a resync), so nothing depends on messages of a
 //! dead connection arriving.
 //!
+//! Identity: a peer is the node its certificate names. The accepting side
+//! reads that name from the client certificate before anything else and
+//! refuses a hello claiming another node; the dialling side gets a server
+//! certificate naming the node it dialled (TLS and the endpoint check it)
+//! and refuses a hello from any other. The hello's node must be a data node
+//! of the config at the site the config gives it, so a witness's
+//! certificate (naming the witness) never passes as a data node. A refused
+//! connection is logged and counted and changes nothing.
+//!
 //! Bytes from a peer are untrusted: a frame that fails validation ends that
-//! stream only, is logged and counted.
+//! stream only, is logged and counted. The hello is read within a budget of
+//! one small frame; after it, the frames a connection is receiving share
+//! one [`FrameBudget`], so headers cannot make a node reserve more than
+//! that per peer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,7 +38,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use stretch_core::{GroupId, Lane, SiteId, SiteMessage};
 use stretch_storage::VolumeRecord;
-use stretch_transport::{NodeIdentity, PeerEndpoint, read_message, write_message};
+use stretch_transport::{
+    FrameBudget, FrameError, IdentityError, NodeIdentity, PeerEndpoint, peer_certificate,
+    read_message_within, write_message,
+};
 use stretch_wire::{PROTOCOL_VERSION, PeerMessage, WireVolume};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -42,6 +57,8 @@ const REDIAL_DELAY_MIN: Duration = Duration::from_millis(100);
 const REDIAL_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Longest the handshake (hello both ways) may take on a fresh connection.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node's certificate this close to its end is worth a warning at start.
+const CERTIFICATE_WARNING: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeersError {
@@ -130,6 +147,10 @@ impl Peers {
                 dir: pki_dir.display().to_string(),
                 source,
             })?;
+        node.driver
+            .metrics
+            .set_certificate_expiry(identity.not_after);
+        warn_if_expiring(&node.name, identity.not_after);
         let table = stretch_transport::LinkTable::new(seed_of(&node.name));
         links.register(&node.site, table.clone());
         let endpoint = PeerEndpoint::bind_shaped(&identity, address, table)?;
@@ -336,10 +357,14 @@ impl Peers {
                 let connection = self.endpoint.connect(&remote.node, remote.address).await?;
                 let (mut send, mut receive) = connection.open_bi().await?;
                 write_message(&mut send, &self.hello()).await?;
-                let answer = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut receive))
-                    .await
-                    .map_err(|_| anyhow_like("no hello within the timeout"))??;
-                self.check_hello(answer, Some(&remote))?;
+                let answer = tokio::time::timeout(
+                    HELLO_TIMEOUT,
+                    read_message_within(&mut receive, &FrameBudget::hello()),
+                )
+                .await
+                .map_err(|_| anyhow_like("no hello within the timeout"))??;
+                // The endpoint checked the certificate names remote.node.
+                self.check_hello(answer, &remote.node, Some(&remote))?;
                 let _ = send.finish();
                 Ok::<_, SessionError>(connection)
             };
@@ -355,6 +380,9 @@ impl Peers {
                         .await;
                 }
                 Err(error) => {
+                    if error.is_refusal() {
+                        self.count_refusal();
+                    }
                     // The first failure of a streak is worth an operator's
                     // eye (a wrong certificate looks like this); the
                     // retries are not.
@@ -386,11 +414,17 @@ impl Peers {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let handshake = async {
+                    // Who the peer is comes from its certificate, read
+                    // before any byte it sends.
+                    let certified = peer_certificate(&connection)?;
                     let (mut send, mut receive) = connection.accept_bi().await?;
-                    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut receive))
-                        .await
-                        .map_err(|_| anyhow_like("no hello within the timeout"))??;
-                    let remote = peers.check_hello(hello, None)?;
+                    let hello = tokio::time::timeout(
+                        HELLO_TIMEOUT,
+                        read_message_within(&mut receive, &FrameBudget::hello()),
+                    )
+                    .await
+                    .map_err(|_| anyhow_like("no hello within the timeout"))??;
+                    let remote = peers.check_hello(hello, &certified.node, None)?;
                     write_message(&mut send, &peers.hello()).await?;
                     let _ = send.finish();
                     Ok::<_, SessionError>(remote)
@@ -403,6 +437,9 @@ impl Peers {
                             %error,
                             "refused a peer connection"
                         );
+                        if error.is_refusal() {
+                            peers.count_refusal();
+                        }
                         connection.close(1u32.into(), b"refused");
                     }
                 }
@@ -419,11 +456,19 @@ impl Peers {
         }
     }
 
-    /// Checks a peer's hello: same protocol and cluster, a data node of the
-    /// config at the site the config gives it (and the one dialled).
+    fn count_refusal(&self) {
+        if let Some(node) = self.node.upgrade() {
+            node.driver.metrics.peer_refused();
+        }
+    }
+
+    /// Checks a peer's hello: the node its certificate names (`certified`),
+    /// same protocol and cluster, a data node of the config at the site the
+    /// config gives it (and the one dialled).
     fn check_hello(
         &self,
         message: Option<PeerMessage>,
+        certified: &str,
         expected: Option<&Remote>,
     ) -> Result<Remote, SessionError> {
         let Some(PeerMessage::Hello {
@@ -435,6 +480,11 @@ impl Peers {
         else {
             return Err(anyhow_like("the first message was not a hello"));
         };
+        if node != certified {
+            return Err(SessionError::Refused(format!(
+                "the certificate names node {certified:?}, the hello claims {node:?}"
+            )));
+        }
         if protocol != PROTOCOL_VERSION {
             return Err(SessionError::Refused(format!(
                 "protocol {protocol}, this node speaks {PROTOCOL_VERSION}"
@@ -480,6 +530,7 @@ impl Peers {
             previous.connection.close(0u32.into(), b"replaced");
         }
         tracing::info!(peer = %remote.node, site = %remote.site, "connected to peer");
+        let budget = FrameBudget::per_connection();
         node.driver.metrics.peer_connected(&remote.site, true);
         let now = node.driver.now();
         node.driver
@@ -499,7 +550,11 @@ impl Peers {
                 Ok(stream) => {
                     let peers = self.clone();
                     let remote = remote.clone();
-                    tokio::spawn(async move { peers.read_stream(remote, stream).await });
+                    let budget = budget.clone();
+                    let connection = connection.clone();
+                    tokio::spawn(async move {
+                        peers.read_stream(remote, connection, stream, budget).await
+                    });
                 }
                 Err(error) => {
                     tracing::info!(peer = %remote.node, %error, "connection to peer ended");
@@ -526,15 +581,30 @@ impl Peers {
     // -----------------------------------------------------------------------
     // Receiving
 
-    async fn read_stream(self: Arc<Self>, remote: Remote, mut stream: quinn::RecvStream) {
+    async fn read_stream(
+        self: Arc<Self>,
+        remote: Remote,
+        connection: quinn::Connection,
+        mut stream: quinn::RecvStream,
+        budget: FrameBudget,
+    ) {
         loop {
-            let message = match read_message(&mut stream).await {
+            let message = match read_message_within(&mut stream, &budget).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return,
                 // The stream or connection ended (a peer stopping, a cut
                 // link): nothing malformed, the session handles it.
-                Err(stretch_transport::FrameError::Io(error)) => {
+                Err(FrameError::Io(error)) => {
                     tracing::debug!(peer = %remote.node, %error, "peer stream ended");
+                    return;
+                }
+                // Frames announced but not sent hold the connection's
+                // budget: a new connection starts clean, and the engine
+                // resumes over it from what it kept.
+                Err(error @ FrameError::Stalled { .. }) => {
+                    tracing::warn!(peer = %remote.node, %error,
+                        "frames from the peer stalled; connection closed");
+                    connection.close(3u32.into(), b"frames stalled");
                     return;
                 }
                 Err(error) => {
@@ -717,8 +787,27 @@ fn seed_of(name: &str) -> u64 {
     })
 }
 
+/// Logs, once at start, a node certificate that has ended or soon will:
+/// peers refuse an expired certificate, so the node would be cut off.
+fn warn_if_expiring(node: &str, not_after: std::time::SystemTime) {
+    match not_after.duration_since(std::time::SystemTime::now()) {
+        Err(_) => tracing::error!(
+            node,
+            "this node's certificate has expired: peers refuse it; run `stretch cert renew`"
+        ),
+        Ok(left) if left < CERTIFICATE_WARNING => tracing::warn!(
+            node,
+            days_left = left.as_secs() / 86_400,
+            "this node's certificate ends soon; run `stretch cert renew`"
+        ),
+        Ok(_) => {}
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
+    #[error("peer certificate: {0}")]
+    Identity(#[from] IdentityError),
     #[error(transparent)]
     Endpoint(#[from] stretch_transport::EndpointError),
     #[error(transparent)]
@@ -727,6 +816,23 @@ enum SessionError {
     Frame(#[from] stretch_transport::FrameError),
     #[error("{0}")]
     Refused(String),
+}
+
+impl SessionError {
+    /// A peer that reached this node and was turned away for who it is or
+    /// what it said, as opposed to one that could not be reached.
+    fn is_refusal(&self) -> bool {
+        use stretch_transport::EndpointError;
+        match self {
+            SessionError::Identity(_) | SessionError::Refused(_) => true,
+            SessionError::Endpoint(error) => matches!(
+                error,
+                EndpointError::WrongPeer { .. } | EndpointError::OtherPeer { .. }
+            ),
+            SessionError::Frame(error) => !matches!(error, FrameError::Io(_)),
+            SessionError::Connection(_) => false,
+        }
+    }
 }
 
 fn anyhow_like(reason: &str) -> SessionError {

@@ -2,6 +2,12 @@
 //! to peers, both ways with mutual TLS against the cluster CA. A peer whose
 //! certificate does not chain to the CA is refused during the handshake,
 //! whichever side it is on.
+//!
+//! Chaining to the CA makes a peer a cluster member, not a particular node.
+//! When dialling, TLS checks the server certificate names the node dialled
+//! (and [`PeerEndpoint::connect`] checks it names that node only); when
+//! accepting, [`peer_certificate`] tells which node the client certificate
+//! names, for the caller to hold the peer to.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,9 +15,9 @@ use std::sync::Arc;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::pki::NodeIdentity;
+use crate::pki::{CertificateInfo, IdentityError, NodeIdentity};
 use crate::shaped_socket::{LinkTable, ShapedSocket};
 
 /// Application protocol name negotiated over TLS.
@@ -47,6 +53,19 @@ pub enum EndpointError {
         #[source]
         source: quinn::ConnectionError,
     },
+    #[error("{address} is not node {peer}: {source}")]
+    WrongPeer {
+        peer: String,
+        address: SocketAddr,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("{address} is node {named}, not {peer}")]
+    OtherPeer {
+        peer: String,
+        address: SocketAddr,
+        named: String,
+    },
 }
 
 /// A node's endpoint between sites.
@@ -64,6 +83,13 @@ const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// wmem_max).
 const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+/// Streams a peer may have open at once towards this node: each group's
+/// delta stream and one per request or control message in flight. A peer
+/// wanting more waits for one to end (QUIC stream credit), which also
+/// bounds the tasks and buffers a connection costs.
+pub const UNI_STREAMS_MAX: u32 = 100;
+/// Bidirectional streams carry only the hello (and echoes in tests).
+pub const BIDI_STREAMS_MAX: u32 = 4;
 
 fn transport_config() -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
@@ -72,7 +98,9 @@ fn transport_config() -> quinn::TransportConfig {
         .keep_alive_interval(Some(std::time::Duration::from_millis(KEEP_ALIVE_MS)))
         .stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW_BYTES))
         .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW_BYTES))
-        .send_window(CONNECTION_WINDOW_BYTES as u64);
+        .send_window(CONNECTION_WINDOW_BYTES as u64)
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(UNI_STREAMS_MAX))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(BIDI_STREAMS_MAX));
     config
 }
 
@@ -178,7 +206,7 @@ impl PeerEndpoint {
     }
 
     /// Opens a connection to the node `peer` at `address`; its certificate
-    /// must chain to the cluster CA and name `peer`.
+    /// must chain to the cluster CA and name `peer`, and no other node.
     pub async fn connect(
         &self,
         peer: &str,
@@ -194,13 +222,35 @@ impl PeerEndpoint {
                     address,
                     source,
                 })?;
-        connecting
+        let connection = connecting
             .await
             .map_err(|source| EndpointError::Connection {
                 peer: peer.to_string(),
                 address,
                 source,
-            })
+            })?;
+        // TLS matched `peer` against the certificate's names; a certificate
+        // naming several nodes would match each of them, so it is refused.
+        let named = match peer_certificate(&connection) {
+            Ok(info) => info.node,
+            Err(source) => {
+                connection.close(1u32.into(), b"not the node dialled");
+                return Err(EndpointError::WrongPeer {
+                    peer: peer.to_string(),
+                    address,
+                    source,
+                });
+            }
+        };
+        if named != peer {
+            connection.close(1u32.into(), b"not the node dialled");
+            return Err(EndpointError::OtherPeer {
+                peer: peer.to_string(),
+                address,
+                named,
+            });
+        }
+        Ok(connection)
     }
 
     /// Waits for the next peer to connect. A peer that fails the mutual
@@ -221,4 +271,17 @@ impl PeerEndpoint {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
     }
+}
+
+/// The node a connection's peer certificate names (the TLS handshake
+/// already checked it chains to the cluster CA).
+pub fn peer_certificate(connection: &quinn::Connection) -> Result<CertificateInfo, IdentityError> {
+    let identity = connection
+        .peer_identity()
+        .ok_or(IdentityError::NoCertificate)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| IdentityError::NoCertificate)?;
+    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
+    CertificateInfo::parse(leaf)
 }

@@ -297,3 +297,179 @@ fn shaped_links_delay_and_cut() {
         assert_eq!(echo(&connection, b"healed").await, b"healed");
     });
 }
+
+/// Days from now to `at`, rounded down.
+fn days_until(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::SystemTime::now())
+        .expect("in the future")
+        .as_secs()
+        / 86_400
+}
+
+#[test]
+fn certificates_have_a_finite_lifetime_and_renew_with_the_same_ca() {
+    use stretch_transport::{CertificateInfo, Lifetimes, init_with, renew};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lifetimes = Lifetimes {
+        ca_days: 100,
+        node_days: 30,
+    };
+    init_with(dir.path(), "test", &["a1", "b1"], lifetimes).expect("init");
+    let a1 = NodeIdentity::load(dir.path(), "a1").expect("identity");
+    assert_eq!(days_until(a1.not_after), 29);
+    let info = CertificateInfo::parse(&a1.certificate).expect("parse");
+    assert_eq!(info.node, "a1");
+    let ca = CertificateInfo::parse(&a1.ca);
+    assert!(ca.is_err(), "the CA names no node: {ca:?}");
+
+    let key_before = std::fs::read(dir.path().join("b1.key")).expect("key");
+    let ca_before = std::fs::read(dir.path().join("ca.pem")).expect("ca");
+    let renewed = renew(dir.path(), &["b1"], 60).expect("renew");
+    assert_eq!(renewed.len(), 1);
+    assert_eq!(renewed[0].node, "b1");
+    assert_eq!(days_until(renewed[0].not_after), 59);
+    assert_eq!(
+        std::fs::read(dir.path().join("b1.key")).expect("key"),
+        key_before
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.pem")).expect("ca"),
+        ca_before
+    );
+    // Never past the CA's own end.
+    let capped = renew(dir.path(), &["a1"], 1000).expect("renew");
+    assert_eq!(days_until(capped[0].not_after), 99);
+    // Every node when none is named.
+    let all = renew(dir.path(), &[], 10).expect("renew all");
+    let names: Vec<&str> = all.iter().map(|renewed| renewed.node.as_str()).collect();
+    assert_eq!(names, vec!["a1", "b1"]);
+    assert!(renew(dir.path(), &["zz"], 10).is_err());
+    assert!(renew(dir.path(), &[], 0).is_err());
+
+    // The renewed certificates still make a cluster.
+    run(async {
+        let a = member(dir.path(), "a1");
+        let b = member(dir.path(), "b1");
+        let b_address = b.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let connection = b.accept().await.expect("a1 connects");
+            let peer = stretch_transport::peer_certificate(&connection).expect("a1's certificate");
+            assert_eq!(peer.node, "a1");
+            assert_eq!(days_until(peer.not_after), 9);
+            connection.closed().await;
+        });
+        let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+        connection.close(0u32.into(), b"done");
+        server.await.expect("server task");
+    });
+}
+
+#[test]
+fn an_exported_node_directory_has_no_ca_key_and_runs_the_node() {
+    use stretch_transport::{PkiError, export};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    let nodes = tempfile::tempdir().expect("tempdir");
+    let out = nodes.path().join("b1");
+    export(dir.path(), "b1", &out).expect("export");
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .expect("listing")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    assert_eq!(files, vec!["b1.key", "b1.pem", "ca.pem"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("b1.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Running init there again adds nothing and needs no CA key; adding a
+    // node does.
+    let kept = init(&out, "test", &["b1"]).expect("init in a node directory");
+    assert!(!kept.ca_created && kept.nodes_created.is_empty());
+    assert!(matches!(
+        init(&out, "test", &["b1", "c1"]),
+        Err(PkiError::NoCaKey(_))
+    ));
+    assert!(matches!(
+        export(dir.path(), "a1", dir.path()),
+        Err(PkiError::ExportIntoCa(_))
+    ));
+    // A renewal reaches the node by exporting again.
+    stretch_transport::renew(dir.path(), &["b1"], 7).expect("renew");
+    export(dir.path(), "b1", &out).expect("export again");
+    let b1 = NodeIdentity::load(&out, "b1").expect("identity without the CA key");
+    assert_eq!(days_until(b1.not_after), 6);
+    // A certificate file of another node is refused at load.
+    std::fs::copy(dir.path().join("a1.pem"), out.join("b1.pem")).expect("copy");
+    assert!(matches!(
+        NodeIdentity::load(&out, "b1"),
+        Err(PkiError::WrongNode { .. })
+    ));
+    std::fs::copy(dir.path().join("b1.pem"), out.join("b1.pem")).expect("copy");
+    run(async {
+        let a = member(dir.path(), "a1");
+        let b = member(&out, "b1");
+        let b_address = b.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Some(connection) = b.accept().await {
+                connection.closed().await;
+            }
+        });
+        let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+        connection.close(0u32.into(), b"done");
+    });
+}
+
+/// Dialling node X at an address where node Y answers fails, whatever the
+/// certificate chain; a certificate naming two nodes is no node's.
+#[test]
+fn a_dialled_peer_must_be_the_node_dialled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1", "w1"]).expect("init");
+    run(async {
+        let a = member(dir.path(), "a1");
+        let w = std::sync::Arc::new(member(dir.path(), "w1"));
+        let w_address = w.local_addr().expect("address");
+        let accepted = count_accepted(w.clone());
+        let error = a
+            .connect("b1", w_address)
+            .await
+            .expect_err("w1 passed as b1");
+        assert!(
+            matches!(error, stretch_transport::EndpointError::Connection { .. }),
+            "{error}"
+        );
+        let _ = accepted;
+    });
+    // Issued by the cluster CA, naming a1 and b1 at once.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca.key")).expect("key"))
+            .expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca"),
+        ca_key,
+    )
+    .expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params =
+        rcgen::CertificateParams::new(vec!["a1".to_string(), "b1".to_string()]).expect("params");
+    let both = params.signed_by(&key, &issuer).expect("certificate");
+    let parsed = stretch_transport::CertificateInfo::parse(both.der());
+    assert!(
+        matches!(
+            parsed,
+            Err(stretch_transport::IdentityError::SeveralNames(_))
+        ),
+        "{parsed:?}"
+    );
+}
