@@ -1606,4 +1606,29 @@ mod tests {
                 .is_some()
         );
     }
+
+    /// A client that never reads its answer fails the write once it has
+    /// made no progress for the limit, instead of holding the connection.
+    #[tokio::test]
+    async fn a_write_the_client_does_not_read_times_out() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let client = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut server = StallLimited::new(server, Duration::from_millis(200));
+        let chunk = vec![0u8; 1 << 20];
+        let started = std::time::Instant::now();
+        let error = loop {
+            if let Err(error) = server.write_all(&chunk).await {
+                break error;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the socket buffers took 20 s of writes"
+            );
+        };
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
+    }
 }
