@@ -245,13 +245,14 @@ fn volume_names_are_percent_encoded() {
 }
 
 /// Clients that send half a request head, half a body or nothing at all
-/// hold up no other request, and are cut off after the read timeouts.
+/// hold up no other request nor the node's exit, and are cut off after the
+/// read timeouts.
 #[test]
 fn slow_clients_do_not_block_the_api() {
-    let node = TestNode::start();
+    let mut node = TestNode::start();
+    let port = node.admin_port;
     let connect = || {
-        let stream = TcpStream::connect(("127.0.0.1", node.admin_port))
-            .expect("connecting to the admin port");
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the admin port");
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("read timeout");
@@ -307,6 +308,20 @@ fn slow_clients_do_not_block_the_api() {
         started.elapsed()
     );
     assert_eq!(volume_names(&node), ["meanwhile"]);
+
+    // Nor do they hold up the node's exit: a connection with no request
+    // being handled is closed at once.
+    let mut lingering = connect();
+    lingering
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .expect("sending half a head");
+    let stopping = Instant::now();
+    assert!(node.terminate().success(), "{}", node.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "a half-sent request held the node's exit for {:?}",
+        stopping.elapsed()
+    );
 }
 
 /// A node without a token refuses to listen beyond loopback (one line),

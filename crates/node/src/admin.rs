@@ -58,6 +58,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -97,6 +98,9 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTIONS_MAX: usize = 64;
 /// At shutdown, how long requests in flight may take to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// At shutdown, how often a connection is checked for a request in flight
+/// (and how long an answer already handled has to be written).
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 
 /// The `[admin]` table of the cluster config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -388,6 +392,23 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
+/// Counts a request as handled until dropped, even if its client goes
+/// away and hyper drops the request half-way.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::SeqCst);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Resolves once the node is told to stop (or the sender is gone).
 async fn stop_signal(stopped: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here: holding it across an
@@ -402,9 +423,18 @@ async fn serve_connection(
     mut stopped: watch::Receiver<bool>,
 ) {
     let io = TokioIo::new(StallLimited::new(stream, WRITE_STALL_TIMEOUT));
+    // Requests of this connection being handled now: at shutdown, a
+    // connection with none is closed at once rather than waited for (a
+    // client idling or sending half a head would hold the node's exit).
+    let busy = Arc::new(AtomicUsize::new(0));
+    let in_service = busy.clone();
     let service = hyper::service::service_fn(move |request| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(shared.handle(request).await) }
+        let busy = in_service.clone();
+        async move {
+            let _busy = Busy::new(busy);
+            Ok::<_, Infallible>(shared.handle(request).await)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -417,11 +447,16 @@ async fn serve_connection(
         () = stop_signal(&mut stopped) => {
             // Finish the request in flight, if any, then close.
             connection.as_mut().graceful_shutdown();
-            match tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(%peer, "an admin request did not finish at shutdown");
-                    return;
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+            loop {
+                match tokio::time::timeout(SHUTDOWN_POLL, connection.as_mut()).await {
+                    Ok(result) => break result,
+                    Err(_) if busy.load(Ordering::SeqCst) == 0 => return,
+                    Err(_) if tokio::time::Instant::now() >= deadline => {
+                        tracing::warn!(%peer, "an admin request did not finish at shutdown");
+                        return;
+                    }
+                    Err(_) => {}
                 }
             }
         }
