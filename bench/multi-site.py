@@ -296,8 +296,10 @@ class Cluster:
 
     def cli(self, site, *args):
         self.check_alive()
-        result = subprocess.run([STRETCH, "--admin", self.admin(site), *args],
-                                capture_output=True, text=True)
+        # `stretch up` created the admin token in DATA_DIR/pki.
+        token = os.path.join(self.dir, "data", "pki", "admin.token")
+        result = subprocess.run([STRETCH, "--admin", self.admin(site), "--token-file", token,
+                                 *args], capture_output=True, text=True)
         if result.returncode != 0:
             die(f"[{self.label}] stretch {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout

@@ -79,15 +79,23 @@ def start_stretch(workdir, size):
     with open(config, "w") as out:
         out.write(text)
     log = open(os.path.join(workdir, "stretch.log"), "w")
+    data_dir = os.path.join(workdir, "stretch-data")
+    pki_dir = os.path.join(data_dir, "pki")
+    # The admin token (and certificates) a node reads at start.
+    subprocess.run([STRETCH, "init", config, "--dir", pki_dir],
+                   check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(pki_dir, "admin.token")) as source:
+        token = source.read().strip()
     process = subprocess.Popen(
         [STRETCH, "node", "--config", config, "--node", "a1",
-         "--data-dir", os.path.join(workdir, "stretch-data")],
+         "--data-dir", data_dir],
         stdout=log, stderr=log)
     wait_port(admin)
     request = urllib.request.Request(
         f"http://127.0.0.1:{admin}/v1/volumes",
         data=json.dumps({"name": "bench", "size": size}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+        headers={"Content-Type": "application/json",
+                 "Authorization": f"Bearer {token}"}, method="POST")
     urllib.request.urlopen(request).read()
     pin(process.pid, 0)
     return process, f"nbd://127.0.0.1:{nbd}/bench", admin

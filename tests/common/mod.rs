@@ -375,6 +375,16 @@ impl TestNode {
             node.admin_port = admin;
             std::fs::write(&node.config, cluster_config(nbd, admin, tuning))
                 .expect("writing the config");
+            // `stretch up` makes the admin token itself; `stretch node`
+            // needs `stretch init` first, as in production.
+            if !node.up && !node.token_file().exists() {
+                let mut init = Command::new(STRETCH);
+                init.arg("init")
+                    .arg(&node.config)
+                    .arg("--dir")
+                    .arg(node.data_dir().join("pki"));
+                run(&mut init, None, COMMAND_TIMEOUT).assert_ok();
+            }
             match node.spawn_and_wait() {
                 Ok(()) => return node,
                 Err(StartError::Exited {
@@ -497,9 +507,15 @@ impl TestNode {
         format!("nbd://127.0.0.1:{}/{volume}", self.nbd_port)
     }
 
-    /// Runs the stretch CLI against this node's admin API.
+    /// The admin token: in the PKI directory under the data directory,
+    /// where both `stretch up` and `stretch node` look by default.
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir().join("pki").join("admin.token")
+    }
+
+    /// Runs the stretch CLI against this node's admin API, with its token.
     pub fn cli(&self, args: &[&str]) -> Run {
-        stretch_cli(&self.admin_url(), args)
+        stretch_cli_with_token(&self.admin_url(), &self.token_file(), args)
     }
 
     pub fn create_volume(&self, name: &str, size: &str) {
@@ -578,13 +594,28 @@ impl Drop for TestNode {
     }
 }
 
-/// Runs the stretch CLI with `--admin URL`.
+/// Runs the stretch CLI with `--admin URL` and no admin token.
 pub fn stretch_cli(admin_url: &str, args: &[&str]) -> Run {
     let mut command = Command::new(STRETCH);
     command
         .args(["--admin", admin_url])
         .args(args)
         .env_remove("STRETCH_ADMIN")
+        .env_remove("STRETCH_TOKEN_FILE")
+        .env("NO_COLOR", "1");
+    run(&mut command, None, Duration::from_secs(60))
+}
+
+/// Runs the stretch CLI with `--admin URL --token-file TOKEN_FILE`.
+pub fn stretch_cli_with_token(admin_url: &str, token_file: &Path, args: &[&str]) -> Run {
+    let mut command = Command::new(STRETCH);
+    command
+        .args(["--admin", admin_url])
+        .arg("--token-file")
+        .arg(token_file)
+        .args(args)
+        .env_remove("STRETCH_ADMIN")
+        .env_remove("STRETCH_TOKEN_FILE")
         .env("NO_COLOR", "1");
     run(&mut command, None, Duration::from_secs(60))
 }

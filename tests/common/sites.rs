@@ -76,6 +76,7 @@ impl TwoSites {
             std::fs::write(&sites.config, text).expect("writing the config");
             sites.ports = ports;
             if sites.spawn_all() {
+                sites.keep_token();
                 sites.wait_connected();
                 return sites;
             }
@@ -93,6 +94,24 @@ impl TwoSites {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.dir.path().join("pki")
+    }
+
+    /// The admin token the nodes started with. A copy, so that a test may
+    /// replace the PKI directory (and its token) under running nodes, which
+    /// keep the token they read at start.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("admin.token")
+    }
+
+    /// Copies the token `stretch up` or `stretch init` made to
+    /// [`TwoSites::token_file`].
+    fn keep_token(&self) {
+        let pki = match self.layout {
+            // `stretch up` puts it in DATA_DIR/pki by default.
+            Layout::OneProcess => self.data_dir().join("pki"),
+            Layout::ProcessPerNode => self.pki_dir(),
+        };
+        std::fs::copy(pki.join("admin.token"), self.token_file()).expect("copying the admin token");
     }
 
     fn log_path(&self, index: usize) -> PathBuf {
@@ -250,8 +269,9 @@ impl TwoSites {
         format!("nbd://127.0.0.1:{}/{export}", self.ports[node])
     }
 
+    /// Runs the stretch CLI against node `node`, with the admin token.
     pub fn cli(&self, node: usize, args: &[&str]) -> Run {
-        stretch_cli(&self.url(node), args)
+        stretch_cli_with_token(&self.url(node), &self.token_file(), args)
     }
 
     pub fn ok(&self, node: usize, args: &[&str]) -> String {

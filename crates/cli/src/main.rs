@@ -4,14 +4,18 @@
 mod admin_client;
 mod sim_command;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser, Subcommand};
 use stretch_node::{ByteSize, ClusterConfig, CreateVolume, LinkInfo, LinkPair, SetLink};
 
-use crate::admin_client::AdminClient;
+use crate::admin_client::{AdminClient, Credentials};
+
+/// Where `stretch up` and `stretch node` keep their data by default; the
+/// PKI directory (and with it the admin token) is `pki` inside.
+const DEFAULT_DATA_DIR: &str = "stretch-data";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +36,13 @@ struct Cli {
     )]
     admin: String,
 
+    /// File holding the admin token, sent with every request; changes
+    /// (create, delete, move, link changes) need it. `stretch init` and
+    /// `stretch up` create it as admin.token in the PKI directory
+    /// [default: stretch-data/pki/admin.token, if it exists]
+    #[arg(long, global = true, env = "STRETCH_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -45,10 +56,10 @@ enum Command {
         /// loopback (cluster-configs/local.toml).
         config: Option<PathBuf>,
         /// Where nodes keep journals, legs and catalogs (one folder each).
-        #[arg(long, default_value = "stretch-data")]
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
-        /// The cluster CA and node certificates; created on first start if
-        /// missing (default: DATA_DIR/pki).
+        /// The cluster CA, node certificates and admin token; created on
+        /// first start if missing (default: DATA_DIR/pki).
         #[arg(long)]
         pki_dir: Option<PathBuf>,
     },
@@ -60,21 +71,22 @@ enum Command {
         /// Which [[node]] of the config to run.
         #[arg(long)]
         node: String,
-        #[arg(long, default_value = "stretch-data")]
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
-        /// The cluster CA and node certificates made by `stretch init`
-        /// (default: DATA_DIR/pki).
+        /// The cluster CA, node certificates and admin token made by
+        /// `stretch init` (default: DATA_DIR/pki). Without the token the
+        /// node refuses every change, and will not listen beyond loopback.
         #[arg(long)]
         pki_dir: Option<PathBuf>,
     },
-    /// Create the cluster CA and a certificate for every node of a config
-    /// (only what is missing; existing keys are never replaced). The
-    /// directory holds the CA key: give each node only its own files
-    /// (`stretch cert export`).
+    /// Create the cluster CA, a certificate for every node of a config and
+    /// the admin token (only what is missing; existing keys and tokens are
+    /// never replaced). The directory holds the CA key: give each node only
+    /// its own files (`stretch cert export`).
     Init {
         /// Cluster config (TOML); the embedded local config if absent.
         config: Option<PathBuf>,
-        /// Where the CA and node certificates go.
+        /// Where the CA, node certificates and admin token go.
         #[arg(long, default_value = "stretch-data/pki")]
         dir: PathBuf,
         /// Lifetime of new node certificates, in days.
@@ -327,12 +339,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for node in &report.nodes_kept {
                 println!("certificate kept for node {node}");
             }
+            let token = dir.join(stretch_node::ADMIN_TOKEN_FILE);
+            if stretch_node::ensure_admin_token(&dir)? {
+                println!("admin token created in {}", token.display());
+            } else {
+                println!("admin token kept in {}", token.display());
+            }
             Ok(())
         }
         Command::Cert(command) => cert(command),
-        Command::Volume(command) => volume(&AdminClient::new(&cli.admin), command),
-        Command::Status => status(&AdminClient::new(&cli.admin)),
-        Command::Link(command) => link(&cli.admin, command),
+        Command::Volume(command) => volume(
+            &AdminClient::new(&cli.admin, &credentials(cli.token_file.as_deref())?),
+            command,
+        ),
+        Command::Status => status(&AdminClient::new(
+            &cli.admin,
+            &credentials(cli.token_file.as_deref())?,
+        )),
+        Command::Link(command) => link(
+            &cli.admin,
+            &credentials(cli.token_file.as_deref())?,
+            command,
+        ),
         Command::Sim(args) => sim_command::run(args),
     }
 }
@@ -379,6 +407,15 @@ fn date(at: std::time::SystemTime) -> String {
     time::OffsetDateTime::from(at)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{at:?}"))
+}
+
+/// The admin token to send: `--token-file`, `STRETCH_TOKEN_FILE`, or the
+/// one `stretch up` creates with its default directories.
+fn credentials(token_file: Option<&Path>) -> anyhow::Result<Credentials> {
+    let default = Path::new(DEFAULT_DATA_DIR)
+        .join("pki")
+        .join(stretch_node::ADMIN_TOKEN_FILE);
+    Credentials::load(token_file, &default)
 }
 
 /// Starts logging and the runtime, then runs until Ctrl-C or SIGTERM.
@@ -533,9 +570,9 @@ impl LinkAction {
     }
 }
 
-fn link(admin: &str, command: LinkCommand) -> anyhow::Result<()> {
+fn link(admin: &str, credentials: &Credentials, command: LinkCommand) -> anyhow::Result<()> {
     let (targets, action) = match command {
-        LinkCommand::List { targets } => return link_list(admin, &targets),
+        LinkCommand::List { targets } => return link_list(admin, credentials, &targets),
         LinkCommand::Set {
             a,
             b,
@@ -560,12 +597,12 @@ fn link(admin: &str, command: LinkCommand) -> anyhow::Result<()> {
     };
     let endpoints = link_endpoints(admin, &targets)?;
     if let [(_, url)] = endpoints.as_slice() {
-        println!("{}", action.send(&AdminClient::new(url))?);
+        println!("{}", action.send(&AdminClient::new(url, credentials))?);
         return Ok(());
     }
     let mut failed = 0;
     for (node, url) in &endpoints {
-        match action.send(&AdminClient::new(url)) {
+        match action.send(&AdminClient::new(url, credentials)) {
             Ok(info) => println!("{node}: {info}"),
             Err(error) => {
                 failed += 1;
@@ -583,11 +620,11 @@ fn link(admin: &str, command: LinkCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn link_list(admin: &str, targets: &LinkTargets) -> anyhow::Result<()> {
+fn link_list(admin: &str, credentials: &Credentials, targets: &LinkTargets) -> anyhow::Result<()> {
     let endpoints = link_endpoints(admin, targets)?;
     let several = endpoints.len() > 1;
     for (node, url) in &endpoints {
-        let links = AdminClient::new(url)
+        let links = AdminClient::new(url, credentials)
             .links()
             .with_context(|| format!("node {node}"))?;
         if several {

@@ -36,6 +36,9 @@ pub struct ClusterConfig {
     pub links: Vec<LinkConfig>,
     #[serde(default)]
     pub tuning: Tuning,
+    /// Who may use the admin API (see the admin module).
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +293,7 @@ impl ClusterConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.admin.validate()?;
         if self.sites.is_empty() || self.nodes.is_empty() {
             return Err("at least one [[site]] and one [[node]] are needed".into());
         }

@@ -18,7 +18,8 @@ mod peers;
 mod sites;
 
 pub use admin::{
-    CreateVolume, LinkPair, MoveVolume, PeerInfo, ReplicaInfo, SetLink, StatusInfo, VolumeInfo,
+    ADMIN_TOKEN_FILE, AdminConfig, AdminError, AdminToken, CreateVolume, LinkPair, MoveVolume,
+    PeerInfo, ReplicaInfo, SetLink, StatusInfo, TokenError, VolumeInfo, ensure_admin_token,
 };
 pub use byte_size::ByteSize;
 pub use config::{

@@ -58,6 +58,8 @@ pub enum NodeError {
     Witness,
     #[error(transparent)]
     Peers(#[from] crate::peers::PeersError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("site {owner:?} owns volume {volume:?}: ask its node to move it")]
     NotOwner { volume: String, owner: String },
     #[error("cannot move volume {volume:?} to site {site:?}: {reason}")]
@@ -570,6 +572,10 @@ pub async fn run_node(
     let node_config = config
         .node(node_name)
         .ok_or_else(|| NodeError::UnknownNode(node_name.to_string()))?;
+    // Before anything else: a node that would serve its admin API beyond
+    // this machine without credentials must not start at all.
+    let admin_token =
+        crate::admin::load_token(&options.pki_dir, node_config.admin_listen, &config.admin)?;
     let links = options
         .links
         .unwrap_or_else(|| Arc::new(LinkControl::from_config(config)));
@@ -602,8 +608,10 @@ pub async fn run_node(
         node.clone(),
         links.clone(),
         node_config.admin_listen,
+        crate::admin::Gate::new(admin_token, &config.admin),
         stopped.clone(),
     )
+    .await
     .map_err(|source| NodeError::Listen {
         address: node_config.admin_listen,
         source,
@@ -666,7 +674,7 @@ pub async fn run_node(
     }
     let _ = stop.send(true);
     let _ = timer.await;
-    admin.join();
+    admin.join().await;
     // The NBD and admin servers are gone, so this is the last handle:
     // dropping it closes the driver's queues and ends the I/O threads.
     drop(node);
@@ -690,7 +698,8 @@ pub struct NodeOptions {
 
 /// Runs every node of the config in this process until `shutdown`. A node
 /// that fails stops the others, and its error is returned. Creates the
-/// cluster CA and node certificates in `pki_dir` on first start.
+/// cluster CA and node certificates (with two sites or more) and the admin
+/// token in `pki_dir` on first start.
 pub async fn run_cluster(
     config: &ClusterConfig,
     data_dir: &Path,
@@ -713,6 +722,12 @@ pub async fn run_cluster(
                 "created cluster certificates"
             );
         }
+    }
+    if crate::admin::ensure_admin_token(pki_dir).map_err(crate::admin::AdminError::from)? {
+        tracing::info!(
+            path = %pki_dir.join(crate::admin::ADMIN_TOKEN_FILE).display(),
+            "created the admin token"
+        );
     }
     let (stop, stopped) = watch::channel(false);
     let (failure, mut failures) = tokio::sync::mpsc::channel::<()>(config.nodes.len());
