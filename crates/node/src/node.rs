@@ -226,8 +226,16 @@ impl Node {
         }
         record.leg = self.layout.legs().join(format!("{}.raw", record.name));
         catalog.check_new(&record)?;
+        // A failed creation removes its own file; a failed catalog save
+        // removes the leg here, so a refused volume leaves nothing behind.
         let leg = Leg::create(self.fs.as_ref(), &record.leg, record.size)?;
-        let record = catalog.add_volume(self.fs.as_ref(), record)?;
+        let record = match catalog.add_volume(self.fs.as_ref(), record) {
+            Ok(record) => record,
+            Err(error) => {
+                Leg::discard(self.fs.as_ref(), leg);
+                return Err(error.into());
+            }
+        };
         self.driver
             .legs
             .write()
