@@ -78,6 +78,34 @@ pub struct NodeConfig {
     pub peer_listen: Option<SocketAddr>,
 }
 
+/// Longest cluster, site or node name accepted, in bytes.
+pub const CONFIG_NAME_BYTES_MAX: usize = 64;
+
+/// Checks a cluster, site or node name (`kind` names which in the error).
+///
+/// Node names become directories (`<data-dir>/<node>`) and certificate file
+/// names, and every name travels in certificates, metrics labels and peer
+/// messages, so only a plain file-name-safe word is accepted: letters,
+/// digits, '.', '_' and '-', not starting with '.' (which also rules out
+/// `.` and `..`), at most [`CONFIG_NAME_BYTES_MAX`] bytes. A name such as
+/// `../x` would otherwise put a node's data outside the data directory.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let invalid = |reason: &str| Err(format!("{kind} name {name:?} is invalid: {reason}"));
+    if name.is_empty() || name.len() > CONFIG_NAME_BYTES_MAX {
+        return invalid(&format!("must be 1 to {CONFIG_NAME_BYTES_MAX} bytes long"));
+    }
+    if name.starts_with('.') {
+        return invalid("must not start with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+    {
+        return invalid("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
 /// Longest one-way delay or jitter a link accepts, in milliseconds.
 pub const LINK_DELAY_MS_MAX: u64 = 60_000;
 /// Highest bandwidth limit a link accepts, in Mbit/s.
@@ -287,6 +315,13 @@ impl ClusterConfig {
     fn validate(&self) -> Result<(), String> {
         if self.sites.is_empty() || self.nodes.is_empty() {
             return Err("at least one [[site]] and one [[node]] are needed".into());
+        }
+        validate_name("cluster", &self.cluster.name)?;
+        for site in &self.sites {
+            validate_name("site", &site.name)?;
+        }
+        for node in &self.nodes {
+            validate_name("node", &node.name)?;
         }
         let mut sites = BTreeSet::new();
         for site in &self.sites {
@@ -718,6 +753,34 @@ mod tests {
             error.contains("at least one [[node]] must be at a data site"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn names_that_could_escape_the_data_directory_are_refused() {
+        let bad = [
+            "../x", "..", ".", ".hidden", "a/b", "/etc", "a\\b", "", "a b", "é",
+        ];
+        for name in bad {
+            let text = LOCAL_CONFIG.replace("name = \"a1\"", &format!("name = {name:?}"));
+            let error = parse_error(&text);
+            assert!(error.contains("node name"), "{name:?}: {error}");
+            assert!(error.contains("is invalid"), "{name:?}: {error}");
+        }
+        let long = "n".repeat(CONFIG_NAME_BYTES_MAX + 1);
+        let text = LOCAL_CONFIG.replace("name = \"a1\"", &format!("name = {long:?}"));
+        assert!(parse_error(&text).contains("1 to 64 bytes"));
+        // Site and cluster names are held to the same rule.
+        let text = LOCAL_CONFIG
+            .replace("name = \"b\"", "name = \"../b\"")
+            .replace("site = \"b\"", "site = \"../b\"");
+        assert!(parse_error(&text).contains("site name \"../b\""));
+        let text = LOCAL_CONFIG.replace("name = \"local\"", "name = \"x/../../y\"");
+        assert!(parse_error(&text).contains("cluster name"));
+        // What the shipped configs use, and the longest name, pass.
+        let max = "n".repeat(CONFIG_NAME_BYTES_MAX);
+        for name in ["a1", "site-a.node_2", "A9", max.as_str()] {
+            validate_name("node", name).unwrap_or_else(|error| panic!("{error}"));
+        }
     }
 
     #[test]
