@@ -39,6 +39,7 @@ use crate::node::{Node, NodeError};
 const BODY_BYTES_MAX: u64 = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,
