@@ -181,6 +181,12 @@ pub(crate) fn link_loss_ppm(pct: f64) -> Result<u32, String> {
     Ok((pct * 10_000.0).round() as u32)
 }
 
+/// Highest `tuning.nbd_connections_max` accepted: far above what one
+/// node's file descriptors allow by default, a guard against typos.
+pub const NBD_CONNECTIONS_MAX: usize = 1 << 20;
+/// Highest `tuning.nbd_in_flight_bytes_max` accepted, in bytes (1 TiB).
+pub const NBD_IN_FLIGHT_BYTES_MAX: u64 = 1 << 40;
+
 /// Engine and storage limits, shared by every node of the cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,6 +198,13 @@ pub struct Tuning {
     pub journal_segment_bytes: ByteSize,
     pub nbd_request_bytes_max: ByteSize,
     pub nbd_in_flight_per_connection: usize,
+    /// NBD connections one node serves at once; further clients wait to be
+    /// accepted (back-pressure, not refusal).
+    pub nbd_connections_max: usize,
+    /// READ and WRITE payload bytes one node's NBD connections hold in
+    /// memory together; past it connections stop reading until replies go
+    /// out. Bounds what hostile or stuck clients can make a node buffer.
+    pub nbd_in_flight_bytes_max: ByteSize,
     /// Bound on delta bytes shipped but not yet applied at every site;
     /// writes are throttled past it.
     pub backlog_bytes_max: ByteSize,
@@ -211,6 +224,8 @@ impl Default for Tuning {
             journal_segment_bytes: ByteSize(64 << 20),
             nbd_request_bytes_max: ByteSize(32 << 20),
             nbd_in_flight_per_connection: 128,
+            nbd_connections_max: stretch_nbd::DEFAULT_MAX_CONNECTIONS,
+            nbd_in_flight_bytes_max: ByteSize(stretch_nbd::DEFAULT_MAX_IN_FLIGHT_BYTES),
             backlog_bytes_max: ByteSize(256 << 20),
             remote_timeout_ms: 5000,
         }
@@ -408,6 +423,20 @@ impl ClusterConfig {
         }
         if tuning.nbd_in_flight_per_connection == 0 {
             return Err("tuning.nbd_in_flight_per_connection must be at least 1".into());
+        }
+        if tuning.nbd_connections_max == 0 || tuning.nbd_connections_max > NBD_CONNECTIONS_MAX {
+            return Err(format!(
+                "tuning.nbd_connections_max must be between 1 and {NBD_CONNECTIONS_MAX}"
+            ));
+        }
+        if tuning.nbd_in_flight_bytes_max.0 < tuning.nbd_request_bytes_max.0
+            || tuning.nbd_in_flight_bytes_max.0 > NBD_IN_FLIGHT_BYTES_MAX
+        {
+            return Err(format!(
+                "tuning.nbd_in_flight_bytes_max must be between nbd_request_bytes_max ({}) and {}",
+                tuning.nbd_request_bytes_max,
+                ByteSize(NBD_IN_FLIGHT_BYTES_MAX)
+            ));
         }
         if tuning.backlog_bytes_max.0 < tuning.delta_max_bytes.0 {
             return Err(format!(
@@ -790,5 +819,39 @@ mod tests {
         let text = SINGLE_SITE_CONFIG
             .replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
         assert!(parse_error(&text).contains("tuning.backlog_bytes_max"));
+        let text =
+            SINGLE_SITE_CONFIG.replace("nbd_connections_max = 512", "nbd_connections_max = 0");
+        assert!(parse_error(&text).contains("tuning.nbd_connections_max"));
+        // Less than one largest request could never admit that request.
+        let text = SINGLE_SITE_CONFIG.replace(
+            "nbd_in_flight_bytes_max = \"1G\"",
+            "nbd_in_flight_bytes_max = \"16M\"",
+        );
+        let error = parse_error(&text);
+        assert!(error.contains("tuning.nbd_in_flight_bytes_max"), "{error}");
+        assert!(error.contains("32M"), "{error}");
+    }
+
+    #[test]
+    fn nbd_limits_default_and_parse() {
+        let config = shipped("local.toml");
+        assert_eq!(config.tuning.nbd_connections_max, 512);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(1 << 30));
+        // Absent keys take the same defaults.
+        let text = SINGLE_SITE_CONFIG
+            .replace("nbd_connections_max = 512", "")
+            .replace("nbd_in_flight_bytes_max = \"1G\"", "");
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.tuning.nbd_connections_max, 512);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(1 << 30));
+        let text = SINGLE_SITE_CONFIG
+            .replace("nbd_connections_max = 512", "nbd_connections_max = 3")
+            .replace(
+                "nbd_in_flight_bytes_max = \"1G\"",
+                "nbd_in_flight_bytes_max = \"64M\"",
+            );
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.tuning.nbd_connections_max, 3);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(64 << 20));
     }
 }

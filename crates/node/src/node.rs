@@ -630,6 +630,8 @@ pub async fn run_node(
         let server_config = stretch_nbd::ServerConfig {
             max_request_bytes: config.tuning.nbd_request_bytes_max.0 as u32,
             max_in_flight_per_connection: config.tuning.nbd_in_flight_per_connection,
+            max_connections: config.tuning.nbd_connections_max,
+            max_in_flight_bytes: config.tuning.nbd_in_flight_bytes_max.0,
             ..stretch_nbd::ServerConfig::default()
         };
         if let Err(error) = stretch_nbd::serve(listener, backend, server_config, shutdown).await {
