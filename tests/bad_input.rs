@@ -259,3 +259,192 @@ fn unknown_commands_get_einval() {
     node.assert_running();
     assert_qemu_io_still_works(&node, "vol", 0x6f);
 }
+
+/// Resident and peak resident memory of a process, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * KIB)
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A hostile NBD client on its own thread: it announces a maximum-size
+/// WRITE and trickles `send` bytes of its payload (never all of it), or
+/// sends `reads` maximum-size READs and never reads a reply. It keeps the
+/// connection open until `stop`.
+fn hostile(
+    port: u16,
+    index: u64,
+    send: usize,
+    reads: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (TcpStream, std::thread::JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    let mut nbd = RawNbd::connect(port, "vol");
+    let max = nbd.max_block;
+    let handle = nbd.stream.try_clone().expect("cloning the socket");
+    let thread = std::thread::spawn(move || {
+        // Writes may block for good once the server stops reading: wake up
+        // now and then to notice `stop`.
+        let _ = nbd
+            .stream
+            .set_write_timeout(Some(std::time::Duration::from_millis(200)));
+        let offset = (index % 2) * u64::from(max);
+        if reads > 0 {
+            for _ in 0..reads {
+                nbd.send(0, NBD_CMD_READ, offset, max, &[]);
+            }
+        } else {
+            nbd.send(0, NBD_CMD_WRITE, offset, max, &[]);
+            let chunk = vec![0xa5u8; 256 * KIB as usize];
+            let mut sent = 0;
+            while sent < send && !stop.load(Ordering::Relaxed) {
+                let piece = &chunk[..chunk.len().min(send - sent)];
+                match nbd.stream.write(piece) {
+                    Ok(0) => return,
+                    Ok(n) => sent += n,
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    // The server closed the connection, or the test did.
+                    Err(_) => return,
+                }
+                // Slowly: about 64 MiB/s per client at most.
+                std::thread::sleep(std::time::Duration::from_millis(4));
+            }
+        }
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    (handle, thread)
+}
+
+/// Hundreds of clients that announce maximum-size writes and send their
+/// payloads slowly (and some that ask for maximum-size reads and never
+/// read the replies) cannot make a node buffer more than its configured
+/// in-flight byte budget; meanwhile a real qemu-io client is served.
+#[test]
+fn hostile_clients_cannot_exhaust_memory_and_others_keep_being_served() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    require_tool("qemu-io");
+    /// The budget under test; the shipped default is 1G.
+    const BUDGET: u64 = 64 * MIB;
+    const WRITERS: u64 = 200;
+    const READERS: u64 = 40;
+    const READS_EACH: u32 = 4;
+    /// Payload each writer sends of its 32 MiB write: half, so a node
+    /// without the budget would hold 200 × 16 MiB = 3.2 GiB.
+    const SENT: usize = 16 << 20;
+    let tuning = format!("{SHIPPED_TUNING}nbd_in_flight_bytes_max = \"64M\"\n");
+    let node = TestNode::start_with_tuning(&tuning);
+    node.create_volume("vol", "64M");
+    let uri = node.uri("vol");
+    qemu_io_ok(&uri, &["write -P 7 0 1M", "read -P 7 0 1M"]);
+    let (baseline, _) = memory(node.pid());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for index in 0..WRITERS {
+        clients.push(hostile(node.nbd_port, index, SENT, 0, stop.clone()));
+    }
+    for index in 0..READERS {
+        clients.push(hostile(node.nbd_port, index, 0, READS_EACH, stop.clone()));
+    }
+    // Let the trickles run: at 64 MiB/s each, a writer the server read
+    // from would be done with its 16 MiB in well under a second.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+
+    // A real client is served meanwhile, small requests and large.
+    let served = std::time::Instant::now();
+    qemu_io_ok(
+        &uri,
+        &[
+            "read -P 7 0 64k",
+            "write -P 9 40M 64k",
+            "flush",
+            "read -P 9 40M 64k",
+        ],
+    );
+    let served = served.elapsed();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (during, peak) = memory(node.pid());
+
+    stop.store(true, Ordering::Relaxed);
+    for (stream, _) in &clients {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    for (_, thread) in clients {
+        thread.join().expect("a hostile client panicked");
+    }
+    // Payload memory is at most the budget plus each connection's 256 KiB
+    // reserve; allow as much again per connection for socket buffers,
+    // tasks and allocator slack.
+    let connections = WRITERS + READERS + 1;
+    let bound = baseline + BUDGET + connections * 512 * KIB;
+    eprintln!(
+        "{connections} connections: RSS {} MiB before, {} MiB during, peak {} MiB; \
+         bound {} MiB; qemu-io served in {served:?}",
+        baseline / MIB,
+        during / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak < bound,
+        "peak RSS {} MiB is above the bound {} MiB (RSS before: {} MiB)",
+        peak / MIB,
+        bound / MIB,
+        baseline / MIB
+    );
+    // And the node is still healthy for a new client.
+    assert_qemu_io_still_works(&node, "vol", 0x3c);
+}
+
+/// Past `nbd_connections_max` a client waits to be accepted rather than
+/// being refused, and is served as soon as a connection ends.
+#[test]
+fn clients_past_the_connection_limit_wait_and_are_then_served() {
+    require_tool("qemu-io");
+    let tuning = format!("{SHIPPED_TUNING}nbd_connections_max = 3\n");
+    let node = TestNode::start_with_tuning(&tuning);
+    node.create_volume("vol", "16M");
+    let mut held: Vec<RawNbd> = (0..3)
+        .map(|_| RawNbd::connect(node.nbd_port, "vol"))
+        .collect();
+    let uri = node.uri("vol");
+    let waiting =
+        std::thread::spawn(move || qemu_io(&uri, &["write -P 5 0 64k", "read -P 5 0 64k"]));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        !waiting.is_finished(),
+        "a fourth client was served (or refused) past nbd_connections_max = 3"
+    );
+    // The held connections still work.
+    held[0].write(1 << 20, b"held", false);
+    // One ends: the waiting client is accepted and served.
+    held.pop().expect("a connection").disconnect();
+    let result = waiting.join().expect("qemu-io thread");
+    assert_qemu_io_clean(&result);
+    assert!(
+        node.log().contains("connection limit reached"),
+        "{}",
+        node.log()
+    );
+}

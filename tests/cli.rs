@@ -60,11 +60,42 @@ fn bad_volume_requests_fail_with_one_clear_line() {
         ),
         (&["volume", "show", "missing"], &["missing"]),
         (&["volume", "delete", "missing"], &["missing"]),
+        // Above the 64 TiB bound.
+        (
+            &["volume", "create", "x", "--size", "65T"],
+            &["at most", "64 TiB"],
+        ),
+        (
+            &["volume", "create", "x", "--size", "1000000T"],
+            &["at most", "64 TiB"],
+        ),
     ];
     for (args, mentions) in cases {
         let result = node.cli(args);
         assert_one_line_error(&result, mentions);
     }
+
+    // Within the bound but beyond what some file systems hold in one file
+    // (ext4: 16 TiB): either the volume is made, or the refusal leaves no
+    // leg file behind.
+    let huge = node.cli(&["volume", "create", "huge", "--size", "20T"]);
+    if huge.success() {
+        node.cli(&["volume", "delete", "huge"]).assert_ok();
+    } else {
+        assert_one_line_error(&huge, &["huge"]);
+    }
+    let mut legs: Vec<String> = std::fs::read_dir(node.node_dir().join("legs"))
+        .expect("listing the legs")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    legs.sort();
+    assert_eq!(legs, ["vol.raw"], "a refused volume left a leg file");
 
     let list = node.cli(&["volume", "list"]);
     list.assert_ok();

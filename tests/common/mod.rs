@@ -6,6 +6,7 @@
 //! Every test file includes this module, and none uses all of it.
 #![allow(dead_code)]
 
+pub mod prometheus;
 pub mod sites;
 
 use std::fmt::Write as _;
@@ -42,6 +43,7 @@ fn debian_package(tool: &str) -> &'static str {
         "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
         "nbdkit" => "nbdkit",
         "fio" => "fio",
+        "prometheus" | "promtool" => "prometheus",
         _ => "(unknown package)",
     }
 }
@@ -179,11 +181,40 @@ pub fn run(command: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> 
     }
 }
 
+/// Whether `tool` is on the PATH.
+pub fn tool_installed(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Whether CI runs the tests (`CI=true`): there, no test may skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// For tools a developer machine may lack (Prometheus): true if `tool` is
+/// installed; false, after printing why the test skips, if it is not and
+/// this is not CI. In CI a missing tool fails the test like
+/// [`require_tool`].
+pub fn tool_or_skip(tool: &str) -> bool {
+    if tool_installed(tool) {
+        return true;
+    }
+    if !in_ci() {
+        eprintln!(
+            "SKIPPED: {tool} is not installed (Debian package {}); CI=true makes this a failure",
+            debian_package(tool)
+        );
+        return false;
+    }
+    require_tool(tool);
+    true
+}
+
 /// Fails the test with the package name if a client tool is missing.
 pub fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false);
+    let found = tool_installed(tool);
     assert!(
         found,
         "{tool} is not installed: install the Debian package {} (apt-get install {})",

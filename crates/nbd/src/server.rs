@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, Span, debug, error, field, info, warn, warn_span};
 
@@ -25,6 +25,19 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 128;
 /// Default bound on one handshake option's payload. The largest legitimate
 /// option is NBD_OPT_GO with a 4 KiB name and a few info requests.
 pub const DEFAULT_MAX_OPTION_BYTES: u32 = 64 * 1024;
+
+/// Default bound on connections served at once (handshake or transmission).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default bound, in bytes, on READ and WRITE payloads held in memory by
+/// all connections together (see [`ServerConfig::max_in_flight_bytes`]).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 1 << 30;
+/// Payload bytes every connection may hold beyond the shared budget, so a
+/// few clients that took the whole budget (slow writers, readers that stop
+/// reading replies) cannot stop the others: each connection can always
+/// make progress with requests up to this size. 256 KiB: a QD64 burst of
+/// 4 KiB requests, or one request of the sizes hypervisors use for
+/// ordinary guest I/O.
+pub const CONNECTION_RESERVE_BYTES: u32 = 256 * 1024;
 
 /// Default time connections get to finish once shutdown begins.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -47,6 +60,21 @@ pub struct ServerConfig {
     /// Largest handshake option payload accepted; a client sending more is
     /// disconnected before anything is allocated for it.
     pub max_option_bytes: u32,
+    /// Connections served at once. Once reached the server stops
+    /// accepting: further clients wait in the listen backlog (their
+    /// connect succeeds, the greeting comes when a slot frees up) instead
+    /// of being refused. Must be at least 1.
+    pub max_connections: usize,
+    /// READ and WRITE payload bytes held in memory by all connections
+    /// together. A WRITE takes its length from this budget before its
+    /// payload is read and a READ before its data is fetched; both give it
+    /// back once the reply is on the socket. While the budget is spent,
+    /// connections stop reading (TCP pushes back on the clients), and
+    /// nothing fails. Each connection also has [`CONNECTION_RESERVE_BYTES`]
+    /// of its own, so the payload memory of the server is at most
+    /// `max_in_flight_bytes + max_connections × CONNECTION_RESERVE_BYTES`.
+    /// Must be at least `max_request_bytes`.
+    pub max_in_flight_bytes: u64,
     /// Once shutdown begins, how long connections get to finish their
     /// requests and deliver the replies; then they are closed, so a client
     /// that stopped reading cannot hold the server open. Requests cut off
@@ -60,6 +88,8 @@ impl Default for ServerConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             max_option_bytes: DEFAULT_MAX_OPTION_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -87,6 +117,23 @@ impl ServerConfig {
                 self.max_in_flight_per_connection
             ));
         }
+        if self.max_connections == 0 || self.max_connections > Semaphore::MAX_PERMITS {
+            return invalid(format!(
+                "max_connections {} is out of range",
+                self.max_connections
+            ));
+        }
+        // A request larger than the whole budget could never be admitted.
+        if self.max_in_flight_bytes < u64::from(self.max_request_bytes)
+            || self.max_in_flight_bytes > Semaphore::MAX_PERMITS as u64
+        {
+            return invalid(format!(
+                "max_in_flight_bytes {} must be between max_request_bytes ({}) and {}",
+                self.max_in_flight_bytes,
+                self.max_request_bytes,
+                Semaphore::MAX_PERMITS
+            ));
+        }
         Ok(())
     }
 }
@@ -99,6 +146,10 @@ impl ServerConfig {
 /// to completion and their replies are sent, and only then does this
 /// function return.
 ///
+/// At most `config.max_connections` connections are served at once; the
+/// next client is accepted when one ends. All connections share one budget
+/// of `config.max_in_flight_bytes` payload bytes.
+///
 /// Errors only if `config` is invalid; failures of individual connections,
 /// and of `accept`, are logged and do not stop the server.
 pub async fn serve<B: Backend>(
@@ -108,22 +159,36 @@ pub async fn serve<B: Backend>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     config.validate()?;
+    // `validate` checked both fit a semaphore.
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes as usize));
     let config = Arc::new(config);
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     let mut connections = JoinSet::new();
-    info!(local = ?listener.local_addr().ok(), "NBD server listening");
+    info!(
+        local = ?listener.local_addr().ok(),
+        max_connections = config.max_connections,
+        max_in_flight_bytes = config.max_in_flight_bytes,
+        "NBD server listening"
+    );
+    let mut at_limit_logged = false;
 
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+            accepted = accept_with_slot(&listener, &slots, &mut at_limit_logged) => match accepted {
+                Ok(((stream, peer), slot)) => {
+                    let limits = ConnectionLimits {
+                        budget: Arc::clone(&budget),
+                        _slot: slot,
+                    };
                     connections.spawn(handle_connection(
                         stream,
                         peer,
                         Arc::clone(&backend),
                         Arc::clone(&config),
+                        limits,
                         ShutdownSignal(stopped.clone()),
                     ));
                 }
@@ -165,10 +230,48 @@ pub async fn serve<B: Backend>(
     Ok(())
 }
 
+/// Takes a connection slot, then accepts. The slot comes *before* the
+/// accept: at the limit the server simply stops accepting, and new clients
+/// wait in the listen backlog rather than being refused. Cancel-safe (a
+/// slot taken by a dropped call is released), so it can sit in a `select!`
+/// that loops. `limit_logged` keeps the warning to once per episode.
+async fn accept_with_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    limit_logged: &mut bool,
+) -> io::Result<((TcpStream, SocketAddr), OwnedSemaphorePermit)> {
+    let slot = match Arc::clone(slots).try_acquire_owned() {
+        Ok(slot) => {
+            *limit_logged = false;
+            slot
+        }
+        Err(_) => {
+            if !*limit_logged {
+                warn!("NBD connection limit reached; new clients wait until a connection ends");
+                *limit_logged = true;
+            }
+            Arc::clone(slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("connection slots closed"))?
+        }
+    };
+    Ok((listener.accept().await?, slot))
+}
+
 fn log_connection_end(finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished {
         error!(%error, "connection task failed");
     }
+}
+
+/// What one connection holds of the server-wide limits.
+pub(crate) struct ConnectionLimits {
+    /// The shared payload byte budget.
+    pub budget: Arc<Semaphore>,
+    /// The connection's slot under `max_connections`, freed when the
+    /// connection task ends.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Tells connection tasks that the server is shutting down.
@@ -192,6 +295,7 @@ async fn handle_connection<B: Backend>(
     peer: SocketAddr,
     backend: Arc<B>,
     config: Arc<ServerConfig>,
+    limits: ConnectionLimits,
     mut shutdown: ShutdownSignal,
 ) {
     // WARN level, not INFO: a span is only recorded when its level is
@@ -231,7 +335,7 @@ async fn handle_connection<B: Backend>(
             "client entered transmission"
         );
         let (reader, writer) = stream.into_split();
-        Session::new(export, &config)
+        Session::new(export, &config, Arc::clone(&limits.budget))
             .run(reader, writer, &mut shutdown)
             .await;
         debug!("connection closed");

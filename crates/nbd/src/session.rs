@@ -17,6 +17,16 @@
 //! written. When all permits are out, the reader stops reading, TCP flow
 //! control pushes back on the client, and memory stays bounded at about
 //! `max_in_flight × max_request_bytes`.
+//!
+//! Across connections, payload memory is bounded by a byte budget shared by
+//! the whole server: a WRITE takes its length from it before its payload is
+//! read, a READ before its data is fetched, and both return it once the
+//! reply is written. While the budget is spent the reader waits, exactly as
+//! when its permits are out. So that clients who took the budget (and may
+//! hold it for as long as they like by sending slowly or not reading
+//! replies) cannot starve everyone else, each connection also owns a small
+//! reserve ([`CONNECTION_RESERVE_BYTES`]) that small requests draw on when
+//! the shared budget is empty.
 
 use std::future::Future;
 use std::io;
@@ -30,7 +40,7 @@ use tracing::{Instrument, debug, debug_span, error, warn};
 
 use crate::backend::{Export, ExportError};
 use crate::protocol::*;
-use crate::server::{ServerConfig, ShutdownSignal};
+use crate::server::{CONNECTION_RESERVE_BYTES, ServerConfig, ShutdownSignal};
 use crate::transmission::{
     BadRequestMagic, Command, RequestHeader, error_code, simple_reply_header,
 };
@@ -56,6 +66,10 @@ pub(crate) struct Session<E> {
     /// Total permits of `in_flight`, kept to wait for all of them at the end.
     max_in_flight: u32,
     in_flight: Arc<Semaphore>,
+    /// Payload bytes shared by every connection of the server.
+    budget: Arc<Semaphore>,
+    /// This connection's own payload bytes, used when `budget` is spent.
+    reserve: Arc<Semaphore>,
 }
 
 /// Why the reader stopped reading requests.
@@ -91,7 +105,15 @@ struct Reply {
     /// READ data; only ever present on success.
     data: Option<Bytes>,
     /// Released once the reply has been handed to the socket.
-    _permit: OwnedSemaphorePermit,
+    _permits: Held,
+}
+
+/// What a request holds from its header until its reply is on the socket.
+struct Held {
+    /// One of the connection's `max_in_flight` request permits.
+    _request: OwnedSemaphorePermit,
+    /// The payload bytes it took (WRITE and READ only).
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// What a request task asks of the export: the commands that reach it.
@@ -106,7 +128,7 @@ enum Operation {
 
 impl<E: Export> Session<E> {
     /// `config` must have passed [`ServerConfig::validate`].
-    pub fn new(export: Arc<E>, config: &ServerConfig) -> Self {
+    pub fn new(export: Arc<E>, config: &ServerConfig, budget: Arc<Semaphore>) -> Self {
         let max_in_flight = u32::try_from(config.max_in_flight_per_connection).unwrap_or(u32::MAX);
         Self {
             size: export.size(),
@@ -115,6 +137,31 @@ impl<E: Export> Session<E> {
             max_request_bytes: config.max_request_bytes,
             max_in_flight,
             in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
+            budget,
+            reserve: Arc::new(Semaphore::new(CONNECTION_RESERVE_BYTES as usize)),
+        }
+    }
+
+    /// Takes `length` payload bytes: from the shared budget if it has
+    /// room, else from whichever of the budget and (for a request that
+    /// fits it) this connection's reserve frees up first. Waits, never
+    /// fails: waiting here is the back-pressure.
+    async fn take_bytes(&self, length: u32) -> Result<OwnedSemaphorePermit, Stop> {
+        // Neither semaphore is ever closed, so acquiring fails only in
+        // theory; treat it like shutdown.
+        let closed = |_| Stop::Shutdown;
+        if let Ok(bytes) = Arc::clone(&self.budget).try_acquire_many_owned(length) {
+            return Ok(bytes);
+        }
+        if length > CONNECTION_RESERVE_BYTES {
+            return Arc::clone(&self.budget)
+                .acquire_many_owned(length)
+                .await
+                .map_err(closed);
+        }
+        tokio::select! {
+            bytes = Arc::clone(&self.budget).acquire_many_owned(length) => bytes.map_err(closed),
+            bytes = Arc::clone(&self.reserve).acquire_many_owned(length) => bytes.map_err(closed),
         }
     }
 
@@ -223,7 +270,8 @@ impl<E: Export> Session<E> {
                     // payload follows; the spec only defines payloads for
                     // WRITE, so assume none and carry on.
                     debug!(kind, "unknown command");
-                    ReplySlot::new(header.handle, replies, permit).finish(NBD_EINVAL, None);
+                    ReplySlot::new(header.handle, replies, Held::request(permit))
+                        .finish(NBD_EINVAL, None);
                     return Ok(());
                 }
             };
@@ -235,20 +283,31 @@ impl<E: Export> Session<E> {
                     // the right place.
                     discard(reader, header.length).await?;
                 }
-                ReplySlot::new(header.handle, replies, permit).finish(code, None);
+                ReplySlot::new(header.handle, replies, Held::request(permit)).finish(code, None);
                 return Ok(());
             }
             if header.length == 0 && operation != Operation::Flush {
                 // Nothing to do, and exports are promised non-empty ranges.
-                ReplySlot::new(header.handle, replies, permit).finish(NBD_SUCCESS, None);
+                ReplySlot::new(header.handle, replies, Held::request(permit))
+                    .finish(NBD_SUCCESS, None);
                 return Ok(());
             }
+            // Bytes come from the budget before the payload is read (WRITE)
+            // or the data is fetched (READ); `refusal` capped the length.
+            let bytes = match operation {
+                Operation::Read | Operation::Write => Some(self.take_bytes(header.length).await?),
+                Operation::Flush | Operation::Trim | Operation::WriteZeroes => None,
+            };
             let payload = if operation == Operation::Write {
                 read_payload(reader, header.length).await?
             } else {
                 Bytes::new()
             };
-            let slot = ReplySlot::new(header.handle, replies, permit);
+            let held = Held {
+                _request: permit,
+                _bytes: bytes,
+            };
+            let slot = ReplySlot::new(header.handle, replies, held);
             let export = Arc::clone(&self.export);
             let max = self.max_request_bytes;
             tokio::spawn(
@@ -367,13 +426,23 @@ where
 /// and unwound the request task) it answers EIO, so a misbehaving export
 /// cannot leave the client waiting forever on a handle.
 struct ReplySlot {
-    pending: Option<(u64, mpsc::Sender<Reply>, OwnedSemaphorePermit)>,
+    pending: Option<(u64, mpsc::Sender<Reply>, Held)>,
+}
+
+impl Held {
+    /// A request without payload bytes.
+    fn request(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _request: permit,
+            _bytes: None,
+        }
+    }
 }
 
 impl ReplySlot {
-    fn new(handle: u64, replies: &mpsc::Sender<Reply>, permit: OwnedSemaphorePermit) -> Self {
+    fn new(handle: u64, replies: &mpsc::Sender<Reply>, held: Held) -> Self {
         Self {
-            pending: Some((handle, replies.clone(), permit)),
+            pending: Some((handle, replies.clone(), held)),
         }
     }
 
@@ -382,14 +451,14 @@ impl ReplySlot {
     }
 
     fn send(&mut self, error: u32, data: Option<Bytes>) {
-        let Some((handle, replies, permit)) = self.pending.take() else {
+        let Some((handle, replies, held)) = self.pending.take() else {
             return;
         };
         let reply = Reply {
             handle,
             error,
             data,
-            _permit: permit,
+            _permits: held,
         };
         match replies.try_send(reply) {
             Ok(()) => {}

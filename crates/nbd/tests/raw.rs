@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use stretch_nbd::protocol::*;
 use stretch_nbd::{ExportError, ServerConfig};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const DISK: usize = MIB;
@@ -722,6 +722,15 @@ async fn invalid_config_is_rejected() {
             max_in_flight_per_connection: 0,
             ..ServerConfig::default()
         },
+        ServerConfig {
+            max_connections: 0,
+            ..ServerConfig::default()
+        },
+        // A budget smaller than one largest request could never admit it.
+        ServerConfig {
+            max_in_flight_bytes: u64::from(stretch_nbd::DEFAULT_MAX_REQUEST_BYTES) - 1,
+            ..ServerConfig::default()
+        },
     ] {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let result = stretch_nbd::serve(
@@ -734,4 +743,114 @@ async fn invalid_config_is_rejected() {
         let error = result.expect_err(&format!("{config:?} accepted"));
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
     }
+}
+
+/// A budget of one largest request, so one connection can spend it all.
+fn budget_server() -> (TestServer, Arc<MemExport>) {
+    let max = 512 * KIB as u32;
+    let export = MemExport::with_max_call(DISK, max);
+    let server = TestServer::with_config(
+        MemBackend::new().with("disk", "", export.clone()),
+        ServerConfig {
+            max_request_bytes: max,
+            max_in_flight_bytes: u64::from(max),
+            ..ServerConfig::default()
+        },
+    );
+    (server, export)
+}
+
+/// A client that announced a write and sends its payload slowly holds
+/// the shared byte budget: another connection's large write waits (no
+/// error), while small requests still go through on that connection's own
+/// reserve; once the slow payload is complete, everything is answered.
+#[tokio::test]
+async fn a_spent_byte_budget_holds_large_requests_and_small_ones_still_pass() {
+    let (server, export) = budget_server();
+    let max = 512 * KIB as u32;
+    let (mut slow, _) = connect(server.addr, "disk").await;
+    send_request(&mut slow, NBD_CMD_WRITE, 0, 1, 0, max, &[0x11; 100]).await;
+    // Give the server time to take the budget for it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (mut other, _) = connect(server.addr, "disk").await;
+    send_request(
+        &mut other,
+        NBD_CMD_WRITE,
+        0,
+        2,
+        0,
+        max,
+        &vec![0x22; max as usize],
+    )
+    .await;
+    // Small requests on a third connection: served from its reserve.
+    let (mut small, _) = connect(server.addr, "disk").await;
+    send_request(
+        &mut small,
+        NBD_CMD_WRITE,
+        0,
+        3,
+        600 * KIB as u64,
+        4096,
+        &[0x33; 4096],
+    )
+    .await;
+    assert_eq!(read_reply(&mut small).await, (NBD_SUCCESS, 3));
+    send_request(&mut small, NBD_CMD_READ, 0, 4, 600 * KIB as u64, 4096, &[]).await;
+    assert_eq!(read_reply(&mut small).await, (NBD_SUCCESS, 4));
+    assert_eq!(read_exact_vec(&mut small, 4096).await, vec![0x33; 4096]);
+    // The large write waits for the budget, without an error.
+    let waited = tokio::time::timeout(Duration::from_millis(300), read_reply(&mut other)).await;
+    assert!(
+        waited.is_err(),
+        "a write past the byte budget was answered: {waited:?}"
+    );
+
+    // The slow client finishes: its write, then the waiting one, complete.
+    within(slow.write_all(&vec![0x11; max as usize - 100]))
+        .await
+        .expect("send the rest");
+    assert_eq!(read_reply(&mut slow).await, (NBD_SUCCESS, 1));
+    assert_eq!(read_reply(&mut other).await, (NBD_SUCCESS, 2));
+    assert_eq!(
+        export.contents()[..max as usize],
+        vec![0x22; max as usize][..]
+    );
+    export.assert_no_violations();
+    server.stop();
+}
+
+/// Past `max_connections` a client is not refused: its connection waits
+/// for the greeting until another connection ends.
+#[tokio::test]
+async fn clients_past_the_connection_limit_wait_for_a_slot() {
+    let export = MemExport::new(DISK);
+    let server = TestServer::with_config(
+        MemBackend::new().with("disk", "", export.clone()),
+        ServerConfig {
+            max_connections: 2,
+            ..ServerConfig::default()
+        },
+    );
+    let (first, _) = connect(server.addr, "disk").await;
+    let (_second, _) = connect(server.addr, "disk").await;
+    // The third connects (the listen backlog takes it) but gets no
+    // greeting while two connections are served.
+    let mut third = within(TcpStream::connect(server.addr))
+        .await
+        .expect("connect");
+    let mut greeting = [0u8; 18];
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut greeting)).await;
+    assert!(
+        early.is_err(),
+        "a third client was greeted past max_connections = 2"
+    );
+    drop(first);
+    within(third.read_exact(&mut greeting))
+        .await
+        .expect("greeted once a slot is free");
+    assert_eq!(&greeting[0..8], &NBD_MAGIC.to_be_bytes());
+    server.stop();
 }

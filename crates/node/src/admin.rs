@@ -179,6 +179,7 @@ pub(crate) fn load_token(
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,

@@ -81,6 +81,34 @@ pub struct NodeConfig {
     pub peer_listen: Option<SocketAddr>,
 }
 
+/// Longest cluster, site or node name accepted, in bytes.
+pub const CONFIG_NAME_BYTES_MAX: usize = 64;
+
+/// Checks a cluster, site or node name (`kind` names which in the error).
+///
+/// Node names become directories (`<data-dir>/<node>`) and certificate file
+/// names, and every name travels in certificates, metrics labels and peer
+/// messages, so only a plain file-name-safe word is accepted: letters,
+/// digits, '.', '_' and '-', not starting with '.' (which also rules out
+/// `.` and `..`), at most [`CONFIG_NAME_BYTES_MAX`] bytes. A name such as
+/// `../x` would otherwise put a node's data outside the data directory.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let invalid = |reason: &str| Err(format!("{kind} name {name:?} is invalid: {reason}"));
+    if name.is_empty() || name.len() > CONFIG_NAME_BYTES_MAX {
+        return invalid(&format!("must be 1 to {CONFIG_NAME_BYTES_MAX} bytes long"));
+    }
+    if name.starts_with('.') {
+        return invalid("must not start with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+    {
+        return invalid("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
 /// Longest one-way delay or jitter a link accepts, in milliseconds.
 pub const LINK_DELAY_MS_MAX: u64 = 60_000;
 /// Highest bandwidth limit a link accepts, in Mbit/s.
@@ -156,6 +184,12 @@ pub(crate) fn link_loss_ppm(pct: f64) -> Result<u32, String> {
     Ok((pct * 10_000.0).round() as u32)
 }
 
+/// Highest `tuning.nbd_connections_max` accepted: far above what one
+/// node's file descriptors allow by default, a guard against typos.
+pub const NBD_CONNECTIONS_MAX: usize = 1 << 20;
+/// Highest `tuning.nbd_in_flight_bytes_max` accepted, in bytes (1 TiB).
+pub const NBD_IN_FLIGHT_BYTES_MAX: u64 = 1 << 40;
+
 /// Engine and storage limits, shared by every node of the cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -167,6 +201,13 @@ pub struct Tuning {
     pub journal_segment_bytes: ByteSize,
     pub nbd_request_bytes_max: ByteSize,
     pub nbd_in_flight_per_connection: usize,
+    /// NBD connections one node serves at once; further clients wait to be
+    /// accepted (back-pressure, not refusal).
+    pub nbd_connections_max: usize,
+    /// READ and WRITE payload bytes one node's NBD connections hold in
+    /// memory together; past it connections stop reading until replies go
+    /// out. Bounds what hostile or stuck clients can make a node buffer.
+    pub nbd_in_flight_bytes_max: ByteSize,
     /// Bound on delta bytes shipped but not yet applied at every site;
     /// writes are throttled past it.
     pub backlog_bytes_max: ByteSize,
@@ -189,6 +230,8 @@ impl Default for Tuning {
             journal_segment_bytes: ByteSize(64 << 20),
             nbd_request_bytes_max: ByteSize(32 << 20),
             nbd_in_flight_per_connection: 128,
+            nbd_connections_max: stretch_nbd::DEFAULT_MAX_CONNECTIONS,
+            nbd_in_flight_bytes_max: ByteSize(stretch_nbd::DEFAULT_MAX_IN_FLIGHT_BYTES),
             backlog_bytes_max: ByteSize(256 << 20),
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
             remote_timeout_ms: 5000,
@@ -297,6 +340,13 @@ impl ClusterConfig {
         if self.sites.is_empty() || self.nodes.is_empty() {
             return Err("at least one [[site]] and one [[node]] are needed".into());
         }
+        validate_name("cluster", &self.cluster.name)?;
+        for site in &self.sites {
+            validate_name("site", &site.name)?;
+        }
+        for node in &self.nodes {
+            validate_name("node", &node.name)?;
+        }
         let mut sites = BTreeSet::new();
         for site in &self.sites {
             if !sites.insert(site.name.as_str()) {
@@ -382,6 +432,20 @@ impl ClusterConfig {
         }
         if tuning.nbd_in_flight_per_connection == 0 {
             return Err("tuning.nbd_in_flight_per_connection must be at least 1".into());
+        }
+        if tuning.nbd_connections_max == 0 || tuning.nbd_connections_max > NBD_CONNECTIONS_MAX {
+            return Err(format!(
+                "tuning.nbd_connections_max must be between 1 and {NBD_CONNECTIONS_MAX}"
+            ));
+        }
+        if tuning.nbd_in_flight_bytes_max.0 < tuning.nbd_request_bytes_max.0
+            || tuning.nbd_in_flight_bytes_max.0 > NBD_IN_FLIGHT_BYTES_MAX
+        {
+            return Err(format!(
+                "tuning.nbd_in_flight_bytes_max must be between nbd_request_bytes_max ({}) and {}",
+                tuning.nbd_request_bytes_max,
+                ByteSize(NBD_IN_FLIGHT_BYTES_MAX)
+            ));
         }
         if tuning.backlog_bytes_max.0 < tuning.delta_max_bytes.0 {
             return Err(format!(
@@ -733,11 +797,73 @@ mod tests {
     }
 
     #[test]
+    fn names_that_could_escape_the_data_directory_are_refused() {
+        let bad = [
+            "../x", "..", ".", ".hidden", "a/b", "/etc", "a\\b", "", "a b", "é",
+        ];
+        for name in bad {
+            let text = LOCAL_CONFIG.replace("name = \"a1\"", &format!("name = {name:?}"));
+            let error = parse_error(&text);
+            assert!(error.contains("node name"), "{name:?}: {error}");
+            assert!(error.contains("is invalid"), "{name:?}: {error}");
+        }
+        let long = "n".repeat(CONFIG_NAME_BYTES_MAX + 1);
+        let text = LOCAL_CONFIG.replace("name = \"a1\"", &format!("name = {long:?}"));
+        assert!(parse_error(&text).contains("1 to 64 bytes"));
+        // Site and cluster names are held to the same rule.
+        let text = LOCAL_CONFIG
+            .replace("name = \"b\"", "name = \"../b\"")
+            .replace("site = \"b\"", "site = \"../b\"");
+        assert!(parse_error(&text).contains("site name \"../b\""));
+        let text = LOCAL_CONFIG.replace("name = \"local\"", "name = \"x/../../y\"");
+        assert!(parse_error(&text).contains("cluster name"));
+        // What the shipped configs use, and the longest name, pass.
+        let max = "n".repeat(CONFIG_NAME_BYTES_MAX);
+        for name in ["a1", "site-a.node_2", "A9", max.as_str()] {
+            validate_name("node", name).unwrap_or_else(|error| panic!("{error}"));
+        }
+    }
+
+    #[test]
     fn new_tuning_keys_are_checked() {
         let text = SINGLE_SITE_CONFIG.replace("remote_timeout_ms = 5000", "remote_timeout_ms = 0");
         assert!(parse_error(&text).contains("tuning.remote_timeout_ms"));
         let text = SINGLE_SITE_CONFIG
             .replace("backlog_bytes_max = \"256M\"", "backlog_bytes_max = \"1M\"");
         assert!(parse_error(&text).contains("tuning.backlog_bytes_max"));
+        let text =
+            SINGLE_SITE_CONFIG.replace("nbd_connections_max = 512", "nbd_connections_max = 0");
+        assert!(parse_error(&text).contains("tuning.nbd_connections_max"));
+        // Less than one largest request could never admit that request.
+        let text = SINGLE_SITE_CONFIG.replace(
+            "nbd_in_flight_bytes_max = \"1G\"",
+            "nbd_in_flight_bytes_max = \"16M\"",
+        );
+        let error = parse_error(&text);
+        assert!(error.contains("tuning.nbd_in_flight_bytes_max"), "{error}");
+        assert!(error.contains("32M"), "{error}");
+    }
+
+    #[test]
+    fn nbd_limits_default_and_parse() {
+        let config = shipped("local.toml");
+        assert_eq!(config.tuning.nbd_connections_max, 512);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(1 << 30));
+        // Absent keys take the same defaults.
+        let text = SINGLE_SITE_CONFIG
+            .replace("nbd_connections_max = 512", "")
+            .replace("nbd_in_flight_bytes_max = \"1G\"", "");
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.tuning.nbd_connections_max, 512);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(1 << 30));
+        let text = SINGLE_SITE_CONFIG
+            .replace("nbd_connections_max = 512", "nbd_connections_max = 3")
+            .replace(
+                "nbd_in_flight_bytes_max = \"1G\"",
+                "nbd_in_flight_bytes_max = \"64M\"",
+            );
+        let config = ClusterConfig::parse(&text, "test").expect("valid");
+        assert_eq!(config.tuning.nbd_connections_max, 3);
+        assert_eq!(config.tuning.nbd_in_flight_bytes_max, ByteSize(64 << 20));
     }
 }

@@ -228,8 +228,16 @@ impl Node {
         }
         record.leg = self.layout.legs().join(format!("{}.raw", record.name));
         catalog.check_new(&record)?;
+        // A failed creation removes its own file; a failed catalog save
+        // removes the leg here, so a refused volume leaves nothing behind.
         let leg = Leg::create(self.fs.as_ref(), &record.leg, record.size)?;
-        let record = catalog.add_volume(self.fs.as_ref(), record)?;
+        let record = match catalog.add_volume(self.fs.as_ref(), record) {
+            Ok(record) => record,
+            Err(error) => {
+                Leg::discard(self.fs.as_ref(), leg);
+                return Err(error.into());
+            }
+        };
         self.driver
             .legs
             .write()
@@ -630,6 +638,8 @@ pub async fn run_node(
         let server_config = stretch_nbd::ServerConfig {
             max_request_bytes: config.tuning.nbd_request_bytes_max.0 as u32,
             max_in_flight_per_connection: config.tuning.nbd_in_flight_per_connection,
+            max_connections: config.tuning.nbd_connections_max,
+            max_in_flight_bytes: config.tuning.nbd_in_flight_bytes_max.0,
             ..stretch_nbd::ServerConfig::default()
         };
         if let Err(error) = stretch_nbd::serve(listener, backend, server_config, shutdown).await {

@@ -14,6 +14,13 @@ use crate::filesystem::{FileSystem, StorageFile};
 
 /// Longest volume or group name accepted.
 pub const NAME_BYTES_MAX: usize = 64;
+/// Largest volume accepted: 64 TiB. Far above any VM disk, yet keeps block
+/// numbers, region maps and offsets comfortably inside their integer types,
+/// and turns a typo (a size in bytes where KiB was meant, or `u64::MAX`)
+/// into a clear refusal instead of a leg the file system cannot hold.
+/// (ext4 with 4 KiB blocks stops at 16 TiB per file: a larger volume there
+/// is refused when its leg is created, and leaves no file behind.)
+pub const VOLUME_BYTES_MAX: u64 = 64 << 40;
 /// Bound on the catalog file read at start.
 const CATALOG_BYTES_MAX: u64 = 64 << 20;
 
@@ -121,6 +128,23 @@ pub fn validate_volume_name(name: &str) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// Refuses a volume size that is zero, not whole blocks, or above
+/// [`VOLUME_BYTES_MAX`].
+pub fn validate_volume_size(size: u64) -> Result<(), CatalogError> {
+    let invalid = |reason: String| CatalogError::InvalidSize { size, reason };
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
+        return Err(invalid(format!(
+            "must be a positive multiple of {BLOCK_SIZE} bytes"
+        )));
+    }
+    if size > VOLUME_BYTES_MAX {
+        return Err(invalid(format!(
+            "must be at most {VOLUME_BYTES_MAX} bytes (64 TiB)"
+        )));
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Loads the catalog at `path`, or starts an empty one if there is none.
     pub fn load<F: FileSystem>(fs: &F, path: &Path) -> Result<Self, CatalogError> {
@@ -216,12 +240,7 @@ impl Catalog {
     pub fn check_new(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
         validate_volume_name(&record.name)?;
         validate_volume_name(&record.group)?;
-        if record.size == 0 || !record.size.is_multiple_of(BLOCK_SIZE as u64) {
-            return Err(CatalogError::InvalidSize {
-                size: record.size,
-                reason: format!("must be a positive multiple of {BLOCK_SIZE} bytes"),
-            });
-        }
+        validate_volume_size(record.size)?;
         if self.content.volumes.contains_key(&record.name) {
             return Err(CatalogError::Exists(record.name.clone()));
         }
@@ -278,12 +297,7 @@ impl Catalog {
     ) -> Result<VolumeRecord, CatalogError> {
         validate_volume_name(name)?;
         validate_volume_name(group)?;
-        if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
-            return Err(CatalogError::InvalidSize {
-                size,
-                reason: format!("must be a positive multiple of {BLOCK_SIZE} bytes"),
-            });
-        }
+        validate_volume_size(size)?;
         if self.content.volumes.contains_key(name) {
             return Err(CatalogError::Exists(name.to_string()));
         }
@@ -357,7 +371,9 @@ impl Catalog {
                 return Err(format!("volume key {name:?} names {:?}", record.name));
             }
             validate_volume_name(name).map_err(|error| error.to_string())?;
-            if record.size == 0 || record.size % BLOCK_SIZE as u64 != 0 {
+            // Not the upper bound: a volume made before it existed (on a
+            // file system that holds such files) must still load.
+            if record.size == 0 || !record.size.is_multiple_of(BLOCK_SIZE as u64) {
                 return Err(format!("volume {name:?} has size {}", record.size));
             }
             if record.id >= content.next_volume_id || !ids.insert(record.id) {
@@ -368,5 +384,76 @@ impl Catalog {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SimFileSystem;
+
+    fn empty() -> Catalog {
+        Catalog::load(&SimFileSystem::new(), Path::new("/data/catalog.json")).expect("empty")
+    }
+
+    #[test]
+    fn sizes_above_the_bound_are_refused_with_the_bound() {
+        let catalog = empty();
+        let leg = PathBuf::from("/data/legs/vol.raw");
+        let planned = catalog
+            .plan_volume("vol", VOLUME_BYTES_MAX, "vol", leg.clone())
+            .expect("64 TiB is allowed");
+        assert_eq!(planned.size, VOLUME_BYTES_MAX);
+        for size in [VOLUME_BYTES_MAX + 4096, u64::MAX - 4095] {
+            let error = catalog
+                .plan_volume("vol", size, "vol", leg.clone())
+                .expect_err("too large");
+            assert!(error.to_string().contains("at most"), "{error}");
+            assert!(error.to_string().contains("64 TiB"), "{error}");
+        }
+        // A record from another site is held to the same bound.
+        let record = VolumeRecord {
+            size: VOLUME_BYTES_MAX + 4096,
+            ..planned
+        };
+        let error = catalog.check_new(&record).expect_err("too large");
+        assert!(matches!(error, CatalogError::InvalidSize { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_catalog_with_a_volume_above_the_bound_still_loads() {
+        let fs = SimFileSystem::new();
+        let path = Path::new("/data/catalog.json");
+        let mut catalog = Catalog::load(&fs, path).expect("empty");
+        let planned = catalog
+            .plan_volume("vol", 4096, "vol", PathBuf::from("/data/legs/vol.raw"))
+            .expect("planned");
+        catalog.add_volume(&fs, planned).expect("added");
+        // As written by a release without the bound.
+        let text = fs
+            .with_content(path, |bytes| String::from_utf8_lossy(bytes).into_owned())
+            .expect("catalog saved");
+        let huge = (VOLUME_BYTES_MAX * 2).to_string();
+        let text = text.replace("\"size\": 4096", &format!("\"size\": {huge}"));
+        assert!(text.contains(&huge), "{text}");
+        let file = fs.open(path, true).expect("open");
+        file.set_len(0).expect("truncate");
+        file.write_all_at(text.as_bytes(), 0).expect("write");
+        let loaded = Catalog::load(&fs, path).expect("an existing large volume loads");
+        assert_eq!(
+            loaded.get("vol").map(|v| v.size),
+            Some(VOLUME_BYTES_MAX * 2)
+        );
+    }
+
+    #[test]
+    fn sizes_must_be_whole_blocks() {
+        let catalog = empty();
+        for size in [0, 1, 4095, 4097] {
+            let error = catalog
+                .plan_volume("vol", size, "vol", PathBuf::from("/l"))
+                .expect_err("not whole blocks");
+            assert!(error.to_string().contains("multiple of 4096"), "{error}");
+        }
     }
 }

@@ -38,6 +38,12 @@ pub struct Leg<F: FileSystem> {
 impl<F: FileSystem> Leg<F> {
     /// Creates (or resets) the leg at `path` as `size` bytes of zeros; the
     /// file is sparse, so creation costs no data writes. Durable on return.
+    ///
+    /// On failure (a size the file system cannot hold, no space, an I/O
+    /// error) no file is left at `path`: an empty or short leg left behind
+    /// would be taken for a volume's leg by whoever looks at the directory,
+    /// and would make the next attempt under the same name "reset" a file
+    /// nobody owns.
     pub fn create(fs: &F, path: &Path, size: u64) -> Result<Self, LegError> {
         let error = |source| LegError::Io {
             path: path.to_path_buf(),
@@ -47,18 +53,35 @@ impl<F: FileSystem> Leg<F> {
             fs.create_dir_all(parent).map_err(error)?;
         }
         let file = fs.open(path, true).map_err(error)?;
-        // Truncating first zeroes whatever an earlier, deleted volume left.
-        file.set_len(0).map_err(error)?;
-        file.set_len(size).map_err(error)?;
-        file.sync_data().map_err(error)?;
-        if let Some(parent) = path.parent() {
-            fs.sync_dir(parent).map_err(error)?;
+        let sized = (|| -> io::Result<()> {
+            // Truncating first zeroes whatever an earlier, deleted volume left.
+            file.set_len(0)?;
+            file.set_len(size)?;
+            file.sync_data()?;
+            if let Some(parent) = path.parent() {
+                fs.sync_dir(parent)?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = sized {
+            drop(file);
+            remove_leg_file(fs, path);
+            return Err(error(source));
         }
         Ok(Leg {
             path: path.to_path_buf(),
             file,
             size,
         })
+    }
+
+    /// Removes the leg file at `path` after a failed creation, best effort:
+    /// the creation's own error is what the caller reports, so a failure
+    /// here is only logged.
+    pub fn discard(fs: &F, leg: Self) {
+        let path = leg.path.clone();
+        drop(leg);
+        remove_leg_file(fs, &path);
     }
 
     /// Opens an existing leg, checking it has the volume's size.
@@ -153,6 +176,22 @@ impl<F: FileSystem> Leg<F> {
     }
 }
 
+/// Removes a leg file that must not outlive a failed creation, and makes
+/// the removal durable; best effort (see [`Leg::create`]).
+fn remove_leg_file<F: FileSystem>(fs: &F, path: &Path) {
+    if let Err(error) = fs.remove(path) {
+        if error.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), %error, "cannot remove a leg whose creation failed");
+        }
+        return;
+    }
+    if let Some(parent) = path.parent()
+        && let Err(error) = fs.sync_dir(parent)
+    {
+        tracing::warn!(dir = %parent.display(), %error, "cannot sync the directory of a removed leg");
+    }
+}
+
 /// Writes a delta's blocks (sorted by key, as deltas hold them) to the legs
 /// of their volumes, one gathered run at a time. `leg_of` finds a volume's
 /// leg; a volume without one (deleted after the delta closed) is skipped.
@@ -170,4 +209,49 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{OsFileSystem, SimFileSystem};
+
+    #[test]
+    fn a_leg_that_cannot_be_made_durable_leaves_no_file() {
+        let fs = SimFileSystem::new();
+        let path = Path::new("/data/legs/vol.raw");
+        fs.set_sync_failure(true);
+        let error = Leg::create(&fs, path, 1 << 20).expect_err("fsync fails");
+        assert!(error.to_string().contains("vol.raw"), "{error}");
+        assert!(
+            !fs.exists(path),
+            "a failed creation left {}",
+            path.display()
+        );
+        // The name is free for the next attempt, which succeeds.
+        fs.set_sync_failure(false);
+        let leg = Leg::create(&fs, path, 1 << 20).expect("creating the leg");
+        assert_eq!(leg.size(), 1 << 20);
+        assert!(fs.exists(path));
+    }
+
+    #[test]
+    fn a_size_the_file_system_refuses_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("legs").join("huge.raw");
+        // Beyond what any file (an i64 offset) can hold.
+        let error = Leg::create(&OsFileSystem, &path, 1 << 63).expect_err("too large");
+        assert!(error.to_string().contains("huge.raw"), "{error}");
+        assert!(!path.exists(), "a failed creation left {}", path.display());
+    }
+
+    #[test]
+    fn discarding_a_leg_removes_its_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("vol.raw");
+        let leg = Leg::create(&OsFileSystem, &path, 1 << 20).expect("creating the leg");
+        assert!(path.exists());
+        Leg::discard(&OsFileSystem, leg);
+        assert!(!path.exists());
+    }
 }

@@ -17,7 +17,10 @@ mod recovery;
 mod resync_marks;
 mod sim_filesystem;
 
-pub use catalog::{Catalog, CatalogError, VolumeRecord, validate_volume_name};
+pub use catalog::{
+    Catalog, CatalogError, VOLUME_BYTES_MAX, VolumeRecord, validate_volume_name,
+    validate_volume_size,
+};
 pub use dirty_map::{DirtyMapError, Regions, load_dirty_map, save_dirty_map};
 pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
