@@ -1045,3 +1045,6 @@ fn describe(version: Option<u32>) -> String {
         Some(id) => format!("write {id}"),
     }
 }
+
+#[cfg(test)]
+mod tests;
