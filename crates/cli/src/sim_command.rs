@@ -38,6 +38,10 @@ pub struct SimArgs {
     /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the last three need sites).
     #[arg(long, value_parser = parse_bug)]
     bug: Option<SimBug>,
+    /// With --swarm: print, per coverage mark (a protocol decision), how
+    /// many seeds reached it.
+    #[arg(long, requires = "swarm")]
+    marks: bool,
 }
 
 fn parse_bug(name: &str) -> Result<SimBug, String> {
@@ -93,6 +97,7 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut simulated_ns = 0u64;
     let mut failures = Vec::new();
+    let mut reached = [0u64; stretch_sim::Mark::ALL.len()];
     for seed in from..from.saturating_add(args.seeds) {
         let mut scenario = stretch_sim::swarm_scenario(seed);
         if let Some(duration) = args.duration {
@@ -109,6 +114,9 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         let run_started = Instant::now();
         let outcome = stretch_sim::run(&scenario, &options);
         simulated_ns += outcome.simulated_ns;
+        for (count, mark) in reached.iter_mut().zip(stretch_sim::Mark::ALL) {
+            *count += u64::from(outcome.stats.marks.count(mark) > 0);
+        }
         let replay = format!(
             "stretch sim --swarm --from {seed} --seeds 1{} --replay",
             replay_options(args)
@@ -129,6 +137,17 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         wall,
         simulated_ns as f64 / 1e9 / wall.max(1e-9)
     );
+    if args.marks {
+        println!("coverage marks (seeds that reached each):");
+        for (count, mark) in reached.iter().zip(stretch_sim::Mark::ALL) {
+            println!(
+                "  {:<26} {count:>6} of {} ({:.1} %)",
+                mark.name(),
+                args.seeds,
+                *count as f64 * 100.0 / args.seeds.max(1) as f64
+            );
+        }
+    }
     if !failures.is_empty() {
         bail!("failing seeds: {failures:?}");
     }

@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::action::{Action, DeltaRecord, Request, RequestError, Response};
 use crate::block_index::{BlockIndex, Entry};
+use crate::marks::{Mark, Marks};
 use crate::site_message::SiteMessage;
 use crate::types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,
@@ -195,6 +196,7 @@ pub struct Engine {
     draining: bool,
     now: Timestamp,
     stats: EngineStats,
+    marks: Marks,
     actions: VecDeque<Action>,
 }
 
@@ -241,6 +243,7 @@ impl Engine {
             draining: false,
             now: Timestamp(0),
             stats: EngineStats::default(),
+            marks: Marks::default(),
             actions: VecDeque::new(),
         }
     }
@@ -582,6 +585,12 @@ impl Engine {
         stats.failed = self.failed.is_some();
         self.replication.fill_stats(&mut stats);
         stats
+    }
+
+    /// How often each protocol decision was taken (for the simulator's
+    /// coverage report).
+    pub fn marks(&self) -> &Marks {
+        &self.marks
     }
 
     /// The newest image of a block held in memory, if any (for checkers).
@@ -954,6 +963,7 @@ impl Engine {
         }
         if self.backlog_full() {
             self.stats.backlog_throttled_total += 1;
+            self.marks.hit(Mark::BacklogThrottled);
             self.stats.throttled_writes_total += 1;
             self.throttled.push_back(write);
             self.replication.backlog_wait_since.get_or_insert(self.now);
@@ -971,6 +981,7 @@ impl Engine {
             return;
         }
         if !self.throttled.is_empty() || !self.make_room(charge) {
+            self.marks.hit(Mark::CacheThrottled);
             self.stats.throttled_writes_total += 1;
             self.throttled.push_back(write);
             self.relieve_pressure();
@@ -1358,6 +1369,9 @@ impl Engine {
         if self.durable_now(upto, peer_seq) {
             self.reply(request, Ok(Response::Done));
             return;
+        }
+        if peer_seq.is_some() {
+            self.marks.hit(Mark::WaitedForPeer);
         }
         self.pending.insert(
             request,

@@ -25,6 +25,7 @@ mod action;
 mod block_index;
 mod engine;
 mod link_shaper;
+mod marks;
 mod site_message;
 mod types;
 
@@ -34,6 +35,7 @@ pub use engine::{
     REGION_BLOCKS, RecoveredState, VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
+pub use marks::{Mark, Marks};
 pub use site_message::{Lane, SiteMessage};
 pub use types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,

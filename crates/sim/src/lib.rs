@@ -45,6 +45,7 @@ pub use scenario::{
     EngineTuning, Faults, Network, Owners, Scenario, ScenarioError, Topology, Workload,
 };
 pub use simulator::{Outcome, SimBug, SimOptions, Stats, run};
+pub use stretch_core::{Mark, Marks};
 
 /// The scenario a swarm seed draws: one to three sites, every knob and
 /// fault rate from the seed.

@@ -105,6 +105,9 @@ pub struct Stats {
     /// (by the nodes' last incarnations).
     pub backlog_throttled_writes: u64,
     pub backlog_folds: u64,
+    /// How often each protocol decision was taken, over every site and
+    /// every incarnation of its node.
+    pub marks: stretch_core::Marks,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +129,7 @@ pub fn run(scenario: &Scenario, options: &SimOptions) -> Outcome {
     sim.run();
     sim.stats.remote_writes_lost = sim.checker.remote_writes_lost();
     for node in sim.sites.iter().filter_map(|site| site.node.as_ref()) {
+        sim.stats.marks.add(node.engine.marks());
         let stats = node.engine.stats();
         sim.stats.backlog_throttled_writes += stats.backlog_throttled_total;
         sim.stats.backlog_folds += stats.backlog_folds_total;
@@ -1506,6 +1510,7 @@ impl<'a> Simulation<'a> {
             }
         }
         self.stats.crashes += 1;
+        self.stats.marks.add(node.engine.marks());
         self.sites[site].node = None;
         self.sites[site].generation += 1;
         self.sites[site].fs.crash(&mut self.rng);

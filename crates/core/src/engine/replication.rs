@@ -539,6 +539,7 @@ impl Engine {
         // the backlog already full (it filled while the site still counted
         // as connected), what it lacks becomes regions at once.
         if self.backlog_full() && self.config.planted_bug != Some(PlantedBug::StallOnFullBacklog) {
+            self.marks.hit(Mark::FoldGone);
             self.fold_absent_peers();
         }
         self.retire_shipped();
@@ -609,6 +610,7 @@ impl Engine {
                     self.stats.refused_messages_total += 1;
                     return;
                 }
+                self.marks.hit(Mark::Rejoined);
                 self.send_resume(group);
             }
             SiteMessage::ReadRequest { id, request, have } => {
@@ -658,6 +660,7 @@ impl Engine {
             }
         }
         self.replication.durable_maps.insert(peer, (saved, true));
+        self.marks.hit(Mark::DirtyMapRestored);
     }
 
     /// The answer to an [`Action::SaveResyncMarks`].
@@ -823,6 +826,7 @@ impl Engine {
                 }
                 fold(progress, &outbound.retained, outbound.known_from);
                 self.stats.backlog_folds_total += 1;
+                self.marks.hit(Mark::FoldAbsent);
             }
         }
     }
@@ -868,6 +872,7 @@ impl Engine {
                         let was_streaming = progress.state == PeerState::Streaming;
                         fold(progress, &outbound.retained, outbound.known_from);
                         self.stats.backlog_folds_total += 1;
+                        self.marks.hit(Mark::FoldLagging);
                         if was_streaming {
                             folded.push((*group, *peer));
                         }
@@ -880,6 +885,7 @@ impl Engine {
         for (group, peer) in resyncing {
             self.abandon_resync(group, peer);
             self.stats.backlog_folds_total += 1;
+            self.marks.hit(Mark::FoldLagging);
             folded.push((group, peer));
         }
         for (group, peer) in folded {
@@ -946,6 +952,7 @@ impl Engine {
                 regions: new.into_iter().collect(),
             });
             saves += 1;
+            self.marks.hit(Mark::DirtyMapSaved);
         }
         saves
     }
@@ -1082,6 +1089,9 @@ impl Engine {
         {
             progress.state = PeerState::Streaming;
             progress.shipped = have;
+            if have < last {
+                self.marks.hit(Mark::CatchUpFromRetained);
+            }
             self.ship_ready(group, from);
             // It counts for flush-sync and sync again: what it journaled
             // may already cover requests waiting for another site.
@@ -1112,6 +1122,7 @@ impl Engine {
             }
         }
         progress.state = PeerState::Resyncing;
+        self.marks.hit(Mark::ResyncStarted);
         progress.shipped = last;
         progress.resync_base = last;
         if std::mem::take(&mut progress.dirty_all) {
@@ -1150,6 +1161,7 @@ impl Engine {
         else {
             return;
         };
+        self.marks.hit(Mark::ResyncAbandoned);
         let reading: Vec<(VolumeId, u64)> = self
             .replication
             .internal
@@ -1309,6 +1321,7 @@ impl Engine {
             return;
         }
         if stale || result.is_err() {
+            self.marks.hit(Mark::ResyncReadStale);
             // Read again (an error retries: the region must still be copied).
             let generation = progress.resync_generation;
             self.start_resync_read(group, peer, region, generation);
@@ -1386,6 +1399,7 @@ impl Engine {
             self.actions.push_back(Action::Send { peer, message });
         } else {
             progress.held_chunks.push_back((needed, message));
+            self.marks.hit(Mark::ResyncChunkHeld);
         }
     }
 
@@ -1425,6 +1439,7 @@ impl Engine {
         // it holds every delta up to the resync's base.
         progress.applied = progress.applied.max(progress.resync_base);
         progress.journaled = progress.journaled.max(progress.resync_base);
+        self.marks.hit(Mark::ResyncFinished);
         self.ship_ready(group, peer);
         self.retire_shipped();
         // Every chunk is in its journal now: what it journaled counts.
@@ -1502,6 +1517,7 @@ impl Engine {
         {
             // Every delta after `have` is retained or still in the cache.
             let mut blocks = Vec::new();
+            let (mut from_cache, mut from_history) = (false, false);
             for block in block_span(offset, length) {
                 let key = BlockKey { volume, block };
                 let entry = self.index.get(&key);
@@ -1513,16 +1529,29 @@ impl Engine {
                     continue;
                 }
                 let image = match (entry, in_history) {
-                    (Some(entry), _) => entry.image.clone(),
-                    (None, Some((_, image))) => image.clone(),
+                    (Some(entry), _) => {
+                        from_cache = true;
+                        entry.image.clone()
+                    }
+                    (None, Some((_, image))) => {
+                        from_history = true;
+                        image.clone()
+                    }
                     (None, None) => unreachable!("checked above"),
                 };
                 blocks.push((key, image));
+            }
+            if from_cache {
+                self.marks.hit(Mark::StrictReadFromCache);
+            }
+            if from_history {
+                self.marks.hit(Mark::StrictReadFromHistory);
             }
             answer(self, Ok(blocks));
             return;
         }
         // The site is too far behind for a diff: send the whole range.
+        self.marks.hit(Mark::StrictReadWholeRange);
         let block_bytes = BLOCK_SIZE as u64;
         let first_block = offset / block_bytes;
         let end_block = (offset + length).div_ceil(block_bytes);
@@ -1714,6 +1743,9 @@ impl Engine {
             Some(inbound) if inbound.resync.is_some() => None,
             _ => Some(DeltaSeq(state.next_seq.0 - 1)),
         };
+        if have.is_none() {
+            self.marks.hit(Mark::ResumedMidResync);
+        }
         // Resume ids come from the request-id counter: unique across this
         // site's restarts too.
         let resume = self.replication.next_remote;
@@ -1785,6 +1817,7 @@ impl Engine {
         let expected = group.next_seq;
         if record.seq < expected {
             // Sent again after a reconnect: already queued here.
+            self.marks.hit(Mark::DuplicateDelta);
             self.send_replica_acks(group_id);
             return;
         }
@@ -1792,6 +1825,7 @@ impl Engine {
         if record.seq > expected && !gap_accepted {
             // A predecessor is missing: ask for everything after what we hold.
             self.stats.refused_messages_total += 1;
+            self.marks.hit(Mark::DeltaGapRefused);
             self.send_resume(group_id);
             return;
         }
@@ -1845,6 +1879,9 @@ impl Engine {
             || from == self.config.site
             || self.stale_chunk(group_id, resume)
         {
+            if self.stale_chunk(group_id, resume) {
+                self.marks.hit(Mark::StaleChunkRefused);
+            }
             self.stats.refused_messages_total += 1;
             return;
         }
@@ -2106,6 +2143,7 @@ impl Engine {
                 continue;
             };
             self.stats.remote_timeouts_total += 1;
+            self.marks.hit(Mark::RemoteTimedOut);
             let error = RequestError::Io(format!(
                 "the owner site did not answer within {} ms",
                 self.config.remote_timeout_ms

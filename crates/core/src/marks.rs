@@ -1,0 +1,142 @@
+//! Coverage marks: named protocol decisions, counted per engine. The
+//! simulator adds them up per run and its swarm reports how many seeds
+//! reach each, so a rule the faults seldom exercise shows up as a number,
+//! not as a bug that landed unseen.
+
+/// A protocol decision worth reaching often in simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mark {
+    /// A site away past the backlog bound became regions to resync.
+    FoldAbsent,
+    /// A site declared gone with the backlog full was folded at once.
+    FoldGone,
+    /// A connected site holding writes back past `backlog_wait_ms_max` was
+    /// folded and told to rejoin.
+    FoldLagging,
+    /// A replica was told to rejoin and resumed.
+    Rejoined,
+    /// A resuming site caught up from retained deltas.
+    CatchUpFromRetained,
+    /// A region resync started.
+    ResyncStarted,
+    /// A resync read was torn by a leg write and read again.
+    ResyncReadStale,
+    /// A chunk waited for the owner's journal before it left.
+    ResyncChunkHeld,
+    /// A resync stopped before its end (cut, or a new resume).
+    ResyncAbandoned,
+    /// A resync finished: the site streams deltas again.
+    ResyncFinished,
+    /// A replica resumed with its image at no delta boundary (mid-resync,
+    /// perhaps after a restart).
+    ResumedMidResync,
+    /// A chunk answering an earlier resume was refused.
+    StaleChunkRefused,
+    /// The maps of what other sites lack were saved before a release.
+    DirtyMapSaved,
+    /// A restarted owner restored a saved map.
+    DirtyMapRestored,
+    /// A strict read was answered with a diff from retained history.
+    StrictReadFromHistory,
+    /// A strict read was answered with a diff including open or unapplied
+    /// cache blocks.
+    StrictReadFromCache,
+    /// A site too far behind for a diff got the whole range.
+    StrictReadWholeRange,
+    /// A strict read or forwarded request timed out.
+    RemoteTimedOut,
+    /// A write waited for cache room.
+    CacheThrottled,
+    /// A write waited on a full backlog.
+    BacklogThrottled,
+    /// A FLUSH, FUA or sync-mode write waited for another site's journal.
+    WaitedForPeer,
+    /// A replica refused a delta after a gap and asked to resume.
+    DeltaGapRefused,
+    /// A replica got a delta it already had (sent again after a reconnect).
+    DuplicateDelta,
+}
+
+impl Mark {
+    pub const ALL: [Mark; 23] = [
+        Mark::FoldAbsent,
+        Mark::FoldGone,
+        Mark::FoldLagging,
+        Mark::Rejoined,
+        Mark::CatchUpFromRetained,
+        Mark::ResyncStarted,
+        Mark::ResyncReadStale,
+        Mark::ResyncChunkHeld,
+        Mark::ResyncAbandoned,
+        Mark::ResyncFinished,
+        Mark::ResumedMidResync,
+        Mark::StaleChunkRefused,
+        Mark::DirtyMapSaved,
+        Mark::DirtyMapRestored,
+        Mark::StrictReadFromHistory,
+        Mark::StrictReadFromCache,
+        Mark::StrictReadWholeRange,
+        Mark::RemoteTimedOut,
+        Mark::CacheThrottled,
+        Mark::BacklogThrottled,
+        Mark::WaitedForPeer,
+        Mark::DeltaGapRefused,
+        Mark::DuplicateDelta,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mark::FoldAbsent => "fold-absent",
+            Mark::FoldGone => "fold-gone",
+            Mark::FoldLagging => "fold-lagging",
+            Mark::Rejoined => "rejoined",
+            Mark::CatchUpFromRetained => "catch-up-from-retained",
+            Mark::ResyncStarted => "resync-started",
+            Mark::ResyncReadStale => "resync-read-stale",
+            Mark::ResyncChunkHeld => "resync-chunk-held",
+            Mark::ResyncAbandoned => "resync-abandoned",
+            Mark::ResyncFinished => "resync-finished",
+            Mark::ResumedMidResync => "resumed-mid-resync",
+            Mark::StaleChunkRefused => "stale-chunk-refused",
+            Mark::DirtyMapSaved => "dirty-map-saved",
+            Mark::DirtyMapRestored => "dirty-map-restored",
+            Mark::StrictReadFromHistory => "strict-read-from-history",
+            Mark::StrictReadFromCache => "strict-read-from-cache",
+            Mark::StrictReadWholeRange => "strict-read-whole-range",
+            Mark::RemoteTimedOut => "remote-timed-out",
+            Mark::CacheThrottled => "cache-throttled",
+            Mark::BacklogThrottled => "backlog-throttled",
+            Mark::WaitedForPeer => "waited-for-peer",
+            Mark::DeltaGapRefused => "delta-gap-refused",
+            Mark::DuplicateDelta => "duplicate-delta",
+        }
+    }
+
+    fn index(self) -> usize {
+        Mark::ALL
+            .iter()
+            .position(|mark| *mark == self)
+            .expect("marks invariant: ALL lists every mark")
+    }
+}
+
+/// How often each mark was reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Marks([u64; Mark::ALL.len()]);
+
+impl Marks {
+    pub fn hit(&mut self, mark: Mark) {
+        self.0[mark.index()] += 1;
+    }
+
+    pub fn count(&self, mark: Mark) -> u64 {
+        self.0[mark.index()]
+    }
+
+    /// Adds another engine's counts (a crashed incarnation's, say).
+    pub fn add(&mut self, other: &Marks) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+    }
+}
