@@ -381,7 +381,7 @@ impl Scenario {
             self.network.cut_ms_max = rng.between(self.network.cut_ms_max, 6000);
             self.network.cut_per_second = self.network.cut_per_second.max(0.5);
             self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(1, 4);
-            self.engine.backlog_wait_ms_max = rng.between(50, 1000);
+            self.engine.backlog_wait_ms_max = rng.between(50, 400);
             // Writes fast enough to fill the backlog, on disks quiet enough
             // that a stall on the link stands out from one on the disk.
             self.workload.think_ms_max = rng.between(0, 3);

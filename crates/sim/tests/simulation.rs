@@ -74,10 +74,9 @@ fn seed_42_trace_hash_is_pinned() {
 /// today; each needs scenario tuning. Every other mark must stay at or
 /// above 5 % (`stretch sim --swarm --seeds 200 --from 1 --marks` prints the
 /// shares).
-const RARE_MARKS: [Mark; 3] = [
-    // A connected site holding writes back past backlog_wait_ms_max: 2 %.
-    Mark::FoldLagging,
-    // ...and the replica told so while its link still works: 1 %.
+const RARE_MARKS: [Mark; 2] = [
+    // A replica told to rejoin (folded after backlog_wait_ms_max) while
+    // its link still works: 2 %.
     Mark::Rejoined,
     // A block the owner evicted from its cache but still retains for a
     // lagging site: 0 %.
