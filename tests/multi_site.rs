@@ -338,18 +338,14 @@ fn a_restarted_owner_copies_only_the_regions_written_while_the_other_site_was_aw
 
 #[test]
 fn a_malformed_message_from_a_peer_closes_only_its_stream() {
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
-    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
-    // Pose as b1 (its certificate is genuine) to a1, once b1 is gone.
-    sites.kill9(B);
-    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
-        sites.status(A)["peers"][0]["connected"] == false
-    });
-    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
-    let a_peer = peer_address(&config, "a1");
-    let b_peer = peer_address(&config, "b1");
-    let identity =
-        stretch_transport::NodeIdentity::load(&sites.pki_dir(), "b1").expect("b1's certificate");
+    let (
+        sites,
+        Impostor {
+            a_peer,
+            b_peer,
+            identity,
+        },
+    ) = pose_as_b1();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -537,18 +533,14 @@ fn a_genuine_certificate_claiming_another_node_is_refused_and_changes_nothing() 
 
 #[test]
 fn a_frame_header_is_honoured_only_within_the_connection_budget() {
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
-    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
-    // Pose as b1 (its certificate is genuine) once b1 is gone.
-    sites.kill9(B);
-    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
-        sites.status(A)["peers"][0]["connected"] == false
-    });
-    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
-    let a_peer = peer_address(&config, "a1");
-    let b_peer = peer_address(&config, "b1");
-    let identity =
-        stretch_transport::NodeIdentity::load(&sites.pki_dir(), "b1").expect("b1's certificate");
+    let (
+        mut sites,
+        Impostor {
+            a_peer,
+            b_peer,
+            identity,
+        },
+    ) = pose_as_b1();
     let a_pid = sites.pid(A);
     let before = resident_bytes(a_pid);
     const STREAMS: usize = 40;
@@ -674,6 +666,32 @@ fn certificate_days(sites: &TwoSites, node: usize) -> Option<f64> {
         &[],
     )
     .map(|seconds| (seconds / 86_400.0).floor())
+}
+
+/// What a test needs to pose as b1 to a1 with b1's genuine certificate.
+struct Impostor {
+    a_peer: std::net::SocketAddr,
+    b_peer: std::net::SocketAddr,
+    identity: stretch_transport::NodeIdentity,
+}
+
+/// A two-site cluster with a volume `vm` at a, b1 killed and a seeing it
+/// gone, so a test can pose as b1.
+fn pose_as_b1() -> (TwoSites, Impostor) {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "16M"]);
+    sites.kill9(B);
+    sites.wait_until("a sees b gone", Duration::from_secs(30), || {
+        sites.status(A)["peers"][0]["connected"] == false
+    });
+    let config = std::fs::read_to_string(&sites.config).expect("reading the config");
+    let impostor = Impostor {
+        a_peer: peer_address(&config, "a1"),
+        b_peer: peer_address(&config, "b1"),
+        identity: stretch_transport::NodeIdentity::load(&sites.pki_dir(), "b1")
+            .expect("b1's certificate"),
+    };
+    (sites, impostor)
 }
 
 fn peer_address(config: &str, node: &str) -> std::net::SocketAddr {

@@ -32,6 +32,8 @@
 
 mod lease;
 mod takeover;
+#[cfg(test)]
+mod testing;
 
 pub use lease::{Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
 pub use takeover::{Takeover, TakeoverState};

@@ -1,24 +1,7 @@
 //! Lease rules, one at a time.
 
 use super::*;
-
-const A: SiteId = SiteId(1);
-const B: SiteId = SiteId(2);
-const W: SiteId = SiteId(3);
-
-fn config() -> LeaseConfig {
-    LeaseConfig {
-        lease_ms: 1_000,
-        renew_ms: 200,
-        drift_ppm: 1_000,
-        margin_ms: 50,
-        planted_bug: None,
-    }
-}
-
-fn at_ms(value: u64) -> Timestamp {
-    Timestamp::from_millis(value)
-}
+use crate::testing::{A, B, W, at_ms, config};
 
 #[test]
 fn a_lease_needs_a_majority_and_counts_from_the_request_leaving() {

@@ -3,24 +3,7 @@
 
 use super::*;
 use crate::lease::{Grant, Grantor, Holder};
-
-const A: SiteId = SiteId(1);
-const B: SiteId = SiteId(2);
-const W: SiteId = SiteId(3);
-
-fn config() -> LeaseConfig {
-    LeaseConfig {
-        lease_ms: 1_000,
-        renew_ms: 200,
-        drift_ppm: 1_000,
-        margin_ms: 50,
-        planted_bug: None,
-    }
-}
-
-fn at_ms(value: u64) -> Timestamp {
-    Timestamp::from_millis(value)
-}
+use crate::testing::{A, B, W, at_ms, config};
 
 #[test]
 fn a_takeover_waits_for_a_majority_and_the_soonest_majority_decides() {
