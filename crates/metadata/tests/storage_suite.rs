@@ -1,0 +1,61 @@
+//! openraft's own storage test suite, run against both backends.
+
+use openraft::StorageError;
+use openraft::testing::log::{StoreBuilder, Suite};
+use stretch_metadata::{LogStore, MemBackend, RedbBackend, StateMachine, TypeConfig};
+
+struct RedbBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore<RedbBackend>, StateMachine<RedbBackend>, tempfile::TempDir>
+    for RedbBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<
+        (
+            tempfile::TempDir,
+            LogStore<RedbBackend>,
+            StateMachine<RedbBackend>,
+        ),
+        StorageError<TypeConfig>,
+    > {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let backend = RedbBackend::open(dir.path().join("metadata.redb")).expect("open store");
+        let sm = StateMachine::open(backend.clone()).expect("open state machine");
+        Ok((dir, LogStore::new(backend), sm))
+    }
+}
+
+struct MemBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore<MemBackend>, StateMachine<MemBackend>> for MemBuilder {
+    async fn build(
+        &self,
+    ) -> Result<((), LogStore<MemBackend>, StateMachine<MemBackend>), StorageError<TypeConfig>>
+    {
+        let backend = MemBackend::new();
+        let sm = StateMachine::open(backend.clone()).expect("open state machine");
+        Ok(((), LogStore::new(backend), sm))
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn redb_store_passes_openraft_suite() {
+    runtime()
+        .block_on(Suite::test_all(RedbBuilder))
+        .expect("suite");
+}
+
+#[test]
+fn mem_store_passes_openraft_suite() {
+    runtime()
+        .block_on(Suite::test_all(MemBuilder))
+        .expect("suite");
+}
