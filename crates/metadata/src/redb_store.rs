@@ -27,7 +27,9 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::{AppliedState, Backend, StoredSnapshot};
 use crate::error::StoreError;
-use crate::{Entry, LogId, Vote};
+use openraft::entry::RaftEntry;
+
+use crate::{Entry, LogId, MetadataConfig, Vote};
 
 /// What this build writes in the format record, and the only thing it
 /// reads: a later format change bumps it and adds a migration.
@@ -255,19 +257,19 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Decode a log entry and check it sits under its own index.
-fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError> {
-    let entry: Entry = decode(|| format!("log entry {index}"), bytes)?;
-    if entry.log_id.index != index {
+fn decode_entry<C: MetadataConfig>(index: u64, bytes: &[u8]) -> Result<Entry<C>, StoreError> {
+    let entry: Entry<C> = decode(|| format!("log entry {index}"), bytes)?;
+    if entry.index() != index {
         return Err(StoreError::Inconsistent(format!(
             "log entry {} stored under index {index}",
-            entry.log_id.index
+            entry.index()
         )));
     }
     Ok(entry)
 }
 
-impl Backend for RedbBackend {
-    fn entries<R: RangeBounds<u64>>(&self, range: R) -> Result<Vec<Entry>, StoreError> {
+impl<C: MetadataConfig> Backend<C> for RedbBackend {
+    fn entries<R: RangeBounds<u64>>(&self, range: R) -> Result<Vec<Entry<C>>, StoreError> {
         self.guarded("entries", |db| {
             let bounds: (Bound<u64>, Bound<u64>) =
                 (range.start_bound().cloned(), range.end_bound().cloned());
@@ -276,52 +278,52 @@ impl Backend for RedbBackend {
             let mut out = Vec::new();
             for item in t.range(bounds)? {
                 let (k, v) = item?;
-                out.push(decode_entry(k.value(), v.value())?);
+                out.push(decode_entry::<C>(k.value(), v.value())?);
             }
             Ok(out)
         })
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId>, StoreError> {
+    fn last_entry_id(&self) -> Result<Option<LogId<C>>, StoreError> {
         self.guarded("last_entry_id", |db| {
             let read = db.begin_read()?;
             let t = read.open_table(LOG)?;
             match t.last()? {
-                Some((k, v)) => Ok(Some(decode_entry(k.value(), v.value())?.log_id)),
+                Some((k, v)) => Ok(Some(decode_entry::<C>(k.value(), v.value())?.log_id())),
                 None => Ok(None),
             }
         })
     }
 
-    fn vote(&self) -> Result<Option<Vote>, StoreError> {
+    fn vote(&self) -> Result<Option<Vote<C>>, StoreError> {
         self.guarded("vote", |db| Self::get(db, RAFT, VOTE))
     }
 
-    fn save_vote(&self, vote: &Vote) -> Result<(), StoreError> {
+    fn save_vote(&self, vote: &Vote<C>) -> Result<(), StoreError> {
         self.guarded("save_vote", |db| Self::put(db, RAFT, VOTE, Some(vote)))
     }
 
-    fn committed(&self) -> Result<Option<LogId>, StoreError> {
+    fn committed(&self) -> Result<Option<LogId<C>>, StoreError> {
         self.guarded("committed", |db| Self::get(db, RAFT, COMMITTED))
     }
 
-    fn save_committed(&self, committed: Option<&LogId>) -> Result<(), StoreError> {
+    fn save_committed(&self, committed: Option<&LogId<C>>) -> Result<(), StoreError> {
         self.guarded("save_committed", |db| {
             Self::put(db, RAFT, COMMITTED, committed)
         })
     }
 
-    fn last_purged(&self) -> Result<Option<LogId>, StoreError> {
+    fn last_purged(&self) -> Result<Option<LogId<C>>, StoreError> {
         self.guarded("last_purged", |db| Self::get(db, RAFT, LAST_PURGED))
     }
 
-    fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+    fn append(&self, entries: &[Entry<C>]) -> Result<(), StoreError> {
         self.guarded("append", |db| {
             let txn = db.begin_write()?;
             {
                 let mut t = txn.open_table(LOG)?;
                 for e in entries {
-                    t.insert(e.log_id.index, encode("log entry", e)?.as_slice())?;
+                    t.insert(e.index(), encode("log entry", e)?.as_slice())?;
                 }
             }
             // fsync: only after this returns may openraft be told the entries
@@ -341,7 +343,7 @@ impl Backend for RedbBackend {
         })
     }
 
-    fn purge(&self, upto: &LogId) -> Result<(), StoreError> {
+    fn purge(&self, upto: &LogId<C>) -> Result<(), StoreError> {
         self.guarded("purge", |db| {
             let txn = db.begin_write()?;
             {
@@ -355,25 +357,29 @@ impl Backend for RedbBackend {
         })
     }
 
-    fn applied(&self) -> Result<Option<AppliedState>, StoreError> {
+    fn applied(&self) -> Result<Option<AppliedState<C>>, StoreError> {
         self.guarded("applied", |db| Self::get(db, SM, APPLIED))
     }
 
-    fn save_applied(&self, state: &AppliedState) -> Result<(), StoreError> {
+    fn save_applied(&self, state: &AppliedState<C>) -> Result<(), StoreError> {
         self.guarded("save_applied", |db| Self::put(db, SM, APPLIED, Some(state)))
     }
 
-    fn snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
+    fn snapshot(&self) -> Result<Option<StoredSnapshot<C>>, StoreError> {
         self.guarded("snapshot", |db| Self::get(db, SM, SNAPSHOT))
     }
 
-    fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+    fn save_snapshot(&self, snapshot: &StoredSnapshot<C>) -> Result<(), StoreError> {
         self.guarded("save_snapshot", |db| {
             Self::put(db, SM, SNAPSHOT, Some(snapshot))
         })
     }
 
-    fn install(&self, state: &AppliedState, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+    fn install(
+        &self,
+        state: &AppliedState<C>,
+        snapshot: &StoredSnapshot<C>,
+    ) -> Result<(), StoreError> {
         self.guarded("install", |db| {
             let txn = db.begin_write()?;
             {

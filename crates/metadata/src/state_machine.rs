@@ -10,18 +10,20 @@ use openraft::{OptionalSend, RaftSnapshotBuilder};
 use crate::backend::{AppliedState, Backend, StoredSnapshot};
 use crate::error::StoreError;
 use crate::metadata::ClusterMetadata;
-use crate::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::{
+    LogId, MetadataConfig, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+};
 
 /// The applied cluster metadata of one node. Reads are served from memory;
 /// every applied batch is saved through the backend before any client is
 /// answered.
 #[derive(Debug)]
-pub struct StateMachine<B: Backend> {
+pub struct StateMachine<B, C: MetadataConfig = TypeConfig> {
     backend: B,
-    state: AppliedState,
+    state: AppliedState<C>,
 }
 
-impl<B: Backend> StateMachine<B> {
+impl<B: Backend<C>, C: MetadataConfig> StateMachine<B, C> {
     /// Load the state machine as last saved.
     pub fn open(backend: B) -> Result<Self, StoreError> {
         let mut state = backend.applied()?.unwrap_or_default();
@@ -41,35 +43,42 @@ impl<B: Backend> StateMachine<B> {
         &self.state.metadata
     }
 
-    pub fn last_applied(&self) -> Option<LogId> {
-        self.state.last_applied
+    pub fn last_applied(&self) -> Option<LogId<C>> {
+        self.state.last_applied.clone()
     }
 }
 
-fn decode_snapshot(snapshot: &StoredSnapshot) -> Result<AppliedState, StoreError> {
+fn decode_snapshot<C: MetadataConfig>(
+    snapshot: &StoredSnapshot<C>,
+) -> Result<AppliedState<C>, StoreError> {
     let metadata: ClusterMetadata =
         serde_json::from_slice(&snapshot.data).map_err(|source| StoreError::Decode {
             what: "snapshot data".to_owned(),
             source,
         })?;
     Ok(AppliedState {
-        last_applied: snapshot.meta.last_log_id,
+        last_applied: snapshot.meta.last_log_id.clone(),
         last_membership: snapshot.meta.last_membership.clone(),
         metadata,
     })
 }
 
-impl<B: Backend + Debug> RaftStateMachine<TypeConfig> for StateMachine<B> {
+impl<B: Backend<C> + Debug, C: MetadataConfig> RaftStateMachine<C> for StateMachine<B, C> {
     type SnapshotData = SnapshotData;
-    type SnapshotBuilder = SnapshotBuilder<B>;
+    type SnapshotBuilder = SnapshotBuilder<B, C>;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((self.state.last_applied, self.state.last_membership.clone()))
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<C>>, StoredMembership<C>), io::Error> {
+        Ok((
+            self.state.last_applied.clone(),
+            self.state.last_membership.clone(),
+        ))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
-        Strm: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+        Strm: futures_util::Stream<Item = Result<EntryResponder<C>, io::Error>>
             + Unpin
             + OptionalSend,
     {
@@ -99,7 +108,7 @@ impl<B: Backend + Debug> RaftStateMachine<TypeConfig> for StateMachine<B> {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta,
+        meta: &SnapshotMeta<C>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
         let stored = StoredSnapshot {
@@ -114,8 +123,8 @@ impl<B: Backend + Debug> RaftStateMachine<TypeConfig> for StateMachine<B> {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self.backend.snapshot()?.map(|s| Snapshot {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, io::Error> {
+        Ok(self.backend.snapshot()?.map(|s| Snapshot::<C> {
             meta: s.meta,
             snapshot: s.data,
         }))
@@ -124,29 +133,29 @@ impl<B: Backend + Debug> RaftStateMachine<TypeConfig> for StateMachine<B> {
 
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
-pub struct SnapshotBuilder<B: Backend> {
+pub struct SnapshotBuilder<B, C: MetadataConfig = TypeConfig> {
     backend: B,
-    state: AppliedState,
+    state: AppliedState<C>,
 }
 
-impl<B: Backend + Debug> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<B> {
+impl<B: Backend<C> + Debug, C: MetadataConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<B, C> {
     type SnapshotData = SnapshotData;
 
     /// The snapshot is durable before it is returned: openraft may purge
     /// the log it covers as soon as it has it.
-    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<C>, io::Error> {
         let data =
             serde_json::to_vec(&self.state.metadata).map_err(|source| StoreError::Encode {
                 what: "snapshot data",
                 source,
             })?;
-        let meta = SnapshotMeta {
-            last_log_id: self.state.last_applied,
+        let meta = SnapshotMeta::<C> {
+            last_log_id: self.state.last_applied.clone(),
             last_membership: self.state.last_membership.clone(),
         };
         let stored = StoredSnapshot { meta, data };
         self.backend.save_snapshot(&stored)?;
-        Ok(Snapshot {
+        Ok(Snapshot::<C> {
             meta: stored.meta,
             snapshot: stored.data,
         })

@@ -16,7 +16,7 @@ use stretch_metadata::{
 type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;
 
 fn log_id(term: u64, index: u64) -> LogId {
-    LogId::new(LeaderId::new_committed(term, 1), index)
+    LogId::<TypeConfig>::new(LeaderId::new_committed(term, 1), index)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -35,19 +35,19 @@ fn entries() -> Vec<Entry> {
         addr: "127.0.0.1:7000".into(),
     };
     vec![
-        Entry::new_membership(
+        Entry::<TypeConfig>::new_membership(
             log_id(1, 1),
             Membership::new(vec![members], std::collections::BTreeMap::from([(1, node)]))
                 .expect("membership"),
         ),
-        Entry::new_normal(
+        Entry::<TypeConfig>::new_normal(
             log_id(1, 2),
             Command::AddSite {
                 name: "a".into(),
                 role: Role::Data,
             },
         ),
-        Entry::new_normal(
+        Entry::<TypeConfig>::new_normal(
             log_id(1, 3),
             Command::CreateVolume {
                 name: "vm1-disk0".into(),
@@ -58,16 +58,16 @@ fn entries() -> Vec<Entry> {
                 owner_site: "a".into(),
             },
         ),
-        Entry::new_blank(log_id(2, 4)),
+        Entry::<TypeConfig>::new_blank(log_id(2, 4)),
     ]
 }
 
 /// Write a vote, four entries, the commit mark, apply them and build a
 /// snapshot, through openraft's traits.
-async fn write_everything<B: Backend + std::fmt::Debug>(backend: &B) {
-    let mut log = LogStore::new(backend.clone());
-    let mut sm = StateMachine::open(backend.clone()).expect("state machine");
-    log.save_vote(&Vote::new_committed(2, 1))
+async fn write_everything<B: Backend<TypeConfig> + std::fmt::Debug>(backend: &B) {
+    let mut log = LogStore::<_, TypeConfig>::new(backend.clone());
+    let mut sm = StateMachine::<_, TypeConfig>::open(backend.clone()).expect("state machine");
+    log.save_vote(&Vote::<TypeConfig>::new_committed(2, 1))
         .await
         .expect("vote");
     log.append(entries(), IOFlushed::noop())
@@ -85,12 +85,12 @@ async fn write_everything<B: Backend + std::fmt::Debug>(backend: &B) {
 }
 
 /// Check what `write_everything` wrote, through fresh handles.
-async fn check_everything<B: Backend + std::fmt::Debug>(backend: &B) {
-    let mut log = LogStore::new(backend.clone());
-    let mut sm = StateMachine::open(backend.clone()).expect("state machine");
+async fn check_everything<B: Backend<TypeConfig> + std::fmt::Debug>(backend: &B) {
+    let mut log = LogStore::<_, TypeConfig>::new(backend.clone());
+    let mut sm = StateMachine::<_, TypeConfig>::open(backend.clone()).expect("state machine");
     assert_eq!(
         log.read_vote().await.expect("vote"),
-        Some(Vote::new_committed(2, 1))
+        Some(Vote::<TypeConfig>::new_committed(2, 1))
     );
     assert_eq!(
         log.read_committed().await.expect("committed"),
@@ -142,7 +142,7 @@ fn mem_store_survives_a_simulated_restart() {
 
 #[test]
 fn apply_answers_with_the_allocated_ids() {
-    let mut state = stretch_metadata::AppliedState::default();
+    let mut state = stretch_metadata::AppliedState::<TypeConfig>::default();
     let results: Vec<_> = entries().iter().map(|e| state.apply_entry(e)).collect();
     assert_eq!(
         results[2],
@@ -204,9 +204,9 @@ fn a_truncated_store_is_refused_or_opens_without_panic() {
         // Whatever redb makes of it (refused, or repaired to an older
         // commit), the answer is a value, not a panic.
         if let Ok(backend) = RedbBackend::open(&p) {
-            let mut log = LogStore::new(backend.clone());
+            let mut log = LogStore::<_, TypeConfig>::new(backend.clone());
             let _ = rt.block_on(log.get_log_state());
-            let _ = StateMachine::open(backend);
+            let _ = StateMachine::<_, TypeConfig>::open(backend);
         }
     }
 }
@@ -227,11 +227,11 @@ fn flipped_bytes_give_errors_not_panics() {
         let p = dir.path().join(format!("flip-{at}.redb"));
         std::fs::write(&p, &bytes).expect("write");
         if let Ok(backend) = RedbBackend::open(&p) {
-            let mut log = LogStore::new(backend.clone());
+            let mut log = LogStore::<_, TypeConfig>::new(backend.clone());
             let _ = rt.block_on(log.get_log_state());
             let _ = rt.block_on(log.try_get_log_entries(0..10));
             let _ = rt.block_on(log.read_vote());
-            let _ = StateMachine::open(backend);
+            let _ = StateMachine::<_, TypeConfig>::open(backend);
         }
     }
 }
@@ -298,7 +298,7 @@ fn damaged_records_give_typed_errors() {
 
     damage_log_entry(&path, 2, b"{\"not\": \"an entry\"");
     {
-        let mut log = LogStore::new(RedbBackend::open(&path).expect("reopen"));
+        let mut log = LogStore::<_, TypeConfig>::new(RedbBackend::open(&path).expect("reopen"));
         let err = rt
             .block_on(log.try_get_log_entries(1..5))
             .expect_err("damaged entry");
@@ -318,7 +318,7 @@ fn damaged_records_give_typed_errors() {
     // A well-formed entry under the wrong index: the file lies about its log.
     let moved = serde_json::to_vec(&entries()[0]).expect("encode");
     damage_log_entry(&path, 4, &moved);
-    let mut log = LogStore::new(RedbBackend::open(&path).expect("reopen"));
+    let mut log = LogStore::<_, TypeConfig>::new(RedbBackend::open(&path).expect("reopen"));
     let err = rt
         .block_on(log.get_log_state())
         .expect_err("misplaced entry");
@@ -345,7 +345,7 @@ fn a_damaged_state_machine_record_is_a_typed_error() {
             .expect("insert");
         txn.commit().expect("commit");
     }
-    let err =
-        StateMachine::open(RedbBackend::open(&path).expect("reopen")).expect_err("damaged state");
+    let err = StateMachine::<_, TypeConfig>::open(RedbBackend::open(&path).expect("reopen"))
+        .expect_err("damaged state");
     assert!(matches!(err, StoreError::Decode { .. }), "{err}");
 }

@@ -61,10 +61,16 @@ impl RaftNetworkFactory<TypeConfig> for NoPeers {
 
 async fn start(backend: &MemBackend) -> Raft<TypeConfig, StateMachine<MemBackend>> {
     let config = Arc::new(Config::default().validate().expect("config"));
-    let sm = StateMachine::open(backend.clone()).expect("state machine");
-    Raft::new(1, config, NoPeers, LogStore::new(backend.clone()), sm)
-        .await
-        .expect("raft")
+    let sm = StateMachine::<_, TypeConfig>::open(backend.clone()).expect("state machine");
+    Raft::new(
+        1,
+        config,
+        NoPeers,
+        LogStore::<_, TypeConfig>::new(backend.clone()),
+        sm,
+    )
+    .await
+    .expect("raft")
 }
 
 async fn write(

@@ -21,8 +21,8 @@ impl StoreBuilder<TypeConfig, LogStore<RedbBackend>, StateMachine<RedbBackend>, 
     > {
         let dir = tempfile::tempdir().expect("temp dir");
         let backend = RedbBackend::open(dir.path().join("metadata.redb")).expect("open store");
-        let sm = StateMachine::open(backend.clone()).expect("open state machine");
-        Ok((dir, LogStore::new(backend), sm))
+        let sm = StateMachine::<_, TypeConfig>::open(backend.clone()).expect("open state machine");
+        Ok((dir, LogStore::<_, TypeConfig>::new(backend), sm))
     }
 }
 
@@ -34,8 +34,8 @@ impl StoreBuilder<TypeConfig, LogStore<MemBackend>, StateMachine<MemBackend>> fo
     ) -> Result<((), LogStore<MemBackend>, StateMachine<MemBackend>), StorageError<TypeConfig>>
     {
         let backend = MemBackend::new();
-        let sm = StateMachine::open(backend.clone()).expect("open state machine");
-        Ok(((), LogStore::new(backend), sm))
+        let sm = StateMachine::<_, TypeConfig>::open(backend.clone()).expect("open state machine");
+        Ok(((), LogStore::<_, TypeConfig>::new(backend), sm))
     }
 }
 
