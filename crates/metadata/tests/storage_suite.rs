@@ -59,3 +59,45 @@ fn mem_store_passes_openraft_suite() {
         .block_on(Suite::test_all(MemBuilder))
         .expect("suite");
 }
+
+stretch_metadata::declare_metadata_config!(
+    /// What the simulator will declare: every random draw of openraft from
+    /// a seed.
+    SimConfig,
+    openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>
+);
+
+struct SimMemBuilder;
+
+impl
+    StoreBuilder<
+        SimConfig,
+        LogStore<MemBackend<SimConfig>, SimConfig>,
+        StateMachine<MemBackend<SimConfig>, SimConfig>,
+    > for SimMemBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<
+        (
+            (),
+            LogStore<MemBackend<SimConfig>, SimConfig>,
+            StateMachine<MemBackend<SimConfig>, SimConfig>,
+        ),
+        StorageError<SimConfig>,
+    > {
+        let backend = MemBackend::<SimConfig>::new();
+        let sm = StateMachine::open(backend.clone()).expect("open state machine");
+        Ok(((), LogStore::new(backend), sm))
+    }
+}
+
+#[test]
+fn mem_store_passes_openraft_suite_under_a_deterministic_runtime() {
+    let seeded =
+        openraft_rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
+            42,
+            Suite::test_all(SimMemBuilder),
+        );
+    runtime().block_on(seeded).expect("suite");
+}
