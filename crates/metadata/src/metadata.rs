@@ -1,0 +1,708 @@
+//! The replicated state machine: the cluster metadata and the rules that
+//! apply a [`Command`] to it.
+//!
+//! Apply is pure and deterministic: ordered maps only (no hash iteration), no
+//! clock, no I/O, no randomness. A refused command leaves the state exactly
+//! as it was, so replicas agree on refusals too.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CommandError, CommandResult, Outcome};
+use crate::types::{
+    Group, GroupId, GroupState, Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
+};
+
+/// Volumes are made of 4 KiB blocks (DESIGN §1).
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Everything the cluster agrees on through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMetadata {
+    pub sites: BTreeMap<String, Site>,
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    pub volumes: BTreeMap<VolumeId, Volume>,
+    pub groups: BTreeMap<GroupId, Group>,
+    /// Live migrations in flight, one per group at most.
+    pub moves: BTreeMap<GroupId, Move>,
+    /// Ids of deleted volumes: a node that was away learns that its leg is
+    /// to be dropped, and the id is never handed out again.
+    pub deleted_volumes: BTreeSet<VolumeId>,
+    /// Ids of deleted groups, for the same reasons.
+    pub deleted_groups: BTreeSet<GroupId>,
+    /// The next volume id to give; only ever grows.
+    pub next_volume_id: VolumeId,
+    /// The next group id to give; only ever grows.
+    pub next_group_id: GroupId,
+}
+
+impl Default for ClusterMetadata {
+    fn default() -> Self {
+        Self {
+            sites: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            moves: BTreeMap::new(),
+            deleted_volumes: BTreeSet::new(),
+            deleted_groups: BTreeSet::new(),
+            // 0 is kept free so that it can mean "no volume" on the wire.
+            next_volume_id: 1,
+            next_group_id: 1,
+        }
+    }
+}
+
+impl ClusterMetadata {
+    /// The volume named `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    /// The group named `name`.
+    pub fn group_by_name(&self, name: &str) -> Option<&Group> {
+        self.groups.values().find(|g| g.name == name)
+    }
+
+    /// Apply one command. On error nothing was changed.
+    pub fn apply(&mut self, command: &Command) -> CommandResult {
+        match command {
+            Command::AddSite { name, role } => self.add_site(name, *role),
+            Command::AddNode { id, info } => self.add_node(*id, info),
+            Command::RemoveNode { id } => match self.nodes.remove(id) {
+                Some(_) => Ok(Outcome::Done),
+                None => Err(CommandError::UnknownNode { id: *id }),
+            },
+            Command::CreateVolume {
+                name,
+                size,
+                group,
+                mode,
+                failover,
+                owner_site,
+            } => self.create_volume(name, *size, group, *mode, *failover, owner_site),
+            Command::DeleteVolume { name } => self.delete_volume(name),
+            Command::TransferGroup {
+                group,
+                from,
+                to,
+                expected_epoch,
+            } => self.transfer_group(group, from, to, *expected_epoch),
+            Command::BeginMove {
+                group,
+                to,
+                expected_epoch,
+            } => self.begin_move(group, to, *expected_epoch),
+            Command::AbortMove {
+                group,
+                expected_epoch,
+            } => self.abort_move(group, *expected_epoch),
+            Command::SetGroupState {
+                group,
+                expected_epoch,
+                state,
+            } => self.set_group_state(group, *expected_epoch, *state),
+        }
+    }
+
+    fn add_site(&mut self, name: &str, role: Role) -> CommandResult {
+        if name.is_empty() {
+            return Err(CommandError::EmptyName);
+        }
+        if self.sites.contains_key(name) {
+            return Err(CommandError::SiteExists {
+                site: name.to_owned(),
+            });
+        }
+        self.sites.insert(
+            name.to_owned(),
+            Site {
+                name: name.to_owned(),
+                role,
+            },
+        );
+        Ok(Outcome::Done)
+    }
+
+    fn add_node(&mut self, id: NodeId, info: &NodeInfo) -> CommandResult {
+        if info.name.is_empty() {
+            return Err(CommandError::EmptyName);
+        }
+        let site = self.site(&info.site)?;
+        if site.role != info.role {
+            return Err(CommandError::RoleMismatch {
+                node: info.role,
+                site: site.role,
+            });
+        }
+        if self.nodes.contains_key(&id) {
+            return Err(CommandError::NodeExists { id });
+        }
+        if self.nodes.values().any(|n| n.name == info.name) {
+            return Err(CommandError::NodeNameExists {
+                name: info.name.clone(),
+            });
+        }
+        self.nodes.insert(id, info.clone());
+        Ok(Outcome::Done)
+    }
+
+    fn site(&self, name: &str) -> Result<&Site, CommandError> {
+        self.sites
+            .get(name)
+            .ok_or_else(|| CommandError::UnknownSite {
+                site: name.to_owned(),
+            })
+    }
+
+    /// A site that may own volumes.
+    fn data_site(&self, name: &str) -> Result<(), CommandError> {
+        match self.site(name)?.role {
+            Role::Data => Ok(()),
+            Role::Witness => Err(CommandError::WitnessSite {
+                site: name.to_owned(),
+            }),
+        }
+    }
+
+    fn create_volume(
+        &mut self,
+        name: &str,
+        size: u64,
+        group_name: &str,
+        mode: crate::types::Mode,
+        failover: crate::types::Failover,
+        owner_site: &str,
+    ) -> CommandResult {
+        if name.is_empty() || group_name.is_empty() {
+            return Err(CommandError::EmptyName);
+        }
+        if self.volume_by_name(name).is_some() {
+            return Err(CommandError::VolumeExists {
+                name: name.to_owned(),
+            });
+        }
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+            return Err(CommandError::BadSize { size });
+        }
+        self.data_site(owner_site)?;
+
+        // Every check is done before the first change, so a refusal leaves
+        // the counters untouched.
+        let volume_id = self.next_volume_id;
+        let next_volume_id = volume_id
+            .checked_add(1)
+            .ok_or_else(|| CommandError::Exhausted {
+                what: "volume id".to_owned(),
+            })?;
+        let (group_id, epoch, new_group) = match self.group_by_name(group_name) {
+            Some(g) => {
+                if g.owner != owner_site {
+                    return Err(CommandError::NotOwner {
+                        group: group_name.to_owned(),
+                        owner: g.owner.clone(),
+                        claimed: owner_site.to_owned(),
+                    });
+                }
+                // A volume joining mid-move would miss the move's catch-up.
+                if self.moves.contains_key(&g.id) {
+                    return Err(CommandError::MoveInFlight {
+                        group: group_name.to_owned(),
+                    });
+                }
+                (g.id, g.epoch, None)
+            }
+            None => {
+                let id = self.next_group_id;
+                let next = id.checked_add(1).ok_or_else(|| CommandError::Exhausted {
+                    what: "group id".to_owned(),
+                })?;
+                let group = Group {
+                    id,
+                    name: group_name.to_owned(),
+                    owner: owner_site.to_owned(),
+                    epoch: 1,
+                    state: GroupState::Active,
+                };
+                (id, 1, Some((group, next)))
+            }
+        };
+
+        if let Some((group, next)) = new_group {
+            self.groups.insert(group.id, group);
+            self.next_group_id = next;
+        }
+        self.next_volume_id = next_volume_id;
+        self.volumes.insert(
+            volume_id,
+            Volume {
+                id: volume_id,
+                name: name.to_owned(),
+                size,
+                group: group_id,
+                mode,
+                failover,
+            },
+        );
+        Ok(Outcome::VolumeCreated {
+            volume: volume_id,
+            group: group_id,
+            epoch,
+        })
+    }
+
+    fn delete_volume(&mut self, name: &str) -> CommandResult {
+        let Some(volume) = self.volume_by_name(name).cloned() else {
+            return Err(CommandError::UnknownVolume {
+                name: name.to_owned(),
+            });
+        };
+        if self.moves.contains_key(&volume.group) {
+            let group = self
+                .groups
+                .get(&volume.group)
+                .map(|g| g.name.clone())
+                .unwrap_or_default();
+            return Err(CommandError::MoveInFlight { group });
+        }
+        self.volumes.remove(&volume.id);
+        self.deleted_volumes.insert(volume.id);
+        let group_deleted = !self.volumes.values().any(|v| v.group == volume.group);
+        if group_deleted {
+            self.groups.remove(&volume.group);
+            self.deleted_groups.insert(volume.group);
+        }
+        Ok(Outcome::VolumeDeleted {
+            volume: volume.id,
+            group_deleted,
+        })
+    }
+
+    /// The group named `name` at `expected_epoch`, for a change: the fencing
+    /// check every ownership-related command goes through.
+    fn fenced_group(
+        &mut self,
+        name: &str,
+        expected_epoch: u64,
+    ) -> Result<&mut Group, CommandError> {
+        let group = self
+            .groups
+            .values_mut()
+            .find(|g| g.name == name)
+            .ok_or_else(|| CommandError::UnknownGroup {
+                group: name.to_owned(),
+            })?;
+        if group.epoch != expected_epoch {
+            return Err(CommandError::StaleEpoch {
+                group: name.to_owned(),
+                expected: expected_epoch,
+                current: group.epoch,
+            });
+        }
+        Ok(group)
+    }
+
+    fn transfer_group(
+        &mut self,
+        name: &str,
+        from: &str,
+        to: &str,
+        expected_epoch: u64,
+    ) -> CommandResult {
+        self.data_site(to)?;
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.owner != from {
+            return Err(CommandError::NotOwner {
+                group: name.to_owned(),
+                owner: group.owner.clone(),
+                claimed: from.to_owned(),
+            });
+        }
+        if from == to {
+            return Err(CommandError::SameSite {
+                group: name.to_owned(),
+                site: to.to_owned(),
+            });
+        }
+        let epoch = group
+            .epoch
+            .checked_add(1)
+            .ok_or_else(|| CommandError::Exhausted {
+                what: "epoch".to_owned(),
+            })?;
+        group.epoch = epoch;
+        group.owner = to.to_owned();
+        group.state = GroupState::Active;
+        let id = group.id;
+        self.moves.remove(&id);
+        Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn begin_move(&mut self, name: &str, to: &str, expected_epoch: u64) -> CommandResult {
+        self.data_site(to)?;
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.owner == to {
+            return Err(CommandError::SameSite {
+                group: name.to_owned(),
+                site: to.to_owned(),
+            });
+        }
+        if group.state != GroupState::Active {
+            // Suspended: the owner is not serving, so there is nothing to
+            // drain; Moving: one move at a time.
+            return Err(CommandError::MoveInFlight {
+                group: name.to_owned(),
+            });
+        }
+        group.state = GroupState::Moving;
+        let record = Move {
+            group: group.id,
+            from: group.owner.clone(),
+            to: to.to_owned(),
+            epoch: group.epoch,
+        };
+        let (id, epoch) = (group.id, group.epoch);
+        self.moves.insert(id, record);
+        Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn abort_move(&mut self, name: &str, expected_epoch: u64) -> CommandResult {
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.state != GroupState::Moving {
+            return Err(CommandError::NoMoveInFlight {
+                group: name.to_owned(),
+            });
+        }
+        group.state = GroupState::Active;
+        let (id, epoch) = (group.id, group.epoch);
+        self.moves.remove(&id);
+        Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn set_group_state(
+        &mut self,
+        name: &str,
+        expected_epoch: u64,
+        state: GroupState,
+    ) -> CommandResult {
+        let group = self.fenced_group(name, expected_epoch)?;
+        match state {
+            GroupState::Moving => {
+                return Err(CommandError::BadState {
+                    group: name.to_owned(),
+                    state,
+                });
+            }
+            GroupState::Active | GroupState::Suspended => {}
+        }
+        if group.state == GroupState::Moving {
+            // The move record must go with the state: abort it first.
+            return Err(CommandError::MoveInFlight {
+                group: name.to_owned(),
+            });
+        }
+        group.state = state;
+        Ok(Outcome::Epoch {
+            group: group.id,
+            epoch: group.epoch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Failover, Mode};
+
+    fn cluster() -> ClusterMetadata {
+        let mut m = ClusterMetadata::default();
+        for (name, role) in [("a", Role::Data), ("b", Role::Data), ("w", Role::Witness)] {
+            m.apply(&Command::AddSite {
+                name: name.into(),
+                role,
+            })
+            .expect("add site");
+        }
+        m
+    }
+
+    fn create(name: &str, group: &str, site: &str) -> Command {
+        Command::CreateVolume {
+            name: name.into(),
+            size: 1 << 20,
+            group: group.into(),
+            mode: Mode::Async,
+            failover: Failover::Auto,
+            owner_site: site.into(),
+        }
+    }
+
+    fn transfer(group: &str, from: &str, to: &str, epoch: u64) -> Command {
+        Command::TransferGroup {
+            group: group.into(),
+            from: from.into(),
+            to: to.into(),
+            expected_epoch: epoch,
+        }
+    }
+
+    #[test]
+    fn create_allocates_ids_and_refuses_duplicate_names() {
+        let mut m = cluster();
+        assert_eq!(
+            m.apply(&create("v1", "g1", "a")),
+            Ok(Outcome::VolumeCreated {
+                volume: 1,
+                group: 1,
+                epoch: 1
+            })
+        );
+        assert_eq!(
+            m.apply(&create("v2", "g1", "a")),
+            Ok(Outcome::VolumeCreated {
+                volume: 2,
+                group: 1,
+                epoch: 1
+            })
+        );
+        let before = m.clone();
+        assert_eq!(
+            m.apply(&create("v1", "g2", "b")),
+            Err(CommandError::VolumeExists { name: "v1".into() })
+        );
+        assert_eq!(m, before, "a refused command changes nothing");
+    }
+
+    #[test]
+    fn create_refuses_bad_sites_sizes_and_foreign_groups() {
+        let mut m = cluster();
+        assert_eq!(
+            m.apply(&create("v", "g", "x")),
+            Err(CommandError::UnknownSite { site: "x".into() })
+        );
+        assert_eq!(
+            m.apply(&create("v", "g", "w")),
+            Err(CommandError::WitnessSite { site: "w".into() })
+        );
+        let mut bad = create("v", "g", "a");
+        if let Command::CreateVolume { size, .. } = &mut bad {
+            *size = 4097;
+        }
+        assert_eq!(m.apply(&bad), Err(CommandError::BadSize { size: 4097 }));
+        m.apply(&create("v", "g", "a")).expect("create");
+        assert!(matches!(
+            m.apply(&create("v2", "g", "b")),
+            Err(CommandError::NotOwner { .. })
+        ));
+        assert_eq!(m.next_volume_id, 2, "refusals allocate nothing");
+    }
+
+    #[test]
+    fn ids_are_never_reused_after_delete() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        assert_eq!(
+            m.apply(&Command::DeleteVolume { name: "v1".into() }),
+            Ok(Outcome::VolumeDeleted {
+                volume: 1,
+                group_deleted: true
+            })
+        );
+        assert!(m.deleted_volumes.contains(&1) && m.deleted_groups.contains(&1));
+        assert_eq!(
+            m.apply(&create("v1", "g1", "a")),
+            Ok(Outcome::VolumeCreated {
+                volume: 2,
+                group: 2,
+                epoch: 1
+            })
+        );
+        assert_eq!(
+            m.apply(&Command::DeleteVolume {
+                name: "nope".into()
+            }),
+            Err(CommandError::UnknownVolume {
+                name: "nope".into()
+            })
+        );
+    }
+
+    #[test]
+    fn transfer_is_fenced_by_epoch_and_owner() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        assert_eq!(
+            m.apply(&transfer("g1", "a", "b", 1)),
+            Ok(Outcome::Epoch { group: 1, epoch: 2 })
+        );
+        // The same request again is stale: it was decided at epoch 1.
+        let before = m.clone();
+        assert_eq!(
+            m.apply(&transfer("g1", "a", "b", 1)),
+            Err(CommandError::StaleEpoch {
+                group: "g1".into(),
+                expected: 1,
+                current: 2
+            })
+        );
+        assert!(matches!(
+            m.apply(&transfer("g1", "a", "b", 2)),
+            Err(CommandError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            m.apply(&transfer("g1", "b", "w", 2)),
+            Err(CommandError::WitnessSite { .. })
+        ));
+        assert!(matches!(
+            m.apply(&transfer("g1", "b", "b", 2)),
+            Err(CommandError::SameSite { .. })
+        ));
+        assert_eq!(m, before);
+        assert_eq!(
+            m.apply(&transfer("g1", "b", "a", 2)),
+            Ok(Outcome::Epoch { group: 1, epoch: 3 })
+        );
+    }
+
+    #[test]
+    fn epoch_strictly_increases_over_any_sequence() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        let mut last = 1;
+        let sites = ["a", "b"];
+        for i in 0..50u64 {
+            let g = m.group_by_name("g1").expect("group").clone();
+            let to = sites[(i as usize + 1) % 2];
+            // A mix of stale and fresh requests and state changes.
+            let cmds = [
+                transfer("g1", &g.owner, to, g.epoch.saturating_sub(i % 2)),
+                Command::SetGroupState {
+                    group: "g1".into(),
+                    expected_epoch: g.epoch,
+                    state: GroupState::Suspended,
+                },
+                Command::BeginMove {
+                    group: "g1".into(),
+                    to: to.into(),
+                    expected_epoch: g.epoch,
+                },
+            ];
+            for c in &cmds {
+                let _ = m.apply(c);
+                let e = m.group_by_name("g1").expect("group").epoch;
+                assert!(e >= last, "epoch never goes back");
+                last = e;
+            }
+        }
+        assert!(last > 1);
+    }
+
+    #[test]
+    fn moves_are_recorded_and_closed_by_the_transfer() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        let begin = Command::BeginMove {
+            group: "g1".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+        };
+        m.apply(&begin).expect("begin");
+        assert_eq!(
+            m.moves.get(&1),
+            Some(&Move {
+                group: 1,
+                from: "a".into(),
+                to: "b".into(),
+                epoch: 1
+            })
+        );
+        assert!(matches!(
+            m.apply(&begin),
+            Err(CommandError::MoveInFlight { .. })
+        ));
+        assert!(matches!(
+            m.apply(&create("v2", "g1", "a")),
+            Err(CommandError::MoveInFlight { .. })
+        ));
+        assert!(matches!(
+            m.apply(&Command::SetGroupState {
+                group: "g1".into(),
+                expected_epoch: 1,
+                state: GroupState::Moving
+            }),
+            Err(CommandError::BadState { .. })
+        ));
+        m.apply(&transfer("g1", "a", "b", 1)).expect("switchover");
+        assert!(m.moves.is_empty());
+        let g = m.group_by_name("g1").expect("group");
+        assert_eq!(
+            (g.owner.as_str(), g.epoch, g.state),
+            ("b", 2, GroupState::Active)
+        );
+        assert!(matches!(
+            m.apply(&Command::AbortMove {
+                group: "g1".into(),
+                expected_epoch: 2
+            }),
+            Err(CommandError::NoMoveInFlight { .. })
+        ));
+    }
+
+    #[test]
+    fn nodes_must_match_their_site() {
+        let mut m = cluster();
+        let info = |name: &str, site: &str, role| NodeInfo {
+            name: name.into(),
+            site: site.into(),
+            role,
+            addr: "x:1".into(),
+        };
+        m.apply(&Command::AddNode {
+            id: 1,
+            info: info("n1", "a", Role::Data),
+        })
+        .expect("add");
+        assert_eq!(
+            m.apply(&Command::AddNode {
+                id: 2,
+                info: info("n2", "w", Role::Data)
+            }),
+            Err(CommandError::RoleMismatch {
+                node: Role::Data,
+                site: Role::Witness
+            })
+        );
+        assert!(matches!(
+            m.apply(&Command::AddNode {
+                id: 1,
+                info: info("n3", "a", Role::Data)
+            }),
+            Err(CommandError::NodeExists { .. })
+        ));
+        assert!(matches!(
+            m.apply(&Command::AddNode {
+                id: 3,
+                info: info("n1", "b", Role::Data)
+            }),
+            Err(CommandError::NodeNameExists { .. })
+        ));
+        m.apply(&Command::RemoveNode { id: 1 }).expect("remove");
+        assert!(m.nodes.is_empty());
+    }
+
+    #[test]
+    fn same_commands_same_state() {
+        let cmds = [
+            create("v1", "g1", "a"),
+            create("v2", "g2", "b"),
+            transfer("g1", "a", "b", 1),
+        ];
+        let run = || {
+            let mut m = cluster();
+            let results: Vec<_> = cmds.iter().map(|c| m.apply(c)).collect();
+            (m, results)
+        };
+        assert_eq!(run(), run());
+    }
+}

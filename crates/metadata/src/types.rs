@@ -1,0 +1,140 @@
+//! The vocabulary of the cluster metadata: ids, roles, modes and the records
+//! kept per site, node, volume, group and move.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A Raft node id. Never reused for a node that starts from an empty log:
+/// openraft relies on that to avoid a split brain.
+pub type NodeId = u64;
+
+/// A volume id, allocated by the state machine from a counter that only
+/// grows, so an id is never given to two volumes, even after a delete.
+pub type VolumeId = u32;
+
+/// A consistency-group id, allocated like [`VolumeId`].
+pub type GroupId = u32;
+
+/// What a site or node is for.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Holds volume legs and serves I/O.
+    #[default]
+    Data,
+    /// A metadata-only voter at a third failure domain: never owns a volume.
+    Witness,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Data => "data",
+            Role::Witness => "witness",
+        })
+    }
+}
+
+/// When a write is acknowledged (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Async,
+    FlushSync,
+    Sync,
+}
+
+/// What happens to a volume when its owner site is lost (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failover {
+    Auto,
+    Manual,
+}
+
+/// The serving state of a consistency group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupState {
+    /// The owner accepts writes.
+    Active,
+    /// No site accepts writes (owner lost with `manual` failover, or an
+    /// operator stopped it).
+    Suspended,
+    /// A live migration is in flight; the source still owns the group.
+    Moving,
+}
+
+/// What openraft stores per node in its membership, and what peers need to
+/// reach it.
+///
+/// `Default` exists only because openraft's storage test suite builds
+/// memberships with default nodes; a real node always has every field set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeInfo {
+    /// The node's name, unique in the cluster.
+    pub name: String,
+    /// The site (failure domain) the node runs at.
+    pub site: String,
+    pub role: Role,
+    /// Where peers reach the node, `host:port`; kept as text so a name that
+    /// resolves later is allowed.
+    pub addr: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}@{} ({}, {})",
+            self.name, self.site, self.role, self.addr
+        )
+    }
+}
+
+/// A site (datacenter, failure domain).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A volume: one virtual block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    /// Size in bytes, a whole number of 4 KiB blocks.
+    pub size: u64,
+    pub group: GroupId,
+    pub mode: Mode,
+    pub failover: Failover,
+}
+
+/// A consistency group: volumes whose writes are ordered together and that
+/// change owner together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: GroupId,
+    pub name: String,
+    /// The one site allowed to accept writes.
+    pub owner: String,
+    /// Raised by every change of owner; a request carrying an older epoch is
+    /// refused (fencing, G1).
+    pub epoch: u64,
+    pub state: GroupState,
+}
+
+/// A live migration in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub group: GroupId,
+    pub from: String,
+    pub to: String,
+    /// The epoch of the source's ownership the move started under; the
+    /// switchover raises it.
+    pub epoch: u64,
+}
