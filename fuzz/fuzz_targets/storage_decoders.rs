@@ -9,8 +9,8 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use stretch_storage::{
-    Catalog, FileSystem, SimFileSystem, StorageFile, decode_record, encode_record,
-    load_dirty_map, load_resync_marks, save_dirty_map, save_resync_marks,
+    Catalog, FileSystem, SimFileSystem, StorageFile, decode_record, encode_record, load_dirty_map,
+    load_resync_marks, save_dirty_map, save_resync_marks,
 };
 
 const RECORD_HEADER_BYTES: usize = 12;

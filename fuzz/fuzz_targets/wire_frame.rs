@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     let frame = encode_frame(&message).expect("a decoded message re-encodes");
     let again = decode_frame(&frame).expect("a re-encoded message decodes");
     assert_eq!(again, message);
-    if let Some(site) = message.clone().into_site().expect("a valid message converts") {
+    if let Some(site) = message
+        .clone()
+        .into_site()
+        .expect("a valid message converts")
+    {
         let back = PeerMessage::from_site(&site).expect("an engine message converts back");
         assert_eq!(back, message);
     }
