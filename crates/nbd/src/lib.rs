@@ -28,5 +28,5 @@ pub use backend::{Backend, Export, ExportError, ExportListing, OpenError};
 pub use server::{
     CONNECTION_RESERVE_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT_BYTES,
     DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, DEFAULT_MAX_OPTION_BYTES, DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_SHUTDOWN_GRACE, ServerConfig, serve,
+    DEFAULT_SHUTDOWN_GRACE, ServerConfig, serve, serve_stream,
 };

@@ -8,6 +8,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -227,6 +228,44 @@ pub async fn serve<B: Backend>(
         while connections.join_next().await.is_some() {}
     }
     info!("NBD server stopped");
+    Ok(())
+}
+
+/// Serves one already-connected client over any byte stream (a Unix
+/// socket, an in-memory pipe): the handshake, then transmission until the
+/// client disconnects, breaks the protocol, or closes the stream. The same
+/// parsing and validation as [`serve`], without its connection limits and
+/// shutdown: the call returns when the connection ends.
+///
+/// Errors only if `config` is invalid; a misbehaving client is logged and
+/// ends the connection, as in [`serve`].
+pub async fn serve_stream<S, B>(
+    mut stream: S,
+    backend: Arc<B>,
+    config: ServerConfig,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    config.validate()?;
+    let negotiated = Handshake::new(&mut stream, &*backend, &config).run().await;
+    let export = match negotiated {
+        Ok(Negotiated::Export { export, .. }) => export,
+        Ok(Negotiated::Aborted) => return Ok(()),
+        Err(error) => {
+            warn!(%error, "handshake failed; closing connection");
+            return Ok(());
+        }
+    };
+    let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes as usize));
+    // Never signalled: this connection ends only when its client does. The
+    // sender must outlive the session, which reads a dropped one as a stop.
+    let (_never_stop, stopped) = watch::channel(false);
+    let (reader, writer) = tokio::io::split(stream);
+    Session::new(export, &config, budget)
+        .run(reader, writer, &mut ShutdownSignal(stopped))
+        .await;
     Ok(())
 }
 

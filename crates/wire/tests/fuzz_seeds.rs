@@ -1,0 +1,160 @@
+//! The seed corpus of the `wire_frame` fuzz target (fuzz/corpus/wire_frame)
+//! is made by the real encoder, here. This test checks the committed seeds
+//! still decode to these messages (an archive layout change would quietly
+//! turn them into garbage the fuzzer must rediscover); with
+//! `STRETCH_WRITE_FUZZ_SEEDS=1` it rewrites them.
+
+use std::path::PathBuf;
+
+use stretch_core::BLOCK_SIZE;
+use stretch_wire::{
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRequest, WireResponse, WireVolume,
+    decode_frame, encode_frame,
+};
+
+fn seeds() -> Vec<(&'static str, PeerMessage)> {
+    let volume = WireVolume {
+        name: "vol".into(),
+        id: 1,
+        size: 1 << 20,
+        group: "db".into(),
+        group_id: 2,
+        owner_site: "a".into(),
+        mode: "sync".into(),
+        epoch: 1,
+    };
+    let blocks = vec![
+        WireBlock {
+            volume: 1,
+            block: 0,
+            data: Some(vec![0xa5; BLOCK_SIZE]),
+        },
+        WireBlock {
+            volume: 1,
+            block: 3,
+            data: None,
+        },
+    ];
+    vec![
+        (
+            "hello",
+            PeerMessage::Hello {
+                protocol: PROTOCOL_VERSION,
+                cluster: "c".into(),
+                node: "a1".into(),
+                site: "a".into(),
+            },
+        ),
+        (
+            "delta",
+            PeerMessage::Delta {
+                group: 2,
+                epoch: 1,
+                seq: 7,
+                blocks: blocks.clone(),
+            },
+        ),
+        ("journaled", PeerMessage::Journaled { group: 2, seq: 7 }),
+        (
+            "resume",
+            PeerMessage::Resume {
+                group: 2,
+                have: Some(3),
+                resume: 9,
+            },
+        ),
+        (
+            "resync",
+            PeerMessage::Resync {
+                group: 2,
+                blocks: blocks.clone(),
+                last: true,
+                base: 3,
+                consistent_at: 7,
+                resume: 9,
+            },
+        ),
+        (
+            "read-request",
+            PeerMessage::ReadRequest {
+                id: 5,
+                volume: 1,
+                offset: 4096,
+                length: 8192,
+                have: None,
+            },
+        ),
+        (
+            "read-reply",
+            PeerMessage::ReadReply {
+                id: 5,
+                result: Ok(blocks),
+            },
+        ),
+        (
+            "forward-write",
+            PeerMessage::Forward {
+                id: 6,
+                request: WireRequest::Write {
+                    volume: 1,
+                    offset: 100,
+                    data: vec![1; 300],
+                    fua: true,
+                },
+            },
+        ),
+        (
+            "forward-reply",
+            PeerMessage::ForwardReply {
+                id: 6,
+                result: Err(WireFailure::OutOfRange {
+                    offset: 1,
+                    length: 2,
+                    size: 3,
+                }),
+            },
+        ),
+        (
+            "forward-data",
+            PeerMessage::ForwardReply {
+                id: 7,
+                result: Ok(WireResponse::Data(vec![2; 16])),
+            },
+        ),
+        (
+            "create-volume",
+            PeerMessage::CreateVolume {
+                request: 1,
+                volume: volume.clone(),
+            },
+        ),
+        (
+            "catalog",
+            PeerMessage::Catalog {
+                volumes: vec![volume],
+            },
+        ),
+    ]
+}
+
+#[test]
+fn committed_fuzz_seeds_are_current_frames() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/wire_frame");
+    let write = std::env::var_os("STRETCH_WRITE_FUZZ_SEEDS").is_some();
+    if write {
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+    }
+    for (name, message) in seeds() {
+        let path = dir.join(format!("seed-{name}"));
+        let frame = encode_frame(&message).expect("encodes");
+        if write {
+            std::fs::write(&path, &frame).expect("write seed");
+        }
+        let committed = std::fs::read(&path).expect("committed seed");
+        assert_eq!(
+            decode_frame(&committed).expect("seed decodes"),
+            message,
+            "{name}"
+        );
+    }
+}
