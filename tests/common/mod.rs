@@ -328,6 +328,16 @@ nbd_in_flight_per_connection = 128
 /// A cluster config with the structure of
 /// `cluster-configs/single-site.toml`, on the given loopback ports.
 pub fn cluster_config(nbd_port: u16, admin_port: u16, tuning: &str) -> String {
+    cluster_config_with_node_keys(nbd_port, admin_port, "", tuning)
+}
+
+/// [`cluster_config`] with extra `key = value` lines in node a1's table.
+pub fn cluster_config_with_node_keys(
+    nbd_port: u16,
+    admin_port: u16,
+    node_keys: &str,
+    tuning: &str,
+) -> String {
     format!(
         r#"# Written by the stretch end-to-end tests.
 [cluster]
@@ -341,7 +351,7 @@ name = "a1"
 site = "a"
 nbd_listen = "127.0.0.1:{nbd_port}"
 admin_listen = "127.0.0.1:{admin_port}"
-
+{node_keys}
 [tuning]
 {tuning}"#
     )
@@ -365,6 +375,8 @@ pub struct TestNode {
     starts: u32,
     /// Run with `stretch up` instead of `stretch node`.
     up: bool,
+    /// Extra lines for node a1's table in the config.
+    node_keys: String,
 }
 
 impl TestNode {
@@ -385,7 +397,17 @@ impl TestNode {
         TestNode::launch(tuning, true)
     }
 
+    /// Like [`TestNode::start_with_tuning`], with extra `key = value`
+    /// lines in the node's own table.
+    pub fn start_with_node_keys(node_keys: &str, tuning: &str) -> TestNode {
+        TestNode::launch_with(node_keys, tuning, false)
+    }
+
     fn launch(tuning: &str, up: bool) -> TestNode {
+        TestNode::launch_with("", tuning, up)
+    }
+
+    fn launch_with(node_keys: &str, tuning: &str, up: bool) -> TestNode {
         let dir = tempfile::Builder::new()
             .prefix("stretch-e2e-")
             .tempdir()
@@ -399,13 +421,14 @@ impl TestNode {
             child: None,
             starts: 0,
             up,
+            node_keys: node_keys.to_string(),
         };
         for _attempt in 0..5 {
             let (nbd, admin) = free_ports();
             node.nbd_port = nbd;
             node.admin_port = admin;
-            std::fs::write(&node.config, cluster_config(nbd, admin, tuning))
-                .expect("writing the config");
+            let text = cluster_config_with_node_keys(nbd, admin, &node.node_keys, tuning);
+            std::fs::write(&node.config, text).expect("writing the config");
             // `stretch up` makes the admin token itself; `stretch node`
             // needs `stretch init` first, as in production.
             if !node.up && !node.token_file().exists() {

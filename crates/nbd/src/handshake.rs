@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::backend::{Backend, Export, OpenError};
 use crate::protocol::*;
 use crate::server::ServerConfig;
+use crate::tls::{Conn, TlsSettings};
 use crate::transmission::transmission_flags;
 
 /// Preferred block size advertised in NBD_INFO_BLOCK_SIZE: a page, so
@@ -61,6 +62,12 @@ pub(crate) enum HandshakeError {
     /// NBD_OPT_EXPORT_NAME has no way to report an error except hanging up.
     #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
     ExportNameRefused(OpenError),
+    /// NBD_OPT_EXPORT_NAME cannot be answered with NBD_REP_ERR_TLS_REQD,
+    /// so the spec says to hang up instead.
+    #[error("NBD_OPT_EXPORT_NAME before TLS while TLS is required")]
+    ExportNameWithoutTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 impl From<io::Error> for HandshakeError {
@@ -74,12 +81,14 @@ impl From<io::Error> for HandshakeError {
 }
 
 /// One negotiation over one stream. Generic over the stream so that it can
-/// be driven by an in-memory pipe as well as a socket.
+/// be driven by an in-memory pipe as well as a socket. The stream may be
+/// upgraded to TLS in the middle (NBD_OPT_STARTTLS), hence the [`Conn`].
 pub(crate) struct Handshake<'a, S, B> {
-    stream: &'a mut S,
+    stream: &'a mut Conn<S>,
     backend: &'a B,
     max_option_bytes: u32,
     max_request_bytes: u32,
+    tls: Option<&'a TlsSettings>,
 }
 
 impl<'a, S, B> Handshake<'a, S, B>
@@ -87,13 +96,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     B: Backend,
 {
-    pub fn new(stream: &'a mut S, backend: &'a B, config: &ServerConfig) -> Self {
+    pub fn new(stream: &'a mut Conn<S>, backend: &'a B, config: &'a ServerConfig) -> Self {
         Self {
             stream,
             backend,
             max_option_bytes: config.max_option_bytes,
             max_request_bytes: config.max_request_bytes,
+            tls: config.tls.as_ref(),
         }
+    }
+
+    /// Whether this option must be refused because TLS is required and not
+    /// yet started. Only STARTTLS and ABORT are allowed through: the spec
+    /// lets a server answer everything else, the export list included,
+    /// with NBD_REP_ERR_TLS_REQD, and nothing about the exports should leak
+    /// to a client that has not authenticated the server.
+    fn needs_tls_first(&self, option: u32) -> bool {
+        let required = self.tls.is_some_and(TlsSettings::required);
+        required && !self.stream.is_tls() && option != NBD_OPT_STARTTLS && option != NBD_OPT_ABORT
     }
 
     pub async fn run(mut self) -> Result<Negotiated<B::Export>, HandshakeError> {
@@ -118,6 +138,18 @@ where
         loop {
             let (option, data) = self.read_option().await?;
             debug!(option = option_name(option), length = data.len(), "option");
+            if self.needs_tls_first(option) {
+                if option == NBD_OPT_EXPORT_NAME {
+                    return Err(HandshakeError::ExportNameWithoutTls);
+                }
+                self.send_error(
+                    option,
+                    NBD_REP_ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first",
+                )
+                .await?;
+                continue;
+            }
             match option {
                 NBD_OPT_EXPORT_NAME => return self.export_name(&data, no_zeroes).await,
                 NBD_OPT_ABORT => {
@@ -129,13 +161,13 @@ where
                     return Ok(Negotiated::Aborted);
                 }
                 NBD_OPT_LIST => self.list(&data).await?,
+                NBD_OPT_STARTTLS => self.start_tls(&data).await?,
                 NBD_OPT_INFO | NBD_OPT_GO => {
                     if let Some(done) = self.info_or_go(option, &data).await? {
                         return Ok(done);
                     }
                 }
-                // Everything else, including STARTTLS (we have no TLS),
-                // STRUCTURED_REPLY (clients then fall back to simple
+                // Everything else, including STRUCTURED_REPLY (clients then fall back to simple
                 // replies), meta contexts and extended headers.
                 _ => {
                     self.send_error(
@@ -145,6 +177,66 @@ where
                     )
                     .await?
                 }
+            }
+        }
+    }
+
+    /// Answers NBD_OPT_STARTTLS and, when accepted, runs the TLS handshake
+    /// on the same socket; haggling then continues inside TLS.
+    async fn start_tls(&mut self, data: &[u8]) -> Result<(), HandshakeError> {
+        let Some(tls) = self.tls else {
+            return self
+                .send_error(
+                    NBD_OPT_STARTTLS,
+                    NBD_REP_ERR_UNSUP,
+                    "TLS is not enabled on this server",
+                )
+                .await;
+        };
+        // The spec: STARTTLS once TLS is up is an error, and the server
+        // must not start a second handshake inside the first.
+        if self.stream.is_tls() {
+            return self
+                .send_error(
+                    NBD_OPT_STARTTLS,
+                    NBD_REP_ERR_INVALID,
+                    "TLS is already active on this connection",
+                )
+                .await;
+        }
+        if !data.is_empty() {
+            return self
+                .send_error(
+                    NBD_OPT_STARTTLS,
+                    NBD_REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                )
+                .await;
+        }
+        let mut out = BytesMut::new();
+        put_reply(&mut out, NBD_OPT_STARTTLS, NBD_REP_ACK, &[]);
+        self.send(&out).await?;
+        // The plain stream moves into the TLS stream; if the handshake
+        // fails it is gone and the connection can only be closed.
+        match std::mem::replace(self.stream, Conn::Lost) {
+            Conn::Plain(plain) => {
+                let upgraded = tls
+                    .acceptor()
+                    .accept(plain)
+                    .await
+                    .map_err(HandshakeError::Tls)?;
+                *self.stream = Conn::Tls(Box::new(upgraded));
+                debug!("TLS started");
+                Ok(())
+            }
+            other => {
+                // Only `Lost` gets here (TLS was checked above), and a lost
+                // stream fails its next read anyway; put it back unchanged.
+                *self.stream = other;
+                Err(HandshakeError::Tls(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "connection already lost",
+                )))
             }
         }
     }

@@ -1,8 +1,8 @@
 //! NBD server front end for stretch volumes.
 //!
 //! Speaks the fixed-newstyle handshake (NBD_OPT_GO / INFO / LIST /
-//! EXPORT_NAME / ABORT) and simple replies in the transmission phase, with
-//! many requests in flight per connection and replies sent as they
+//! EXPORT_NAME / ABORT, and STARTTLS when [`ServerConfig::tls`] is set)
+//! and simple replies in the transmission phase, with many requests in flight per connection and replies sent as they
 //! complete. Storage is pluggable through [`Backend`] (name → export) and
 //! [`Export`] (bytes); the server does all protocol validation, so an export
 //! only ever sees in-range, non-empty requests no larger than
@@ -22,6 +22,7 @@ pub mod protocol;
 mod handshake;
 mod server;
 mod session;
+mod tls;
 mod transmission;
 
 pub use backend::{Backend, Export, ExportError, ExportListing, OpenError};
@@ -30,3 +31,4 @@ pub use server::{
     DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, DEFAULT_MAX_OPTION_BYTES, DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_SHUTDOWN_GRACE, ServerConfig, serve, serve_stream,
 };
+pub use tls::{TlsConfigError, TlsSettings};

@@ -17,6 +17,7 @@ use tracing::{Instrument, Span, debug, error, field, info, warn, warn_span};
 use crate::backend::{Backend, Export};
 use crate::handshake::{Handshake, Negotiated, PREFERRED_BLOCK_SIZE};
 use crate::session::Session;
+use crate::tls::{Conn, TlsSettings};
 
 /// Default largest READ or WRITE payload: 32 MiB, the same limit qemu's
 /// client uses, so qemu never has to split differently because of us.
@@ -81,6 +82,9 @@ pub struct ServerConfig {
     /// that stopped reading cannot hold the server open. Requests cut off
     /// this way were never acknowledged.
     pub shutdown_grace: Duration,
+    /// NBD_OPT_STARTTLS: `None` refuses it (plain only); otherwise the
+    /// certificate to present and whether plain clients are refused.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
         }
     }
 }
@@ -330,7 +335,7 @@ impl ShutdownSignal {
 /// ends it. Everything is logged inside a span naming the peer and, once
 /// known, the export.
 async fn handle_connection<B: Backend>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     backend: Arc<B>,
     config: Arc<ServerConfig>,
@@ -348,13 +353,14 @@ async fn handle_connection<B: Backend>(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "cannot set TCP_NODELAY");
         }
+        let mut conn = Conn::Plain(stream);
         let negotiated = tokio::select! {
             biased;
             () = shutdown.wait() => {
                 debug!("server shutting down during handshake; closing");
                 return;
             }
-            result = Handshake::new(&mut stream, &*backend, &config).run() => result,
+            result = Handshake::new(&mut conn, &*backend, &config).run() => result,
         };
         let (export, name) = match negotiated {
             Ok(Negotiated::Export { export, name }) => (export, name),
@@ -371,12 +377,24 @@ async fn handle_connection<B: Backend>(
         info!(
             size = export.size(),
             read_only = export.read_only(),
+            tls = conn.is_tls(),
             "client entered transmission"
         );
-        let (reader, writer) = stream.into_split();
-        Session::new(export, &config, Arc::clone(&limits.budget))
-            .run(reader, writer, &mut shutdown)
-            .await;
+        let session = Session::new(export, &config, Arc::clone(&limits.budget));
+        match conn {
+            // A TCP stream splits without a lock between the halves.
+            Conn::Plain(stream) => {
+                let (reader, writer) = stream.into_split();
+                session.run(reader, writer, &mut shutdown).await;
+            }
+            // One TLS state serves both directions, so the halves share it.
+            Conn::Tls(stream) => {
+                let (reader, writer) = tokio::io::split(*stream);
+                session.run(reader, writer, &mut shutdown).await;
+            }
+            // A negotiation that lost its stream cannot have succeeded.
+            Conn::Lost => {}
+        }
         debug!("connection closed");
     }
     .instrument(span)

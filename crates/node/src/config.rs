@@ -79,6 +79,38 @@ pub struct NodeConfig {
     /// holds data.
     #[serde(default)]
     pub peer_listen: Option<SocketAddr>,
+    /// This node's NBD TLS policy; `tuning.nbd_tls` when absent.
+    #[serde(default)]
+    pub nbd_tls: Option<NbdTls>,
+    /// PEM certificate chain (leaf first) the NBD server presents; the
+    /// node's cluster certificate (`PKI_DIR/NAME.pem`) when absent. Clients
+    /// check that it names the host or address they connect to.
+    #[serde(default)]
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// PEM private key for `nbd_tls_cert` (`PKI_DIR/NAME.key` when absent).
+    #[serde(default)]
+    pub nbd_tls_key: Option<PathBuf>,
+}
+
+/// Whether a node's NBD server speaks TLS (NBD_OPT_STARTTLS, x509).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    /// Plain only: STARTTLS is refused as unsupported.
+    #[default]
+    Off,
+    /// Plain and TLS clients are both served.
+    On,
+    /// Only TLS clients are served: before STARTTLS every option, the
+    /// export list included, is refused with NBD_REP_ERR_TLS_REQD.
+    Require,
+}
+
+impl NodeConfig {
+    /// The NBD TLS policy in force for this node.
+    pub fn nbd_tls(&self, tuning: &Tuning) -> NbdTls {
+        self.nbd_tls.unwrap_or(tuning.nbd_tls)
+    }
 }
 
 /// Longest cluster, site or node name accepted, in bytes.
@@ -217,6 +249,8 @@ pub struct Tuning {
     /// A strict read or forwarded write at a non-owner site fails with EIO
     /// after this long without an answer from the owner.
     pub remote_timeout_ms: u64,
+    /// NBD TLS policy of every node that does not set its own `nbd_tls`.
+    pub nbd_tls: NbdTls,
 }
 
 impl Default for Tuning {
@@ -235,6 +269,7 @@ impl Default for Tuning {
             backlog_bytes_max: ByteSize(256 << 20),
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
             remote_timeout_ms: 5000,
+            nbd_tls: NbdTls::Off,
         }
     }
 }
@@ -379,6 +414,20 @@ impl ClusterConfig {
                     ));
                 }
                 _ => {}
+            }
+            if node.nbd_tls_cert.is_some() != node.nbd_tls_key.is_some() {
+                return Err(format!(
+                    "node {:?}: nbd_tls_cert and nbd_tls_key go together",
+                    node.name
+                ));
+            }
+            // A certificate with TLS off is almost surely a mistake that
+            // would leave the operator believing traffic is encrypted.
+            if node.nbd_tls_cert.is_some() && node.nbd_tls(&self.tuning) == NbdTls::Off {
+                return Err(format!(
+                    "node {:?} has nbd_tls_cert but nbd_tls is \"off\"",
+                    node.name
+                ));
             }
             let listeners = [Some(node.admin_listen), node.nbd_listen, node.peer_listen];
             for address in listeners.into_iter().flatten() {
@@ -543,6 +592,47 @@ mod tests {
             .find(|(file, _)| *file == name)
             .unwrap_or_else(|| panic!("{name} is not shipped"));
         ClusterConfig::parse(text, name).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    #[test]
+    fn nbd_tls_defaults_off_and_nodes_override_tuning() {
+        let config = ClusterConfig::parse(SINGLE_SITE_CONFIG, "test").expect("parses");
+        assert_eq!(config.tuning.nbd_tls, NbdTls::Off);
+        assert_eq!(config.nodes[0].nbd_tls(&config.tuning), NbdTls::Off);
+
+        let text = SINGLE_SITE_CONFIG.replace("nbd_tls = \"off\"", "nbd_tls = \"require\"");
+        let config = ClusterConfig::parse(&text, "test").expect("parses");
+        assert_eq!(config.nodes[0].nbd_tls(&config.tuning), NbdTls::Require);
+
+        let text = SINGLE_SITE_CONFIG.replace(
+            "# nbd_tls = \"require\"",
+            "nbd_tls = \"on\"\nnbd_tls_cert = \"/x.pem\"\nnbd_tls_key = \"/x.key\"",
+        );
+        let config = ClusterConfig::parse(&text, "test").expect("parses");
+        assert_eq!(config.tuning.nbd_tls, NbdTls::Off);
+        assert_eq!(config.nodes[0].nbd_tls(&config.tuning), NbdTls::On);
+        assert_eq!(
+            config.nodes[0].nbd_tls_cert.as_deref(),
+            Some(Path::new("/x.pem"))
+        );
+
+        let typo = SINGLE_SITE_CONFIG.replace("nbd_tls = \"off\"", "nbd_tls = \"yes\"");
+        assert!(parse_error(&typo).contains("nbd_tls"));
+    }
+
+    #[test]
+    fn nbd_tls_certificate_needs_its_key_and_tls_on() {
+        let text = SINGLE_SITE_CONFIG.replace(
+            "# nbd_tls = \"require\"",
+            "nbd_tls = \"on\"\nnbd_tls_cert = \"/x.pem\"",
+        );
+        assert!(parse_error(&text).contains("go together"));
+        let text = SINGLE_SITE_CONFIG.replace(
+            "# nbd_tls_cert = \"/etc/stretch/nbd-a1.pem\"\n# nbd_tls_key",
+            "nbd_tls_cert = \"/x.pem\"\nnbd_tls_key",
+        );
+        let error = parse_error(&text);
+        assert!(error.contains("nbd_tls is \"off\""), "{error}");
     }
 
     fn parse_error(text: &str) -> String {

@@ -24,7 +24,7 @@ pub use admin::{
 pub use byte_size::ByteSize;
 pub use config::{
     ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
-    LOCAL_CONFIG, LinkConfig, NodeConfig, SiteConfig, SiteRole, Tuning,
+    LOCAL_CONFIG, LinkConfig, NbdTls, NodeConfig, SiteConfig, SiteRole, Tuning,
 };
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};

@@ -60,6 +60,12 @@ pub enum NodeError {
     Peers(#[from] crate::peers::PeersError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error("NBD TLS for node {node:?}: {source}")]
+    NbdTls {
+        node: String,
+        #[source]
+        source: stretch_nbd::TlsConfigError,
+    },
     #[error("site {owner:?} owns volume {volume:?}: ask its node to move it")]
     NotOwner { volume: String, owner: String },
     #[error("cannot move volume {volume:?} to site {site:?}: {reason}")]
@@ -587,6 +593,9 @@ pub async fn run_node(
     let links = options
         .links
         .unwrap_or_else(|| Arc::new(LinkControl::from_config(config)));
+    // Certificates are loaded before anything is opened, so a node whose
+    // TLS settings are wrong never starts serving plain NBD by mistake.
+    let nbd_tls = nbd_tls_settings(config, node_config, &options.pki_dir)?;
     let (node, threads, lock, outbox) = open_node(config, node_config, data_dir, links.clone())?;
     let (stop_peers, peers_stopped) = watch::channel(false);
     let multi_site = config.data_sites().len() > 1;
@@ -640,6 +649,7 @@ pub async fn run_node(
             max_in_flight_per_connection: config.tuning.nbd_in_flight_per_connection,
             max_connections: config.tuning.nbd_connections_max,
             max_in_flight_bytes: config.tuning.nbd_in_flight_bytes_max.0,
+            tls: nbd_tls,
             ..stretch_nbd::ServerConfig::default()
         };
         if let Err(error) = stretch_nbd::serve(listener, backend, server_config, shutdown).await {
@@ -694,6 +704,47 @@ pub async fn run_node(
     Ok(())
 }
 
+/// The NBD server's TLS settings for `node_config`: `None` with TLS off,
+/// else the configured certificate, or the node's cluster certificate from
+/// `pki_dir` (it names the node, so clients must connect by that name or
+/// be told it, e.g. qemu's `tls-hostname`).
+fn nbd_tls_settings(
+    config: &ClusterConfig,
+    node_config: &crate::config::NodeConfig,
+    pki_dir: &Path,
+) -> Result<Option<stretch_nbd::TlsSettings>, NodeError> {
+    if node_config.nbd_listen.is_none() {
+        return Ok(None); // a witness serves no NBD
+    }
+    let required = match node_config.nbd_tls(&config.tuning) {
+        crate::config::NbdTls::Off => return Ok(None),
+        crate::config::NbdTls::On => false,
+        crate::config::NbdTls::Require => true,
+    };
+    let name = &node_config.name;
+    let certificate = node_config
+        .nbd_tls_cert
+        .clone()
+        .unwrap_or_else(|| pki_dir.join(format!("{name}.pem")));
+    let key = node_config
+        .nbd_tls_key
+        .clone()
+        .unwrap_or_else(|| pki_dir.join(format!("{name}.key")));
+    let settings = stretch_nbd::TlsSettings::from_pem_files(&certificate, &key, required).map_err(
+        |source| NodeError::NbdTls {
+            node: name.clone(),
+            source,
+        },
+    )?;
+    tracing::info!(
+        node = %name,
+        certificate = %certificate.display(),
+        required,
+        "NBD TLS enabled"
+    );
+    Ok(Some(settings))
+}
+
 /// Where a node finds what it shares with the rest of the cluster.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -716,7 +767,14 @@ pub async fn run_cluster(
     pki_dir: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
-    if config.data_sites().len() > 1 {
+    // Node certificates serve the links between sites and, by default, NBD
+    // over TLS.
+    let nbd_tls_from_pki = config.nodes.iter().any(|node| {
+        node.nbd_listen.is_some()
+            && node.nbd_tls_cert.is_none()
+            && node.nbd_tls(&config.tuning) != crate::config::NbdTls::Off
+    });
+    if config.data_sites().len() > 1 || nbd_tls_from_pki {
         let names: Vec<&str> = config.nodes.iter().map(|node| node.name.as_str()).collect();
         let report =
             stretch_transport::init(pki_dir, &config.cluster.name, &names).map_err(|source| {
