@@ -244,17 +244,14 @@ pub async fn serve<B: Backend>(
 ///
 /// Errors only if `config` is invalid; a misbehaving client is logged and
 /// ends the connection, as in [`serve`].
-pub async fn serve_stream<S, B>(
-    mut stream: S,
-    backend: Arc<B>,
-    config: ServerConfig,
-) -> io::Result<()>
+pub async fn serve_stream<S, B>(stream: S, backend: Arc<B>, config: ServerConfig) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
     config.validate()?;
-    let negotiated = Handshake::new(&mut stream, &*backend, &config).run().await;
+    let mut conn = Conn::Plain(stream);
+    let negotiated = Handshake::new(&mut conn, &*backend, &config).run().await;
     let export = match negotiated {
         Ok(Negotiated::Export { export, .. }) => export,
         Ok(Negotiated::Aborted) => return Ok(()),
@@ -267,10 +264,20 @@ where
     // Never signalled: this connection ends only when its client does. The
     // sender must outlive the session, which reads a dropped one as a stop.
     let (_never_stop, stopped) = watch::channel(false);
-    let (reader, writer) = tokio::io::split(stream);
-    Session::new(export, &config, budget)
-        .run(reader, writer, &mut ShutdownSignal(stopped))
-        .await;
+    let session = Session::new(export, &config, budget);
+    let mut shutdown = ShutdownSignal(stopped);
+    match conn {
+        Conn::Plain(stream) => {
+            let (reader, writer) = tokio::io::split(stream);
+            session.run(reader, writer, &mut shutdown).await;
+        }
+        Conn::Tls(stream) => {
+            let (reader, writer) = tokio::io::split(*stream);
+            session.run(reader, writer, &mut shutdown).await;
+        }
+        // A negotiation that lost its stream cannot have succeeded.
+        Conn::Lost => {}
+    }
     Ok(())
 }
 
