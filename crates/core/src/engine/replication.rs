@@ -1875,11 +1875,9 @@ impl Engine {
             consistent_at,
             resume,
         } = chunk;
-        if self.owner_of(group_id) != from
-            || from == self.config.site
-            || self.stale_chunk(group_id, resume)
-        {
-            if self.stale_chunk(group_id, resume) {
+        let stale = self.stale_chunk(group_id, resume);
+        if self.owner_of(group_id) != from || from == self.config.site || stale {
+            if stale {
                 self.marks.hit(Mark::StaleChunkRefused);
             }
             self.stats.refused_messages_total += 1;
