@@ -105,7 +105,7 @@ impl PeerMessage {
     }
 
     /// A received message for the engine; `Ok(None)` for a hello or a
-    /// control message, which are the node's. A delta's journal position
+    /// metadata (Raft) message, which are the node's. A delta's journal position
     /// is local to each node: it comes out as `JournalPosition(0)` for the
     /// receiver to set.
     ///
@@ -117,10 +117,8 @@ impl PeerMessage {
         self.check()?;
         Ok(Some(match self {
             PeerMessage::Hello { .. }
-            | PeerMessage::CreateVolume { .. }
-            | PeerMessage::DeleteVolume { .. }
-            | PeerMessage::ControlReply { .. }
-            | PeerMessage::Catalog { .. } => return Ok(None),
+            | PeerMessage::RaftRequest { .. }
+            | PeerMessage::RaftReply { .. } => return Ok(None),
             PeerMessage::Delta {
                 group,
                 epoch,

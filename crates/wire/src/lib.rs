@@ -3,13 +3,14 @@
 //! [`PeerMessage`] is everything one node says to another: a
 //! [`PeerMessage::Hello`] opening each connection, the messages of the
 //! engines of two sites (deltas and their acknowledgements, resync, strict
-//! reads and forwarded requests), and the nodes' control messages (volume
-//! creation and deletion, and the catalog of volumes).
+//! reads and forwarded requests), and the nodes' metadata messages: Raft
+//! RPCs and requests forwarded to the Raft leader, carried as opaque JSON
+//! ([`PeerMessage::RaftRequest`], [`PeerMessage::RaftReply`]).
 //!
 //! The engines' messages are [`stretch_core::SiteMessage`]s;
 //! [`PeerMessage::from_site`] turns one into its wire form and
 //! [`PeerMessage::into_site`] turns a received one back (`None` for a hello
-//! or a control message, which the node handles itself). The wire form has
+//! or a metadata message, which the node handles itself). The wire form has
 //! plain integers for identifiers, `Option<Vec<u8>>` for a block's image
 //! (none: zeroed) and its own mirrors of requests, responses and request
 //! errors ([`WireRequest`], [`WireResponse`], [`WireFailure`]).
@@ -19,16 +20,15 @@
 //! [`FRAME_BYTES_MAX`] is refused before anything is allocated for it, the
 //! archive is validated (bytecheck) before any field is read, and then
 //! checked against the protocol's own rules:
-//! - site, node and cluster names at most [`NAME_BYTES_MAX`] bytes, volume
-//!   and group names at most [`VOLUME_NAME_BYTES_MAX`];
+//! - site, node and cluster names at most [`NAME_BYTES_MAX`] bytes;
 //! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
 //!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
 //!   in strictly increasing `(volume, block)` order;
 //! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded read of
 //!   at most that (its answer must fit in a frame), a forwarded write of at
 //!   most [`WRITE_BYTES_MAX`] bytes;
-//! - a volume of a positive multiple of the block size, with a mode of
-//!   `async`, `flush-sync` or `sync`.
+//! - a metadata request or reply numbered other than 0, with a body of 1 to
+//!   [`METADATA_BYTES_MAX`] bytes.
 //!
 //! Any failure is a [`WireError`]: the caller closes that stream and
 //! carries on. Nothing here panics on input.
@@ -42,6 +42,6 @@ mod message;
 
 pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
 pub use message::{
-    NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, VOLUME_NAME_BYTES_MAX, WRITE_BYTES_MAX,
-    WireBlock, WireFailure, WireRequest, WireResponse, WireVolume,
+    METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WRITE_BYTES_MAX, WireBlock,
+    WireFailure, WireRequest, WireResponse,
 };

@@ -1,17 +1,20 @@
 //! The message set and the protocol's rules on it.
 
-use stretch_core::{BLOCK_SIZE, Mode};
+use stretch_core::BLOCK_SIZE;
 
 use crate::frame::{FRAME_BYTES_MAX, WireError};
 
-/// Version of this message set, exchanged in [`PeerMessage::Hello`].
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version of this message set, exchanged in [`PeerMessage::Hello`]. 5:
+/// Raft RPC carriers ([`PeerMessage::RaftRequest`],
+/// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
 
-/// Longest volume or group name in a control message.
-pub const VOLUME_NAME_BYTES_MAX: usize = 64;
+/// Largest metadata request or reply body, bytes: a metadata snapshot of
+/// many thousand volumes fits.
+pub const METADATA_BYTES_MAX: usize = 16 << 20;
 
 /// Largest write a site forwards to a volume's owner, the largest write a
 /// client may send.
@@ -79,25 +82,6 @@ pub enum WireFailure {
     TooLarge { length: u64, cache_bytes_max: u64 },
     Io(String),
     Failed(String),
-}
-
-/// A volume as the nodes of a cluster agree on it.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct WireVolume {
-    pub name: String,
-    /// Permanent number, never reused.
-    pub id: u32,
-    /// Bytes; a positive multiple of the block size.
-    pub size: u64,
-    /// Consistency group, by name and number.
-    pub group: String,
-    pub group_id: u32,
-    /// The site whose writes the volume takes.
-    pub owner_site: String,
-    /// `async`, `flush-sync` or `sync` (see [`Mode::parse`]).
-    pub mode: String,
-    /// Ownership epoch of the group.
-    pub epoch: u64,
 }
 
 /// Everything one node says to another: the engines' messages
@@ -177,19 +161,14 @@ pub enum PeerMessage {
     },
 
     // Between nodes, not engines.
-    /// Create a volume; answered with a [`PeerMessage::ControlReply`]
-    /// carrying the same `request`.
-    CreateVolume { request: u64, volume: WireVolume },
-    /// Delete a volume, named and numbered so a stale request cannot delete
-    /// a new volume of the same name.
-    DeleteVolume { request: u64, name: String, id: u32 },
-    /// The outcome of a control request.
-    ControlReply {
-        request: u64,
-        result: Result<(), String>,
-    },
-    /// Every volume of the cluster, as the sender knows them.
-    Catalog { volumes: Vec<WireVolume> },
+    /// A metadata request to another node: a Raft RPC (append entries,
+    /// vote, snapshot) or a request forwarded to the Raft leader, as the
+    /// JSON the node's metadata module encodes (openraft's messages are
+    /// serde types). Answered with a [`PeerMessage::RaftReply`] carrying
+    /// the same `request`.
+    RaftRequest { request: u64, body: Vec<u8> },
+    /// The answer to [`PeerMessage::RaftRequest`] `request`, JSON likewise.
+    RaftReply { request: u64, body: Vec<u8> },
 }
 
 impl PeerMessage {
@@ -220,18 +199,18 @@ impl PeerMessage {
                 Ok(())
             }
             PeerMessage::Forward { request, .. } => check_request(request),
-            PeerMessage::CreateVolume { volume, .. } => check_volume(volume),
-            PeerMessage::DeleteVolume { name, .. } => {
-                check_name("volume", name, VOLUME_NAME_BYTES_MAX)
+            PeerMessage::RaftRequest { request, body } => {
+                check_metadata("metadata request", *request, body)
             }
-            PeerMessage::Catalog { volumes } => volumes.iter().try_for_each(check_volume),
+            PeerMessage::RaftReply { request, body } => {
+                check_metadata("metadata reply", *request, body)
+            }
             PeerMessage::Journaled { .. }
             | PeerMessage::Applied { .. }
             | PeerMessage::Resume { .. }
             | PeerMessage::ResyncAck { .. }
             | PeerMessage::Rejoin { .. }
-            | PeerMessage::ForwardReply { .. }
-            | PeerMessage::ControlReply { .. } => Ok(()),
+            | PeerMessage::ForwardReply { .. } => Ok(()),
         }
     }
 }
@@ -289,21 +268,19 @@ fn check_request(request: &WireRequest) -> Result<(), WireError> {
     }
 }
 
-fn check_volume(volume: &WireVolume) -> Result<(), WireError> {
-    check_name("volume", &volume.name, VOLUME_NAME_BYTES_MAX)?;
-    check_name("group", &volume.group, VOLUME_NAME_BYTES_MAX)?;
-    check_name("owner site", &volume.owner_site, NAME_BYTES_MAX)?;
-    if volume.size == 0 || !volume.size.is_multiple_of(BLOCK_SIZE as u64) {
-        return Err(invalid(format!(
-            "volume {:?} of {} bytes is not a positive multiple of {BLOCK_SIZE}",
-            volume.name, volume.size
-        )));
+/// A metadata request or reply: numbered (0 is never issued), with a body
+/// of 1 to [`METADATA_BYTES_MAX`] bytes.
+fn check_metadata(what: &str, request: u64, body: &[u8]) -> Result<(), WireError> {
+    if request == 0 {
+        return Err(invalid(format!("{what} numbered 0")));
     }
-    if Mode::parse(&volume.mode).is_none() {
-        // Not echoed: it may be megabytes long.
+    if body.is_empty() {
+        return Err(invalid(format!("{what} {request} has an empty body")));
+    }
+    if body.len() > METADATA_BYTES_MAX {
         return Err(invalid(format!(
-            "volume {:?} has an unknown mode",
-            volume.name
+            "{what} {request} of {} bytes is over {METADATA_BYTES_MAX}",
+            body.len()
         )));
     }
     Ok(())

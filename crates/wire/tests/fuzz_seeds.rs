@@ -8,21 +8,11 @@ use std::path::PathBuf;
 
 use stretch_core::BLOCK_SIZE;
 use stretch_wire::{
-    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRequest, WireResponse, WireVolume,
-    decode_frame, encode_frame,
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRequest, WireResponse, decode_frame,
+    encode_frame,
 };
 
 fn seeds() -> Vec<(&'static str, PeerMessage)> {
-    let volume = WireVolume {
-        name: "vol".into(),
-        id: 1,
-        size: 1 << 20,
-        group: "db".into(),
-        group_id: 2,
-        owner_site: "a".into(),
-        mode: "sync".into(),
-        epoch: 1,
-    };
     let blocks = vec![
         WireBlock {
             volume: 1,
@@ -122,16 +112,17 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
             },
         ),
         (
-            "create-volume",
-            PeerMessage::CreateVolume {
+            "raft-request",
+            PeerMessage::RaftRequest {
                 request: 1,
-                volume: volume.clone(),
+                body: br#"{"Vote":{"vote":{"term":2,"node_id":1},"last_log_id":null}}"#.to_vec(),
             },
         ),
         (
-            "catalog",
-            PeerMessage::Catalog {
-                volumes: vec![volume],
+            "raft-reply",
+            PeerMessage::RaftReply {
+                request: 1,
+                body: br#"{"Ok":{"vote":{"term":2,"node_id":1},"vote_granted":true}}"#.to_vec(),
             },
         ),
     ]

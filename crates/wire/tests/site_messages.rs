@@ -7,8 +7,7 @@ use stretch_core::{
     Request, RequestError, Response, SiteMessage, VolumeId,
 };
 use stretch_wire::{
-    PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WireResponse, WireVolume, decode_frame,
-    encode_frame,
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WireResponse, decode_frame, encode_frame,
 };
 
 fn key(volume: u32, block: u64) -> BlockKey {
@@ -337,17 +336,7 @@ fn a_strict_read_carries_only_a_read() {
 }
 
 #[test]
-fn hello_and_control_messages_are_not_the_engines() {
-    let volume = WireVolume {
-        name: "v".into(),
-        id: 1,
-        size: 1 << 20,
-        group: "g".into(),
-        group_id: 1,
-        owner_site: "a".into(),
-        mode: "async".into(),
-        epoch: 1,
-    };
+fn hello_and_metadata_messages_are_not_the_engines() {
     for message in [
         PeerMessage::Hello {
             protocol: PROTOCOL_VERSION,
@@ -355,21 +344,13 @@ fn hello_and_control_messages_are_not_the_engines() {
             node: "a1".into(),
             site: "a".into(),
         },
-        PeerMessage::CreateVolume {
+        PeerMessage::RaftRequest {
             request: 1,
-            volume: volume.clone(),
+            body: br#"{"Vote":{"term":1}}"#.to_vec(),
         },
-        PeerMessage::DeleteVolume {
-            request: 2,
-            name: "v".into(),
-            id: 1,
-        },
-        PeerMessage::ControlReply {
+        PeerMessage::RaftReply {
             request: 1,
-            result: Err("exists".into()),
-        },
-        PeerMessage::Catalog {
-            volumes: vec![volume],
+            body: br#"{"Ok":null}"#.to_vec(),
         },
     ] {
         assert_eq!(message.into_site(), Ok(None));
@@ -407,6 +388,16 @@ fn a_message_breaking_the_rules_does_not_reach_the_engine() {
         ]),
     };
     assert!(matches!(unsorted.into_site(), Err(WireError::Invalid(_))));
+    let unnumbered = PeerMessage::RaftRequest {
+        request: 0,
+        body: b"{}".to_vec(),
+    };
+    assert!(matches!(unnumbered.into_site(), Err(WireError::Invalid(_))));
+    let empty = PeerMessage::RaftReply {
+        request: 1,
+        body: Vec::new(),
+    };
+    assert!(matches!(empty.into_site(), Err(WireError::Invalid(_))));
 }
 
 #[test]

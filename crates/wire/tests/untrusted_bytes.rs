@@ -4,9 +4,9 @@
 use rkyv::rancor;
 use stretch_core::BLOCK_SIZE;
 use stretch_wire::{
-    FRAME_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, VOLUME_NAME_BYTES_MAX,
-    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WireRequest, WireResponse, WireVolume,
-    decode_frame, encode_frame, frame_length,
+    FRAME_BYTES_MAX, METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage,
+    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WireRequest, WireResponse, decode_frame,
+    encode_frame, frame_length,
 };
 
 fn block(volume: u32, block: u64, byte: Option<u8>) -> WireBlock {
@@ -14,19 +14,6 @@ fn block(volume: u32, block: u64, byte: Option<u8>) -> WireBlock {
         volume,
         block,
         data: byte.map(|byte| vec![byte; BLOCK_SIZE]),
-    }
-}
-
-fn volume(name: &str, id: u32, mode: &str) -> WireVolume {
-    WireVolume {
-        name: name.into(),
-        id,
-        size: 1 << 30,
-        group: "db".into(),
-        group_id: 2,
-        owner_site: "a".into(),
-        mode: mode.into(),
-        epoch: 1,
     }
 }
 
@@ -165,32 +152,21 @@ fn samples() -> Vec<PeerMessage> {
             id: 8,
             result: Ok(WireResponse::Data(vec![3; 512])),
         },
-        PeerMessage::CreateVolume {
+        PeerMessage::RaftRequest {
             request: 1,
-            volume: volume("pg-data", 4, "async"),
+            body: br#"{"AppendEntries":{"vote":{"term":3,"node_id":1},"entries":[]}}"#.to_vec(),
         },
-        PeerMessage::DeleteVolume {
-            request: 2,
-            name: "pg-data".into(),
-            id: 4,
-        },
-        PeerMessage::ControlReply {
+        PeerMessage::RaftReply {
             request: 1,
-            result: Ok(()),
+            body: br#"{"Ok":"Success"}"#.to_vec(),
         },
-        PeerMessage::ControlReply {
-            request: 2,
-            result: Err("no volume pg-data".into()),
+        PeerMessage::RaftRequest {
+            request: u64::MAX,
+            body: vec![0],
         },
-        PeerMessage::Catalog {
-            volumes: vec![
-                volume("pg-data", 4, "async"),
-                volume("pg-wal", 5, "flush-sync"),
-                volume("etcd", 6, "sync"),
-            ],
-        },
-        PeerMessage::Catalog {
-            volumes: Vec::new(),
+        PeerMessage::RaftReply {
+            request: u64::MAX,
+            body: vec![0xff],
         },
     ];
     for (id, request) in (10..).zip(requests()) {
@@ -226,10 +202,8 @@ fn variant(message: &PeerMessage) -> &'static str {
         PeerMessage::ReadReply { .. } => "ReadReply",
         PeerMessage::Forward { .. } => "Forward",
         PeerMessage::ForwardReply { .. } => "ForwardReply",
-        PeerMessage::CreateVolume { .. } => "CreateVolume",
-        PeerMessage::DeleteVolume { .. } => "DeleteVolume",
-        PeerMessage::ControlReply { .. } => "ControlReply",
-        PeerMessage::Catalog { .. } => "Catalog",
+        PeerMessage::RaftRequest { .. } => "RaftRequest",
+        PeerMessage::RaftReply { .. } => "RaftReply",
     }
 }
 
@@ -280,9 +254,6 @@ fn nested_variants(message: &PeerMessage) -> Vec<String> {
             Ok(WireResponse::Data(_)) => vec!["Data".into()],
             Err(f) => vec![failure(f).into()],
         },
-        PeerMessage::ControlReply { result, .. } => vec![format!("ok {}", result.is_ok())],
-        PeerMessage::CreateVolume { volume, .. } => vec![volume.mode.clone()],
-        PeerMessage::Catalog { volumes } => volumes.iter().map(|v| v.mode.clone()).collect(),
         _ => Vec::new(),
     };
     inner
@@ -296,7 +267,7 @@ fn samples_cover_every_variant() {
     use std::collections::BTreeSet;
     let samples = samples();
     let variants: BTreeSet<&str> = samples.iter().map(variant).collect();
-    assert_eq!(variants.len(), 16, "{variants:?}");
+    assert_eq!(variants.len(), 14, "{variants:?}");
     let nested: BTreeSet<String> = samples.iter().flat_map(nested_variants).collect();
     let mut want: BTreeSet<String> = BTreeSet::new();
     for inner in ["block data", "block zero"] {
@@ -326,13 +297,6 @@ fn samples_cover_every_variant() {
     for response in ["Done", "Data"] {
         want.insert(format!("ForwardReply {response}"));
     }
-    for result in ["true", "false"] {
-        want.insert(format!("ControlReply ok {result}"));
-    }
-    for mode in ["async", "flush-sync", "sync"] {
-        want.insert(format!("Catalog {mode}"));
-    }
-    want.insert("CreateVolume async".into());
     let missing: Vec<&String> = want.difference(&nested).collect();
     assert!(missing.is_empty(), "no sample of {missing:?}");
     assert!(
@@ -564,61 +528,26 @@ fn protocol_rules_are_enforced() {
     assert!(refused(&hello(long.clone(), fine.clone(), fine.clone())));
     assert!(refused(&hello(fine.clone(), long.clone(), fine.clone())));
     assert!(refused(&hello(fine.clone(), fine.clone(), long.clone())));
+}
 
-    let create = |volume| PeerMessage::CreateVolume { request: 1, volume };
-    let catalog = |volume| PeerMessage::Catalog {
-        volumes: vec![volume],
-    };
-    let good = volume("v", 1, "sync");
-    for carrier in [create, catalog] {
-        assert!(!refused(&carrier(good.clone())));
-        let bad = [
-            WireVolume {
-                name: name(VOLUME_NAME_BYTES_MAX + 1),
-                ..good.clone()
-            },
-            WireVolume {
-                group: name(VOLUME_NAME_BYTES_MAX + 1),
-                ..good.clone()
-            },
-            WireVolume {
-                owner_site: name(NAME_BYTES_MAX + 1),
-                ..good.clone()
-            },
-            WireVolume {
-                size: 0,
-                ..good.clone()
-            },
-            WireVolume {
-                size: (1 << 20) + 512,
-                ..good.clone()
-            },
-            WireVolume {
-                mode: "Sync".into(),
-                ..good.clone()
-            },
-            WireVolume {
-                mode: String::new(),
-                ..good.clone()
-            },
-        ];
-        for volume in bad {
-            assert!(refused(&carrier(volume.clone())), "{volume:?} accepted");
-        }
-        assert!(!refused(&carrier(WireVolume {
-            name: name(VOLUME_NAME_BYTES_MAX),
-            group: name(VOLUME_NAME_BYTES_MAX),
-            size: BLOCK_SIZE as u64,
-            ..good.clone()
-        })));
+#[test]
+fn metadata_rules_are_enforced() {
+    let request = |request, body| PeerMessage::RaftRequest { request, body };
+    let reply = |request, body| PeerMessage::RaftReply { request, body };
+    for carrier in [request, reply] {
+        assert!(!refused(&carrier(1, b"{}".to_vec())));
+        assert!(!refused(&carrier(u64::MAX, vec![0])));
+        // 0 is never issued.
+        assert!(refused(&carrier(0, b"{}".to_vec())));
+        assert!(refused(&carrier(1, Vec::new())));
+        // The largest body is sent and received; one byte more is neither.
+        let mut body = vec![b' '; METADATA_BYTES_MAX];
+        assert!(!refused(&carrier(2, body.clone())));
+        body.push(b' ');
+        assert!(refused(&carrier(2, body)));
     }
-    let delete = |bytes| PeerMessage::DeleteVolume {
-        request: 1,
-        name: name(bytes),
-        id: 1,
-    };
-    assert!(refused(&delete(VOLUME_NAME_BYTES_MAX + 1)));
-    assert!(!refused(&delete(VOLUME_NAME_BYTES_MAX)));
+    // A whole metadata body fits in a frame.
+    const { assert!(METADATA_BYTES_MAX < FRAME_BYTES_MAX as usize) };
 }
 
 #[test]
