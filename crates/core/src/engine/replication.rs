@@ -486,6 +486,24 @@ impl Engine {
             for peer in peers {
                 outbound.peers.entry(peer).or_insert_with(PeerProgress::new);
             }
+            // A connected replica that has not resumed may have asked before
+            // this site knew the group (ownership is applied at each site in
+            // its own time) and been refused: it is asked to resume again.
+            let waiting: Vec<SiteId> = outbound
+                .peers
+                .iter()
+                .filter(|(peer, progress)| {
+                    progress.state == PeerState::Waiting
+                        && self.replication.connected.contains(*peer)
+                })
+                .map(|(peer, _)| *peer)
+                .collect();
+            for peer in waiting {
+                self.actions.push_back(Action::Send {
+                    peer,
+                    message: SiteMessage::Rejoin { group },
+                });
+            }
             return;
         }
         if let Some(outbound) = self.replication.outbound.remove(&group) {
@@ -1050,11 +1068,19 @@ impl Engine {
         have: Option<DeltaSeq>,
         resume: u64,
     ) {
-        if self.owner_of(group) != self.config.site {
+        // A group this site has not heard of yet reads as its own (see
+        // `owner_of`): refused like any other resume it cannot serve. The
+        // replica resumes again when this site takes the group (below, in
+        // `set_owner`).
+        let Some(state) = self.groups.get(&group) else {
+            self.stats.refused_messages_total += 1;
+            return;
+        };
+        if state.owner != self.config.site {
             self.stats.refused_messages_total += 1;
             return;
         }
-        let last = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        let last = DeltaSeq(state.next_seq.0 - 1);
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             self.stats.refused_messages_total += 1;
             return;

@@ -1700,3 +1700,32 @@ fn a_rejoin_from_a_site_that_does_not_own_the_group_is_refused() {
     assert!(pair.a.run().is_empty(), "the owner resumes nothing");
     assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
 }
+
+#[test]
+fn a_replica_that_learns_of_a_group_before_its_owner_still_gets_its_deltas() {
+    // Each site applies ownership from the metadata in its own time: here b
+    // knows the group (owned by a) before a does.
+    let mut pair = Pair::new(Mode::Async);
+    pair.a.engine = Engine::new(config(A, B), RecoveredState::default());
+    pair.disconnect();
+    let refused_before = pair.a.engine.stats().refused_messages_total;
+    // b asks a to resume a group a has not heard of: refused, not a panic.
+    pair.connect();
+    assert!(pair.a.engine.stats().refused_messages_total > refused_before);
+    pair.a.engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    pair.a.engine.set_owner(GROUP, A, Epoch(1));
+    pair.settle();
+    let write = pair.write(false, 0, block(9));
+    assert_eq!(pair.a.reply(write), Some(&Ok(Response::Done)));
+    pair.tick(100);
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(9)), "b got a's delta");
+    assert_legs_equal(&pair);
+}
