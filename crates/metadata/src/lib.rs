@@ -15,9 +15,9 @@
 //!   tokio) and the simulator (its own config from
 //!   [`declare_metadata_config!`], with a deterministic runtime) share them.
 //!
-//! What is not wired yet: no node or simulator starts a `Raft` on this
-//! store, there is no Raft network (RPCs over the QUIC links), no leases,
-//! and the per-site catalogs in `stretch-node` are still authoritative.
+//! The node runs a `Raft` on [`RedbBackend`] with its RPCs over the QUIC
+//! links between sites (`stretch-node`'s `control` module); an
+//! [`Observer`] on the state machine tells it what changed.
 
 use openraft::{EntryPayload, RaftTypeConfig};
 
@@ -38,7 +38,7 @@ pub use log_store::LogStore;
 pub use mem::MemBackend;
 pub use metadata::{BLOCK_SIZE, ClusterMetadata};
 pub use redb_store::RedbBackend;
-pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use state_machine::{Observer, SnapshotBuilder, StateMachine};
 pub use types::{
     Failover, Group, GroupId, GroupState, Mode, Move, NodeId, NodeInfo, Role, Site, Volume,
     VolumeId,

@@ -14,13 +14,28 @@ use crate::{
     LogId, MetadataConfig, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
+/// Told of the metadata after every applied batch and installed snapshot,
+/// once it is durable, with the index of the last entry applied: how a
+/// node learns what changed (new volumes, owners, epochs) without polling.
+pub type Observer = std::sync::Arc<dyn Fn(&ClusterMetadata, u64) + Send + Sync>;
+
 /// The applied cluster metadata of one node. Reads are served from memory;
 /// every applied batch is saved through the backend before any client is
 /// answered.
-#[derive(Debug)]
 pub struct StateMachine<B, C: MetadataConfig = TypeConfig> {
     backend: B,
     state: AppliedState<C>,
+    observer: Option<Observer>,
+}
+
+impl<B: Debug, C: MetadataConfig> Debug for StateMachine<B, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("backend", &self.backend)
+            .field("last_applied", &self.state.last_applied)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl<B: Backend<C>, C: MetadataConfig> StateMachine<B, C> {
@@ -35,7 +50,24 @@ impl<B: Backend<C>, C: MetadataConfig> StateMachine<B, C> {
         {
             state = decode_snapshot(&snapshot)?;
         }
-        Ok(Self { backend, state })
+        Ok(Self {
+            backend,
+            state,
+            observer: None,
+        })
+    }
+
+    /// Calls `observer` after every applied batch and installed snapshot.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn notify(&self) {
+        if let Some(observer) = &self.observer {
+            let index = self.state.last_applied.as_ref().map_or(0, |id| id.index);
+            observer(&self.state.metadata, index);
+        }
     }
 
     /// The cluster metadata as applied so far.
@@ -93,6 +125,7 @@ impl<B: Backend<C> + Debug, C: MetadataConfig> RaftStateMachine<C> for StateMach
             }
         }
         self.backend.save_applied(&self.state)?;
+        self.notify();
         for (responder, result) in replies {
             responder.send(result);
         }
@@ -120,6 +153,7 @@ impl<B: Backend<C> + Debug, C: MetadataConfig> RaftStateMachine<C> for StateMach
         let state = decode_snapshot(&stored)?;
         self.backend.install(&state, &stored)?;
         self.state = state;
+        self.notify();
         Ok(())
     }
 
