@@ -95,7 +95,10 @@ fn bad_volume_requests_fail_with_one_clear_line() {
         })
         .collect();
     legs.sort();
-    assert_eq!(legs, ["vol.raw"], "a refused volume left a leg file");
+    assert!(
+        legs.len() == 1 && legs[0].ends_with("-vol.raw"),
+        "a refused volume left a leg file: {legs:?}"
+    );
 
     let list = node.cli(&["volume", "list"]);
     list.assert_ok();
@@ -175,7 +178,7 @@ fn volume_lifecycle_status_and_metrics() {
         "name:   keep",
         "8M (8388608 bytes)",
         "group:  g",
-        "keep.raw",
+        "-keep.raw",
         &node.uri("keep"),
     ] {
         assert!(
@@ -205,7 +208,7 @@ fn volume_lifecycle_status_and_metrics() {
         &["write -P 1 0 1M", "read -P 1 0 1M", "flush"],
     );
     qemu_io_ok(&node.uri("gone"), &["write -P 2 0 64k", "flush"]);
-    let leg = node.node_dir().join("legs").join("gone.raw");
+    let leg = leg_file(&node.node_dir(), "gone");
     assert!(leg.exists(), "leg of a created volume");
 
     let deleted = node.cli(&["volume", "delete", "gone"]);
@@ -420,7 +423,7 @@ fn stretch_up_serves_and_stops_cleanly() {
         "stretch up after SIGTERM:\n{}",
         node.log()
     );
-    let leg = std::fs::read(node.node_dir().join("legs").join("vol.raw")).expect("reading the leg");
+    let leg = std::fs::read(leg_file(&node.node_dir(), "vol")).expect("reading the leg");
     assert_eq!(
         &leg[4094..4098],
         &[0, 0x42, 0x42, 0],

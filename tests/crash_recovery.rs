@@ -160,7 +160,7 @@ fn sigterm_drains_to_the_legs_and_exits_zero() {
     drop((raw, idle));
 
     // The legs hold everything: no journal replay is needed to see it.
-    let leg = std::fs::read(node.node_dir().join("legs").join("vol.raw")).expect("reading the leg");
+    let leg = std::fs::read(leg_file(&node.node_dir(), "vol")).expect("reading the leg");
     assert_eq!(leg.len() as u64, 16 * MIB, "leg size");
     let expect = |from: u64, to: u64, value: u8| {
         if let Some(at) = leg[from as usize..to as usize]
@@ -375,7 +375,7 @@ fn sigterm_under_load_keeps_every_acknowledged_write() {
             acked[chunk] = acked[chunk].max(seq + 1);
         }
     }
-    let leg = std::fs::read(node.node_dir().join("legs").join("vol.raw")).expect("reading the leg");
+    let leg = std::fs::read(leg_file(&node.node_dir(), "vol")).expect("reading the leg");
     assert_eq!(leg.len() as u64, CHUNKS * CHUNK, "leg size");
     for (chunk, (expected, on_leg)) in acked.iter().zip(leg.chunks(CHUNK as usize)).enumerate() {
         let found = u64::from_le_bytes(on_leg[..8].try_into().expect("8 bytes"));

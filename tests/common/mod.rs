@@ -292,6 +292,26 @@ pub fn nbd_read_all(uri: &str, dir: &Path, name: &str) -> Vec<u8> {
 
 /// Two ports the OS says are free right now. Another process could take
 /// them before the node binds; [`TestNode::start`] retries if so.
+/// The leg file of volume `volume` in a node's data directory: legs are
+/// named `ID-NAME.raw`, ids given by the cluster metadata. The path a leg
+/// would have when none exists (yet).
+pub fn leg_file(node_dir: &Path, volume: &str) -> std::path::PathBuf {
+    let legs = node_dir.join("legs");
+    let suffix = format!("-{volume}.raw");
+    std::fs::read_dir(&legs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(&suffix))
+                .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .unwrap_or_else(|| legs.join(format!("missing{suffix}")))
+}
+
 pub fn free_ports() -> (u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     let b = TcpListener::bind("127.0.0.1:0").expect("binding a free port");

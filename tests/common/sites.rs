@@ -291,10 +291,7 @@ impl TwoSites {
 
     /// The leg file of `volume` at node `node`.
     pub fn leg(&self, node: usize, volume: &str) -> PathBuf {
-        self.data_dir()
-            .join(NODES[node])
-            .join("legs")
-            .join(format!("{volume}.raw"))
+        super::leg_file(&self.data_dir().join(NODES[node]), volume)
     }
 
     /// Waits until a's backlog is empty and nothing is left to resync: b

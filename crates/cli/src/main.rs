@@ -424,11 +424,22 @@ where
     F: FnOnce(PathBuf, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
     Fut: std::future::Future<Output = Result<(), stretch_node::NodeError>>,
 {
+    // openraft logs every election step at info and every missed heartbeat
+    // (ten a second per unreachable voter) at warn; stretch logs what an
+    // operator needs of it (leader changes, lost majority) itself. Asking
+    // for openraft in RUST_LOG brings its logs back.
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !asked.contains("openraft") {
+        filter = filter.add_directive(
+            "openraft=error"
+                .parse()
+                .expect("logging invariant: a constant directive parses"),
+        );
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -509,7 +520,7 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!("group:  {}", volume.group);
             println!("leg:    {}", volume.leg);
             println!("export: {}", volume.export);
-            println!("owner:  site {}", volume.owner);
+            println!("owner:  site {} (epoch {})", volume.owner, volume.epoch);
             println!("mode:   {}", volume.mode);
             for replica in &volume.replicas {
                 println!(
@@ -667,6 +678,30 @@ fn status(client: &AdminClient) -> anyhow::Result<()> {
     }
     println!("uptime:           {} s", status.uptime_seconds);
     println!("volumes:          {}", status.volumes);
+    if let Some(metadata) = &status.metadata {
+        let leader = metadata.leader.as_deref().unwrap_or("none known");
+        println!(
+            "metadata:         {}, leader {leader}, term {}, committed {}, applied {}{}",
+            metadata.state,
+            metadata.term,
+            metadata.commit_index,
+            metadata.applied_index,
+            if metadata.quorum {
+                ""
+            } else {
+                " (NO QUORUM: volume changes fail)"
+            }
+        );
+        let voters: Vec<String> = metadata
+            .voters
+            .iter()
+            .map(|voter| {
+                let reach = if voter.reachable { "" } else { ", UNREACHABLE" };
+                format!("{} ({} at {}{reach})", voter.name, voter.role, voter.site)
+            })
+            .collect();
+        println!("voters:           {}", voters.join(", "));
+    }
     for peer in &status.peers {
         let state = match (peer.connected, peer.rtt_ms) {
             (true, Some(rtt)) => format!("connected, rtt {rtt:.1} ms"),

@@ -205,12 +205,16 @@ pub struct VolumeInfo {
     /// The site that accepts the volume's writes.
     #[serde(default)]
     pub owner: String,
+    /// Raised by every change of owner.
+    #[serde(default)]
+    pub epoch: u64,
     #[serde(default)]
     pub mode: String,
     /// Per other site: how far behind it is (filled at the owner).
     #[serde(default)]
     pub replicas: Vec<ReplicaInfo>,
-    /// Sites that did not confirm a create yet (they get it on reconnect).
+    /// Sites that did not confirm a create or delete in time (they apply it
+    /// from the metadata when they can).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unconfirmed_sites: Vec<String>,
 }
@@ -304,6 +308,9 @@ pub struct StatusInfo {
     pub resync_regions_left: u64,
     #[serde(default)]
     pub peers: Vec<PeerInfo>,
+    /// The metadata cluster (Raft) as this node sees it.
+    #[serde(default)]
+    pub metadata: Option<crate::control::MetadataStatus>,
 }
 
 /// The running admin API: a task on the node's runtime.
@@ -1049,6 +1056,12 @@ fn node_error(error: NodeError) -> Reply {
         | NodeError::UnknownSite(_) => 400,
         NodeError::NotOwner { .. } | NodeError::Move { .. } => 409,
         NodeError::Catalog(CatalogError::Conflict { .. }) | NodeError::Witness => 409,
+        NodeError::Control(crate::control::ControlError::Refused(error)) => {
+            crate::volumes::command_status(error)
+        }
+        NodeError::Control(
+            crate::control::ControlError::NoQuorum { .. } | crate::control::ControlError::Stopping,
+        ) => 503,
         _ => 500,
     };
     Reply::error(status, error)
@@ -1066,6 +1079,7 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
             .map(|address| format!("nbd://{address}/{}", record.name))
             .unwrap_or_default(),
         owner: node.owner_name(record),
+        epoch: record.epoch,
         mode: record.mode.clone(),
         replicas: node
             .volume_lags()
@@ -1110,6 +1124,7 @@ fn status(node: &Node) -> StatusInfo {
         backlog_bytes: stats.backlog_bytes,
         resync_regions_left: stats.resync_regions_left,
         peers: peer_infos(node),
+        metadata: node.control.get().map(|control| control.status()),
     }
 }
 

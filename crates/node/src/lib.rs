@@ -9,6 +9,7 @@
 mod admin;
 mod byte_size;
 mod config;
+mod control;
 mod driver;
 mod export;
 mod links;
@@ -16,6 +17,7 @@ mod metrics;
 mod node;
 mod peers;
 mod sites;
+mod volumes;
 
 pub use admin::{
     ADMIN_TOKEN_FILE, AdminConfig, AdminError, AdminToken, CreateVolume, LinkPair, MoveVolume,
@@ -26,6 +28,7 @@ pub use config::{
     ClusterConfig, ConfigError, DEFAULT_CONFIG, LINK_BANDWIDTH_MBIT_MAX, LINK_DELAY_MS_MAX,
     LOCAL_CONFIG, LinkConfig, NbdTls, NodeConfig, SiteConfig, SiteRole, Tuning,
 };
+pub use control::{ControlError, MetadataStatus, VoterInfo};
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};
 pub use peers::PeersError;

@@ -37,6 +37,19 @@ pub struct Metrics {
     /// counting down to it (registered then: a node without a certificate
     /// exports no expiry rather than a false one).
     certificate: Arc<Mutex<Option<(Gauge, SystemTime)>>>,
+    metadata: MetadataGauges,
+}
+
+/// The metadata cluster (Raft) as this node sees it.
+#[derive(Debug, Clone)]
+struct MetadataGauges {
+    leader: IntGauge,
+    quorum: IntGauge,
+    term: IntGauge,
+    commit_index: IntGauge,
+    applied_index: IntGauge,
+    voters: IntGauge,
+    voters_reachable: IntGauge,
 }
 
 /// Multi-site figures: the engine's totals, and per peer and per volume.
@@ -428,6 +441,39 @@ impl Metrics {
                 "Bytes in journal segment files",
             ),
             volumes: gauge(&registry, "stretch_volumes", "Volumes served by this node"),
+            metadata: MetadataGauges {
+                leader: gauge(
+                    &registry,
+                    "stretch_metadata_leader",
+                    "1 if this node leads the metadata cluster (Raft)",
+                ),
+                quorum: gauge(
+                    &registry,
+                    "stretch_metadata_quorum",
+                    "1 if this node can get metadata changes committed (it knows a leader and reaches a majority of the voters)",
+                ),
+                term: gauge(&registry, "stretch_metadata_term", "Raft term"),
+                commit_index: gauge(
+                    &registry,
+                    "stretch_metadata_commit_index",
+                    "Last metadata log index known committed",
+                ),
+                applied_index: gauge(
+                    &registry,
+                    "stretch_metadata_applied_index",
+                    "Last metadata log index applied here",
+                ),
+                voters: gauge(
+                    &registry,
+                    "stretch_metadata_voters",
+                    "Voters of the metadata cluster",
+                ),
+                voters_reachable: gauge(
+                    &registry,
+                    "stretch_metadata_voters_reachable",
+                    "Voters this node reaches, itself included",
+                ),
+            },
             registry,
             requests,
             request_errors,
@@ -437,6 +483,20 @@ impl Metrics {
             replication,
             certificate: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Updates the metadata gauges from a status taken now.
+    pub fn set_metadata(&self, status: &crate::control::MetadataStatus) {
+        let gauges = &self.metadata;
+        gauges.leader.set(i64::from(status.state == "leader"));
+        gauges.quorum.set(i64::from(status.quorum));
+        gauges.term.set(status.term as i64);
+        gauges.commit_index.set(status.commit_index as i64);
+        gauges.applied_index.set(status.applied_index as i64);
+        gauges.voters.set(status.voters.len() as i64);
+        gauges
+            .voters_reachable
+            .set(status.voters.iter().filter(|voter| voter.reachable).count() as i64);
     }
 
     pub fn peer_refused(&self) {

@@ -1,17 +1,18 @@
-//! One stretch node: recovery at start, volume management, NBD and admin
-//! servers, clean shutdown.
+//! One stretch node: recovery at start, the metadata member, NBD and admin
+//! servers, clean shutdown. Volume changes are in `volumes`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stretch_core::{Engine, Epoch, Mode, RecoveredState, VolumeId, VolumeSpec};
-use stretch_storage::{Catalog, CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
+use stretch_storage::{CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
 use tokio::sync::watch;
 
 use crate::config::{ClusterConfig, NodeConfig};
+use crate::control::{Control, ControlError, OpenedStore};
 use crate::driver::{DataLayout, Driver, IoThreads};
 use crate::links::LinkControl;
 use crate::metrics::{Metrics, VolumeLag};
@@ -74,6 +75,22 @@ pub enum NodeError {
         site: String,
         reason: String,
     },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(
+        "volume {volume:?} was created, but this node has not applied it yet (it cannot reach the metadata leader); it appears here once it does"
+    )]
+    NotAppliedHere { volume: String },
+    #[error(
+        "data directory {0} was written by an earlier stretch (it has a per-site catalog.json; volumes now live in the Raft metadata): move it away to start this node empty, its volumes resync from the other sites"
+    )]
+    OldDataDirectory(PathBuf),
+}
+
+impl From<stretch_metadata::CommandError> for NodeError {
+    fn from(error: stretch_metadata::CommandError) -> Self {
+        NodeError::Control(ControlError::Refused(error))
+    }
 }
 
 /// A running node's handle for the admin API and the NBD backend.
@@ -85,7 +102,19 @@ pub struct Node {
     /// `None` at a witness site, which serves no volumes.
     pub(crate) nbd_address: Option<std::net::SocketAddr>,
     pub(crate) driver: Arc<Driver>,
-    pub(crate) catalog: Mutex<Catalog>,
+    /// The volumes this node serves, by name, as it last applied the
+    /// metadata.
+    pub(crate) volumes: Mutex<BTreeMap<String, VolumeRecord>>,
+    /// One reconcile at a time.
+    pub(crate) reconcile_turn: Mutex<()>,
+    /// Groups this node is handing over: their ownership changes are made
+    /// by the move itself, in its order.
+    pub(crate) moving: Mutex<BTreeSet<u32>>,
+    /// The node's metadata member, once started.
+    pub(crate) control: std::sync::OnceLock<Arc<Control>>,
+    /// The metadata store until the member starts on it.
+    pub(crate) store: Mutex<Option<OpenedStore>>,
+    pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) layout: DataLayout,
     pub(crate) fs: Arc<OsFileSystem>,
     pub(crate) started: Instant,
@@ -99,19 +128,15 @@ pub struct Node {
 
 impl Node {
     pub(crate) fn volumes(&self) -> Vec<VolumeRecord> {
-        self.catalog.lock().volumes().cloned().collect()
+        self.volumes.lock().values().cloned().collect()
     }
 
     pub(crate) fn volume(&self, name: &str) -> Option<VolumeRecord> {
-        self.catalog.lock().get(name).cloned()
+        self.volumes.lock().get(name).cloned()
     }
 
-    /// The site name owning a volume (the local site for volumes recorded
-    /// before volumes spanned sites).
+    /// The site name owning a volume.
     pub(crate) fn owner_name(&self, record: &VolumeRecord) -> String {
-        if record.owner.is_empty() {
-            return self.site.clone();
-        }
         record.owner.clone()
     }
 
@@ -142,6 +167,9 @@ impl Node {
     pub(crate) fn refresh_replication_metrics(&self) {
         let metrics = &self.driver.metrics;
         metrics.set_volume_lags(&self.volume_lags());
+        if let Some(control) = self.control.get() {
+            metrics.set_metadata(&control.status());
+        }
         if let Some(peers) = self.peers.get() {
             for (site, rtt) in peers.round_trips() {
                 metrics.peer_rtt(&site, rtt.as_secs_f64());
@@ -149,247 +177,14 @@ impl Node {
         }
     }
 
-    fn is_witness(&self) -> bool {
+    pub(crate) fn is_witness(&self) -> bool {
         !self.sites.is_data_site(&self.site)
-    }
-
-    /// Creates a volume here, owned by `owner` (this site by default), and
-    /// tells the other sites, which create their legs with the same ids.
-    /// Returns the record and the sites that have not confirmed yet (they
-    /// get the volume when they next connect).
-    pub(crate) fn create_volume(
-        &self,
-        name: &str,
-        size: u64,
-        group: Option<&str>,
-        owner: Option<&str>,
-        mode: Mode,
-    ) -> Result<(VolumeRecord, Vec<String>), NodeError> {
-        if self.is_witness() {
-            return Err(NodeError::Witness);
-        }
-        let owner = owner.unwrap_or(&self.site).to_string();
-        if !self.sites.is_data_site(&owner) {
-            return Err(NodeError::UnknownSite(owner));
-        }
-        let planned = {
-            let catalog = self.catalog.lock();
-            let group = group.unwrap_or(name);
-            let leg_path = self.layout.legs().join(format!("{name}.raw"));
-            let mut planned = catalog.plan_volume(name, size, group, leg_path)?;
-            planned.owner = owner;
-            planned.mode = mode.name().to_string();
-            planned
-        };
-        let record = self.adopt_volume(planned)?;
-        let unconfirmed = match self.peers.get() {
-            Some(peers) => peers.announce_volume(&record),
-            None => Vec::new(),
-        };
-        Ok((record, unconfirmed))
-    }
-
-    /// Creates the leg and catalog entry of a volume planned here or at
-    /// another site (same ids), and starts serving it. The leg comes first
-    /// (durably), then the catalog entry, so a crash in between leaves at
-    /// worst an unnamed leg file, never a volume without its leg. Adopting
-    /// a volume already here with the same id is a no-op.
-    pub(crate) fn adopt_volume(&self, mut record: VolumeRecord) -> Result<VolumeRecord, NodeError> {
-        if self.is_witness() {
-            return Err(NodeError::Witness);
-        }
-        let owner_id = self
-            .sites
-            .id(&record.owner)
-            .filter(|_| self.sites.is_data_site(&record.owner))
-            .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
-        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
-            name: record.name.clone(),
-            reason: format!("unknown mode {:?}", record.mode),
-        })?;
-        let mut catalog = self.catalog.lock();
-        if let Some(existing) = catalog.get(&record.name).cloned()
-            && existing.id == record.id
-        {
-            if record.epoch > existing.epoch {
-                // Ownership moved: a newer epoch names the new owner.
-                catalog.set_owner(
-                    self.fs.as_ref(),
-                    &existing.group,
-                    &record.owner,
-                    record.epoch,
-                )?;
-                self.driver.with_engine(|engine| {
-                    engine.set_owner(existing.group_id(), owner_id, Epoch(record.epoch));
-                });
-                tracing::info!(
-                    volume = %existing.name,
-                    owner = %record.owner,
-                    epoch = record.epoch,
-                    "volume ownership moved"
-                );
-                return Ok(catalog.get(&record.name).cloned().unwrap_or(existing));
-            }
-            return Ok(existing);
-        }
-        record.leg = self.layout.legs().join(format!("{}.raw", record.name));
-        catalog.check_new(&record)?;
-        // A failed creation removes its own file; a failed catalog save
-        // removes the leg here, so a refused volume leaves nothing behind.
-        let leg = Leg::create(self.fs.as_ref(), &record.leg, record.size)?;
-        let record = match catalog.add_volume(self.fs.as_ref(), record) {
-            Ok(record) => record,
-            Err(error) => {
-                Leg::discard(self.fs.as_ref(), leg);
-                return Err(error.into());
-            }
-        };
-        self.driver
-            .legs
-            .write()
-            .insert(record.volume_id(), Arc::new(leg));
-        self.driver.with_engine(|engine| {
-            engine.add_volume(
-                record.volume_id(),
-                VolumeSpec {
-                    size: record.size,
-                    group: record.group_id(),
-                    mode,
-                },
-            );
-            engine.set_owner(record.group_id(), owner_id, Epoch(record.epoch));
-        });
-        self.driver.metrics.volumes.inc();
-        tracing::info!(
-            volume = %record.name,
-            size = record.size,
-            group = %record.group,
-            owner = %record.owner,
-            mode = %record.mode,
-            "volume created"
-        );
-        Ok(record)
-    }
-
-    /// Moves the ownership of a volume's group from this site to `to`:
-    /// writes are held here, the open delta closes, and once `to` applied
-    /// every delta, `to` takes over with a higher epoch and the held writes
-    /// are forwarded to it. Needs `to` connected; bounded in time, and
-    /// called off (writes served here again) on any failure.
-    pub(crate) fn move_volume(&self, name: &str, to: &str) -> Result<VolumeRecord, NodeError> {
-        let record = self
-            .volume(name)
-            .ok_or_else(|| CatalogError::NoSuchVolume(name.to_string()))?;
-        let owner = self.owner_name(&record);
-        let fail = |reason: &str| NodeError::Move {
-            volume: name.to_string(),
-            site: to.to_string(),
-            reason: reason.to_string(),
-        };
-        if owner != self.site {
-            return Err(NodeError::NotOwner {
-                volume: name.to_string(),
-                owner,
-            });
-        }
-        if to == self.site {
-            return Err(fail("it already owns it"));
-        }
-        let to_id = self
-            .sites
-            .id(to)
-            .filter(|_| self.sites.is_data_site(to))
-            .ok_or_else(|| NodeError::UnknownSite(to.to_string()))?;
-        let peers = self
-            .peers
-            .get()
-            .ok_or_else(|| fail("this node has no links"))?;
-        if !peers.connected_sites().iter().any(|site| site == to) {
-            return Err(fail("it is not connected"));
-        }
-        let group = record.group_id();
-        let now = self.driver.now();
-        self.driver
-            .with_engine(|engine| engine.hand_over(now, group))
-            .map_err(|error| fail(&error.to_string()))?;
-        let call_off = |reason: &str| {
-            let now = self.driver.now();
-            self.driver
-                .with_engine(|engine| engine.cancel_hand_over(now, group));
-            fail(reason)
-        };
-        let deadline = Instant::now() + MOVE_TIMEOUT;
-        while !self.driver.engine.lock().hand_over_ready(group, to_id) {
-            if Instant::now() > deadline {
-                return Err(call_off("the new owner did not catch up in time"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let epoch = record.epoch + 1;
-        let mut moved = record.clone();
-        moved.owner = to.to_string();
-        moved.epoch = epoch;
-        // The new owner first: until it confirms, this site holds the
-        // writes. Without a confirmation this site still gives ownership
-        // up: calling the move off could leave two owners if the new one
-        // did take over; the catalog exchange completes the move when the
-        // sites next connect, and writes fail meanwhile rather than diverge.
-        let unconfirmed = peers.announce_volume(&moved);
-        if unconfirmed.iter().any(|site| site == to) {
-            tracing::warn!(
-                volume = name,
-                to,
-                "the new owner did not confirm the move; it takes over when it next connects"
-            );
-        }
-        let updated = self
-            .catalog
-            .lock()
-            .set_owner(self.fs.as_ref(), &record.group, to, epoch)?;
-        self.driver
-            .with_engine(|engine| engine.set_owner(group, to_id, Epoch(epoch)));
-        tracing::info!(volume = name, from = %self.site, to, epoch, "volume ownership moved");
-        Ok(updated
-            .into_iter()
-            .find(|updated| updated.name == name)
-            .unwrap_or(moved))
-    }
-
-    /// Deletes a volume here and at the other sites it reaches.
-    pub(crate) fn delete_volume(&self, name: &str) -> Result<VolumeRecord, NodeError> {
-        let record = self.delete_local_volume(name)?;
-        if let Some(peers) = self.peers.get() {
-            peers.announce_deletion(&record);
-        }
-        Ok(record)
-    }
-
-    /// Deletes a volume at this site: the engine stops serving it, the
-    /// catalog forgets it (and remembers its id as deleted), then the leg
-    /// file goes.
-    pub(crate) fn delete_local_volume(&self, name: &str) -> Result<VolumeRecord, NodeError> {
-        let mut catalog = self.catalog.lock();
-        let record = catalog
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CatalogError::NoSuchVolume(name.to_string()))?;
-        self.driver
-            .with_engine(|engine| engine.remove_volume(record.volume_id()))
-            .map_err(|_| NodeError::Busy(name.to_string()))?;
-        catalog.remove_volume(self.fs.as_ref(), name)?;
-        self.driver.legs.write().remove(&record.volume_id());
-        if let Err(error) = std::fs::remove_file(&record.leg) {
-            tracing::warn!(%error, leg = %record.leg.display(), "could not delete the leg file");
-        }
-        self.driver.metrics.volumes.dec();
-        self.driver.metrics.remove_volume(name);
-        tracing::info!(volume = name, "volume deleted");
-        Ok(record)
     }
 }
 
-/// Opens a node's data directory: loads the catalog, opens the legs,
-/// replays the journal onto them, and starts a fresh journal segment.
+/// Opens a node's data directory: opens the metadata store and the legs of
+/// the volumes it names, replays the journal onto them, and starts a fresh
+/// journal segment.
 fn open_node(
     config: &ClusterConfig,
     node: &NodeConfig,
@@ -415,14 +210,24 @@ fn open_node(
     if lock.try_lock().is_err() {
         return Err(NodeError::Locked(layout.root.clone()));
     }
+    if layout.catalog().exists() {
+        return Err(NodeError::OldDataDirectory(layout.root.clone()));
+    }
     let fs = Arc::new(OsFileSystem);
-    // A data directory without a catalog is new: no delta was ever
+    // A data directory without metadata is new: no delta was ever
     // released, so every other site lacks nothing the journal does not name.
-    let fresh = !layout.catalog().exists();
-    let catalog = Catalog::load(fs.as_ref(), &layout.catalog())?;
+    let fresh = !layout.root.join(crate::control::METADATA_FILE).exists();
+    let store = crate::control::open_store(&layout.root)?;
+    let records = if config.is_data_node(node) {
+        let metadata = store.applied.borrow().0.clone();
+        crate::volumes::records_of(&metadata, &layout.legs())
+    } else {
+        BTreeMap::new()
+    };
+    remove_orphan_legs(&layout.legs(), &records);
     let mut legs = BTreeMap::new();
-    for record in catalog.volumes() {
-        let leg = Leg::open(fs.as_ref(), &record.leg, record.size)?;
+    for record in records.values() {
+        let leg = crate::volumes::open_or_create_leg(fs.as_ref(), record)?;
         legs.insert(record.volume_id(), leg);
     }
     let recovery = recover(&fs, &layout.journal(), &legs)?;
@@ -484,17 +289,14 @@ fn open_node(
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);
-    for record in catalog.volumes() {
-        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Corrupt {
-            path: layout.catalog(),
-            reason: format!("volume {:?} has mode {:?}", record.name, record.mode),
+    for record in records.values() {
+        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
+            name: record.name.clone(),
+            reason: format!("unknown mode {:?}", record.mode),
         })?;
-        let owner = if record.owner.is_empty() {
-            Some(site_id)
-        } else {
-            sites.id(&record.owner)
-        };
-        let owner = owner.ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
+        let owner = sites
+            .id(&record.owner)
+            .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
         engine.add_volume(
             record.volume_id(),
             VolumeSpec {
@@ -533,7 +335,17 @@ fn open_node(
         cluster: config.cluster.name.clone(),
         nbd_address: node.nbd_listen,
         driver,
-        catalog: Mutex::new(catalog),
+        volumes: Mutex::new(
+            records
+                .into_values()
+                .map(|record| (record.name.clone(), record))
+                .collect(),
+        ),
+        reconcile_turn: Mutex::new(()),
+        moving: Mutex::new(BTreeSet::new()),
+        control: std::sync::OnceLock::new(),
+        store: Mutex::new(Some(store)),
+        runtime: tokio::runtime::Handle::current(),
         layout,
         fs,
         started: Instant::now(),
@@ -544,8 +356,28 @@ fn open_node(
     Ok((node, threads, lock, outbox))
 }
 
-/// Longest a volume move waits for the new owner to hold every delta.
-const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Removes leg files of volumes the metadata no longer has (deleted while
+/// this node was away); files not named like legs are left alone.
+fn remove_orphan_legs(legs: &Path, records: &BTreeMap<u32, VolumeRecord>) {
+    let Ok(entries) = std::fs::read_dir(legs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = crate::volumes::leg_id(&name) else {
+            continue;
+        };
+        let live = records
+            .get(&id)
+            .is_some_and(|record| record.leg == entry.path());
+        if !live {
+            tracing::info!(leg = %entry.path().display(), "removing the leg of a deleted volume");
+            if let Err(error) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(%error, leg = %entry.path().display(), "could not remove the leg");
+            }
+        }
+    }
+}
 
 /// Longest a clean shutdown waits for dirty data to reach the legs.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -570,6 +402,29 @@ async fn drain_to_peers(node: &Node, peers: &Peers) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Makes the node follow every change of the metadata it applies, and
+/// retries what could not be done yet (a deleted volume still busy) every
+/// few seconds. Ends when `stop` turns true.
+async fn follow_metadata(
+    node: Arc<Node>,
+    mut applied: watch::Receiver<crate::control::Applied>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let work = node.clone();
+        let _ = tokio::task::spawn_blocking(move || work.reconcile_now()).await;
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
     }
 }
 
@@ -600,7 +455,7 @@ pub async fn run_node(
     let (stop_peers, peers_stopped) = watch::channel(false);
     let multi_site = config.data_sites().len() > 1;
     let mut peer_tasks = None;
-    if multi_site && config.is_data_node(node_config) {
+    if multi_site {
         let (peers, tasks) = Peers::start(
             &node,
             config,
@@ -612,6 +467,22 @@ pub async fn run_node(
         let _ = node.peers.set(peers);
         peer_tasks = Some(tasks);
     }
+    let store = node
+        .store
+        .lock()
+        .take()
+        .expect("node invariant: the metadata store is taken once, here");
+    let control = Control::start(&node, config, node_config, store).await?;
+    let _ = node.control.set(control.clone());
+    let mut control_tasks = tokio::task::JoinSet::new();
+    control_tasks.spawn(control.clone().seed(config.clone(), stop_peers.subscribe()));
+    control_tasks.spawn(control.clone().log_leader_changes(stop_peers.subscribe()));
+    control_tasks.spawn(control.clone().prefer_witness(stop_peers.subscribe()));
+    control_tasks.spawn(follow_metadata(
+        node.clone(),
+        control.watch_applied(),
+        stop_peers.subscribe(),
+    ));
     let listener = match node_config.nbd_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
@@ -686,6 +557,9 @@ pub async fn run_node(
         let _ = tokio::time::timeout(PEER_DRAIN_TIMEOUT, barrier.wait()).await;
     }
     let _ = stop_peers.send(true);
+    while control_tasks.join_next().await.is_some() {}
+    control.shutdown().await;
+    drop(control);
     if let Some(peers) = node.peers.get() {
         peers.close();
     }

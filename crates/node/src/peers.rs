@@ -1,11 +1,14 @@
 //! Links to the other sites: one QUIC connection per peer node (mutual
 //! TLS with the cluster CA), carrying the engine's messages and the
-//! catalog's control messages.
+//! metadata's Raft RPCs. Data nodes connect to each other and to the
+//! witness; the witness carries only Raft RPCs (it holds no data, and a
+//! data message from it is refused).
 //!
 //! Streams: each consistency group's deltas and acks travel on one ordered
 //! unidirectional stream per connection; every request-lane message (strict
 //! reads, forwarded writes and their answers) and every control message
 //! gets a stream of its own, so a large delta never holds up a small read.
+//! Each Raft RPC and its reply take a stream of their own too.
 //!
 //! Connections: the node with the smaller name dials, with backoff; the
 //! other accepts. When a connection ends the engine hears `peer_down`, and
@@ -17,9 +20,9 @@
 //! reads that name from the client certificate before anything else and
 //! refuses a hello claiming another node; the dialling side gets a server
 //! certificate naming the node it dialled (TLS and the endpoint check it)
-//! and refuses a hello from any other. The hello's node must be a data node
-//! of the config at the site the config gives it, so a witness's
-//! certificate (naming the witness) never passes as a data node. A refused
+//! and refuses a hello from any other. The hello's node must be a node of
+//! the config at the site the config gives it, so a witness's certificate
+//! (naming the witness) never passes as a data node. A refused
 //! connection is logged and counted and changes nothing.
 //!
 //! Bytes from a peer are untrusted: a frame that fails validation ends that
@@ -37,12 +40,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use stretch_core::{GroupId, Lane, SiteId, SiteMessage};
-use stretch_storage::VolumeRecord;
 use stretch_transport::{
     FrameBudget, FrameError, IdentityError, NodeIdentity, PeerEndpoint, peer_certificate,
     read_message_within, write_message,
 };
-use stretch_wire::{PROTOCOL_VERSION, PeerMessage, WireVolume};
+use stretch_wire::{PROTOCOL_VERSION, PeerMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::ClusterConfig;
@@ -50,8 +52,6 @@ use crate::driver::Outbox;
 use crate::links::LinkControl;
 use crate::node::Node;
 
-/// Longest a volume create or delete waits for another site to confirm.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Redial backoff after a failed or lost connection, doubling up to the max.
 const REDIAL_DELAY_MIN: Duration = Duration::from_millis(100);
 const REDIAL_DELAY_MAX: Duration = Duration::from_secs(2);
@@ -64,7 +64,7 @@ const CERTIFICATE_WARNING: Duration = Duration::from_secs(30 * 86_400);
 pub enum PeersError {
     #[error("node {0:?} has no peer_listen address; nodes of a multi-site cluster need one")]
     NoPeerAddress(String),
-    #[error("site {0:?} has more than one data node; one node per data site is supported")]
+    #[error("site {0:?} has more than one node; one node per site is supported")]
     SharedSite(String),
     #[error("node certificates in {dir}: {source} (run `stretch init` first)")]
     Identity {
@@ -76,13 +76,16 @@ pub enum PeersError {
     Endpoint(#[from] stretch_transport::EndpointError),
 }
 
-/// Another data node this node exchanges deltas with.
+/// Another node: a data node this node exchanges deltas with, or a
+/// witness (Raft RPCs only).
 #[derive(Debug, Clone)]
 struct Remote {
     node: String,
     site: String,
     site_id: SiteId,
     address: SocketAddr,
+    /// At a data site: its engine talks to this node's engine.
+    data: bool,
 }
 
 /// The live connection to one peer and its group streams.
@@ -101,7 +104,8 @@ pub(crate) struct Peers {
     local_site: String,
     remotes: Vec<Remote>,
     sessions: Mutex<BTreeMap<SiteId, Session>>,
-    waiters: Mutex<BTreeMap<u64, oneshot::Sender<Result<(), String>>>>,
+    /// Raft requests sent and not answered yet, by request number.
+    waiters: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
     next_request: AtomicU64,
     runtime: tokio::runtime::Handle,
 }
@@ -124,7 +128,8 @@ impl Peers {
             .peer_listen
             .ok_or_else(|| PeersError::NoPeerAddress(local.name.clone()))?;
         let mut remotes = Vec::new();
-        for peer in config.peers(&node.name) {
+        let others = config.nodes.iter().filter(|peer| peer.name != node.name);
+        for peer in others {
             if peer.site == node.site {
                 return Err(PeersError::SharedSite(peer.site.clone()));
             }
@@ -140,6 +145,7 @@ impl Peers {
                 site: peer.site.clone(),
                 site_id,
                 address,
+                data: config.is_data_node(peer),
             });
         }
         let identity =
@@ -192,17 +198,53 @@ impl Peers {
     pub fn sites(&self) -> Vec<String> {
         self.remotes
             .iter()
+            .filter(|remote| remote.data)
             .map(|remote| remote.site.clone())
             .collect()
     }
 
-    /// The sites connected now.
+    /// The data sites connected now.
     pub fn connected_sites(&self) -> Vec<String> {
         let sessions = self.sessions.lock();
         self.remotes
             .iter()
-            .filter(|remote| sessions.contains_key(&remote.site_id))
+            .filter(|remote| remote.data && sessions.contains_key(&remote.site_id))
             .map(|remote| remote.site.clone())
+            .collect()
+    }
+
+    /// The nodes (data or witness) connected now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let sessions = self.sessions.lock();
+        self.remotes
+            .iter()
+            .filter(|remote| sessions.contains_key(&remote.site_id))
+            .map(|remote| remote.node.clone())
+            .collect()
+    }
+
+    /// The data node of site `site`.
+    pub fn data_node_of(&self, site: &str) -> Option<String> {
+        self.remotes
+            .iter()
+            .find(|remote| remote.data && remote.site == site)
+            .map(|remote| remote.node.clone())
+    }
+
+    /// The site of node `node`.
+    pub fn site_of(&self, node: &str) -> Option<String> {
+        self.remotes
+            .iter()
+            .find(|remote| remote.node == node)
+            .map(|remote| remote.site.clone())
+    }
+
+    /// Every other data node.
+    pub fn data_nodes(&self) -> Vec<String> {
+        self.remotes
+            .iter()
+            .filter(|remote| remote.data)
+            .map(|remote| remote.node.clone())
             .collect()
     }
 
@@ -218,52 +260,38 @@ impl Peers {
             .collect()
     }
 
-    /// Tells every other site about a new volume and waits (bounded) for
-    /// each to create its leg. Returns the sites that did not confirm; they
-    /// learn of the volume from the catalog exchange when they reconnect.
-    /// Called from a thread outside the async runtime (the admin API).
-    pub fn announce_volume(&self, record: &VolumeRecord) -> Vec<String> {
-        let volume = wire_volume(record);
-        self.announce(|request| PeerMessage::CreateVolume {
-            request,
-            volume: volume.clone(),
-        })
-    }
-
-    /// Tells every other site a volume was deleted (bounded wait).
-    pub fn announce_deletion(&self, record: &VolumeRecord) -> Vec<String> {
-        self.announce(|request| PeerMessage::DeleteVolume {
-            request,
-            name: record.name.clone(),
-            id: record.id,
-        })
-    }
-
-    fn announce(&self, message: impl Fn(u64) -> PeerMessage) -> Vec<String> {
-        let mut pending = Vec::new();
-        for remote in &self.remotes {
-            let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-            let (sender, receiver) = oneshot::channel();
-            self.waiters.lock().insert(request, sender);
-            self.send_control(remote.site_id, message(request));
-            pending.push((remote.site.clone(), request, receiver));
-        }
-        let mut unconfirmed = Vec::new();
-        for (site, request, receiver) in pending {
-            let answer = self
-                .runtime
-                .block_on(async { tokio::time::timeout(CONTROL_TIMEOUT, receiver).await });
-            self.waiters.lock().remove(&request);
-            match answer {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(reason))) => {
-                    tracing::warn!(%site, %reason, "site refused the catalog change");
-                    unconfirmed.push(site);
-                }
-                _ => unconfirmed.push(site),
+    /// Sends a metadata request to node `node` and waits (at most
+    /// `timeout`) for its reply. Fails at once when the node is not
+    /// connected.
+    pub async fn call(
+        &self,
+        node: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let site = self
+            .remotes
+            .iter()
+            .find(|remote| remote.node == node)
+            .map(|remote| remote.site_id)
+            .ok_or_else(|| format!("node {node:?} is not a peer of this node"))?;
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.waiters.lock().insert(request, sender);
+        let sent = self.send_control(site, PeerMessage::RaftRequest { request, body });
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(timeout, receiver).await,
+            Err(reason) => {
+                self.waiters.lock().remove(&request);
+                return Err(reason);
             }
+        };
+        self.waiters.lock().remove(&request);
+        match answer {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(format!("the connection to {node:?} ended")),
+            Err(_) => Err(format!("no answer from {node:?} within {timeout:?}")),
         }
-        unconfirmed
     }
 
     // -----------------------------------------------------------------------
@@ -321,27 +349,24 @@ impl Peers {
         }
     }
 
-    fn send_control(&self, site: SiteId, message: PeerMessage) {
+    /// Sends a node-to-node message on a stream of its own.
+    fn send_control(&self, site: SiteId, message: PeerMessage) -> Result<(), String> {
         let Some(connection) = self
             .sessions
             .lock()
             .get(&site)
             .map(|session| session.connection.clone())
         else {
-            return;
+            return Err("not connected".into());
         };
-        let frame = match stretch_wire::encode_frame(&message) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::error!(%error, "cannot send a control message to a peer");
-                return;
-            }
-        };
+        let frame = stretch_wire::encode_frame(&message)
+            .map_err(|error| format!("cannot encode a message to a peer: {error}"))?;
         self.runtime.spawn(async move {
             if let Err(error) = send_on_new_stream(&connection, &frame).await {
                 tracing::debug!(%error, "control stream to a peer failed");
             }
         });
+        Ok(())
     }
 
     // -----------------------------------------------------------------------
@@ -498,7 +523,7 @@ impl Peers {
         }
         let Some(remote) = self.remotes.iter().find(|remote| remote.node == node) else {
             return Err(SessionError::Refused(format!(
-                "node {node:?} is not a data node of this cluster"
+                "node {node:?} is not a node of this cluster"
             )));
         };
         if remote.site != site || expected.is_some_and(|expected| expected.node != node) {
@@ -532,11 +557,11 @@ impl Peers {
         tracing::info!(peer = %remote.node, site = %remote.site, "connected to peer");
         let budget = FrameBudget::per_connection();
         node.driver.metrics.peer_connected(&remote.site, true);
-        let now = node.driver.now();
-        node.driver
-            .with_engine(|engine| engine.peer_up(now, remote.site_id));
-        let catalog: Vec<WireVolume> = node.volumes().iter().map(wire_volume).collect();
-        self.send_control(remote.site_id, PeerMessage::Catalog { volumes: catalog });
+        if remote.data {
+            let now = node.driver.now();
+            node.driver
+                .with_engine(|engine| engine.peer_up(now, remote.site_id));
+        }
         drop(node);
         loop {
             let stream = tokio::select! {
@@ -572,9 +597,11 @@ impl Peers {
         drop(sessions);
         if current && let Some(node) = self.node.upgrade() {
             node.driver.metrics.peer_connected(&remote.site, false);
-            let now = node.driver.now();
-            node.driver
-                .with_engine(|engine| engine.peer_down(now, remote.site_id));
+            if remote.data {
+                let now = node.driver.now();
+                node.driver
+                    .with_engine(|engine| engine.peer_down(now, remote.site_id));
+            }
         }
     }
 
@@ -634,61 +661,42 @@ impl Peers {
         };
         match message {
             PeerMessage::Hello { .. } => Err("a second hello".into()),
-            PeerMessage::CreateVolume { request, volume } => {
-                let result = blocking(&node, move |node| {
-                    node.adopt_volume(record_of(volume)).map(|_| ())
-                })
-                .await;
-                self.answer_control(remote.site_id, request, result);
+            PeerMessage::RaftRequest { request, body } => {
+                let site = remote.site_id;
+                let peers = self
+                    .node
+                    .upgrade()
+                    .and_then(|node| node.peers.get().cloned());
+                tokio::spawn(async move {
+                    let reply = match node.control.get() {
+                        Some(control) => match crate::control::rpc::decode(&body) {
+                            Ok(rpc) => control.serve(rpc).await,
+                            Err(reason) => crate::control::rpc::RpcReply::Refused(reason),
+                        },
+                        None => crate::control::rpc::RpcReply::Refused(
+                            "the metadata member is not started".into(),
+                        ),
+                    };
+                    let body = match crate::control::rpc::encode(&reply) {
+                        Ok(body) => body,
+                        Err(reason) => {
+                            tracing::error!(%reason, "cannot answer a metadata request");
+                            return;
+                        }
+                    };
+                    if let Some(peers) = peers {
+                        let _ = peers.send_control(site, PeerMessage::RaftReply { request, body });
+                    }
+                });
                 Ok(())
             }
-            PeerMessage::DeleteVolume { request, name, id } => {
-                let result = blocking(&node, move |node| match node.volume(&name) {
-                    Some(record) if record.id == id => node.delete_local_volume(&name).map(|_| ()),
-                    // Already gone here (or a different volume of that name).
-                    _ => Ok(()),
-                })
-                .await;
-                self.answer_control(remote.site_id, request, result);
-                Ok(())
-            }
-            PeerMessage::Catalog { volumes } => {
-                for volume in volumes {
-                    let known = node.volume(&volume.name).is_some_and(|v| v.id == volume.id);
-                    if known {
-                        continue;
-                    }
-                    let (name, id) = (volume.name.clone(), volume.id);
-                    let deleted_here = node.catalog.lock().was_deleted(id);
-                    if deleted_here {
-                        // The peer missed the deletion: tell it again.
-                        self.send_control(
-                            remote.site_id,
-                            PeerMessage::DeleteVolume {
-                                request: 0,
-                                name,
-                                id,
-                            },
-                        );
-                        continue;
-                    }
-                    let result = blocking(&node, move |node| {
-                        node.adopt_volume(record_of(volume)).map(|_| ())
-                    })
-                    .await;
-                    if let Err(reason) = result {
-                        tracing::warn!(peer = %remote.node, volume = %name, %reason,
-                            "cannot take a volume from the peer's catalog");
-                    }
-                }
-                Ok(())
-            }
-            PeerMessage::ControlReply { request, result } => {
+            PeerMessage::RaftReply { request, body } => {
                 if let Some(waiter) = self.waiters.lock().remove(&request) {
-                    let _ = waiter.send(result);
+                    let _ = waiter.send(body);
                 }
                 Ok(())
             }
+            _ if !remote.data => Err("a witness sends no data messages".into()),
             other => match other.into_site() {
                 Ok(Some(site_message)) => {
                     let now = node.driver.now();
@@ -700,25 +708,6 @@ impl Peers {
                 Err(error) => Err(error.to_string()),
             },
         }
-    }
-
-    fn answer_control(&self, site: SiteId, request: u64, result: Result<(), String>) {
-        if request == 0 {
-            return;
-        }
-        self.send_control(site, PeerMessage::ControlReply { request, result });
-    }
-}
-
-/// Runs catalog work (leg creation: blocking file I/O) off the runtime.
-async fn blocking(
-    node: &Arc<Node>,
-    work: impl FnOnce(&Node) -> Result<(), crate::node::NodeError> + Send + 'static,
-) -> Result<(), String> {
-    let node = node.clone();
-    match tokio::task::spawn_blocking(move || work(&node)).await {
-        Ok(result) => result.map_err(|error| error.to_string()),
-        Err(error) => Err(format!("catalog task failed: {error}")),
     }
 }
 
@@ -751,33 +740,6 @@ async fn send_on_new_stream(connection: &quinn::Connection, frame: &[u8]) -> Res
     stream.write_all(frame).await.map_err(|e| e.to_string())?;
     stream.finish().map_err(|e| e.to_string())?;
     Ok(())
-}
-
-fn wire_volume(record: &VolumeRecord) -> WireVolume {
-    WireVolume {
-        name: record.name.clone(),
-        id: record.id,
-        size: record.size,
-        group: record.group.clone(),
-        group_id: record.group_id,
-        owner_site: record.owner.clone(),
-        mode: record.mode.clone(),
-        epoch: record.epoch,
-    }
-}
-
-fn record_of(volume: WireVolume) -> VolumeRecord {
-    VolumeRecord {
-        id: volume.id,
-        name: volume.name,
-        size: volume.size,
-        group: volume.group,
-        group_id: volume.group_id,
-        leg: Default::default(),
-        owner: volume.owner_site,
-        mode: volume.mode,
-        epoch: volume.epoch,
-    }
 }
 
 /// A fixed seed per node for its link shaper's draws (jitter, loss).

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Benchmark the metadata control plane on cluster-configs/local.toml.
+
+Runs a1, b1 and the witness w1 as separate `stretch node` processes (as in
+production: one process per node) on free ports, a<->b 25 ms one way, and
+prints:
+
+1. Memory: resident set (VmRSS) and its peak (VmHWM) of the witness and of
+   a data node, after --volumes volumes were created and each written
+   (1 MiB at a). Target for the witness: RSS <= 30 MiB.
+2. Latency of metadata changes asked at a1 (median of --repeats): create,
+   move (an idle volume to b and back), delete. Each is one Raft commit
+   plus the confirmations the command waits for.
+3. A site cut from both others: how long `volume create` at a takes to
+   fail (the bound is 5 s), and that the same create at b succeeds.
+
+Figures from different runs are not comparable on shared machines.
+Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep]
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRETCH = os.path.join(REPO, "target", "release", "stretch")
+LOCAL_CONFIG = os.path.join(REPO, "cluster-configs", "local.toml")
+LOCAL_PORTS = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402]
+NODES = ["a1", "b1", "w1"]
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_ports(count):
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def http(url):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+class Cluster:
+    def __init__(self, workdir):
+        self.dir = workdir
+        self.ports = free_ports(len(LOCAL_PORTS))
+        text = open(LOCAL_CONFIG).read()
+        for old, new in zip(LOCAL_PORTS, self.ports):
+            needle = f'127.0.0.1:{old}"'
+            if needle not in text:
+                sys.exit(f"local.toml no longer uses port {old}; update this script")
+            text = text.replace(needle, f'127.0.0.1:{new}"')
+        self.config = os.path.join(workdir, "cluster.toml")
+        open(self.config, "w").write(text)
+        self.pki = os.path.join(workdir, "pki")
+        self.data = os.path.join(workdir, "data")
+        subprocess.run([STRETCH, "init", self.config, "--dir", self.pki], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.processes = {}
+        for node in NODES:
+            out = open(os.path.join(workdir, f"{node}.log"), "w")
+            self.processes[node] = subprocess.Popen(
+                [STRETCH, "node", "--config", self.config, "--node", node,
+                 "--pki-dir", self.pki, "--data-dir", self.data],
+                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
+        for index in range(3):
+            self.wait(lambda i=index: self.status(i) is not None, "admin APIs answer")
+        self.wait(lambda: all((self.status(i) or {}).get("metadata", {}).get("leader")
+                              for i in range(3)), "a metadata leader")
+
+    def admin(self, index):
+        return f"http://127.0.0.1:{self.ports[2 + index]}"
+
+    def status(self, index):
+        try:
+            import json
+            return json.loads(http(self.admin(index) + "/v1/status"))
+        except Exception:
+            return None
+
+    def cli(self, index, *args, check=True):
+        result = subprocess.run(
+            [STRETCH, "--admin", self.admin(index), "--token-file",
+             os.path.join(self.pki, "admin.token"), *args],
+            capture_output=True, text=True)
+        if check and result.returncode != 0:
+            sys.exit(f"stretch {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def wait(self, done, what, timeout=30):
+        deadline = time.time() + timeout
+        while not done():
+            if time.time() > deadline:
+                sys.exit(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def memory_kib(self, node):
+        fields = {}
+        with open(f"/proc/{self.processes[node].pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0])
+        return fields
+
+    def stop(self):
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def timed(action):
+    started = time.monotonic()
+    action()
+    return time.monotonic() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+    if not os.path.exists(STRETCH):
+        sys.exit("build first: cargo build --release")
+    workdir = tempfile.mkdtemp(prefix="stretch-control-plane-", dir=os.path.join(REPO, "target"))
+    cluster = Cluster(workdir)
+    try:
+        log(f"creating and writing {args.volumes} volumes")
+        for n in range(args.volumes):
+            cluster.cli(0, "volume", "create", f"v{n}", "--size", "16M")
+            uri = f"nbd://127.0.0.1:{cluster.ports[0]}/v{n}"
+            subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", uri],
+                           check=True, stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        witness, data = cluster.memory_kib("w1"), cluster.memory_kib("a1")
+        print("| node | RSS | peak RSS |")
+        print("|---|---:|---:|")
+        print(f"| witness w1 | {witness['VmRSS'] / 1024:.1f} MiB | {witness['VmHWM'] / 1024:.1f} MiB |")
+        print(f"| data node a1 | {data['VmRSS'] / 1024:.1f} MiB | {data['VmHWM'] / 1024:.1f} MiB |")
+        verdict = "ok" if witness["VmRSS"] <= 30 * 1024 else "OVER"
+        print(f"witness RSS target <= 30 MiB: {verdict} ({args.volumes} volumes)")
+        print()
+        creates, moves, deletes = [], [], []
+        for n in range(args.repeats):
+            name = f"t{n}"
+            creates.append(timed(lambda: cluster.cli(0, "volume", "create", name, "--size", "16M")))
+            moves.append(timed(lambda: cluster.cli(0, "volume", "move", name, "--to", "b")))
+            moves.append(timed(lambda: cluster.cli(1, "volume", "move", name, "--to", "a")))
+            deletes.append(timed(lambda: cluster.cli(0, "volume", "delete", name)))
+        print("| change at a1 (25 ms one way to b) | median | max |")
+        print("|---|---:|---:|")
+        for label, values in [("volume create", creates), ("volume move (idle)", moves),
+                              ("volume delete", deletes)]:
+            print(f"| {label} | {statistics.median(values) * 1000:.0f} ms "
+                  f"| {max(values) * 1000:.0f} ms |")
+        print()
+        cluster.cli(0, "link", "cut", "a", "b")
+        cluster.cli(0, "link", "cut", "a", "w")
+        refused = []
+        took = timed(lambda: refused.append(cluster.cli(0, "volume", "create", "cut-a",
+                                                        "--size", "16M", check=False)))
+        ok = cluster.cli(1, "volume", "create", "cut-b", "--size", "16M", check=False)
+        print(f"a cut from b and w: create at a failed after {took:.1f} s "
+              f"({'refused' if refused[0].returncode != 0 else 'SUCCEEDED?'}: "
+              f"{refused[0].stderr.strip()}); create at b "
+              f"{'succeeded' if ok.returncode == 0 else 'FAILED: ' + ok.stderr.strip()}")
+    finally:
+        cluster.stop()
+        if args.keep:
+            log(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
