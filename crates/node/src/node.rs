@@ -478,6 +478,7 @@ pub async fn run_node(
     control_tasks.spawn(control.clone().seed(config.clone(), stop_peers.subscribe()));
     control_tasks.spawn(control.clone().log_leader_changes(stop_peers.subscribe()));
     control_tasks.spawn(control.clone().prefer_witness(stop_peers.subscribe()));
+    control_tasks.spawn(control.clone().probe(stop_peers.subscribe()));
     control_tasks.spawn(follow_metadata(
         node.clone(),
         control.watch_applied(),

@@ -104,6 +104,8 @@ pub(crate) struct Peers {
     local_site: String,
     remotes: Vec<Remote>,
     sessions: Mutex<BTreeMap<SiteId, Session>>,
+    /// When each peer last answered a request of this node.
+    heard: Mutex<BTreeMap<SiteId, std::time::Instant>>,
     /// Raft requests sent and not answered yet, by request number.
     waiters: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
     next_request: AtomicU64,
@@ -169,6 +171,7 @@ impl Peers {
             remotes,
             sessions: Mutex::new(BTreeMap::new()),
             waiters: Mutex::new(BTreeMap::new()),
+            heard: Mutex::new(BTreeMap::new()),
             next_request: AtomicU64::new(1),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -219,6 +222,23 @@ impl Peers {
         self.remotes
             .iter()
             .filter(|remote| sessions.contains_key(&remote.site_id))
+            .map(|remote| remote.node.clone())
+            .collect()
+    }
+
+    /// The nodes connected now that answered within `window`: a cut link
+    /// keeps its connection until the idle timeout, but goes silent.
+    pub fn live_nodes(&self, window: Duration) -> Vec<String> {
+        let heard = self.heard.lock();
+        let connected = self.connected_nodes();
+        self.remotes
+            .iter()
+            .filter(|remote| connected.contains(&remote.node))
+            .filter(|remote| {
+                heard
+                    .get(&remote.site_id)
+                    .is_some_and(|at| at.elapsed() <= window)
+            })
             .map(|remote| remote.node.clone())
             .collect()
     }
@@ -640,6 +660,13 @@ impl Peers {
                     return;
                 }
             };
+            // Only answers count: a peer that talks to this node but never
+            // hears it (a one-way cut) is not reachable.
+            if matches!(message, PeerMessage::RaftReply { .. }) {
+                self.heard
+                    .lock()
+                    .insert(remote.site_id, std::time::Instant::now());
+            }
             if let Err(reason) = self.handle(&remote, message).await {
                 self.refuse(&remote, &reason);
                 let _ = stream.stop(2u32.into());

@@ -54,6 +54,11 @@ pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 const DIRECT_ATTEMPT: Duration = Duration::from_secs(1);
 const RELAYED_ATTEMPT: Duration = Duration::from_millis(2500);
 
+/// A voter counts as reachable when heard from within this window; every
+/// node probes every voter each `PROBE_INTERVAL`.
+const LIVE_WINDOW: Duration = Duration::from_millis(2500);
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Raft timing. Heartbeats every 100 ms; an election after 1–2 s without
 /// one: ten times and more the round trip of a 50 ms link (etcd's advice),
 /// so a slow link never causes an election.
@@ -416,9 +421,14 @@ impl Control {
         }
     }
 
-    /// This node and the voters it is connected to, by name.
+    /// This node and the voters it heard from lately, by name (each node
+    /// probes every voter once a second, see [`Control::probe`]).
     fn reachable_voters(&self) -> Vec<String> {
-        let connected = self.connected_voters();
+        let connected = self
+            .node
+            .upgrade()
+            .and_then(|node| node.peers.get().map(|peers| peers.live_nodes(LIVE_WINDOW)))
+            .unwrap_or_default();
         self.voters
             .iter()
             .filter(|(id, info)| **id == self.id || connected.contains(&info.name))
@@ -604,6 +614,29 @@ impl Control {
             if let Err(error) = self.raft.trigger().transfer_leader(*witness).await {
                 tracing::warn!(%error, "cannot hand leadership to the witness");
             }
+        }
+    }
+
+    /// Asks every connected voter a trivial question once a second, so
+    /// that "reachable" in `status` and in errors means "answered lately",
+    /// not merely "connection not yet timed out". Ends when `stop` turns
+    /// true.
+    pub(crate) async fn probe(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let ask = Rpc::Applied {
+            index: 0,
+            timeout_ms: 0,
+        };
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            let node = &self.node;
+            let asks = self.connected_voters().into_iter().map(|name| {
+                let ask = &ask;
+                async move { network::call(node, &name, ask, PROBE_INTERVAL).await }
+            });
+            futures_util::future::join_all(asks).await;
         }
     }
 
