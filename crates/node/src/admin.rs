@@ -1050,7 +1050,7 @@ fn link_reply(result: Result<LinkInfo, LinkError>) -> Reply {
 
 fn node_error(error: NodeError) -> Reply {
     let status = match &error {
-        NodeError::Catalog(CatalogError::Exists(_)) | NodeError::Busy(_) => 409,
+        NodeError::Busy(_) => 409,
         NodeError::Catalog(CatalogError::NoSuchVolume(_)) => 404,
         NodeError::Catalog(CatalogError::InvalidName { .. } | CatalogError::InvalidSize { .. })
         | NodeError::UnknownSite(_) => 400,

@@ -4,11 +4,11 @@
 //! - [`Journal`]: the redo log of deltas, in segments; checksummed records,
 //!   so a torn tail is found and dropped, never replayed.
 //! - [`Leg`]: a volume's back-end copy, a preallocated sparse file.
-//! - [`Catalog`]: the volumes (name, size, group, leg), saved atomically.
+//! - [`VolumeRecord`]: a volume as a node keeps it, and the rules for
+//!   volume names and sizes.
 //! - [`recover`]: crash recovery: replays the journal onto the legs in order
 //!   and syncs them, so every leg is the image after a whole delta.
 
-mod catalog;
 mod dirty_map;
 mod filesystem;
 mod journal;
@@ -16,11 +16,8 @@ mod leg;
 mod recovery;
 mod resync_marks;
 mod sim_filesystem;
+mod volume;
 
-pub use catalog::{
-    Catalog, CatalogError, VOLUME_BYTES_MAX, VolumeRecord, validate_volume_name,
-    validate_volume_size,
-};
 pub use dirty_map::{DirtyMapError, Regions, load_dirty_map, save_dirty_map};
 pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
@@ -28,3 +25,6 @@ pub use leg::{Leg, LegError, apply_to_legs};
 pub use recovery::{Recovery, RecoveryError, recover};
 pub use resync_marks::{ResyncMarksError, load_resync_marks, save_resync_marks};
 pub use sim_filesystem::{CrashChooser, SimFileSystem};
+pub use volume::{
+    CatalogError, VOLUME_BYTES_MAX, VolumeRecord, validate_volume_name, validate_volume_size,
+};
