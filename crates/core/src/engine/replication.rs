@@ -1840,6 +1840,12 @@ impl Engine {
             self.stats.refused_messages_total += 1;
             return;
         }
+        // Fencing (G1): a delta written under an epoch older than the one
+        // this site knows for the group is from an ownership that ended.
+        if record.epoch < group.epoch {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
         let expected = group.next_seq;
         if record.seq < expected {
             // Sent again after a reconnect: already queued here.

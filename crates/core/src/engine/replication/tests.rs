@@ -1729,3 +1729,51 @@ fn a_replica_that_learns_of_a_group_before_its_owner_still_gets_its_deltas() {
     assert_eq!(pair.b.leg.get(&0), Some(&block(9)), "b got a's delta");
     assert_legs_equal(&pair);
 }
+
+#[test]
+fn a_delta_from_an_ended_epoch_is_refused() {
+    let mut pair = Pair::new(Mode::Async);
+    // a owns the group at epoch 3 now (it moved away and back); b knows.
+    pair.a.engine.set_owner(GROUP, A, Epoch(3));
+    pair.b.engine.set_owner(GROUP, A, Epoch(3));
+    pair.settle();
+    let refused_before = pair.b.engine.stats().refused_messages_total;
+    let received_before = pair.b.engine.stats().received_deltas_total;
+    // A delta a wrote under epoch 2, arriving late.
+    let stale = DeltaRecord {
+        position: JournalPosition(0),
+        group: GROUP,
+        epoch: Epoch(2),
+        seq: DeltaSeq(1),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 5,
+            },
+            BlockImage::Data(block(7)),
+        )],
+    };
+    pair.b
+        .engine
+        .receive(pair.now, A, SiteMessage::Delta(stale.clone()));
+    pair.settle();
+    assert_eq!(
+        pair.b.engine.stats().refused_messages_total,
+        refused_before + 1
+    );
+    assert_eq!(pair.b.engine.stats().received_deltas_total, received_before);
+    // The same delta under the current epoch is taken.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Delta(DeltaRecord {
+            epoch: Epoch(3),
+            ..stale
+        }),
+    );
+    pair.settle();
+    assert_eq!(
+        pair.b.engine.stats().received_deltas_total,
+        received_before + 1
+    );
+}
