@@ -206,3 +206,34 @@ fn a_data_directory_of_an_earlier_release_is_refused_with_one_line() {
         "{run}"
     );
 }
+
+#[test]
+fn a_node_that_lost_its_metadata_store_but_holds_data_refuses_to_start() {
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "8M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        has_volume(&sites, B, "vm")
+    });
+    sites.kill9(B);
+    let store = sites.data_dir().join("b1").join("metadata.redb");
+    std::fs::remove_file(&store).expect("removing b1's metadata store");
+    let run = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
+            .args(["node", "--node", "b1", "--config"])
+            .arg(&sites.config)
+            .arg("--data-dir")
+            .arg(sites.data_dir())
+            .arg("--pki-dir")
+            .arg(sites.pki_dir())
+            .env("NO_COLOR", "1"),
+        None,
+        Duration::from_secs(30),
+    );
+    assert!(!run.success(), "{run}");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("metadata.redb is missing") && last.contains("empty voter"),
+        "{run}"
+    );
+    assert!(!store.exists(), "the refused start made a new store");
+}

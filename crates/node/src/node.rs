@@ -78,6 +78,10 @@ pub enum NodeError {
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(
+        "{0} is missing but this node holds data (journal or legs): it would rejoin the metadata cluster as an empty voter, which can lose committed changes; restore the file, or move the whole data directory away to start this node anew"
+    )]
+    MetadataLost(PathBuf),
+    #[error(
         "volume {volume:?} was created, but this node has not applied it yet (it cannot reach the metadata leader); it appears here once it does"
     )]
     NotAppliedHere { volume: String },
@@ -217,6 +221,14 @@ fn open_node(
     // A data directory without metadata is new: no delta was ever
     // released, so every other site lacks nothing the journal does not name.
     let fresh = !layout.root.join(crate::control::METADATA_FILE).exists();
+    // A node that ran before (it has a journal segment or a leg) but lost
+    // its metadata store would rejoin Raft as an empty voter under its old
+    // id: it could then vote for a leader lacking committed changes.
+    if fresh && (has_files(&layout.journal()) || has_files(&layout.legs())) {
+        return Err(NodeError::MetadataLost(
+            layout.root.join(crate::control::METADATA_FILE),
+        ));
+    }
     let store = crate::control::open_store(&layout.root)?;
     let records = if config.is_data_node(node) {
         let metadata = store.applied.borrow().0.clone();
@@ -354,6 +366,10 @@ fn open_node(
         links,
     });
     Ok((node, threads, lock, outbox))
+}
+
+fn has_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
 }
 
 /// Removes leg files of volumes the metadata no longer has (deleted while
