@@ -23,6 +23,26 @@ fn has_volume(sites: &TwoSites, node: usize, name: &str) -> bool {
     sites.cli(node, &["volume", "show", name]).success()
 }
 
+/// Starts b1 again in the foreground, expecting it to refuse to start;
+/// returns the run and its last line on stderr.
+fn start_b1_refused(sites: &TwoSites) -> (Run, String) {
+    let run = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
+            .args(["node", "--node", "b1", "--config"])
+            .arg(&sites.config)
+            .arg("--data-dir")
+            .arg(sites.data_dir())
+            .arg("--pki-dir")
+            .arg(sites.pki_dir())
+            .env("NO_COLOR", "1"),
+        None,
+        Duration::from_secs(30),
+    );
+    assert!(!run.success(), "{run}");
+    let last = run.stderr.lines().last().unwrap_or_default().to_string();
+    (run, last)
+}
+
 /// Waits until every node knows the same leader and applied the entries
 /// that record the config's sites and nodes (five: three nodes, and the
 /// sites a, b, w, after the membership).
@@ -187,20 +207,7 @@ fn a_data_directory_of_an_earlier_release_is_refused_with_one_line() {
     sites.kill9(B);
     let catalog = sites.data_dir().join("b1").join("catalog.json");
     std::fs::write(&catalog, b"{\"volumes\":[]}").expect("writing an old catalog");
-    let run = run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
-            .args(["node", "--node", "b1", "--config"])
-            .arg(&sites.config)
-            .arg("--data-dir")
-            .arg(sites.data_dir())
-            .arg("--pki-dir")
-            .arg(sites.pki_dir())
-            .env("NO_COLOR", "1"),
-        None,
-        Duration::from_secs(30),
-    );
-    assert!(!run.success(), "{run}");
-    let last = run.stderr.lines().last().unwrap_or_default();
+    let (run, last) = start_b1_refused(&sites);
     assert!(
         last.contains("catalog.json") && last.contains("earlier stretch"),
         "{run}"
@@ -217,20 +224,7 @@ fn a_node_that_lost_its_metadata_store_but_holds_data_refuses_to_start() {
     sites.kill9(B);
     let store = sites.data_dir().join("b1").join("metadata.redb");
     std::fs::remove_file(&store).expect("removing b1's metadata store");
-    let run = run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
-            .args(["node", "--node", "b1", "--config"])
-            .arg(&sites.config)
-            .arg("--data-dir")
-            .arg(sites.data_dir())
-            .arg("--pki-dir")
-            .arg(sites.pki_dir())
-            .env("NO_COLOR", "1"),
-        None,
-        Duration::from_secs(30),
-    );
-    assert!(!run.success(), "{run}");
-    let last = run.stderr.lines().last().unwrap_or_default();
+    let (run, last) = start_b1_refused(&sites);
     assert!(
         last.contains("metadata.redb is missing") && last.contains("empty voter"),
         "{run}"

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use stretch_core::{Engine, Epoch, Mode, RecoveredState, VolumeId, VolumeSpec};
+use stretch_core::{Engine, RecoveredState, VolumeId};
 use stretch_storage::{CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
 use tokio::sync::watch;
 
@@ -302,22 +302,11 @@ fn open_node(
     );
     let metrics = Metrics::new(&node.name, &node.site);
     for record in records.values() {
-        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
-            name: record.name.clone(),
-            reason: format!("unknown mode {:?}", record.mode),
-        })?;
+        let spec = crate::volumes::volume_spec(record)?;
         let owner = sites
             .id(&record.owner)
             .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
-        engine.add_volume(
-            record.volume_id(),
-            VolumeSpec {
-                size: record.size,
-                group: record.group_id(),
-                mode,
-            },
-        );
-        engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
+        crate::volumes::serve_in_engine(&mut engine, record, spec, owner);
         metrics.volumes.inc();
     }
     let dirty_maps = dirty_maps

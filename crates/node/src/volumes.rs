@@ -404,26 +404,14 @@ impl Node {
             .id(&record.owner)
             .filter(|_| self.sites.is_data_site(&record.owner))
             .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
-        let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
-            name: record.name.clone(),
-            reason: format!("unknown mode {:?}", record.mode),
-        })?;
+        let spec = volume_spec(&record)?;
         let leg = open_or_create_leg(self.fs.as_ref(), &record)?;
         self.driver
             .legs
             .write()
             .insert(record.volume_id(), Arc::new(leg));
-        self.driver.with_engine(|engine| {
-            engine.add_volume(
-                record.volume_id(),
-                VolumeSpec {
-                    size: record.size,
-                    group: record.group_id(),
-                    mode,
-                },
-            );
-            engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
-        });
+        self.driver
+            .with_engine(|engine| serve_in_engine(engine, &record, spec, owner));
         self.driver.metrics.volumes.inc();
         tracing::info!(
             volume = %record.name,
@@ -458,6 +446,31 @@ impl Node {
         tracing::info!(volume = %record.name, "volume deleted");
         true
     }
+}
+
+/// What the engine needs to know of a volume.
+pub(crate) fn volume_spec(record: &VolumeRecord) -> Result<VolumeSpec, NodeError> {
+    let mode = Mode::parse(&record.mode).ok_or_else(|| CatalogError::Conflict {
+        name: record.name.clone(),
+        reason: format!("unknown mode {:?}", record.mode),
+    })?;
+    Ok(VolumeSpec {
+        size: record.size,
+        group: record.group_id(),
+        mode,
+    })
+}
+
+/// Has the engine serve a volume, owned by site `owner` at the record's
+/// epoch.
+pub(crate) fn serve_in_engine(
+    engine: &mut stretch_core::Engine,
+    record: &VolumeRecord,
+    spec: VolumeSpec,
+    owner: stretch_core::SiteId,
+) {
+    engine.add_volume(record.volume_id(), spec);
+    engine.set_owner(record.group_id(), owner, Epoch(record.epoch));
 }
 
 /// The leg of `record`: the existing file, or a new one when this node has
