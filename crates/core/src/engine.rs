@@ -14,6 +14,7 @@ use crate::types::{
     RequestId, SiteId, Timestamp, VolumeId,
 };
 
+mod lease;
 mod replication;
 
 pub use replication::{GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
@@ -54,6 +55,19 @@ pub struct EngineConfig {
     /// A strict read or forwarded request at a site that does not own the
     /// volume fails with an I/O error after this long without an answer.
     pub remote_timeout_ms: u64,
+    /// Fencing (G1): when set, this site serves writes, flushes, trims and
+    /// strict reads of the groups it owns only while it holds an ownership
+    /// lease ([`Engine::set_lease_until`]), and never acknowledges one
+    /// after its lease ran out: another site may own the group by then.
+    /// Off, leases are not looked at (a single site, the simulator).
+    pub leases_enforced: bool,
+    /// A request that arrives while the lease is not held waits this long
+    /// for a renewal before it fails with an I/O error (a lease renewal
+    /// delayed by a slow metadata round trip must not fail writes).
+    pub suspend_hold_ms: u64,
+    /// Bound on the requests waiting for a lease; past it new ones fail at
+    /// once (their memory is the client's payload, held here).
+    pub suspended_requests_max: usize,
     /// A deliberate defect, for the simulator's proof that its checker can
     /// fail. Only the simulator sets it; no configuration file can.
     pub planted_bug: Option<PlantedBug>,
@@ -93,6 +107,9 @@ impl Default for EngineConfig {
             backlog_bytes_max: 256 << 20,
             backlog_wait_ms_max: 5_000,
             remote_timeout_ms: 5_000,
+            leases_enforced: false,
+            suspend_hold_ms: 5_000,
+            suspended_requests_max: 1024,
             planted_bug: None,
         }
     }
@@ -171,6 +188,13 @@ pub struct EngineStats {
     pub resync_regions_done_total: u64,
     /// Messages from other sites refused (wrong owner, unknown id).
     pub refused_messages_total: u64,
+    /// Requests waiting for an ownership lease now, and those that failed
+    /// waiting (held past `suspend_hold_ms`, or past the bound).
+    pub suspended_requests_now: u64,
+    pub suspended_failed_total: u64,
+    /// Successful answers turned into I/O errors because the lease ran out
+    /// before they left (G1).
+    pub lease_expired_replies_total: u64,
 }
 
 /// The node's protocol state machine. See the crate docs for the ordering
@@ -192,6 +216,7 @@ pub struct Engine {
     deadlines: BTreeSet<(Timestamp, GroupId)>,
     journal: JournalState,
     replication: replication::Replication,
+    lease: lease::Lease,
     failed: Option<String>,
     draining: bool,
     now: Timestamp,
@@ -239,6 +264,7 @@ impl Engine {
                 recovered.next_remote_id,
                 &recovered.resyncing,
             ),
+            lease: lease::Lease::default(),
             failed: None,
             draining: false,
             now: Timestamp(0),
@@ -277,7 +303,8 @@ impl Engine {
             .pending
             .values()
             .any(|pending| pending.volume() == volume)
-            || self.throttled.iter().any(|write| write.volume == volume);
+            || self.throttled.iter().any(|write| write.volume == volume)
+            || self.lease.holds_volume(volume);
         if busy {
             return Err(RequestError::Io(format!(
                 "volume {volume} has requests in flight"
@@ -307,6 +334,9 @@ impl Engine {
             self.submit_remote(request_id, &spec, request);
             return;
         }
+        let Some(request) = self.gate_on_lease(request_id, request) else {
+            return;
+        };
         if !is_read && self.replication.is_handing_over(spec.group) {
             // Held until the new owner takes over (then forwarded to it) or
             // the hand-over is called off (then served here).
@@ -529,7 +559,11 @@ impl Engine {
             .replication
             .backlog_wait_since
             .map(|since| since.saturating_add_millis(self.config.backlog_wait_ms_max));
-        [delta, remote, backlog].into_iter().flatten().min()
+        let suspended = self.lease.next_deadline();
+        [delta, remote, backlog, suspended]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Closes every open delta whose interval ran out by `now`.
@@ -543,6 +577,7 @@ impl Engine {
         }
         self.expire_remote(now);
         self.check_backlog_wait(now);
+        self.expire_suspended(now);
     }
 
     /// Closes every open delta and releases the whole journal once it is on
@@ -561,6 +596,7 @@ impl Engine {
         self.ios.is_empty()
             && self.pending.is_empty()
             && self.throttled.is_empty()
+            && self.lease.is_idle()
             && self.groups.values().all(|group| group.is_idle())
             && self.journal.released_upto + 1 == self.journal.next_position
     }
@@ -583,6 +619,7 @@ impl Engine {
         stats.journal_bytes = self.journal.unreleased_bytes;
         stats.throttled_writes_now = self.throttled.len() as u64;
         stats.failed = self.failed.is_some();
+        stats.suspended_requests_now = self.lease.suspended_count() as u64;
         self.replication.fill_stats(&mut stats);
         stats
     }
@@ -1538,6 +1575,7 @@ impl Engine {
     }
 
     fn reply(&mut self, request: RequestId, result: Result<Response, RequestError>) {
+        let result = self.fence_reply(request, result);
         let Some(result) = replication::route_reply(self, request, result) else {
             return;
         };

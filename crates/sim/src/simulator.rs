@@ -456,6 +456,10 @@ impl<'a> Simulation<'a> {
             backlog_bytes_max: tuning.backlog_bytes_max,
             backlog_wait_ms_max: tuning.backlog_wait_ms_max,
             remote_timeout_ms: tuning.remote_timeout_ms,
+            // The simulator grants no leases (yet): fencing stays off.
+            leases_enforced: false,
+            suspend_hold_ms: 5_000,
+            suspended_requests_max: 1024,
             planted_bug: match self.options.bug {
                 Some(SimBug::Core(bug)) => Some(bug),
                 _ => None,

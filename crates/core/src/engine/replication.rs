@@ -517,6 +517,19 @@ impl Engine {
             self.send_resume(group);
         }
         self.release_held(group);
+        // Requests that waited for this site's lease are the new owner's
+        // to serve now, under its lease.
+        let volumes = self.volumes_of(group);
+        self.resume_suspended(|volume| volumes.contains(&volume));
+    }
+
+    /// The volumes of `group`.
+    pub(super) fn volumes_of(&self, group: GroupId) -> BTreeSet<VolumeId> {
+        self.volumes
+            .iter()
+            .filter(|(_, state)| state.spec.group == group)
+            .map(|(volume, _)| *volume)
+            .collect()
     }
 
     /// A connection to `peer` is up (again).
@@ -1525,6 +1538,16 @@ impl Engine {
         if self.owner_of(spec.group) != self.config.site {
             let error = RequestError::Io(format!(
                 "site {} does not own volume {volume}",
+                self.config.site
+            ));
+            answer(self, Err(error));
+            return;
+        }
+        // A strict read promises the newest acknowledged writes: without
+        // its lease this site may no longer be the one acknowledging them.
+        if !self.lease_valid() {
+            let error = RequestError::Io(format!(
+                "site {} holds no ownership lease for volume {volume}",
                 self.config.site
             ));
             answer(self, Err(error));

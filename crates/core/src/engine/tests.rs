@@ -508,3 +508,177 @@ fn a_backlog_of_unapplied_deltas_does_not_force_leg_syncs() {
         "{actions:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Ownership leases
+
+fn leased_engine(suspended_requests_max: usize) -> Engine {
+    engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 1 << 20,
+        journal_checkpoint_bytes: 1 << 20,
+        leases_enforced: true,
+        suspend_hold_ms: 5_000,
+        suspended_requests_max,
+        ..EngineConfig::default()
+    })
+}
+
+fn io_error(actions: &[Action], request: u64) -> String {
+    let found = actions.iter().find_map(|action| match action {
+        Action::Reply {
+            request: answered,
+            result,
+        } if *answered == RequestId(request) => Some(result.clone()),
+        _ => None,
+    });
+    match found {
+        Some(Err(RequestError::Io(message))) => message,
+        other => panic!("request {request} answered {other:?}, not an I/O error"),
+    }
+}
+
+#[test]
+fn without_a_lease_writes_wait_in_order_and_start_on_renewal() {
+    let mut engine = leased_engine(1024);
+    write(&mut engine, 0, 1, 0, block(1), false);
+    write(&mut engine, 1, 2, 0, block(2), false);
+    assert_eq!(drain(&mut engine), vec![]);
+    assert_eq!(engine.stats().suspended_requests_now, 2);
+    assert_eq!(engine.poll_timeout(), Some(Timestamp::from_millis(5_000)));
+    engine.set_lease_until(
+        Timestamp::from_millis(10),
+        Some(Timestamp::from_millis(10_000)),
+    );
+    assert_eq!(drain(&mut engine), vec![done(1), done(2)]);
+    assert_eq!(engine.stats().suspended_requests_now, 0);
+    // Submission order held: the later write is the block's image.
+    assert_eq!(
+        engine.cached_block(&key(0)),
+        Some(&BlockImage::Data(block(2)))
+    );
+    // Snapshot reads never wait for a lease.
+    engine.set_lease_until(Timestamp::from_millis(20), None);
+    engine.submit(
+        Timestamp::from_millis(20),
+        RequestId(3),
+        Request::ReadSnapshot {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::Reply {
+            request: RequestId(3),
+            result: Ok(Response::Data(block(2)))
+        }]
+    );
+}
+
+#[test]
+fn a_request_waiting_for_a_lease_fails_after_the_hold_time() {
+    let mut engine = leased_engine(1024);
+    engine.submit(
+        Timestamp::from_millis(0),
+        RequestId(1),
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    engine.submit(
+        Timestamp::from_millis(0),
+        RequestId(2),
+        Request::Flush { volume: VOLUME },
+    );
+    engine.handle_timeout(Timestamp::from_millis(4_999));
+    assert_eq!(drain(&mut engine), vec![]);
+    engine.handle_timeout(Timestamp::from_millis(5_000));
+    let actions = drain(&mut engine);
+    assert_eq!(actions.len(), 2);
+    let message = io_error(&actions, 1);
+    assert!(message.contains("no ownership lease"), "{message}");
+    assert!(message.contains("held 5000 ms"), "{message}");
+    io_error(&actions, 2);
+    assert_eq!(engine.stats().suspended_failed_total, 2);
+    assert_eq!(engine.stats().suspended_requests_now, 0);
+    assert_eq!(engine.poll_timeout(), None);
+}
+
+#[test]
+fn past_the_bound_a_request_without_a_lease_fails_at_once() {
+    let mut engine = leased_engine(2);
+    write(&mut engine, 0, 1, 0, block(1), false);
+    write(&mut engine, 0, 2, 4096, block(2), false);
+    assert_eq!(drain(&mut engine), vec![]);
+    write(&mut engine, 0, 3, 8192, block(3), false);
+    let actions = drain(&mut engine);
+    let message = io_error(&actions, 3);
+    assert!(message.contains("no ownership lease"), "{message}");
+    assert_eq!(engine.stats().suspended_failed_total, 1);
+    assert_eq!(engine.stats().suspended_requests_now, 2);
+    engine.set_lease_until(
+        Timestamp::from_millis(1),
+        Some(Timestamp::from_millis(1_000)),
+    );
+    assert_eq!(drain(&mut engine), vec![done(1), done(2)]);
+}
+
+#[test]
+fn an_answer_ready_after_the_lease_ran_out_is_an_io_error() {
+    let mut engine = leased_engine(1024);
+    engine.set_lease_until(
+        Timestamp::from_millis(0),
+        Some(Timestamp::from_millis(1_000)),
+    );
+    // A FUA write waits for the journal sync; the lease runs out meanwhile.
+    write(&mut engine, 0, 1, 0, block(1), true);
+    let actions = drain(&mut engine);
+    assert!(matches!(
+        actions.last(),
+        Some(Action::SyncJournal { io: IoId(1), .. })
+    ));
+    engine.advance_clock(Timestamp::from_millis(1_000));
+    engine.journal_synced(IoId(1), Ok(()));
+    let actions = drain(&mut engine);
+    let message = io_error(&actions, 1);
+    assert!(message.contains("lease expired"), "{message}");
+    assert_eq!(engine.stats().lease_expired_replies_total, 1);
+    // Errors pass unchanged, and are not counted.
+    engine.set_lease_until(
+        Timestamp::from_millis(1_000),
+        Some(Timestamp::from_millis(2_000)),
+    );
+    write(&mut engine, 1_000, 2, 1 << 30, block(2), false);
+    engine.advance_clock(Timestamp::from_millis(3_000));
+    assert!(matches!(
+        drain(&mut engine).as_slice(),
+        [Action::Reply {
+            result: Err(RequestError::OutOfRange { .. }),
+            ..
+        }]
+    ));
+    assert_eq!(engine.stats().lease_expired_replies_total, 1);
+}
+
+#[test]
+fn leases_not_enforced_change_nothing() {
+    let mut engine = engine();
+    assert!(!engine.config().leases_enforced);
+    engine.set_lease_until(Timestamp::from_millis(0), None);
+    write(&mut engine, 0, 1, 0, block(1), false);
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+    engine.set_lease_until(Timestamp::from_millis(0), Some(Timestamp::from_millis(1)));
+    write(&mut engine, 5, 2, 0, block(2), true);
+    drain(&mut engine);
+    engine.journal_synced(IoId(1), Ok(()));
+    assert!(drain(&mut engine).contains(&done(2)));
+    let stats = engine.stats();
+    assert_eq!(stats.suspended_requests_now, 0);
+    assert_eq!(stats.suspended_failed_total, 0);
+    assert_eq!(stats.lease_expired_replies_total, 0);
+}

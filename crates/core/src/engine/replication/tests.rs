@@ -23,6 +23,9 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         backlog_bytes_max: 256 << 10,
         backlog_wait_ms_max: 2_000,
         remote_timeout_ms: 1_000,
+        leases_enforced: false,
+        suspend_hold_ms: 5_000,
+        suspended_requests_max: 1024,
         planted_bug: None,
     }
 }
@@ -1775,5 +1778,41 @@ fn a_delta_from_an_ended_epoch_is_refused() {
     assert_eq!(
         pair.b.engine.stats().received_deltas_total,
         received_before + 1
+    );
+}
+
+#[test]
+fn requests_for_a_group_owned_elsewhere_do_not_wait_for_this_sites_lease() {
+    let leased = EngineConfig {
+        leases_enforced: true,
+        ..config(B, A)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config(A, B), leased);
+    // b holds no lease: its own groups would wait, a's are forwarded.
+    let write = pair.write(true, 0, block(3));
+    assert_eq!(pair.b.reply(write), Some(&Ok(Response::Done)));
+    let read = pair.read(true, false, 0, 4096);
+    assert_eq!(pair.b.read_reply(read), block(3));
+    assert_eq!(pair.b.engine.stats().suspended_requests_now, 0);
+}
+
+#[test]
+fn an_owner_without_a_lease_refuses_strict_reads_from_other_sites() {
+    let leased = EngineConfig {
+        leases_enforced: true,
+        ..config(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, leased, config(B, A));
+    pair.a
+        .engine
+        .set_lease_until(pair.now, Some(Timestamp::from_millis(100)));
+    pair.write(false, 0, block(4));
+    pair.tick(100);
+    // The lease ran out: b's strict read must not be served by a.
+    let read = pair.read(true, false, 0, 4096);
+    assert!(
+        matches!(pair.b.reply(read), Some(Err(RequestError::Io(message))) if message.contains("lease")),
+        "{:?}",
+        pair.b.reply(read)
     );
 }
