@@ -145,6 +145,11 @@ pub struct RecoveredState {
     /// until a new resync completes, so snapshot reads are refused and the
     /// owner is asked for every region.
     pub resyncing: BTreeSet<GroupId>,
+    /// The epoch of each group's newest delta (the one before `next_seq`),
+    /// if the runtime knows it (its journal records carry it). A group not
+    /// listed reports its epoch as unknown when it resumes, which an owner
+    /// with an epoch history may take as diverged (a full resync).
+    pub last_epoch: BTreeMap<GroupId, Epoch>,
 }
 
 /// Counters and gauges for metrics and status.
@@ -235,7 +240,13 @@ impl Engine {
         let groups = recovered
             .next_seq
             .iter()
-            .map(|(group, seq)| (*group, Group::new(*seq, config.site)))
+            .map(|(group, seq)| {
+                let mut state = Group::new(*seq, config.site);
+                if seq.0 > 1 {
+                    state.last_epoch = recovered.last_epoch.get(group).copied();
+                }
+                (*group, state)
+            })
             .collect();
         Engine {
             config,
@@ -656,6 +667,10 @@ struct Group {
     epoch: Epoch,
     /// Sequence number of the open delta (the next one to close).
     next_seq: DeltaSeq,
+    /// The epoch delta `next_seq - 1` was written under, if known: an
+    /// owner's epoch history tells from it whether this site's image is
+    /// on the owner's line of deltas.
+    last_epoch: Option<Epoch>,
     open: OpenDelta,
     /// Closed deltas not yet on the leg, oldest first.
     closed: VecDeque<ClosedDelta>,
@@ -671,6 +686,7 @@ impl Group {
             owner,
             epoch: Epoch(1),
             next_seq,
+            last_epoch: None,
             open: OpenDelta::default(),
             closed: VecDeque::new(),
             applying: None,
@@ -1322,6 +1338,7 @@ impl Engine {
         let seq = group.next_seq;
         group.next_seq = DeltaSeq(seq.0 + 1);
         let epoch = group.epoch;
+        group.last_epoch = Some(epoch);
         let blocks: Vec<(BlockKey, BlockImage)> = open.blocks.into_iter().collect();
         self.stats.closed_deltas_total += 1;
         let record = self.enqueue_closed(group_id, epoch, seq, seq, blocks, open.charge, false);

@@ -3,7 +3,7 @@
 //! hands received ones to [`crate::Engine::receive`].
 
 use crate::action::{DeltaRecord, Request, RequestError, Response};
-use crate::types::{BlockImage, BlockKey, DeltaSeq, GroupId};
+use crate::types::{BlockImage, BlockKey, DeltaSeq, Epoch, GroupId};
 
 /// Which stream a message travels on. Deltas and their acks of one group
 /// need one ordered stream; reads and forwarded requests go on their own
@@ -33,6 +33,13 @@ pub enum SiteMessage {
     Resume {
         group: GroupId,
         have: Option<DeltaSeq>,
+        /// The epoch delta `have` was written under, as the replica knows
+        /// it (`None`: unknown, or `have` is `None`). An owner whose epoch
+        /// history says that seq was written under another epoch knows
+        /// the replica's image diverged from its own (the replica owned
+        /// the group once and wrote deltas the cluster lost) and copies
+        /// every region instead of streaming.
+        have_epoch: Option<Epoch>,
         /// Names this resume: the chunks of the resync it starts, and their
         /// acknowledgements, carry it, so that what was sent for an earlier
         /// resume (still on its way when this one was sent) is told apart
@@ -50,6 +57,10 @@ pub enum SiteMessage {
         /// The deltas after this one follow on the same stream.
         base: DeltaSeq,
         consistent_at: DeltaSeq,
+        /// The epoch the owner's delta `consistent_at` was written under,
+        /// if the owner knows it: what the replica reports in its next
+        /// resume once the resync is whole.
+        consistent_epoch: Option<Epoch>,
         /// The [`SiteMessage::Resume`] this resync answers.
         resume: u64,
     },

@@ -219,10 +219,14 @@ pub fn describe_message(message: &SiteMessage) -> String {
         SiteMessage::Resume {
             group,
             have,
+            have_epoch,
             resume,
-        } => match have {
-            Some(have) => format!("resume {resume} group {group} after {have}"),
-            None => format!("resume {resume} group {group} (mid-resync)"),
+        } => match (have, have_epoch) {
+            (Some(have), Some(epoch)) => {
+                format!("resume {resume} group {group} after {have} (epoch {epoch})")
+            }
+            (Some(have), None) => format!("resume {resume} group {group} after {have}"),
+            (None, _) => format!("resume {resume} group {group} (mid-resync)"),
         },
         SiteMessage::Resync {
             group,
@@ -231,6 +235,7 @@ pub fn describe_message(message: &SiteMessage) -> String {
             base,
             consistent_at,
             resume,
+            ..
         } => format!(
             "resync chunk group {group} ({} blocks){} base {base} consistent at {consistent_at} (resume {resume})",
             blocks.len(),

@@ -1658,6 +1658,7 @@ impl<'a> Simulation<'a> {
                 // above every earlier run's.
                 next_remote_id: self.sites[site].generation << 32,
                 resyncing,
+                ..RecoveredState::default()
             },
         );
         for index in 0..volumes {

@@ -233,6 +233,9 @@ struct Inbound {
     /// flight bounds the memory they take here.
     chunk_applied_upto: u64,
     resync: Option<InboundResync>,
+    /// The resume whose first chunk set this group's numbering to the
+    /// owner's (see `receive_resync`).
+    numbered_for: Option<u64>,
     /// Messages of the group's lane held, in order, until the group is
     /// durably marked as mid-resync (a new resync's first chunk waits for
     /// that, and what follows it on the stream waits behind it).
@@ -246,6 +249,7 @@ struct Chunk {
     last: bool,
     base: DeltaSeq,
     consistent_at: DeltaSeq,
+    consistent_epoch: Option<Epoch>,
     resume: u64,
 }
 
@@ -253,6 +257,9 @@ struct Chunk {
 struct InboundResync {
     last_received: bool,
     consistent_at: DeltaSeq,
+    /// The owner's epoch of delta `consistent_at`: the replica's newest
+    /// delta once the resync is whole (unless deltas followed).
+    consistent_epoch: Option<Epoch>,
 }
 
 #[derive(Debug)]
@@ -314,6 +321,7 @@ impl Replication {
             replication.inbound.entry(*group).or_default().resync = Some(InboundResync {
                 last_received: false,
                 consistent_at: DeltaSeq(0),
+                consistent_epoch: None,
             });
         }
         replication
@@ -614,14 +622,16 @@ impl Engine {
             SiteMessage::Resume {
                 group,
                 have,
+                have_epoch,
                 resume,
-            } => self.receive_resume(from, group, have, resume),
+            } => self.receive_resume(from, group, have, have_epoch, resume),
             SiteMessage::Resync {
                 group,
                 blocks,
                 last,
                 base,
                 consistent_at,
+                consistent_epoch,
                 resume,
             } => {
                 let chunk = Chunk {
@@ -629,6 +639,7 @@ impl Engine {
                     last,
                     base,
                     consistent_at,
+                    consistent_epoch,
                     resume,
                 };
                 self.receive_resync(from, group, chunk)
@@ -1079,6 +1090,7 @@ impl Engine {
         from: SiteId,
         group: GroupId,
         have: Option<DeltaSeq>,
+        _have_epoch: Option<Epoch>,
         resume: u64,
     ) {
         // A group this site has not heard of yet reads as its own (see
@@ -1420,6 +1432,7 @@ impl Engine {
         }
         let needed = self.groups[&group].last_position;
         let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        let consistent_epoch = self.groups[&group].last_epoch;
         self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
         let synced = self.journal.synced_upto;
         let Some(progress) = self.replication.progress_mut(group, peer) else {
@@ -1431,6 +1444,7 @@ impl Engine {
             last,
             base,
             consistent_at,
+            consistent_epoch,
             resume: progress.resume,
         };
         progress.last_chunk_sent = last;
@@ -1792,6 +1806,7 @@ impl Engine {
             Some(inbound) if inbound.resync.is_some() => None,
             _ => Some(DeltaSeq(state.next_seq.0 - 1)),
         };
+        let have_epoch = have.and(state.last_epoch);
         if have.is_none() {
             self.marks.hit(Mark::ResumedMidResync);
         }
@@ -1805,6 +1820,7 @@ impl Engine {
             message: SiteMessage::Resume {
                 group,
                 have,
+                have_epoch,
                 resume,
             },
         });
@@ -1886,6 +1902,7 @@ impl Engine {
         }
         group.next_seq = DeltaSeq(record.seq.0 + 1);
         group.epoch = record.epoch;
+        group.last_epoch = Some(record.epoch);
         self.replication.inbound.entry(group_id).or_default();
         let charge: u64 = record
             .blocks
@@ -1928,6 +1945,7 @@ impl Engine {
             last,
             base,
             consistent_at,
+            consistent_epoch,
             resume,
         } = chunk;
         let stale = self.stale_chunk(group_id, resume);
@@ -1938,20 +1956,36 @@ impl Engine {
             self.stats.refused_messages_total += 1;
             return;
         }
+        let inbound = self.replication.inbound.entry(group_id).or_default();
+        let first_chunk = inbound.numbered_for != Some(resume);
+        inbound.numbered_for = Some(resume);
         let group = self
             .groups
             .get_mut(&group_id)
             .expect("engine invariant: owner_of found the group");
-        // Deltas after `base` follow the chunks on the same stream.
-        group.next_seq = group.next_seq.max(DeltaSeq(base.0 + 1));
+        // Deltas after `base` follow the chunks on the same stream. The
+        // first chunk sets the numbering to the owner's even if this site
+        // numbered further: a site ahead of its owner (it owned the group
+        // under an earlier epoch and wrote deltas the cluster lost) must
+        // take the owner's next deltas, not refuse them as duplicates.
+        // Its own deltas past `base` are overwritten: every region comes.
+        group.next_seq = if first_chunk {
+            DeltaSeq(base.0 + 1)
+        } else {
+            group.next_seq.max(DeltaSeq(base.0 + 1))
+        };
         let epoch = group.epoch;
         let inbound = self.replication.inbound.entry(group_id).or_default();
         let resync = inbound.resync.get_or_insert(InboundResync {
             last_received: false,
             consistent_at,
+            consistent_epoch,
         });
         resync.last_received = last;
-        resync.consistent_at = resync.consistent_at.max(consistent_at);
+        if consistent_at >= resync.consistent_at {
+            resync.consistent_at = consistent_at;
+            resync.consistent_epoch = consistent_epoch;
+        }
         if blocks.is_empty() {
             inbound.chunk_positions.push_back(0);
         } else {
@@ -2065,7 +2099,20 @@ impl Engine {
             .any(|delta| !delta.resync && delta.seq <= resync.consistent_at);
         let received = DeltaSeq(state.next_seq.0 - 1) >= resync.consistent_at;
         if resync.last_received && !chunks_pending && !deltas_pending && received {
-            inbound.resync = None;
+            // The image is the owner's at `consistent_at`, plus the deltas
+            // received after it (each recorded its own epoch).
+            if DeltaSeq(state.next_seq.0 - 1) == resync.consistent_at {
+                let epoch = resync.consistent_epoch;
+                self.groups
+                    .get_mut(&group_id)
+                    .expect("engine invariant: looked up above")
+                    .last_epoch = epoch;
+            }
+            self.replication
+                .inbound
+                .get_mut(&group_id)
+                .expect("engine invariant: looked up above")
+                .resync = None;
             self.save_resync_marks(None);
         }
     }

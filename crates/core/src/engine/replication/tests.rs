@@ -370,6 +370,7 @@ fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
         SiteMessage::Resume {
             group: GROUP,
             have: Some(DeltaSeq(0)),
+            have_epoch: None,
             resume: 1,
         },
     );
@@ -453,6 +454,7 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
             message: SiteMessage::Resume {
                 group: GROUP,
                 have: Some(DeltaSeq(0)),
+                have_epoch: None,
                 resume: 0,
             }
         })
@@ -481,6 +483,7 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
             message: SiteMessage::Resume {
                 group: GROUP,
                 have: Some(DeltaSeq(0)),
+                have_epoch: None,
                 resume: 1,
             }
         })
@@ -1058,6 +1061,7 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
         SiteMessage::Resume {
             group: GROUP,
             have: Some(DeltaSeq(5)),
+            have_epoch: None,
             resume: 1,
         },
     );
@@ -1154,6 +1158,7 @@ fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
     let resume = |have, resume| SiteMessage::Resume {
         group: GROUP,
         have,
+        have_epoch: None,
         resume,
     };
     // b claims more than a has: every region must be copied.
@@ -1251,6 +1256,7 @@ fn a_replica_that_crashed_mid_resync_knows_it_after_its_restart() {
         next_seq: [(GROUP, pair.b.next_seq)].into(),
         next_remote_id: 1 << 32,
         resyncing: pair.b.saved_marks.clone(),
+        last_epoch: BTreeMap::new(),
     };
     let saved_marks = pair.b.saved_marks.clone();
     pair.b = Site::recovered(config(B, A), Mode::Async, A, recovered);
@@ -1297,6 +1303,7 @@ fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
         SiteMessage::Resume {
             group: GROUP,
             have: None,
+            have_epoch: None,
             resume: 1,
         },
     );
@@ -1338,6 +1345,7 @@ fn chunks_and_acks_of_a_resync_an_earlier_resume_started_are_ignored() {
         last: true,
         base: DeltaSeq(0),
         consistent_at: DeltaSeq(0),
+        consistent_epoch: None,
         resume,
     };
     b.engine.receive(Timestamp(0), A, chunk(earlier));
@@ -1358,6 +1366,7 @@ fn chunks_and_acks_of_a_resync_an_earlier_resume_started_are_ignored() {
     let resume_message = |have, resume| SiteMessage::Resume {
         group: GROUP,
         have,
+        have_epoch: None,
         resume,
     };
     pair.a.engine.peer_up(pair.now, B);
@@ -1477,6 +1486,7 @@ fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
         let message = SiteMessage::Resume {
             group,
             have,
+            have_epoch: None,
             resume,
         };
         engine.receive(Timestamp(0), B, message);
@@ -1509,6 +1519,7 @@ fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
         last: true,
         base: DeltaSeq(0),
         consistent_at: DeltaSeq(0),
+        consistent_epoch: None,
         resume,
     };
     b.engine.receive(Timestamp(0), A, chunk);
@@ -1814,5 +1825,104 @@ fn an_owner_without_a_lease_refuses_strict_reads_from_other_sites() {
         matches!(pair.b.reply(read), Some(Err(RequestError::Io(message))) if message.contains("lease")),
         "{:?}",
         pair.b.reply(read)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Epochs in resumes, epoch history, takeover
+
+/// The resume `site` sends when its link to the owner comes up.
+fn resume_of(site: &mut Site, owner: SiteId, now: Timestamp) -> (Option<DeltaSeq>, Option<Epoch>) {
+    site.engine.peer_up(now, owner);
+    site.run()
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            SiteMessage::Resume {
+                have, have_epoch, ..
+            } => Some((have, have_epoch)),
+            _ => None,
+        })
+        .expect("a replica resumes when its owner comes up")
+}
+
+#[test]
+fn a_resume_names_the_epoch_of_the_newest_delta_held() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    // Nothing held yet: no epoch either.
+    assert_eq!(
+        resume_of(&mut pair.b, A, pair.now),
+        (Some(DeltaSeq(0)), None)
+    );
+    pair.b.engine.peer_down(pair.now, A);
+    pair.connect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.a.engine.set_owner(GROUP, A, Epoch(3));
+    pair.b.engine.set_owner(GROUP, A, Epoch(3));
+    pair.settle();
+    pair.write(false, 4096, block(2));
+    pair.tick(100);
+    pair.disconnect();
+    assert_eq!(
+        resume_of(&mut pair.b, A, pair.now),
+        (Some(DeltaSeq(2)), Some(Epoch(3)))
+    );
+    // The owner knows its own newest delta's epoch the same way.
+    assert_eq!(pair.a.engine.groups[&GROUP].last_epoch, Some(Epoch(3)));
+}
+
+#[test]
+fn after_a_resync_a_resume_names_the_owners_epoch() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.a.engine.set_owner(GROUP, A, Epoch(2));
+    pair.b.engine.set_owner(GROUP, A, Epoch(2));
+    pair.settle();
+    pair.disconnect();
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..16u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::NeedsResync
+    );
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert!(pair.a.engine.stats().resync_regions_done_total > 0);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    assert_legs_equal(&pair);
+    pair.disconnect();
+    let last = pair.a.engine.replication_status()[0].last_seq;
+    assert_eq!(
+        resume_of(&mut pair.b, A, pair.now),
+        (Some(last), Some(Epoch(2)))
+    );
+}
+
+#[test]
+fn a_recovered_replica_resumes_with_the_epoch_the_runtime_supplied() {
+    let recovered = |last_epoch: BTreeMap<GroupId, Epoch>| RecoveredState {
+        next_position: JournalPosition(10),
+        next_seq: [(GROUP, DeltaSeq(5))].into(),
+        last_epoch,
+        ..RecoveredState::default()
+    };
+    let mut known = Site::recovered(
+        config(B, A),
+        Mode::Async,
+        A,
+        recovered([(GROUP, Epoch(2))].into()),
+    );
+    assert_eq!(
+        resume_of(&mut known, A, Timestamp(0)),
+        (Some(DeltaSeq(4)), Some(Epoch(2)))
+    );
+    let mut unknown = Site::recovered(config(B, A), Mode::Async, A, recovered(BTreeMap::new()));
+    assert_eq!(
+        resume_of(&mut unknown, A, Timestamp(0)),
+        (Some(DeltaSeq(4)), None)
     );
 }
