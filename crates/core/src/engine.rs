@@ -17,7 +17,7 @@ use crate::types::{
 mod lease;
 mod replication;
 
-pub use replication::{GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
+pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
 
 /// Tuning of one node's engine. Every limit names its unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +200,11 @@ pub struct EngineStats {
     /// Successful answers turned into I/O errors because the lease ran out
     /// before they left (G1).
     pub lease_expired_replies_total: u64,
+    /// Deltas this site acknowledged as owner that another site's takeover
+    /// started before (lost to the cluster), and the bytes of those still
+    /// retained here when ownership moved (a lower bound).
+    pub failover_lost_deltas_total: u64,
+    pub failover_lost_bytes_total: u64,
 }
 
 /// The node's protocol state machine. See the crate docs for the ordering

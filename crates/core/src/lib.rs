@@ -31,8 +31,8 @@ mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
-    Engine, EngineConfig, EngineStats, GroupReplication, PeerReplication, PeerState, PlantedBug,
-    REGION_BLOCKS, RecoveredState, VolumeSpec,
+    Engine, EngineConfig, EngineStats, EpochStart, GroupReplication, PeerReplication, PeerState,
+    PlantedBug, REGION_BLOCKS, RecoveredState, VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};

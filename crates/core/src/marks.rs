@@ -55,10 +55,13 @@ pub enum Mark {
     DeltaGapRefused,
     /// A replica got a delta it already had (sent again after a reconnect).
     DuplicateDelta,
+    /// A resuming site's newest delta was written under another epoch than
+    /// the owner's history says: its image diverged, every region is copied.
+    DivergedReplicaResync,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 23] = [
+    pub const ALL: [Mark; 24] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -82,6 +85,7 @@ impl Mark {
         Mark::WaitedForPeer,
         Mark::DeltaGapRefused,
         Mark::DuplicateDelta,
+        Mark::DivergedReplicaResync,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +113,7 @@ impl Mark {
             Mark::WaitedForPeer => "waited-for-peer",
             Mark::DeltaGapRefused => "delta-gap-refused",
             Mark::DuplicateDelta => "duplicate-delta",
+            Mark::DivergedReplicaResync => "diverged-replica-resync",
         }
     }
 

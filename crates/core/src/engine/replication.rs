@@ -39,6 +39,10 @@
 
 use super::*;
 
+mod failover;
+
+pub use failover::EpochStart;
+
 /// Requests the engine issues itself (forwarded from other sites, resync
 /// reads) are numbered from here; drivers number theirs below it.
 const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
@@ -134,6 +138,15 @@ pub(super) struct Replication {
     marks: BTreeSet<GroupId>,
     /// The set a save in flight writes.
     marks_saving: Option<BTreeSet<GroupId>>,
+    /// Per group, where each ownership epoch's deltas start, oldest first
+    /// (see [`Engine::set_epoch_history`]).
+    epoch_history: BTreeMap<GroupId, Vec<EpochStart>>,
+    /// Groups this site is taking over: their deltas and chunks are
+    /// refused (see [`Engine::begin_takeover`]).
+    taking_over: BTreeSet<GroupId>,
+    /// Groups this site owned until another took them without a
+    /// hand-over, waiting for the history to say what was lost.
+    lost_ownership: BTreeMap<GroupId, failover::LostOwnership>,
     /// The wanted set changed while a save was in flight.
     marks_stale: bool,
 }
@@ -472,6 +485,19 @@ impl Engine {
     /// Requests held by a hand-over go to the new owner.
     pub fn set_owner(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
         let site = self.config.site;
+        // Whichever site owns it now, a takeover begun here is over: this
+        // site owns the group (from the seq it reported) or follows the
+        // owner named.
+        self.replication.taking_over.remove(&group);
+        let was_owner = self
+            .groups
+            .get(&group)
+            .is_some_and(|state| state.owner == site);
+        if owner == site {
+            self.replication.lost_ownership.remove(&group);
+        } else if was_owner {
+            self.lose_ownership(group, owner, epoch);
+        }
         let state = self
             .groups
             .entry(group)
@@ -589,6 +615,10 @@ impl Engine {
     /// trusted, when they do not fit.
     pub fn receive(&mut self, now: Timestamp, from: SiteId, message: SiteMessage) {
         self.observe(now);
+        if self.refused_while_taking_over(&message) {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
         if self.hold_until_marked(from, &message) {
             let group = match &message {
                 SiteMessage::Delta(record) => record.group,
@@ -1090,7 +1120,7 @@ impl Engine {
         from: SiteId,
         group: GroupId,
         have: Option<DeltaSeq>,
-        _have_epoch: Option<Epoch>,
+        have_epoch: Option<Epoch>,
         resume: u64,
     ) {
         // A group this site has not heard of yet reads as its own (see
@@ -1106,6 +1136,8 @@ impl Engine {
             return;
         }
         let last = DeltaSeq(state.next_seq.0 - 1);
+        let diverged =
+            have.is_some_and(|have| have <= last && self.replica_diverged(group, have, have_epoch));
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             self.stats.refused_messages_total += 1;
             return;
@@ -1129,11 +1161,12 @@ impl Engine {
         progress.resume = resume;
         // A site holding every delta needs nothing else, whatever the maps
         // say (they may predate what it received since).
-        if have == Some(last) {
+        if have == Some(last) && !diverged {
             progress.dirty.clear();
             progress.dirty_all = false;
         }
         if let Some(have) = have
+            && !diverged
             && (progress.state != PeerState::NeedsResync || have == last)
             && have >= retired_upto
             && have <= last
@@ -1154,6 +1187,12 @@ impl Engine {
         // dirty regions; otherwise what it lacks is unknown here.
         let tracked = progress.state == PeerState::NeedsResync;
         match have {
+            // Its deltas after the point where the lines split are not
+            // the owner's: nothing here says which regions they touched.
+            _ if diverged => {
+                self.marks.hit(Mark::DivergedReplicaResync);
+                progress.dirty_all = true;
+            }
             Some(have) if have > last => progress.dirty_all = true,
             Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
             Some(have) => {
@@ -1432,7 +1471,9 @@ impl Engine {
         }
         let needed = self.groups[&group].last_position;
         let consistent_at = DeltaSeq(self.groups[&group].next_seq.0 - 1);
-        let consistent_epoch = self.groups[&group].last_epoch;
+        let consistent_epoch = self.groups[&group]
+            .last_epoch
+            .or_else(|| self.epoch_at(group, consistent_at));
         self.stats.shipped_bytes_total += blocks.len() as u64 * BLOCK_SIZE as u64;
         let synced = self.journal.synced_upto;
         let Some(progress) = self.replication.progress_mut(group, peer) else {
@@ -1798,6 +1839,10 @@ impl Engine {
     }
 
     pub(super) fn send_resume(&mut self, group: GroupId) {
+        // A site taking the group over refuses the stream a resume asks for.
+        if self.is_taking_over(group) {
+            return;
+        }
         let Some(state) = self.groups.get(&group) else {
             return;
         };

@@ -1926,3 +1926,292 @@ fn a_recovered_replica_resumes_with_the_epoch_the_runtime_supplied() {
         (Some(DeltaSeq(4)), None)
     );
 }
+
+/// a owns the group with deltas 1..=8 retained for b (away), and the
+/// history says epoch 2 started after delta 5.
+fn owner_with_epoch_history() -> Pair {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    for index in 0..8u64 {
+        pair.write(false, index * 4096, block(index as u8 + 1));
+        pair.tick(100);
+    }
+    assert_eq!(pair.a.engine.replication_status()[0].last_seq, DeltaSeq(8));
+    pair.a.engine.set_epoch_history(
+        GROUP,
+        vec![
+            EpochStart {
+                epoch: Epoch(1),
+                after_seq: DeltaSeq(0),
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                after_seq: DeltaSeq(5),
+            },
+        ],
+    );
+    pair
+}
+
+/// b's state at a after a resume from b holding `have` under `epoch`.
+fn answer_to_resume(have: u64, epoch: u64) -> (PeerState, u64) {
+    let mut pair = owner_with_epoch_history();
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(have)),
+            have_epoch: Some(Epoch(epoch)),
+            resume: 1,
+        },
+    );
+    pair.a.run();
+    let state = pair.a.engine.replication_status()[0].peers[0].state;
+    let diverged = pair.a.engine.marks().count(Mark::DivergedReplicaResync);
+    (state, diverged)
+}
+
+#[test]
+fn an_owner_resyncs_every_region_to_a_site_whose_deltas_diverged() {
+    // Delta 7 was written under epoch 2 here: b's delta 7 of epoch 1 is
+    // not this site's.
+    assert_eq!(answer_to_resume(7, 1), (PeerState::Resyncing, 1));
+    // On the owner's line: streamed from retained deltas.
+    assert_eq!(answer_to_resume(7, 2), (PeerState::Streaming, 0));
+    assert_eq!(answer_to_resume(4, 1), (PeerState::Streaming, 0));
+}
+
+#[test]
+fn a_diverged_resync_copies_every_region() {
+    let mut pair = owner_with_epoch_history();
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(7)),
+            have_epoch: Some(Epoch(1)),
+            resume: 1,
+        },
+    );
+    let regions_read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
+        .filter_map(|action| match action {
+            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
+            _ => None,
+        })
+        .collect();
+    // Every region of the volume, not only region 0 (the one delta 8
+    // touched).
+    let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
+    assert_eq!(regions_read, (0..regions).collect());
+}
+
+#[test]
+fn without_an_epoch_history_a_resume_is_judged_by_seq_alone() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    for index in 0..3u64 {
+        pair.write(false, index * 4096, block(1));
+        pair.tick(100);
+    }
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(2)),
+            have_epoch: Some(Epoch(9)),
+            resume: 1,
+        },
+    );
+    pair.a.run();
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::Streaming
+    );
+}
+
+#[test]
+fn a_replica_taking_over_refuses_deltas_and_reports_the_seq_it_holds() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    // Not at the owner, nor for an unknown group.
+    assert_eq!(pair.a.engine.begin_takeover(pair.now, GROUP), None);
+    assert_eq!(pair.b.engine.begin_takeover(pair.now, GroupId(99)), None);
+    assert_eq!(
+        pair.b.engine.begin_takeover(pair.now, GROUP),
+        Some(DeltaSeq(1))
+    );
+    let refused = pair.b.engine.stats().refused_messages_total;
+    pair.write(false, 4096, block(2));
+    pair.tick(100);
+    assert!(pair.b.engine.stats().refused_messages_total > refused);
+    assert_eq!(pair.b.engine.replication_status()[0].last_seq, DeltaSeq(1));
+    assert_eq!(pair.b.leg.get(&1), None);
+    // Called off: b follows a again and gets what it refused.
+    pair.b.engine.cancel_takeover(GROUP);
+    pair.settle();
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.b.leg.get(&1), Some(&block(2)));
+}
+
+#[test]
+fn a_replica_mid_resync_cannot_take_over() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.b.engine.peer_up(pair.now, A);
+    let resume = pair
+        .b
+        .run()
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            SiteMessage::Resume { resume, .. } => Some(resume),
+            _ => None,
+        })
+        .expect("b resumes");
+    // The first chunk of a resync arrives; the rest never does.
+    let chunk = SiteMessage::Resync {
+        group: GROUP,
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(3)),
+        )],
+        last: false,
+        base: DeltaSeq(4),
+        consistent_at: DeltaSeq(4),
+        consistent_epoch: Some(Epoch(1)),
+        resume,
+    };
+    pair.b.engine.receive(pair.now, A, chunk);
+    pair.b.run();
+    assert!(!pair.b.engine.replication_status()[0].consistent);
+    assert_eq!(pair.b.engine.begin_takeover(pair.now, GROUP), None);
+}
+
+#[test]
+fn a_completed_takeover_numbers_the_new_epochs_deltas_after_the_seq_reported() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    pair.disconnect();
+    let after = pair
+        .b
+        .engine
+        .begin_takeover(pair.now, GROUP)
+        .expect("b is a replica at a delta boundary");
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    let write = pair.b.submit(
+        pair.now,
+        Request::Write {
+            volume: VOLUME,
+            offset: 4096,
+            data: block(2),
+            fua: true,
+        },
+    );
+    let appended: Vec<DeltaRecord> = std::iter::from_fn(|| pair.b.engine.poll_action())
+        .filter_map(|action| match action {
+            Action::AppendJournal { record } => Some(record),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appended.len(), 1);
+    assert_eq!(appended[0].seq, DeltaSeq(after.0 + 1));
+    assert_eq!(appended[0].epoch, Epoch(2));
+    pair.b.run();
+    let _ = write;
+}
+
+#[test]
+fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    // The link is cut; a goes on writing deltas 2 and 3 that b never gets.
+    pair.disconnect();
+    pair.write(false, 4096, block(2));
+    pair.tick(100);
+    pair.write(false, 8192, block(3));
+    pair.tick(100);
+    // A FUA write at a whose journal sync has not come back yet.
+    let in_flight = pair.a.submit(
+        pair.now,
+        Request::Write {
+            volume: VOLUME,
+            offset: 12288,
+            data: block(4),
+            fua: true,
+        },
+    );
+    // Its delta reaches the journal; the sync has not come back.
+    let mut sync = None;
+    while let Some(action) = pair.a.engine.poll_action() {
+        match action {
+            Action::AppendJournal { record } => pair.a.journal.push(record),
+            Action::SyncJournal { io, .. } => sync = Some(io),
+            other => panic!("unexpected action {other:?}"),
+        }
+    }
+    let sync = sync.expect("a FUA write syncs the journal");
+    // b takes over after delta 1, under epoch 2.
+    let after = pair.b.engine.begin_takeover(pair.now, GROUP);
+    assert_eq!(after, Some(DeltaSeq(1)));
+    let history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(1),
+        },
+    ];
+    pair.b.engine.set_epoch_history(GROUP, history.clone());
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    // b writes deltas 2, 3 and 4 of epoch 2: the same seqs as a's lost
+    // ones, other contents.
+    for block_number in [0u64, 5, 6] {
+        pair.write(true, block_number * 4096, block(9));
+        pair.tick(100);
+    }
+    // a learns it; its unacknowledged write fails.
+    pair.a.engine.set_epoch_history(GROUP, history);
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    pair.a.engine.journal_synced(sync, Ok(()));
+    pair.a.run();
+    assert!(
+        matches!(pair.a.reply(in_flight), Some(Err(RequestError::Io(message))) if message.contains("ownership")),
+        "{:?}",
+        pair.a.reply(in_flight)
+    );
+    // Deltas 2, 3 and the one holding the FUA write: lost to the cluster.
+    let stats = pair.a.engine.stats();
+    assert_eq!(stats.failover_lost_deltas_total, 3);
+    assert_eq!(stats.failover_lost_bytes_total, 3 * BLOCK_SIZE as u64);
+    // Back in touch: b sees a's line diverged and copies every region.
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_eq!(pair.b.engine.marks().count(Mark::DivergedReplicaResync), 1);
+    assert!(pair.a.engine.replication_status()[0].consistent);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.a.leg.get(&0), Some(&block(9)));
+    // What a alone wrote (blocks 1 to 3) is gone from its image too.
+    let zero = Bytes::from(vec![0u8; BLOCK_SIZE]);
+    for lost in 1..=3u64 {
+        assert_eq!(pair.a.leg.get(&lost), Some(&zero), "block {lost}");
+    }
+    // And streams b's deltas afterwards.
+    pair.write(true, 4096, block(10));
+    pair.tick(100);
+    assert_eq!(pair.a.leg.get(&1), Some(&block(10)));
+}

@@ -1,0 +1,247 @@
+//! Ownership moving without a hand-over: a replica taking a group over
+//! when its owner is gone, and what the old owner lost by it.
+//!
+//! Rules:
+//! - the control plane tells every site where each epoch's deltas start
+//!   ([`Engine::set_epoch_history`]); a delta seq names one delta only
+//!   together with the epoch it was written under;
+//! - an owner streams to a resuming site only if the site's newest delta
+//!   is on the owner's line (written under the epoch the history names for
+//!   its seq); otherwise the site owned the group once and wrote deltas
+//!   the cluster lost, and every region is copied to it;
+//! - a replica about to take over stops taking deltas and chunks, so the
+//!   seq it reports is the image it will own from;
+//! - a site that owned a group and learns another site owns it now fails
+//!   the writes still in flight there (they were never acknowledged, and
+//!   no longer can be), counts the deltas past the new epoch's start as
+//!   lost, and keeps its image until the new owner resyncs it.
+
+use super::*;
+
+/// Where one ownership epoch of a group starts: its deltas are the seqs
+/// after `after_seq`, up to the next entry's `after_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EpochStart {
+    pub epoch: Epoch,
+    pub after_seq: DeltaSeq,
+}
+
+/// What a site that lost ownership without handing over still has to
+/// count once the new epoch's start is known.
+#[derive(Debug)]
+pub(super) struct LostOwnership {
+    /// The new owner's epoch.
+    epoch: Epoch,
+    /// The newest delta closed here.
+    last: DeltaSeq,
+    /// Bytes of the deltas still retained here when ownership moved.
+    retained_bytes: BTreeMap<DeltaSeq, u64>,
+}
+
+impl Engine {
+    /// Where each ownership epoch of `group` starts, as the ownership
+    /// authority recorded it. Replaces what was known; an empty history
+    /// turns the epoch checks off for the group.
+    pub fn set_epoch_history(&mut self, group: GroupId, mut history: Vec<EpochStart>) {
+        history.sort_by_key(|start| (start.after_seq, start.epoch));
+        self.replication.epoch_history.insert(group, history);
+        self.count_lost_deltas(group);
+    }
+
+    /// The epoch delta `seq` of `group` was written under, by the history;
+    /// `None` if the history does not reach back to it.
+    pub(super) fn epoch_at(&self, group: GroupId, seq: DeltaSeq) -> Option<Epoch> {
+        self.replication
+            .epoch_history
+            .get(&group)?
+            .iter()
+            .rev()
+            .find(|start| start.after_seq < seq)
+            .map(|start| start.epoch)
+    }
+
+    /// True if a site holding `group`'s deltas up to `have`, the newest
+    /// written under `have_epoch`, is not on this owner's line of deltas.
+    /// Without a history nothing is diverged (the rule is off). A site that
+    /// does not know its epoch is taken as diverged once an ownership
+    /// change happened at or before `have`: it may have been the owner that
+    /// wrote past the change.
+    pub(super) fn replica_diverged(
+        &self,
+        group: GroupId,
+        have: DeltaSeq,
+        have_epoch: Option<Epoch>,
+    ) -> bool {
+        let Some(history) = self.replication.epoch_history.get(&group) else {
+            return false;
+        };
+        if have == DeltaSeq(0) {
+            return false;
+        }
+        let Some(written) = self.epoch_at(group, have) else {
+            // Before the history starts: it says nothing either way.
+            return false;
+        };
+        match have_epoch {
+            Some(epoch) => epoch != written,
+            None => history.iter().skip(1).any(|start| start.after_seq < have),
+        }
+    }
+
+    /// At a replica of `group`: stops taking its deltas and resync chunks
+    /// (they are refused from now on) and returns the newest delta held
+    /// whole, the seq the new epoch starts after if this site takes over.
+    /// `None` if this site owns the group, does not know it, or is
+    /// mid-resync (its image is at no delta boundary: it cannot own it).
+    /// [`Engine::set_owner`] naming this site completes the takeover,
+    /// [`Engine::cancel_takeover`] calls it off.
+    pub fn begin_takeover(&mut self, now: Timestamp, group: GroupId) -> Option<DeltaSeq> {
+        self.observe(now);
+        let state = self.groups.get(&group)?;
+        if state.owner == self.config.site {
+            return None;
+        }
+        let resyncing = self
+            .replication
+            .inbound
+            .get(&group)
+            .is_some_and(|inbound| inbound.resync.is_some());
+        if resyncing {
+            return None;
+        }
+        let last = DeltaSeq(state.next_seq.0 - 1);
+        self.replication.taking_over.insert(group);
+        Some(last)
+    }
+
+    /// Calls off a takeover begun here: the site follows its owner again
+    /// and asks it for what was refused meanwhile.
+    pub fn cancel_takeover(&mut self, group: GroupId) {
+        if !self.replication.taking_over.remove(&group) {
+            return;
+        }
+        let owner = self.owner_of(group);
+        if owner != self.config.site && self.replication.connected.contains(&owner) {
+            self.send_resume(group);
+        }
+    }
+
+    pub(super) fn is_taking_over(&self, group: GroupId) -> bool {
+        self.replication.taking_over.contains(&group)
+    }
+
+    /// A delta or chunk of a group this site is taking over: refused, so
+    /// the image stays at the seq `begin_takeover` reported.
+    pub(super) fn refused_while_taking_over(&self, message: &SiteMessage) -> bool {
+        match message {
+            SiteMessage::Delta(record) => self.is_taking_over(record.group),
+            SiteMessage::Resync { group, .. } => self.is_taking_over(*group),
+            _ => false,
+        }
+    }
+
+    /// This site owned `group` and another site owns it from `epoch` on.
+    /// Called before the ownership changes here: the open delta is closed
+    /// while still numbered by this site (its writes were acknowledged:
+    /// they stay in the local image, which the new owner resyncs), writes
+    /// still in flight fail, and what the cluster lost is counted once the
+    /// history says where the new epoch starts.
+    pub(super) fn lose_ownership(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
+        self.close_delta(group);
+        self.fail_writes_in_flight(group, owner);
+        let Some(state) = self.groups.get(&group) else {
+            return;
+        };
+        let last = DeltaSeq(state.next_seq.0 - 1);
+        let retained_bytes = self
+            .replication
+            .outbound
+            .get(&group)
+            .map(|outbound| {
+                outbound
+                    .retained
+                    .iter()
+                    .map(|retained| (retained.seq, retained.bytes))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.replication.lost_ownership.insert(
+            group,
+            LostOwnership {
+                epoch,
+                last,
+                retained_bytes,
+            },
+        );
+        self.count_lost_deltas(group);
+    }
+
+    /// Writes (and flushes) of `group` not acknowledged yet can no longer
+    /// be: another site owns the group, and what they wrote here is not on
+    /// its line. They fail; the client retries at the new owner.
+    fn fail_writes_in_flight(&mut self, group: GroupId, owner: SiteId) {
+        let volumes = self.volumes_of(group);
+        let reason = format!(
+            "ownership of group {group} moved to site {owner} before the request was acknowledged"
+        );
+        let mut waiting = Vec::new();
+        for (request, pending) in &mut self.pending {
+            if !volumes.contains(&pending.volume()) {
+                continue;
+            }
+            match pending {
+                // Answered (with this error) once its leg reads are back.
+                Pending::Write { failed, .. } => *failed = Some(reason.clone()),
+                Pending::Durable { .. } => waiting.push(*request),
+                Pending::Read(_) => {}
+            }
+        }
+        for request in waiting {
+            self.pending.remove(&request);
+            self.reply(request, Err(RequestError::Io(reason.clone())));
+        }
+        let (moved, kept): (VecDeque<WriteRequest>, VecDeque<WriteRequest>) =
+            std::mem::take(&mut self.throttled)
+                .into_iter()
+                .partition(|write| volumes.contains(&write.volume));
+        self.throttled = kept;
+        for write in moved {
+            self.reply(write.request, Err(RequestError::Io(reason.clone())));
+        }
+    }
+
+    /// Counts the deltas this site acknowledged as owner that the new
+    /// owner's epoch starts before: S+1..=last are lost to the cluster.
+    /// Bytes are known only for deltas still retained here when ownership
+    /// moved (those every site had applied were retired, and a site that
+    /// applied them could not have taken over before them).
+    fn count_lost_deltas(&mut self, group: GroupId) {
+        let Some(lost) = self.replication.lost_ownership.get(&group) else {
+            return;
+        };
+        let Some(start) = self
+            .replication
+            .epoch_history
+            .get(&group)
+            .and_then(|history| history.iter().find(|start| start.epoch == lost.epoch))
+        else {
+            // Not known yet: counted when the history arrives.
+            return;
+        };
+        let after = start.after_seq;
+        let lost = self
+            .replication
+            .lost_ownership
+            .remove(&group)
+            .expect("engine invariant: looked up above");
+        if after >= lost.last {
+            return;
+        }
+        self.stats.failover_lost_deltas_total += lost.last.0 - after.0;
+        self.stats.failover_lost_bytes_total += lost
+            .retained_bytes
+            .range(DeltaSeq(after.0 + 1)..)
+            .map(|(_, bytes)| bytes)
+            .sum::<u64>();
+    }
+}
