@@ -302,6 +302,20 @@ impl Grantor {
         holder.fence = holder.fence.max(index);
     }
 
+    /// How long, on this clock from `now`, any promise this voter made to
+    /// `site` may still run (0: none runs). A site with no running promise
+    /// at a majority of the voters holds no lease: its groups may be failed
+    /// over. A voter in its start-up quarantine answers as if it had just
+    /// granted.
+    pub fn promised_remaining_ns(&self, now: Timestamp, site: SiteId) -> u64 {
+        let promised = self
+            .holders
+            .get(&site)
+            .and_then(|holder| holder.promised.values().copied().max())
+            .unwrap_or(Timestamp(0));
+        promised.max(self.quarantine_until).0.saturating_sub(now.0)
+    }
+
     /// How long, on this clock from `now`, leases this voter granted to
     /// `site` without it knowing of the entry at `index` may still run;
     /// `None` until this voter applied `index` itself (until then it may

@@ -40,6 +40,22 @@ pub enum Command {
         from: String,
         to: String,
         expected_epoch: u64,
+        /// The last delta the old owner wrote: the new epoch starts after
+        /// it.
+        #[serde(default)]
+        after_seq: u64,
+    },
+    /// Fail `group` over to `to` without its owner (lost or cut off),
+    /// raising its epoch, only at `expected_epoch`. `after_seq` is the last
+    /// whole delta `to` holds: its image from then on. Writes the old
+    /// owner acknowledged after it are lost. `automatic` records whether
+    /// the volume's `auto` policy decided it or an operator did.
+    PromoteGroup {
+        group: String,
+        to: String,
+        expected_epoch: u64,
+        after_seq: u64,
+        automatic: bool,
     },
     /// Record the start of a live migration; the owner keeps the group.
     BeginMove {
@@ -78,10 +94,24 @@ impl fmt::Display for Command {
                 from,
                 to,
                 expected_epoch,
+                ..
             } => {
                 write!(
                     f,
                     "transfer-group {group} {from}->{to} at epoch {expected_epoch}"
+                )
+            }
+            Command::PromoteGroup {
+                group,
+                to,
+                expected_epoch,
+                after_seq,
+                automatic,
+            } => {
+                let how = if *automatic { "auto" } else { "manual" };
+                write!(
+                    f,
+                    "promote-group {group} to {to} at epoch {expected_epoch} after delta {after_seq} ({how})"
                 )
             }
             Command::BeginMove {

@@ -40,8 +40,8 @@ pub use metadata::{BLOCK_SIZE, ClusterMetadata};
 pub use redb_store::RedbBackend;
 pub use state_machine::{Observer, SnapshotBuilder, StateMachine};
 pub use types::{
-    Failover, Group, GroupId, GroupState, Mode, Move, NodeId, NodeInfo, Role, Site, Volume,
-    VolumeId,
+    EPOCH_HISTORY_MAX, EpochStart, Failover, FailoverRecord, Group, GroupId, GroupState, Mode,
+    Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
 };
 
 /// An openraft type configuration whose log carries [`Command`]s: what the

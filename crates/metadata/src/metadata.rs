@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandError, CommandResult, Outcome};
 use crate::types::{
-    Group, GroupId, GroupState, Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
+    EPOCH_HISTORY_MAX, EpochStart, FailoverRecord, Group, GroupId, GroupState, Move, NodeId,
+    NodeInfo, Role, Site, Volume, VolumeId,
 };
 
 /// Volumes are made of 4 KiB blocks (DESIGN §1).
@@ -88,7 +89,15 @@ impl ClusterMetadata {
                 from,
                 to,
                 expected_epoch,
-            } => self.transfer_group(group, from, to, *expected_epoch),
+                after_seq,
+            } => self.transfer_group(group, from, to, *expected_epoch, *after_seq),
+            Command::PromoteGroup {
+                group,
+                to,
+                expected_epoch,
+                after_seq,
+                automatic,
+            } => self.promote_group(group, to, *expected_epoch, *after_seq, *automatic),
             Command::BeginMove {
                 group,
                 to,
@@ -224,6 +233,11 @@ impl ClusterMetadata {
                     owner: owner_site.to_owned(),
                     epoch: 1,
                     state: GroupState::Active,
+                    history: vec![EpochStart {
+                        epoch: 1,
+                        after_seq: 0,
+                    }],
+                    last_failover: None,
                 };
                 (id, 1, Some((group, next)))
             }
@@ -309,6 +323,7 @@ impl ClusterMetadata {
         from: &str,
         to: &str,
         expected_epoch: u64,
+        after_seq: u64,
     ) -> CommandResult {
         self.data_site(to)?;
         let group = self.fenced_group(name, expected_epoch)?;
@@ -334,7 +349,47 @@ impl ClusterMetadata {
         group.epoch = epoch;
         group.owner = to.to_owned();
         group.state = GroupState::Active;
+        push_history(group, epoch, after_seq);
         let id = group.id;
+        self.moves.remove(&id);
+        Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn promote_group(
+        &mut self,
+        name: &str,
+        to: &str,
+        expected_epoch: u64,
+        after_seq: u64,
+        automatic: bool,
+    ) -> CommandResult {
+        self.data_site(to)?;
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.owner == to {
+            return Err(CommandError::SameSite {
+                group: name.to_owned(),
+                site: to.to_owned(),
+            });
+        }
+        let epoch = group
+            .epoch
+            .checked_add(1)
+            .ok_or_else(|| CommandError::Exhausted {
+                what: "epoch".to_owned(),
+            })?;
+        let from = std::mem::replace(&mut group.owner, to.to_owned());
+        group.epoch = epoch;
+        group.state = GroupState::Active;
+        push_history(group, epoch, after_seq);
+        group.last_failover = Some(FailoverRecord {
+            from,
+            to: to.to_owned(),
+            epoch,
+            after_seq,
+            automatic,
+        });
+        let id = group.id;
+        // A move in flight is over: its source is the site that was lost.
         self.moves.remove(&id);
         Ok(Outcome::Epoch { group: id, epoch })
     }
@@ -410,6 +465,14 @@ impl ClusterMetadata {
     }
 }
 
+/// Records that `epoch` starts after `after_seq`, dropping the oldest
+/// entries past the bound.
+fn push_history(group: &mut Group, epoch: u64, after_seq: u64) {
+    group.history.push(EpochStart { epoch, after_seq });
+    let excess = group.history.len().saturating_sub(EPOCH_HISTORY_MAX);
+    group.history.drain(..excess);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +507,7 @@ mod tests {
             from: from.into(),
             to: to.into(),
             expected_epoch: epoch,
+            after_seq: 0,
         }
     }
 
@@ -526,6 +590,84 @@ mod tests {
                 name: "nope".into()
             })
         );
+    }
+
+    fn promote(group: &str, to: &str, epoch: u64, after_seq: u64) -> Command {
+        Command::PromoteGroup {
+            group: group.into(),
+            to: to.into(),
+            expected_epoch: epoch,
+            after_seq,
+            automatic: true,
+        }
+    }
+
+    #[test]
+    fn promote_raises_the_epoch_and_records_the_loss_point() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        assert_eq!(
+            m.apply(&promote("g1", "b", 1, 41)),
+            Ok(Outcome::Epoch { group: 1, epoch: 2 })
+        );
+        let group = m.group_by_name("g1").expect("group");
+        assert_eq!(group.owner, "b");
+        assert_eq!(
+            group.history,
+            vec![
+                EpochStart {
+                    epoch: 1,
+                    after_seq: 0
+                },
+                EpochStart {
+                    epoch: 2,
+                    after_seq: 41
+                }
+            ]
+        );
+        assert_eq!(
+            group.last_failover,
+            Some(FailoverRecord {
+                from: "a".into(),
+                to: "b".into(),
+                epoch: 2,
+                after_seq: 41,
+                automatic: true,
+            })
+        );
+        // Decided on stale state (a second survivor racing): refused, and
+        // nothing changes.
+        let before = m.clone();
+        assert!(matches!(
+            m.apply(&promote("g1", "a", 1, 50)),
+            Err(CommandError::StaleEpoch { current: 2, .. })
+        ));
+        assert!(matches!(
+            m.apply(&promote("g1", "b", 2, 50)),
+            Err(CommandError::SameSite { .. })
+        ));
+        assert!(matches!(
+            m.apply(&promote("g1", "w", 2, 50)),
+            Err(CommandError::WitnessSite { .. })
+        ));
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn epoch_history_is_bounded() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        let sites = ["b", "a"];
+        for epoch in 1..=(EPOCH_HISTORY_MAX as u64 + 10) {
+            let to = sites[((epoch + 1) % 2) as usize];
+            m.apply(&promote("g1", to, epoch, epoch * 10))
+                .expect("promote");
+        }
+        let group = m.group_by_name("g1").expect("group");
+        assert_eq!(group.history.len(), EPOCH_HISTORY_MAX);
+        let last = group.history.last().expect("entries");
+        assert_eq!(last.epoch, group.epoch);
+        assert!(group.history.windows(2).all(|w| w[0].epoch < w[1].epoch));
     }
 
     #[test]

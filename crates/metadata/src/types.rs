@@ -126,6 +126,43 @@ pub struct Group {
     /// refused (fencing, G1).
     pub epoch: u64,
     pub state: GroupState,
+    /// Which deltas each recent epoch wrote, oldest first: epoch `e`'s
+    /// deltas are the sequence numbers after its `after_seq`, up to the
+    /// next entry's. A site whose newest delta was written under another
+    /// epoch than the one this history names for its number diverged (it
+    /// owned the group and kept writing after a failover) and is resynced.
+    /// At most [`EPOCH_HISTORY_MAX`] entries.
+    #[serde(default)]
+    pub history: Vec<EpochStart>,
+    /// The newest forced change of owner (a failover), if any.
+    #[serde(default)]
+    pub last_failover: Option<FailoverRecord>,
+}
+
+/// Entries kept in [`Group::history`]; a site further behind than the
+/// oldest is resynced whole, which it would be anyway.
+pub const EPOCH_HISTORY_MAX: usize = 64;
+
+/// Where an epoch's deltas start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    /// The last delta of the previous epoch this epoch's owner held whole.
+    pub after_seq: u64,
+}
+
+/// A change of owner decided without the old owner (it was lost or cut
+/// off): writes it acknowledged after `after_seq` are lost to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub from: String,
+    pub to: String,
+    /// The epoch the failover raised the group to.
+    pub epoch: u64,
+    /// The new owner's image: the last whole delta it held.
+    pub after_seq: u64,
+    /// Failover policy `auto` decided it, or an operator accepted the loss.
+    pub automatic: bool,
 }
 
 /// A live migration in flight.

@@ -170,3 +170,29 @@ fn old_requests_are_forgotten_so_their_answers_grant_nothing() {
     assert_eq!(holder.valid_until(), None);
     assert_eq!(holder.next_renewal(), at_ms(5_200));
 }
+
+#[test]
+fn a_voter_tells_how_long_its_promises_to_a_site_still_run() {
+    let config = config();
+    let mut grantor = Grantor::new(config, at_ms(0), 0);
+    // Quarantined after its start: it may have granted before.
+    assert_eq!(
+        grantor.promised_remaining_ns(at_ms(0), A),
+        config.promise_ns()
+    );
+    let after_quarantine = Timestamp(config.promise_ns());
+    assert_eq!(grantor.promised_remaining_ns(after_quarantine, A), 0);
+    let asked = at_ms(5_000);
+    let request = LeaseRequest {
+        id: 1,
+        applied_index: 0,
+    };
+    assert!(grantor.request(asked, A, request).is_ok());
+    assert_eq!(
+        grantor.promised_remaining_ns(at_ms(5_100), A),
+        config.promise_ns() - 100_000_000
+    );
+    assert_eq!(grantor.promised_remaining_ns(at_ms(5_100), B), 0);
+    let expired = Timestamp(asked.0 + config.promise_ns());
+    assert_eq!(grantor.promised_remaining_ns(expired, A), 0);
+}
