@@ -37,6 +37,24 @@ pub struct Recovery {
     /// The regions (volume, block / `REGION_BLOCKS`) the replayed deltas
     /// touched: another site may lack them.
     pub replayed_regions: std::collections::BTreeSet<(VolumeId, u64)>,
+    /// Per group, the newest replayed delta and the epoch it was written
+    /// under: the epoch of the group's image, when that delta is its last.
+    pub newest_replayed: BTreeMap<GroupId, (DeltaSeq, stretch_core::Epoch)>,
+}
+
+impl Recovery {
+    /// The epoch of each group's newest delta, for the groups whose newest
+    /// delta was replayed (the others' epochs are not in the journal any
+    /// more).
+    pub fn last_epochs(&self) -> BTreeMap<GroupId, stretch_core::Epoch> {
+        self.newest_replayed
+            .iter()
+            .filter(|(group, (seq, _))| {
+                self.next_seq.get(group).map(|next| next.0) == Some(seq.0 + 1)
+            })
+            .map(|(group, (_, epoch))| (*group, *epoch))
+            .collect()
+    }
 }
 
 /// Replays every whole record of the journal in `dir`, in position order,
@@ -108,6 +126,13 @@ pub fn recover<F: FileSystem>(
             let next = DeltaSeq(record.seq.0 + 1);
             let entry = recovery.next_seq.entry(record.group).or_insert(next);
             *entry = (*entry).max(next);
+            let newest = recovery
+                .newest_replayed
+                .entry(record.group)
+                .or_insert((record.seq, record.epoch));
+            if record.seq >= newest.0 {
+                *newest = (record.seq, record.epoch);
+            }
             expected = Some(record.position.0 + 1);
             Ok(())
         })?;

@@ -36,10 +36,12 @@ impl PeerMessage {
             SiteMessage::Resume {
                 group,
                 have,
+                have_epoch,
                 resume,
             } => PeerMessage::Resume {
                 group: group.0,
                 have: have.map(|have| have.0),
+                have_epoch: have_epoch.map(|epoch| epoch.0),
                 resume: *resume,
             },
             SiteMessage::Resync {
@@ -48,6 +50,7 @@ impl PeerMessage {
                 last,
                 base,
                 consistent_at,
+                consistent_epoch,
                 resume,
             } => PeerMessage::Resync {
                 group: group.0,
@@ -55,6 +58,7 @@ impl PeerMessage {
                 last: *last,
                 base: base.0,
                 consistent_at: consistent_at.0,
+                consistent_epoch: consistent_epoch.map(|epoch| epoch.0),
                 resume: *resume,
             },
             SiteMessage::ResyncAck { group, resume } => PeerMessage::ResyncAck {
@@ -142,10 +146,12 @@ impl PeerMessage {
             PeerMessage::Resume {
                 group,
                 have,
+                have_epoch,
                 resume,
             } => SiteMessage::Resume {
                 group: GroupId(group),
                 have: have.map(DeltaSeq),
+                have_epoch: have_epoch.map(Epoch),
                 resume,
             },
             PeerMessage::Resync {
@@ -154,6 +160,7 @@ impl PeerMessage {
                 last,
                 base,
                 consistent_at,
+                consistent_epoch,
                 resume,
             } => SiteMessage::Resync {
                 group: GroupId(group),
@@ -161,6 +168,7 @@ impl PeerMessage {
                 last,
                 base: DeltaSeq(base),
                 consistent_at: DeltaSeq(consistent_at),
+                consistent_epoch: consistent_epoch.map(Epoch),
                 resume,
             },
             PeerMessage::ResyncAck { group, resume } => SiteMessage::ResyncAck {

@@ -7,7 +7,7 @@ use crate::frame::{FRAME_BYTES_MAX, WireError};
 /// Version of this message set, exchanged in [`PeerMessage::Hello`]. 5:
 /// Raft RPC carriers ([`PeerMessage::RaftRequest`],
 /// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -118,6 +118,10 @@ pub enum PeerMessage {
     Resume {
         group: u32,
         have: Option<u64>,
+        /// The epoch the delta `have` was written under, if known: an
+        /// owner whose history names another epoch for it resyncs the
+        /// replica whole (it wrote deltas the owner never had).
+        have_epoch: Option<u64>,
         resume: u64,
     },
     /// Owner to replica: current images of blocks the replica may lack.
@@ -127,6 +131,8 @@ pub enum PeerMessage {
         last: bool,
         base: u64,
         consistent_at: u64,
+        /// The owner's epoch of delta `consistent_at`.
+        consistent_epoch: Option<u64>,
         resume: u64,
     },
     /// Replica to owner: one more resync chunk (of the resync answering

@@ -50,6 +50,7 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
             PeerMessage::Resume {
                 group: 2,
                 have: Some(3),
+                have_epoch: Some(2),
                 resume: 9,
             },
         ),
@@ -61,6 +62,7 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
                 last: true,
                 base: 3,
                 consistent_at: 7,
+                consistent_epoch: Some(2),
                 resume: 9,
             },
         ),

@@ -105,11 +105,13 @@ fn samples() -> Vec<SiteMessage> {
         SiteMessage::Resume {
             group,
             have: Some(DeltaSeq(16)),
+            have_epoch: Some(Epoch(3)),
             resume: 1,
         },
         SiteMessage::Resume {
             group,
             have: None,
+            have_epoch: None,
             resume: u64::MAX,
         },
         SiteMessage::Resync {
@@ -118,6 +120,7 @@ fn samples() -> Vec<SiteMessage> {
             last: false,
             base: DeltaSeq(16),
             consistent_at: DeltaSeq(20),
+            consistent_epoch: Some(Epoch(3)),
             resume: 1,
         },
         SiteMessage::Resync {
@@ -126,6 +129,7 @@ fn samples() -> Vec<SiteMessage> {
             last: true,
             base: DeltaSeq(20),
             consistent_at: DeltaSeq(20),
+            consistent_epoch: None,
             resume: 1 << 40,
         },
         SiteMessage::ResyncAck {

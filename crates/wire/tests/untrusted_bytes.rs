@@ -98,11 +98,13 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::Resume {
             group: 3,
             have: Some(39),
+            have_epoch: Some(4),
             resume: 7,
         },
         PeerMessage::Resume {
             group: 3,
             have: None,
+            have_epoch: None,
             resume: 8,
         },
         PeerMessage::Resync {
@@ -111,6 +113,7 @@ fn samples() -> Vec<PeerMessage> {
             last: false,
             base: 40,
             consistent_at: 44,
+            consistent_epoch: Some(4),
             resume: 8,
         },
         PeerMessage::Resync {
@@ -119,6 +122,7 @@ fn samples() -> Vec<PeerMessage> {
             last: true,
             base: 44,
             consistent_at: 44,
+            consistent_epoch: None,
             resume: 8,
         },
         PeerMessage::ResyncAck {
@@ -447,6 +451,7 @@ fn protocol_rules_are_enforced() {
         last: false,
         base: 0,
         consistent_at: 1,
+        consistent_epoch: None,
         resume: 1,
     };
     let reply = |blocks| PeerMessage::ReadReply {
