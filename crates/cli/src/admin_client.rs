@@ -123,6 +123,12 @@ impl AdminClient {
         self.call("POST", &path, Some(body))
     }
 
+    pub fn promote_volume(&self, name: &str, site: &str) -> anyhow::Result<VolumeInfo> {
+        let body = serde_json::json!({ "site": site, "accept_data_loss": true });
+        let path = format!("/v1/volumes/{}/promote", segment(name));
+        self.call("POST", &path, Some(body))
+    }
+
     pub fn links(&self) -> anyhow::Result<Vec<LinkInfo>> {
         self.call("GET", "/v1/links", None)
     }

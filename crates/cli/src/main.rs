@@ -164,6 +164,13 @@ enum VolumeCommand {
         /// for another site's journal; sync: every write does.
         #[arg(long, default_value = "async", value_parser = ["async", "flush-sync", "sync"])]
         mode: String,
+        /// What happens when the owner site is lost (holds no lease from a
+        /// majority of the voters): auto: another site takes the volume
+        /// over within about 3 s, losing the writes it had not received
+        /// (none in sync mode); manual: the volume stays suspended until
+        /// `stretch volume promote`.
+        #[arg(long, default_value = "manual", value_parser = ["auto", "manual"])]
+        failover: String,
     },
     /// List volumes.
     List,
@@ -180,6 +187,21 @@ enum VolumeCommand {
         /// The site that takes over.
         #[arg(long)]
         to: String,
+    },
+    /// Fail a volume's group over to SITE while its owner site is lost,
+    /// accepting the loss of the writes the owner acknowledged that SITE
+    /// had not received. Ask a node at SITE (--admin). Waits until the old
+    /// owner's lease cannot cover the volume (about 2 s), then SITE serves
+    /// writes. When the old owner returns it counts what it lost and is
+    /// resynced from SITE.
+    Promote {
+        name: String,
+        /// The site that takes over (the site of the node asked).
+        #[arg(long)]
+        site: String,
+        /// Required: the operator accepts that writes are lost.
+        #[arg(long)]
+        accept_data_loss: bool,
     },
 }
 
@@ -476,6 +498,7 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             group,
             owner,
             mode,
+            failover,
         } => {
             let volume = client.create_volume(&CreateVolume {
                 name,
@@ -483,12 +506,14 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                 group,
                 owner,
                 mode: Some(mode),
+                failover: Some(failover),
             })?;
             println!(
-                "created volume {} ({}, {} mode, owned by site {}), export {}",
+                "created volume {} ({}, {} mode, {} failover, owned by site {}), export {}",
                 volume.name,
                 ByteSize(volume.size),
                 volume.mode,
+                volume.failover,
                 volume.owner,
                 volume.export
             );
@@ -522,6 +547,24 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!("export: {}", volume.export);
             println!("owner:  site {} (epoch {})", volume.owner, volume.epoch);
             println!("mode:   {}", volume.mode);
+            println!("failover: {}", volume.failover);
+            if let Some(reason) = &volume.suspended {
+                println!("SUSPENDED: {reason}");
+            }
+            if let Some(failover) = &volume.last_failover {
+                println!(
+                    "last failover: {} -> {} at epoch {} ({}), image after delta {}",
+                    failover.from,
+                    failover.to,
+                    failover.epoch,
+                    if failover.automatic {
+                        "auto"
+                    } else {
+                        "promoted"
+                    },
+                    failover.after_delta
+                );
+            }
             for replica in &volume.replicas {
                 println!(
                     "site {}: {} deltas ({} bytes) not applied, lag {:.3} s, {} regions to resync",
@@ -538,6 +581,29 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!(
                 "volume {} is now owned by site {} (epoch raised)",
                 volume.name, volume.owner
+            );
+        }
+        VolumeCommand::Promote {
+            name,
+            site,
+            accept_data_loss,
+        } => {
+            if !accept_data_loss {
+                anyhow::bail!(
+                    "promoting {name} loses the writes its owner acknowledged that site {site} had not received: \
+                     add --accept-data-loss to go ahead"
+                );
+            }
+            let volume = client.promote_volume(&name, &site)?;
+            println!(
+                "volume {} is now owned by site {} (epoch {}); writes the old owner acknowledged after delta {} are lost",
+                volume.name,
+                volume.owner,
+                volume.epoch,
+                volume
+                    .last_failover
+                    .as_ref()
+                    .map_or(0, |failover| failover.after_delta)
             );
         }
         VolumeCommand::Delete { name } => {
@@ -701,6 +767,31 @@ fn status(client: &AdminClient) -> anyhow::Result<()> {
             })
             .collect();
         println!("voters:           {}", voters.join(", "));
+    }
+    if let Some(lease) = &status.lease {
+        if lease.valid {
+            println!(
+                "lease:            held, runs out in {} ms unless renewed (lease {} ms, renewed every {} ms)",
+                lease.expires_in_ms, lease.lease_ms, lease.renew_ms
+            );
+        } else {
+            println!(
+                "lease:            NOT HELD: this site's volumes accept no writes ({} requests held, {} failed)",
+                status.suspended_requests, status.suspended_failed_total
+            );
+        }
+    }
+    if !status.lost_sites.is_empty() {
+        println!("sites without lease: {}", status.lost_sites.join(", "));
+    }
+    for volume in &status.suspended_volumes {
+        println!("suspended:        {}: {}", volume.name, volume.reason);
+    }
+    if status.failover_lost_deltas > 0 {
+        println!(
+            "lost at failover: {} deltas ({} bytes) acknowledged here after another site took over",
+            status.failover_lost_deltas, status.failover_lost_bytes
+        );
     }
     for peer in &status.peers {
         let state = match (peer.connected, peer.rtt_ms) {

@@ -191,6 +191,54 @@ pub struct CreateVolume {
     /// `async` (default), `flush-sync` or `sync`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// `manual` (default) or `auto`: whether another site takes the volume
+    /// over by itself when its owner site is lost.
+    #[serde(default)]
+    pub failover: Option<String>,
+}
+
+/// `POST /v1/volumes/NAME/promote`: fail the volume's group over to this
+/// node's site, accepting the loss of what its owner acknowledged after
+/// this site's image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteVolume {
+    pub site: String,
+    /// Must be true: the operator accepts that writes are lost.
+    pub accept_data_loss: bool,
+}
+
+/// The newest failover of a volume's group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverInfo {
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    /// The last delta the new owner held: what the old owner acknowledged
+    /// after it was lost (counted there when it returns).
+    pub after_delta: u64,
+    pub automatic: bool,
+}
+
+/// This node's ownership lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub valid: bool,
+    /// Milliseconds until it runs out unless renewed (0 if not valid).
+    pub expires_in_ms: u64,
+    /// Lease timing, for the operator: `lease_ms`, `renew_ms`, `drift_ppm`,
+    /// `margin_ms`.
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+    pub drift_ppm: u64,
+    pub margin_ms: u64,
+}
+
+/// A volume that accepts no writes now, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspendedVolume {
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +258,14 @@ pub struct VolumeInfo {
     pub epoch: u64,
     #[serde(default)]
     pub mode: String,
+    /// `auto` or `manual` (see [`CreateVolume::failover`]).
+    #[serde(default)]
+    pub failover: String,
+    /// Why the volume accepts no writes now, if it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverInfo>,
     /// Per other site: how far behind it is (filled at the owner).
     #[serde(default)]
     pub replicas: Vec<ReplicaInfo>,
@@ -311,6 +367,26 @@ pub struct StatusInfo {
     /// The metadata cluster (Raft) as this node sees it.
     #[serde(default)]
     pub metadata: Option<crate::control::MetadataStatus>,
+    /// This node's ownership lease (data nodes of multi-site clusters).
+    #[serde(default)]
+    pub lease: Option<LeaseInfo>,
+    /// Owner sites holding no lease at the last check.
+    #[serde(default)]
+    pub lost_sites: Vec<String>,
+    #[serde(default)]
+    pub suspended_volumes: Vec<SuspendedVolume>,
+    /// Requests held now because this site holds no lease, and those that
+    /// failed after waiting `suspend_hold_ms`.
+    #[serde(default)]
+    pub suspended_requests: u64,
+    #[serde(default)]
+    pub suspended_failed_total: u64,
+    /// Deltas (and bytes) this site acknowledged as owner after the image
+    /// another site took over from: lost to the cluster.
+    #[serde(default)]
+    pub failover_lost_deltas: u64,
+    #[serde(default)]
+    pub failover_lost_bytes: u64,
 }
 
 /// The running admin API: a task on the node's runtime.
@@ -499,7 +575,10 @@ impl Shared {
             Route::ListLinks | Route::SetLink | Route::CutLink | Route::HealLink => {
                 link_route(&self.links, &route, &body)
             }
-            Route::CreateVolume | Route::DeleteVolume(_) | Route::MoveVolume(_) => {
+            Route::CreateVolume
+            | Route::DeleteVolume(_)
+            | Route::MoveVolume(_)
+            | Route::PromoteVolume(_) => {
                 // Waiting here is cancelled if the client goes away; once
                 // the change runs, the turn is held until it is done, even
                 // if the client left meanwhile.
@@ -734,6 +813,7 @@ enum Route {
     ShowVolume(String),
     DeleteVolume(String),
     MoveVolume(String),
+    PromoteVolume(String),
     ListLinks,
     SetLink,
     CutLink,
@@ -746,6 +826,7 @@ impl Route {
             self,
             Route::CreateVolume
                 | Route::MoveVolume(_)
+                | Route::PromoteVolume(_)
                 | Route::SetLink
                 | Route::CutLink
                 | Route::HealLink
@@ -771,6 +852,9 @@ fn parse_route(method: &Method, path: &str) -> Result<Route, Reply> {
         (&Method::GET, ["v1", "volumes", volume]) => Route::ShowVolume(name(volume)?),
         (&Method::DELETE, ["v1", "volumes", volume]) => Route::DeleteVolume(name(volume)?),
         (&Method::POST, ["v1", "volumes", volume, "move"]) => Route::MoveVolume(name(volume)?),
+        (&Method::POST, ["v1", "volumes", volume, "promote"]) => {
+            Route::PromoteVolume(name(volume)?)
+        }
         (&Method::GET, ["v1", "links"]) => Route::ListLinks,
         (&Method::POST, ["v1", "links", "set"]) => Route::SetLink,
         (&Method::POST, ["v1", "links", "cut"]) => Route::CutLink,
@@ -968,6 +1052,23 @@ fn node_route(node: &Arc<Node>, route: Route, body: &[u8]) -> Reply {
                 Err(error) => node_error(error),
             }
         }
+        Route::PromoteVolume(name) => {
+            let request: PromoteVolume = match serde_json::from_slice(body) {
+                Ok(request) => request,
+                Err(error) => return Reply::error(400, format!("bad promote request: {error}")),
+            };
+            if !request.accept_data_loss {
+                return Reply::error(
+                    400,
+                    "a promotion loses the writes the owner acknowledged after this site's image: \
+                     set accept_data_loss (stretch volume promote --accept-data-loss)",
+                );
+            }
+            match node.promote_volume(&name, &request.site) {
+                Ok(record) => Reply::json(200, &volume_info(node, &record)),
+                Err(error) => node_error(error),
+            }
+        }
         Route::ShowVolume(name) => match node.volume(&name) {
             Some(record) => Reply::json(200, &volume_info(node, &record)),
             None => Reply::error(404, format!("no volume named {name:?}")),
@@ -999,12 +1100,23 @@ fn create_volume(node: &Arc<Node>, body: &[u8]) -> Reply {
             }
         },
     };
+    let failover = match create.failover.as_deref() {
+        None | Some("manual") => stretch_metadata::Failover::Manual,
+        Some("auto") => stretch_metadata::Failover::Auto,
+        Some(text) => {
+            return Reply::error(
+                400,
+                format!("unknown failover policy {text:?}: use auto or manual"),
+            );
+        }
+    };
     let created = node.create_volume(
         &create.name,
         create.size,
         create.group.as_deref(),
         create.owner.as_deref(),
         mode,
+        failover,
     );
     match created {
         Ok((record, unconfirmed)) => {
@@ -1054,7 +1166,10 @@ fn node_error(error: NodeError) -> Reply {
         NodeError::Catalog(CatalogError::NoSuchVolume(_)) => 404,
         NodeError::Catalog(CatalogError::InvalidName { .. } | CatalogError::InvalidSize { .. })
         | NodeError::UnknownSite(_) => 400,
-        NodeError::NotOwner { .. } | NodeError::Move { .. } => 409,
+        NodeError::NotOwner { .. }
+        | NodeError::Move { .. }
+        | NodeError::Promote { .. }
+        | NodeError::Failover { .. } => 409,
         NodeError::Catalog(CatalogError::Conflict { .. }) | NodeError::Witness => 409,
         NodeError::Control(crate::control::ControlError::Refused(error)) => {
             crate::volumes::command_status(error)
@@ -1081,6 +1196,9 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
         owner: node.owner_name(record),
         epoch: record.epoch,
         mode: record.mode.clone(),
+        failover: node.failover_policy(record).to_string(),
+        suspended: node.suspension(record),
+        last_failover: node.last_failover(record),
         replicas: node
             .volume_lags()
             .into_iter()
@@ -1106,6 +1224,9 @@ fn status(node: &Node) -> StatusInfo {
             engine.config().cache_bytes_max,
         )
     };
+    // Taken apart from the literal below: a guard taken inside it would
+    // live until its end, while `suspension` locks the same set.
+    let lost_sites: Vec<String> = node.lost_sites.lock().iter().cloned().collect();
     StatusInfo {
         cluster: node.cluster.clone(),
         node: node.name.clone(),
@@ -1125,6 +1246,22 @@ fn status(node: &Node) -> StatusInfo {
         resync_regions_left: stats.resync_regions_left,
         peers: peer_infos(node),
         metadata: node.control.get().map(|control| control.status()),
+        lease: node.lease_info(),
+        lost_sites,
+        suspended_volumes: node
+            .volumes()
+            .iter()
+            .filter_map(|record| {
+                Some(SuspendedVolume {
+                    name: record.name.clone(),
+                    reason: node.suspension(record)?,
+                })
+            })
+            .collect(),
+        suspended_requests: stats.suspended_requests_now,
+        suspended_failed_total: stats.suspended_failed_total,
+        failover_lost_deltas: stats.failover_lost_deltas_total,
+        failover_lost_bytes: stats.failover_lost_bytes_total,
     }
 }
 

@@ -156,6 +156,11 @@ impl Driver {
         ))
     }
 
+    /// The instant the engine's clock counts from.
+    pub fn origin(&self) -> Instant {
+        self.start
+    }
+
     pub fn now(&self) -> Timestamp {
         Timestamp(self.start.elapsed().as_nanos() as u64)
     }
@@ -177,6 +182,10 @@ impl Driver {
     pub fn with_engine<T>(&self, call: impl FnOnce(&mut Engine) -> T) -> T {
         let (result, actions) = {
             let mut engine = self.engine.lock();
+            // The engine decides on its notion of now (an owner whose lease
+            // ran out acknowledges nothing): keep it current before every
+            // call, including those that carry no time (I/O completions).
+            engine.advance_clock(self.now());
             let result = call(&mut engine);
             (result, self.drain(&mut engine))
         };

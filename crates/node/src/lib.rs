@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod driver;
 mod export;
+mod failover;
 mod links;
 mod metrics;
 mod node;
@@ -20,8 +21,9 @@ mod sites;
 mod volumes;
 
 pub use admin::{
-    ADMIN_TOKEN_FILE, AdminConfig, AdminError, AdminToken, CreateVolume, LinkPair, MoveVolume,
-    PeerInfo, ReplicaInfo, SetLink, StatusInfo, TokenError, VolumeInfo, ensure_admin_token,
+    ADMIN_TOKEN_FILE, AdminConfig, AdminError, AdminToken, CreateVolume, FailoverInfo, LeaseInfo,
+    LinkPair, MoveVolume, PeerInfo, PromoteVolume, ReplicaInfo, SetLink, StatusInfo,
+    SuspendedVolume, TokenError, VolumeInfo, ensure_admin_token,
 };
 pub use byte_size::ByteSize;
 pub use config::{

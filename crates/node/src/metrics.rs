@@ -50,6 +50,27 @@ struct MetadataGauges {
     applied_index: IntGauge,
     voters: IntGauge,
     voters_reachable: IntGauge,
+    lease_valid: IntGauge,
+    lease_expires_seconds: Gauge,
+    sites_without_lease: IntGauge,
+    suspended_volumes: IntGauge,
+    suspended_requests: IntGauge,
+    suspended_failed: IntGauge,
+    failover_lost_deltas: IntGauge,
+    failover_lost_bytes: IntGauge,
+}
+
+/// Ownership leases and failover as one node sees them, for the gauges.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LeaseFigures {
+    pub valid: bool,
+    pub expires_seconds: f64,
+    pub sites_without_lease: usize,
+    pub suspended_volumes: usize,
+    pub suspended_requests: u64,
+    pub suspended_failed_total: u64,
+    pub failover_lost_deltas_total: u64,
+    pub failover_lost_bytes_total: u64,
 }
 
 /// Multi-site figures: the engine's totals, and per peer and per volume.
@@ -137,6 +158,14 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("metric definition invariant: valid name");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registration invariant: unique name");
+    metric
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let metric = Gauge::new(name, help).expect("metric definition invariant: valid name");
     registry
         .register(Box::new(metric.clone()))
         .expect("metric registration invariant: unique name");
@@ -473,6 +502,46 @@ impl Metrics {
                     "stretch_metadata_voters_reachable",
                     "Voters this node reaches, itself included",
                 ),
+                lease_valid: gauge(
+                    &registry,
+                    "stretch_lease_valid",
+                    "1 if this data node holds its ownership lease (its volumes accept writes)",
+                ),
+                lease_expires_seconds: float_gauge(
+                    &registry,
+                    "stretch_lease_expires_seconds",
+                    "Seconds until this node's ownership lease runs out unless renewed (0 if not held)",
+                ),
+                sites_without_lease: gauge(
+                    &registry,
+                    "stretch_sites_without_lease",
+                    "Owner sites that held no lease at this node's last check",
+                ),
+                suspended_volumes: gauge(
+                    &registry,
+                    "stretch_suspended_volumes",
+                    "Volumes that accept no writes now, as this node sees them",
+                ),
+                suspended_requests: gauge(
+                    &registry,
+                    "stretch_suspended_requests",
+                    "Requests held now because this site holds no ownership lease",
+                ),
+                suspended_failed: gauge(
+                    &registry,
+                    "stretch_suspended_failed_requests",
+                    "Requests failed with EIO after waiting suspend_hold_ms for a lease",
+                ),
+                failover_lost_deltas: gauge(
+                    &registry,
+                    "stretch_failover_lost_deltas",
+                    "Deltas this site acknowledged as owner after the image another site took over from",
+                ),
+                failover_lost_bytes: gauge(
+                    &registry,
+                    "stretch_failover_lost_bytes",
+                    "Bytes of the deltas counted in stretch_failover_lost_deltas",
+                ),
             },
             registry,
             requests,
@@ -497,6 +566,31 @@ impl Metrics {
         gauges
             .voters_reachable
             .set(status.voters.iter().filter(|voter| voter.reachable).count() as i64);
+    }
+
+    /// Updates the lease and failover gauges.
+    pub(crate) fn set_leases(&self, figures: &LeaseFigures) {
+        let gauges = &self.metadata;
+        gauges.lease_valid.set(i64::from(figures.valid));
+        gauges.lease_expires_seconds.set(figures.expires_seconds);
+        gauges
+            .sites_without_lease
+            .set(figures.sites_without_lease as i64);
+        gauges
+            .suspended_volumes
+            .set(figures.suspended_volumes as i64);
+        gauges
+            .suspended_requests
+            .set(figures.suspended_requests as i64);
+        gauges
+            .suspended_failed
+            .set(figures.suspended_failed_total as i64);
+        gauges
+            .failover_lost_deltas
+            .set(figures.failover_lost_deltas_total as i64);
+        gauges
+            .failover_lost_bytes
+            .set(figures.failover_lost_bytes_total as i64);
     }
 
     pub fn peer_refused(&self) {

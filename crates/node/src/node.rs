@@ -75,6 +75,14 @@ pub enum NodeError {
         site: String,
         reason: String,
     },
+    #[error("cannot promote volume {volume:?} at site {site:?}: {reason}")]
+    Promote {
+        volume: String,
+        site: String,
+        reason: String,
+    },
+    #[error("cannot fail group {group:?} over: {reason}")]
+    Failover { group: String, reason: String },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(
@@ -114,6 +122,21 @@ pub struct Node {
     /// Groups this node is handing over: their ownership changes are made
     /// by the move itself, in its order.
     pub(crate) moving: Mutex<BTreeSet<u32>>,
+    /// Groups this node is taking over from a lost owner: the engine is
+    /// told it owns them only once the old owner's lease cannot cover
+    /// them any more.
+    pub(crate) taking_over: Mutex<BTreeSet<u32>>,
+    /// The metadata index the engine's ownership reflects: what this node
+    /// reports when it renews its lease (a voter that fenced it at a later
+    /// index refuses until it applied that).
+    pub(crate) reconciled_index: std::sync::atomic::AtomicU64,
+    /// The node's leases, once started (multi-site clusters only).
+    pub(crate) leases: crate::control::LeaseCell,
+    /// Owner sites that held no lease at the last check (their volumes
+    /// are suspended unless failed over).
+    pub(crate) lost_sites: Mutex<BTreeSet<String>>,
+    /// This node, for tasks it starts.
+    this: std::sync::OnceLock<std::sync::Weak<Node>>,
     /// The node's metadata member, once started.
     pub(crate) control: std::sync::OnceLock<Arc<Control>>,
     /// The metadata store until the member starts on it.
@@ -174,11 +197,30 @@ impl Node {
         if let Some(control) = self.control.get() {
             metrics.set_metadata(&control.status());
         }
+        if self.leases.get().is_some() {
+            metrics.set_leases(&self.lease_figures());
+        }
         if let Some(peers) = self.peers.get() {
             for (site, rtt) in peers.round_trips() {
                 metrics.peer_rtt(&site, rtt.as_secs_f64());
             }
         }
+    }
+
+    pub(crate) fn weak(&self) -> std::sync::Weak<Node> {
+        self.this.get().cloned().unwrap_or_default()
+    }
+
+    /// This node's site as the engine numbers it.
+    pub(crate) fn driver_site(&self) -> stretch_core::SiteId {
+        self.sites
+            .id(&self.site)
+            .expect("node invariant: a node's site is in the site table")
+    }
+
+    pub(crate) fn reconciled_index(&self) -> u64 {
+        self.reconciled_index
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn is_witness(&self) -> bool {
@@ -229,7 +271,8 @@ fn open_node(
             layout.root.join(crate::control::METADATA_FILE),
         ));
     }
-    let store = crate::control::open_store(&layout.root)?;
+    let leases: crate::control::LeaseCell = Arc::default();
+    let store = crate::control::open_store(&layout.root, leases.clone())?;
     let records = if config.is_data_node(node) {
         let metadata = store.applied.borrow().0.clone();
         crate::volumes::records_of(&metadata, &layout.legs())
@@ -288,6 +331,11 @@ fn open_node(
     let mut engine_config = config.tuning.engine();
     engine_config.site = site_id;
     engine_config.peers = sites.data_peers(&node.site);
+    // With other data sites, an owner serves only under its lease (the
+    // lease service starts with the links); alone, nothing can take its
+    // volumes away.
+    engine_config.leases_enforced = !engine_config.peers.is_empty();
+    let last_epoch = recovery.last_epochs();
     let mut engine = Engine::new(
         engine_config,
         RecoveredState {
@@ -298,6 +346,7 @@ fn open_node(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| since.as_micros() as u64),
             resyncing,
+            last_epoch,
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);
@@ -344,6 +393,11 @@ fn open_node(
         ),
         reconcile_turn: Mutex::new(()),
         moving: Mutex::new(BTreeSet::new()),
+        taking_over: Mutex::new(BTreeSet::new()),
+        reconciled_index: std::sync::atomic::AtomicU64::new(0),
+        lost_sites: Mutex::new(BTreeSet::new()),
+        this: std::sync::OnceLock::new(),
+        leases,
         control: std::sync::OnceLock::new(),
         store: Mutex::new(Some(store)),
         runtime: tokio::runtime::Handle::current(),
@@ -354,6 +408,7 @@ fn open_node(
         peers: std::sync::OnceLock::new(),
         links,
     });
+    let _ = node.this.set(Arc::downgrade(&node));
     Ok((node, threads, lock, outbox))
 }
 
@@ -477,6 +532,13 @@ pub async fn run_node(
         .lock()
         .take()
         .expect("node invariant: the metadata store is taken once, here");
+    if multi_site {
+        // Before Raft starts: no batch is applied before the leases see it.
+        let (metadata, index) = store.applied.borrow().clone();
+        let leases =
+            crate::control::lease::start_leases(&node, config, node_config, &metadata, index);
+        let _ = node.leases.set(leases);
+    }
     let control = Control::start(&node, config, node_config, store).await?;
     let _ = node.control.set(control.clone());
     let mut control_tasks = tokio::task::JoinSet::new();
@@ -484,6 +546,19 @@ pub async fn run_node(
     control_tasks.spawn(control.clone().log_leader_changes(stop_peers.subscribe()));
     control_tasks.spawn(control.clone().prefer_witness(stop_peers.subscribe()));
     control_tasks.spawn(control.clone().probe(stop_peers.subscribe()));
+    if let Some(leases) = node.leases.get() {
+        control_tasks.spawn(
+            leases
+                .clone()
+                .renew(Arc::downgrade(&node), stop_peers.subscribe()),
+        );
+        if leases.is_holder() {
+            control_tasks.spawn(crate::failover::watch_owners(
+                node.clone(),
+                stop_peers.subscribe(),
+            ));
+        }
+    }
     control_tasks.spawn(follow_metadata(
         node.clone(),
         control.watch_applied(),

@@ -697,7 +697,7 @@ impl Peers {
                 tokio::spawn(async move {
                     let reply = match node.control.get() {
                         Some(control) => match crate::control::rpc::decode(&body) {
-                            Ok(rpc) => control.serve(rpc).await,
+                            Ok(rpc) => control.serve(rpc, site).await,
                             Err(reason) => crate::control::rpc::RpcReply::Refused(reason),
                         },
                         None => crate::control::rpc::RpcReply::Refused(

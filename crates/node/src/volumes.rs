@@ -105,6 +105,7 @@ impl Node {
         group: Option<&str>,
         owner: Option<&str>,
         mode: Mode,
+        failover: Failover,
     ) -> Result<(VolumeRecord, Vec<String>), NodeError> {
         if self.is_witness() {
             return Err(NodeError::Witness);
@@ -123,7 +124,7 @@ impl Node {
             size,
             group: group.to_string(),
             mode: metadata_mode(mode),
-            failover: Failover::Manual,
+            failover,
             owner_site: owner.clone(),
         };
         let existed = control.applied().0.volume_by_name(name).is_some();
@@ -272,11 +273,22 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Nothing is written while handing over: the last delta is the
+        // one the new owner's epoch starts after.
+        let last_seq = self
+            .driver
+            .engine
+            .lock()
+            .replication_status()
+            .iter()
+            .find(|status| status.group == group)
+            .map_or(0, |status| status.last_seq.0);
         let command = Command::TransferGroup {
             group: record.group.clone(),
             from: self.site.clone(),
             to: to.to_string(),
             expected_epoch: record.epoch,
+            after_seq: last_seq,
         };
         let index = match self.wait(control.execute(command)) {
             Ok((_, index)) => index,
@@ -342,8 +354,12 @@ impl Node {
             return;
         };
         let _turn = self.reconcile_turn.lock();
-        let (metadata, _) = control.applied();
+        let (metadata, index) = control.applied();
         self.reconcile(&metadata);
+        // Every ownership change up to `index` is in the engine now (but
+        // for groups taken over or handed over, which do their own).
+        self.reconciled_index
+            .store(index, std::sync::atomic::Ordering::Release);
     }
 
     /// Creates the legs of volumes the metadata has and this node lacks,
@@ -362,12 +378,22 @@ impl Node {
             }
         }
         let moving = self.moving.lock().clone();
+        let taking_over = self.taking_over.lock().clone();
+        self.driver.with_engine(|engine| {
+            for group in metadata.groups.values() {
+                let id = stretch_core::GroupId(group.id);
+                engine.set_epoch_history(id, crate::failover::epoch_history(group));
+            }
+        });
         for record in wanted.values() {
             let existing = self.volumes.lock().get(&record.name).cloned();
             match existing {
                 Some(existing) if existing.id == record.id => {
                     let changed = existing.owner != record.owner || existing.epoch != record.epoch;
-                    if !changed || moving.contains(&record.group_id) {
+                    if !changed
+                        || moving.contains(&record.group_id)
+                        || taking_over.contains(&record.group_id)
+                    {
                         continue;
                     }
                     let Some(owner) = self.sites.id(&record.owner) else {

@@ -14,6 +14,7 @@
 //! leader forwards them. Every node applies the committed log to itself
 //! (legs, engine ownership) through the state machine's observer.
 
+pub(crate) mod lease;
 mod network;
 pub(crate) mod rpc;
 
@@ -121,8 +122,12 @@ pub(crate) struct OpenedStore {
     pub applied: watch::Receiver<Applied>,
 }
 
+/// Where a node's lease service is, once it exists: the store's observer
+/// tells it of every applied batch (it fences sites that lost a group).
+pub(crate) type LeaseCell = Arc<std::sync::OnceLock<Arc<lease::Leases>>>;
+
 /// Opens (or creates) the metadata store in `root`.
-pub(crate) fn open_store(root: &Path) -> Result<OpenedStore, ControlError> {
+pub(crate) fn open_store(root: &Path, leases: LeaseCell) -> Result<OpenedStore, ControlError> {
     let path = root.join(METADATA_FILE);
     let store_error = |source| ControlError::Store {
         path: path.display().to_string(),
@@ -134,6 +139,11 @@ pub(crate) fn open_store(root: &Path) -> Result<OpenedStore, ControlError> {
     let index = state_machine.last_applied().map_or(0, |id| id.index);
     let (sender, applied) = watch::channel((Arc::new(state_machine.metadata().clone()), index));
     let state_machine = state_machine.with_observer(Arc::new(move |metadata, index| {
+        // Fences first: nobody may learn this node applied the batch
+        // (through the watch, or Raft's answers) before its grants follow.
+        if let Some(leases) = leases.get() {
+            leases.observe(metadata, index);
+        }
         sender.send_replace((Arc::new(metadata.clone()), index));
     }));
     Ok(OpenedStore {
@@ -464,8 +474,9 @@ impl Control {
             .collect()
     }
 
-    /// Serves a request from another node.
-    pub(crate) async fn serve(&self, rpc: Rpc) -> RpcReply {
+    /// Serves a request from another node, at site `from` (as its link
+    /// authenticated it).
+    pub(crate) async fn serve(&self, rpc: Rpc, from: stretch_core::SiteId) -> RpcReply {
         match rpc {
             Rpc::AppendEntries(request) => RpcReply::AppendEntries(
                 self.raft
@@ -525,7 +536,29 @@ impl Control {
                     Duration::from_millis(timeout_ms.min(CONFIRM_TIMEOUT.as_millis() as u64));
                 RpcReply::Applied(self.wait_applied(index, timeout).await)
             }
+            Rpc::Lease { id, applied_index } => match self.leases() {
+                Some(leases) => {
+                    let request = stretch_control::LeaseRequest { id, applied_index };
+                    RpcReply::Lease(
+                        leases
+                            .grant(from, request)
+                            .map(|grant| grant.id)
+                            .map_err(|refused| (refused.id, refused.need_index)),
+                    )
+                }
+                None => RpcReply::Refused("this node grants no leases yet".into()),
+            },
+            Rpc::LeaseState { site, index } => match self.leases() {
+                Some(leases) => {
+                    RpcReply::LeaseState(leases.state_of(stretch_core::SiteId(site), index))
+                }
+                None => RpcReply::Refused("this node grants no leases yet".into()),
+            },
         }
+    }
+
+    fn leases(&self) -> Option<Arc<lease::Leases>> {
+        self.node.upgrade()?.leases.get().cloned()
     }
 
     /// Records the config's sites and nodes in the metadata, from whichever

@@ -37,6 +37,19 @@ pub(crate) enum Rpc {
         index: u64,
         timeout_ms: u64,
     },
+    /// Renew the asking node's ownership lease (request `id`; the asker
+    /// applied the metadata up to `applied_index`). The asker's site is
+    /// the one its link authenticated, never a field of the request.
+    Lease {
+        id: u64,
+        applied_index: u64,
+    },
+    /// How long this voter's promises to `site` may still run, and those
+    /// made without knowing the entry at `index` (a takeover's question).
+    LeaseState {
+        site: u32,
+        index: u64,
+    },
 }
 
 /// The answer to an [`Rpc`]; errors of the serving node travel as text.
@@ -48,6 +61,10 @@ pub(crate) enum RpcReply {
     TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
     Write(Result<Committed, WriteRefusal>),
     Applied(bool),
+    /// The lease asked for by request `id` is granted, or refused until
+    /// the asker applied `need_index`: `Err((id, need_index))`.
+    Lease(Result<u64, (u64, u64)>),
+    LeaseState(super::lease::LeaseState),
     /// The request could not be served at all (the node is starting or
     /// stopping, or the body did not decode).
     Refused(String),

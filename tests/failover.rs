@@ -1,0 +1,259 @@
+//! Ownership leases and failover end to end, with separate `stretch node`
+//! processes a1, b1 and the witness w1 and real NBD clients (qemu-io):
+//! exactly the volumes of a site that lost its lease suspend; `auto`
+//! volumes move to the surviving site, `manual` ones wait for
+//! `stretch volume promote`; after heal the old owner follows the new
+//! epoch and its legs converge with the winner's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sites::{A, B, Layout, TwoSites};
+use common::*;
+
+const W: usize = 2;
+
+/// Cuts site `site` off from both others, in both directions (each node
+/// process shapes only what it sends).
+fn isolate_a(sites: &TwoSites) {
+    sites.ok(A, &["link", "cut", "a", "b"]);
+    sites.ok(A, &["link", "cut", "a", "w"]);
+    sites.ok(B, &["link", "cut", "a", "b"]);
+    sites.ok(W, &["link", "cut", "a", "w"]);
+}
+
+fn heal_a(sites: &TwoSites) {
+    sites.ok(A, &["link", "heal", "a", "b"]);
+    sites.ok(A, &["link", "heal", "a", "w"]);
+    sites.ok(B, &["link", "heal", "a", "b"]);
+    sites.ok(W, &["link", "heal", "a", "w"]);
+}
+
+fn owner_at(sites: &TwoSites, node: usize, volume: &str) -> (String, u64) {
+    let text = http_get(&sites.url(node), &format!("/v1/volumes/{volume}")).unwrap_or_default();
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (
+        info["owner"].as_str().unwrap_or_default().to_string(),
+        info["epoch"].as_u64().unwrap_or(0),
+    )
+}
+
+fn wait_formed(sites: &TwoSites) {
+    sites.wait_until(
+        "the metadata cluster formed and a and b hold leases",
+        Duration::from_secs(30),
+        || {
+            [A, B].iter().all(|node| {
+                let status = sites.status(*node);
+                status["metadata"]["leader"].is_string()
+                    && status["metadata"]["applied_index"].as_u64().unwrap_or(0) >= 7
+                    && status["lease"]["valid"] == true
+            })
+        },
+    );
+}
+
+#[test]
+fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivor() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    wait_formed(&sites);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "va",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    sites.ok(A, &["volume", "create", "vm", "--size", "8M"]);
+    sites.ok(
+        B,
+        &[
+            "volume",
+            "create",
+            "vb",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 1M", "flush"]);
+    sites.wait_replicated(Duration::from_secs(30));
+
+    isolate_a(&sites);
+    let cut = Instant::now();
+    // b's own volume never suspends.
+    qemu_io_ok(&sites.nbd_uri(B, "vb"), &["write -P 2 0 64k", "flush"]);
+    sites.wait_until("b took va over", Duration::from_secs(20), || {
+        owner_at(&sites, B, "va") == ("b".to_string(), 2)
+    });
+    let took = cut.elapsed();
+    // Served at b with what a acknowledged before the cut, and writable.
+    qemu_io_ok(
+        &sites.nbd_uri(B, "va"),
+        &[
+            "read -P 1 0 1M",
+            "write -P 3 1M 1M",
+            "flush",
+            "read -P 3 1M 1M",
+        ],
+    );
+    let show = sites.ok(B, &["volume", "show", "va"]);
+    assert!(
+        show.contains("last failover: a -> b at epoch 2 (auto)"),
+        "{show}"
+    );
+    // The manual volume waits for an operator, and says so.
+    sites.wait_until("b reports vm suspended", Duration::from_secs(10), || {
+        sites
+            .ok(B, &["status"])
+            .contains("vm: owner site a holds no lease; failover policy manual")
+    });
+    assert_eq!(owner_at(&sites, B, "vm"), ("a".to_string(), 1));
+    // At a, its lease ran out: a write to the volume it lost fails
+    // instead of being acknowledged (it is held, then EIO).
+    let refused = qemu_io(&sites.nbd_uri(A, "va"), &["write -P 9 0 4k", "flush"]);
+    assert!(
+        !refused.success() || refused.stdout.contains("error") || refused.stderr.contains("error"),
+        "a acknowledged a write without a lease: {refused}"
+    );
+    let a_status = sites.ok(A, &["status"]);
+    assert!(
+        a_status.contains("lease:            NOT HELD"),
+        "{a_status}"
+    );
+
+    // The operator accepts the loss of vm's unreplicated writes.
+    let refused = sites.cli(B, &["volume", "promote", "vm", "--site", "b"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("--accept-data-loss"),
+        "{refused}"
+    );
+    let promoted = sites.ok(
+        B,
+        &[
+            "volume",
+            "promote",
+            "vm",
+            "--site",
+            "b",
+            "--accept-data-loss",
+        ],
+    );
+    assert!(promoted.contains("now owned by site b"), "{promoted}");
+    qemu_io_ok(&sites.nbd_uri(B, "vm"), &["write -P 4 0 64k", "flush"]);
+
+    heal_a(&sites);
+    sites.wait_until("a follows the new epochs", Duration::from_secs(30), || {
+        owner_at(&sites, A, "va") == ("b".to_string(), 2)
+            && owner_at(&sites, A, "vm") == ("b".to_string(), 2)
+    });
+    sites.wait_until("a caught up with b", Duration::from_secs(60), || {
+        let b = sites.status(B);
+        b["backlog_bytes"] == 0
+            && b["resync_regions_left"] == 0
+            && b["dirty_bytes"] == 0
+            && sites.status(A)["unapplied_deltas"] == 0
+    });
+    // a reads b's data through its own leg (a snapshot read is served
+    // from the local leg).
+    let read = qemu_io_read_only(
+        &sites.nbd_uri(A, "va@snapshot"),
+        &["read -P 1 0 1M", "read -P 3 1M 1M"],
+    );
+    assert_qemu_io_clean(&read);
+    sites.terminate();
+    let compare = run(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, "va"))
+            .arg(sites.leg(B, "va")),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(compare.success(), "legs differ after heal: {compare}");
+    eprintln!("failover of va took {took:?} after the cut");
+}
+
+#[test]
+fn a_cut_between_the_data_sites_that_both_reach_the_witness_suspends_nothing() {
+    require_tool("qemu-io");
+    let sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    wait_formed(&sites);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "va",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    sites.ok(
+        B,
+        &[
+            "volume",
+            "create",
+            "vb",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    sites.ok(A, &["link", "cut", "a", "b"]);
+    sites.ok(B, &["link", "cut", "a", "b"]);
+    // Longer than a lease and a failover check: nothing may move.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 5 0 64k", "flush"]);
+        qemu_io_ok(&sites.nbd_uri(B, "vb"), &["write -P 6 0 64k", "flush"]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(owner_at(&sites, A, "va"), ("a".to_string(), 1));
+    assert_eq!(owner_at(&sites, B, "va"), ("a".to_string(), 1));
+    assert_eq!(owner_at(&sites, B, "vb"), ("b".to_string(), 1));
+    for node in [A, B] {
+        let status = sites.ok(node, &["status"]);
+        assert!(!status.contains("suspended:"), "{status}");
+        assert!(status.contains("lease:            held"), "{status}");
+    }
+}
+
+#[test]
+fn losing_the_witness_suspends_nothing() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    wait_formed(&sites);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "va",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    sites.kill9(W);
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 7 0 64k", "flush"]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(owner_at(&sites, B, "va"), ("a".to_string(), 1));
+    let status = sites.ok(A, &["status"]);
+    assert!(status.contains("lease:            held"), "{status}");
+}
