@@ -262,41 +262,62 @@ impl Leases {
 
     /// Whether `site` holds no lease: a majority of the voters (this node
     /// included) answered that no promise they made to it still runs.
+    /// Returns as soon as the answers decide it.
     pub(crate) async fn holds_no_lease(&self, node: &Weak<Node>, site: SiteId) -> bool {
-        let answers = self.ask_state(node, site, 0).await;
+        let majority = self.voters.len() / 2 + 1;
+        let answers = self
+            .ask_state(node, site, 0, |answers| {
+                let free = answers
+                    .iter()
+                    .filter(|(_, state)| state.promised_remaining_ns == 0)
+                    .count();
+                free >= majority || answers.len() - free >= majority
+            })
+            .await;
         let free = answers
             .iter()
             .filter(|(_, state)| state.promised_remaining_ns == 0)
             .count();
-        free > self.voters.len() / 2
+        free >= majority
     }
 
     /// Asks every voter about `site`'s leases at `index`; the answers that
-    /// came within [`STATE_TIMEOUT`], by voter site.
+    /// came, by voter site, once `enough` says they decide the question
+    /// or every voter answered or [`STATE_TIMEOUT`] passed. An unreachable
+    /// voter does not hold up a majority that answered.
     pub(crate) async fn ask_state(
         &self,
         node: &Weak<Node>,
         site: SiteId,
         index: u64,
+        enough: impl Fn(&[(SiteId, LeaseState)]) -> bool,
     ) -> Vec<(SiteId, LeaseState)> {
-        let asks = self.voters.iter().map(|(voter, voter_site)| async move {
-            if *voter == self.local_node {
-                return Some((*voter_site, self.state_of(site, index)));
+        use futures_util::StreamExt;
+        let mut asks: futures_util::stream::FuturesUnordered<_> = self
+            .voters
+            .iter()
+            .map(|(voter, voter_site)| async move {
+                if *voter == self.local_node {
+                    return Some((*voter_site, self.state_of(site, index)));
+                }
+                let rpc = Rpc::LeaseState {
+                    site: site.0,
+                    index,
+                };
+                match network::call(node, voter, &rpc, STATE_TIMEOUT).await {
+                    Ok(RpcReply::LeaseState(state)) => Some((*voter_site, state)),
+                    _ => None,
+                }
+            })
+            .collect();
+        let mut answers = Vec::new();
+        while let Some(answer) = asks.next().await {
+            answers.extend(answer);
+            if enough(&answers) {
+                break;
             }
-            let rpc = Rpc::LeaseState {
-                site: site.0,
-                index,
-            };
-            match network::call(node, voter, &rpc, STATE_TIMEOUT).await {
-                Ok(RpcReply::LeaseState(state)) => Some((*voter_site, state)),
-                _ => None,
-            }
-        });
-        futures_util::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        }
+        answers
     }
 
     /// Waits until the old owner `from` of a group this node took by the
@@ -309,10 +330,23 @@ impl Leases {
             if takeover.state(now) == TakeoverState::Ready {
                 return;
             }
-            if !takeover.unanswered().is_empty() {
-                for (voter, state) in self.ask_state(node, from, index).await {
+            if takeover.ready_at().is_none() {
+                // Each answer counts from when it arrives (later is safe):
+                // stop asking once a majority of voters applied the entry.
+                let majority = self.voters.len() / 2 + 1;
+                let answers = self
+                    .ask_state(node, from, index, |answers| {
+                        answers
+                            .iter()
+                            .filter(|(_, state)| state.outstanding_ns.is_some())
+                            .count()
+                            >= majority
+                    })
+                    .await;
+                let now = self.now();
+                for (voter, state) in answers {
                     if let Some(remaining) = state.outstanding_ns {
-                        takeover.answered(self.now(), voter, remaining);
+                        takeover.answered(now, voter, remaining);
                     }
                 }
             }
