@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Benchmark the metadata control plane on cluster-configs/local.toml.
 
 Runs a1, b1 and the witness w1 as separate `stretch node` processes (as in
@@ -13,6 +13,15 @@ prints:
    plus the confirmations the command waits for.
 3. A site cut from both others: how long `volume create` at a takes to
    fail (the bound is 5 s), and that the same create at b succeeds.
+4. Failover timings, with a writer (libnbd: 4 KiB write + FLUSH in a
+   loop, one connection) on an `auto` volume owned by a (fa) and one owned
+   by b (fb): the longest write (its latency, which includes any pause)
+   and the failed writes while
+   - a-b is cut and both still reach the witness (nothing may suspend);
+   - the witness is killed (nothing may suspend);
+   - a is cut from both b and w: how long after the cut b serves fa (a
+     write at b to fa succeeds), b's own fb meanwhile, and a's writes to
+     fa (they must fail, not be acknowledged).
 
 Figures from different runs are not comparable on shared machines.
 Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep]
@@ -27,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import threading
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,15 +86,21 @@ class Cluster:
                        stdout=subprocess.DEVNULL)
         self.processes = {}
         for node in NODES:
-            out = open(os.path.join(workdir, f"{node}.log"), "w")
-            self.processes[node] = subprocess.Popen(
-                [STRETCH, "node", "--config", self.config, "--node", node,
-                 "--pki-dir", self.pki, "--data-dir", self.data],
-                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
+            self.start(node)
         for index in range(3):
             self.wait(lambda i=index: self.status(i) is not None, "admin APIs answer")
         self.wait(lambda: all((self.status(i) or {}).get("metadata", {}).get("leader")
                               for i in range(3)), "a metadata leader")
+
+    def start(self, node):
+        out = open(os.path.join(self.dir, f"{node}.log"), "a")
+        self.processes[node] = subprocess.Popen(
+            [STRETCH, "node", "--config", self.config, "--node", node,
+             "--pki-dir", self.pki, "--data-dir", self.data],
+            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
+
+    def nbd_uri(self, index, volume):
+        return f"nbd://127.0.0.1:{self.ports[index]}/{volume}"
 
     def admin(self, index):
         return f"http://127.0.0.1:{self.ports[2 + index]}"
@@ -129,6 +145,109 @@ class Cluster:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Writer:
+    """Writes 4 KiB + FLUSH in a loop on one NBD connection; records each
+    write's latency and the failures, until stopped."""
+
+    def __init__(self, uri):
+        import nbd
+        self.handle = nbd.NBD()
+        self.handle.connect_uri(uri)
+        self.latencies, self.failures = [], 0
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        buffer = bytearray(os.urandom(4096))
+        while self.running:
+            started = time.monotonic()
+            try:
+                self.handle.pwrite(buffer, 0)
+                self.handle.flush()
+                self.latencies.append(time.monotonic() - started)
+            except Exception:
+                self.failures += 1
+                time.sleep(0.05)
+
+    def stop(self):
+        self.running = False
+        self.thread.join(timeout=30)
+        return self
+
+    def summary(self):
+        longest = max(self.latencies) * 1000 if self.latencies else float("nan")
+        return f"{len(self.latencies)} ok, {self.failures} failed, longest {longest:.0f} ms"
+
+
+def owner_at(cluster, index, volume):
+    import json
+    try:
+        info = json.loads(http(cluster.admin(index) + f"/v1/volumes/{volume}"))
+        return info.get("owner"), info.get("epoch")
+    except Exception:
+        return None, None
+
+
+def leases_held(cluster):
+    return all(((cluster.status(i) or {}).get("lease") or {}).get("valid") for i in (0, 1))
+
+
+def failover_timings(cluster):
+    cluster.wait(lambda: leases_held(cluster), "a and b hold leases")
+    cluster.cli(0, "volume", "create", "fa", "--size", "16M", "--failover", "auto")
+    cluster.cli(1, "volume", "create", "fb", "--size", "16M", "--failover", "auto")
+    print("| fault (a-b 25 ms one way) | writes at a to fa | writes at b to fb | owner of fa after |")
+    print("|---|---|---|---|")
+    for label, cut, heal in [
+        ("a-b cut, both reach w (6 s)",
+         lambda: (cluster.cli(0, "link", "cut", "a", "b"), cluster.cli(1, "link", "cut", "a", "b")),
+         lambda: (cluster.cli(0, "link", "heal", "a", "b"), cluster.cli(1, "link", "heal", "a", "b"))),
+        ("witness killed (6 s)",
+         lambda: cluster.processes["w1"].kill(),
+         lambda: cluster.start("w1")),
+    ]:
+        writers = [Writer(cluster.nbd_uri(0, "fa")), Writer(cluster.nbd_uri(1, "fb"))]
+        time.sleep(1)
+        cut()
+        time.sleep(6)
+        for writer in writers:
+            writer.stop()
+        owner = owner_at(cluster, 0, "fa")
+        print(f"| {label} | {writers[0].summary()} | {writers[1].summary()} | {owner[0]} (epoch {owner[1]}) |")
+        heal()
+        cluster.wait(lambda: leases_held(cluster)
+                     and all((cluster.status(i) or {}).get("metadata", {}).get("leader")
+                             for i in range(3)), "the cluster whole again", timeout=60)
+    a_writer, b_writer = Writer(cluster.nbd_uri(0, "fa")), Writer(cluster.nbd_uri(1, "fb"))
+    time.sleep(1)
+    cut_at = time.monotonic()
+    cluster.cli(0, "link", "cut", "a", "b")
+    cluster.cli(0, "link", "cut", "a", "w")
+    cluster.cli(1, "link", "cut", "a", "b")
+    cluster.cli(2, "link", "cut", "a", "w")
+    served = None
+    deadline = cut_at + 30
+    while time.monotonic() < deadline and served is None:
+        if owner_at(cluster, 1, "fa")[0] == "b":
+            import nbd
+            handle = nbd.NBD()
+            handle.connect_uri(cluster.nbd_uri(1, "fa"))
+            handle.pwrite(bytearray(4096), 4096)
+            handle.flush()
+            served = time.monotonic() - cut_at
+        else:
+            time.sleep(0.02)
+    time.sleep(2)
+    a_writer.stop()
+    b_writer.stop()
+    served_text = f"{served:.2f} s" if served is not None else "NOT within 30 s"
+    print(f"| a cut from b and w | {a_writer.summary()} | {b_writer.summary()} | b, served at b {served_text} after the cut |")
+    print()
+    print("Writes at a that completed after the cut were acknowledged under a's lease, "
+          "which ends before b's takeover starts (lease + drift + margin).")
 
 
 def timed(action):
@@ -187,6 +306,10 @@ def main():
               f"({'refused' if refused[0].returncode != 0 else 'SUCCEEDED?'}: "
               f"{refused[0].stderr.strip()}); create at b "
               f"{'succeeded' if ok.returncode == 0 else 'FAILED: ' + ok.stderr.strip()}")
+        cluster.cli(0, "link", "heal", "a", "b")
+        cluster.cli(0, "link", "heal", "a", "w")
+        print()
+        failover_timings(cluster)
     finally:
         cluster.stop()
         if args.keep:

@@ -117,6 +117,17 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
             .contains("vm: owner site a holds no lease; failover policy manual")
     });
     assert_eq!(owner_at(&sites, B, "vm"), ("a".to_string(), 1));
+    let metrics = sites.metrics(B);
+    assert_eq!(
+        metric_value(&metrics, "stretch_suspended_volumes", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "stretch_sites_without_lease", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
     // At a, its lease ran out: a write to the volume it lost fails
     // instead of being acknowledged (it is held, then EIO).
     let refused = qemu_io(&sites.nbd_uri(A, "va"), &["write -P 9 0 4k", "flush"]);

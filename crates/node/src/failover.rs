@@ -336,10 +336,13 @@ impl Node {
     pub(crate) fn lease_figures(&self) -> crate::metrics::LeaseFigures {
         let stats = self.driver.engine.lock().stats();
         let lease = self.lease_info();
+        // Apart from the literal: a guard taken inside it would live until
+        // its end, and `suspension` locks the same set.
+        let sites_without_lease = self.lost_sites.lock().len();
         crate::metrics::LeaseFigures {
             valid: lease.as_ref().is_some_and(|lease| lease.valid),
             expires_seconds: lease.map_or(0.0, |lease| lease.expires_in_ms as f64 / 1e3),
-            sites_without_lease: self.lost_sites.lock().len(),
+            sites_without_lease,
             suspended_volumes: self
                 .volumes()
                 .iter()

@@ -70,16 +70,16 @@ pub(crate) struct Leases {
 impl Leases {
     /// `origin` is the engine's clock; `voters` names each voter node and
     /// its site; `holds` is true at a data node of a multi-site cluster.
-    pub(crate) fn new(
-        config: LeaseConfig,
-        origin: Instant,
-        local_node: &str,
-        voters: Vec<(String, SiteId)>,
-        site_ids: BTreeMap<String, SiteId>,
-        holds: bool,
-        metadata: &ClusterMetadata,
-        applied_index: u64,
-    ) -> Leases {
+    fn new(setup: Setup, metadata: &ClusterMetadata, applied_index: u64) -> Leases {
+        let Setup {
+            config,
+            origin,
+            local_node,
+            voters,
+            site_ids,
+            holds,
+        } = setup;
+        let local_node = local_node.as_str();
         let now = Timestamp(origin.elapsed().as_nanos() as u64);
         let voter_sites: Vec<SiteId> = voters.iter().map(|(_, site)| *site).collect();
         let local_site = site_ids
@@ -385,14 +385,23 @@ pub(crate) fn start_leases(
         .into_values()
         .filter_map(|info| Some((info.name, *site_ids.get(&info.site)?)))
         .collect();
-    Arc::new(Leases::new(
-        LeaseConfig::default(),
-        node.driver.origin(),
-        &local.name,
+    let setup = Setup {
+        config: LeaseConfig::default(),
+        origin: node.driver.origin(),
+        local_node: local.name.clone(),
         voters,
         site_ids,
-        !node.is_witness(),
-        metadata,
-        index,
-    ))
+        holds: !node.is_witness(),
+    };
+    Arc::new(Leases::new(setup, metadata, index))
+}
+
+/// What a node's lease service is made of.
+struct Setup {
+    config: LeaseConfig,
+    origin: Instant,
+    local_node: String,
+    voters: Vec<(String, SiteId)>,
+    site_ids: BTreeMap<String, SiteId>,
+    holds: bool,
 }
