@@ -24,7 +24,7 @@ prints:
      fa (they must fail, not be acknowledged).
 
 Figures from different runs are not comparable on shared machines.
-Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep]
+Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep] [--failover-only]
 """
 
 import argparse
@@ -155,7 +155,7 @@ class Writer:
         import nbd
         self.handle = nbd.NBD()
         self.handle.connect_uri(uri)
-        self.latencies, self.failures = [], 0
+        self.latencies, self.failures, self.errors = [], 0, []
         self.running = True
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -168,8 +168,9 @@ class Writer:
                 self.handle.pwrite(buffer, 0)
                 self.handle.flush()
                 self.latencies.append(time.monotonic() - started)
-            except Exception:
+            except Exception as error:
                 self.failures += 1
+                self.errors.append(f"{time.monotonic():.2f}: {error}")
                 time.sleep(0.05)
 
     def stop(self):
@@ -195,8 +196,22 @@ def leases_held(cluster):
     return all(((cluster.status(i) or {}).get("lease") or {}).get("valid") for i in (0, 1))
 
 
+def whole(cluster):
+    """Every node reaches every voter and is connected to every peer, and
+    a and b hold leases: a fault measured from here starts from a whole
+    cluster (a link healed a moment ago may still be reconnecting)."""
+    for index in range(3):
+        status = cluster.status(index) or {}
+        voters = (status.get("metadata") or {}).get("voters") or []
+        if not voters or not all(voter.get("reachable") for voter in voters):
+            return False
+        if not all(peer.get("connected") for peer in status.get("peers") or []):
+            return False
+    return leases_held(cluster)
+
+
 def failover_timings(cluster):
-    cluster.wait(lambda: leases_held(cluster), "a and b hold leases")
+    cluster.wait(lambda: whole(cluster), "the cluster whole", timeout=60)
     cluster.cli(0, "volume", "create", "fa", "--size", "16M", "--failover", "auto")
     cluster.cli(1, "volume", "create", "fb", "--size", "16M", "--failover", "auto")
     print("| fault (a-b 25 ms one way) | writes at a to fa | writes at b to fb | owner of fa after |")
@@ -218,9 +233,7 @@ def failover_timings(cluster):
         owner = owner_at(cluster, 0, "fa")
         print(f"| {label} | {writers[0].summary()} | {writers[1].summary()} | {owner[0]} (epoch {owner[1]}) |")
         heal()
-        cluster.wait(lambda: leases_held(cluster)
-                     and all((cluster.status(i) or {}).get("metadata", {}).get("leader")
-                             for i in range(3)), "the cluster whole again", timeout=60)
+        cluster.wait(lambda: whole(cluster), "the cluster whole again", timeout=60)
     a_writer, b_writer = Writer(cluster.nbd_uri(0, "fa")), Writer(cluster.nbd_uri(1, "fb"))
     time.sleep(1)
     cut_at = time.monotonic()
@@ -245,6 +258,9 @@ def failover_timings(cluster):
     b_writer.stop()
     served_text = f"{served:.2f} s" if served is not None else "NOT within 30 s"
     print(f"| a cut from b and w | {a_writer.summary()} | {b_writer.summary()} | b, served at b {served_text} after the cut |")
+    for name, writer in [("a", a_writer), ("b", b_writer)]:
+        for error in writer.errors[:3]:
+            log(f"write error at {name} ({error.split(':')[0]} s, cut at {cut_at:.2f}): {error}")
     print()
     print("Writes at a that completed after the cut were acknowledged under a's lease, "
           "which ends before b's takeover starts (lease + drift + margin).")
@@ -261,12 +277,17 @@ def main():
     parser.add_argument("--volumes", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--failover-only", action="store_true",
+                        help="measure only the failover timings (section 4)")
     args = parser.parse_args()
     if not os.path.exists(STRETCH):
         sys.exit("build first: cargo build --release")
     workdir = tempfile.mkdtemp(prefix="stretch-control-plane-", dir=os.path.join(REPO, "target"))
     cluster = Cluster(workdir)
     try:
+        if args.failover_only:
+            failover_timings(cluster)
+            return
         log(f"creating and writing {args.volumes} volumes")
         for n in range(args.volumes):
             cluster.cli(0, "volume", "create", f"v{n}", "--size", "16M")

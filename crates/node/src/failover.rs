@@ -205,6 +205,13 @@ impl Node {
         };
         let index = match control.execute(command).await {
             Ok((_, index)) => index,
+            // A retry refused because the first attempt, whose answer was
+            // lost, promoted this site: done. Calling the takeover off then
+            // would let the engine own the group without the wait below.
+            Err(ControlError::Refused(error)) if self.promoted_here(control, current, image) => {
+                tracing::debug!(%error, group = %current.name, "the promotion was committed by an earlier attempt");
+                control.applied().1
+            }
             Err(error) => {
                 self.driver.with_engine(|engine| engine.cancel_takeover(id));
                 return Err(error.into());
@@ -225,6 +232,27 @@ impl Node {
         tracing::warn!(group = %current.name, epoch = group.epoch,
             lost_after_delta = image.0, "group taken over: writes are served here");
         Ok(())
+    }
+}
+
+impl Node {
+    /// Whether the applied metadata shows `group` promoted to this site
+    /// from `current`'s epoch with `image` as its image.
+    fn promoted_here(
+        &self,
+        control: &crate::control::Control,
+        current: &stretch_metadata::Group,
+        image: DeltaSeq,
+    ) -> bool {
+        let (metadata, _) = control.applied();
+        metadata.groups.get(&current.id).is_some_and(|group| {
+            group.owner == self.site
+                && group.last_failover.as_ref().is_some_and(|failover| {
+                    failover.epoch == current.epoch + 1
+                        && failover.to == self.site
+                        && failover.after_seq == image.0
+                })
+        })
     }
 }
 

@@ -303,13 +303,35 @@ impl Control {
                 return Err(self.no_quorum());
             }
             attempt_number += 1;
-            let attempt = match self.leader() {
-                Some(leader) if leader == self.id => self.write_here(command.clone(), left).await,
-                Some(leader) => {
-                    let relay = attempt_number.is_multiple_of(2);
-                    self.forward(leader, command.clone(), relay, left).await
+            let known = self.leader();
+            let attempt = async {
+                match known {
+                    Some(leader) if leader == self.id => {
+                        self.write_here(command.clone(), left).await
+                    }
+                    Some(leader) => {
+                        let relay = attempt_number.is_multiple_of(2);
+                        self.forward(leader, command.clone(), relay, left).await
+                    }
+                    None => Err(WriteRefusal::NotLeader { leader: None }),
                 }
-                None => Err(WriteRefusal::NotLeader { leader: None }),
+            };
+            // A new leader ends the attempt at once: waiting out an attempt
+            // sent to a leader that died would only delay the change (a
+            // failover, typically). A retry of a change that was committed
+            // after all is refused as done (see above).
+            let mut metrics = self.raft.metrics();
+            let leader_changed = async move {
+                while metrics.borrow_watched().current_leader == known {
+                    if metrics.changed().await.is_err() {
+                        // Raft stopped: let the attempt end by itself.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let attempt = tokio::select! {
+                attempt = attempt => attempt,
+                () = leader_changed => Err(WriteRefusal::NotLeader { leader: None }),
             };
             match attempt {
                 Ok(committed) => {
