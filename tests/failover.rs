@@ -272,3 +272,54 @@ fn losing_the_witness_suspends_nothing() {
     let status = sites.ok(A, &["status"]);
     assert!(status.contains("lease:            held"), "{status}");
 }
+
+#[test]
+fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    wait_formed(&sites);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "va",
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+    qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 2M", "flush"]);
+    sites.wait_replicated(Duration::from_secs(30));
+    // Written and acknowledged at a, perhaps not shipped yet, then a dies.
+    qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 2 2M 1M", "flush"]);
+    sites.kill9(A);
+    sites.wait_until("b took va over", Duration::from_secs(20), || {
+        owner_at(&sites, B, "va") == ("b".to_string(), 2)
+    });
+    qemu_io_ok(
+        &sites.nbd_uri(B, "va"),
+        &["read -P 1 0 2M", "write -P 3 4M 1M", "flush"],
+    );
+    sites.start_node(A);
+    sites.wait_until("a follows the new epoch", Duration::from_secs(30), || {
+        owner_at(&sites, A, "va") == ("b".to_string(), 2)
+    });
+    sites.wait_until("a caught up with b", Duration::from_secs(60), || {
+        let b = sites.status(B);
+        b["backlog_bytes"] == 0
+            && b["resync_regions_left"] == 0
+            && b["dirty_bytes"] == 0
+            && sites.status(A)["unapplied_deltas"] == 0
+    });
+    let compare = run(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.nbd_uri(A, "va@snapshot"))
+            .arg(sites.nbd_uri(B, "va")),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(compare.success(), "a's image differs from b's: {compare}");
+}

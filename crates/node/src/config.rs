@@ -436,25 +436,6 @@ impl ClusterConfig {
                 }
             }
         }
-        // Leases and failover count sites: a voter is a site. Two nodes at
-        // one site of a multi-site cluster would make one site two votes.
-        if self
-            .sites
-            .iter()
-            .filter(|site| site.role == SiteRole::Data)
-            .count()
-            > 1
-        {
-            let mut seen = BTreeSet::new();
-            for node in &self.nodes {
-                if !seen.insert(node.site.as_str()) {
-                    return Err(format!(
-                        "site {:?} has more than one [[node]]: a multi-site cluster runs one node per site",
-                        node.site
-                    ));
-                }
-            }
-        }
         let data_sites: BTreeSet<&str> = self
             .nodes
             .iter()

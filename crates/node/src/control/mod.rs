@@ -202,6 +202,16 @@ impl Control {
         store: OpenedStore,
     ) -> Result<Arc<Control>, ControlError> {
         let voters = voters(config, local);
+        // Leases and failover count sites: each voter stands for its site.
+        let mut sites = std::collections::BTreeSet::new();
+        for info in voters.values() {
+            if !sites.insert(info.site.as_str()) {
+                return Err(ControlError::Start(format!(
+                    "site {:?} has more than one [[node]]: a cluster with several data sites runs one node per site",
+                    info.site
+                )));
+            }
+        }
         let ids: std::collections::BTreeSet<NodeId> = voters.keys().copied().collect();
         if ids.len() != voters.len() {
             return Err(ControlError::Start(
