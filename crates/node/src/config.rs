@@ -251,11 +251,26 @@ pub struct Tuning {
     pub remote_timeout_ms: u64,
     /// NBD TLS policy of every node that does not set its own `nbd_tls`.
     pub nbd_tls: NbdTls,
+    /// How long one ownership-lease grant lets a data site serve its
+    /// volumes, counted on its clock from when it asked.
+    pub lease_ms: u64,
+    /// How often a data site asks every voter to renew its lease.
+    pub lease_renew_ms: u64,
+    /// Worst clock-rate difference between any two nodes, in parts per
+    /// million; leases and takeovers are stretched by it.
+    pub clock_drift_ppm: u64,
+    /// Added to every lease promise and takeover wait (a process paused
+    /// between reading its clock and acting).
+    pub lease_margin_ms: u64,
+    /// How long requests to a volume this site owns wait for a lease when
+    /// it holds none, before failing with EIO.
+    pub suspend_hold_ms: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         let engine = EngineConfig::default();
+        let lease = stretch_control::LeaseConfig::default();
         Tuning {
             delta_interval_ms: engine.delta_interval_ms,
             delta_max_bytes: ByteSize(engine.delta_max_bytes),
@@ -270,11 +285,27 @@ impl Default for Tuning {
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
             remote_timeout_ms: 5000,
             nbd_tls: NbdTls::Off,
+            lease_ms: lease.lease_ms,
+            lease_renew_ms: lease.renew_ms,
+            clock_drift_ppm: lease.drift_ppm,
+            lease_margin_ms: lease.margin_ms,
+            suspend_hold_ms: engine.suspend_hold_ms,
         }
     }
 }
 
 impl Tuning {
+    /// The ownership-lease timing of every node.
+    pub fn lease(&self) -> stretch_control::LeaseConfig {
+        stretch_control::LeaseConfig {
+            lease_ms: self.lease_ms,
+            renew_ms: self.lease_renew_ms,
+            drift_ppm: self.clock_drift_ppm,
+            margin_ms: self.lease_margin_ms,
+            planted_bug: None,
+        }
+    }
+
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
             delta_interval_ms: self.delta_interval_ms,
@@ -284,6 +315,7 @@ impl Tuning {
             backlog_bytes_max: self.backlog_bytes_max.0,
             backlog_wait_ms_max: self.backlog_wait_ms_max,
             remote_timeout_ms: self.remote_timeout_ms,
+            suspend_hold_ms: self.suspend_hold_ms,
             // The site and its peers come from the node's place in the
             // cluster, not from tuning.
             ..EngineConfig::default()
@@ -507,6 +539,19 @@ impl ClusterConfig {
         }
         if tuning.backlog_wait_ms_max == 0 {
             return Err("tuning.backlog_wait_ms_max must be at least 1".into());
+        }
+        if tuning.lease_renew_ms == 0 || tuning.lease_ms < 3 * tuning.lease_renew_ms {
+            return Err(format!(
+                "tuning.lease_ms ({}) must be at least three renewals (3 x lease_renew_ms = {}), and lease_renew_ms at least 1: a lease must survive a lost renewal",
+                tuning.lease_ms,
+                3 * tuning.lease_renew_ms
+            ));
+        }
+        if tuning.clock_drift_ppm > 100_000 {
+            return Err("tuning.clock_drift_ppm must be at most 100000 (10 %)".into());
+        }
+        if tuning.suspend_hold_ms == 0 {
+            return Err("tuning.suspend_hold_ms must be at least 1".into());
         }
         Ok(())
     }
@@ -884,6 +929,24 @@ mod tests {
             error.contains("at least one [[node]] must be at a data site"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn lease_timing_comes_from_tuning_and_bad_values_are_refused() {
+        let config = ClusterConfig::parse(LOCAL_CONFIG, "local.toml").expect("valid");
+        assert_eq!(
+            config.tuning.lease(),
+            stretch_control::LeaseConfig::default()
+        );
+        let text = LOCAL_CONFIG.replace("lease_ms = 1500", "lease_ms = 2400");
+        let config = ClusterConfig::parse(&text, "edited").expect("valid");
+        assert_eq!(config.tuning.lease().lease_ms, 2400);
+        let text = LOCAL_CONFIG.replace("lease_ms = 1500", "lease_ms = 800");
+        assert!(parse_error(&text).contains("must be at least three renewals"));
+        let text = LOCAL_CONFIG.replace("clock_drift_ppm = 1000", "clock_drift_ppm = 200000");
+        assert!(parse_error(&text).contains("tuning.clock_drift_ppm"));
+        let text = LOCAL_CONFIG.replace("suspend_hold_ms = 5000", "suspend_hold_ms = 0");
+        assert!(parse_error(&text).contains("tuning.suspend_hold_ms"));
     }
 
     #[test]

@@ -386,7 +386,7 @@ pub(crate) fn start_leases(
         .filter_map(|info| Some((info.name, *site_ids.get(&info.site)?)))
         .collect();
     let setup = Setup {
-        config: LeaseConfig::default(),
+        config: config.tuning.lease(),
         origin: node.driver.origin(),
         local_node: local.name.clone(),
         voters,
