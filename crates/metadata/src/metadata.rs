@@ -236,6 +236,7 @@ impl ClusterMetadata {
                     history: vec![EpochStart {
                         epoch: 1,
                         after_seq: 0,
+                        handed_over: false,
                     }],
                     last_failover: None,
                 };
@@ -349,7 +350,7 @@ impl ClusterMetadata {
         group.epoch = epoch;
         group.owner = to.to_owned();
         group.state = GroupState::Active;
-        push_history(group, epoch, after_seq);
+        push_history(group, epoch, after_seq, true);
         let id = group.id;
         self.moves.remove(&id);
         Ok(Outcome::Epoch { group: id, epoch })
@@ -380,7 +381,7 @@ impl ClusterMetadata {
         let from = std::mem::replace(&mut group.owner, to.to_owned());
         group.epoch = epoch;
         group.state = GroupState::Active;
-        push_history(group, epoch, after_seq);
+        push_history(group, epoch, after_seq, false);
         group.last_failover = Some(FailoverRecord {
             from,
             to: to.to_owned(),
@@ -467,8 +468,12 @@ impl ClusterMetadata {
 
 /// Records that `epoch` starts after `after_seq`, dropping the oldest
 /// entries past the bound.
-fn push_history(group: &mut Group, epoch: u64, after_seq: u64) {
-    group.history.push(EpochStart { epoch, after_seq });
+fn push_history(group: &mut Group, epoch: u64, after_seq: u64, handed_over: bool) {
+    group.history.push(EpochStart {
+        epoch,
+        after_seq,
+        handed_over,
+    });
     let excess = group.history.len().saturating_sub(EPOCH_HISTORY_MAX);
     group.history.drain(..excess);
 }
@@ -617,11 +622,13 @@ mod tests {
             vec![
                 EpochStart {
                     epoch: 1,
-                    after_seq: 0
+                    after_seq: 0,
+                    handed_over: false,
                 },
                 EpochStart {
                     epoch: 2,
-                    after_seq: 41
+                    after_seq: 41,
+                    handed_over: false,
                 }
             ]
         );
@@ -677,6 +684,15 @@ mod tests {
         assert_eq!(
             m.apply(&transfer("g1", "a", "b", 1)),
             Ok(Outcome::Epoch { group: 1, epoch: 2 })
+        );
+        // A hand-over: nothing past its boundary can have been written
+        // under the old epoch.
+        let last = m
+            .group_by_name("g1")
+            .and_then(|g| g.history.last().copied());
+        assert_eq!(
+            last.map(|start| (start.epoch, start.handed_over)),
+            Some((2, true))
         );
         // The same request again is stale: it was decided at epoch 1.
         let before = m.clone();

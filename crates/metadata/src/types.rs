@@ -149,6 +149,10 @@ pub struct EpochStart {
     pub epoch: u64,
     /// The last delta of the previous epoch this epoch's owner held whole.
     pub after_seq: u64,
+    /// The old owner handed the group over (`volume move`): it wrote
+    /// nothing past `after_seq`. False for a failover.
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 /// A change of owner decided without the old owner (it was lost or cut

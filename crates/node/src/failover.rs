@@ -264,6 +264,7 @@ pub(crate) fn epoch_history(group: &stretch_metadata::Group) -> Vec<EpochStart> 
         .map(|start| EpochStart {
             epoch: Epoch(start.epoch),
             after_seq: DeltaSeq(start.after_seq),
+            handed_over: start.handed_over,
         })
         .collect()
 }

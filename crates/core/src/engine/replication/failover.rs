@@ -24,6 +24,10 @@ use super::*;
 pub struct EpochStart {
     pub epoch: Epoch,
     pub after_seq: DeltaSeq,
+    /// The old owner handed the group over (a planned move): it wrote
+    /// nothing after `after_seq`, so no site can hold a delta past it
+    /// written under the older epoch. False for a failover.
+    pub handed_over: bool,
 }
 
 /// What a site that lost ownership without handing over still has to
@@ -63,9 +67,10 @@ impl Engine {
     /// True if a site holding `group`'s deltas up to `have`, the newest
     /// written under `have_epoch`, is not on this owner's line of deltas.
     /// Without a history nothing is diverged (the rule is off). A site that
-    /// does not know its epoch is taken as diverged once an ownership
-    /// change happened at or before `have`: it may have been the owner that
-    /// wrote past the change.
+    /// does not know its epoch is taken as diverged once a failover
+    /// happened before `have`: it may have been the owner that wrote past
+    /// it. A hand-over cannot leave such deltas behind (the old owner
+    /// stopped at the boundary), so it does not count.
     pub(super) fn replica_diverged(
         &self,
         group: GroupId,
@@ -84,7 +89,10 @@ impl Engine {
         };
         match have_epoch {
             Some(epoch) => epoch != written,
-            None => history.iter().skip(1).any(|start| start.after_seq < have),
+            None => history
+                .iter()
+                .skip(1)
+                .any(|start| !start.handed_over && start.after_seq < have),
         }
     }
 

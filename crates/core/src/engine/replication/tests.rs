@@ -1929,7 +1929,7 @@ fn a_recovered_replica_resumes_with_the_epoch_the_runtime_supplied() {
 
 /// a owns the group with deltas 1..=8 retained for b (away), and the
 /// history says epoch 2 started after delta 5.
-fn owner_with_epoch_history() -> Pair {
+fn owner_with_epoch_history(handed_over: bool) -> Pair {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
     for index in 0..8u64 {
@@ -1943,26 +1943,29 @@ fn owner_with_epoch_history() -> Pair {
             EpochStart {
                 epoch: Epoch(1),
                 after_seq: DeltaSeq(0),
+                handed_over: false,
             },
             EpochStart {
                 epoch: Epoch(2),
                 after_seq: DeltaSeq(5),
+                handed_over,
             },
         ],
     );
     pair
 }
 
-/// b's state at a after a resume from b holding `have` under `epoch`.
-fn answer_to_resume(have: u64, epoch: u64) -> (PeerState, u64) {
-    let mut pair = owner_with_epoch_history();
+/// b's state at a after a resume from b holding `have` under `epoch`
+/// (unknown: `None`), epoch 2 having started by a hand-over or not.
+fn answer_to_resume_after(have: u64, epoch: Option<u64>, handed_over: bool) -> (PeerState, u64) {
+    let mut pair = owner_with_epoch_history(handed_over);
     pair.a.engine.receive(
         pair.now,
         B,
         SiteMessage::Resume {
             group: GROUP,
             have: Some(DeltaSeq(have)),
-            have_epoch: Some(Epoch(epoch)),
+            have_epoch: epoch.map(Epoch),
             resume: 1,
         },
     );
@@ -1970,6 +1973,29 @@ fn answer_to_resume(have: u64, epoch: u64) -> (PeerState, u64) {
     let state = pair.a.engine.replication_status()[0].peers[0].state;
     let diverged = pair.a.engine.marks().count(Mark::DivergedReplicaResync);
     (state, diverged)
+}
+
+fn answer_to_resume(have: u64, epoch: u64) -> (PeerState, u64) {
+    answer_to_resume_after(have, Some(epoch), false)
+}
+
+#[test]
+fn a_site_that_lost_its_epoch_is_resynced_only_past_a_failover() {
+    // Delta 7 is past the start of epoch 2: after a failover the site may
+    // be the old owner that kept writing; after a hand-over it cannot be.
+    assert_eq!(
+        answer_to_resume_after(7, None, false),
+        (PeerState::Resyncing, 1)
+    );
+    assert_eq!(
+        answer_to_resume_after(7, None, true),
+        (PeerState::Streaming, 0)
+    );
+    // Before the boundary nothing can differ.
+    assert_eq!(
+        answer_to_resume_after(4, None, false),
+        (PeerState::Streaming, 0)
+    );
 }
 
 #[test]
@@ -1984,7 +2010,7 @@ fn an_owner_resyncs_every_region_to_a_site_whose_deltas_diverged() {
 
 #[test]
 fn a_diverged_resync_copies_every_region() {
-    let mut pair = owner_with_epoch_history();
+    let mut pair = owner_with_epoch_history(false);
     pair.a.engine.receive(
         pair.now,
         B,
@@ -2169,10 +2195,12 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
         EpochStart {
             epoch: Epoch(1),
             after_seq: DeltaSeq(0),
+            handed_over: false,
         },
         EpochStart {
             epoch: Epoch(2),
             after_seq: DeltaSeq(1),
+            handed_over: false,
         },
     ];
     pair.b.engine.set_epoch_history(GROUP, history.clone());
