@@ -39,6 +39,23 @@ fn owner_at(sites: &TwoSites, node: usize, volume: &str) -> (String, u64) {
     )
 }
 
+/// a's own image of `volume` (a snapshot read is served from its leg and
+/// cache) equals the owner b's, byte for byte (`qemu-img compare`).
+fn assert_a_image_equals_b(sites: &TwoSites, volume: &str) {
+    let compare = run(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.nbd_uri(A, &format!("{volume}@snapshot")))
+            .arg(sites.nbd_uri(B, volume)),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(
+        compare.success(),
+        "a's image of {volume} differs from b's: {compare}"
+    );
+}
+
 fn wait_formed(sites: &TwoSites) {
     sites.wait_until(
         "the metadata cluster formed and a and b hold leases",
@@ -166,13 +183,7 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
         owner_at(&sites, A, "va") == ("b".to_string(), 2)
             && owner_at(&sites, A, "vm") == ("b".to_string(), 2)
     });
-    sites.wait_until("a caught up with b", Duration::from_secs(60), || {
-        let b = sites.status(B);
-        b["backlog_bytes"] == 0
-            && b["resync_regions_left"] == 0
-            && b["dirty_bytes"] == 0
-            && sites.status(A)["unapplied_deltas"] == 0
-    });
+    sites.wait_replicated_from(B, A, Duration::from_secs(60));
     // a reads b's data through its own leg (a snapshot read is served
     // from the local leg).
     let read = qemu_io_read_only(
@@ -180,20 +191,7 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
         &["read -P 1 0 1M", "read -P 3 1M 1M"],
     );
     assert_qemu_io_clean(&read);
-    // a's own image (a snapshot read is served from its leg and cache)
-    // equals the owner's, byte for byte.
-    let compare = run(
-        std::process::Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.nbd_uri(A, "va@snapshot"))
-            .arg(sites.nbd_uri(B, "va")),
-        None,
-        Duration::from_secs(60),
-    );
-    assert!(
-        compare.success(),
-        "a's image differs from b's after heal: {compare}"
-    );
+    assert_a_image_equals_b(&sites, "va");
     eprintln!("failover of va took {took:?} after the cut");
 }
 
@@ -306,20 +304,6 @@ fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
     sites.wait_until("a follows the new epoch", Duration::from_secs(30), || {
         owner_at(&sites, A, "va") == ("b".to_string(), 2)
     });
-    sites.wait_until("a caught up with b", Duration::from_secs(60), || {
-        let b = sites.status(B);
-        b["backlog_bytes"] == 0
-            && b["resync_regions_left"] == 0
-            && b["dirty_bytes"] == 0
-            && sites.status(A)["unapplied_deltas"] == 0
-    });
-    let compare = run(
-        std::process::Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.nbd_uri(A, "va@snapshot"))
-            .arg(sites.nbd_uri(B, "va")),
-        None,
-        Duration::from_secs(60),
-    );
-    assert!(compare.success(), "a's image differs from b's: {compare}");
+    sites.wait_replicated_from(B, A, Duration::from_secs(60));
+    assert_a_image_equals_b(&sites, "va");
 }

@@ -297,12 +297,18 @@ impl TwoSites {
     /// Waits until a's backlog is empty and nothing is left to resync: b
     /// has applied every delta a closed.
     pub fn wait_replicated(&self, timeout: Duration) {
-        self.wait_until("site b caught up with site a", timeout, || {
-            let status = self.status(A);
+        self.wait_replicated_from(A, B, timeout);
+    }
+
+    /// Waits until node `replica` holds and applied everything node
+    /// `owner` wrote (nothing kept, dirty or left to resync at the owner).
+    pub fn wait_replicated_from(&self, owner: usize, replica: usize, timeout: Duration) {
+        self.wait_until("the replica caught up with the owner", timeout, || {
+            let status = self.status(owner);
             status["backlog_bytes"] == 0
                 && status["resync_regions_left"] == 0
                 && status["dirty_bytes"] == 0
-                && self.status(B)["unapplied_deltas"] == 0
+                && self.status(replica)["unapplied_deltas"] == 0
         });
     }
 

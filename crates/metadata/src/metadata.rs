@@ -341,16 +341,7 @@ impl ClusterMetadata {
                 site: to.to_owned(),
             });
         }
-        let epoch = group
-            .epoch
-            .checked_add(1)
-            .ok_or_else(|| CommandError::Exhausted {
-                what: "epoch".to_owned(),
-            })?;
-        group.epoch = epoch;
-        group.owner = to.to_owned();
-        group.state = GroupState::Active;
-        push_history(group, epoch, after_seq, true);
+        let epoch = change_owner(group, to, after_seq, true)?;
         let id = group.id;
         self.moves.remove(&id);
         Ok(Outcome::Epoch { group: id, epoch })
@@ -372,16 +363,8 @@ impl ClusterMetadata {
                 site: to.to_owned(),
             });
         }
-        let epoch = group
-            .epoch
-            .checked_add(1)
-            .ok_or_else(|| CommandError::Exhausted {
-                what: "epoch".to_owned(),
-            })?;
-        let from = std::mem::replace(&mut group.owner, to.to_owned());
-        group.epoch = epoch;
-        group.state = GroupState::Active;
-        push_history(group, epoch, after_seq, false);
+        let from = group.owner.clone();
+        let epoch = change_owner(group, to, after_seq, false)?;
         group.last_failover = Some(FailoverRecord {
             from,
             to: to.to_owned(),
@@ -464,6 +447,27 @@ impl ClusterMetadata {
             epoch: group.epoch,
         })
     }
+}
+
+/// Names `to` owner of `group` at the next epoch, which starts after
+/// `after_seq`; the group is active again. Nothing changes on error.
+fn change_owner(
+    group: &mut Group,
+    to: &str,
+    after_seq: u64,
+    handed_over: bool,
+) -> Result<u64, CommandError> {
+    let epoch = group
+        .epoch
+        .checked_add(1)
+        .ok_or_else(|| CommandError::Exhausted {
+            what: "epoch".to_owned(),
+        })?;
+    group.epoch = epoch;
+    group.owner = to.to_owned();
+    group.state = GroupState::Active;
+    push_history(group, epoch, after_seq, handed_over);
+    Ok(epoch)
 }
 
 /// Records that `epoch` starts after `after_seq`, dropping the oldest

@@ -31,9 +31,10 @@ use crate::node::{Node, NodeError};
 /// still hold their leases.
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
-/// The groups of `site` and whether each fails over by itself: `auto` only
-/// if every volume of the group is `auto` (a group moves as one).
-fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, u64, bool)> {
+/// The groups of `site` (name, id) and whether each fails over by itself:
+/// `auto` only if every volume of the group is `auto` (a group moves as
+/// one).
+fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, bool)> {
     let mut groups = BTreeMap::new();
     for group in metadata.groups.values().filter(|group| group.owner == site) {
         let automatic = metadata
@@ -41,7 +42,7 @@ fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, u
             .values()
             .filter(|volume| volume.group == group.id)
             .all(|volume| volume.failover == Failover::Auto);
-        groups.insert(group.name.clone(), (group.id, group.epoch, automatic));
+        groups.insert(group.name.clone(), (group.id, automatic));
     }
     groups
 }
@@ -59,13 +60,11 @@ pub(crate) async fn watch_owners(node: Arc<Node>, mut stop: watch::Receiver<bool
             continue;
         };
         let (metadata, _) = control.applied();
-        let owners: Vec<String> = metadata
+        let owners: std::collections::BTreeSet<String> = metadata
             .groups
             .values()
             .map(|group| group.owner.clone())
             .filter(|owner| *owner != node.site)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
             .collect();
         let mut lost = std::collections::BTreeSet::new();
         for owner in owners {
@@ -76,7 +75,7 @@ pub(crate) async fn watch_owners(node: Arc<Node>, mut stop: watch::Receiver<bool
                 continue;
             }
             lost.insert(owner.clone());
-            for (group, (id, _, automatic)) in groups_of(&metadata, &owner) {
+            for (group, (id, automatic)) in groups_of(&metadata, &owner) {
                 if !automatic || node.taking_over.lock().contains(&id) {
                     continue;
                 }

@@ -75,22 +75,13 @@ impl Leases {
             config,
             origin,
             local_node,
+            local_site,
             voters,
             site_ids,
             holds,
         } = setup;
-        let local_node = local_node.as_str();
         let now = Timestamp(origin.elapsed().as_nanos() as u64);
         let voter_sites: Vec<SiteId> = voters.iter().map(|(_, site)| *site).collect();
-        let local_site = site_ids
-            .iter()
-            .find(|(_, id)| {
-                voters
-                    .iter()
-                    .any(|(name, site)| name == local_node && site == *id)
-            })
-            .map(|(name, _)| name.clone())
-            .unwrap_or_default();
         let took_over = metadata.groups.values().any(|group| {
             group.owner == local_site
                 && group
@@ -117,7 +108,7 @@ impl Leases {
             holder: holds.then(|| Mutex::new(Holder::new(config, voter_sites, first_id))),
             voters,
             site_ids,
-            local_node: local_node.to_string(),
+            local_node,
             serve_from,
         }
     }
@@ -389,6 +380,7 @@ pub(crate) fn start_leases(
         config: config.tuning.lease(),
         origin: node.driver.origin(),
         local_node: local.name.clone(),
+        local_site: local.site.clone(),
         voters,
         site_ids,
         holds: !node.is_witness(),
@@ -401,6 +393,7 @@ struct Setup {
     config: LeaseConfig,
     origin: Instant,
     local_node: String,
+    local_site: String,
     voters: Vec<(String, SiteId)>,
     site_ids: BTreeMap<String, SiteId>,
     holds: bool,
