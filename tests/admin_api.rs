@@ -479,3 +479,48 @@ fn a_slow_create_does_not_block_the_api() {
         "reads and a link change waited {slowest:?} for the create"
     );
 }
+
+#[test]
+fn a_bad_failover_policy_or_an_unaccepted_promotion_is_refused_and_changes_nothing() {
+    let node = TestNode::start();
+    let port = node.admin_port;
+    let bearer = format!("Authorization: Bearer {}", token(&node.token_file()));
+    let post = |path: &str, body: &str| {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}\r\nContent-Type: application/json"
+        );
+        exchange(port, &head, body)
+    };
+    let (status, answer) = post(
+        "/v1/volumes",
+        r#"{"name": "v", "size": 4096, "failover": "sometimes"}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("unknown failover policy"), "{answer}");
+    assert!(volume_names(&node).is_empty());
+    let (status, answer) = post("/v1/volumes", r#"{"name": "v", "size": 4096}"#);
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = post(
+        "/v1/volumes/v/promote",
+        r#"{"site": "local", "accept_data_loss": false}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("accept_data_loss"), "{answer}");
+    let (status, answer) = post(
+        "/v1/volumes/v/promote",
+        r#"{"site": "local", "accept_data_loss": true, "extra": 1}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    // Accepted, but this site already owns it: refused, nothing moves.
+    let site = node.status()["site"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (status, answer) = post(
+        "/v1/volumes/v/promote",
+        &format!(r#"{{"site": "{site}", "accept_data_loss": true}}"#),
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("already owns it"), "{answer}");
+    assert_eq!(volume_names(&node), ["v"]);
+}
