@@ -35,6 +35,11 @@ pub enum ControlBug {
     /// remaining promise as measured on their clocks: no stretch for drift,
     /// no margin (breaks G1 when clocks drift apart).
     NoDriftMargin,
+    /// Voters grant a site a lease whatever Raft index it applied: a site
+    /// that still believes, from stale metadata (an old epoch), that it
+    /// owns a group it lost is let write it (breaks G1 when an old owner
+    /// returns or restarts after a failover).
+    GrantStaleHolder,
 }
 
 impl Default for LeaseConfig {
@@ -238,9 +243,14 @@ pub struct Grantor {
     quarantine_until: Timestamp,
     holders: BTreeMap<SiteId, Granted>,
     applied_index: u64,
+    /// What this voter had applied when it started: it fences every site
+    /// there. The fences an earlier run set when ownership moved are not
+    /// remembered, and an old owner that restarted from stale metadata
+    /// would otherwise get a grant here for a group it lost.
+    start_fence: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Granted {
     /// Grants take ownership away from this site only once it applied
     /// this index.
@@ -260,6 +270,7 @@ impl Grantor {
             quarantine_until: Timestamp(now.0.saturating_add(config.promise_ns())),
             holders: BTreeMap::new(),
             applied_index,
+            start_fence: applied_index,
         }
     }
 
@@ -271,8 +282,14 @@ impl Grantor {
         request: LeaseRequest,
     ) -> Result<Grant, GrantRefused> {
         let promise = self.config.promise_ns();
-        let holder = self.holders.entry(from).or_default();
-        if request.applied_index < holder.fence {
+        let start_fence = self.start_fence;
+        let holder = self.holders.entry(from).or_insert_with(|| Granted {
+            fence: start_fence,
+            promised: BTreeMap::new(),
+        });
+        if request.applied_index < holder.fence
+            && self.config.planted_bug != Some(ControlBug::GrantStaleHolder)
+        {
             return Err(GrantRefused {
                 id: request.id,
                 need_index: holder.fence,
@@ -298,7 +315,11 @@ impl Grantor {
     /// now on.
     pub fn fence(&mut self, site: SiteId, index: u64) {
         self.applied(index);
-        let holder = self.holders.entry(site).or_default();
+        let start_fence = self.start_fence;
+        let holder = self.holders.entry(site).or_insert_with(|| Granted {
+            fence: start_fence,
+            promised: BTreeMap::new(),
+        });
         holder.fence = holder.fence.max(index);
     }
 

@@ -30,10 +30,19 @@
 //!   after its start it answers as if it had granted every site a lease
 //!   just before.
 
+/// How often each data site asks whether the owners of the groups it does
+/// not own still hold their leases (the node and the simulator alike).
+pub const OWNER_CHECK_INTERVAL_MS: u64 = 250;
+/// How long a question about a site's leases to one voter may take before
+/// it counts as unanswered.
+pub const LEASE_STATE_TIMEOUT_MS: u64 = 400;
+
 mod lease;
+mod placement;
 mod takeover;
 #[cfg(test)]
 mod testing;
 
-pub use lease::{Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
+pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
+pub use placement::{Reach, hand_leadership_to};
 pub use takeover::{Takeover, TakeoverState};

@@ -44,6 +44,55 @@ pub use types::{
     Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
 };
 
+/// Raft timing, the same on every node and in the simulator. Heartbeats
+/// every 250 ms: openraft gives each heartbeat exactly that long to be
+/// answered, and a leader whose heartbeats a majority has not answered
+/// within its lease (`election_timeout_max`) refuses new writes while
+/// still keeping the followers from electing another (CheckQuorum). With
+/// 100 ms, a leader whose only peers were 50 ms away or more (a round trip
+/// over 100 ms) froze the metadata, as the simulator showed; 250 ms leaves
+/// room for round trips up to a quarter second. An election after 1–2 s
+/// without a heartbeat: four times and more the interval, so a slow link
+/// never causes an election. Pre-vote keeps a node that was cut off from
+/// deposing a healthy leader when it returns.
+pub const HEARTBEAT_MS: u64 = 250;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
+
+/// Shortest time a Raft RPC is given to travel and be answered. openraft
+/// proposes its heartbeat interval (100 ms) as the deadline of every
+/// append-entries call; a link whose round trip is longer would then never
+/// replicate an entry, so calls wait at least this long (a WAN round trip
+/// is far below it; a dead peer is still given up on in time for the next
+/// heartbeat's retry).
+pub const RPC_TIMEOUT_MIN_MS: u64 = 1_000;
+
+/// The deadline of a Raft RPC openraft gives `hard_ttl` for.
+pub fn rpc_timeout(hard_ttl: std::time::Duration) -> std::time::Duration {
+    hard_ttl.max(std::time::Duration::from_millis(RPC_TIMEOUT_MIN_MS))
+}
+
+/// The openraft configuration of the metadata cluster named `cluster_name`.
+pub fn raft_config(cluster_name: &str) -> Result<openraft::Config, String> {
+    openraft::Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        enable_pre_vote: Some(true),
+        // A leader that restarted comes back as a follower and the voters
+        // elect again. Restored as leader at once (openraft's default), it
+        // was seen in the simulator to send heartbeats, which keep the
+        // others from electing, while refusing every write with "forward
+        // to leader: none": the metadata stayed frozen until another
+        // fault.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|error| error.to_string())
+}
+
 /// An openraft type configuration whose log carries [`Command`]s: what the
 /// stores and the state machine are written against. The node runs
 /// [`TypeConfig`] (tokio); the simulator declares its own with

@@ -29,7 +29,7 @@ use crate::node::{Node, NodeError};
 
 /// How often each data node checks whether the owners of other groups
 /// still hold their leases.
-const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+const CHECK_INTERVAL: Duration = Duration::from_millis(stretch_control::OWNER_CHECK_INTERVAL_MS);
 
 /// The groups of `site` (name, id) and whether each fails over by itself:
 /// `auto` only if every volume of the group is `auto` (a group moves as

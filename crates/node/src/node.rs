@@ -544,7 +544,7 @@ pub async fn run_node(
     let mut control_tasks = tokio::task::JoinSet::new();
     control_tasks.spawn(control.clone().seed(config.clone(), stop_peers.subscribe()));
     control_tasks.spawn(control.clone().log_leader_changes(stop_peers.subscribe()));
-    control_tasks.spawn(control.clone().prefer_witness(stop_peers.subscribe()));
+    control_tasks.spawn(control.clone().place_leadership(stop_peers.subscribe()));
     control_tasks.spawn(control.clone().probe(stop_peers.subscribe()));
     if let Some(leases) = node.leases.get() {
         control_tasks.spawn(

@@ -196,3 +196,33 @@ fn a_voter_tells_how_long_its_promises_to_a_site_still_run() {
     let expired = Timestamp(asked.0 + config.promise_ns());
     assert_eq!(grantor.promised_remaining_ns(expired, A), 0);
 }
+
+#[test]
+fn a_restarted_voter_fences_every_site_at_what_it_had_applied() {
+    // The voter fenced A at 9 in an earlier run and forgot it; restarted
+    // having applied 12, it refuses A until A applied 12 too.
+    let mut grantor = Grantor::new(config(), at_ms(0), 12);
+    let stale = LeaseRequest {
+        id: 1,
+        applied_index: 8,
+    };
+    assert_eq!(
+        grantor.request(at_ms(10), A, stale),
+        Err(GrantRefused {
+            id: 1,
+            need_index: 12
+        })
+    );
+    let current = LeaseRequest {
+        id: 2,
+        applied_index: 12,
+    };
+    assert_eq!(grantor.request(at_ms(20), A, current), Ok(Grant { id: 2 }));
+    // A later fence still raises it.
+    grantor.fence(B, 15);
+    let behind = LeaseRequest {
+        id: 3,
+        applied_index: 14,
+    };
+    assert!(grantor.request(at_ms(30), B, behind).is_err());
+}

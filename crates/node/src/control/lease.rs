@@ -32,7 +32,7 @@ use crate::node::Node;
 
 /// How long a lease-state question to another voter may take before it
 /// counts as unanswered.
-const STATE_TIMEOUT: Duration = Duration::from_millis(400);
+const STATE_TIMEOUT: Duration = Duration::from_millis(stretch_control::LEASE_STATE_TIMEOUT_MS);
 
 /// What one voter says about a site's leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,13 +60,6 @@ const RELAYED_ATTEMPT: Duration = Duration::from_millis(2500);
 const LIVE_WINDOW: Duration = Duration::from_millis(2500);
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Raft timing. Heartbeats every 100 ms; an election after 1–2 s without
-/// one: ten times and more the round trip of a 50 ms link (etcd's advice),
-/// so a slow link never causes an election.
-const HEARTBEAT_MS: u64 = 100;
-const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
-const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("metadata store {path}: {source}")]
@@ -218,16 +211,8 @@ impl Control {
                 "two node names hash to one Raft id; rename one of them".into(),
             ));
         }
-        let raft_config = openraft::Config {
-            cluster_name: config.cluster.name.clone(),
-            heartbeat_interval: HEARTBEAT_MS,
-            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
-            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            enable_pre_vote: Some(true),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|error| ControlError::Start(error.to_string()))?;
+        let raft_config =
+            stretch_metadata::raft_config(&config.cluster.name).map_err(ControlError::Start)?;
         let id = node_id(&local.name);
         let raft = Raft::new(
             id,
@@ -563,6 +548,7 @@ impl Control {
                 };
                 RpcReply::Write(result)
             }
+            Rpc::Reaches => RpcReply::Reaches(self.connected_voters()),
             Rpc::Applied { index, timeout_ms } => {
                 let timeout =
                     Duration::from_millis(timeout_ms.min(CONFIRM_TIMEOUT.as_millis() as u64));
@@ -646,22 +632,20 @@ impl Control {
         }
     }
 
-    /// Hands leadership to the witness whenever this data node leads and
-    /// the witness is reachable. Raft replicates only from the leader: with
-    /// the witness leading, a cut between two data sites that both reach it
-    /// leaves both applying every change (with a data node leading, the
-    /// other data site could commit through the witness but would apply
-    /// nothing until the cut heals). Ends when `stop` turns true.
-    pub(crate) async fn prefer_witness(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let witnesses: Vec<(NodeId, String)> = self
+    /// Keeps leadership at a voter that reaches every other one, the
+    /// witness whenever it does (`stretch_control::hand_leadership_to`):
+    /// Raft replicates only from the leader, so with the witness leading a
+    /// cut between two data sites that both reach it leaves both applying
+    /// every change, and a leader cut from a voter would leave that voter
+    /// behind on the metadata (and, fenced, without a lease) while it
+    /// still reaches a majority. Every second the leader asks the voters
+    /// it is connected to whom they reach. Ends when `stop` turns true.
+    pub(crate) async fn place_leadership(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let witness = self
             .voters
             .iter()
-            .filter(|(_, info)| info.role == Role::Witness)
-            .map(|(id, info)| (*id, info.name.clone()))
-            .collect();
-        if witnesses.iter().any(|(id, _)| *id == self.id) || witnesses.is_empty() {
-            return;
-        }
+            .find(|(id, info)| info.role == Role::Witness && **id != self.id)
+            .map(|(id, _)| *id);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -671,13 +655,37 @@ impl Control {
                 continue;
             }
             let connected = self.connected_voters();
-            let Some((witness, name)) = witnesses.iter().find(|(_, name)| connected.contains(name))
+            let node = &self.node;
+            let asks = connected.iter().map(|name| async move {
+                let answer = network::call(node, name, &Rpc::Reaches, Duration::from_secs(1)).await;
+                (name.clone(), answer)
+            });
+            let mut reached = Vec::new();
+            for (name, answer) in futures_util::future::join_all(asks).await {
+                let (Some((id, _)), Ok(RpcReply::Reaches(theirs))) = (
+                    self.voters.iter().find(|(_, info)| info.name == name),
+                    answer,
+                ) else {
+                    continue;
+                };
+                let reaches_all = self
+                    .voters
+                    .iter()
+                    .all(|(_, info)| info.name == name || theirs.contains(&info.name));
+                reached.push(stretch_control::Reach {
+                    voter: *id,
+                    reaches_all,
+                });
+            }
+            let reaches_all = connected.len() + 1 == self.voters.len();
+            let Some(to) = stretch_control::hand_leadership_to(reaches_all, witness, &reached)
             else {
                 continue;
             };
-            tracing::info!(to = %name, "handing metadata leadership to the witness");
-            if let Err(error) = self.raft.trigger().transfer_leader(*witness).await {
-                tracing::warn!(%error, "cannot hand leadership to the witness");
+            let name = self.voters.get(&to).map_or("?", |info| info.name.as_str());
+            tracing::info!(to = %name, "handing metadata leadership to a voter that reaches every other");
+            if let Err(error) = self.raft.trigger().transfer_leader(to).await {
+                tracing::warn!(%error, "cannot hand metadata leadership over");
             }
         }
     }

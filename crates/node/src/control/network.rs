@@ -62,7 +62,8 @@ pub(crate) async fn call(
 
 impl Client {
     async fn call(&self, rpc: Rpc, option: &RPCOption) -> Result<RpcReply, String> {
-        call(&self.node, &self.target, &rpc, option.hard_ttl()).await
+        let timeout = stretch_metadata::rpc_timeout(option.hard_ttl());
+        call(&self.node, &self.target, &rpc, timeout).await
     }
 }
 

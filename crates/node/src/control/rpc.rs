@@ -50,6 +50,9 @@ pub(crate) enum Rpc {
         site: u32,
         index: u64,
     },
+    /// Which voters this node is connected to (the leader asks, to place
+    /// leadership where every voter is reached).
+    Reaches,
 }
 
 /// The answer to an [`Rpc`]; errors of the serving node travel as text.
@@ -65,6 +68,8 @@ pub(crate) enum RpcReply {
     /// the asker applied `need_index`: `Err((id, need_index))`.
     Lease(Result<u64, (u64, u64)>),
     LeaseState(super::lease::LeaseState),
+    /// The names of the voters the answering node is connected to.
+    Reaches(Vec<String>),
     /// The request could not be served at all (the node is starting or
     /// stopping, or the body did not decode).
     Refused(String),
