@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod sim_command;
+mod sim_control_command;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

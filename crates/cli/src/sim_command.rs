@@ -35,13 +35,43 @@ pub struct SimArgs {
     replay: bool,
     /// Plant a known defect to see the checker catch it: skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
-    /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the last three need sites).
-    #[arg(long, value_parser = parse_bug)]
-    bug: Option<SimBug>,
+    /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the
+    /// last three need sites); with --control: renew-with-minority,
+    /// no-drift-margin, grant-stale-holder.
+    #[arg(long)]
+    pub(crate) bug: Option<String>,
     /// With --swarm: print, per coverage mark (a protocol decision), how
     /// many seeds reached it.
-    #[arg(long, requires = "swarm")]
+    #[arg(long, requires = "swarm", conflicts_with = "control")]
     marks: bool,
+    /// Simulate the control plane (the metadata's openraft members, the
+    /// ownership leases on drifting clocks, failover) under cut, flapping
+    /// and healed links and lost sites, checking G1, G5 and G6; --scenario
+    /// then names a control scenario (simulation/control-plane.toml is the
+    /// built-in one).
+    #[arg(long, conflicts_with = "duration")]
+    pub(crate) control: bool,
+}
+
+impl SimArgs {
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+    pub(crate) fn scenario(&self) -> Option<&PathBuf> {
+        self.scenario.as_ref()
+    }
+    pub(crate) fn swarm(&self) -> bool {
+        self.swarm
+    }
+    pub(crate) fn seeds(&self) -> u64 {
+        self.seeds
+    }
+    pub(crate) fn from(&self) -> Option<u64> {
+        self.from
+    }
+    pub(crate) fn replay(&self) -> bool {
+        self.replay
+    }
 }
 
 fn parse_bug(name: &str) -> Result<SimBug, String> {
@@ -52,8 +82,17 @@ fn parse_bug(name: &str) -> Result<SimBug, String> {
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    if args.control {
+        return crate::sim_control_command::run(&args);
+    }
+    let bug = args
+        .bug
+        .as_deref()
+        .map(parse_bug)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     if args.swarm {
-        return swarm(&args);
+        return swarm(&args, bug);
     }
     let (mut scenario, source) = match &args.scenario {
         Some(path) => (
@@ -72,7 +111,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     let options = SimOptions {
         seed: args.seed,
-        bug: args.bug,
+        bug,
         record_trace: args.replay,
     };
     if args.replay {
@@ -92,7 +131,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn swarm(args: &SimArgs) -> anyhow::Result<()> {
+fn swarm(args: &SimArgs, bug: Option<SimBug>) -> anyhow::Result<()> {
     let from = args.from.unwrap_or(args.seed);
     let started = Instant::now();
     let mut simulated_ns = 0u64;
@@ -105,7 +144,7 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
         }
         let options = SimOptions {
             seed,
-            bug: args.bug,
+            bug,
             record_trace: args.replay,
         };
         if args.replay {
@@ -155,13 +194,13 @@ fn swarm(args: &SimArgs) -> anyhow::Result<()> {
 }
 
 /// The options a replay command must repeat to run the same simulation.
-fn replay_options(args: &SimArgs) -> String {
+pub(crate) fn replay_options(args: &SimArgs) -> String {
     let mut options = String::new();
     if let Some(duration) = args.duration {
         options.push_str(&format!(" --duration {duration}"));
     }
-    if let Some(bug) = args.bug {
-        options.push_str(&format!(" --bug {}", bug.name()));
+    if let Some(bug) = &args.bug {
+        options.push_str(&format!(" --bug {bug}"));
     }
     options
 }

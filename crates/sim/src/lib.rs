@@ -53,3 +53,5 @@ pub fn swarm_scenario(seed: u64) -> Scenario {
     let mut rng = SimRng::new(seed ^ 0x5357_4152_4d00_0000);
     Scenario::random(&mut rng)
 }
+
+pub mod control;

@@ -1,0 +1,104 @@
+//! The control-plane simulation: the shipped scenario and a swarm of drawn
+//! ones pass, a run repeats bit for bit, and each planted control bug is
+//! caught by the guarantee it breaks within 100 swarm seeds.
+
+use std::path::Path;
+
+use stretch_sim::control::{
+    CONTROL_BUGS, ControlOptions, ControlOutcome, ControlScenario, control_swarm_scenario,
+    run_control,
+};
+
+/// Seeds of the clean swarm run by `cargo test` (the CI swarm).
+const SWARM_SEEDS: u64 = 60;
+
+fn run(
+    scenario: &ControlScenario,
+    seed: u64,
+    bug: Option<stretch_control::ControlBug>,
+) -> ControlOutcome {
+    run_control(
+        scenario,
+        &ControlOptions {
+            seed,
+            bug,
+            record_trace: false,
+        },
+    )
+}
+
+fn replay_hint(outcome: &ControlOutcome) -> String {
+    format!(
+        "seed {} failed: {:?}\nreplay: stretch sim --control --swarm --from {} --seeds 1 --replay",
+        outcome.seed, outcome.violation, outcome.seed
+    )
+}
+
+#[test]
+fn the_shipped_scenario_passes() {
+    let scenario = ControlScenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulation/control-plane.toml"),
+    )
+    .expect("the shipped control-plane scenario loads");
+    for seed in 1..=3 {
+        let outcome = run(&scenario, seed, None);
+        assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
+        assert!(
+            outcome.stats.g5_checks >= u64::from(scenario.phases),
+            "every phase was checked"
+        );
+    }
+}
+
+#[test]
+fn a_run_repeats_bit_for_bit() {
+    let scenario = control_swarm_scenario(7);
+    let first = run(&scenario, 7, None);
+    let second = run(&scenario, 7, None);
+    assert_eq!(first.trace_hash, second.trace_hash);
+    assert_eq!(first.simulated_ns, second.simulated_ns);
+    let other = run(&scenario, 8, None);
+    assert_ne!(
+        first.trace_hash, other.trace_hash,
+        "another seed is another run"
+    );
+}
+
+#[test]
+fn the_swarm_passes_and_covers_every_fault() {
+    let mut faults = std::collections::BTreeSet::new();
+    let (mut failovers, mut promotions, mut suspensions) = (0, 0, 0);
+    for seed in 1..=SWARM_SEEDS {
+        let outcome = run(&control_swarm_scenario(seed), seed, None);
+        assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
+        faults.extend(outcome.stats.faults.iter().copied());
+        failovers += outcome.stats.failovers;
+        promotions += outcome.stats.promotions;
+        suspensions += outcome.stats.suspensions_seen;
+    }
+    for fault in ["cut", "isolate", "site-down", "flap", "restart-leader"] {
+        assert!(faults.contains(fault), "no seed drew a {fault} phase");
+    }
+    assert!(failovers > 0, "no seed failed a group over by itself");
+    assert!(promotions > 0, "no seed had an operator promote a group");
+    assert!(
+        suspensions > 0,
+        "no seed ended a phase with a group rightly suspended"
+    );
+}
+
+#[test]
+fn every_planted_control_bug_is_caught_by_g1() {
+    for (name, bug) in CONTROL_BUGS {
+        let caught = (1..=100).find(|seed| {
+            let outcome = run(&control_swarm_scenario(*seed), *seed, Some(bug));
+            outcome
+                .violation
+                .is_some_and(|(violation, _)| violation.guarantee == "G1")
+        });
+        assert!(
+            caught.is_some(),
+            "planted bug {name} was not caught by G1 in 100 seeds"
+        );
+    }
+}
