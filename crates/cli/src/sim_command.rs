@@ -47,7 +47,7 @@ pub struct SimArgs {
     /// Simulate the control plane (the metadata's openraft members, the
     /// ownership leases on drifting clocks, failover) under cut, flapping
     /// and healed links and lost sites, checking G1, G5 and G6; --scenario
-    /// then names a control scenario (simulation/control-plane.toml is the
+    /// then names a control scenario (simulation/control/control-plane.toml is the
     /// built-in one).
     #[arg(long, conflicts_with = "duration")]
     pub(crate) control: bool,

@@ -12,7 +12,7 @@ use stretch_sim::control::{
 use crate::sim_command::{SimArgs, replay_options};
 
 /// The scenario `stretch sim --control` runs when given none.
-const DEFAULT_SCENARIO: &str = include_str!("../../../simulation/control-plane.toml");
+const DEFAULT_SCENARIO: &str = include_str!("../../../simulation/control/control-plane.toml");
 
 fn parse_bug(name: &str) -> anyhow::Result<stretch_control::ControlBug> {
     CONTROL_BUGS

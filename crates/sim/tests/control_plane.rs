@@ -35,19 +35,34 @@ fn replay_hint(outcome: &ControlOutcome) -> String {
 }
 
 #[test]
-fn the_shipped_scenario_passes() {
-    let scenario = ControlScenario::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulation/control-plane.toml"),
-    )
-    .expect("the shipped control-plane scenario loads");
-    for seed in 1..=3 {
-        let outcome = run(&scenario, seed, None);
-        assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
-        assert!(
-            outcome.stats.g5_checks >= u64::from(scenario.phases),
-            "every phase was checked"
-        );
+fn every_shipped_control_scenario_passes() {
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulation/control");
+    let mut scenarios = 0;
+    for entry in std::fs::read_dir(&directory).expect("simulation/control/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|ext| ext != "toml") {
+            continue;
+        }
+        let scenario = ControlScenario::load(&path).unwrap_or_else(|error| panic!("{error}"));
+        scenarios += 1;
+        for seed in 1..=3 {
+            let outcome = run(&scenario, seed, None);
+            assert!(
+                outcome.violation.is_none(),
+                "{}: {}",
+                path.display(),
+                replay_hint(&outcome)
+            );
+            assert!(
+                outcome.stats.g5_checks >= u64::from(scenario.phases),
+                "every phase was checked"
+            );
+        }
     }
+    assert!(
+        scenarios > 0,
+        "simulation/control/ holds the shipped scenarios"
+    );
 }
 
 #[test]
