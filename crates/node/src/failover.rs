@@ -117,7 +117,17 @@ impl Node {
             )));
         }
         if record.owner == self.site {
-            return Err(fail("it already owns it".into()));
+            // The metadata this node applied may be behind (it just
+            // restarted, or cannot reach the leader): say so rather than
+            // claim the site serves it.
+            return Err(fail(match self.suspension(&record) {
+                None => "it already owns it".into(),
+                Some(reason) => format!(
+                    "this site's metadata names it owner, but it serves no writes for it ({reason}); \
+                     a failover this node has not learned of yet may have moved it: ask again once \
+                     `stretch status` shows this node applying the leader's changes"
+                ),
+            }));
         }
         self.runtime
             .block_on(self.fail_over(&record.group, false))?;
