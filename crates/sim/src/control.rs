@@ -80,6 +80,9 @@ pub struct ControlStats {
     /// Groups taken over by their `auto` policy, and by an operator.
     pub failovers: u64,
     pub promotions: u64,
+    /// Promotions the metadata refused (another site promoted the group
+    /// first, at the same epoch: the race three data sites run).
+    pub promotions_refused: u64,
     pub restarts: u64,
     pub g1_probes: u64,
     pub g5_checks: u64,

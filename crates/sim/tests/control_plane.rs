@@ -66,6 +66,22 @@ fn every_shipped_control_scenario_passes() {
 }
 
 #[test]
+fn with_three_data_sites_the_survivors_race_to_promote_and_one_wins() {
+    let scenario = ControlScenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulation/control/three-sites.toml"),
+    )
+    .expect("the three-site control scenario loads");
+    let refused: u64 = (1..=6)
+        .map(|seed| {
+            let outcome = run(&scenario, seed, None);
+            assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
+            outcome.stats.promotions_refused
+        })
+        .sum();
+    assert!(refused > 0, "no promotion lost a race in six seeds");
+}
+
+#[test]
 fn a_run_repeats_bit_for_bit() {
     let scenario = control_swarm_scenario(7);
     let first = run(&scenario, 7, None);

@@ -520,7 +520,18 @@ async fn take_over(
             let _ = error;
             member.applied.lock().1
         }
-        Ok((Err(error), _)) => return Err(error.to_string()),
+        Ok((Err(error), _)) => {
+            // Another site promoted it first (its epoch is gone), or the
+            // group changed meanwhile.
+            world.state.lock().stats.promotions_refused += 1;
+            world.record(&[19, member.site as u64, u64::from(current.id)], || {
+                format!(
+                    "site {name}: promoting group {} refused: {error}",
+                    current.name
+                )
+            });
+            return Err(error.to_string());
+        }
         Err(reason) => return Err(reason),
     };
     world.record(&[3, member.site as u64, u64::from(current.id), index], || {
