@@ -56,6 +56,22 @@ fn assert_a_image_equals_b(sites: &TwoSites, volume: &str) {
     );
 }
 
+/// An 8 MiB volume `name` created at `node`'s site with failover `auto`.
+fn create_auto(sites: &TwoSites, node: usize, name: &str) {
+    sites.ok(
+        node,
+        &[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "8M",
+            "--failover",
+            "auto",
+        ],
+    );
+}
+
 fn wait_formed(sites: &TwoSites) {
     sites.wait_until(
         "the metadata cluster formed and a and b hold leases",
@@ -76,31 +92,9 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
     require_tool("qemu-io");
     let sites = TwoSites::start(Layout::ProcessPerNode, &[]);
     wait_formed(&sites);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "create",
-            "va",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
+    create_auto(&sites, A, "va");
     sites.ok(A, &["volume", "create", "vm", "--size", "8M"]);
-    sites.ok(
-        B,
-        &[
-            "volume",
-            "create",
-            "vb",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
+    create_auto(&sites, B, "vb");
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 1M", "flush"]);
     sites.wait_replicated(Duration::from_secs(30));
 
@@ -200,30 +194,8 @@ fn a_cut_between_the_data_sites_that_both_reach_the_witness_suspends_nothing() {
     require_tool("qemu-io");
     let sites = TwoSites::start(Layout::ProcessPerNode, &[]);
     wait_formed(&sites);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "create",
-            "va",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
-    sites.ok(
-        B,
-        &[
-            "volume",
-            "create",
-            "vb",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
+    create_auto(&sites, A, "va");
+    create_auto(&sites, B, "vb");
     sites.ok(A, &["link", "cut", "a", "b"]);
     sites.ok(B, &["link", "cut", "a", "b"]);
     // Longer than a lease and a failover check: nothing may move.
@@ -248,18 +220,7 @@ fn losing_the_witness_suspends_nothing() {
     require_tool("qemu-io");
     let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
     wait_formed(&sites);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "create",
-            "va",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
+    create_auto(&sites, A, "va");
     sites.kill9(W);
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
@@ -276,18 +237,7 @@ fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
     require_tool("qemu-io");
     let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
     wait_formed(&sites);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "create",
-            "va",
-            "--size",
-            "8M",
-            "--failover",
-            "auto",
-        ],
-    );
+    create_auto(&sites, A, "va");
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 2M", "flush"]);
     sites.wait_replicated(Duration::from_secs(30));
     // Written and acknowledged at a, perhaps not shipped yet, then a dies.

@@ -206,7 +206,7 @@ pub(crate) fn replay_options(args: &SimArgs) -> String {
 }
 
 /// The scenario a run used, as a scenario file (a swarm seed's draw).
-fn print_scenario(scenario: &Scenario) {
+pub(crate) fn print_scenario(scenario: &impl serde::Serialize) {
     match toml::to_string(scenario) {
         Ok(text) => {
             for line in text.lines() {
@@ -217,11 +217,16 @@ fn print_scenario(scenario: &Scenario) {
     }
 }
 
+/// Every event of a replayed run, one line each.
+pub(crate) fn print_trace(lines: &[String]) {
+    for line in lines {
+        println!("{line}");
+    }
+}
+
 fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace: bool) {
     if print_trace {
-        for line in &outcome.trace {
-            println!("{line}");
-        }
+        self::print_trace(&outcome.trace);
     }
     let wall = started.elapsed().as_secs_f64();
     let simulated = outcome.simulated_ns as f64 / 1e9;

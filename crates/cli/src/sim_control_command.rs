@@ -9,7 +9,7 @@ use stretch_sim::control::{
     run_control,
 };
 
-use crate::sim_command::{SimArgs, replay_options};
+use crate::sim_command::{SimArgs, print_scenario, replay_options};
 
 /// The scenario `stretch sim --control` runs when given none.
 const DEFAULT_SCENARIO: &str = include_str!("../../../simulation/control/control-plane.toml");
@@ -111,22 +111,9 @@ fn swarm(args: &SimArgs, bug: Option<stretch_control::ControlBug>) -> anyhow::Re
     Ok(())
 }
 
-fn print_scenario(scenario: &ControlScenario) {
-    match toml::to_string(scenario) {
-        Ok(text) => {
-            for line in text.lines() {
-                println!("# {line}");
-            }
-        }
-        Err(error) => println!("# (scenario not printable: {error})"),
-    }
-}
-
 fn report(outcome: &ControlOutcome, started: Instant, replay_command: &str, print_trace: bool) {
     if print_trace {
-        for line in &outcome.trace {
-            println!("{line}");
-        }
+        crate::sim_command::print_trace(&outcome.trace);
     }
     let wall = started.elapsed().as_secs_f64();
     let simulated = outcome.simulated_ns as f64 / 1e9;

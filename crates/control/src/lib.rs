@@ -42,7 +42,9 @@ mod placement;
 mod takeover;
 #[cfg(test)]
 mod testing;
+mod verdict;
 
 pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
 pub use placement::{Reach, hand_leadership_to};
 pub use takeover::{Takeover, TakeoverState};
+pub use verdict::{LeaseState, holds_no_lease, takeover_heard_enough};

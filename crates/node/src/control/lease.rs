@@ -18,9 +18,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use stretch_control::{
-    Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest, Takeover, TakeoverState,
+    Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest, LeaseState, Takeover,
+    TakeoverState, holds_no_lease, takeover_heard_enough,
 };
 use stretch_core::{SiteId, Timestamp};
 use stretch_metadata::ClusterMetadata;
@@ -33,18 +33,6 @@ use crate::node::Node;
 /// How long a lease-state question to another voter may take before it
 /// counts as unanswered.
 const STATE_TIMEOUT: Duration = Duration::from_millis(stretch_control::LEASE_STATE_TIMEOUT_MS);
-
-/// What one voter says about a site's leases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct LeaseState {
-    /// How long any promise this voter made to the site may still run, in
-    /// nanoseconds of its clock (0: none runs).
-    pub promised_remaining_ns: u64,
-    /// For a takeover fenced at the asked index: how long grants made to
-    /// the site without knowing that entry may still run; `None` until the
-    /// voter applied it.
-    pub outstanding_ns: Option<u64>,
-}
 
 /// The lease side of one node.
 #[derive(Debug)]
@@ -146,12 +134,7 @@ impl Leases {
 
     /// Answers a question about `site`'s leases (see [`LeaseState`]).
     pub(crate) fn state_of(&self, site: SiteId, index: u64) -> LeaseState {
-        let now = self.now();
-        let grantor = self.grantor.lock();
-        LeaseState {
-            promised_remaining_ns: grantor.promised_remaining_ns(now, site),
-            outstanding_ns: grantor.outstanding_ns(now, site, index),
-        }
+        self.grantor.lock().lease_state(self.now(), site, index)
     }
 
     /// Until when (this node's clock) its lease runs; `None` if it holds
@@ -255,21 +238,13 @@ impl Leases {
     /// included) answered that no promise they made to it still runs.
     /// Returns as soon as the answers decide it.
     pub(crate) async fn holds_no_lease(&self, node: &Weak<Node>, site: SiteId) -> bool {
-        let majority = self.voters.len() / 2 + 1;
+        let voters = self.voters.len();
         let answers = self
             .ask_state(node, site, 0, |answers| {
-                let free = answers
-                    .iter()
-                    .filter(|(_, state)| state.promised_remaining_ns == 0)
-                    .count();
-                free >= majority || answers.len() - free >= majority
+                holds_no_lease(voters, answers).is_some()
             })
             .await;
-        let free = answers
-            .iter()
-            .filter(|(_, state)| state.promised_remaining_ns == 0)
-            .count();
-        free >= majority
+        holds_no_lease(voters, &answers) == Some(true)
     }
 
     /// Asks every voter about `site`'s leases at `index`; the answers that
@@ -324,14 +299,10 @@ impl Leases {
             if takeover.ready_at().is_none() {
                 // Each answer counts from when it arrives (later is safe):
                 // stop asking once a majority of voters applied the entry.
-                let majority = self.voters.len() / 2 + 1;
+                let voters = self.voters.len();
                 let answers = self
                     .ask_state(node, from, index, |answers| {
-                        answers
-                            .iter()
-                            .filter(|(_, state)| state.outstanding_ns.is_some())
-                            .count()
-                            >= majority
+                        takeover_heard_enough(voters, answers)
                     })
                     .await;
                 let now = self.now();

@@ -67,7 +67,7 @@ pub(crate) enum RpcReply {
     /// The lease asked for by request `id` is granted, or refused until
     /// the asker applied `need_index`: `Err((id, need_index))`.
     Lease(Result<u64, (u64, u64)>),
-    LeaseState(super::lease::LeaseState),
+    LeaseState(stretch_control::LeaseState),
     /// The names of the voters the answering node is connected to.
     Reaches(Vec<String>),
     /// The request could not be served at all (the node is starting or

@@ -16,7 +16,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use parking_lot::Mutex;
 use stretch_control::{
-    Grant, GrantRefused, Grantor, Holder, LEASE_STATE_TIMEOUT_MS, LeaseRequest,
+    Grant, GrantRefused, Grantor, Holder, LEASE_STATE_TIMEOUT_MS, LeaseRequest, LeaseState,
     OWNER_CHECK_INTERVAL_MS, Takeover, TakeoverState,
 };
 use stretch_core::{SiteId, Timestamp};
@@ -30,13 +30,6 @@ use super::world::World;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks that it is where leadership belongs.
 const PLACEMENT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What one voter says about a site's leases.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LeaseState {
-    pub promised_remaining_ns: u64,
-    pub outstanding_ns: Option<u64>,
-}
 
 /// A running node.
 pub(crate) struct Member {
@@ -299,12 +292,9 @@ impl Member {
     }
 
     fn state_of(&self, world: &World, site: SiteId, index: u64) -> LeaseState {
-        let now = world.local_now(self.site);
-        let grantor = self.grantor.lock();
-        LeaseState {
-            promised_remaining_ns: grantor.promised_remaining_ns(now, site),
-            outstanding_ns: grantor.outstanding_ns(now, site, index),
-        }
+        self.grantor
+            .lock()
+            .lease_state(world.local_now(self.site), site, index)
     }
 
     fn answer(&self, from: SiteId, answer: Result<Grant, GrantRefused>) {
@@ -395,26 +385,15 @@ async fn ask_state(
     answers
 }
 
-fn majority(world: &World) -> usize {
-    world.sites.len() / 2 + 1
-}
-
 /// Whether `site` holds no lease: a majority of the voters said no promise
 /// they made to it still runs.
 async fn holds_no_lease(world: &Arc<World>, member: &Arc<Member>, site: SiteId) -> bool {
-    let majority = majority(world);
-    let free = |answers: &[(SiteId, LeaseState)]| {
-        answers
-            .iter()
-            .filter(|(_, state)| state.promised_remaining_ns == 0)
-            .count()
-    };
+    let voters = world.sites.len();
     let answers = ask_state(world, member, site, 0, |answers| {
-        let free = free(answers);
-        free >= majority || answers.len() - free >= majority
+        stretch_control::holds_no_lease(voters, answers).is_some()
     })
     .await;
-    free(&answers) >= majority
+    stretch_control::holds_no_lease(voters, &answers) == Some(true)
 }
 
 /// Every 250 ms: takes over the `auto` groups of every owner that holds
@@ -586,7 +565,7 @@ fn promoted_here(member: &Member, current: &stretch_metadata::Group, name: &str)
 /// took by the entry at `index`.
 async fn wait_takeover(world: &Arc<World>, member: &Arc<Member>, from: SiteId, index: u64) {
     let mut takeover = Takeover::new(world.lease, world.voters(), from, index);
-    let majority = majority(world);
+    let voters = world.sites.len();
     loop {
         let now = world.local_now(member.site);
         if takeover.state(now) == TakeoverState::Ready {
@@ -594,11 +573,7 @@ async fn wait_takeover(world: &Arc<World>, member: &Arc<Member>, from: SiteId, i
         }
         if takeover.ready_at().is_none() {
             let answers = ask_state(world, member, from, index, |answers| {
-                answers
-                    .iter()
-                    .filter(|(_, state)| state.outstanding_ns.is_some())
-                    .count()
-                    >= majority
+                stretch_control::takeover_heard_enough(voters, answers)
             })
             .await;
             let now = world.local_now(member.site);
