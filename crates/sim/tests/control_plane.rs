@@ -133,3 +133,33 @@ fn every_planted_control_bug_is_caught_by_g1() {
         );
     }
 }
+
+#[test]
+fn a_bad_control_scenario_is_refused_with_a_reason() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let cases = [
+        ("data_sites = 5\n", "data_sites must be 2 or 3"),
+        ("witness = false\n", "add a witness"),
+        (
+            "phase_seconds_min = 2.0\nphase_seconds_max = 3.0\n",
+            "phase_seconds_min must be at least",
+        ),
+        ("bogus = 1\n", "unknown field"),
+        (
+            "[lease]\nlease_ms = 500\nrenew_ms = 300\n",
+            "lease_ms must outlive two renewals",
+        ),
+    ];
+    for (index, (text, reason)) in cases.into_iter().enumerate() {
+        let path = directory.path().join(format!("bad-{index}.toml"));
+        std::fs::write(&path, text).expect("write the scenario");
+        let error = ControlScenario::load(&path).expect_err(text).to_string();
+        assert!(error.contains(reason), "{text:?}: {error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+    let missing = directory.path().join("missing.toml");
+    let error = ControlScenario::load(&missing)
+        .expect_err("missing file")
+        .to_string();
+    assert!(error.contains("cannot read scenario"), "{error}");
+}
