@@ -30,6 +30,9 @@ pub enum Mark {
     /// A replica resumed with its image at no delta boundary (mid-resync,
     /// perhaps after a restart).
     ResumedMidResync,
+    /// A site whose image holds deltas a failover discarded resumed: no
+    /// progress acks from its own line, a whole resync.
+    DivergedResume,
     /// A chunk answering an earlier resume was refused.
     StaleChunkRefused,
     /// The maps of what other sites lack were saved before a release.
@@ -61,7 +64,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 24] = [
+    pub const ALL: [Mark; 25] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -73,6 +76,7 @@ impl Mark {
         Mark::ResyncAbandoned,
         Mark::ResyncFinished,
         Mark::ResumedMidResync,
+        Mark::DivergedResume,
         Mark::StaleChunkRefused,
         Mark::DirtyMapSaved,
         Mark::DirtyMapRestored,
@@ -101,6 +105,7 @@ impl Mark {
             Mark::ResyncAbandoned => "resync-abandoned",
             Mark::ResyncFinished => "resync-finished",
             Mark::ResumedMidResync => "resumed-mid-resync",
+            Mark::DivergedResume => "diverged-resume",
             Mark::StaleChunkRefused => "stale-chunk-refused",
             Mark::DirtyMapSaved => "dirty-map-saved",
             Mark::DirtyMapRestored => "dirty-map-restored",

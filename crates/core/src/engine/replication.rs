@@ -831,7 +831,8 @@ impl Engine {
                         .replication
                         .inbound
                         .get(group)
-                        .is_none_or(|inbound| inbound.resync.is_none()),
+                        .is_none_or(|inbound| inbound.resync.is_none())
+                        && !self.diverged_here(*group),
                 }
             })
             .collect()
@@ -1883,6 +1884,13 @@ impl Engine {
             inbound.held.clear();
         }
         self.save_resync_marks(None);
+        if self.diverged_here(group) {
+            // What it holds past the failover point is its own line: acks
+            // of those seqs would tell the owner that its own deltas of
+            // the same numbers are here. The owner resyncs it whole.
+            self.marks.hit(Mark::DivergedResume);
+            return;
+        }
         self.send_replica_acks(group);
         let state = &self.groups[&group];
         let applied = state
@@ -1905,6 +1913,12 @@ impl Engine {
 
     /// Why a snapshot read cannot be served here now, if it cannot.
     pub(super) fn snapshot_unavailable(&self, group: GroupId) -> Option<String> {
+        if self.diverged_here(group) {
+            return Some(format!(
+                "group {group} here holds deltas a failover discarded: site {} resyncs it first",
+                self.owner_of(group)
+            ));
+        }
         let inbound = self.replication.inbound.get(&group)?;
         inbound.resync.as_ref()?;
         Some(format!(

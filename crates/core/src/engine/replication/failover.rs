@@ -99,8 +99,10 @@ impl Engine {
     /// At a replica of `group`: stops taking its deltas and resync chunks
     /// (they are refused from now on) and returns the newest delta held
     /// whole, the seq the new epoch starts after if this site takes over.
-    /// `None` if this site owns the group, does not know it, or is
-    /// mid-resync (its image is at no delta boundary: it cannot own it).
+    /// `None` if this site owns the group, does not know it, is mid-resync
+    /// (its image is at no delta boundary: it cannot own it), or holds
+    /// deltas of an ownership a failover ended (it would bring writes the
+    /// cluster dropped back to life, under writes acknowledged since).
     /// [`Engine::set_owner`] naming this site completes the takeover,
     /// [`Engine::cancel_takeover`] calls it off.
     pub fn begin_takeover(&mut self, now: Timestamp, group: GroupId) -> Option<DeltaSeq> {
@@ -114,7 +116,7 @@ impl Engine {
             .inbound
             .get(&group)
             .is_some_and(|inbound| inbound.resync.is_some());
-        if resyncing {
+        if resyncing || self.diverged_here(group) {
             return None;
         }
         let last = DeltaSeq(state.next_seq.0 - 1);
@@ -132,6 +134,22 @@ impl Engine {
         if owner != self.config.site && self.replication.connected.contains(&owner) {
             self.send_resume(group);
         }
+    }
+
+    /// True at a site that does not own `group` and whose newest delta of
+    /// it was written under another epoch than the history names for its
+    /// seq: an old owner that kept writing after a failover, or a replica
+    /// that took those deltas from it. Its image is on a line the cluster
+    /// left, until the owner's resync replaces it.
+    pub(crate) fn diverged_here(&self, group: GroupId) -> bool {
+        let Some(state) = self.groups.get(&group) else {
+            return false;
+        };
+        if state.owner == self.config.site {
+            return false;
+        }
+        let last = DeltaSeq(state.next_seq.0 - 1);
+        self.replica_diverged(group, last, state.last_epoch)
     }
 
     pub(super) fn is_taking_over(&self, group: GroupId) -> bool {

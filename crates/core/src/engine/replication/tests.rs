@@ -2225,11 +2225,32 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     let stats = pair.a.engine.stats();
     assert_eq!(stats.failover_lost_deltas_total, 3);
     assert_eq!(stats.failover_lost_bytes_total, 3 * BLOCK_SIZE as u64);
-    // Back in touch: b sees a's line diverged and copies every region.
+    // Until it is resynced, a's image is on the line the cluster left: it
+    // says so, refuses snapshot reads, and cannot take the group back (it
+    // would bring the lost deltas back to life under b's).
+    assert!(!pair.a.engine.replication_status()[0].consistent);
+    assert_eq!(pair.a.engine.begin_takeover(pair.now, GROUP), None);
+    let snapshot = pair.a.submit(
+        pair.now,
+        Request::ReadSnapshot {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    pair.a.run();
+    assert!(
+        matches!(pair.a.reply(snapshot), Some(Err(RequestError::Io(message))) if message.contains("failover")),
+        "{:?}",
+        pair.a.reply(snapshot)
+    );
+    // Back in touch: b sees a's line diverged and copies every region; a
+    // sends no acks of its own line's seqs (b's deltas 2 to 4 share them).
     pair.connect();
     pair.tick(100);
     pair.tick(100);
     assert_eq!(pair.b.engine.marks().count(Mark::DivergedReplicaResync), 1);
+    assert_eq!(pair.a.engine.marks().count(Mark::DivergedResume), 1);
     assert!(pair.a.engine.replication_status()[0].consistent);
     assert_legs_equal(&pair);
     assert_eq!(pair.a.leg.get(&0), Some(&block(9)));
