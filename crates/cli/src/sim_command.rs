@@ -36,8 +36,9 @@ pub struct SimArgs {
     /// Plant a known defect to see the checker catch it: skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
     /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the
-    /// last three need sites); with --control: renew-with-minority,
-    /// no-drift-margin, grant-stale-holder.
+    /// last three need sites), early-takeover (needs failovers: try
+    /// simulation/failover/two-sites.toml); with --control:
+    /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]
     pub(crate) bug: Option<String>,
     /// With --swarm: print, per coverage mark (a protocol decision), how
@@ -260,6 +261,15 @@ fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace
             stats.link_faults,
             stats.site_loss_checks,
             stats.remote_writes_lost,
+        );
+    }
+    if stats.failovers_started > 0 {
+        println!(
+            "  failovers: {} owners cut off, {} groups taken over, {} acknowledged writes lost to them (each loss reported by its old owner; {} reports not checkable after a restart)",
+            stats.failovers_started,
+            stats.failovers,
+            stats.failover_lost_writes,
+            stats.loss_reports_unchecked,
         );
     }
     if let Some((violation, step, at)) = &outcome.violation {

@@ -319,6 +319,34 @@ impl Checker {
         self.unsettled.iter().copied()
     }
 
+    /// Write `id`, held at its site, was sent to another site's node (its
+    /// site learned that the group moved meanwhile): that node answers it.
+    pub fn forwarded_from_now(&mut self, id: u32) {
+        if let Some(write) = self.writes.get_mut(&id) {
+            write.forwarded = true;
+        }
+    }
+
+    /// The write a client at `site` has in flight on exactly these sectors.
+    pub fn in_flight_write(
+        &self,
+        site: usize,
+        volume: usize,
+        first: u64,
+        count: u64,
+    ) -> Option<u32> {
+        self.in_flight
+            .values()
+            .find_map(|(at, tracked)| match tracked {
+                Tracked::Write { id } if *at == site => {
+                    let write = &self.writes[id];
+                    (write.volume == volume && write.first == first && write.count == count)
+                        .then_some(*id)
+                }
+                _ => None,
+            })
+    }
+
     pub fn write_range(&self, id: u32) -> (usize, u64, u64) {
         let write = &self.writes[&id];
         (write.volume, write.first, write.count)
@@ -850,29 +878,7 @@ impl Checker {
             self.open.remove(&id);
         }
         // Strict reads in flight may have been answered before the crash.
-        for (request, (_, tracked)) in &self.in_flight {
-            let Tracked::Read {
-                volume,
-                first,
-                count,
-            } = tracked
-            else {
-                continue;
-            };
-            if !views.contains_key(volume) {
-                continue;
-            }
-            let before = self
-                .straddling
-                .entry(*request)
-                .or_insert_with(|| vec![BTreeSet::new(); *count as usize]);
-            for (index, sector) in (*first..first + count).enumerate() {
-                before[index].insert(self.volumes[*volume].sectors[sector as usize]);
-                if let Some(maybe) = self.maybe.get(&(*volume, sector)) {
-                    before[index].insert(*maybe);
-                }
-            }
-        }
+        self.remember_straddling(&views);
         for (volume, view) in views {
             let model = &mut self.volumes[volume];
             model.baseline.clone_from(&view.versions);
@@ -950,6 +956,117 @@ impl Checker {
         Ok(())
     }
 
+    /// `group` failed over to site `to` without its owner (cut off): `views`
+    /// are `to`'s images of every volume of the group, taken when it took
+    /// over. They must be a whole-delta prefix of what the old owner
+    /// acknowledged (G3), and hold every write promised to survive the
+    /// loss of the owner's site when `to` is the only other site (G4; with
+    /// more sites such a write may be at a third one). They become the
+    /// group's truth: the acknowledged writes they lack are lost to the
+    /// failover, and their number is returned (the old owner must report a
+    /// loss when it learns of the failover if it is not zero).
+    pub fn after_failover(
+        &mut self,
+        group: u32,
+        to: usize,
+        views: Vec<View>,
+        sole_survivor: bool,
+    ) -> Result<u64, Violation> {
+        self.check_replica_views(&views, group).map_err(|detail| {
+            violation(
+                "G3",
+                format!("site {} taking group {group} over: {detail}", to + 1),
+            )
+        })?;
+        let views: BTreeMap<usize, View> =
+            views.into_iter().map(|view| (view.volume, view)).collect();
+        // Every write of the group not lost yet, also those an earlier
+        // recovery of the old owner judged present: the new owner may
+        // never have received them.
+        let judged: Vec<u32> = views
+            .keys()
+            .flat_map(|volume| self.volumes[*volume].writes.iter().copied())
+            .filter(|id| !self.writes[id].lost)
+            .collect();
+        if sole_survivor {
+            for id in &judged {
+                let write = &self.writes[id];
+                if write.site_durable && !self.present(&views, *id) {
+                    return Err(violation(
+                        "G4",
+                        format!(
+                            "{} was acknowledged as surviving the loss of its owner's site, but site {} took group {group} over without it",
+                            self.describe_write(*id),
+                            to + 1
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut lost = 0;
+        for id in judged {
+            let present = self.present(&views, id);
+            let write = self
+                .writes
+                .get_mut(&id)
+                .expect("checker invariant: judged writes are recorded");
+            if !write.settled {
+                // Its owner may still answer it (with an error: its lease
+                // ran out); it cannot be in the new owner's image.
+                continue;
+            }
+            write.finalized = true;
+            write.lost = !present;
+            if write.lost && write.acked.is_some() {
+                lost += 1;
+                if write.forwarded {
+                    self.remote_writes_lost += 1;
+                }
+            }
+            self.open.remove(&id);
+        }
+        self.remember_straddling(&views);
+        for (volume, view) in views {
+            let model = &mut self.volumes[volume];
+            model.setup.owner = to;
+            model.baseline.clone_from(&view.versions);
+            model.sectors = view.versions;
+            model.undurable.clear();
+            self.maybe
+                .retain(|(maybe_volume, _), _| *maybe_volume != volume);
+        }
+        Ok(lost)
+    }
+
+    /// Strict reads in flight on volumes whose truth is about to change (an
+    /// owner's recovery, a failover) may have been answered before: what
+    /// each sector could show until now is kept for them.
+    fn remember_straddling(&mut self, views: &BTreeMap<usize, View>) {
+        for (request, (_, tracked)) in &self.in_flight {
+            let Tracked::Read {
+                volume,
+                first,
+                count,
+            } = tracked
+            else {
+                continue;
+            };
+            if !views.contains_key(volume) {
+                continue;
+            }
+            let before = self
+                .straddling
+                .entry(*request)
+                .or_insert_with(|| vec![BTreeSet::new(); *count as usize]);
+            for (index, sector) in (*first..first + count).enumerate() {
+                before[index].insert(self.volumes[*volume].sectors[sector as usize]);
+                if let Some(maybe) = self.maybe.get(&(*volume, sector)) {
+                    before[index].insert(*maybe);
+                }
+            }
+        }
+    }
+
     /// Writes of groups owned by `owner` that must survive the loss of its
     /// whole site.
     pub fn site_durable_writes(&self, owner: usize) -> Vec<u32> {
@@ -993,7 +1110,10 @@ impl Checker {
         for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
             let found = decode_sector(bytes, sector as u64);
             let expected = self.volumes[volume].sectors[sector];
-            if found != Some(expected) {
+            // A write that failed may have been applied all the same (its
+            // owner's lease ran out before it could acknowledge it).
+            let maybe = self.maybe.get(&(volume, sector as u64)).copied();
+            if found != Some(expected) && (maybe.is_none() || found != maybe) {
                 return Err(format!(
                     "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
                     describe(found),

@@ -88,6 +88,14 @@ pub struct Faults {
     /// power at once, and what flush-sync and sync writes promised must be
     /// found in the journals of the sites that remain.
     pub site_loss_per_second: f64,
+    /// Failovers per simulated second (multi-site only): a site that owns
+    /// groups is cut off from every other site and the ownership authority;
+    /// once its lease cannot cover it any more, a survivor takes its groups
+    /// over from the last whole delta it holds. Turns leases on.
+    pub failover_per_second: f64,
+    /// Longest time the old owner stays cut off after its groups were
+    /// taken over; then it returns, learns the new owners and is resynced.
+    pub isolation_ms_max: u64,
 }
 
 /// The links between sites: one connection per pair of sites, messages of
@@ -138,6 +146,11 @@ pub struct EngineTuning {
     /// A request at a site that does not own the volume fails after this
     /// long without an answer from the owner.
     pub remote_timeout_ms: u64,
+    /// Ownership leases (enforced when failovers are drawn): how long one
+    /// renewal lets a site serve the groups it owns, and how often a site
+    /// that reaches the authority renews.
+    pub lease_ms: u64,
+    pub lease_renew_ms: u64,
 }
 
 impl Default for Scenario {
@@ -194,6 +207,8 @@ impl Default for Faults {
             slow_disk_probability: 0.01,
             fsync_failure_per_second: 0.05,
             site_loss_per_second: 0.0,
+            failover_per_second: 0.0,
+            isolation_ms_max: 2_000,
         }
     }
 }
@@ -227,6 +242,8 @@ impl Default for EngineTuning {
             backlog_bytes_max: 256 << 20,
             backlog_wait_ms_max: 5_000,
             remote_timeout_ms: 5_000,
+            lease_ms: 1_000,
+            lease_renew_ms: 250,
         }
     }
 }
@@ -317,6 +334,7 @@ impl Scenario {
                 slow_disk_probability: [0.0, 0.01, 0.1][rng.below(3) as usize],
                 fsync_failure_per_second: [0.0, 0.0, 0.2, 1.0][rng.below(4) as usize],
                 site_loss_per_second: 0.0,
+                ..Faults::default()
             },
             network: Network::default(),
             engine: EngineTuning {
@@ -392,6 +410,8 @@ impl Scenario {
             self.faults.disk_latency_us_max = self.faults.disk_latency_us_max.min(1000);
             self.faults.disk_latency_us_min = self.faults.disk_latency_us_min.min(100);
         }
+        // Failovers are not drawn yet: with them the data path still shows
+        // the open defects listed in simulation/failover/two-sites.toml.
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -438,6 +458,7 @@ impl Scenario {
             f.crash_per_second,
             f.fsync_failure_per_second,
             f.site_loss_per_second,
+            f.failover_per_second,
             f.slow_disk_probability,
         ];
         if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {
@@ -469,6 +490,14 @@ impl Scenario {
             return Err(
                 "engine.backlog_bytes_max >= 4096, remote_timeout_ms >= 1 and backlog_wait_ms_max >= 1 needed".into(),
             );
+        }
+        if f.failover_per_second > 0.0 {
+            if self.sites() < 2 {
+                return Err("faults.failover_per_second needs two or more sites".into());
+            }
+            if e.lease_ms == 0 || e.lease_renew_ms == 0 || e.lease_renew_ms >= e.lease_ms {
+                return Err("engine: 0 < lease_renew_ms < lease_ms needed for failovers".into());
+            }
         }
         if !(self.duration_seconds > 0.0 && self.duration_seconds <= 86_400.0) {
             return Err("duration_seconds must be in (0, 86400]".into());

@@ -29,6 +29,8 @@ use crate::rng::SimRng;
 use crate::scenario::Scenario;
 use crate::trace::Trace;
 
+mod ownership;
+
 /// A defect planted on purpose, to prove the checker catches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimBug {
@@ -36,11 +38,15 @@ pub enum SimBug {
     Core(PlantedBug),
     /// The disk driver reports journal syncs it never did.
     SkipJournalFsync,
+    /// A survivor takes a cut-off owner's groups over without waiting for
+    /// its lease to run out.
+    EarlyTakeover,
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 7] = [
+    pub const ALL: [SimBug; 8] = [
         SimBug::SkipJournalFsync,
+        SimBug::EarlyTakeover,
         SimBug::Core(PlantedBug::AckFlushEarly),
         SimBug::Core(PlantedBug::ApplyBeforeJournalSync),
         SimBug::Core(PlantedBug::ApplyNewestFirst),
@@ -52,6 +58,7 @@ impl SimBug {
     pub fn name(self) -> &'static str {
         match self {
             SimBug::SkipJournalFsync => "skip-journal-fsync",
+            SimBug::EarlyTakeover => "early-takeover",
             SimBug::Core(PlantedBug::AckFlushEarly) => "ack-flush-early",
             SimBug::Core(PlantedBug::ApplyBeforeJournalSync) => "apply-before-journal-sync",
             SimBug::Core(PlantedBug::ApplyNewestFirst) => "apply-newest-first",
@@ -105,6 +112,13 @@ pub struct Stats {
     /// (by the nodes' last incarnations).
     pub backlog_throttled_writes: u64,
     pub backlog_folds: u64,
+    /// Failovers: owners cut off, groups taken over, the acknowledged
+    /// writes those takeovers lost (each reported by its old owner), and
+    /// loss reports not checked (the old owner restarted meanwhile).
+    pub failovers_started: u64,
+    pub failovers: u64,
+    pub failover_lost_writes: u64,
+    pub loss_reports_unchecked: u64,
     /// How often each protocol decision was taken, over every site and
     /// every incarnation of its node.
     pub marks: stretch_core::Marks,
@@ -203,6 +217,13 @@ enum Event {
     },
     Dial(usize),
     SiteLoss,
+    /// Ownership (see `ownership`): a site's lease renewal, a failover
+    /// starting, the takeover, the cut-off site returning and learning.
+    LeaseRenew(usize),
+    Failover,
+    Takeover,
+    IsolationEnd,
+    Learn(usize),
 }
 
 #[derive(Debug)]
@@ -277,8 +298,12 @@ struct ClientRequest {
     client: usize,
     fua: bool,
     site: usize,
+    volume: usize,
     /// The site does not own the volume: the engine asks the owner.
     remote: bool,
+    /// Issued at, or in flight at, a site cut off for a failover: it may
+    /// fail (its lease runs out) even where the site owns the volume.
+    may_fail: bool,
     snapshot: bool,
     write: bool,
     /// When it was issued.
@@ -357,6 +382,7 @@ struct Simulation<'a> {
     /// crashed: exempt from the prefix check until consistent again.
     resyncing: BTreeSet<(usize, u32)>,
     site_loss: Option<SiteLossCheck>,
+    control: ownership::Control,
 }
 
 fn volume_path(index: usize) -> PathBuf {
@@ -426,6 +452,7 @@ impl<'a> Simulation<'a> {
             owner_pending: BTreeMap::new(),
             resyncing: BTreeSet::new(),
             site_loss: None,
+            control: ownership::Control::new(scenario),
         }
     }
 
@@ -437,8 +464,9 @@ impl<'a> Simulation<'a> {
         volume as u32 % self.scenario.topology.groups + 1
     }
 
+    /// The owner of `volume`'s group by the ownership authority now.
     fn owner_of_volume(&self, volume: usize) -> usize {
-        self.scenario.owner_of_group(self.group_of(volume))
+        self.control.owner(self.group_of(volume))
     }
 
     fn engine_config(&self, site: usize) -> EngineConfig {
@@ -456,8 +484,8 @@ impl<'a> Simulation<'a> {
             backlog_bytes_max: tuning.backlog_bytes_max,
             backlog_wait_ms_max: tuning.backlog_wait_ms_max,
             remote_timeout_ms: tuning.remote_timeout_ms,
-            // The simulator grants no leases (yet): fencing stays off.
-            leases_enforced: false,
+            // Granted by the simulator when ownership can move.
+            leases_enforced: self.control.leases(),
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
             planted_bug: match self.options.bug {
@@ -529,13 +557,16 @@ impl<'a> Simulation<'a> {
                 && self.now - since > DRAIN_LIMIT_NS
             {
                 let detail = if self.multi() {
-                    "the sites did not drain and converge within 120 simulated seconds after the faults stopped"
+                    format!(
+                        "the sites did not drain and converge within 120 simulated seconds after the faults stopped ({})",
+                        self.unsettled_reason()
+                    )
                 } else {
-                    "the node did not drain to its legs within 120 simulated seconds"
+                    "the node did not drain to its legs within 120 simulated seconds".into()
                 };
                 self.fail(Violation {
                     guarantee: "G6",
-                    detail: detail.into(),
+                    detail,
                 });
                 return;
             }
@@ -572,6 +603,63 @@ impl<'a> Simulation<'a> {
         self.replication_settled()
     }
 
+    /// What keeps a multi-site run from being finished, for the G6
+    /// violation.
+    fn unsettled_reason(&self) -> String {
+        if !self.requests.is_empty() {
+            return format!("{} requests unanswered", self.requests.len());
+        }
+        if self.checker.unsettled().next().is_some() {
+            return "a forwarded write is not settled".into();
+        }
+        if !self.net.quiet() {
+            return "messages still in flight".into();
+        }
+        for (site, state) in self.sites.iter().enumerate() {
+            let Some(node) = &state.node else {
+                return format!("site {} is down", site + 1);
+            };
+            if !node.engine.is_drained() {
+                return format!("site {} has not drained", site + 1);
+            }
+            for group in node.engine.replication_status() {
+                let owner = self.control.owner(group.group.0);
+                if owner == site {
+                    for peer in &group.peers {
+                        let settled = peer.state == stretch_core::PeerState::Streaming
+                            && peer.unapplied_deltas == 0
+                            && peer.resync_regions_left == 0;
+                        if !settled {
+                            return format!(
+                                "owner site {} of group {}: site {} is {:?} with {} deltas unapplied and {} regions to resync",
+                                site + 1,
+                                group.group,
+                                peer.peer,
+                                peer.state,
+                                peer.unapplied_deltas,
+                                peer.resync_regions_left
+                            );
+                        }
+                    }
+                } else if !group.consistent {
+                    return format!("site {} is mid-resync of group {}", site + 1, group.group);
+                } else if group.owner != SiteId(owner as u32 + 1) {
+                    return format!(
+                        "site {} follows site {} as owner of group {}, not site {}",
+                        site + 1,
+                        group.owner,
+                        group.group,
+                        owner + 1
+                    );
+                }
+            }
+        }
+        if !self.net.links.iter().all(|link| link.healthy()) {
+            return "a link is down".into();
+        }
+        "replicas differ from their owners' last delta".into()
+    }
+
     /// Every site that does not own a group holds and applied every delta
     /// of it, and is not mid-resync.
     fn replication_settled(&self) -> bool {
@@ -587,7 +675,7 @@ impl<'a> Simulation<'a> {
             .collect();
         for (site, status) in statuses.iter().enumerate() {
             for group in status {
-                let owner = self.scenario.owner_of_group(group.group.0);
+                let owner = self.control.owner(group.group.0);
                 if owner == site {
                     let caught_up = group.peers.iter().all(|peer| {
                         peer.state == stretch_core::PeerState::Streaming
@@ -757,7 +845,7 @@ impl<'a> Simulation<'a> {
             .filter(|owner| *owner != site)
             .map(|owner| {
                 let groups = (1..=self.scenario.topology.groups)
-                    .filter(|group| self.scenario.owner_of_group(*group) == owner)
+                    .filter(|group| self.control.ever_owned(owner, *group))
                     .count() as u64;
                 if groups == 0 {
                     return 0;
@@ -910,6 +998,7 @@ impl<'a> Simulation<'a> {
                     .record(self.now, None, &[7], || "workload over; draining".into());
                 self.draining_since = Some(self.now);
                 if self.multi() {
+                    self.isolation_end();
                     self.heal_everything();
                 }
                 self.maybe_start_drain();
@@ -938,6 +1027,11 @@ impl<'a> Simulation<'a> {
             }
             Event::Dial(link) => self.dial(link),
             Event::SiteLoss => self.site_loss(),
+            Event::LeaseRenew(site) => self.lease_tick(site),
+            Event::Failover => self.failover(),
+            Event::Takeover => self.takeover(),
+            Event::IsolationEnd => self.isolation_end(),
+            Event::Learn(site) => self.learn_after_isolation(site),
         }
     }
 
@@ -982,7 +1076,8 @@ impl<'a> Simulation<'a> {
         }
         let volumes = self.scenario.topology.volumes as u64;
         let volume = self.rng.below(volumes) as usize;
-        let remote = self.owner_of_volume(volume) != site;
+        // The site's node forwards by the ownership it applied.
+        let remote = self.control.owner_known_at(site, self.group_of(volume)) != site;
         if kind == 6 && !remote {
             // A snapshot read where the volume is owned is a plain read.
             kind = 0;
@@ -1135,11 +1230,16 @@ impl<'a> Simulation<'a> {
                 client,
                 fua,
                 site,
+                volume,
                 remote: remote && !snapshot,
+                may_fail: self.control.isolated() == Some(site),
                 snapshot,
                 write,
                 issued_at: self.now,
-                owner_local_write: write && !remote && !(self.multi() && needs_peer),
+                owner_local_write: write
+                    && !remote
+                    && !(self.multi() && needs_peer)
+                    && self.control.isolated() != Some(site),
             },
         );
         self.trace.record(
@@ -1307,6 +1407,12 @@ impl<'a> Simulation<'a> {
             self.stats.owner_write_wait_max_ns = self.stats.owner_write_wait_max_ns.max(waited);
         }
         let ok = result.is_ok();
+        if ok && tracked.write && !tracked.remote && self.multi() {
+            self.check_acknowledger(site, tracked.volume);
+            if self.violation.is_some() {
+                return;
+            }
+        }
         let data = match &result {
             Ok(Response::Data(data)) => Some(data.clone()),
             _ => None,
@@ -1330,9 +1436,13 @@ impl<'a> Simulation<'a> {
                 }
             };
             self.checker.on_snapshot_reply(request.0, answer)
-        } else if tracked.remote && !tracked.write && matches!(result, Err(RequestError::Io(_))) {
+        } else if (tracked.remote || tracked.may_fail)
+            && !tracked.write
+            && matches!(result, Err(RequestError::Io(_)))
+        {
             // The owner did not answer in time (or could not be reached):
-            // allowed at a site that does not own the volume, and counted.
+            // allowed at a site that does not own the volume, and counted;
+            // or the site's lease ran out while it was cut off.
             self.stats.remote_failures += 1;
             self.checker.on_allowed_failure(request.0);
             Ok(())
@@ -1507,7 +1617,7 @@ impl<'a> Simulation<'a> {
             // Groups whose legs here were mid-resync: exempt from the
             // prefix check after recovery, until consistent again.
             for status in node.engine.replication_status() {
-                let owner = self.scenario.owner_of_group(status.group.0);
+                let owner = self.control.owner_known_at(site, status.group.0);
                 if owner != site && !status.consistent {
                     self.resyncing.insert((site, status.group.0));
                 }
@@ -1672,10 +1782,7 @@ impl<'a> Simulation<'a> {
             );
         }
         if self.multi() {
-            for group in 1..=self.scenario.topology.groups {
-                let owner = SiteId(self.scenario.owner_of_group(group) as u32 + 1);
-                engine.set_owner(GroupId(group), owner, Epoch(1));
-            }
+            self.tell_ownership(site, &mut engine);
             // What each other site may lack: its saved map (with what the
             // journal replayed, merged in above).
             for peer in self.engine_config(site).peers {
@@ -1701,6 +1808,7 @@ impl<'a> Simulation<'a> {
             leg_device: Device::new(),
             timer_at: None,
         });
+        self.renew_lease(site);
         if !fresh && self.multi() {
             // A site whose legs were mid-resync must say so after its
             // restart (its snapshot reads are refused until it is whole).
@@ -1761,6 +1869,14 @@ impl<'a> Simulation<'a> {
         let mut all = Vec::new();
         for volume in 0..volumes {
             let at_owner = self.owner_of_volume(volume) == site;
+            // Holds deltas a failover lost until the new owner's resync
+            // replaces them: not a prefix of the group's line, but still
+            // where a site-loss check may find what was promised.
+            let diverged = !at_owner
+                && self
+                    .control
+                    .diverged
+                    .contains(&(site, self.group_of(volume)));
             let decoded = self.sites[site]
                 .fs
                 .with_content(&volume_path(volume), |image| {
@@ -1776,7 +1892,7 @@ impl<'a> Simulation<'a> {
                 Ok(versions) => versions,
                 Err(violation) if !at_owner => {
                     let group = self.group_of(volume);
-                    if self.resyncing.contains(&(site, group)) {
+                    if diverged || self.resyncing.contains(&(site, group)) {
                         // Mid-resync legs may hold anything the owner sent.
                         continue;
                     }
@@ -1794,6 +1910,9 @@ impl<'a> Simulation<'a> {
             };
             if self.site_loss.is_some() {
                 all.push(view.clone());
+            }
+            if diverged {
+                continue;
             }
             if at_owner {
                 owned.push(view);
@@ -1819,7 +1938,7 @@ impl<'a> Simulation<'a> {
         if self.workload_over {
             return;
         }
-        if self.site_loss.is_some() {
+        if self.site_loss.is_some() || self.control.isolated().is_some() {
             self.schedule_poisson(rate, Event::SiteLoss);
             return;
         }
@@ -1908,6 +2027,8 @@ impl<'a> Simulation<'a> {
         self.schedule_poisson(network.reset_per_second, Event::Reset);
         self.schedule_poisson(network.blip_per_second, Event::Blip);
         self.schedule_poisson(self.scenario.faults.site_loss_per_second, Event::SiteLoss);
+        self.schedule_poisson(self.scenario.faults.failover_per_second, Event::Failover);
+        self.start_leases();
     }
 
     fn send(&mut self, from: usize, peer: SiteId, message: SiteMessage) {
@@ -1921,10 +2042,37 @@ impl<'a> Simulation<'a> {
         if let SiteMessage::Forward { request, .. } = &message
             && matches!(request, Request::Write { .. } | Request::WriteZeroes { .. })
         {
-            write = self.submitting.take();
+            // During its submission, or later: held for a lease, then sent
+            // to the site that took the group over. Writes in flight never
+            // overlap, so the range names the write.
+            write = self.submitting.take().or_else(|| {
+                let (volume, offset, length) = match request {
+                    Request::Write {
+                        volume,
+                        offset,
+                        data,
+                        ..
+                    } => (*volume, *offset, data.len() as u64),
+                    Request::WriteZeroes {
+                        volume,
+                        offset,
+                        length,
+                        ..
+                    } => (*volume, *offset, *length),
+                    _ => unreachable!("matched above"),
+                };
+                let id = self.checker.in_flight_write(
+                    from,
+                    volume.0 as usize - 1,
+                    offset / SECTOR_BYTES,
+                    length / SECTOR_BYTES,
+                )?;
+                self.checker.forwarded_from_now(id);
+                Some(id)
+            });
             assert!(
                 write.is_some(),
-                "simulator invariant: a forwarded write leaves during its submission"
+                "simulator invariant: a forwarded write is one a client of the site has in flight"
             );
         }
         if let SiteMessage::ForwardReply { id, result } = &message {
@@ -1933,6 +2081,10 @@ impl<'a> Simulation<'a> {
                 .get_mut(&(from, to, *id))
                 .and_then(VecDeque::pop_front);
             if let Some(Some(write)) = answered {
+                if result.is_ok() {
+                    let (volume, _, _) = self.checker.write_range(write);
+                    self.check_acknowledger(from, volume);
+                }
                 self.checker.forward_answered(write, result.is_ok());
             }
         }
@@ -2304,13 +2456,17 @@ impl<'a> Simulation<'a> {
     }
 
     fn cut_end(&mut self, link: usize, directions: [bool; 2]) {
+        let (lo, hi) = (self.net.links[link].lo, self.net.links[link].hi);
+        if self.control.holds_cut(lo, hi) {
+            // A failover's cut-off outlasts the link's own cut.
+            return;
+        }
         for (direction, healed) in directions.into_iter().enumerate() {
             if healed && self.net.links[link].cut[direction] {
                 self.net.links[link].cut[direction] = false;
                 self.release(link, direction);
             }
         }
-        let (lo, hi) = (self.net.links[link].lo, self.net.links[link].hi);
         self.trace
             .record(self.now, None, &[37, lo as u64, hi as u64], || {
                 format!("cut between sites {} and {} heals", lo + 1, hi + 1)
