@@ -24,7 +24,8 @@ prints:
      fa (they must fail, not be acknowledged).
 
 Figures from different runs are not comparable on shared machines.
-Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep] [--failover-only]
+Usage: bench/control-plane.py [--volumes N] [--repeats N] [--keep] [--failover-only | --memory-only]
+The binary is REPO/target/release/stretch, or the path in $STRETCH.
 """
 
 import argparse
@@ -40,7 +41,9 @@ import threading
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STRETCH = os.path.join(REPO, "target", "release", "stretch")
+# STRETCH names another build of the binary (e.g. one with its own
+# CARGO_TARGET_DIR); by default, this checkout's release build.
+STRETCH = os.environ.get("STRETCH") or os.path.join(REPO, "target", "release", "stretch")
 LOCAL_CONFIG = os.path.join(REPO, "cluster-configs", "local.toml")
 LOCAL_PORTS = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402]
 NODES = ["a1", "b1", "w1"]
@@ -133,7 +136,7 @@ class Cluster:
         with open(f"/proc/{self.processes[node].pid}/status") as status:
             for line in status:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "Threads"):
                     fields[key] = int(value.split()[0])
         return fields
 
@@ -279,6 +282,8 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--failover-only", action="store_true",
                         help="measure only the failover timings (section 4)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only the memory (section 1)")
     args = parser.parse_args()
     if not os.path.exists(STRETCH):
         sys.exit("build first: cargo build --release")
@@ -296,13 +301,16 @@ def main():
                            check=True, stdout=subprocess.DEVNULL)
         time.sleep(2)
         witness, data = cluster.memory_kib("w1"), cluster.memory_kib("a1")
-        print("| node | RSS | peak RSS |")
-        print("|---|---:|---:|")
-        print(f"| witness w1 | {witness['VmRSS'] / 1024:.1f} MiB | {witness['VmHWM'] / 1024:.1f} MiB |")
-        print(f"| data node a1 | {data['VmRSS'] / 1024:.1f} MiB | {data['VmHWM'] / 1024:.1f} MiB |")
+        print("| node | RSS | peak RSS | threads |")
+        print("|---|---:|---:|---:|")
+        for label, fields in [("witness w1", witness), ("data node a1", data)]:
+            print(f"| {label} | {fields['VmRSS'] / 1024:.1f} MiB | {fields['VmHWM'] / 1024:.1f} MiB "
+                  f"| {fields['Threads']} |")
         verdict = "ok" if witness["VmRSS"] <= 30 * 1024 else "OVER"
         print(f"witness RSS target <= 30 MiB: {verdict} ({args.volumes} volumes)")
         print()
+        if args.memory_only:
+            return
         creates, moves, deletes = [], [], []
         for n in range(args.repeats):
             name = f"t{n}"

@@ -35,6 +35,14 @@ use crate::{Entry, LogId, MetadataConfig, Vote};
 /// reads: a later format change bumps it and adds a migration.
 pub const FORMAT: &str = "stretch-metadata/1";
 
+/// Memory redb may keep as its page cache (read cache and write buffer
+/// together). redb's default is 1 GiB, which a node would fill as the file
+/// grows: the metadata (volumes, groups, the Raft log since the last
+/// snapshot) stays far smaller, and the state machine keeps its own copy
+/// in memory anyway, so a small bound costs no reads in practice and keeps
+/// the witness (this file and little else) small.
+pub const METADATA_CACHE_BYTES: usize = 8 << 20;
+
 /// `format` → [`FORMAT`]: marks the file as ours.
 const FORMAT_TABLE: TableDefinition<&str, &str> = TableDefinition::new("format");
 /// Log entries by index.
@@ -129,10 +137,13 @@ impl RedbBackend {
 
     fn open_db(path: &Path) -> Result<Database, StoreError> {
         let path = path.to_path_buf();
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(METADATA_CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
 
         let read = db.begin_read()?;
         let tables: Vec<String> = read.list_tables()?.map(|t| t.name().to_owned()).collect();
