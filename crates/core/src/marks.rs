@@ -33,6 +33,9 @@ pub enum Mark {
     /// A site whose image holds deltas a failover discarded resumed: no
     /// progress acks from its own line, a whole resync.
     DivergedResume,
+    /// A site resumed mid-resync at an owner that restarted since: every
+    /// region is copied again (the saved map may predate the resync).
+    RestoredMidResync,
     /// A chunk answering an earlier resume was refused.
     StaleChunkRefused,
     /// The maps of what other sites lack were saved before a release.
@@ -64,7 +67,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 25] = [
+    pub const ALL: [Mark; 26] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -77,6 +80,7 @@ impl Mark {
         Mark::ResyncFinished,
         Mark::ResumedMidResync,
         Mark::DivergedResume,
+        Mark::RestoredMidResync,
         Mark::StaleChunkRefused,
         Mark::DirtyMapSaved,
         Mark::DirtyMapRestored,
@@ -106,6 +110,7 @@ impl Mark {
             Mark::ResyncFinished => "resync-finished",
             Mark::ResumedMidResync => "resumed-mid-resync",
             Mark::DivergedResume => "diverged-resume",
+            Mark::RestoredMidResync => "restored-mid-resync",
             Mark::StaleChunkRefused => "stale-chunk-refused",
             Mark::DirtyMapSaved => "dirty-map-saved",
             Mark::DirtyMapRestored => "dirty-map-restored",

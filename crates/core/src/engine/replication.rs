@@ -196,6 +196,19 @@ struct PeerProgress {
     resync_generation: u64,
     /// The chunk marked `last` went out in this resync.
     last_chunk_sent: bool,
+    /// A chunk of this resync was built (sent, or held for the journal).
+    /// Deltas wait for it: the first chunk sets the site's numbering to
+    /// the owner's, and a delta ahead of it would reach a site numbered
+    /// elsewhere (past it, if it holds deltas a failover discarded, or
+    /// short of it), which drops or refuses it.
+    chunk_built: bool,
+    /// What this site knows the site lacks came from a saved map at start
+    /// (this node restarted). A map says nothing of a resync that copied
+    /// every region (a site whose deltas diverged, or lacked retired ones):
+    /// such a resync is not in the journal either, and a map saved before
+    /// it began lacks it. So a site resuming mid-resync then gets every
+    /// region again. Cleared by the site's next resume.
+    restored: bool,
     /// Chunks built but not sent yet, oldest first, each with the journal
     /// position the local journal must hold durably before it may leave.
     held_chunks: VecDeque<(u64, SiteMessage)>,
@@ -218,6 +231,8 @@ impl PeerProgress {
             resync_unacked: VecDeque::new(),
             resync_generation: 0,
             last_chunk_sent: false,
+            chunk_built: false,
+            restored: false,
             held_chunks: VecDeque::new(),
             resume: 0,
         }
@@ -729,6 +744,7 @@ impl Engine {
         for outbound in self.replication.outbound.values_mut() {
             if let Some(progress) = outbound.peers.get_mut(&peer) {
                 progress.state = PeerState::NeedsResync;
+                progress.restored = true;
             }
         }
         self.replication.durable_maps.insert(peer, (saved, true));
@@ -1098,6 +1114,9 @@ impl Engine {
         if !matches!(progress.state, PeerState::Streaming | PeerState::Resyncing) {
             return;
         }
+        if progress.state == PeerState::Resyncing && !progress.chunk_built {
+            return;
+        }
         let mut messages = Vec::new();
         for retained in &outbound.retained {
             if retained.seq <= progress.shipped {
@@ -1160,6 +1179,7 @@ impl Engine {
             return;
         };
         progress.resume = resume;
+        let restored = std::mem::take(&mut progress.restored);
         // A site holding every delta needs nothing else, whatever the maps
         // say (they may predate what it received since).
         if have == Some(last) && !diverged {
@@ -1204,7 +1224,12 @@ impl Engine {
             // Mid-resync, and nothing here says what it lacks (this site
             // restarted without a saved map, or the site recovered from a
             // crash mid-resync): every region.
-            None if !tracked => progress.dirty_all = true,
+            None if !tracked || restored => {
+                if restored {
+                    self.marks.hit(Mark::RestoredMidResync);
+                }
+                progress.dirty_all = true;
+            }
             None => {
                 let floor = progress.applied;
                 for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
@@ -1213,6 +1238,7 @@ impl Engine {
             }
         }
         progress.state = PeerState::Resyncing;
+        progress.chunk_built = false;
         self.marks.hit(Mark::ResyncStarted);
         progress.shipped = last;
         progress.resync_base = last;
@@ -1284,6 +1310,7 @@ impl Engine {
         progress.resync_generation += 1;
         progress.resync_reading = 0;
         progress.last_chunk_sent = false;
+        progress.chunk_built = false;
         progress.held_chunks.clear();
         let unacked: Vec<(VolumeId, u64)> = progress
             .resync_unacked
@@ -1490,8 +1517,13 @@ impl Engine {
             resume: progress.resume,
         };
         progress.last_chunk_sent = last;
+        let first = !std::mem::replace(&mut progress.chunk_built, true);
         if needed <= synced && progress.held_chunks.is_empty() {
             self.actions.push_back(Action::Send { peer, message });
+            if first {
+                // Deltas that waited for it follow it now.
+                self.ship_ready(group, peer);
+            }
         } else {
             progress.held_chunks.push_back((needed, message));
             self.marks.hit(Mark::ResyncChunkHeld);
@@ -2071,6 +2103,11 @@ impl Engine {
     /// Acknowledges, in order, the deltas and chunks of a group the journal
     /// now holds durably.
     fn send_replica_acks(&mut self, group_id: GroupId) {
+        if self.diverged_here(group_id) {
+            // Its seqs past the failover point are its own line's: the
+            // owner numbers its own deltas the same way (see `send_resume`).
+            return;
+        }
         let synced = self.journal.synced_upto;
         let Some(state) = self.groups.get(&group_id) else {
             return;
