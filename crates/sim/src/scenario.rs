@@ -410,8 +410,11 @@ impl Scenario {
             self.faults.disk_latency_us_max = self.faults.disk_latency_us_max.min(1000);
             self.faults.disk_latency_us_min = self.faults.disk_latency_us_min.min(100);
         }
-        // Failovers are not drawn yet: with them the data path still shows
-        // the open defects listed in simulation/failover/two-sites.toml.
+        // Failovers are not drawn yet (see simulation/failover/two-sites.toml
+        // for the defect that stops a swarm seed with them). To draw them:
+        // failover_per_second from [0, 0, 0.3, 1], isolation_ms_max from 0
+        // to 2000, lease_ms from 100 to 1000, lease_renew_ms from 10 to a
+        // third of it.
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -2072,7 +2072,8 @@ impl<'a> Simulation<'a> {
             });
             assert!(
                 write.is_some(),
-                "simulator invariant: a forwarded write is one a client of the site has in flight"
+                "simulator invariant: a forwarded write is one a client of the site has in flight (site {}, {message:?})",
+                from + 1
             );
         }
         if let SiteMessage::ForwardReply { id, result } = &message {
