@@ -410,11 +410,11 @@ impl Scenario {
             self.faults.disk_latency_us_max = self.faults.disk_latency_us_max.min(1000);
             self.faults.disk_latency_us_min = self.faults.disk_latency_us_min.min(100);
         }
-        // Failovers are not drawn yet (see simulation/failover/two-sites.toml
-        // for the defect that stops a swarm seed with them). To draw them:
-        // failover_per_second from [0, 0, 0.3, 1], isolation_ms_max from 0
-        // to 2000, lease_ms from 100 to 1000, lease_renew_ms from 10 to a
-        // third of it.
+        // Drawn last, so every earlier knob of a seed stays what it was.
+        self.faults.failover_per_second = [0.0, 0.0, 0.3, 1.0][rng.below(4) as usize];
+        self.faults.isolation_ms_max = rng.between(0, 2_000);
+        self.engine.lease_ms = rng.between(100, 1_000);
+        self.engine.lease_renew_ms = rng.between(10, self.engine.lease_ms / 3);
     }
 
     pub fn validate(&self) -> Result<(), String> {

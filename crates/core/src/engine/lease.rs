@@ -121,6 +121,16 @@ impl Engine {
             self.lease.bound.insert(request_id, kind);
             return Some(request);
         }
+        if self.is_forwarded(request_id) {
+            // Another site's request is not held here: its site times it
+            // out and its client may write the range again meanwhile, so a
+            // write held here and applied (or sent on to a new owner) after
+            // that would land over newer data.
+            self.stats.suspended_failed_total += 1;
+            let error = suspended_error("a forwarded request is not held".into());
+            self.reply(request_id, Err(error));
+            return None;
+        }
         if self.lease.suspended.len() >= self.config.suspended_requests_max {
             self.stats.suspended_failed_total += 1;
             let error = suspended_error(format!(

@@ -1731,6 +1731,14 @@ impl Engine {
         self.submit(now, internal, request);
     }
 
+    /// True if `request` is one another site forwarded here.
+    pub(super) fn is_forwarded(&self, request: RequestId) -> bool {
+        matches!(
+            self.replication.internal.get(&request),
+            Some(Internal::Forward { .. })
+        )
+    }
+
     fn new_internal(&mut self, purpose: Internal) -> RequestId {
         let request = RequestId(INTERNAL_REQUEST_BASE + self.replication.next_internal);
         self.replication.next_internal += 1;
