@@ -860,33 +860,7 @@ impl Checker {
         }
         // The recovered image is the owner's truth from now on; what it
         // lacks is gone for good.
-        for id in judged {
-            let present = self.present(&views, id);
-            let write = self
-                .writes
-                .get_mut(&id)
-                .expect("checker invariant: judged writes are recorded");
-            if !write.settled {
-                // Still on its way to the owner: it may land later.
-                continue;
-            }
-            write.finalized = true;
-            write.lost = !present;
-            if write.lost && write.forwarded && write.acked.is_some() {
-                self.remote_writes_lost += 1;
-            }
-            self.open.remove(&id);
-        }
-        // Strict reads in flight may have been answered before the crash.
-        self.remember_straddling(&views);
-        for (volume, view) in views {
-            let model = &mut self.volumes[volume];
-            model.baseline.clone_from(&view.versions);
-            model.sectors = view.versions;
-            model.undurable.clear();
-            self.maybe
-                .retain(|(maybe_volume, _), _| *maybe_volume != volume);
-        }
+        self.adopt_image(judged, views);
         Ok(())
     }
 
@@ -1003,6 +977,17 @@ impl Checker {
                 }
             }
         }
+        for volume in views.keys() {
+            self.volumes[*volume].setup.owner = to;
+        }
+        Ok(self.adopt_image(judged, views))
+    }
+
+    /// `views` become their volumes' truth (an owner's recovered image, or
+    /// the image a failover starts from): each of the `judged` writes the
+    /// owner can no longer apply later is settled as present or lost for
+    /// good. Returns how many acknowledged writes are lost.
+    fn adopt_image(&mut self, judged: Vec<u32>, views: BTreeMap<usize, View>) -> u64 {
         let mut lost = 0;
         for id in judged {
             let present = self.present(&views, id);
@@ -1011,8 +996,8 @@ impl Checker {
                 .get_mut(&id)
                 .expect("checker invariant: judged writes are recorded");
             if !write.settled {
-                // Its owner may still answer it (with an error: its lease
-                // ran out); it cannot be in the new owner's image.
+                // Still on its way to the owner: it may land later (or, at
+                // an owner whose lease ran out, fail).
                 continue;
             }
             write.finalized = true;
@@ -1025,17 +1010,17 @@ impl Checker {
             }
             self.open.remove(&id);
         }
+        // Strict reads in flight may have been answered before.
         self.remember_straddling(&views);
         for (volume, view) in views {
             let model = &mut self.volumes[volume];
-            model.setup.owner = to;
             model.baseline.clone_from(&view.versions);
             model.sectors = view.versions;
             model.undurable.clear();
             self.maybe
                 .retain(|(maybe_volume, _), _| *maybe_volume != volume);
         }
-        Ok(lost)
+        lost
     }
 
     /// Strict reads in flight on volumes whose truth is about to change (an

@@ -103,6 +103,16 @@ fn epoch_history(group: &stretch_metadata::Group) -> Vec<EpochStart> {
         .collect()
 }
 
+/// Tells an engine who owns `group` and from which epoch (history first,
+/// when leases are on: a site that lost the group counts its loss at once).
+fn tell_group(engine: &mut Engine, group: &stretch_metadata::Group, with_history: bool) {
+    if with_history {
+        engine.set_epoch_history(GroupId(group.id), epoch_history(group));
+    }
+    let owner = SiteId(site_index(&group.owner) as u32 + 1);
+    engine.set_owner(GroupId(group.id), owner, Epoch(group.epoch));
+}
+
 impl Control {
     /// The metadata of the scenario: its sites, and its volumes with their
     /// groups (ids 1.. in order, as the engine and the checker number them)
@@ -215,11 +225,7 @@ impl Simulation<'_> {
     /// site's node applied it.
     pub(super) fn tell_ownership(&self, site: usize, engine: &mut Engine) {
         for group in self.control.applied[site].0.groups.values() {
-            if self.control.leases {
-                engine.set_epoch_history(GroupId(group.id), epoch_history(group));
-            }
-            let owner = SiteId(site_index(&group.owner) as u32 + 1);
-            engine.set_owner(GroupId(group.id), owner, Epoch(group.epoch));
+            tell_group(engine, group, self.control.leases);
         }
     }
 
@@ -442,7 +448,7 @@ impl Simulation<'_> {
         let authority = self.control.authority.clone();
         let version = self.control.version;
         let before = std::mem::replace(&mut self.control.applied[site], (authority, version));
-        let changed: Vec<(u32, usize, u64, Vec<EpochStart>)> = self.control.applied[site]
+        let changed: Vec<stretch_metadata::Group> = self.control.applied[site]
             .0
             .groups
             .values()
@@ -453,21 +459,14 @@ impl Simulation<'_> {
                     .get(&group.id)
                     .is_none_or(|known| known.epoch != group.epoch)
             })
-            .map(|group| {
-                (
-                    group.id,
-                    site_index(&group.owner),
-                    group.epoch,
-                    epoch_history(group),
-                )
-            })
+            .cloned()
             .collect();
         // Requests it holds for groups it no longer owns are answered by
         // their new owner from now on (forwarded), or fail.
         let moved: BTreeSet<u32> = changed
             .iter()
-            .filter(|(_, owner, _, _)| *owner != site)
-            .map(|(group, _, _, _)| *group)
+            .filter(|group| site_index(&group.owner) != site)
+            .map(|group| group.id)
             .collect();
         let groups = self.scenario.topology.groups;
         for held in self.requests.values_mut() {
@@ -480,10 +479,8 @@ impl Simulation<'_> {
         let Some(node) = self.sites[site].node.as_mut() else {
             return;
         };
-        for (group, owner, epoch, history) in changed {
-            node.engine.set_epoch_history(GroupId(group), history);
-            node.engine
-                .set_owner(GroupId(group), SiteId(owner as u32 + 1), Epoch(epoch));
+        for group in &changed {
+            tell_group(&mut node.engine, group, self.control.leases);
         }
         self.renew_lease(site);
         self.dispatch(site);
