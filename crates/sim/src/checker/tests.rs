@@ -303,3 +303,61 @@ fn a_leg_that_did_not_converge_fails_the_final_check() {
     image[2 * SECTOR_BYTES as usize..3 * SECTOR_BYTES as usize].copy_from_slice(&payload(id, 2, 1));
     checker.check_final(0, &image).expect("converged");
 }
+
+/// A failover image that skips an acknowledged write but holds a later
+/// one is not a whole-delta prefix (G3); the same image holding both is
+/// adopted, and one that holds only the earlier write counts the later as
+/// lost to the failover.
+#[test]
+fn a_failover_image_must_be_a_prefix_and_its_gap_is_counted_lost() {
+    let image = |versions: &[u32]| View {
+        volume: 0,
+        first: 0,
+        versions: versions.to_vec(),
+    };
+    let mut skipped = checker(false);
+    acked_write(&mut skipped, 1, 0, 0, 4);
+    let second = acked_write(&mut skipped, 2, 0, 4, 4);
+    let mut gap = vec![0; 16];
+    gap[4..8].fill(second);
+    let violation = skipped
+        .after_failover(1, 1, vec![image(&gap)], true)
+        .expect_err("a skipped write breaks the prefix");
+    assert_eq!(violation.guarantee, "G3");
+
+    let mut whole = checker(false);
+    let first_whole = acked_write(&mut whole, 1, 0, 0, 4);
+    let second_whole = acked_write(&mut whole, 2, 0, 4, 4);
+    let mut both = vec![0; 16];
+    both[0..4].fill(first_whole);
+    both[4..8].fill(second_whole);
+    assert_eq!(whole.after_failover(1, 1, vec![image(&both)], true), Ok(0));
+
+    let mut short = checker(false);
+    let kept = acked_write(&mut short, 1, 0, 0, 4);
+    acked_write(&mut short, 2, 0, 4, 4);
+    let mut prefix = vec![0; 16];
+    prefix[0..4].fill(kept);
+    assert_eq!(
+        short.after_failover(1, 1, vec![image(&prefix)], true),
+        Ok(1)
+    );
+    // The new owner's image is the truth from now on.
+    assert_eq!(short.check_final(0, &image_bytes(&prefix)), Ok(()));
+}
+
+/// Bytes of an image whose sectors hold these versions.
+fn image_bytes(versions: &[u32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; versions.len() * SECTOR_BYTES as usize];
+    for (sector, version) in versions.iter().enumerate() {
+        if *version != 0 {
+            let at = sector * SECTOR_BYTES as usize;
+            fill_sector(
+                &mut bytes[at..at + SECTOR_BYTES as usize],
+                *version,
+                sector as u64,
+            );
+        }
+    }
+    bytes
+}
