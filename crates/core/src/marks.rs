@@ -64,10 +64,13 @@ pub enum Mark {
     /// A resuming site's newest delta was written under another epoch than
     /// the owner's history says: its image diverged, every region is copied.
     DivergedReplicaResync,
+    /// A strict read at a site holding deltas a failover discarded asked
+    /// the owner for the whole range: its seqs name another line's deltas.
+    DivergedWholeRead,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 26] = [
+    pub const ALL: [Mark; 27] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -94,6 +97,7 @@ impl Mark {
         Mark::DeltaGapRefused,
         Mark::DuplicateDelta,
         Mark::DivergedReplicaResync,
+        Mark::DivergedWholeRead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +128,7 @@ impl Mark {
             Mark::DeltaGapRefused => "delta-gap-refused",
             Mark::DuplicateDelta => "duplicate-delta",
             Mark::DivergedReplicaResync => "diverged-replica-resync",
+            Mark::DivergedWholeRead => "diverged-whole-read",
         }
     }
 

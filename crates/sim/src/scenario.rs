@@ -340,8 +340,10 @@ impl Scenario {
             engine: EngineTuning {
                 delta_interval_ms: rng.between(1, 200),
                 delta_max_bytes,
-                // From tight (constant eviction and throttling) to roomy.
-                cache_bytes_max: delta_max_bytes * rng.between(2, 64) + (4096 * 80 * 4),
+                // From tight (constant eviction and throttling) to roomy,
+                // skewed towards tight: throttling is the rarer path.
+                cache_bytes_max: delta_max_bytes * (2 + (rng.between(2, 64) - 2).pow(2) / 62)
+                    + 4 * (80 * 512 + 8192),
                 journal_checkpoint_bytes: 4096 * rng.between(1, 512),
                 journal_segment_bytes: 4096 * rng.between(16, 1024),
                 ..EngineTuning::default()

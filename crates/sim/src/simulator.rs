@@ -946,6 +946,7 @@ impl<'a> Simulation<'a> {
                     &[3, io.0, result.is_ok() as u64],
                     || format!("leg read io {io} volume {volume} {offset}+{length} done"),
                 );
+                node.engine.advance_clock(Timestamp(self.now));
                 node.engine.leg_read_done(io, result);
                 self.dispatch(site);
             }
@@ -1499,6 +1500,10 @@ impl<'a> Simulation<'a> {
             .node
             .as_mut()
             .expect("simulator invariant: node up");
+        // As the node's driver does: a completion carries no time, and an
+        // owner whose lease ran out since its last event must see that
+        // before it acknowledges what the completion releases.
+        node.engine.advance_clock(Timestamp(self.now));
         let (op, more) = node.journal_device.finish();
         match op {
             JournalOp::Append(record) => {
@@ -1558,6 +1563,7 @@ impl<'a> Simulation<'a> {
             .node
             .as_mut()
             .expect("simulator invariant: node up");
+        node.engine.advance_clock(Timestamp(self.now));
         let (op, more) = node.leg_device.finish();
         match op {
             LegOp::Write(io, blocks) => {

@@ -2246,10 +2246,20 @@ impl Engine {
                     return;
                 }
                 self.stats.remote_reads_total += 1;
+                // The owner answers with what changed after `have` in its
+                // own history: a site mid-resync holds no delta boundary,
+                // and one that kept deltas a failover discarded numbers
+                // them as the new owner numbers different ones. Both need
+                // the whole range.
+                let diverged = self.diverged_here(spec.group);
                 let have = match self.replication.inbound.get(&spec.group) {
                     Some(inbound) if inbound.resync.is_some() => None,
+                    _ if diverged => None,
                     _ => Some(DeltaSeq(self.groups[&spec.group].next_seq.0 - 1)),
                 };
+                if diverged {
+                    self.marks.hit(Mark::DivergedWholeRead);
+                }
                 (
                     RemoteKind::Read {
                         volume,

@@ -2244,6 +2244,26 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
         "{:?}",
         pair.a.reply(snapshot)
     );
+    // A strict read at a asks b for the whole range: a's seq 4 names a
+    // delta of the line the cluster left, so a diff after it from b's
+    // history (b's own seq 4) would leave a's lost blocks standing.
+    pair.a.submit(
+        pair.now,
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4 * 4096,
+        },
+    );
+    let sent = pair.a.run();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [(B, SiteMessage::ReadRequest { have: None, .. })]
+        ),
+        "{sent:?}"
+    );
+    assert_eq!(pair.a.engine.marks().count(Mark::DivergedWholeRead), 1);
     // Back in touch: b sees a's line diverged and copies every region; a
     // sends no acks of its own line's seqs (b's deltas 2 to 4 share them).
     pair.connect();
