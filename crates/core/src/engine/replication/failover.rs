@@ -47,21 +47,26 @@ impl Engine {
     /// authority recorded it. Replaces what was known; an empty history
     /// turns the epoch checks off for the group.
     pub fn set_epoch_history(&mut self, group: GroupId, mut history: Vec<EpochStart>) {
-        history.sort_by_key(|start| (start.after_seq, start.epoch));
+        history.sort_by_key(|start| start.epoch);
         self.replication.epoch_history.insert(group, history);
         self.count_lost_deltas(group);
     }
 
     /// The epoch delta `seq` of `group` was written under, by the history;
-    /// `None` if the history does not reach back to it.
+    /// `None` if the history does not reach back to it. The newest epoch
+    /// that starts before `seq`, not the one that starts closest to it: a
+    /// takeover from a site that lagged starts an epoch at an older seq
+    /// than the epoch before it did, and the line it starts replaces
+    /// everything after that seq (epoch 1 after 0, epoch 2 after 6,
+    /// epoch 3 after 0: seq 9 is epoch 3's).
     pub(super) fn epoch_at(&self, group: GroupId, seq: DeltaSeq) -> Option<Epoch> {
         self.replication
             .epoch_history
             .get(&group)?
             .iter()
-            .rev()
-            .find(|start| start.after_seq < seq)
+            .filter(|start| start.after_seq < seq)
             .map(|start| start.epoch)
+            .max()
     }
 
     /// True if a site holding `group`'s deltas up to `have`, the newest

@@ -2284,3 +2284,46 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     pair.tick(100);
     assert_eq!(pair.a.leg.get(&1), Some(&block(10)));
 }
+
+/// A takeover by a site that lagged starts its epoch at an older seq than
+/// the epoch it ends: the line it starts replaces everything after that
+/// seq, so a seq belongs to the newest epoch that starts before it.
+#[test]
+fn a_seq_belongs_to_the_newest_epoch_that_starts_before_it() {
+    let mut pair = Pair::new(Mode::Async);
+    let start = |epoch: u64, after: u64| EpochStart {
+        epoch: Epoch(epoch),
+        after_seq: DeltaSeq(after),
+        handed_over: false,
+    };
+    // Given out of order: the engine orders it by epoch.
+    pair.a
+        .engine
+        .set_epoch_history(GROUP, vec![start(3, 0), start(1, 0), start(2, 6)]);
+    for seq in [1, 6, 7, 15] {
+        assert_eq!(
+            pair.a.engine.epoch_at(GROUP, DeltaSeq(seq)),
+            Some(Epoch(3)),
+            "seq {seq}"
+        );
+    }
+    // A site that resynced from the epoch-3 owner up to seq 15 is on the
+    // line; one whose seq 15 was written under epoch 2 is not.
+    assert!(
+        !pair
+            .a
+            .engine
+            .replica_diverged(GROUP, DeltaSeq(15), Some(Epoch(3)))
+    );
+    assert!(
+        pair.a
+            .engine
+            .replica_diverged(GROUP, DeltaSeq(15), Some(Epoch(2)))
+    );
+    pair.a
+        .engine
+        .set_epoch_history(GROUP, vec![start(1, 0), start(2, 10), start(3, 5)]);
+    assert_eq!(pair.a.engine.epoch_at(GROUP, DeltaSeq(3)), Some(Epoch(1)));
+    assert_eq!(pair.a.engine.epoch_at(GROUP, DeltaSeq(7)), Some(Epoch(3)));
+    assert_eq!(pair.a.engine.epoch_at(GROUP, DeltaSeq(12)), Some(Epoch(3)));
+}
