@@ -114,6 +114,10 @@ struct WriteRecord {
     site_durable: bool,
     /// Judged absent after its owner's recovery: gone for good.
     lost: bool,
+    /// When a failover judged it lost (a logical instant): a snapshot read
+    /// issued before that may still show it, as the image it read was on
+    /// the cluster's line then.
+    lost_to_failover_at: Option<u64>,
     /// Judged at an owner recovery; the owner's baseline covers it since.
     finalized: bool,
 }
@@ -155,12 +159,14 @@ pub enum Tracked {
         count: u64,
     },
     /// A snapshot read at a site that does not own the volume; `consistent`
-    /// is what that site reported when the read was issued.
+    /// is what that site reported when the read was issued, `issued` the
+    /// logical instant from [`Checker::tick`].
     Snapshot {
         volume: usize,
         first: u64,
         count: u64,
         consistent: bool,
+        issued: u64,
     },
     Write {
         id: u32,
@@ -283,6 +289,7 @@ impl Checker {
                 durable: false,
                 site_durable: false,
                 lost: false,
+                lost_to_failover_at: None,
                 finalized: false,
             },
         );
@@ -534,6 +541,7 @@ impl Checker {
                 first,
                 count,
                 consistent,
+                issued,
             },
         )) = self.in_flight.remove(&request)
         else {
@@ -590,7 +598,7 @@ impl Checker {
                     first,
                     versions,
                 };
-                self.check_replica_views(&[view], self.volumes[volume].setup.group)
+                self.check_replica_views(&[view], self.volumes[volume].setup.group, Some(issued))
                     .map_err(|detail| {
                         violation(
                             "G3",
@@ -860,7 +868,7 @@ impl Checker {
         }
         // The recovered image is the owner's truth from now on; what it
         // lacks is gone for good.
-        self.adopt_image(judged, views);
+        self.adopt_image(judged, views, false);
         Ok(())
     }
 
@@ -873,16 +881,23 @@ impl Checker {
             by_group.entry(group).or_default().push(view);
         }
         for (group, views) in by_group {
-            self.check_replica_views(&views, group).map_err(|detail| {
-                violation("G3", format!("site {} after recovery: {detail}", site + 1))
-            })?;
+            self.check_replica_views(&views, group, None)
+                .map_err(|detail| {
+                    violation("G3", format!("site {} after recovery: {detail}", site + 1))
+                })?;
         }
         Ok(())
     }
 
     /// The prefix checks on part of a group's image at a site that does not
-    /// own it.
-    fn check_replica_views(&self, views: &[View], group: u32) -> Result<(), String> {
+    /// own it; `read_issued`: the instant a snapshot read was issued, whose
+    /// image may hold writes a failover judged lost after it.
+    fn check_replica_views(
+        &self,
+        views: &[View],
+        group: u32,
+        read_issued: Option<u64>,
+    ) -> Result<(), String> {
         let views: BTreeMap<usize, View> = views
             .iter()
             .map(|view| (view.volume, view.clone()))
@@ -904,7 +919,12 @@ impl Checker {
                         "volume {volume} sector {sector} holds write {version}, which never covered it"
                     ));
                 }
-                if write.lost {
+                let lost_after_read = read_issued.is_some_and(|issued| {
+                    write
+                        .lost_to_failover_at
+                        .is_some_and(|lost_at| lost_at > issued)
+                });
+                if write.lost && !lost_after_read {
                     return Err(format!(
                         "volume {volume} sector {sector} shows write {version}, which its owner lost in a crash"
                     ));
@@ -946,12 +966,13 @@ impl Checker {
         views: Vec<View>,
         sole_survivor: bool,
     ) -> Result<u64, Violation> {
-        self.check_replica_views(&views, group).map_err(|detail| {
-            violation(
-                "G3",
-                format!("site {} taking group {group} over: {detail}", to + 1),
-            )
-        })?;
+        self.check_replica_views(&views, group, None)
+            .map_err(|detail| {
+                violation(
+                    "G3",
+                    format!("site {} taking group {group} over: {detail}", to + 1),
+                )
+            })?;
         let views: BTreeMap<usize, View> =
             views.into_iter().map(|view| (view.volume, view)).collect();
         // Every write of the group not lost yet, also those an earlier
@@ -980,14 +1001,20 @@ impl Checker {
         for volume in views.keys() {
             self.volumes[*volume].setup.owner = to;
         }
-        Ok(self.adopt_image(judged, views))
+        Ok(self.adopt_image(judged, views, true))
     }
 
     /// `views` become their volumes' truth (an owner's recovered image, or
     /// the image a failover starts from): each of the `judged` writes the
     /// owner can no longer apply later is settled as present or lost for
     /// good. Returns how many acknowledged writes are lost.
-    fn adopt_image(&mut self, judged: Vec<u32>, views: BTreeMap<usize, View>) -> u64 {
+    fn adopt_image(
+        &mut self,
+        judged: Vec<u32>,
+        views: BTreeMap<usize, View>,
+        failover: bool,
+    ) -> u64 {
+        let now = self.tick();
         let mut lost = 0;
         for id in judged {
             let present = self.present(&views, id);
@@ -1002,6 +1029,9 @@ impl Checker {
             }
             write.finalized = true;
             write.lost = !present;
+            if write.lost && failover {
+                write.lost_to_failover_at = Some(now);
+            }
             if write.lost && write.acked.is_some() {
                 lost += 1;
                 if write.forwarded {

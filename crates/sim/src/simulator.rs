@@ -1194,6 +1194,7 @@ impl<'a> Simulation<'a> {
                 self.stats.snapshot_reads += 1;
                 let group = self.group_of(volume);
                 let consistent = self.group_consistent(site, group).unwrap_or(true);
+                let issued = self.checker.tick();
                 self.checker.issue(
                     request,
                     site,
@@ -1202,6 +1203,7 @@ impl<'a> Simulation<'a> {
                         first,
                         count,
                         consistent,
+                        issued,
                     },
                 );
                 let request = Request::ReadSnapshot {

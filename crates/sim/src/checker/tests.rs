@@ -226,6 +226,7 @@ fn a_snapshot_from_a_site_mid_resync_or_half_applied_breaks_g3() {
         first: 0,
         count: 2,
         consistent,
+        issued: 0,
     };
     checker.issue(2, 1, snapshot(false));
     assert_eq!(
@@ -344,6 +345,54 @@ fn a_failover_image_must_be_a_prefix_and_its_gap_is_counted_lost() {
     );
     // The new owner's image is the truth from now on.
     assert_eq!(short.check_final(0, &image_bytes(&prefix)), Ok(()));
+}
+
+/// A replica's snapshot read issued before a failover may show a write
+/// the failover then judged lost (the image it read was on the cluster's
+/// line when the read began); one issued after it may not.
+#[test]
+fn a_write_lost_to_a_failover_shows_only_in_snapshot_reads_issued_before_it() {
+    let mut checker = checker(false);
+    let kept = acked_write(&mut checker, 1, 0, 0, 2);
+    let lost = acked_write(&mut checker, 2, 0, 2, 2);
+    let snapshot = |checker: &mut Checker, request: u64| {
+        let issued = checker.tick();
+        checker.issue(
+            request,
+            2,
+            Tracked::Snapshot {
+                volume: 0,
+                first: 0,
+                count: 4,
+                consistent: true,
+                issued,
+            },
+        );
+    };
+    snapshot(&mut checker, 3);
+    let mut image = vec![0; 16];
+    image[0..2].fill(kept);
+    let adopted = checker.after_failover(
+        1,
+        1,
+        vec![View {
+            volume: 0,
+            first: 0,
+            versions: image,
+        }],
+        false,
+    );
+    assert_eq!(adopted, Ok(1));
+    let read = image_bytes(&[kept, kept, lost, lost]);
+    checker
+        .on_snapshot_reply(3, Ok(&Bytes::from(read.clone())))
+        .expect("issued before the failover");
+    snapshot(&mut checker, 4);
+    assert_eq!(
+        guarantee(checker.on_snapshot_reply(4, Ok(&Bytes::from(read)))),
+        "G3",
+        "issued after the failover judged the write lost"
+    );
 }
 
 /// Bytes of an image whose sectors hold these versions.
