@@ -417,6 +417,19 @@ impl Scenario {
         self.faults.isolation_ms_max = rng.between(0, 2_000);
         self.engine.lease_ms = rng.between(100, 1_000);
         self.engine.lease_renew_ms = rng.between(10, self.engine.lease_ms / 3);
+        if rng.chance(0.25) {
+            // An owner whose cache holds little more than two deltas but
+            // whose backlog holds many: blocks a lagging site still lacks
+            // leave the cache long before their deltas are retired, and a
+            // strict read there is answered from the retained history.
+            let largest_write = self.workload.sectors_max * 512 + 8192;
+            self.engine.cache_bytes_max = 2 * self.engine.delta_max_bytes + 4 * largest_write;
+            self.engine.backlog_bytes_max = self
+                .engine
+                .backlog_bytes_max
+                .max(self.engine.delta_max_bytes * 32);
+            self.workload.read = self.workload.read.max(20);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {

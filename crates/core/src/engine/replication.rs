@@ -2081,7 +2081,10 @@ impl Engine {
             consistent_epoch,
         });
         resync.last_received = last;
-        if consistent_at >= resync.consistent_at {
+        // The first chunk answering a resume starts a new resync: where an
+        // earlier one (perhaps from an owner a failover replaced, whose
+        // seqs ran further) would have been consistent no longer matters.
+        if first_chunk || consistent_at >= resync.consistent_at {
             resync.consistent_at = consistent_at;
             resync.consistent_epoch = consistent_epoch;
         }
