@@ -213,8 +213,9 @@ pub struct Checker {
     /// (a forward the owner has not answered): they still block
     /// overlapping requests.
     unsettled: BTreeSet<u32>,
-    /// Failed writes whose data the owner may still show until it restarts.
-    maybe: BTreeMap<(usize, u64), u32>,
+    /// Per sector, the failed writes since its last acknowledged one whose
+    /// data the owner may still show until it restarts.
+    maybe: BTreeMap<(usize, u64), BTreeSet<u32>>,
     /// Strict reads in flight while their volume's owner recovered: what
     /// each sector could show before the recovery (the owner may have
     /// answered before it crashed).
@@ -388,11 +389,26 @@ impl Checker {
         }
     }
 
+    /// True if `found` is the version of a write that failed since the
+    /// sector's last acknowledged write (it may have landed all the same).
+    /// Every such write counts, not only the last: a later one that failed
+    /// may be the one that never landed.
+    fn may_show(&self, volume: usize, sector: u64, found: Option<u32>) -> bool {
+        found.is_some_and(|found| {
+            self.maybe
+                .get(&(volume, sector))
+                .is_some_and(|versions| versions.contains(&found))
+        })
+    }
+
     fn add_maybe(&mut self, id: u32) {
         let write = &self.writes[&id];
         let version = if write.kind == WriteKind::Data { id } else { 0 };
         for sector in write.first..write.first + write.count {
-            self.maybe.insert((write.volume, sector), version);
+            self.maybe
+                .entry((write.volume, sector))
+                .or_default()
+                .insert(version);
         }
     }
 
@@ -657,11 +673,11 @@ impl Checker {
             let at = (index * SECTOR_BYTES) as usize;
             let found = decode_sector(&data[at..at + SECTOR_BYTES as usize], sector);
             let expected = self.volumes[volume].sectors[sector as usize];
-            let maybe = self.maybe.get(&(volume, sector)).copied();
+            let maybe = self.may_show(volume, sector, found);
             let earlier = before.is_some_and(|before| {
                 found.is_some_and(|found| before[index as usize].contains(&found))
             });
-            let allowed = found == Some(expected) || (maybe.is_some() && found == maybe) || earlier;
+            let allowed = found == Some(expected) || maybe || earlier;
             if !allowed {
                 return Err(violation(
                     "G2",
@@ -1076,7 +1092,7 @@ impl Checker {
             for (index, sector) in (*first..first + count).enumerate() {
                 before[index].insert(self.volumes[*volume].sectors[sector as usize]);
                 if let Some(maybe) = self.maybe.get(&(*volume, sector)) {
-                    before[index].insert(*maybe);
+                    before[index].extend(maybe);
                 }
             }
         }
@@ -1127,8 +1143,7 @@ impl Checker {
             let expected = self.volumes[volume].sectors[sector];
             // A write that failed may have been applied all the same (its
             // owner's lease ran out before it could acknowledge it).
-            let maybe = self.maybe.get(&(volume, sector as u64)).copied();
-            if found != Some(expected) && (maybe.is_none() || found != maybe) {
+            if found != Some(expected) && !self.may_show(volume, sector as u64, found) {
                 return Err(format!(
                     "after the drain, volume {volume} sector {sector} on the leg is {} but should be {}",
                     describe(found),

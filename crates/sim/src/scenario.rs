@@ -392,7 +392,8 @@ impl Scenario {
         self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(1, 64);
         self.engine.remote_timeout_ms = rng.between(50, 2000);
         self.engine.backlog_wait_ms_max = rng.between(50, 3000);
-        if rng.chance(0.4) {
+        let silent_link = rng.chance(0.4);
+        if silent_link {
             // A link that goes silent for seconds before anyone notices (a
             // QUIC idle timeout is 3 s), cut for longer still: writes pile
             // up against the backlog bound while the site still counts as
@@ -417,18 +418,28 @@ impl Scenario {
         self.faults.isolation_ms_max = rng.between(0, 2_000);
         self.engine.lease_ms = rng.between(100, 1_000);
         self.engine.lease_renew_ms = rng.between(10, self.engine.lease_ms / 3);
-        if rng.chance(0.25) {
-            // An owner whose cache holds little more than two deltas but
-            // whose backlog holds many: blocks a lagging site still lacks
-            // leave the cache long before their deltas are retired, and a
-            // strict read there is answered from the retained history.
+        if !silent_link && rng.chance(0.4) {
+            // An owner whose cache holds a few small deltas, writing faster
+            // than a slow link carries them, with a deep backlog: blocks a
+            // lagging site still lacks leave the owner's cache long before
+            // their deltas are retired, and a strict read from that site is
+            // answered from the retained history.
+            self.workload.sectors_max = self.workload.sectors_max.min(16);
+            self.workload.think_ms_max = self.workload.think_ms_max.min(2);
+            self.workload.clients = self.workload.clients.max(8);
+            self.workload.read = self.workload.read.max(20);
+            // Small volumes: the site reads what the owner just wrote; in
+            // async mode, so the owner's writes never wait for the site.
+            self.topology.volume_bytes = self.topology.volume_bytes.min(32 * 4096);
+            self.topology.modes = vec!["async".into()];
+            self.engine.delta_max_bytes = 4 * 4096;
+            self.engine.delta_interval_ms = rng.between(1, 10);
             let largest_write = self.workload.sectors_max * 512 + 8192;
             self.engine.cache_bytes_max = 2 * self.engine.delta_max_bytes + 4 * largest_write;
-            self.engine.backlog_bytes_max = self
-                .engine
-                .backlog_bytes_max
-                .max(self.engine.delta_max_bytes * 32);
-            self.workload.read = self.workload.read.max(20);
+            self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(64, 256);
+            self.engine.backlog_wait_ms_max = self.engine.backlog_wait_ms_max.max(1_000);
+            self.network.delay_ms_min = self.network.delay_ms_min.max(20);
+            self.network.delay_ms_max = self.network.delay_ms_max.max(self.network.delay_ms_min);
         }
     }
 

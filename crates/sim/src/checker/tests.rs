@@ -410,3 +410,38 @@ fn image_bytes(versions: &[u32]) -> Vec<u8> {
     }
     bytes
 }
+
+/// Every write that failed since a sector's last acknowledged one may be
+/// what it shows (a failed write may have landed), not only the newest
+/// failed one; a version no write put there since is still caught.
+#[test]
+fn any_failed_write_since_the_last_acknowledged_one_may_show() {
+    let mut checker = checker(false);
+    let acked = acked_write(&mut checker, 1, 0, 0, 2);
+    let failed = |checker: &mut Checker, request: u64| {
+        let id = checker.issue_write(request, 0, 0, 0, 2, WriteKind::Data, false, false);
+        checker
+            .on_reply(request, false, None, false)
+            .expect("a failed write is fine");
+        id
+    };
+    let first_failed = failed(&mut checker, 2);
+    let second_failed = failed(&mut checker, 3);
+    for shown in [acked, first_failed, second_failed] {
+        let mut versions = vec![0; 16];
+        versions[..2].fill(shown);
+        assert_eq!(
+            checker.check_final(0, &image_bytes(&versions)),
+            Ok(()),
+            "write {shown}"
+        );
+    }
+    assert!(checker.check_final(0, &image_bytes(&[0; 16])).is_err());
+    // An acknowledged write replaces what failed before it.
+    let newest = acked_write(&mut checker, 4, 0, 0, 2);
+    let mut versions = vec![0; 16];
+    versions[..2].fill(first_failed);
+    assert!(checker.check_final(0, &image_bytes(&versions)).is_err());
+    versions[..2].fill(newest);
+    assert_eq!(checker.check_final(0, &image_bytes(&versions)), Ok(()));
+}
