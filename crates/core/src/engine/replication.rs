@@ -1201,6 +1201,9 @@ impl Engine {
             // It counts for flush-sync and sync again: what it journaled
             // may already cover requests waiting for another site.
             self.answer_synced_waiters();
+            // A resync of this group abandoned above freed window slots
+            // other groups' resyncs to the site may be waiting for.
+            self.pump_peer(from);
             return;
         }
         // The deltas it lacks are not all here: copy the regions instead.
