@@ -884,7 +884,7 @@ impl Checker {
         }
         // The recovered image is the owner's truth from now on; what it
         // lacks is gone for good.
-        self.adopt_image(judged, views, false);
+        self.adopt_image(judged, views, None);
         Ok(())
     }
 
@@ -1017,20 +1017,22 @@ impl Checker {
         for volume in views.keys() {
             self.volumes[*volume].setup.owner = to;
         }
-        Ok(self.adopt_image(judged, views, true))
+        let now = self.tick();
+        Ok(self.adopt_image(judged, views, Some(now)))
     }
 
     /// `views` become their volumes' truth (an owner's recovered image, or
     /// the image a failover starts from): each of the `judged` writes the
     /// owner can no longer apply later is settled as present or lost for
     /// good. Returns how many acknowledged writes are lost.
+    /// `failover_at`: the instant of the failover whose image this is
+    /// (`None` for an owner's recovery).
     fn adopt_image(
         &mut self,
         judged: Vec<u32>,
         views: BTreeMap<usize, View>,
-        failover: bool,
+        failover_at: Option<u64>,
     ) -> u64 {
-        let now = self.tick();
         let mut lost = 0;
         for id in judged {
             let present = self.present(&views, id);
@@ -1045,8 +1047,8 @@ impl Checker {
             }
             write.finalized = true;
             write.lost = !present;
-            if write.lost && failover {
-                write.lost_to_failover_at = Some(now);
+            if write.lost && failover_at.is_some() {
+                write.lost_to_failover_at = failover_at;
             }
             if write.lost && write.acked.is_some() {
                 lost += 1;

@@ -260,6 +260,16 @@ pub enum ScenarioError {
     Invalid { path: String, message: String },
 }
 
+/// The largest request the swarm draws, in sectors.
+const SWARM_SECTORS_MAX: u64 = 80;
+
+/// The smallest cache a scenario may have, in bytes: two deltas and four
+/// of its largest writes (a request, plus a block of slack either side).
+fn cache_bytes_min(delta_max_bytes: u64, sectors_max: u64) -> u64 {
+    let largest_write = sectors_max * 512 + 8192;
+    2 * delta_max_bytes + 4 * largest_write
+}
+
 impl Scenario {
     /// Number of sites (at least 1).
     pub fn sites(&self) -> usize {
@@ -323,7 +333,7 @@ impl Scenario {
                 flush: rng.between(0, 20) as u32,
                 trim: rng.between(0, 5) as u32,
                 write_zeroes: rng.between(0, 10) as u32,
-                sectors_max: rng.between(1, 80),
+                sectors_max: rng.between(1, SWARM_SECTORS_MAX),
                 snapshot_read: 0,
             },
             faults: Faults {
@@ -342,8 +352,8 @@ impl Scenario {
                 delta_max_bytes,
                 // From tight (constant eviction and throttling) to roomy,
                 // skewed towards tight: throttling is the rarer path.
-                cache_bytes_max: delta_max_bytes * (2 + (rng.between(2, 64) - 2).pow(2) / 62)
-                    + 4 * (80 * 512 + 8192),
+                cache_bytes_max: cache_bytes_min(delta_max_bytes, SWARM_SECTORS_MAX)
+                    + delta_max_bytes * ((rng.between(2, 64) - 2).pow(2) / 62),
                 journal_checkpoint_bytes: 4096 * rng.between(1, 512),
                 journal_segment_bytes: 4096 * rng.between(16, 1024),
                 ..EngineTuning::default()
@@ -434,8 +444,8 @@ impl Scenario {
             self.topology.modes = vec!["async".into()];
             self.engine.delta_max_bytes = 4 * 4096;
             self.engine.delta_interval_ms = rng.between(1, 10);
-            let largest_write = self.workload.sectors_max * 512 + 8192;
-            self.engine.cache_bytes_max = 2 * self.engine.delta_max_bytes + 4 * largest_write;
+            self.engine.cache_bytes_max =
+                cache_bytes_min(self.engine.delta_max_bytes, self.workload.sectors_max);
             self.engine.backlog_bytes_max = self.engine.delta_max_bytes * rng.between(64, 256);
             self.engine.backlog_wait_ms_max = self.engine.backlog_wait_ms_max.max(1_000);
             self.network.delay_ms_min = self.network.delay_ms_min.max(20);
@@ -505,11 +515,10 @@ impl Scenario {
             return Err("network.one_way_share must be in [0, 1]".into());
         }
         let e = &self.engine;
-        let largest_write = w.sectors_max * 512 + 8192;
         if e.delta_interval_ms == 0 || e.delta_max_bytes < 4096 {
             return Err("engine.delta_interval_ms >= 1 and delta_max_bytes >= 4096 needed".into());
         }
-        if e.cache_bytes_max < 2 * e.delta_max_bytes + 4 * largest_write {
+        if e.cache_bytes_max < cache_bytes_min(e.delta_max_bytes, w.sectors_max) {
             return Err("engine.cache_bytes_max must hold two deltas and four requests".into());
         }
         if e.journal_segment_bytes < 4096 {
