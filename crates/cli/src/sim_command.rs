@@ -35,8 +35,10 @@ pub struct SimArgs {
     replay: bool,
     /// Plant a known defect to see the checker catch it: skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
-    /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog (the
-    /// last three need sites), early-takeover (needs failovers: try
+    /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog,
+    /// cache-ignores-bound, forward-timeout-succeeds, map-forgets-dirty,
+    /// abandon-forgets-unacked, diff-skips-first-missing (all but the first
+    /// five need sites: try --swarm), early-takeover (needs failovers: try
     /// simulation/failover/two-sites.toml); with --control:
     /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]

@@ -68,6 +68,12 @@ pub struct EngineConfig {
     /// Bound on the requests waiting for a lease; past it new ones fail at
     /// once (their memory is the client's payload, held here).
     pub suspended_requests_max: usize,
+    /// Blocks per region, the unit in which a site that fell behind is
+    /// resynced and in which the maps of what it lacks are saved. A node
+    /// keeps [`REGION_BLOCKS`] (its saved maps name regions of that size);
+    /// the simulator draws smaller ones so that its small volumes span
+    /// several regions.
+    pub region_blocks: u64,
     /// A deliberate defect, for the simulator's proof that its checker can
     /// fail. Only the simulator sets it; no configuration file can.
     pub planted_bug: Option<PlantedBug>,
@@ -93,6 +99,21 @@ pub enum PlantedBug {
     /// a lagging one: owner writes stall until the link heals (breaks the
     /// owner's write-stall bound during a partition).
     StallOnFullBacklog,
+    /// Forget, when a resync stops, the regions sent but not acknowledged
+    /// (breaks G6: chunks lost with the connection are never sent again).
+    AbandonForgetsUnacked,
+    /// Answer a strict read's diff from the delta after the first one the
+    /// reader lacks (breaks G2).
+    DiffSkipsFirstMissing,
+    /// Save the maps of what other sites lack without the regions still
+    /// to resync (breaks G6 once the owner restarts).
+    MapForgetsDirty,
+    /// Admit writes whether or not the cache has room (breaks the
+    /// `cache_bytes_max` bound).
+    CacheIgnoresBound,
+    /// Answer a forwarded write whose owner did not reply in time as done
+    /// (breaks G2 or G4: the write may never have reached the owner).
+    ForwardTimeoutSucceeds,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +131,7 @@ impl Default for EngineConfig {
             leases_enforced: false,
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
+            region_blocks: REGION_BLOCKS,
             planted_bug: None,
         }
     }
@@ -1053,7 +1075,8 @@ impl Engine {
     fn make_room(&mut self, charge: u64) -> bool {
         let used = self.dirty_bytes + self.index.clean_bytes() + self.reserved_bytes;
         let limit = self.config.cache_bytes_max;
-        if used + charge <= limit {
+        if used + charge <= limit || self.config.planted_bug == Some(PlantedBug::CacheIgnoresBound)
+        {
             return true;
         }
         let needed = used + charge - limit;

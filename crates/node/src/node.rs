@@ -285,7 +285,7 @@ fn open_node(
         let leg = crate::volumes::open_or_create_leg(fs.as_ref(), record)?;
         legs.insert(record.volume_id(), leg);
     }
-    let recovery = recover(&fs, &layout.journal(), &legs)?;
+    let recovery = recover(&fs, &layout.journal(), &legs, stretch_core::REGION_BLOCKS)?;
     if recovery.replayed_deltas > 0 || recovery.dropped_tail.is_some() {
         tracing::info!(
             node = %node.name,

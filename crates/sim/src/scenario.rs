@@ -151,6 +151,10 @@ pub struct EngineTuning {
     /// that reaches the authority renews.
     pub lease_ms: u64,
     pub lease_renew_ms: u64,
+    /// Blocks per resync region (a node uses 256: 1 MiB). Smaller regions
+    /// let the swarm's small volumes span several, so a rule that names
+    /// the wrong region shows.
+    pub region_blocks: u64,
 }
 
 impl Default for Scenario {
@@ -244,6 +248,7 @@ impl Default for EngineTuning {
             remote_timeout_ms: 5_000,
             lease_ms: 1_000,
             lease_renew_ms: 250,
+            region_blocks: stretch_core::REGION_BLOCKS,
         }
     }
 }
@@ -451,6 +456,10 @@ impl Scenario {
             self.network.delay_ms_min = self.network.delay_ms_min.max(20);
             self.network.delay_ms_max = self.network.delay_ms_max.max(self.network.delay_ms_min);
         }
+        // Volumes of 16 to 256 blocks: with a node's 1 MiB regions each is
+        // one region, and a rule naming the wrong region of a volume (a
+        // fold, a saved map, a torn resync read) could never show.
+        self.engine.region_blocks = [4, 8, 16, 64, 256][rng.below(5) as usize];
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -515,6 +524,9 @@ impl Scenario {
             return Err("network.one_way_share must be in [0, 1]".into());
         }
         let e = &self.engine;
+        if e.region_blocks == 0 {
+            return Err("engine.region_blocks >= 1 needed".into());
+        }
         if e.delta_interval_ms == 0 || e.delta_max_bytes < 4096 {
             return Err("engine.delta_interval_ms >= 1 and delta_max_bytes >= 4096 needed".into());
         }

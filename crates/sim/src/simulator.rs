@@ -44,7 +44,7 @@ pub enum SimBug {
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 8] = [
+    pub const ALL: [SimBug; 13] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
         SimBug::Core(PlantedBug::AckFlushEarly),
@@ -53,6 +53,11 @@ impl SimBug {
         SimBug::Core(PlantedBug::AcceptDeltaGap),
         SimBug::Core(PlantedBug::FlushSyncLocalOnly),
         SimBug::Core(PlantedBug::StallOnFullBacklog),
+        SimBug::Core(PlantedBug::MapForgetsDirty),
+        SimBug::Core(PlantedBug::AbandonForgetsUnacked),
+        SimBug::Core(PlantedBug::DiffSkipsFirstMissing),
+        SimBug::Core(PlantedBug::CacheIgnoresBound),
+        SimBug::Core(PlantedBug::ForwardTimeoutSucceeds),
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +70,11 @@ impl SimBug {
             SimBug::Core(PlantedBug::AcceptDeltaGap) => "accept-delta-gap",
             SimBug::Core(PlantedBug::FlushSyncLocalOnly) => "flush-sync-local-only",
             SimBug::Core(PlantedBug::StallOnFullBacklog) => "stall-on-full-backlog",
+            SimBug::Core(PlantedBug::MapForgetsDirty) => "map-forgets-dirty",
+            SimBug::Core(PlantedBug::AbandonForgetsUnacked) => "abandon-forgets-unacked",
+            SimBug::Core(PlantedBug::DiffSkipsFirstMissing) => "diff-skips-first-missing",
+            SimBug::Core(PlantedBug::CacheIgnoresBound) => "cache-ignores-bound",
+            SimBug::Core(PlantedBug::ForwardTimeoutSucceeds) => "forward-timeout-succeeds",
         }
     }
 
@@ -488,6 +498,7 @@ impl<'a> Simulation<'a> {
             leases_enforced: self.control.leases(),
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
+            region_blocks: tuning.region_blocks,
             planted_bug: match self.options.bug {
                 Some(SimBug::Core(bug)) => Some(bug),
                 _ => None,
@@ -1710,7 +1721,12 @@ impl<'a> Simulation<'a> {
                 }
             }
         }
-        let recovery = match recover(&fs, journal_dir(), &legs) {
+        let recovery = match recover(
+            &fs,
+            journal_dir(),
+            &legs,
+            self.scenario.engine.region_blocks,
+        ) {
             Ok(recovery) => recovery,
             Err(error) => {
                 self.trace.record(self.now, Some(site), &[21], || {

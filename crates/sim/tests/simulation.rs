@@ -150,6 +150,15 @@ fn every_planted_bug_is_caught() {
             // An owner write waits past its bound behind a stalled link.
             SimBug::Core(PlantedBug::StallOnFullBacklog) => &["G5"],
             SimBug::EarlyTakeover => &["G1"],
+            // The owner's cache outgrows its bound.
+            SimBug::Core(PlantedBug::CacheIgnoresBound) => &["bounds"],
+            // A write the owner never accepted is reported done.
+            SimBug::Core(PlantedBug::ForwardTimeoutSucceeds) => &["acks", "G2", "G4"],
+            // A region the site lacks is never copied to it.
+            SimBug::Core(PlantedBug::MapForgetsDirty) => &["G6", "G2", "G3"],
+            SimBug::Core(PlantedBug::AbandonForgetsUnacked) => &["G6", "G2", "G3"],
+            // The strict read misses the first delta the site lacks.
+            SimBug::Core(PlantedBug::DiffSkipsFirstMissing) => &["G2"],
         };
         assert!(
             expected.contains(&violation.guarantee),

@@ -34,7 +34,7 @@ pub struct Recovery {
     pub dropped_tail: Option<String>,
     /// Segments already replayed; delete them once a new segment exists.
     pub stale_segments: Vec<PathBuf>,
-    /// The regions (volume, block / `REGION_BLOCKS`) the replayed deltas
+    /// The regions (volume, block / `region_blocks`) the replayed deltas
     /// touched: another site may lack them.
     pub replayed_regions: std::collections::BTreeSet<(VolumeId, u64)>,
     /// Per group, the newest replayed delta and the epoch it was written
@@ -63,11 +63,13 @@ impl Recovery {
 /// every delta that was ever synced in the journal is on a synced leg (G4).
 ///
 /// Replay is idempotent (records carry whole block images), so a crash
-/// during recovery just means recovering again.
+/// during recovery just means recovering again. `region_blocks` is the
+/// engine's region size, in which the replayed regions are named.
 pub fn recover<F: FileSystem>(
     fs: &Arc<F>,
     dir: &Path,
     legs: &BTreeMap<VolumeId, Leg<F>>,
+    region_blocks: u64,
 ) -> Result<Recovery, RecoveryError> {
     let segments = find_segments(fs.as_ref(), dir)?;
     let mut recovery = Recovery {
@@ -119,7 +121,7 @@ pub fn recover<F: FileSystem>(
                 record
                     .blocks
                     .iter()
-                    .map(|(key, _)| (key.volume, key.block / stretch_core::REGION_BLOCKS)),
+                    .map(|(key, _)| (key.volume, key.block / region_blocks)),
             );
             recovery.replayed_deltas += 1;
             recovery.replayed_blocks += record.blocks.len() as u64;

@@ -160,7 +160,13 @@ fn check_round_trip<F: FileSystem>(node: &Node<F>) {
     // Start over from disk: a fresh leg handle, zeroed, then replay alone
     // must rebuild the image.
     let legs = node.legs(true);
-    let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
+    let recovery = recover(
+        &node.fs,
+        &node.journal_dir(),
+        &legs,
+        stretch_core::REGION_BLOCKS,
+    )
+    .expect("recover");
     assert_eq!(recovery.replayed_deltas, 40);
     assert_eq!(recovery.dropped_tail, None);
     assert_eq!(recovery.next_position, JournalPosition(41));
@@ -182,7 +188,13 @@ fn corrupt_tail<F: FileSystem>(node: &Node<F>, how: impl Fn(&F::File, u64)) {
     let len = file.len().expect("len");
     how(&file, len);
     let legs = node.legs(true);
-    let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
+    let recovery = recover(
+        &node.fs,
+        &node.journal_dir(),
+        &legs,
+        stretch_core::REGION_BLOCKS,
+    )
+    .expect("recover");
     assert_eq!(
         recovery.replayed_deltas, 4,
         "the damaged last record is dropped"
@@ -216,7 +228,13 @@ fn check_release_and_continue<F: FileSystem>(node: &Node<F>) {
     let after = node.fs.list(&node.journal_dir()).expect("list").len();
     assert!(after < before, "released segments are deleted");
     drop(journal);
-    let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
+    let recovery = recover(
+        &node.fs,
+        &node.journal_dir(),
+        &legs,
+        stretch_core::REGION_BLOCKS,
+    )
+    .expect("recover");
     assert_eq!(recovery.next_position, JournalPosition(61));
     assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(61));
     assert!(node.leg_image(&legs) == images[60]);
@@ -237,7 +255,13 @@ fn check_crash_at_random_points(seed: u64) {
     drop(legs);
     node.fs.crash(&mut |bound| rng.below(bound));
     let legs = node.legs(false);
-    let recovery = recover(&node.fs, &node.journal_dir(), &legs).expect("recover");
+    let recovery = recover(
+        &node.fs,
+        &node.journal_dir(),
+        &legs,
+        stretch_core::REGION_BLOCKS,
+    )
+    .expect("recover");
     let k = recovery.replayed_deltas as usize;
     assert!(
         k >= synced,
@@ -320,7 +344,13 @@ fn power_loss_keeps_whole_deltas_and_every_synced_one() {
 fn recovery_of_an_empty_directory_starts_at_one() {
     let node = sim_node();
     let legs = node.legs(true);
-    let recovery = recover(&node.fs, Path::new("/nowhere"), &legs).expect("recover");
+    let recovery = recover(
+        &node.fs,
+        Path::new("/nowhere"),
+        &legs,
+        stretch_core::REGION_BLOCKS,
+    )
+    .expect("recover");
     assert_eq!(recovery.next_position, JournalPosition(1));
     assert_eq!(recovery.replayed_deltas, 0);
 }

@@ -396,9 +396,16 @@ impl Replication {
 
 /// Stops keeping deltas for a site: the regions of every retained delta
 /// it has not journaled become regions to resync.
-fn fold(progress: &mut PeerProgress, retained: &VecDeque<Retained>, known_from: DeltaSeq) {
+fn fold(
+    progress: &mut PeerProgress,
+    retained: &VecDeque<Retained>,
+    known_from: DeltaSeq,
+    config: &EngineConfig,
+) {
     for retained in retained.iter().filter(|r| r.seq > progress.journaled) {
-        progress.dirty.extend(regions_of(&retained.record));
+        progress
+            .dirty
+            .extend(regions_of(&retained.record, config.region_blocks));
     }
     if progress.journaled < known_from {
         // It may lack deltas from before this run, whose blocks are not
@@ -412,13 +419,19 @@ fn is_internal(request: RequestId) -> bool {
     request.0 >= INTERNAL_REQUEST_BASE
 }
 
-fn region_of(key: &BlockKey) -> (VolumeId, u64) {
-    (key.volume, key.block / REGION_BLOCKS)
+fn region_of(key: &BlockKey, region_blocks: u64) -> (VolumeId, u64) {
+    (key.volume, key.block / region_blocks)
 }
 
 /// The regions a delta's blocks fall in (with repeats).
-fn regions_of(record: &DeltaRecord) -> impl Iterator<Item = (VolumeId, u64)> + '_ {
-    record.blocks.iter().map(|(key, _)| region_of(key))
+fn regions_of(
+    record: &DeltaRecord,
+    region_blocks: u64,
+) -> impl Iterator<Item = (VolumeId, u64)> + '_ {
+    record
+        .blocks
+        .iter()
+        .map(move |(key, _)| region_of(key, region_blocks))
 }
 
 // ---------------------------------------------------------------------------
@@ -883,7 +896,9 @@ impl Engine {
         }
         for progress in outbound.peers.values_mut() {
             if progress.state == PeerState::NeedsResync {
-                progress.dirty.extend(regions_of(record));
+                progress
+                    .dirty
+                    .extend(regions_of(record, self.config.region_blocks));
             }
         }
         for (key, image) in &record.blocks {
@@ -913,7 +928,12 @@ impl Engine {
                 if progress.state != PeerState::Waiting {
                     continue;
                 }
-                fold(progress, &outbound.retained, outbound.known_from);
+                fold(
+                    progress,
+                    &outbound.retained,
+                    outbound.known_from,
+                    &self.config,
+                );
                 self.stats.backlog_folds_total += 1;
                 self.marks.hit(Mark::FoldAbsent);
             }
@@ -959,7 +979,12 @@ impl Engine {
                 match progress.state {
                     PeerState::Waiting | PeerState::Streaming => {
                         let was_streaming = progress.state == PeerState::Streaming;
-                        fold(progress, &outbound.retained, outbound.known_from);
+                        fold(
+                            progress,
+                            &outbound.retained,
+                            outbound.known_from,
+                            &self.config,
+                        );
                         self.stats.backlog_folds_total += 1;
                         self.marks.hit(Mark::FoldLagging);
                         if was_streaming {
@@ -1002,7 +1027,9 @@ impl Engine {
                 let Some(progress) = outbound.peers.get(&peer) else {
                     continue;
                 };
-                regions.extend(progress.dirty.iter().copied());
+                if self.config.planted_bug != Some(PlantedBug::MapForgetsDirty) {
+                    regions.extend(progress.dirty.iter().copied());
+                }
                 regions.extend(
                     progress
                         .resync_unacked
@@ -1014,7 +1041,7 @@ impl Engine {
                     .iter()
                     .filter(|r| r.position <= upto && r.seq > progress.journaled)
                 {
-                    regions.extend(regions_of(&retained.record));
+                    regions.extend(regions_of(&retained.record, self.config.region_blocks));
                 }
             }
             for internal in self.replication.internal.values() {
@@ -1221,7 +1248,9 @@ impl Engine {
             Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
             Some(have) => {
                 for retained in outbound.retained.iter().filter(|r| r.seq > have) {
-                    progress.dirty.extend(regions_of(&retained.record));
+                    progress
+                        .dirty
+                        .extend(regions_of(&retained.record, self.config.region_blocks));
                 }
             }
             // Mid-resync, and nothing here says what it lacks (this site
@@ -1236,7 +1265,9 @@ impl Engine {
             None => {
                 let floor = progress.applied;
                 for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
-                    progress.dirty.extend(regions_of(&retained.record));
+                    progress
+                        .dirty
+                        .extend(regions_of(&retained.record, self.config.region_blocks));
                 }
             }
         }
@@ -1246,13 +1277,14 @@ impl Engine {
         progress.shipped = last;
         progress.resync_base = last;
         if std::mem::take(&mut progress.dirty_all) {
+            let region_blocks = self.config.region_blocks;
             let regions: Vec<(VolumeId, u64)> = self
                 .volumes
                 .iter()
                 .filter(|(_, state)| state.spec.group == group)
                 .flat_map(|(volume, state)| {
                     let blocks = state.spec.size / BLOCK_SIZE as u64;
-                    (0..blocks.div_ceil(REGION_BLOCKS)).map(move |region| (*volume, region))
+                    (0..blocks.div_ceil(region_blocks)).map(move |region| (*volume, region))
                 })
                 .collect();
             let progress = self
@@ -1307,7 +1339,9 @@ impl Engine {
         };
         let floor = progress.applied.max(progress.resync_base);
         for retained in outbound.retained.iter().filter(|r| r.seq > floor) {
-            progress.dirty.extend(regions_of(&retained.record));
+            progress
+                .dirty
+                .extend(regions_of(&retained.record, self.config.region_blocks));
         }
         progress.state = PeerState::NeedsResync;
         progress.resync_generation += 1;
@@ -1320,7 +1354,9 @@ impl Engine {
             .drain(..)
             .filter(|region| region.0 != VolumeId(u32::MAX))
             .collect();
-        progress.dirty.extend(unacked);
+        if self.config.planted_bug != Some(PlantedBug::AbandonForgetsUnacked) {
+            progress.dirty.extend(unacked);
+        }
         progress.dirty.extend(reading);
     }
 
@@ -1406,18 +1442,22 @@ impl Engine {
             self.reply(request, Ok(Response::Data(Bytes::new())));
             return;
         };
-        let offset = index * REGION_BLOCKS * BLOCK_SIZE as u64;
-        let length = (REGION_BLOCKS * BLOCK_SIZE as u64).min(spec.size.saturating_sub(offset));
+        let region_bytes = self.config.region_blocks * BLOCK_SIZE as u64;
+        let offset = index * region_bytes;
+        let length = region_bytes.min(spec.size.saturating_sub(offset));
         self.start_read(request, volume, offset, length, None);
     }
 
     /// A leg write landed: resync reads of regions it touched may have read
     /// a mix of old and new blocks, so they are read again.
     pub(super) fn mark_resync_reads_stale(&mut self, blocks: &[(BlockKey, BlockImage)]) {
+        let region_blocks = self.config.region_blocks;
         for internal in self.replication.internal.values_mut() {
             if let Internal::ResyncRead { region, stale, .. } = internal
                 && !*stale
-                && blocks.iter().any(|(key, _)| region_of(key) == *region)
+                && blocks
+                    .iter()
+                    .any(|(key, _)| region_of(key, region_blocks) == *region)
             {
                 *stale = true;
             }
@@ -1457,7 +1497,7 @@ impl Engine {
         for (number, chunk) in data.chunks(BLOCK_SIZE).enumerate() {
             let key = BlockKey {
                 volume,
-                block: index * REGION_BLOCKS + number as u64,
+                block: index * self.config.region_blocks + number as u64,
             };
             // The cache holds the newest image of resident blocks, newer
             // than what the leg read returned if a write landed meanwhile.
@@ -1656,6 +1696,11 @@ impl Engine {
             && have <= last
         {
             // Every delta after `have` is retained or still in the cache.
+            let have = if self.config.planted_bug == Some(PlantedBug::DiffSkipsFirstMissing) {
+                DeltaSeq(have.0 + 1)
+            } else {
+                have
+            };
             let mut blocks = Vec::new();
             let (mut from_cache, mut from_history) = (false, false);
             for block in block_span(offset, length) {
@@ -2364,6 +2409,12 @@ impl Engine {
             };
             self.stats.remote_timeouts_total += 1;
             self.marks.hit(Mark::RemoteTimedOut);
+            if matches!(op.kind, RemoteKind::Forward)
+                && self.config.planted_bug == Some(PlantedBug::ForwardTimeoutSucceeds)
+            {
+                self.reply(op.request, Ok(Response::Done));
+                continue;
+            }
             let error = RequestError::Io(format!(
                 "the owner site did not answer within {} ms",
                 self.config.remote_timeout_ms

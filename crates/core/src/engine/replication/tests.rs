@@ -26,6 +26,7 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         leases_enforced: false,
         suspend_hold_ms: 5_000,
         suspended_requests_max: 1024,
+        region_blocks: REGION_BLOCKS,
         planted_bug: None,
     }
 }
@@ -232,7 +233,12 @@ impl Pair {
             .a
             .journal
             .iter()
-            .flat_map(|record| record.blocks.iter().map(|(key, _)| region_of(key)))
+            .flat_map(|record| {
+                record
+                    .blocks
+                    .iter()
+                    .map(|(key, _)| region_of(key, REGION_BLOCKS))
+            })
             .collect();
         for record in std::mem::take(&mut self.a.journal) {
             for (key, image) in record.blocks {
