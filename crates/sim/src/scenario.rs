@@ -455,6 +455,12 @@ impl Scenario {
             self.engine.backlog_wait_ms_max = self.engine.backlog_wait_ms_max.max(1_000);
             self.network.delay_ms_min = self.network.delay_ms_min.max(20);
             self.network.delay_ms_max = self.network.delay_ms_max.max(self.network.delay_ms_min);
+            // A link that mostly stays up: resets, blips and site losses
+            // every second leave the site mid-resync or its requests
+            // failing, and its reads never get a diff.
+            self.network.reset_per_second = self.network.reset_per_second.min(0.5);
+            self.network.blip_per_second = self.network.blip_per_second.min(0.5);
+            self.faults.site_loss_per_second = self.faults.site_loss_per_second.min(0.5);
         }
         // Volumes of 16 to 256 blocks: with a node's 1 MiB regions each is
         // one region, and a rule naming the wrong region of a volume (a

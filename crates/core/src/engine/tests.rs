@@ -682,3 +682,79 @@ fn leases_not_enforced_change_nothing() {
     assert_eq!(stats.suspended_failed_total, 0);
     assert_eq!(stats.lease_expired_replies_total, 0);
 }
+
+#[test]
+fn a_write_larger_than_half_the_cache_is_refused() {
+    let mut engine = engine();
+    assert_eq!(engine.config().cache_bytes_max, 1 << 20);
+    // A quarter of the cache is admitted; past half (with its block
+    // bookkeeping) a write could never fit next to a full delta draining.
+    write(
+        &mut engine,
+        0,
+        1,
+        0,
+        Bytes::from(vec![1u8; 256 << 10]),
+        false,
+    );
+    let replies = |engine: &mut Engine| -> Vec<Action> {
+        drain(engine)
+            .into_iter()
+            .filter(|action| matches!(action, Action::Reply { .. }))
+            .collect()
+    };
+    assert_eq!(replies(&mut engine), vec![done(1)]);
+    let length = (512 << 10) + BLOCK_SIZE as u64;
+    write(
+        &mut engine,
+        0,
+        2,
+        0,
+        Bytes::from(vec![2u8; length as usize]),
+        false,
+    );
+    assert_eq!(
+        replies(&mut engine),
+        vec![Action::Reply {
+            request: RequestId(2),
+            result: Err(RequestError::TooLarge {
+                length,
+                cache_bytes_max: 1 << 20
+            }),
+        }]
+    );
+}
+
+#[test]
+fn an_engine_with_a_read_in_flight_is_not_drained() {
+    let mut engine = engine();
+    assert!(engine.is_drained());
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    drain(&mut engine);
+    assert!(!engine.is_drained(), "a leg read is in flight");
+    engine.leg_read_done(IoId(1), Ok(block(0)));
+    drain(&mut engine);
+    assert!(engine.is_drained());
+}
+
+#[test]
+fn journal_syncs_are_counted() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), true);
+    drain(&mut engine);
+    assert_eq!(engine.stats().journal_syncs_total, 0);
+    engine.journal_synced(IoId(1), Ok(()));
+    assert_eq!(engine.stats().journal_syncs_total, 1);
+    write(&mut engine, 1, 2, 4096, block(2), true);
+    drain(&mut engine);
+    engine.journal_synced(IoId(3), Ok(()));
+    assert_eq!(engine.stats().journal_syncs_total, 2);
+}
