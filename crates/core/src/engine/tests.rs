@@ -105,6 +105,7 @@ fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
             },
         ]
     );
+    assert_eq!(engine.stats().journal_bytes, journal_record_bytes(&record));
     engine.journal_synced(IoId(1), Ok(()));
     assert_eq!(
         drain(&mut engine),
@@ -133,6 +134,7 @@ fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
             upto: JournalPosition(1)
         }]
     );
+    assert_eq!(engine.stats().journal_bytes, 0);
     assert!(engine.is_drained());
 }
 
