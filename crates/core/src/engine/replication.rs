@@ -68,17 +68,6 @@ pub enum PeerState {
     NeedsResync,
 }
 
-impl PeerState {
-    pub fn name(self) -> &'static str {
-        match self {
-            PeerState::Waiting => "waiting",
-            PeerState::Streaming => "streaming",
-            PeerState::Resyncing => "resyncing",
-            PeerState::NeedsResync => "needs-resync",
-        }
-    }
-}
-
 /// One other site's progress on a group owned here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerReplication {
