@@ -760,3 +760,43 @@ fn journal_syncs_are_counted() {
     engine.journal_synced(IoId(3), Ok(()));
     assert_eq!(engine.stats().journal_syncs_total, 2);
 }
+
+#[test]
+fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
+    let mut engine = engine();
+    let other = VolumeId(2);
+    engine.add_volume(
+        other,
+        VolumeSpec {
+            size: 1 << 20,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    let read = |engine: &mut Engine, request: u64, volume: VolumeId| {
+        engine.submit(
+            Timestamp(0),
+            RequestId(request),
+            Request::Read {
+                volume,
+                offset: 0,
+                length: 4096,
+            },
+        );
+        drain(engine);
+    };
+    read(&mut engine, 1, VOLUME);
+    assert!(matches!(
+        engine.remove_volume(VOLUME),
+        Err(RequestError::Io(_))
+    ));
+    // A read on another volume does not hold this one.
+    read(&mut engine, 2, other);
+    engine.leg_read_done(IoId(1), Ok(block(0)));
+    drain(&mut engine);
+    assert_eq!(engine.remove_volume(VOLUME), Ok(()));
+    assert_eq!(
+        engine.remove_volume(VOLUME),
+        Err(RequestError::NoVolume(VOLUME))
+    );
+}

@@ -2333,3 +2333,26 @@ fn a_seq_belongs_to_the_newest_epoch_that_starts_before_it() {
     assert_eq!(pair.a.engine.epoch_at(GROUP, DeltaSeq(7)), Some(Epoch(3)));
     assert_eq!(pair.a.engine.epoch_at(GROUP, DeltaSeq(12)), Some(Epoch(3)));
 }
+
+/// A delta b applied stays retained for a third site that never
+/// connected: b has nothing left to apply, c lacks it.
+#[test]
+fn unapplied_deltas_count_only_what_each_site_lacks() {
+    const C: SiteId = SiteId(3);
+    let mut config_a = config(A, B);
+    config_a.peers.push(C);
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+    let status = pair.a.engine.replication_status();
+    let unapplied = |peer: SiteId| {
+        status[0]
+            .peers
+            .iter()
+            .find(|progress| progress.peer == peer)
+            .map(|progress| progress.unapplied_deltas)
+    };
+    assert_eq!(unapplied(B), Some(0));
+    assert_eq!(unapplied(C), Some(1));
+}
