@@ -654,12 +654,27 @@ impl Engine {
             SiteMessage::Delta(record) => self.receive_delta(from, record),
             SiteMessage::Journaled { group, seq } => {
                 if let Some(progress) = self.peer_progress(group, from) {
+                    if seq > progress.shipped {
+                        // Not a delta of this line (see `Applied`).
+                        self.stats.refused_messages_total += 1;
+                        return;
+                    }
                     progress.journaled = progress.journaled.max(seq);
                     self.answer_synced_waiters();
                 }
             }
             SiteMessage::Applied { group, seq } => {
                 if let Some(progress) = self.peer_progress(group, from) {
+                    if seq > progress.shipped {
+                        // A delta never shipped from here: the site numbers
+                        // deltas of a line a failover discarded (its own,
+                        // as the old owner) the way this site numbers its
+                        // own. Counted, it would retire deltas the site
+                        // lacks and answer flush-sync writes on journals
+                        // that never held them.
+                        self.stats.refused_messages_total += 1;
+                        return;
+                    }
                     progress.applied = progress.applied.max(seq);
                     progress.journaled = progress.journaled.max(seq);
                     self.answer_synced_waiters();
@@ -2206,7 +2221,9 @@ impl Engine {
         if owner == self.config.site {
             return;
         }
-        if !delta.resync {
+        if !delta.resync && !self.diverged_here(group_id) {
+            // (A diverged site's seqs name its own line's deltas: see
+            // `send_replica_acks`.)
             self.actions.push_back(Action::Send {
                 peer: owner,
                 message: SiteMessage::Applied {

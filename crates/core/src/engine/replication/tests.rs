@@ -2356,3 +2356,35 @@ fn unapplied_deltas_count_only_what_each_site_lacks() {
     assert_eq!(unapplied(B), Some(0));
     assert_eq!(unapplied(C), Some(1));
 }
+
+/// A site acknowledging a delta this owner never shipped to it numbers
+/// another line's deltas (it owned the group before a failover and applied
+/// its own last deltas since): the acknowledgement is refused, or the
+/// owner would retire deltas the site lacks and count journals that never
+/// held them.
+#[test]
+fn acknowledgements_of_deltas_never_shipped_are_refused() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+    let refused = pair.a.engine.stats().refused_messages_total;
+    let now = pair.now;
+    for message in [
+        SiteMessage::Applied {
+            group: GROUP,
+            seq: DeltaSeq(5),
+        },
+        SiteMessage::Journaled {
+            group: GROUP,
+            seq: DeltaSeq(5),
+        },
+    ] {
+        pair.a.engine.receive(now, B, message);
+    }
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 2);
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].applied,
+        DeltaSeq(1)
+    );
+}
