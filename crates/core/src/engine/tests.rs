@@ -800,3 +800,19 @@ fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
         Err(RequestError::NoVolume(VOLUME))
     );
 }
+
+#[test]
+fn a_write_ending_one_byte_short_of_a_block_fills_only_the_block_it_touches() {
+    let mut engine = engine();
+    // Bytes 4100..8191: inside block 1, touching neither end of it.
+    write(&mut engine, 0, 1, 4100, Bytes::from(vec![7u8; 4091]), false);
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::ReadLeg {
+            io: IoId(1),
+            volume: VOLUME,
+            offset: 4096,
+            length: 4096
+        }]
+    );
+}

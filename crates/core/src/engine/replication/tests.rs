@@ -737,7 +737,9 @@ fn a_slow_connected_site_throttles_writes_past_the_backlog_bound() {
         answered(&pair) < 8,
         "the backlog bound must hold writes back"
     );
-    assert!(pair.a.engine.stats().backlog_throttled_total > 0);
+    let stats = pair.a.engine.stats();
+    assert!(stats.backlog_throttled_total > 0);
+    assert!(stats.throttled_writes_total >= stats.backlog_throttled_total);
     pair.hold_group_lane_to_b = false;
     pair.tick(100);
     pair.tick(100);
