@@ -1250,6 +1250,12 @@ impl Engine {
             }
             Some(have) if have > last => progress.dirty_all = true,
             Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
+            // Only a site marked for resync gets here (an unmarked one with
+            // `have` in range streams, above), and its map already names
+            // these regions: the fold added every retained delta it had
+            // not journaled, and each delta closed since was added as it
+            // closed. Named again as a second line of defence (mutation
+            // testing shows the swarm cannot tell the difference).
             Some(have) => {
                 for retained in outbound.retained.iter().filter(|r| r.seq > have) {
                     progress
