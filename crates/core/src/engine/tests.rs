@@ -816,3 +816,60 @@ fn a_write_ending_one_byte_short_of_a_block_fills_only_the_block_it_touches() {
         }]
     );
 }
+
+/// Completes every disk action at once until the engine is quiet.
+fn complete_disk_actions(engine: &mut Engine) {
+    loop {
+        let actions = drain(engine);
+        if actions.is_empty() {
+            return;
+        }
+        for action in actions {
+            match action {
+                Action::SyncJournal { io, .. } => engine.journal_synced(io, Ok(())),
+                Action::WriteLeg { io, .. } => engine.leg_written(io, Ok(())),
+                Action::SyncLegs { io, .. } => engine.legs_synced(io, Ok(())),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn a_write_into_a_cache_full_of_clean_blocks_evicts_all_it_needs() {
+    let cache_bytes_max = 64 << 10;
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 16 << 10,
+        cache_bytes_max,
+        journal_checkpoint_bytes: 1 << 20,
+        ..EngineConfig::default()
+    });
+    // Fill three quarters of the cache with clean blocks: written,
+    // journaled, on the leg.
+    for index in 0..12u64 {
+        write(&mut engine, 0, index + 1, index * 4096, block(1), false);
+    }
+    engine.handle_timeout(Timestamp::from_millis(100));
+    complete_disk_actions(&mut engine);
+    let stats = engine.stats();
+    assert_eq!(stats.dirty_bytes, 0);
+    assert!(stats.clean_bytes > cache_bytes_max / 2);
+    // Six blocks more need three clean ones evicted, not one.
+    write(
+        &mut engine,
+        200,
+        100,
+        64 << 10,
+        Bytes::from(vec![2u8; 24 << 10]),
+        false,
+    );
+    assert!(drain(&mut engine).contains(&done(100)), "admitted at once");
+    let stats = engine.stats();
+    assert!(
+        stats.dirty_bytes + stats.clean_bytes <= cache_bytes_max,
+        "{} dirty and {} clean bytes in a cache of {cache_bytes_max}",
+        stats.dirty_bytes,
+        stats.clean_bytes
+    );
+}
