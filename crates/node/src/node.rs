@@ -285,7 +285,9 @@ fn open_node(
         let leg = crate::volumes::open_or_create_leg(fs.as_ref(), record)?;
         legs.insert(record.volume_id(), leg);
     }
-    let recovery = recover(&fs, &layout.journal(), &legs, stretch_core::REGION_BLOCKS)?;
+    let mut engine_config = config.tuning.engine();
+    // Replayed regions are named in the engine's region size.
+    let recovery = recover(&fs, &layout.journal(), &legs, engine_config.region_blocks)?;
     if recovery.replayed_deltas > 0 || recovery.dropped_tail.is_some() {
         tracing::info!(
             node = %node.name,
@@ -328,7 +330,6 @@ fn open_node(
     let site_id = sites
         .id(&node.site)
         .ok_or_else(|| NodeError::UnknownSite(node.site.clone()))?;
-    let mut engine_config = config.tuning.engine();
     engine_config.site = site_id;
     engine_config.peers = sites.data_peers(&node.site);
     // With other data sites, an owner serves only under its lease (the

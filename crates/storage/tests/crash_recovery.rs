@@ -12,7 +12,7 @@ use stretch_core::{
     VolumeId,
 };
 use stretch_storage::{
-    FileSystem, Journal, Leg, OsFileSystem, SimFileSystem, StorageFile, recover,
+    FileSystem, Journal, Leg, OsFileSystem, Recovery, SimFileSystem, StorageFile, recover,
 };
 
 const VOLUME: VolumeId = VolumeId(1);
@@ -89,6 +89,17 @@ impl<F: FileSystem> Node<F> {
         self.root.join("legs").join("v.raw")
     }
 
+    /// Recovery of this node's journal onto `legs`, with a node's regions.
+    fn recover(&self, legs: &BTreeMap<VolumeId, Leg<F>>) -> Recovery {
+        recover(
+            &self.fs,
+            &self.journal_dir(),
+            legs,
+            stretch_core::REGION_BLOCKS,
+        )
+        .expect("recover")
+    }
+
     fn legs(&self, create: bool) -> BTreeMap<VolumeId, Leg<F>> {
         let size = BLOCKS * BLOCK_SIZE as u64;
         let leg = if create {
@@ -160,13 +171,7 @@ fn check_round_trip<F: FileSystem>(node: &Node<F>) {
     // Start over from disk: a fresh leg handle, zeroed, then replay alone
     // must rebuild the image.
     let legs = node.legs(true);
-    let recovery = recover(
-        &node.fs,
-        &node.journal_dir(),
-        &legs,
-        stretch_core::REGION_BLOCKS,
-    )
-    .expect("recover");
+    let recovery = node.recover(&legs);
     assert_eq!(recovery.replayed_deltas, 40);
     assert_eq!(recovery.dropped_tail, None);
     assert_eq!(recovery.next_position, JournalPosition(41));
@@ -188,13 +193,7 @@ fn corrupt_tail<F: FileSystem>(node: &Node<F>, how: impl Fn(&F::File, u64)) {
     let len = file.len().expect("len");
     how(&file, len);
     let legs = node.legs(true);
-    let recovery = recover(
-        &node.fs,
-        &node.journal_dir(),
-        &legs,
-        stretch_core::REGION_BLOCKS,
-    )
-    .expect("recover");
+    let recovery = node.recover(&legs);
     assert_eq!(
         recovery.replayed_deltas, 4,
         "the damaged last record is dropped"
@@ -228,13 +227,7 @@ fn check_release_and_continue<F: FileSystem>(node: &Node<F>) {
     let after = node.fs.list(&node.journal_dir()).expect("list").len();
     assert!(after < before, "released segments are deleted");
     drop(journal);
-    let recovery = recover(
-        &node.fs,
-        &node.journal_dir(),
-        &legs,
-        stretch_core::REGION_BLOCKS,
-    )
-    .expect("recover");
+    let recovery = node.recover(&legs);
     assert_eq!(recovery.next_position, JournalPosition(61));
     assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(61));
     assert!(node.leg_image(&legs) == images[60]);
@@ -255,13 +248,7 @@ fn check_crash_at_random_points(seed: u64) {
     drop(legs);
     node.fs.crash(&mut |bound| rng.below(bound));
     let legs = node.legs(false);
-    let recovery = recover(
-        &node.fs,
-        &node.journal_dir(),
-        &legs,
-        stretch_core::REGION_BLOCKS,
-    )
-    .expect("recover");
+    let recovery = node.recover(&legs);
     let k = recovery.replayed_deltas as usize;
     assert!(
         k >= synced,

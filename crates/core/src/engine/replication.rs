@@ -389,12 +389,12 @@ fn fold(
     progress: &mut PeerProgress,
     retained: &VecDeque<Retained>,
     known_from: DeltaSeq,
-    config: &EngineConfig,
+    region_blocks: u64,
 ) {
     for retained in retained.iter().filter(|r| r.seq > progress.journaled) {
         progress
             .dirty
-            .extend(regions_of(&retained.record, config.region_blocks));
+            .extend(regions_of(&retained.record, region_blocks));
     }
     if progress.journaled < known_from {
         // It may lack deltas from before this run, whose blocks are not
@@ -936,7 +936,7 @@ impl Engine {
                     progress,
                     &outbound.retained,
                     outbound.known_from,
-                    &self.config,
+                    self.config.region_blocks,
                 );
                 self.stats.backlog_folds_total += 1;
                 self.marks.hit(Mark::FoldAbsent);
@@ -987,7 +987,7 @@ impl Engine {
                             progress,
                             &outbound.retained,
                             outbound.known_from,
-                            &self.config,
+                            self.config.region_blocks,
                         );
                         self.stats.backlog_folds_total += 1;
                         self.marks.hit(Mark::FoldLagging);
