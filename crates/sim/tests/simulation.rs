@@ -354,6 +354,9 @@ fn bad_scenario_files_are_refused_with_the_reason() {
     std::fs::write(&path, "[workload]\nclientz = 3\n").expect("write");
     let error = Scenario::load(&path).expect_err("unknown key");
     assert!(error.to_string().contains("clientz"), "{error}");
+    std::fs::write(&path, "[engine]\nregion_blocks = 0\n").expect("write");
+    let error = Scenario::load(&path).expect_err("empty regions");
+    assert!(error.to_string().contains("region_blocks"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
