@@ -39,7 +39,8 @@ pub struct SimArgs {
     /// cache-ignores-bound, forward-timeout-succeeds, map-forgets-dirty,
     /// abandon-forgets-unacked, diff-skips-first-missing (all but the first
     /// five need sites: try --swarm), early-takeover (needs failovers: try
-    /// simulation/failover/two-sites.toml); with --control:
+    /// simulation/failover/two-sites.toml), takeover-ignores-images (needs
+    /// failovers at three sites: try --swarm); with --control:
     /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]
     pub(crate) bug: Option<String>,

@@ -120,7 +120,7 @@ fn report(outcome: &ControlOutcome, started: Instant, replay_command: &str, prin
     let stats = &outcome.stats;
     let faults: Vec<&str> = stats.faults.iter().copied().collect();
     println!(
-        "seed {} scenario {}: trace {:016x}; {:.2} simulated s in {:.3} wall s ({:.0}x); {} phases ({}), {} automatic failovers, {} operator promotions, {} promotions refused (another site's came first), {} restarts, {} G1 probes, {} G5 checks",
+        "seed {} scenario {}: trace {:016x}; {:.2} simulated s in {:.3} wall s ({:.0}x); {} phases ({}), {} automatic failovers, {} operator promotions, {} promotions refused (another site's came first), {} takeovers left to a newer image, {} restarts, {} G1 probes, {} G5 checks",
         outcome.seed,
         outcome.scenario,
         outcome.trace_hash,
@@ -132,6 +132,7 @@ fn report(outcome: &ControlOutcome, started: Instant, replay_command: &str, prin
         stats.failovers,
         stats.promotions,
         stats.promotions_refused,
+        stats.takeovers_left,
         stats.restarts,
         stats.g1_probes,
         stats.g5_checks,

@@ -26,6 +26,9 @@
 //!   owner may still run, and that time (stretched for drift, plus the
 //!   margin) passed on its own clock ([`Takeover`]): every majority the old
 //!   owner could hold a lease from contains one of them;
+//! - when an owner loses its lease, the survivors offer their images and
+//!   the one holding the newest takes each `auto` group over
+//!   ([`choose_image`]);
 //! - a voter that restarts forgets its grants, so for one promise period
 //!   after its start it answers as if it had granted every site a lease
 //!   just before.
@@ -33,10 +36,15 @@
 /// How often each data site asks whether the owners of the groups it does
 /// not own still hold their leases (the node and the simulator alike).
 pub const OWNER_CHECK_INTERVAL_MS: u64 = 250;
+/// How long a survivor of an owner's lost lease waits for the other
+/// survivors that hold a lease to offer their images before it takes a
+/// group over with its own (see [`choose_image`]).
+pub const IMAGE_OFFER_WAIT_MS: u64 = 2_000;
 /// How long a question about a site's leases to one voter may take before
 /// it counts as unanswered.
 pub const LEASE_STATE_TIMEOUT_MS: u64 = 400;
 
+mod image_choice;
 mod lease;
 mod placement;
 mod takeover;
@@ -44,6 +52,7 @@ mod takeover;
 mod testing;
 mod verdict;
 
+pub use image_choice::{ImageChoice, Survivor, choose as choose_image, survivors};
 pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
 pub use placement::{Reach, hand_leadership_to};
 pub use takeover::{Takeover, TakeoverState};

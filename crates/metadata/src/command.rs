@@ -50,12 +50,32 @@ pub enum Command {
     /// whole delta `to` holds: its image from then on. Writes the old
     /// owner acknowledged after it are lost. `automatic` records whether
     /// the volume's `auto` policy decided it or an operator did.
+    ///
+    /// An `automatic` promotion is refused while another site offered a
+    /// newer image at this epoch ([`Command::OfferImage`]), unless it is
+    /// named in `passed_over`: sites the promoter found holding no lease
+    /// (they cannot serve the group, so waiting for them would suspend it
+    /// for as long as they are away).
     PromoteGroup {
         group: String,
         to: String,
         expected_epoch: u64,
         after_seq: u64,
         automatic: bool,
+        #[serde(default)]
+        passed_over: Vec<String>,
+    },
+    /// `site` offers its image of `group`, whose owner holds no lease: the
+    /// last whole delta it holds, or `None` if it holds none it could serve
+    /// (mid-resync, or on a line a failover left). Survivors offer before
+    /// an automatic failover so that the one holding the most takes the
+    /// group: with three or more data sites, a write a `flush-sync` or
+    /// `sync` volume acknowledged may be at only one of them (G4).
+    OfferImage {
+        group: String,
+        site: String,
+        expected_epoch: u64,
+        after_seq: Option<u64>,
     },
     /// Record the start of a live migration; the owner keeps the group.
     BeginMove {
@@ -107,13 +127,33 @@ impl fmt::Display for Command {
                 expected_epoch,
                 after_seq,
                 automatic,
+                passed_over,
             } => {
                 let how = if *automatic { "auto" } else { "manual" };
                 write!(
                     f,
                     "promote-group {group} to {to} at epoch {expected_epoch} after delta {after_seq} ({how})"
-                )
+                )?;
+                if !passed_over.is_empty() {
+                    write!(f, " passing over {}", passed_over.join(", "))?;
+                }
+                Ok(())
             }
+            Command::OfferImage {
+                group,
+                site,
+                expected_epoch,
+                after_seq,
+            } => match after_seq {
+                Some(seq) => write!(
+                    f,
+                    "offer-image {group} at {site} at epoch {expected_epoch}: after delta {seq}"
+                ),
+                None => write!(
+                    f,
+                    "offer-image {group} at {site} at epoch {expected_epoch}: none it could serve"
+                ),
+            },
             Command::BeginMove {
                 group,
                 to,
@@ -213,6 +253,17 @@ pub enum CommandError {
     SameSite { group: String, site: String },
     #[error("group {group} cannot be set to {state:?} directly")]
     BadState { group: String, state: GroupState },
+    #[error(
+        "site {site} offered a newer image of group {group} (after delta {offered}, this one is after {image}): it takes the group"
+    )]
+    NewerImage {
+        group: String,
+        site: String,
+        offered: u64,
+        image: u64,
+    },
+    #[error("site {site} offers an image of group {group}, which it owns")]
+    OwnerOffers { group: String, site: String },
     #[error("the {what} counter is exhausted")]
     Exhausted { what: String },
 }

@@ -97,7 +97,21 @@ impl ClusterMetadata {
                 expected_epoch,
                 after_seq,
                 automatic,
-            } => self.promote_group(group, to, *expected_epoch, *after_seq, *automatic),
+                passed_over,
+            } => self.promote_group(
+                group,
+                to,
+                *expected_epoch,
+                *after_seq,
+                *automatic,
+                passed_over,
+            ),
+            Command::OfferImage {
+                group,
+                site,
+                expected_epoch,
+                after_seq,
+            } => self.offer_image(group, site, *expected_epoch, *after_seq),
             Command::BeginMove {
                 group,
                 to,
@@ -239,6 +253,7 @@ impl ClusterMetadata {
                         handed_over: false,
                     }],
                     last_failover: None,
+                    offers: BTreeMap::new(),
                 };
                 (id, 1, Some((group, next)))
             }
@@ -354,6 +369,7 @@ impl ClusterMetadata {
         expected_epoch: u64,
         after_seq: u64,
         automatic: bool,
+        passed_over: &[String],
     ) -> CommandResult {
         self.data_site(to)?;
         let group = self.fenced_group(name, expected_epoch)?;
@@ -362,6 +378,25 @@ impl ClusterMetadata {
                 group: name.to_owned(),
                 site: to.to_owned(),
             });
+        }
+        if automatic {
+            // An operator's promotion names its site and accepts the loss;
+            // the policy's must not lose what another survivor holds.
+            let newer = group
+                .offers
+                .iter()
+                .filter(|(site, _)| *site != to && !passed_over.contains(site))
+                .filter_map(|(site, offered)| offered.map(|offered| (site, offered)))
+                .filter(|(_, offered)| *offered > after_seq)
+                .max_by_key(|(_, offered)| *offered);
+            if let Some((site, offered)) = newer {
+                return Err(CommandError::NewerImage {
+                    group: name.to_owned(),
+                    site: site.clone(),
+                    offered,
+                    image: after_seq,
+                });
+            }
         }
         let from = group.owner.clone();
         let epoch = change_owner(group, to, after_seq, false)?;
@@ -375,6 +410,26 @@ impl ClusterMetadata {
         let id = group.id;
         // A move in flight is over: its source is the site that was lost.
         self.moves.remove(&id);
+        Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn offer_image(
+        &mut self,
+        name: &str,
+        site: &str,
+        expected_epoch: u64,
+        after_seq: Option<u64>,
+    ) -> CommandResult {
+        self.data_site(site)?;
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.owner == site {
+            return Err(CommandError::OwnerOffers {
+                group: name.to_owned(),
+                site: site.to_owned(),
+            });
+        }
+        group.offers.insert(site.to_owned(), after_seq);
+        let (id, epoch) = (group.id, group.epoch);
         Ok(Outcome::Epoch { group: id, epoch })
     }
 
@@ -466,6 +521,8 @@ fn change_owner(
     group.epoch = epoch;
     group.owner = to.to_owned();
     group.state = GroupState::Active;
+    // Offers name images of the line this change ends.
+    group.offers.clear();
     push_history(group, epoch, after_seq, handed_over);
     Ok(epoch)
 }
@@ -608,7 +665,84 @@ mod tests {
             expected_epoch: epoch,
             after_seq,
             automatic: true,
+            passed_over: Vec::new(),
         }
+    }
+
+    fn offer(group: &str, site: &str, epoch: u64, after_seq: Option<u64>) -> Command {
+        Command::OfferImage {
+            group: group.into(),
+            site: site.into(),
+            expected_epoch: epoch,
+            after_seq,
+        }
+    }
+
+    #[test]
+    fn an_automatic_promotion_is_refused_while_a_newer_image_is_offered() {
+        let mut m = ClusterMetadata::default();
+        for name in ["a", "b", "c"] {
+            m.apply(&Command::AddSite {
+                name: name.into(),
+                role: Role::Data,
+            })
+            .expect("add site");
+        }
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        assert_eq!(
+            m.apply(&offer("g1", "a", 1, Some(9))),
+            Err(CommandError::OwnerOffers {
+                group: "g1".into(),
+                site: "a".into()
+            })
+        );
+        assert!(matches!(
+            m.apply(&offer("g1", "b", 0, Some(9))),
+            Err(CommandError::StaleEpoch { .. })
+        ));
+        m.apply(&offer("g1", "b", 1, Some(7))).expect("offer b");
+        m.apply(&offer("g1", "c", 1, Some(9))).expect("offer c");
+        let before = m.clone();
+        assert_eq!(
+            m.apply(&promote("g1", "b", 1, 7)),
+            Err(CommandError::NewerImage {
+                group: "g1".into(),
+                site: "c".into(),
+                offered: 9,
+                image: 7
+            })
+        );
+        assert_eq!(m, before, "a refused promotion changes nothing");
+
+        // An operator's promotion accepts the loss at the site it names.
+        let mut manual = m.clone();
+        let mut command = promote("g1", "b", 1, 7);
+        if let Command::PromoteGroup { automatic, .. } = &mut command {
+            *automatic = false;
+        }
+        manual.apply(&command).expect("manual promotion");
+
+        // A survivor found holding no lease is passed over.
+        let mut passing = m.clone();
+        let mut command = promote("g1", "b", 1, 7);
+        if let Command::PromoteGroup { passed_over, .. } = &mut command {
+            passed_over.push("c".into());
+        }
+        passing.apply(&command).expect("c passed over");
+
+        // Equal images are as good; the newest wins, and the change of
+        // owner forgets every offer.
+        m.apply(&offer("g1", "b", 1, Some(9)))
+            .expect("b offers again");
+        assert_eq!(
+            m.apply(&promote("g1", "b", 1, 9)),
+            Ok(Outcome::Epoch { group: 1, epoch: 2 })
+        );
+        let group = m.group_by_name("g1").expect("group");
+        assert!(group.offers.is_empty(), "{:?}", group.offers);
+        // A survivor that holds nothing it could serve does not block.
+        m.apply(&offer("g1", "a", 2, None)).expect("offer none");
+        m.apply(&promote("g1", "c", 2, 9)).expect("promote c");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The vocabulary of the cluster metadata: ids, roles, modes and the records
 //! kept per site, node, volume, group and move.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -137,6 +138,12 @@ pub struct Group {
     /// The newest forced change of owner (a failover), if any.
     #[serde(default)]
     pub last_failover: Option<FailoverRecord>,
+    /// Images survivors offered at this epoch for a failover
+    /// ([`crate::Command::OfferImage`]), per site: the last whole delta it
+    /// holds, or `None` if it holds none it could serve. Emptied by every
+    /// change of owner.
+    #[serde(default)]
+    pub offers: BTreeMap<String, Option<u64>>,
 }
 
 /// Entries kept in [`Group::history`]; a site further behind than the

@@ -9,10 +9,16 @@
 //!    reaching the witness keeps its lease, and its volumes);
 //! 2. the engine stops taking the old owner's deltas for the group and
 //!    names the last one it holds whole: the new image;
-//! 3. one Raft entry names this site owner at a raised epoch, recording
+//! 3. (`auto` only) a Raft entry offers that image; once every other
+//!    survivor holding a lease offered its own (or a deadline passed), the
+//!    one holding the newest goes on and the others call their takeover
+//!    off (`stretch_control::choose_image`): with three data sites, a write
+//!    promised to survive the owner's loss may be at only one survivor;
+//! 4. one Raft entry names this site owner at a raised epoch, recording
 //!    that image (the writes the old owner acknowledged after it are lost,
-//!    and counted when it returns);
-//! 4. the voters that applied it say how long grants they made before it
+//!    and counted when it returns); it is refused if a survivor offered a
+//!    newer image meanwhile;
+//! 5. the voters that applied it say how long grants they made before it
 //!    may still cover the old owner; once that passed here (stretched for
 //!    drift), the engine is told it owns the group and writes flow.
 
@@ -20,8 +26,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use stretch_control::ImageChoice;
 use stretch_core::{DeltaSeq, Epoch, EpochStart, GroupId};
-use stretch_metadata::{ClusterMetadata, Command, Failover};
+use stretch_metadata::{ClusterMetadata, Command, CommandError, Failover};
 use tokio::sync::watch;
 
 use crate::control::ControlError;
@@ -30,6 +37,13 @@ use crate::node::{Node, NodeError};
 /// How often each data node checks whether the owners of other groups
 /// still hold their leases.
 const CHECK_INTERVAL: Duration = Duration::from_millis(stretch_control::OWNER_CHECK_INTERVAL_MS);
+/// How long a survivor waits for the others that hold a lease to offer
+/// their images before it takes a group with its own: each notices the
+/// lost lease within an owner check and commits its offer in one Raft
+/// round, so this passes only when one of them cannot reach the leader.
+const IMAGE_OFFER_WAIT: Duration = Duration::from_millis(stretch_control::IMAGE_OFFER_WAIT_MS);
+/// How often the offers are looked at again meanwhile.
+const IMAGE_OFFER_POLL: Duration = Duration::from_millis(100);
 
 /// The groups of `site` (name, id) and whether each fails over by itself:
 /// `auto` only if every volume of the group is `auto` (a group moves as
@@ -205,15 +219,41 @@ impl Node {
                     .into(),
             ));
         };
+        let passed_over = if automatic {
+            match self.offer_image(control, leases, current, image).await {
+                Ok(Some(passed_over)) => passed_over,
+                Ok(None) => {
+                    self.driver.with_engine(|engine| engine.cancel_takeover(id));
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.driver.with_engine(|engine| engine.cancel_takeover(id));
+                    return Err(error);
+                }
+            }
+        } else {
+            // The operator named this site and accepted the loss.
+            Vec::new()
+        };
         let command = Command::PromoteGroup {
             group: current.name.clone(),
             to: self.site.clone(),
             expected_epoch: current.epoch,
             after_seq: image.0,
             automatic,
+            passed_over,
         };
         let index = match control.execute(command).await {
             Ok((_, index)) => index,
+            // Another survivor offered a newer image meanwhile, or took
+            // the group first: it is theirs.
+            Err(ControlError::Refused(
+                error @ (CommandError::NewerImage { .. } | CommandError::StaleEpoch { .. }),
+            )) if automatic && !self.promoted_here(control, current, image) => {
+                tracing::info!(group = %current.name, %error, "leaving the takeover to another site");
+                self.driver.with_engine(|engine| engine.cancel_takeover(id));
+                return Ok(());
+            }
             // A retry refused because the first attempt, whose answer was
             // lost, promoted this site: done. Calling the takeover off then
             // would let the engine own the group without the wait below.
@@ -245,6 +285,88 @@ impl Node {
 }
 
 impl Node {
+    /// Offers this site's `image` of `current` and waits until the
+    /// survivors that hold a lease offered theirs (at most
+    /// [`IMAGE_OFFER_WAIT`]): `Some(passed_over)` if this site is to
+    /// promote itself, naming the survivors whose offers do not count;
+    /// `None` if another site holds a newer image or took the group.
+    async fn offer_image(
+        &self,
+        control: &crate::control::Control,
+        leases: &crate::control::lease::Leases,
+        current: &stretch_metadata::Group,
+        image: DeltaSeq,
+    ) -> Result<Option<Vec<String>>, NodeError> {
+        let others = data_sites(&control.applied().0)
+            .into_iter()
+            .filter(|site| *site != self.site && *site != current.owner)
+            .count();
+        if others == 0 {
+            // The only survivor: nothing to compare, and no Raft round to
+            // add to the takeover.
+            return Ok(Some(Vec::new()));
+        }
+        let offer = Command::OfferImage {
+            group: current.name.clone(),
+            site: self.site.clone(),
+            expected_epoch: current.epoch,
+            after_seq: Some(image.0),
+        };
+        match control.execute(offer).await {
+            Ok(_) => {}
+            Err(ControlError::Refused(CommandError::StaleEpoch { .. })) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        }
+        let started = tokio::time::Instant::now();
+        loop {
+            let (metadata, _) = control.applied();
+            let Some(group) = metadata.groups.get(&current.id) else {
+                return Ok(None);
+            };
+            if group.epoch != current.epoch {
+                return Ok(None);
+            }
+            let data_sites = data_sites(&metadata);
+            let mut holding = BTreeMap::new();
+            for site in &data_sites {
+                if *site == self.site || *site == current.owner {
+                    continue;
+                }
+                let holds = match leases.site_id(site) {
+                    Some(id) => !leases.holds_no_lease(&self.weak(), id).await,
+                    None => false,
+                };
+                holding.insert(site.clone(), holds);
+            }
+            let others = stretch_control::survivors(
+                data_sites,
+                &self.site,
+                &current.owner,
+                &group.offers,
+                |site| holding.get(site).copied().unwrap_or(false),
+            );
+            let deadline_passed = started.elapsed() >= IMAGE_OFFER_WAIT;
+            match stretch_control::choose_image(image.0, &others, deadline_passed) {
+                ImageChoice::Promote { passed_over } => {
+                    if deadline_passed {
+                        tracing::warn!(group = %current.name,
+                            "survivors holding a lease did not offer their images in time: taking the group with this site's");
+                    }
+                    return Ok(Some(passed_over));
+                }
+                ImageChoice::LeaveTo { site, after_seq } => {
+                    tracing::info!(group = %current.name, %site, after_delta = after_seq, image = image.0,
+                        "another survivor holds a newer image: it takes the group");
+                    return Ok(None);
+                }
+                ImageChoice::Wait { for_sites } => {
+                    tracing::debug!(group = %current.name, ?for_sites, "waiting for the survivors' images");
+                }
+            }
+            tokio::time::sleep(IMAGE_OFFER_POLL).await;
+        }
+    }
+
     /// Whether the applied metadata shows `group` promoted to this site
     /// from `current`'s epoch with `image` as its image.
     fn promoted_here(
@@ -263,6 +385,16 @@ impl Node {
                 })
         })
     }
+}
+
+/// The names of the data sites (those that may own groups).
+fn data_sites(metadata: &ClusterMetadata) -> Vec<String> {
+    metadata
+        .sites
+        .values()
+        .filter(|site| site.role == stretch_metadata::Role::Data)
+        .map(|site| site.name.clone())
+        .collect()
 }
 
 /// A group's epoch history as the engine takes it.

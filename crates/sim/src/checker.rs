@@ -970,8 +970,10 @@ impl Checker {
     /// are `to`'s images of every volume of the group, taken when it took
     /// over. They must be a whole-delta prefix of what the old owner
     /// acknowledged (G3), and hold every write promised to survive the
-    /// loss of the owner's site when `to` is the only other site (G4; with
-    /// more sites such a write may be at a third one). They become the
+    /// loss of the owner's site when every other site offered its image
+    /// (G4: such a write is in one other site's journal, and the newest
+    /// image wins; a survivor that was down or mid-resync may hold it
+    /// alone). They become the
     /// group's truth: the acknowledged writes they lack are lost to the
     /// failover, and their number is returned (the old owner must report a
     /// loss when it learns of the failover if it is not zero).
@@ -980,7 +982,7 @@ impl Checker {
         group: u32,
         to: usize,
         views: Vec<View>,
-        sole_survivor: bool,
+        every_survivor_offered: bool,
     ) -> Result<u64, Violation> {
         self.check_replica_views(&views, group, None)
             .map_err(|detail| {
@@ -999,7 +1001,7 @@ impl Checker {
             .flat_map(|volume| self.volumes[*volume].writes.iter().copied())
             .filter(|id| !self.writes[id].lost)
             .collect();
-        if sole_survivor {
+        if every_survivor_offered {
             for id in &judged {
                 let write = &self.writes[id];
                 if write.site_durable && !self.present(&views, *id) {

@@ -83,6 +83,9 @@ pub struct ControlStats {
     /// Promotions the metadata refused (another site promoted the group
     /// first, at the same epoch: the race three data sites run).
     pub promotions_refused: u64,
+    /// Takeovers a survivor called off because another offered a newer
+    /// image (three or more data sites).
+    pub takeovers_left: u64,
     pub restarts: u64,
     pub g1_probes: u64,
     pub g5_checks: u64,

@@ -107,6 +107,10 @@ pub struct Network {
     /// range inside them, each message a delay inside its direction's range.
     pub delay_ms_min: u64,
     pub delay_ms_max: u64,
+    /// Extra one-way delay on every link of the last site, milliseconds: a
+    /// site farther away than the others, so that what one survivor of a
+    /// failover holds another may still lack.
+    pub far_site_delay_ms: u64,
     /// Link cuts per simulated second (a partition between two sites).
     pub cut_per_second: f64,
     /// Share of cuts that stop one direction only.
@@ -222,6 +226,7 @@ impl Default for Network {
         Network {
             delay_ms_min: 1,
             delay_ms_max: 50,
+            far_site_delay_ms: 0,
             cut_per_second: 0.0,
             one_way_share: 0.3,
             cut_ms_min: 10,
@@ -391,6 +396,7 @@ impl Scenario {
         self.network = Network {
             delay_ms_min,
             delay_ms_max: rng.between(delay_ms_min, 60),
+            far_site_delay_ms: 0,
             cut_per_second: [0.0, 0.5, 1.0, 3.0][rng.below(4) as usize],
             one_way_share: [0.0, 0.3, 0.7][rng.below(3) as usize],
             cut_ms_min,
@@ -466,6 +472,30 @@ impl Scenario {
         // one region, and a rule naming the wrong region of a volume (a
         // fold, a saved map, a torn resync read) could never show.
         self.engine.region_blocks = [4, 8, 16, 64, 256][rng.below(5) as usize];
+        if sites >= 3 && rng.chance(0.5) {
+            // Failovers on an otherwise quiet cluster: the survivors hold
+            // whole images when an owner is cut off (no resync, no crash in
+            // the way), writes promised to survive a site loss are in
+            // flight, and which survivor holds the newest image decides
+            // whether they survive (G4 at three sites).
+            self.network.cut_per_second = 0.0;
+            self.network.reset_per_second = self.network.reset_per_second.min(0.5);
+            self.network.blip_per_second = self.network.blip_per_second.min(0.5);
+            self.faults.site_loss_per_second = 0.0;
+            self.faults.crash_per_second = self.faults.crash_per_second.min(0.3);
+            self.faults.failover_per_second = 1.0;
+            self.topology.modes = vec![["flush-sync", "sync"][rng.below(2) as usize].into()];
+            self.workload.fua_write = self.workload.fua_write.max(20);
+            // Busy clients and links of unequal length: a delta is at one
+            // survivor and still on its way to the other when the cut
+            // comes.
+            self.workload.think_ms_max = self.workload.think_ms_max.min(3);
+            self.workload.clients = self.workload.clients.max(4);
+            self.network.delay_ms_min = 1;
+            self.network.delay_ms_max = self.network.delay_ms_max.max(40);
+            self.network.far_site_delay_ms = rng.between(20, 100);
+            self.engine.delta_interval_ms = self.engine.delta_interval_ms.min(10);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -521,6 +551,9 @@ impl Scenario {
         let n = &self.network;
         if n.delay_ms_min > n.delay_ms_max || n.cut_ms_min > n.cut_ms_max {
             return Err("network: a _min bound is above its _max".into());
+        }
+        if n.far_site_delay_ms > 10_000 {
+            return Err("network.far_site_delay_ms must be at most 10000".into());
         }
         let rates = [n.cut_per_second, n.reset_per_second, n.blip_per_second];
         if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {

@@ -41,12 +41,16 @@ pub enum SimBug {
     /// A survivor takes a cut-off owner's groups over without waiting for
     /// its lease to run out.
     EarlyTakeover,
+    /// The first survivor able to take a group over does, whatever the
+    /// images the others hold (no offers).
+    TakeoverIgnoresImages,
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 13] = [
+    pub const ALL: [SimBug; 14] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
+        SimBug::TakeoverIgnoresImages,
         SimBug::Core(PlantedBug::AckFlushEarly),
         SimBug::Core(PlantedBug::ApplyBeforeJournalSync),
         SimBug::Core(PlantedBug::ApplyNewestFirst),
@@ -64,6 +68,7 @@ impl SimBug {
         match self {
             SimBug::SkipJournalFsync => "skip-journal-fsync",
             SimBug::EarlyTakeover => "early-takeover",
+            SimBug::TakeoverIgnoresImages => "takeover-ignores-images",
             SimBug::Core(PlantedBug::AckFlushEarly) => "ack-flush-early",
             SimBug::Core(PlantedBug::ApplyBeforeJournalSync) => "apply-before-journal-sync",
             SimBug::Core(PlantedBug::ApplyNewestFirst) => "apply-newest-first",
@@ -2041,7 +2046,10 @@ impl<'a> Simulation<'a> {
             for direction in 0..2 {
                 let low = self.rng.between(network.delay_ms_min, network.delay_ms_max);
                 let high = self.rng.between(low, network.delay_ms_max);
-                self.net.links[link].delay_ns[direction] = (low * MS, high * MS);
+                let far = self.net.links[link].hi == self.sites.len() - 1;
+                let extra = if far { network.far_site_delay_ms } else { 0 };
+                self.net.links[link].delay_ns[direction] =
+                    ((low + extra) * MS, (high + extra) * MS);
             }
             let at = self.rng.below(MS);
             self.net.links[link].dial_pending = true;

@@ -71,14 +71,17 @@ fn with_three_data_sites_the_survivors_race_to_promote_and_one_wins() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulation/control/three-sites.toml"),
     )
     .expect("the three-site control scenario loads");
-    let refused: u64 = (1..=6)
-        .map(|seed| {
-            let outcome = run(&scenario, seed, None);
-            assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
-            outcome.stats.promotions_refused
-        })
-        .sum();
+    let (mut refused, mut left) = (0, 0);
+    for seed in 1..=6 {
+        let outcome = run(&scenario, seed, None);
+        assert!(outcome.violation.is_none(), "{}", replay_hint(&outcome));
+        refused += outcome.stats.promotions_refused;
+        left += outcome.stats.takeovers_left;
+    }
     assert!(refused > 0, "no promotion lost a race in six seeds");
+    // Survivors offer their images first: one holding an older image
+    // leaves the group to the one holding the newest.
+    assert!(left > 0, "no survivor left a takeover to a newer image");
 }
 
 #[test]

@@ -153,6 +153,9 @@ fn every_planted_bug_is_caught() {
             // An owner write waits past its bound behind a stalled link.
             SimBug::Core(PlantedBug::StallOnFullBacklog) => &["G5"],
             SimBug::EarlyTakeover => &["G1"],
+            // A survivor lacking a promised write takes the group over
+            // though another holds it.
+            SimBug::TakeoverIgnoresImages => &["G4"],
             // The owner's cache outgrows its bound.
             SimBug::Core(PlantedBug::CacheIgnoresBound) => &["bounds"],
             // A write the owner never accepted is reported done.

@@ -562,6 +562,19 @@ impl Engine {
                 self.replication.backlog_bytes -= retained.bytes;
                 self.replication.backlog_deltas -= 1;
             }
+            // Its resyncs held slots of each site's window (shared by all
+            // groups): another group's resync to that site may be waiting
+            // for them, and nothing else would wake it (the site resumes
+            // this group with its new owner, not here).
+            let freed: Vec<SiteId> = outbound
+                .peers
+                .iter()
+                .filter(|(_, progress)| progress.resync_reading + progress.resync_unacked.len() > 0)
+                .map(|(peer, _)| *peer)
+                .collect();
+            for peer in freed {
+                self.pump_peer(peer);
+            }
         }
         self.replication.inbound.entry(group).or_default();
         if self.replication.connected.contains(&owner) {

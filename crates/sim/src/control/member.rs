@@ -16,11 +16,13 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use parking_lot::Mutex;
 use stretch_control::{
-    Grant, GrantRefused, Grantor, Holder, LEASE_STATE_TIMEOUT_MS, LeaseRequest, LeaseState,
-    OWNER_CHECK_INTERVAL_MS, Takeover, TakeoverState,
+    Grant, GrantRefused, Grantor, Holder, IMAGE_OFFER_WAIT_MS, ImageChoice, LEASE_STATE_TIMEOUT_MS,
+    LeaseRequest, LeaseState, OWNER_CHECK_INTERVAL_MS, Takeover, TakeoverState,
 };
 use stretch_core::{SiteId, Timestamp};
-use stretch_metadata::{ClusterMetadata, Command, CommandResult, Failover, LogStore, StateMachine};
+use stretch_metadata::{
+    ClusterMetadata, Command, CommandError, CommandResult, Failover, LogStore, Role, StateMachine,
+};
 
 use super::raft_network::{SimConfig, SimNetwork, SimRaft};
 use super::world::World;
@@ -485,12 +487,27 @@ async fn take_over(
     automatic: bool,
 ) -> Result<(), String> {
     let name = world.sites[member.site].name.clone();
+    // No data path here: the image a survivor holds is drawn (a whole-delta
+    // prefix of the old owner's line, so only its length matters).
+    let image = world.state.lock().rng.below(4);
+    let passed_over = if automatic {
+        match offer_image(world, member, current, image).await? {
+            Some(passed_over) => passed_over,
+            None => {
+                world.state.lock().stats.takeovers_left += 1;
+                return Ok(());
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let command = Command::PromoteGroup {
         group: current.name.clone(),
         to: name.clone(),
         expected_epoch: current.epoch,
-        after_seq: 0,
+        after_seq: image,
         automatic,
+        passed_over,
     };
     let index = match write(world, member, command).await {
         Ok((Ok(_), index)) => index,
@@ -544,6 +561,101 @@ async fn take_over(
         || format!("site {name} serves group {} at epoch {epoch}", current.name),
     );
     Ok(())
+}
+
+/// The node's `offer_image`: offers `image` of `current` and waits for
+/// the survivors holding a lease to offer theirs (at most
+/// [`IMAGE_OFFER_WAIT_MS`] on this site's clock). `Some(passed_over)` if
+/// this site promotes itself, `None` if another holds a newer image or took
+/// the group.
+async fn offer_image(
+    world: &Arc<World>,
+    member: &Arc<Member>,
+    current: &stretch_metadata::Group,
+    image: u64,
+) -> Result<Option<Vec<String>>, String> {
+    let name = world.sites[member.site].name.clone();
+    let data_sites: Vec<String> = member
+        .applied
+        .lock()
+        .0
+        .sites
+        .values()
+        .filter(|site| site.role == Role::Data)
+        .map(|site| site.name.clone())
+        .collect();
+    if data_sites
+        .iter()
+        .all(|site| *site == name || *site == current.owner)
+    {
+        return Ok(Some(Vec::new()));
+    }
+    let offer = Command::OfferImage {
+        group: current.name.clone(),
+        site: name.clone(),
+        expected_epoch: current.epoch,
+        after_seq: Some(image),
+    };
+    match write(world, member, offer).await? {
+        (Ok(_), _) => {}
+        (Err(CommandError::StaleEpoch { .. }), _) => return Ok(None),
+        (Err(error), _) => return Err(error.to_string()),
+    }
+    world.record(
+        &[20, member.site as u64, u64::from(current.id), image],
+        || {
+            format!(
+                "site {name} offered its image of group {} (after delta {image})",
+                current.name
+            )
+        },
+    );
+    let started = world.local_now(member.site);
+    loop {
+        let (metadata, _) = member.applied.lock().clone();
+        let Some(group) = metadata.groups.get(&current.id) else {
+            return Ok(None);
+        };
+        if group.epoch != current.epoch {
+            return Ok(None);
+        }
+        let mut holding = BTreeMap::new();
+        for site in &data_sites {
+            if *site == name || *site == current.owner {
+                continue;
+            }
+            let holds = match world.site_by_name(site) {
+                Some(index) => !holds_no_lease(world, member, world.sites[index].id).await,
+                None => false,
+            };
+            holding.insert(site.clone(), holds);
+        }
+        let others = stretch_control::survivors(
+            data_sites.clone(),
+            &name,
+            &current.owner,
+            &group.offers,
+            |site| holding.get(site).copied().unwrap_or(false),
+        );
+        let waited_ns = world.local_now(member.site).0.saturating_sub(started.0);
+        let deadline_passed = waited_ns >= IMAGE_OFFER_WAIT_MS * 1_000_000;
+        match stretch_control::choose_image(image, &others, deadline_passed) {
+            ImageChoice::Promote { passed_over } => return Ok(Some(passed_over)),
+            ImageChoice::LeaveTo { site, after_seq } => {
+                world.record(&[21, member.site as u64, u64::from(current.id), after_seq], || {
+                    format!(
+                        "site {name} leaves group {} to site {site}, whose image is newer (after delta {after_seq} > {image})",
+                        current.name
+                    )
+                });
+                return Ok(None);
+            }
+            ImageChoice::Wait { .. } => {}
+        }
+        world
+            .sleep_local(member.site, Duration::from_millis(100))
+            .await;
+    }
 }
 
 fn promoted_here(member: &Member, current: &stretch_metadata::Group, name: &str) -> bool {

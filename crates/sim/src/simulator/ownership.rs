@@ -358,29 +358,93 @@ impl Simulation<'_> {
         self.schedule(self.now + length, Event::IsolationEnd);
     }
 
-    /// One group taken over from `old` by a survivor; false if no survivor
-    /// could.
+    /// One group taken over from `old` by the survivor holding the newest
+    /// image; false if no survivor could.
+    ///
+    /// As the node does it: each survivor begins the takeover (freezing its
+    /// image) and offers its image in a Raft entry, then decides with
+    /// [`stretch_control::choose_image`]; the one it names promotes itself,
+    /// the others call their takeover off. A survivor that is down holds no
+    /// lease by the time its owner check would run (it is passed over).
     fn take_group(&mut self, old: usize, group: u32) -> bool {
         let mut survivors: Vec<usize> = (0..self.sites.len())
             .filter(|site| *site != old && self.sites[*site].node.is_some())
             .collect();
-        // Every survivor races for it; who wins is drawn.
+        // Who offers first, and who wins a tie, is drawn.
         for index in (1..survivors.len()).rev() {
             let other = self.rng.below(index as u64 + 1) as usize;
             survivors.swap(index, other);
         }
         let now = Timestamp(self.now);
-        let mut taken = None;
+        let epoch = self.control.authority.groups[&group].epoch;
+        let ignore_images = self.options.bug == Some(SimBug::TakeoverIgnoresImages);
+        let mut images: Vec<(usize, Option<stretch_core::DeltaSeq>)> = Vec::new();
         for site in survivors {
             let Some(node) = self.sites[site].node.as_mut() else {
                 continue;
             };
-            if let Some(image) = node.engine.begin_takeover(now, GroupId(group)) {
-                taken = Some((site, image));
-                break;
+            let image = node.engine.begin_takeover(now, GroupId(group));
+            images.push((site, image));
+            if ignore_images {
+                continue;
+            }
+            let offer = Command::OfferImage {
+                group: group_name(group),
+                site: site_name(site),
+                expected_epoch: epoch,
+                after_seq: image.map(|image| image.0),
+            };
+            if let Err(error) = self.control.authority.apply(&offer) {
+                panic!("simulator invariant: the offer applies ({offer}): {error}");
             }
         }
-        let Some((new, image)) = taken else {
+        // Every other site is up and offered a whole image: what a flush-sync
+        // or sync write was promised to survive is at one of them.
+        let every_survivor_offered =
+            images.len() + 1 == self.sites.len() && images.iter().all(|(_, image)| image.is_some());
+        let offers = self.control.authority.groups[&group].offers.clone();
+        let sites: Vec<String> = (0..self.sites.len()).map(site_name).collect();
+        let mut taken = None;
+        for (site, image) in &images {
+            let Some(image) = image else {
+                continue;
+            };
+            let others = stretch_control::survivors(
+                sites.clone(),
+                &site_name(*site),
+                &site_name(old),
+                &offers,
+                |name| self.sites[site_index(name)].node.is_some(),
+            );
+            if ignore_images {
+                // The planted defect: the first survivor able wins.
+                taken = Some((*site, *image, Vec::new()));
+                break;
+            }
+            // Every survivor that is up offered: there is nothing to wait for.
+            match stretch_control::choose_image(image.0, &others, true) {
+                stretch_control::ImageChoice::Promote { passed_over } => {
+                    taken = Some((*site, *image, passed_over));
+                    break;
+                }
+                stretch_control::ImageChoice::LeaveTo { .. } => {}
+                stretch_control::ImageChoice::Wait { for_sites } => {
+                    panic!(
+                        "simulator invariant: no survivor is waited for past the deadline: {for_sites:?}"
+                    )
+                }
+            }
+        }
+        for (site, image) in &images {
+            let winner = taken.as_ref().is_some_and(|(new, _, _)| new == site);
+            if image.is_some()
+                && !winner
+                && let Some(node) = self.sites[*site].node.as_mut()
+            {
+                node.engine.cancel_takeover(GroupId(group));
+            }
+        }
+        let Some((new, image, passed_over)) = taken else {
             return false;
         };
         let views = match self.image_of(new, group) {
@@ -390,23 +454,22 @@ impl Simulation<'_> {
                 return true;
             }
         };
-        let epoch = self.control.authority.groups[&group].epoch;
         let command = Command::PromoteGroup {
             group: group_name(group),
             to: site_name(new),
             expected_epoch: epoch,
             after_seq: image.0,
             automatic: true,
+            passed_over,
         };
         if let Err(error) = self.control.authority.apply(&command) {
             panic!("simulator invariant: the promotion applies ({command}): {error}");
         }
         self.control.version += 1;
         self.control.ever_owned.insert((new, group));
-        let sole_survivor = self.sites.len() == 2;
         let lost = match self
             .checker
-            .after_failover(group, new, views, sole_survivor)
+            .after_failover(group, new, views, every_survivor_offered)
         {
             Ok(lost) => lost,
             Err(violation) => {
