@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::sites::{A, B, Layout, TwoSites};
+use common::sites::{A, B, Layout, THREE_SITE, TwoSites};
 use common::*;
 
 const W: usize = 2;
@@ -256,4 +256,127 @@ fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
     });
     sites.wait_replicated_from(B, A, Duration::from_secs(60));
     assert_a_image_equals_b(&sites, "va");
+}
+
+/// Three data sites (`three-site.toml`: a and b 10 ms apart, c 40 ms from
+/// both): when the owner a is cut off from everyone, the survivors b and c
+/// offer their images and the one holding the newest takes a's `auto`
+/// volume; the write a acknowledged with a FLUSH (flush-sync: in one
+/// survivor's journal at least) is there, the other survivor follows the
+/// new owner, and after heal every leg converges with the new owner's.
+#[test]
+fn with_three_data_sites_the_survivor_with_the_newest_image_takes_an_isolated_owners_volume() {
+    require_tool("qemu-io");
+    const C: usize = 2;
+    const W3: usize = 3;
+    let sites = TwoSites::start_shipped(&THREE_SITE, Layout::ProcessPerNode, &[]);
+    sites.wait_until(
+        "the metadata cluster formed and a, b and c hold leases",
+        Duration::from_secs(30),
+        || {
+            [A, B, C].iter().all(|node| {
+                let status = sites.status(*node);
+                status["metadata"]["leader"].is_string() && status["lease"]["valid"] == true
+            })
+        },
+    );
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "va",
+            "--size",
+            "8M",
+            "--mode",
+            "flush-sync",
+            "--failover",
+            "auto",
+        ],
+    );
+    qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 1M", "flush"]);
+    // Cut at once: what b and c hold differs by what was in flight.
+    qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 2 1M 1M", "flush"]);
+    for (node, from, to) in [
+        (A, "a", "b"),
+        (A, "a", "c"),
+        (A, "a", "w"),
+        (B, "a", "b"),
+        (C, "a", "c"),
+        (W3, "a", "w"),
+    ] {
+        sites.ok(node, &["link", "cut", from, to]);
+    }
+    let cut = Instant::now();
+    sites.wait_until("a survivor took va over", Duration::from_secs(20), || {
+        let (owner, epoch) = owner_at(&sites, B, "va");
+        epoch == 2 && (owner == "b" || owner == "c")
+    });
+    let took = cut.elapsed();
+    let (owner, _) = owner_at(&sites, B, "va");
+    let (new, other) = if owner == "b" { (B, C) } else { (C, B) };
+    // Every write a acknowledged with a FLUSH is at the new owner.
+    qemu_io_ok(
+        &sites.nbd_uri(new, "va"),
+        &[
+            "read -P 1 0 1M",
+            "read -P 2 1M 1M",
+            "write -P 3 2M 1M",
+            "flush",
+        ],
+    );
+    let show = sites.ok(new, &["volume", "show", "va"]);
+    assert!(
+        show.contains(&format!("last failover: a -> {owner} at epoch 2 (auto)")),
+        "{show}"
+    );
+    sites.wait_until(
+        "the other survivor follows the new owner",
+        Duration::from_secs(20),
+        || owner_at(&sites, other, "va") == (owner.clone(), 2),
+    );
+
+    for (node, from, to) in [
+        (A, "a", "b"),
+        (A, "a", "c"),
+        (A, "a", "w"),
+        (B, "a", "b"),
+        (C, "a", "c"),
+        (W3, "a", "w"),
+    ] {
+        sites.ok(node, &["link", "heal", from, to]);
+    }
+    sites.wait_until("a follows the new epoch", Duration::from_secs(30), || {
+        owner_at(&sites, A, "va") == (owner.clone(), 2)
+    });
+    sites.wait_replicated_from(new, other, Duration::from_secs(60));
+    sites.wait_replicated_from(new, A, Duration::from_secs(60));
+    for node in [A, other] {
+        let compare = run(
+            std::process::Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(sites.nbd_uri(node, "va@snapshot"))
+                .arg(sites.nbd_uri(new, "va")),
+            None,
+            Duration::from_secs(60),
+        );
+        assert!(
+            compare.success(),
+            "node {node}'s image of va differs from the new owner's: {compare}"
+        );
+    }
+    eprintln!("three-site failover of va to {owner} took {took:?} after the cut");
+    // A survivor that saw a newer offer named the site holding it, which
+    // must be the one that took the volume.
+    for line in sites
+        .logs()
+        .lines()
+        .filter(|line| line.contains("another survivor holds a newer image"))
+    {
+        assert!(
+            line.contains(&format!("site={owner} ")),
+            "a survivor left va to another site than its new owner {owner}: {line}"
+        );
+        eprintln!("{line}");
+    }
 }

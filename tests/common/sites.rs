@@ -1,7 +1,8 @@
-//! The shipped two-site config (`cluster-configs/local.toml`: sites a and b
-//! 25 ms apart one way, plus a witness) on free ports, run either as one
-//! `stretch up` process or as one `stretch node` process per node, so a
-//! test can kill one site's node on its own.
+//! A shipped cluster config on free ports (by default
+//! `cluster-configs/local.toml`: sites a and b 25 ms apart one way, plus a
+//! witness; or `three-site.toml`), run either as one `stretch up` process
+//! or as one `stretch node` process per node, so a test can kill one
+//! site's node on its own.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -15,12 +16,39 @@ use super::*;
 
 /// The shipped config, with its loopback ports.
 pub const LOCAL: &str = include_str!("../../cluster-configs/local.toml");
-/// Every port `local.toml` uses: nbd a1, b1; admin a1, b1, w1; peer a1, b1, w1.
-const LOCAL_PORTS: [u16; 8] = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402];
 /// The nodes of local.toml, by index: a1, b1, w1.
 pub const NODES: [&str; 3] = ["a1", "b1", "w1"];
 pub const A: usize = 0;
 pub const B: usize = 1;
+
+/// A shipped config a test can run: its text, its nodes (data nodes first,
+/// each with an NBD port) and every loopback port it uses: NBD per data
+/// node, then admin per node, then peer per node.
+pub struct Shipped {
+    pub text: &'static str,
+    pub nodes: &'static [&'static str],
+    pub data_nodes: usize,
+    pub ports: &'static [u16],
+}
+
+/// `local.toml`: a1, b1 and the witness w1.
+pub const LOCAL_CLUSTER: Shipped = Shipped {
+    text: LOCAL,
+    nodes: &NODES,
+    data_nodes: 2,
+    ports: &[10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402],
+};
+
+/// `three-site.toml`: a1, b1 (10 ms apart), c1 (40 ms from both) and the
+/// witness w1.
+pub const THREE_SITE: Shipped = Shipped {
+    text: include_str!("../../cluster-configs/three-site.toml"),
+    nodes: &["a1", "b1", "c1", "w1"],
+    data_nodes: 3,
+    ports: &[
+        10839, 10840, 10841, 9210, 9211, 9212, 9213, 7430, 7431, 7432, 7433,
+    ],
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -30,17 +58,19 @@ pub enum Layout {
     ProcessPerNode,
 }
 
-/// A running two-site cluster, killed when dropped.
+/// A running cluster (two data sites and a witness unless started from
+/// another [`Shipped`] config), killed when dropped.
 pub struct TwoSites {
     pub dir: TempDir,
     pub config: PathBuf,
     layout: Layout,
-    /// nbd a, b; admin a, b, w; peer a, b, w.
-    ports: [u16; 8],
+    shipped: &'static Shipped,
+    /// The free ports standing in for [`Shipped::ports`], in its order.
+    ports: Vec<u16>,
     /// One child for `OneProcess`, one per node otherwise (None once killed).
     children: Vec<Option<Child>>,
     /// A node's own PKI directory, in place of the shared one.
-    node_pki: [Option<PathBuf>; 3],
+    node_pki: Vec<Option<PathBuf>>,
 }
 
 impl TwoSites {
@@ -48,6 +78,16 @@ impl TwoSites {
     /// to its text (to change tuning keys), and waits for every admin API
     /// and for sites a and b to be connected.
     pub fn start(layout: Layout, edits: &[(&str, &str)]) -> TwoSites {
+        TwoSites::start_shipped(&LOCAL_CLUSTER, layout, edits)
+    }
+
+    /// [`TwoSites::start`] with another shipped config; every data site's
+    /// nodes are waited for to connect to each other.
+    pub fn start_shipped(
+        shipped: &'static Shipped,
+        layout: Layout,
+        edits: &[(&str, &str)],
+    ) -> TwoSites {
         let dir = tempfile::Builder::new()
             .prefix("stretch-sites-")
             .tempdir()
@@ -56,18 +96,19 @@ impl TwoSites {
             config: dir.path().join("local.toml"),
             dir,
             layout,
-            ports: [0; 8],
+            shipped,
+            ports: Vec::new(),
             children: Vec::new(),
-            node_pki: [None, None, None],
+            node_pki: vec![None; shipped.nodes.len()],
         };
         for _attempt in 0..5 {
-            let ports = free_port_set();
-            let mut text = LOCAL.to_string();
+            let ports = free_ports(shipped.ports.len());
+            let mut text = shipped.text.to_string();
             for (from, to) in edits {
-                assert!(text.contains(from), "local.toml has no {from:?}");
+                assert!(text.contains(from), "the config has no {from:?}");
                 text = text.replace(from, to);
             }
-            for (shipped, free) in LOCAL_PORTS.iter().zip(ports) {
+            for (shipped, free) in shipped.ports.iter().zip(&ports) {
                 text = text.replace(
                     &format!("127.0.0.1:{shipped}\""),
                     &format!("127.0.0.1:{free}\""),
@@ -120,7 +161,7 @@ impl TwoSites {
 
     /// Every process's log.
     pub fn logs(&self) -> String {
-        (0..3)
+        (0..self.shipped.nodes.len())
             .filter_map(|index| std::fs::read_to_string(self.log_path(index)).ok())
             .collect::<Vec<_>>()
             .join("\n")
@@ -144,7 +185,9 @@ impl TwoSites {
                     COMMAND_TIMEOUT,
                 )
                 .assert_ok();
-                self.children = (0..3).map(|index| Some(self.spawn_node(index))).collect();
+                self.children = (0..self.shipped.nodes.len())
+                    .map(|index| Some(self.spawn_node(index)))
+                    .collect();
             }
         }
         self.wait_ready()
@@ -185,7 +228,7 @@ impl TwoSites {
                 "--config".as_ref(),
                 self.config.as_os_str(),
                 "--node".as_ref(),
-                NODES[index].as_ref(),
+                self.shipped.nodes[index].as_ref(),
                 "--pki-dir".as_ref(),
                 pki.as_os_str(),
             ],
@@ -226,7 +269,9 @@ impl TwoSites {
                     return false;
                 }
             }
-            if (0..3).all(|node| http_get(&self.url(node), "/v1/status").is_ok()) {
+            if (0..self.shipped.nodes.len())
+                .all(|node| http_get(&self.url(node), "/v1/status").is_ok())
+            {
                 return true;
             }
             assert!(
@@ -238,20 +283,20 @@ impl TwoSites {
         }
     }
 
-    /// Waits until a1 and b1 report each other connected.
+    /// Waits until every data node reports its peers connected.
     pub fn wait_connected(&self) {
-        self.wait_until("sites a and b connected", Duration::from_secs(30), || {
-            [A, B].iter().all(|node| {
-                self.status(*node)["peers"]
+        self.wait_until("the data sites connected", Duration::from_secs(30), || {
+            (0..self.shipped.data_nodes).all(|node| {
+                self.status(node)["peers"]
                     .as_array()
                     .is_some_and(|peers| peers.iter().all(|p| p["connected"] == true))
             })
         });
     }
 
-    /// Admin port of node 0 (a1), 1 (b1) or 2 (w1).
+    /// Admin port of node `node` (by the order of [`Shipped::nodes`]).
     pub fn admin_port(&self, node: usize) -> u16 {
-        self.ports[2 + node]
+        self.ports[self.shipped.data_nodes + node]
     }
 
     /// SIGTERM to the `stretch up` process; its exit status after the drain.
@@ -262,7 +307,7 @@ impl TwoSites {
     }
 
     pub fn url(&self, node: usize) -> String {
-        format!("http://127.0.0.1:{}", self.ports[2 + node])
+        format!("http://127.0.0.1:{}", self.admin_port(node))
     }
 
     pub fn nbd_uri(&self, node: usize, export: &str) -> String {
@@ -291,7 +336,7 @@ impl TwoSites {
 
     /// The leg file of `volume` at node `node`.
     pub fn leg(&self, node: usize, volume: &str) -> PathBuf {
-        super::leg_file(&self.data_dir().join(NODES[node]), volume)
+        super::leg_file(&self.data_dir().join(self.shipped.nodes[node]), volume)
     }
 
     /// Waits until a's backlog is empty and nothing is left to resync: b
@@ -355,12 +400,18 @@ impl Drop for TwoSites {
 /// Eight distinct free loopback ports (free when asked; another process
 /// may take one before the cluster binds it, so the start retries).
 pub fn free_port_set() -> [u16; 8] {
-    let listeners: Vec<TcpListener> = (0..8)
+    let mut ports = [0; 8];
+    ports.copy_from_slice(&free_ports(8));
+    ports
+}
+
+/// `count` distinct free loopback ports.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
         .collect();
-    let mut ports = [0; 8];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr().expect("local address").port();
-    }
-    ports
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local address").port())
+        .collect()
 }
