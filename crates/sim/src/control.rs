@@ -186,6 +186,11 @@ enum Fault {
     Healthy,
     /// Both directions of the link between two sites.
     Cut(usize, usize),
+    /// One direction only: messages from the first site to the second are
+    /// lost, those the other way arrive (a half-broken route). Raft and
+    /// lease requests need answers, so neither site reaches the other, but
+    /// one still hears the other's elections and renewals.
+    OneWay(usize, usize),
     /// Every link of a site.
     Isolate(usize),
     /// The site loses power for the phase.
@@ -203,6 +208,7 @@ impl Fault {
         match self {
             Fault::Healthy => "healthy",
             Fault::Cut(..) => "cut",
+            Fault::OneWay(..) => "one-way",
             Fault::Isolate(_) => "isolate",
             Fault::Down(_) => "site-down",
             Fault::Flap(..) => "flap",
@@ -215,6 +221,9 @@ impl Fault {
         match self {
             Fault::Healthy => "no fault".into(),
             Fault::Cut(one, other) => format!("link {}–{} cut", name(one), name(other)),
+            Fault::OneWay(from, to) => {
+                format!("link {}→{} cut one way", name(from), name(to))
+            }
             Fault::Isolate(site) => format!("site {} cut from every other", name(site)),
             Fault::Down(site) => format!("site {} down", name(site)),
             Fault::Flap(one, other) => format!("link {}–{} flapping", name(one), name(other)),
@@ -232,12 +241,14 @@ impl Fault {
             rng.below(sites as u64) as usize
         };
         let other = (one + 1 + rng.below(sites as u64 - 1) as usize) % sites;
-        match rng.below(6) {
+        match rng.below(7) {
             0 => Fault::Cut(one, other),
             1 => Fault::Isolate(one),
             2 => Fault::Down(one),
             3 => Fault::Flap(one, other),
             4 => Fault::RestartLeader,
+            5 if rng.chance(0.5) => Fault::OneWay(one, other),
+            5 => Fault::OneWay(other, one),
             _ => Fault::Isolate(one),
         }
     }
@@ -355,6 +366,7 @@ async fn apply(world: &Arc<World>, fault: Fault) {
     match fault {
         Fault::Healthy | Fault::RestartLeader | Fault::Flap(..) => {}
         Fault::Cut(one, other) => world.set_link(one, other, false),
+        Fault::OneWay(from, to) => world.set_direction(from, to, false),
         Fault::Isolate(site) => {
             for other in 0..world.sites.len() {
                 if other != site {
@@ -370,6 +382,7 @@ fn fault_code(fault: Fault) -> u64 {
     match fault {
         Fault::Healthy => 0,
         Fault::Cut(one, other) => 0x100 | (one as u64) << 4 | other as u64,
+        Fault::OneWay(from, to) => 0x600 | (from as u64) << 4 | to as u64,
         Fault::Isolate(site) => 0x200 | site as u64,
         Fault::Down(site) => 0x300 | site as u64,
         Fault::Flap(one, other) => 0x400 | (one as u64) << 4 | other as u64,

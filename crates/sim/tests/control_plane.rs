@@ -110,7 +110,14 @@ fn the_swarm_passes_and_covers_every_fault() {
         promotions += outcome.stats.promotions;
         suspensions += outcome.stats.suspensions_seen;
     }
-    for fault in ["cut", "isolate", "site-down", "flap", "restart-leader"] {
+    for fault in [
+        "cut",
+        "one-way",
+        "isolate",
+        "site-down",
+        "flap",
+        "restart-leader",
+    ] {
         assert!(faults.contains(fault), "no seed drew a {fault} phase");
     }
     assert!(failovers > 0, "no seed failed a group over by itself");

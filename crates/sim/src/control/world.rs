@@ -210,6 +210,12 @@ impl World {
         state.up[one][other] && state.up[other][one]
     }
 
+    /// Messages from `from` to `to` get through (`up`) or are lost; the
+    /// other direction is left as it is.
+    pub fn set_direction(&self, from: usize, to: usize, up: bool) {
+        self.state.lock().up[from][to] = up;
+    }
+
     pub fn set_link(&self, one: usize, other: usize, up: bool) {
         let mut state = self.state.lock();
         state.up[one][other] = up;
