@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stretch_core::{Engine, RecoveredState, VolumeId};
-use stretch_storage::{CatalogError, Journal, Leg, OsFileSystem, VolumeRecord, recover};
+use stretch_storage::{CatalogError, Leg, OsFileSystem, VolumeRecord};
 use tokio::sync::watch;
 
 use crate::config::{ClusterConfig, NodeConfig};
@@ -36,13 +36,7 @@ pub enum NodeError {
     #[error(transparent)]
     Leg(#[from] stretch_storage::LegError),
     #[error(transparent)]
-    Recovery(#[from] stretch_storage::RecoveryError),
-    #[error(transparent)]
-    Journal(#[from] stretch_storage::JournalError),
-    #[error(transparent)]
-    ResyncMarks(#[from] stretch_storage::ResyncMarksError),
-    #[error(transparent)]
-    DirtyMap(#[from] stretch_storage::DirtyMapError),
+    Start(#[from] stretch_storage::StartError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -286,8 +280,28 @@ fn open_node(
         legs.insert(record.volume_id(), leg);
     }
     let mut engine_config = config.tuning.engine();
-    // Replayed regions are named in the engine's region size.
-    let recovery = recover(&fs, &layout.journal(), &legs, engine_config.region_blocks)?;
+    let sites = SiteTable::from_config(config);
+    let paths = stretch_storage::StartPaths {
+        journal_dir: layout.journal(),
+        resync_marks: layout.resync_marks(),
+        dirty_maps: sites
+            .data_peers(&node.site)
+            .into_iter()
+            .map(|peer| {
+                let name = sites.name(peer).unwrap_or("unknown");
+                (peer, layout.root.join(format!("dirty-{name}.map")))
+            })
+            .collect(),
+    };
+    let started = stretch_storage::start(
+        &fs,
+        &paths,
+        &legs,
+        engine_config.region_blocks,
+        config.tuning.journal_segment_bytes.0,
+        fresh,
+    )?;
+    let recovery = &started.recovery;
     if recovery.replayed_deltas > 0 || recovery.dropped_tail.is_some() {
         tracing::info!(
             node = %node.name,
@@ -297,36 +311,6 @@ fn open_node(
             "recovered from the journal"
         );
     }
-    let mut journal = Journal::create(
-        fs.clone(),
-        &layout.journal(),
-        config.tuning.journal_segment_bytes.0,
-        recovery.next_position,
-        recovery.next_seq.clone(),
-    )?;
-    let sites = SiteTable::from_config(config);
-    // What each other site may lack: its saved map plus what the journal
-    // replayed (a restarted owner copies those regions to a lagging site).
-    // The replayed regions go into the saved maps before the replayed
-    // segments are deleted: after that, only the maps name them.
-    let mut dirty_maps = BTreeMap::new();
-    for peer in sites.data_peers(&node.site) {
-        let name = sites.name(peer).unwrap_or("unknown");
-        let path = layout.root.join(format!("dirty-{name}.map"));
-        if fresh && !path.exists() {
-            stretch_storage::save_dirty_map(fs.as_ref(), &path, &Default::default())?;
-        }
-        let mut saved = stretch_storage::load_dirty_map(fs.as_ref(), &path)?;
-        if let Some(regions) = &mut saved
-            && !recovery.replayed_regions.is_subset(regions)
-        {
-            regions.extend(recovery.replayed_regions.iter().copied());
-            stretch_storage::save_dirty_map(fs.as_ref(), &path, regions)?;
-        }
-        dirty_maps.insert(peer, (path, saved));
-    }
-    journal.discard_replayed(&recovery.stale_segments)?;
-    let resyncing = stretch_storage::load_resync_marks(fs.as_ref(), &layout.resync_marks())?;
     let site_id = sites
         .id(&node.site)
         .ok_or_else(|| NodeError::UnknownSite(node.site.clone()))?;
@@ -336,18 +320,14 @@ fn open_node(
     // lease service starts with the links); alone, nothing can take its
     // volumes away.
     engine_config.leases_enforced = !engine_config.peers.is_empty();
-    let last_epoch = recovery.last_epochs();
     let mut engine = Engine::new(
         engine_config,
         RecoveredState {
-            next_position: recovery.next_position,
-            next_seq: recovery.next_seq,
             // Above every id an earlier run issued (see the field's docs).
             next_remote_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| since.as_micros() as u64),
-            resyncing,
-            last_epoch,
+            ..started.state.clone()
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);
@@ -359,13 +339,9 @@ fn open_node(
         crate::volumes::serve_in_engine(&mut engine, record, spec, owner);
         metrics.volumes.inc();
     }
-    let dirty_maps = dirty_maps
-        .into_iter()
-        .map(|(peer, (path, saved))| {
-            engine.restore_dirty_map(peer, saved, &recovery.replayed_regions);
-            (peer, path)
-        })
-        .collect();
+    started.restore_maps(&mut engine);
+    let journal = started.journal;
+    let dirty_maps = paths.dirty_maps;
     let legs: BTreeMap<VolumeId, Arc<Leg<OsFileSystem>>> = legs
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))

@@ -17,8 +17,8 @@ use stretch_core::{
     SiteId, SiteMessage, Timestamp, VolumeId, VolumeSpec,
 };
 use stretch_storage::{
-    Journal, Leg, Regions as DirtyRegions, SimFileSystem, apply_to_legs, load_dirty_map,
-    load_resync_marks, recover, save_dirty_map, save_resync_marks,
+    Journal, Leg, Regions as DirtyRegions, SimFileSystem, StartError, StartPaths, apply_to_legs,
+    save_dirty_map, save_resync_marks, start as start_from_disk,
 };
 
 use crate::checker::{
@@ -1726,64 +1726,51 @@ impl<'a> Simulation<'a> {
                 }
             }
         }
-        let recovery = match recover(
+        let peers = if self.multi() {
+            self.engine_config(site).peers
+        } else {
+            Vec::new()
+        };
+        let paths = StartPaths {
+            journal_dir: journal_dir().to_path_buf(),
+            resync_marks: resync_marks_path().to_path_buf(),
+            dirty_maps: peers
+                .into_iter()
+                .map(|peer| (peer, dirty_map_path(peer)))
+                .collect(),
+        };
+        let started = match start_from_disk(
             &fs,
-            journal_dir(),
+            &paths,
             &legs,
             self.scenario.engine.region_blocks,
-        ) {
-            Ok(recovery) => recovery,
-            Err(error) => {
-                self.trace.record(self.now, Some(site), &[21], || {
-                    format!("recovery failed: {error}")
-                });
-                return false;
-            }
-        };
-        let journal = match Journal::create(
-            fs.clone(),
-            journal_dir(),
             self.scenario.engine.journal_segment_bytes,
-            recovery.next_position,
-            recovery.next_seq.clone(),
+            fresh,
         ) {
-            Ok(mut journal) => {
-                // The regions replayed go into the saved maps before the
-                // replayed segments are deleted (as the node does).
-                if self.multi()
-                    && self
-                        .merge_replayed_into_maps(site, fresh, &recovery)
-                        .is_err()
-                {
-                    return false;
-                }
-                if journal.discard_replayed(&recovery.stale_segments).is_err() {
-                    return false;
-                }
-                journal
-            }
-            Err(error) => {
-                self.trace.record(self.now, Some(site), &[22], || {
-                    format!("journal start failed: {error}")
-                });
-                return false;
-            }
-        };
-        let resyncing = match load_resync_marks(fs.as_ref(), resync_marks_path()) {
-            Ok(resyncing) => resyncing,
-            Err(error) => {
+            Ok(started) => started,
+            // A map or the marks unreadable after a crash: their saves are
+            // meant to be atomic.
+            Err(error @ (StartError::LoadMap(_) | StartError::ResyncMarks(_))) => {
                 self.fail(Violation {
                     guarantee: "G3",
                     detail: format!("site {}: {error}", site + 1),
                 });
                 return true;
             }
+            // The disk refused a read, a write or a sync: the start is
+            // tried again.
+            Err(error) => {
+                self.trace.record(self.now, Some(site), &[21], || {
+                    format!("start failed: {error}")
+                });
+                return false;
+            }
         };
         if !fresh && let Err(violation) = self.check_recovered(site) {
             self.fail(violation);
             return true;
         }
-        let replayed = recovery.replayed_deltas;
+        let replayed = started.recovery.replayed_deltas;
         self.trace
             .record(self.now, Some(site), &[23, replayed], || {
                 format!("node started; recovery replayed {replayed} deltas")
@@ -1791,13 +1778,10 @@ impl<'a> Simulation<'a> {
         let mut engine = Engine::new(
             self.engine_config(site),
             RecoveredState {
-                next_position: recovery.next_position,
-                next_seq: recovery.next_seq,
                 // Each run of a site numbers its requests to other sites
                 // above every earlier run's.
                 next_remote_id: self.sites[site].generation << 32,
-                resyncing,
-                ..RecoveredState::default()
+                ..started.state.clone()
             },
         );
         for index in 0..volumes {
@@ -1812,23 +1796,11 @@ impl<'a> Simulation<'a> {
         }
         if self.multi() {
             self.tell_ownership(site, &mut engine);
-            // What each other site may lack: its saved map (with what the
-            // journal replayed, merged in above).
-            for peer in self.engine_config(site).peers {
-                let path = dirty_map_path(peer);
-                let saved = match load_dirty_map(fs.as_ref(), &path) {
-                    Ok(saved) => saved,
-                    Err(error) => {
-                        self.fail(Violation {
-                            guarantee: "G3",
-                            detail: format!("site {}: {error}", site + 1),
-                        });
-                        return true;
-                    }
-                };
-                engine.restore_dirty_map(peer, saved, &recovery.replayed_regions);
-            }
+            // What each other site may lack: its saved map, with what the
+            // journal replayed.
+            started.restore_maps(&mut engine);
         }
+        let journal = started.journal;
         self.sites[site].node = Some(NodeState {
             engine,
             journal,
@@ -1861,31 +1833,6 @@ impl<'a> Simulation<'a> {
             }
         }
         true
-    }
-
-    /// The maps of what other sites may lack gain the regions recovery
-    /// replayed (a fresh site saves empty maps: the others lack nothing).
-    fn merge_replayed_into_maps(
-        &self,
-        site: usize,
-        fresh: bool,
-        recovery: &stretch_storage::Recovery,
-    ) -> Result<(), String> {
-        let fs = &self.sites[site].fs;
-        for peer in self.engine_config(site).peers {
-            let path = dirty_map_path(peer);
-            if fresh {
-                save_dirty_map(fs, &path, &DirtyRegions::new()).map_err(|e| e.to_string())?;
-            }
-            let saved = load_dirty_map(fs, &path).map_err(|e| e.to_string())?;
-            if let Some(mut regions) = saved
-                && !recovery.replayed_regions.is_subset(&regions)
-            {
-                regions.extend(recovery.replayed_regions.iter().copied());
-                save_dirty_map(fs, &path, &regions).map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(())
     }
 
     /// After a recovery: the owner's legs against what it acknowledged, the

@@ -8,6 +8,9 @@
 //!   volume names and sizes.
 //! - [`recover`]: crash recovery: replays the journal onto the legs in order
 //!   and syncs them, so every leg is the image after a whole delta.
+//! - [`start`]: a node's whole start from its durable state (recovery, the
+//!   fresh journal segment, the maps of what other sites lack, the resync
+//!   marks), the same for the runtime and the simulator.
 
 mod dirty_map;
 mod filesystem;
@@ -16,6 +19,7 @@ mod leg;
 mod recovery;
 mod resync_marks;
 mod sim_filesystem;
+mod start;
 mod volume;
 
 pub use dirty_map::{DirtyMapError, Regions, load_dirty_map, save_dirty_map};
@@ -25,6 +29,7 @@ pub use leg::{Leg, LegError, apply_to_legs};
 pub use recovery::{Recovery, RecoveryError, recover};
 pub use resync_marks::{ResyncMarksError, load_resync_marks, save_resync_marks};
 pub use sim_filesystem::{CrashChooser, SimFileSystem};
+pub use start::{StartError, StartPaths, Started, start};
 pub use volume::{
     CatalogError, VOLUME_BYTES_MAX, VolumeRecord, validate_volume_name, validate_volume_size,
 };
