@@ -119,6 +119,9 @@ fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
     engine.leg_written(IoId(2), Ok(()));
     assert_eq!(drain(&mut engine), vec![]);
     assert_eq!(engine.stats().dirty_bytes, 0);
+    // Nothing in flight, but the record is not released: a node stopping
+    // now would replay it at its next start.
+    assert!(!engine.is_drained());
     engine.start_drain();
     assert_eq!(
         drain(&mut engine),
@@ -725,6 +728,36 @@ fn a_write_larger_than_half_the_cache_is_refused() {
             }),
         }]
     );
+}
+
+#[test]
+fn a_partial_write_over_a_short_leg_read_fails_instead_of_caching_a_short_block() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 512, Bytes::from(vec![7u8; 512]), false);
+    let actions = drain(&mut engine);
+    let Some(Action::ReadLeg { io, length, .. }) = actions
+        .iter()
+        .find(|action| matches!(action, Action::ReadLeg { .. }))
+    else {
+        panic!("a partial write of an uncached block reads it first: {actions:?}");
+    };
+    assert_eq!(*length, BLOCK_SIZE as u64);
+    engine.leg_read_done(*io, Ok(Bytes::from(vec![0u8; 100])));
+    let replies: Vec<Action> = drain(&mut engine)
+        .into_iter()
+        .filter(|action| matches!(action, Action::Reply { .. }))
+        .collect();
+    assert!(
+        matches!(
+            replies.as_slice(),
+            [Action::Reply {
+                request: RequestId(1),
+                result: Err(RequestError::Io(reason)),
+            }] if reason.contains("short leg read")
+        ),
+        "{replies:?}"
+    );
+    assert_eq!(engine.stats().dirty_bytes, 0, "nothing of it was taken");
 }
 
 #[test]
