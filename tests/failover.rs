@@ -1,9 +1,11 @@
 //! Ownership leases and failover end to end, with separate `stretch node`
-//! processes a1, b1 and the witness w1 and real NBD clients (qemu-io):
-//! exactly the volumes of a site that lost its lease suspend; `auto`
-//! volumes move to the surviving site, `manual` ones wait for
-//! `stretch volume promote`; after heal the old owner follows the new
-//! epoch and its legs converge with the winner's.
+//! processes a1, b1 and the witness w1 (and c1 for three data sites) and
+//! real NBD clients (qemu-io, fio with verification): exactly the volumes
+//! of a site that lost its lease suspend; `auto` volumes move to a
+//! surviving site (the one holding the newest image), `manual` ones wait
+//! for `stretch volume promote`; the survivor's own volumes keep serving
+//! throughout; after heal the old owner follows the new epoch and its legs
+//! converge with the winner's.
 
 mod common;
 
@@ -235,11 +237,36 @@ fn losing_the_witness_suspends_nothing() {
 #[test]
 fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
     require_tool("qemu-io");
+    require_tool("fio");
     let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
     wait_formed(&sites);
     create_auto(&sites, A, "va");
+    create_auto(&sites, B, "vb");
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 2M", "flush"]);
     sites.wait_replicated(Duration::from_secs(30));
+    // b's own volume is written (and verified) by fio throughout: a's
+    // death must not stall or fail it.
+    let fio_report = sites.dir.path().join("fio-vb.json");
+    let fio = std::process::Command::new("fio")
+        .current_dir(sites.dir.path())
+        .args([
+            "--ioengine=nbd",
+            &format!("--uri={}", sites.nbd_uri(B, "vb")),
+            "--name=vb",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8m",
+            "--iodepth=8",
+            "--rate_iops=400",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=json",
+            &format!("--output={}", fio_report.display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting fio");
     // Written and acknowledged at a, perhaps not shipped yet, then a dies.
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 2 2M 1M", "flush"]);
     sites.kill9(A);
@@ -249,6 +276,27 @@ fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
     qemu_io_ok(
         &sites.nbd_uri(B, "va"),
         &["read -P 1 0 2M", "write -P 3 4M 1M", "flush"],
+    );
+    let fio = fio.wait_with_output().expect("waiting for fio");
+    let text = std::fs::read_to_string(&fio_report).unwrap_or_default();
+    assert!(
+        fio.status.success(),
+        "fio on b's own volume failed while a died: {}\n{text}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"].as_u64(), Some(0), "{job}");
+    assert_eq!(job["write"]["io_bytes"].as_u64(), Some(8 * MIB), "{job}");
+    assert_eq!(
+        job["read"]["io_bytes"].as_u64(),
+        Some(8 * MIB),
+        "verified: {job}"
+    );
+    eprintln!(
+        "fio on vb while a died: longest write {:.1} ms",
+        job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6
     );
     sites.start_node(A);
     sites.wait_until("a follows the new epoch", Duration::from_secs(30), || {
