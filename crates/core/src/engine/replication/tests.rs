@@ -48,6 +48,8 @@ struct Site {
     saved_maps: BTreeMap<SiteId, BTreeSet<(VolumeId, u64)>>,
     /// The groups last saved as mid-resync here.
     saved_marks: BTreeSet<GroupId>,
+    /// How many times they were saved.
+    marks_saves: u64,
 }
 
 impl Site {
@@ -81,6 +83,7 @@ impl Site {
             next_seq: DeltaSeq(1),
             saved_maps: BTreeMap::new(),
             saved_marks: BTreeSet::new(),
+            marks_saves: 0,
         }
     }
 
@@ -132,6 +135,7 @@ impl Site {
                     self.engine.dirty_map_saved(io, Ok(()));
                 }
                 Action::SaveResyncMarks { io, groups } => {
+                    self.marks_saves += 1;
                     self.saved_marks = groups.into_iter().collect();
                     self.engine.resync_marks_saved(io, Ok(()));
                 }
@@ -1290,6 +1294,10 @@ fn a_replica_that_crashed_mid_resync_knows_it_after_its_restart() {
     assert_legs_equal(&pair);
     assert!(pair.b.engine.replication_status()[0].consistent);
     assert!(pair.b.saved_marks.is_empty());
+    assert_eq!(
+        pair.b.marks_saves, 1,
+        "the recovered marks already named the group: its resumed resync needs no save before its first chunk, only the one that clears it"
+    );
 }
 
 #[test]
