@@ -772,6 +772,11 @@ fn a_site_away_past_the_backlog_bound_is_resynced_by_region_on_return() {
         0,
         "writes never waited on b"
     );
+    assert_eq!(
+        pair.a.engine.stats().resync_regions_left,
+        2,
+        "regions 0 and 3 are left to copy"
+    );
     pair.connect();
     pair.tick(100);
     pair.tick(100);
