@@ -2403,3 +2403,23 @@ fn acknowledgements_of_deltas_never_shipped_are_refused() {
         DeltaSeq(1)
     );
 }
+
+#[test]
+fn a_hand_over_is_not_ready_while_the_new_owner_lacks_deltas() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    assert!(
+        !pair.a.engine.hand_over_ready(GROUP, B),
+        "b lacks the delta a wrote while it was away"
+    );
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert!(pair.a.engine.hand_over_ready(GROUP, B));
+}
