@@ -16,20 +16,39 @@ use common::*;
 
 const W: usize = 2;
 
-/// Cuts site `site` off from both others, in both directions (each node
-/// process shapes only what it sends).
+/// Each link of site a, as `(node that shapes it, from, to)`: a node
+/// process shapes only what it sends, so each end cuts its own direction.
+const A_LINKS: [(usize, &str, &str); 4] =
+    [(A, "a", "b"), (A, "a", "w"), (B, "a", "b"), (W, "a", "w")];
+
+/// Nodes c1 and w1 of `three-site.toml`.
+const C_OF_THREE: usize = 2;
+const W_OF_THREE: usize = 3;
+
+/// Each link of site a with three data sites.
+const A_LINKS_OF_THREE: [(usize, &str, &str); 6] = [
+    (A, "a", "b"),
+    (A, "a", "c"),
+    (A, "a", "w"),
+    (B, "a", "b"),
+    (C_OF_THREE, "a", "c"),
+    (W_OF_THREE, "a", "w"),
+];
+
+/// `stretch link cut` or `heal` of every link in `links`, both ways.
+fn set_links(sites: &TwoSites, verb: &str, links: &[(usize, &str, &str)]) {
+    for (node, from, to) in links {
+        sites.ok(*node, &["link", verb, from, to]);
+    }
+}
+
+/// Cuts site a off from both others, in both directions.
 fn isolate_a(sites: &TwoSites) {
-    sites.ok(A, &["link", "cut", "a", "b"]);
-    sites.ok(A, &["link", "cut", "a", "w"]);
-    sites.ok(B, &["link", "cut", "a", "b"]);
-    sites.ok(W, &["link", "cut", "a", "w"]);
+    set_links(sites, "cut", &A_LINKS);
 }
 
 fn heal_a(sites: &TwoSites) {
-    sites.ok(A, &["link", "heal", "a", "b"]);
-    sites.ok(A, &["link", "heal", "a", "w"]);
-    sites.ok(B, &["link", "heal", "a", "b"]);
-    sites.ok(W, &["link", "heal", "a", "w"]);
+    set_links(sites, "heal", &A_LINKS);
 }
 
 fn owner_at(sites: &TwoSites, node: usize, volume: &str) -> (String, u64) {
@@ -41,21 +60,27 @@ fn owner_at(sites: &TwoSites, node: usize, volume: &str) -> (String, u64) {
     )
 }
 
-/// a's own image of `volume` (a snapshot read is served from its leg and
-/// cache) equals the owner b's, byte for byte (`qemu-img compare`).
-fn assert_a_image_equals_b(sites: &TwoSites, volume: &str) {
+/// Node `replica`'s own image of `volume` (a snapshot read is served from
+/// its leg and cache) equals node `owner`'s, byte for byte (`qemu-img
+/// compare`).
+fn assert_image_equals(sites: &TwoSites, volume: &str, replica: usize, owner: usize) {
     let compare = run(
         std::process::Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.nbd_uri(A, &format!("{volume}@snapshot")))
-            .arg(sites.nbd_uri(B, volume)),
+            .arg(sites.nbd_uri(replica, &format!("{volume}@snapshot")))
+            .arg(sites.nbd_uri(owner, volume)),
         None,
         Duration::from_secs(60),
     );
     assert!(
         compare.success(),
-        "a's image of {volume} differs from b's: {compare}"
+        "node {replica}'s image of {volume} differs from node {owner}'s: {compare}"
     );
+}
+
+/// a's own image of `volume` equals the owner b's.
+fn assert_a_image_equals_b(sites: &TwoSites, volume: &str) {
+    assert_image_equals(sites, volume, A, B);
 }
 
 /// An 8 MiB volume `name` created at `node`'s site with failover `auto`.
@@ -315,8 +340,7 @@ fn an_owner_killed_mid_write_is_failed_over_and_converges_when_it_restarts() {
 #[test]
 fn with_three_data_sites_the_survivor_with_the_newest_image_takes_an_isolated_owners_volume() {
     require_tool("qemu-io");
-    const C: usize = 2;
-    const W3: usize = 3;
+    const C: usize = C_OF_THREE;
     let sites = TwoSites::start_shipped(&THREE_SITE, Layout::ProcessPerNode, &[]);
     sites.wait_until(
         "the metadata cluster formed and a, b and c hold leases",
@@ -345,16 +369,7 @@ fn with_three_data_sites_the_survivor_with_the_newest_image_takes_an_isolated_ow
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 1 0 1M", "flush"]);
     // Cut at once: what b and c hold differs by what was in flight.
     qemu_io_ok(&sites.nbd_uri(A, "va"), &["write -P 2 1M 1M", "flush"]);
-    for (node, from, to) in [
-        (A, "a", "b"),
-        (A, "a", "c"),
-        (A, "a", "w"),
-        (B, "a", "b"),
-        (C, "a", "c"),
-        (W3, "a", "w"),
-    ] {
-        sites.ok(node, &["link", "cut", from, to]);
-    }
+    set_links(&sites, "cut", &A_LINKS_OF_THREE);
     let cut = Instant::now();
     sites.wait_until("a survivor took va over", Duration::from_secs(20), || {
         let (owner, epoch) = owner_at(&sites, B, "va");
@@ -384,34 +399,14 @@ fn with_three_data_sites_the_survivor_with_the_newest_image_takes_an_isolated_ow
         || owner_at(&sites, other, "va") == (owner.clone(), 2),
     );
 
-    for (node, from, to) in [
-        (A, "a", "b"),
-        (A, "a", "c"),
-        (A, "a", "w"),
-        (B, "a", "b"),
-        (C, "a", "c"),
-        (W3, "a", "w"),
-    ] {
-        sites.ok(node, &["link", "heal", from, to]);
-    }
+    set_links(&sites, "heal", &A_LINKS_OF_THREE);
     sites.wait_until("a follows the new epoch", Duration::from_secs(30), || {
         owner_at(&sites, A, "va") == (owner.clone(), 2)
     });
     sites.wait_replicated_from(new, other, Duration::from_secs(60));
     sites.wait_replicated_from(new, A, Duration::from_secs(60));
     for node in [A, other] {
-        let compare = run(
-            std::process::Command::new("qemu-img")
-                .args(["compare", "-f", "raw", "-F", "raw"])
-                .arg(sites.nbd_uri(node, "va@snapshot"))
-                .arg(sites.nbd_uri(new, "va")),
-            None,
-            Duration::from_secs(60),
-        );
-        assert!(
-            compare.success(),
-            "node {node}'s image of va differs from the new owner's: {compare}"
-        );
+        assert_image_equals(&sites, "va", node, new);
     }
     eprintln!("three-site failover of va to {owner} took {took:?} after the cut");
     // A survivor that saw a newer offer named the site holding it, which

@@ -131,7 +131,7 @@ fn link_changes_report_unreachable_nodes() {
     let cluster = TwoSites::start(Layout::OneProcess, &[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let text = std::fs::read_to_string(&cluster.config).expect("config");
-    let gone = common::sites::free_port_set()[0];
+    let gone = common::sites::free_ports(1)[0];
     let text = text.replace(
         &format!("127.0.0.1:{}\"", cluster.admin_port(2)),
         &format!("127.0.0.1:{gone}\""),

@@ -397,15 +397,8 @@ impl Drop for TwoSites {
     }
 }
 
-/// Eight distinct free loopback ports (free when asked; another process
+/// `count` distinct free loopback ports (free when asked; another process
 /// may take one before the cluster binds it, so the start retries).
-pub fn free_port_set() -> [u16; 8] {
-    let mut ports = [0; 8];
-    ports.copy_from_slice(&free_ports(8));
-    ports
-}
-
-/// `count` distinct free loopback ports.
 pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))

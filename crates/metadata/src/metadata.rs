@@ -61,6 +61,15 @@ impl ClusterMetadata {
         self.volumes.values().find(|v| v.name == name)
     }
 
+    /// The names of the sites that may own groups.
+    pub fn data_sites(&self) -> Vec<String> {
+        self.sites
+            .values()
+            .filter(|site| site.role == Role::Data)
+            .map(|site| site.name.clone())
+            .collect()
+    }
+
     /// The group named `name`.
     pub fn group_by_name(&self, name: &str) -> Option<&Group> {
         self.groups.values().find(|g| g.name == name)

@@ -222,13 +222,10 @@ impl Node {
         let passed_over = if automatic {
             match self.offer_image(control, leases, current, image).await {
                 Ok(Some(passed_over)) => passed_over,
-                Ok(None) => {
+                // Another site takes the group, or the offer failed.
+                other => {
                     self.driver.with_engine(|engine| engine.cancel_takeover(id));
-                    return Ok(());
-                }
-                Err(error) => {
-                    self.driver.with_engine(|engine| engine.cancel_takeover(id));
-                    return Err(error);
+                    return other.map(|_| ());
                 }
             }
         } else {
@@ -297,11 +294,12 @@ impl Node {
         current: &stretch_metadata::Group,
         image: DeltaSeq,
     ) -> Result<Option<Vec<String>>, NodeError> {
-        let others = data_sites(&control.applied().0)
-            .into_iter()
-            .filter(|site| *site != self.site && *site != current.owner)
-            .count();
-        if others == 0 {
+        let data_sites = control.applied().0.data_sites();
+        let others: Vec<&String> = data_sites
+            .iter()
+            .filter(|site| **site != self.site && **site != current.owner)
+            .collect();
+        if others.is_empty() {
             // The only survivor: nothing to compare, and no Raft round to
             // add to the takeover.
             return Ok(Some(Vec::new()));
@@ -326,27 +324,23 @@ impl Node {
             if group.epoch != current.epoch {
                 return Ok(None);
             }
-            let data_sites = data_sites(&metadata);
             let mut holding = BTreeMap::new();
-            for site in &data_sites {
-                if *site == self.site || *site == current.owner {
-                    continue;
-                }
+            for site in &others {
                 let holds = match leases.site_id(site) {
                     Some(id) => !leases.holds_no_lease(&self.weak(), id).await,
                     None => false,
                 };
-                holding.insert(site.clone(), holds);
+                holding.insert(site.as_str(), holds);
             }
-            let others = stretch_control::survivors(
-                data_sites,
+            let survivors = stretch_control::survivors(
+                data_sites.iter().cloned(),
                 &self.site,
                 &current.owner,
                 &group.offers,
                 |site| holding.get(site).copied().unwrap_or(false),
             );
             let deadline_passed = started.elapsed() >= IMAGE_OFFER_WAIT;
-            match stretch_control::choose_image(image.0, &others, deadline_passed) {
+            match stretch_control::choose_image(image.0, &survivors, deadline_passed) {
                 ImageChoice::Promote { passed_over } => {
                     if deadline_passed {
                         tracing::warn!(group = %current.name,
@@ -385,16 +379,6 @@ impl Node {
                 })
         })
     }
-}
-
-/// The names of the data sites (those that may own groups).
-fn data_sites(metadata: &ClusterMetadata) -> Vec<String> {
-    metadata
-        .sites
-        .values()
-        .filter(|site| site.role == stretch_metadata::Role::Data)
-        .map(|site| site.name.clone())
-        .collect()
 }
 
 /// A group's epoch history as the engine takes it.

@@ -293,7 +293,7 @@ fn open_node(
             })
             .collect(),
     };
-    let started = stretch_storage::start(
+    let mut started = stretch_storage::start(
         &fs,
         &paths,
         &legs,
@@ -327,7 +327,7 @@ fn open_node(
             next_remote_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| since.as_micros() as u64),
-            ..started.state.clone()
+            ..std::mem::take(&mut started.state)
         },
     );
     let metrics = Metrics::new(&node.name, &node.site);

@@ -209,6 +209,12 @@ struct PeerProgress {
 }
 
 impl PeerProgress {
+    /// Its resync's slots of the site's window: regions being read and
+    /// chunks sent but not yet on the site's legs.
+    fn resync_in_flight(&self) -> usize {
+        self.resync_reading + self.resync_unacked.len()
+    }
+
     fn new() -> Self {
         PeerProgress {
             state: PeerState::Waiting,
@@ -571,7 +577,7 @@ impl Engine {
             let freed: Vec<SiteId> = outbound
                 .peers
                 .iter()
-                .filter(|(_, progress)| progress.resync_reading + progress.resync_unacked.len() > 0)
+                .filter(|(_, progress)| progress.resync_in_flight() > 0)
                 .map(|(peer, _)| *peer)
                 .collect();
             for peer in freed {

@@ -21,7 +21,7 @@ use stretch_control::{
 };
 use stretch_core::{SiteId, Timestamp};
 use stretch_metadata::{
-    ClusterMetadata, Command, CommandError, CommandResult, Failover, LogStore, Role, StateMachine,
+    ClusterMetadata, Command, CommandError, CommandResult, Failover, LogStore, StateMachine,
 };
 
 use super::raft_network::{SimConfig, SimNetwork, SimRaft};
@@ -575,19 +575,12 @@ async fn offer_image(
     image: u64,
 ) -> Result<Option<Vec<String>>, String> {
     let name = world.sites[member.site].name.clone();
-    let data_sites: Vec<String> = member
-        .applied
-        .lock()
-        .0
-        .sites
-        .values()
-        .filter(|site| site.role == Role::Data)
-        .map(|site| site.name.clone())
-        .collect();
-    if data_sites
+    let data_sites = member.applied.lock().0.data_sites();
+    let others: Vec<&String> = data_sites
         .iter()
-        .all(|site| *site == name || *site == current.owner)
-    {
+        .filter(|site| **site != name && **site != current.owner)
+        .collect();
+    if others.is_empty() {
         return Ok(Some(Vec::new()));
     }
     let offer = Command::OfferImage {
@@ -620,18 +613,15 @@ async fn offer_image(
             return Ok(None);
         }
         let mut holding = BTreeMap::new();
-        for site in &data_sites {
-            if *site == name || *site == current.owner {
-                continue;
-            }
+        for site in &others {
             let holds = match world.site_by_name(site) {
                 Some(index) => !holds_no_lease(world, member, world.sites[index].id).await,
                 None => false,
             };
-            holding.insert(site.clone(), holds);
+            holding.insert(site.as_str(), holds);
         }
-        let others = stretch_control::survivors(
-            data_sites.clone(),
+        let survivors = stretch_control::survivors(
+            data_sites.iter().cloned(),
             &name,
             &current.owner,
             &group.offers,
@@ -639,7 +629,7 @@ async fn offer_image(
         );
         let waited_ns = world.local_now(member.site).0.saturating_sub(started.0);
         let deadline_passed = waited_ns >= IMAGE_OFFER_WAIT_MS * 1_000_000;
-        match stretch_control::choose_image(image, &others, deadline_passed) {
+        match stretch_control::choose_image(image, &survivors, deadline_passed) {
             ImageChoice::Promote { passed_over } => return Ok(Some(passed_over)),
             ImageChoice::LeaveTo { site, after_seq } => {
                 world.record(&[21, member.site as u64, u64::from(current.id), after_seq], || {

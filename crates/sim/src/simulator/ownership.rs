@@ -409,6 +409,11 @@ impl Simulation<'_> {
             let Some(image) = image else {
                 continue;
             };
+            if ignore_images {
+                // The planted defect: the first survivor able wins.
+                taken = Some((*site, *image, Vec::new()));
+                break;
+            }
             let others = stretch_control::survivors(
                 sites.clone(),
                 &site_name(*site),
@@ -416,11 +421,6 @@ impl Simulation<'_> {
                 &offers,
                 |name| self.sites[site_index(name)].node.is_some(),
             );
-            if ignore_images {
-                // The planted defect: the first survivor able wins.
-                taken = Some((*site, *image, Vec::new()));
-                break;
-            }
             // Every survivor that is up offered: there is nothing to wait for.
             match stretch_control::choose_image(image.0, &others, true) {
                 stretch_control::ImageChoice::Promote { passed_over } => {

@@ -111,7 +111,7 @@ impl Simulation<'_> {
                 .map(|peer| (peer, dirty_map_path(peer)))
                 .collect(),
         };
-        let started = match start_from_disk(
+        let mut started = match start_from_disk(
             &fs,
             &paths,
             &legs,
@@ -153,7 +153,7 @@ impl Simulation<'_> {
                 // Each run of a site numbers its requests to other sites
                 // above every earlier run's.
                 next_remote_id: self.sites[site].generation << 32,
-                ..started.state.clone()
+                ..std::mem::take(&mut started.state)
             },
         );
         for index in 0..volumes {

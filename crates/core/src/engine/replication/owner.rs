@@ -514,9 +514,8 @@ impl Engine {
             if progress.state != PeerState::Resyncing {
                 return;
             }
-            let busy = progress.resync_reading + progress.resync_unacked.len();
             if progress.dirty.is_empty() {
-                if busy == 0 {
+                if progress.resync_in_flight() == 0 {
                     self.finish_resync(group, peer);
                 }
                 return;
@@ -543,7 +542,7 @@ impl Engine {
             .outbound
             .values()
             .filter_map(|outbound| outbound.peers.get(&peer))
-            .map(|progress| progress.resync_reading + progress.resync_unacked.len())
+            .map(PeerProgress::resync_in_flight)
             .sum()
     }
 
