@@ -360,6 +360,9 @@ fn bad_scenario_files_are_refused_with_the_reason() {
     std::fs::write(&path, "[engine]\nregion_blocks = 0\n").expect("write");
     let error = Scenario::load(&path).expect_err("empty regions");
     assert!(error.to_string().contains("region_blocks"), "{error}");
+    std::fs::write(&path, "[network]\nfar_site_delay_ms = 20000\n").expect("write");
+    let error = Scenario::load(&path).expect_err("a far site beyond the bound");
+    assert!(error.to_string().contains("far_site_delay_ms"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
