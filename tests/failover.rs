@@ -127,6 +127,11 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
 
     isolate_a(&sites);
     let cut = Instant::now();
+    // While its lease lasts a still acknowledges writes to va (async): b
+    // never gets them, they are lost with the failover, and at heal a's
+    // image of va has diverged from b's in region 4.
+    let lost = qemu_io(&sites.nbd_uri(A, "va"), &["write -P 7 4M 64k"]);
+    let a_wrote = lost.success() && !lost.stdout.contains("error");
     // b's own volume never suspends.
     qemu_io_ok(&sites.nbd_uri(B, "vb"), &["write -P 2 0 64k", "flush"]);
     sites.wait_until("b took va over", Duration::from_secs(20), || {
@@ -198,6 +203,10 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
     );
     assert!(promoted.contains("now owned by site b"), "{promoted}");
     qemu_io_ok(&sites.nbd_uri(B, "vm"), &["write -P 4 0 64k", "flush"]);
+    let regions_copied = |sites: &TwoSites| {
+        metric_value(&sites.metrics(B), "stretch_resync_regions_done_total", &[]).unwrap_or(0.0)
+    };
+    let copied_before = regions_copied(&sites);
 
     heal_a(&sites);
     sites.wait_until("a follows the new epochs", Duration::from_secs(30), || {
@@ -206,12 +215,20 @@ fn an_isolated_owner_loses_exactly_its_volumes_and_auto_ones_move_to_the_survivo
     });
     sites.wait_replicated_from(B, A, Duration::from_secs(60));
     // a reads b's data through its own leg (a snapshot read is served
-    // from the local leg).
+    // from the local leg), without the write it alone acknowledged.
     let read = qemu_io_read_only(
         &sites.nbd_uri(A, "va@snapshot"),
-        &["read -P 1 0 1M", "read -P 3 1M 1M"],
+        &["read -P 1 0 1M", "read -P 3 1M 1M", "read -P 0 4M 64k"],
     );
     assert_qemu_io_clean(&read);
+    // Only the regions that may differ were copied to a: the one its lost
+    // write touched (4) and the one b wrote since (1), not all 8 of va.
+    let copied = regions_copied(&sites) - copied_before;
+    assert!(
+        copied <= 2.0,
+        "b copied {copied} regions to a (a's lost write acknowledged: {a_wrote})"
+    );
+    eprintln!("heal copied {copied} regions to a (a's lost write acknowledged: {a_wrote})");
     assert_a_image_equals_b(&sites, "va");
     eprintln!("failover of va took {took:?} after the cut");
 }

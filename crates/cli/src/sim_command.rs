@@ -40,7 +40,8 @@ pub struct SimArgs {
     /// abandon-forgets-unacked, diff-skips-first-missing (all but the first
     /// five need sites: try --swarm), early-takeover (needs failovers: try
     /// simulation/failover/two-sites.toml), takeover-ignores-images (needs
-    /// failovers at three sites: try --swarm); with --control:
+    /// failovers at three sites: try --swarm), heal-forgets-lost-regions
+    /// (needs failovers: try --swarm); with --control:
     /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]
     pub(crate) bug: Option<String>,

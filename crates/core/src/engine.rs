@@ -114,6 +114,10 @@ pub enum PlantedBug {
     /// Answer a forwarded write whose owner did not reply in time as done
     /// (breaks G2 or G4: the write may never have reached the owner).
     ForwardTimeoutSucceeds,
+    /// At an old owner whose deltas a failover discarded, name no region
+    /// as written by them when resuming (breaks G6: the regions only it
+    /// wrote are never copied back from the new owner).
+    HealForgetsLostRegions,
 }
 
 impl Default for EngineConfig {

@@ -36,7 +36,7 @@ pub use engine::{
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};
-pub use site_message::{Lane, SiteMessage};
+pub use site_message::{LOST_REGIONS_MAX, Lane, SiteMessage};
 pub use types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,
     RequestId, SiteId, Timestamp, VolumeId,

@@ -62,15 +62,20 @@ pub enum Mark {
     /// A replica got a delta it already had (sent again after a reconnect).
     DuplicateDelta,
     /// A resuming site's newest delta was written under another epoch than
-    /// the owner's history says: its image diverged, every region is copied.
+    /// the owner's history says: its image diverged, and which regions
+    /// differ is not known on one side or the other: every region is copied.
     DivergedReplicaResync,
+    /// An owner resynced a site whose deltas diverged by region: the
+    /// regions the site's lost deltas wrote and the ones this line wrote
+    /// since the lines split.
+    DivergedRegionResync,
     /// A strict read at a site holding deltas a failover discarded asked
     /// the owner for the whole range: its seqs name another line's deltas.
     DivergedWholeRead,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 27] = [
+    pub const ALL: [Mark; 28] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -97,6 +102,7 @@ impl Mark {
         Mark::DeltaGapRefused,
         Mark::DuplicateDelta,
         Mark::DivergedReplicaResync,
+        Mark::DivergedRegionResync,
         Mark::DivergedWholeRead,
     ];
 
@@ -128,6 +134,7 @@ impl Mark {
             Mark::DeltaGapRefused => "delta-gap-refused",
             Mark::DuplicateDelta => "duplicate-delta",
             Mark::DivergedReplicaResync => "diverged-replica-resync",
+            Mark::DivergedRegionResync => "diverged-region-resync",
             Mark::DivergedWholeRead => "diverged-whole-read",
         }
     }

@@ -3,7 +3,12 @@
 //! hands received ones to [`crate::Engine::receive`].
 
 use crate::action::{DeltaRecord, Request, RequestError, Response};
-use crate::types::{BlockImage, BlockKey, DeltaSeq, Epoch, GroupId};
+use crate::types::{BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, VolumeId};
+
+/// Most regions one [`SiteMessage::Resume`] names as lost: 1 Mi regions
+/// of 1 MiB (16 MiB on the wire) name 1 TiB written past a failover;
+/// past it the owner copies every region.
+pub const LOST_REGIONS_MAX: usize = 1 << 20;
 
 /// Which stream a message travels on. Deltas and their acks of one group
 /// need one ordered stream; reads and forwarded requests go on their own
@@ -40,6 +45,13 @@ pub enum SiteMessage {
         /// the group once and wrote deltas the cluster lost) and copies
         /// every region instead of streaming.
         have_epoch: Option<Epoch>,
+        /// From a site that owned the group until a failover and kept
+        /// writing: every region its deltas past the failover point may
+        /// have written (a superset), so that the owner copies only those
+        /// and the ones it wrote since instead of every region. `None`:
+        /// not known here (this site restarted since, or lost track), or
+        /// more than [`LOST_REGIONS_MAX`].
+        lost_regions: Option<Vec<(VolumeId, u64)>>,
         /// Names this resume: the chunks of the resync it starts, and their
         /// acknowledgements, carry it, so that what was sent for an earlier
         /// resume (still on its way when this one was sent) is told apart

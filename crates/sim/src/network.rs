@@ -220,11 +220,16 @@ pub fn describe_message(message: &SiteMessage) -> String {
             group,
             have,
             have_epoch,
+            lost_regions,
             resume,
         } => match (have, have_epoch) {
-            (Some(have), Some(epoch)) => {
-                format!("resume {resume} group {group} after {have} (epoch {epoch})")
-            }
+            (Some(have), Some(epoch)) => match lost_regions {
+                Some(regions) => format!(
+                    "resume {resume} group {group} after {have} (epoch {epoch}, {} lost regions)",
+                    regions.len()
+                ),
+                None => format!("resume {resume} group {group} after {have} (epoch {epoch})"),
+            },
             (Some(have), None) => format!("resume {resume} group {group} after {have}"),
             (None, _) => format!("resume {resume} group {group} (mid-resync)"),
         },

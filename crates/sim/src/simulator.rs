@@ -52,7 +52,7 @@ pub enum SimBug {
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 14] = [
+    pub const ALL: [SimBug; 15] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
         SimBug::TakeoverIgnoresImages,
@@ -67,6 +67,7 @@ impl SimBug {
         SimBug::Core(PlantedBug::DiffSkipsFirstMissing),
         SimBug::Core(PlantedBug::CacheIgnoresBound),
         SimBug::Core(PlantedBug::ForwardTimeoutSucceeds),
+        SimBug::Core(PlantedBug::HealForgetsLostRegions),
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +86,7 @@ impl SimBug {
             SimBug::Core(PlantedBug::DiffSkipsFirstMissing) => "diff-skips-first-missing",
             SimBug::Core(PlantedBug::CacheIgnoresBound) => "cache-ignores-bound",
             SimBug::Core(PlantedBug::ForwardTimeoutSucceeds) => "forward-timeout-succeeds",
+            SimBug::Core(PlantedBug::HealForgetsLostRegions) => "heal-forgets-lost-regions",
         }
     }
 

@@ -7,7 +7,7 @@ use stretch_core::{
 };
 
 use crate::frame::WireError;
-use crate::message::{PeerMessage, WireBlock, WireFailure, WireRequest, WireResponse};
+use crate::message::{PeerMessage, WireBlock, WireFailure, WireRegion, WireRequest, WireResponse};
 
 impl PeerMessage {
     /// An engine's message as sent. Fails only for a message no engine
@@ -37,11 +37,21 @@ impl PeerMessage {
                 group,
                 have,
                 have_epoch,
+                lost_regions,
                 resume,
             } => PeerMessage::Resume {
                 group: group.0,
                 have: have.map(|have| have.0),
                 have_epoch: have_epoch.map(|epoch| epoch.0),
+                lost_regions: lost_regions.as_ref().map(|regions| {
+                    regions
+                        .iter()
+                        .map(|(volume, region)| WireRegion {
+                            volume: volume.0,
+                            region: *region,
+                        })
+                        .collect()
+                }),
                 resume: *resume,
             },
             SiteMessage::Resync {
@@ -147,11 +157,18 @@ impl PeerMessage {
                 group,
                 have,
                 have_epoch,
+                lost_regions,
                 resume,
             } => SiteMessage::Resume {
                 group: GroupId(group),
                 have: have.map(DeltaSeq),
                 have_epoch: have_epoch.map(Epoch),
+                lost_regions: lost_regions.map(|regions| {
+                    regions
+                        .into_iter()
+                        .map(|region| (VolumeId(region.volume), region.region))
+                        .collect()
+                }),
                 resume,
             },
             PeerMessage::Resync {

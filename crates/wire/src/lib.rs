@@ -24,6 +24,8 @@
 //! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
 //!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
 //!   in strictly increasing `(volume, block)` order;
+//! - at most [`stretch_core::LOST_REGIONS_MAX`] lost regions in a resume,
+//!   strictly increasing;
 //! - a strict read of 1 to [`FRAME_BYTES_MAX`] bytes, a forwarded read of
 //!   at most that (its answer must fit in a frame), a forwarded write of at
 //!   most [`WRITE_BYTES_MAX`] bytes;
@@ -43,5 +45,5 @@ mod message;
 pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
 pub use message::{
     METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WRITE_BYTES_MAX, WireBlock,
-    WireFailure, WireRequest, WireResponse,
+    WireFailure, WireRegion, WireRequest, WireResponse,
 };

@@ -1,13 +1,14 @@
 //! The message set and the protocol's rules on it.
 
-use stretch_core::BLOCK_SIZE;
+use stretch_core::{BLOCK_SIZE, LOST_REGIONS_MAX};
 
 use crate::frame::{FRAME_BYTES_MAX, WireError};
 
 /// Version of this message set, exchanged in [`PeerMessage::Hello`]. 5:
 /// Raft RPC carriers ([`PeerMessage::RaftRequest`],
 /// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: a resume names the regions a failover's lost deltas wrote.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -19,6 +20,25 @@ pub const METADATA_BYTES_MAX: usize = 16 << 20;
 /// Largest write a site forwards to a volume's owner, the largest write a
 /// client may send.
 pub const WRITE_BYTES_MAX: usize = 32 << 20;
+
+/// One resync region in a message: its volume and index (first block /
+/// the region size).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct WireRegion {
+    pub volume: u32,
+    pub region: u64,
+}
 
 /// One block in a message: its volume and index, and its 4096 bytes, or
 /// none for a zeroed block.
@@ -122,6 +142,10 @@ pub enum PeerMessage {
         /// owner whose history names another epoch for it resyncs the
         /// replica whole (it wrote deltas the owner never had).
         have_epoch: Option<u64>,
+        /// From an old owner whose deltas past a failover were lost: the
+        /// regions they wrote, strictly increasing, at most
+        /// [`LOST_REGIONS_MAX`]; none if not known.
+        lost_regions: Option<Vec<WireRegion>>,
         resume: u64,
     },
     /// Owner to replica: current images of blocks the replica may lack.
@@ -211,6 +235,10 @@ impl PeerMessage {
             PeerMessage::RaftReply { request, body } => {
                 check_metadata("metadata reply", *request, body)
             }
+            PeerMessage::Resume {
+                lost_regions: Some(regions),
+                ..
+            } => check_regions(regions),
             PeerMessage::Journaled { .. }
             | PeerMessage::Applied { .. }
             | PeerMessage::Resume { .. }
@@ -231,6 +259,20 @@ fn check_name(what: &str, name: &str, bytes_max: usize) -> Result<(), WireError>
             "{what} name of {} bytes is over {bytes_max}",
             name.len()
         )));
+    }
+    Ok(())
+}
+
+/// At most [`LOST_REGIONS_MAX`] regions, strictly increasing.
+fn check_regions(regions: &[WireRegion]) -> Result<(), WireError> {
+    if regions.len() > LOST_REGIONS_MAX {
+        return Err(invalid(format!(
+            "{} lost regions, over {LOST_REGIONS_MAX}",
+            regions.len()
+        )));
+    }
+    if regions.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err(invalid("lost regions out of order".to_string()));
     }
     Ok(())
 }

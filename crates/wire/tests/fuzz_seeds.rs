@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use stretch_core::BLOCK_SIZE;
 use stretch_wire::{
-    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRequest, WireResponse, decode_frame,
-    encode_frame,
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRegion, WireRequest, WireResponse,
+    decode_frame, encode_frame,
 };
 
 fn seeds() -> Vec<(&'static str, PeerMessage)> {
@@ -51,6 +51,10 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
                 group: 2,
                 have: Some(3),
                 have_epoch: Some(2),
+                lost_regions: Some(vec![WireRegion {
+                    volume: 1,
+                    region: 4,
+                }]),
                 resume: 9,
             },
         ),

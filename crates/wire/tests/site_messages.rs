@@ -106,12 +106,21 @@ fn samples() -> Vec<SiteMessage> {
             group,
             have: Some(DeltaSeq(16)),
             have_epoch: Some(Epoch(3)),
+            lost_regions: Some(vec![(VolumeId(1), 0), (VolumeId(1), 3), (VolumeId(2), 1)]),
             resume: 1,
+        },
+        SiteMessage::Resume {
+            group,
+            have: Some(DeltaSeq(16)),
+            have_epoch: Some(Epoch(3)),
+            lost_regions: None,
+            resume: 2,
         },
         SiteMessage::Resume {
             group,
             have: None,
             have_epoch: None,
+            lost_regions: None,
             resume: u64::MAX,
         },
         SiteMessage::Resync {

@@ -2,12 +2,16 @@
 //! message or an error, never a panic.
 
 use rkyv::rancor;
-use stretch_core::BLOCK_SIZE;
+use stretch_core::{BLOCK_SIZE, LOST_REGIONS_MAX};
 use stretch_wire::{
     FRAME_BYTES_MAX, METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage,
-    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WireRequest, WireResponse, decode_frame,
-    encode_frame, frame_length,
+    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WireRegion, WireRequest, WireResponse,
+    decode_frame, encode_frame, frame_length,
 };
+
+fn region(volume: u32, region: u64) -> WireRegion {
+    WireRegion { volume, region }
+}
 
 fn block(volume: u32, block: u64, byte: Option<u8>) -> WireBlock {
     WireBlock {
@@ -99,12 +103,14 @@ fn samples() -> Vec<PeerMessage> {
             group: 3,
             have: Some(39),
             have_epoch: Some(4),
+            lost_regions: Some(vec![region(1, 0), region(1, 7), region(2, 0)]),
             resume: 7,
         },
         PeerMessage::Resume {
             group: 3,
             have: None,
             have_epoch: None,
+            lost_regions: None,
             resume: 8,
         },
         PeerMessage::Resync {
@@ -519,6 +525,24 @@ fn protocol_rules_are_enforced() {
         },
     };
     assert!(refused(&forwarded_read));
+
+    let resume = |regions| PeerMessage::Resume {
+        group: 1,
+        have: Some(9),
+        have_epoch: Some(1),
+        lost_regions: Some(regions),
+        resume: 1,
+    };
+    assert!(!refused(&resume(Vec::new())));
+    assert!(!refused(&resume(vec![region(1, 9), region(2, 0)])));
+    assert!(refused(&resume(vec![region(1, 4), region(1, 4)])));
+    assert!(refused(&resume(vec![region(2, 0), region(1, 9)])));
+    let most: Vec<WireRegion> = (0..LOST_REGIONS_MAX as u64)
+        .map(|index| region(1, index))
+        .collect();
+    assert!(!refused(&resume(most.clone())));
+    let too_many = [most, vec![region(2, 0)]].concat();
+    assert!(refused(&resume(too_many)));
 
     let name = |bytes| "n".repeat(bytes);
     let hello = |cluster: String, node: String, site: String| PeerMessage::Hello {

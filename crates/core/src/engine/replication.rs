@@ -52,6 +52,10 @@ const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
 const RESYNC_TAG_BASE: u64 = 1 << 62;
 /// Resync copies regions of this many blocks (1 MiB).
 pub const REGION_BLOCKS: u64 = 256;
+/// A saved map's entry `(MAP_GROUP_VOLUME, group)` names a group the map
+/// speaks for (this site owned it when the map was saved). No volume has
+/// this id: the metadata allocates ids below it.
+const MAP_GROUP_VOLUME: VolumeId = VolumeId(u32::MAX);
 /// Region reads and chunks not yet on the other site's legs, per site
 /// being resynced (all its groups together): what a resync may add to that
 /// site's memory.
@@ -138,6 +142,9 @@ pub(super) struct Replication {
     /// Groups this site owned until another took them without a
     /// hand-over, waiting for the history to say what was lost.
     lost_ownership: BTreeMap<GroupId, failover::LostOwnership>,
+    /// Groups this site owned until a failover, with the regions their
+    /// lost deltas wrote, until the new owner's resync replaces them.
+    lost_regions: BTreeMap<GroupId, failover::LostRegions>,
     /// The wanted set changed while a save was in flight.
     marks_stale: bool,
 }
@@ -520,6 +527,7 @@ impl Engine {
             .is_some_and(|state| state.owner == site);
         if owner == site {
             self.replication.lost_ownership.remove(&group);
+            self.replication.lost_regions.remove(&group);
         } else if was_owner {
             self.lose_ownership(group, owner, epoch);
         }
@@ -706,8 +714,9 @@ impl Engine {
                 group,
                 have,
                 have_epoch,
+                lost_regions,
                 resume,
-            } => self.receive_resume(from, group, have, have_epoch, resume),
+            } => self.receive_resume(from, group, have, have_epoch, lost_regions, resume),
             SiteMessage::Resync {
                 group,
                 blocks,
@@ -756,7 +765,9 @@ impl Engine {
     /// At start, before any peer connects: what the saved map of `peer`
     /// says it may lack (`None` if no map was ever saved: nothing is known,
     /// and a lagging site gets every region), plus the regions of the
-    /// deltas recovery replayed (it may lack those too).
+    /// deltas recovery replayed (it may lack those too). Only the groups
+    /// the map names are taken as tracked: of a group this site took over
+    /// after the map was saved, the map knows nothing.
     pub fn restore_dirty_map(
         &mut self,
         peer: SiteId,
@@ -771,15 +782,28 @@ impl Engine {
             .iter()
             .map(|(volume, state)| (*volume, state.spec.group))
             .collect();
+        let named: BTreeSet<GroupId> = saved
+            .iter()
+            .filter(|(volume, _)| *volume == MAP_GROUP_VOLUME)
+            .filter_map(|(_, group)| u32::try_from(*group).ok().map(GroupId))
+            .collect();
+        // A group the map does not name stays untracked: a site lacking
+        // any of its deltas gets every region when it resumes.
         for region in saved.iter().chain(replayed) {
             let Some(group) = group_of.get(&region.0) else {
                 continue;
             };
+            if !named.contains(group) {
+                continue;
+            }
             if let Some(progress) = self.replication.progress_mut(*group, peer) {
                 progress.dirty.insert(*region);
             }
         }
-        for outbound in self.replication.outbound.values_mut() {
+        for (group, outbound) in &mut self.replication.outbound {
+            if !named.contains(group) {
+                continue;
+            }
             if let Some(progress) = outbound.peers.get_mut(&peer) {
                 progress.state = PeerState::NeedsResync;
                 progress.restored = true;

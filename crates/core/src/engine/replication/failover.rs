@@ -8,7 +8,10 @@
 //! - an owner streams to a resuming site only if the site's newest delta
 //!   is on the owner's line (written under the epoch the history names for
 //!   its seq); otherwise the site owned the group once and wrote deltas
-//!   the cluster lost, and every region is copied to it;
+//!   the cluster lost, and the regions that may differ are copied to it:
+//!   the ones it names as written by its lost deltas and the ones the
+//!   owner's line wrote since the lines split (every region when either
+//!   side does not know);
 //! - a replica about to take over stops taking deltas and chunks, so the
 //!   seq it reports is the image it will own from;
 //! - a site that owned a group and learns another site owns it now fails
@@ -17,6 +20,7 @@
 //!   lost, and keeps its image until the new owner resyncs it.
 
 use super::*;
+use crate::site_message::LOST_REGIONS_MAX;
 
 /// Where one ownership epoch of a group starts: its deltas are the seqs
 /// after `after_seq`, up to the next entry's `after_seq`.
@@ -40,6 +44,20 @@ pub(super) struct LostOwnership {
     last: DeltaSeq,
     /// Bytes of the deltas still retained here when ownership moved.
     retained_bytes: BTreeMap<DeltaSeq, u64>,
+}
+
+/// What a site that lost ownership without handing over knows of the
+/// regions its deltas wrote that the other sites may lack: sent with its
+/// resumes until the new owner's resync replaces them.
+#[derive(Debug)]
+pub(super) struct LostRegions {
+    /// Every region of the deltas retained here when ownership moved and
+    /// of the maps of what each other site lacked. A delta in neither was
+    /// applied at every site, so it is on every later owner's line.
+    regions: BTreeSet<(VolumeId, u64)>,
+    /// Deltas up to this seq predate this run here: what they wrote is
+    /// not known, so the regions only cover a split after it.
+    known_from: DeltaSeq,
 }
 
 impl Engine {
@@ -67,6 +85,39 @@ impl Engine {
             .filter(|start| start.after_seq < seq)
             .map(|start| start.epoch)
             .max()
+    }
+
+    /// The newest seq a site whose deltas were written under `epoch`
+    /// shares with the owner's line of `group`: every later epoch started
+    /// at or after it. `None` if no later epoch is recorded.
+    pub(super) fn line_split(&self, group: GroupId, epoch: Epoch) -> Option<DeltaSeq> {
+        self.replication
+            .epoch_history
+            .get(&group)?
+            .iter()
+            .filter(|start| start.epoch > epoch)
+            .map(|start| start.after_seq)
+            .min()
+    }
+
+    /// At a site whose image of `group` diverged: the regions its lost
+    /// deltas wrote, if it knows all of them and they fit in a resume.
+    pub(super) fn lost_regions_to_send(&mut self, group: GroupId) -> Option<Vec<(VolumeId, u64)>> {
+        if !self.diverged_here(group) {
+            // Resynced (or never diverged): nothing of its own line is left.
+            self.replication.lost_regions.remove(&group);
+            return None;
+        }
+        let epoch = self.groups.get(&group)?.last_epoch?;
+        let split = self.line_split(group, epoch)?;
+        let lost = self.replication.lost_regions.get(&group)?;
+        if split < lost.known_from || lost.regions.len() > LOST_REGIONS_MAX {
+            return None;
+        }
+        if self.config.planted_bug == Some(PlantedBug::HealForgetsLostRegions) {
+            return Some(Vec::new());
+        }
+        Some(lost.regions.iter().copied().collect())
     }
 
     /// True if a site holding `group`'s deltas up to `have`, the newest
@@ -180,6 +231,48 @@ impl Engine {
     pub(super) fn lose_ownership(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
         self.close_delta(group);
         self.fail_writes_in_flight(group, owner);
+        let region_blocks = self.config.region_blocks;
+        let lost_regions = self.replication.outbound.get(&group).and_then(|outbound| {
+            // A map of every region: what some site lacks is not known.
+            if outbound.peers.values().any(|progress| progress.dirty_all) {
+                return None;
+            }
+            let mut regions: BTreeSet<(VolumeId, u64)> = outbound
+                .retained
+                .iter()
+                .flat_map(|retained| regions_of(&retained.record, region_blocks))
+                .collect();
+            // Regions a resync was copying count too: the deltas it
+            // covers may have been retired for it.
+            for progress in outbound.peers.values() {
+                regions.extend(progress.dirty.iter().copied());
+                regions.extend(
+                    progress
+                        .resync_unacked
+                        .iter()
+                        .filter(|region| region.0 != VolumeId(u32::MAX))
+                        .copied(),
+                );
+            }
+            regions.extend(self.replication.internal.values().filter_map(
+                |internal| match internal {
+                    Internal::ResyncRead {
+                        group: read_group,
+                        region,
+                        ..
+                    } if *read_group == group => Some(*region),
+                    _ => None,
+                },
+            ));
+            Some(LostRegions {
+                regions,
+                known_from: outbound.known_from,
+            })
+        });
+        match lost_regions {
+            Some(lost) => self.replication.lost_regions.insert(group, lost),
+            None => self.replication.lost_regions.remove(&group),
+        };
         let Some(state) = self.groups.get(&group) else {
             return;
         };

@@ -161,10 +161,23 @@ impl Engine {
         let peers = self.config.peers.clone();
         for peer in peers {
             let mut regions: BTreeSet<(VolumeId, u64)> = BTreeSet::new();
-            for outbound in self.replication.outbound.values() {
+            for (group, outbound) in &self.replication.outbound {
                 let Some(progress) = outbound.peers.get(&peer) else {
                     continue;
                 };
+                // What it lacks of the deltas before this site's run as
+                // owner (it took the group over, or restarted) is not
+                // known here, unless a map restored at start says: such a
+                // site may lack any region, and the map must say so, or a
+                // restart here would trust it and resync only a part.
+                let unknown = progress.journaled < outbound.known_from && !progress.restored;
+                if progress.dirty_all || unknown {
+                    regions.extend(self.every_region_of(*group));
+                }
+                // The map speaks for this group: a group it does not name
+                // was not owned here when it was saved, and what the site
+                // lacks of it is unknown after a restart.
+                regions.insert((MAP_GROUP_VOLUME, u64::from(group.0)));
                 if self.config.planted_bug != Some(PlantedBug::MapForgetsDirty) {
                     regions.extend(progress.dirty.iter().copied());
                 }
@@ -300,12 +313,45 @@ impl Engine {
         }
     }
 
+    /// Every region of `group`'s volumes.
+    pub(super) fn every_region_of(&self, group: GroupId) -> Vec<(VolumeId, u64)> {
+        let region_blocks = self.config.region_blocks;
+        self.volumes
+            .iter()
+            .filter(|(_, state)| state.spec.group == group)
+            .flat_map(|(volume, state)| {
+                let blocks = state.spec.size / BLOCK_SIZE as u64;
+                (0..blocks.div_ceil(region_blocks)).map(move |region| (*volume, region))
+            })
+            .collect()
+    }
+
+    /// The regions of a resume's list that name regions of `group`'s
+    /// volumes: the list came from another site.
+    fn regions_of_group(
+        &self,
+        group: GroupId,
+        regions: Vec<(VolumeId, u64)>,
+    ) -> BTreeSet<(VolumeId, u64)> {
+        let region_blocks = self.config.region_blocks;
+        regions
+            .into_iter()
+            .filter(|(volume, region)| {
+                self.volumes.get(volume).is_some_and(|state| {
+                    let blocks = state.spec.size / BLOCK_SIZE as u64;
+                    state.spec.group == group && *region < blocks.div_ceil(region_blocks)
+                })
+            })
+            .collect()
+    }
+
     pub(super) fn receive_resume(
         &mut self,
         from: SiteId,
         group: GroupId,
         have: Option<DeltaSeq>,
         have_epoch: Option<Epoch>,
+        lost_regions: Option<Vec<(VolumeId, u64)>>,
         resume: u64,
     ) {
         // A group this site has not heard of yet reads as its own (see
@@ -323,6 +369,13 @@ impl Engine {
         let last = DeltaSeq(state.next_seq.0 - 1);
         let diverged =
             have.is_some_and(|have| have <= last && self.replica_diverged(group, have, have_epoch));
+        // Where the site's line left this one, if it says what its own
+        // line wrote since: only those regions and this line's since differ.
+        let split = match (diverged, have_epoch, &lost_regions) {
+            (true, Some(epoch), Some(_)) => self.line_split(group, epoch),
+            _ => None,
+        };
+        let lost_regions = lost_regions.map(|regions| self.regions_of_group(group, regions));
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             self.stats.refused_messages_total += 1;
             return;
@@ -378,10 +431,26 @@ impl Engine {
         match have {
             // Its deltas after the point where the lines split are not
             // the owner's: nothing here says which regions they touched.
-            _ if diverged => {
-                self.marks.hit(Mark::DivergedReplicaResync);
-                progress.dirty_all = true;
-            }
+            _ if diverged => match (split, lost_regions) {
+                // This line since the split is known here (retained, or in
+                // the map of what the site lacks): its regions and the
+                // site's own.
+                (Some(split), Some(lost))
+                    if outbound.known_from <= split && !progress.dirty_all =>
+                {
+                    self.marks.hit(Mark::DivergedRegionResync);
+                    progress.dirty.extend(lost);
+                    for retained in outbound.retained.iter().filter(|r| r.seq > split) {
+                        progress
+                            .dirty
+                            .extend(regions_of(&retained.record, self.config.region_blocks));
+                    }
+                }
+                _ => {
+                    self.marks.hit(Mark::DivergedReplicaResync);
+                    progress.dirty_all = true;
+                }
+            },
             Some(have) if have > last => progress.dirty_all = true,
             Some(have) if have < retired_upto && !tracked => progress.dirty_all = true,
             // Only a site marked for resync gets here (an unmarked one with
@@ -421,16 +490,7 @@ impl Engine {
         progress.shipped = last;
         progress.resync_base = last;
         if std::mem::take(&mut progress.dirty_all) {
-            let region_blocks = self.config.region_blocks;
-            let regions: Vec<(VolumeId, u64)> = self
-                .volumes
-                .iter()
-                .filter(|(_, state)| state.spec.group == group)
-                .flat_map(|(volume, state)| {
-                    let blocks = state.spec.size / BLOCK_SIZE as u64;
-                    (0..blocks.div_ceil(region_blocks)).map(move |region| (*volume, region))
-                })
-                .collect();
+            let regions = self.every_region_of(group);
             let progress = self
                 .peer_progress(group, from)
                 .expect("engine invariant: progress looked up above");

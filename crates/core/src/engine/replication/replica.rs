@@ -99,6 +99,7 @@ impl Engine {
             _ => Some(DeltaSeq(state.next_seq.0 - 1)),
         };
         let have_epoch = have.and(state.last_epoch);
+        let lost_regions = self.lost_regions_to_send(group);
         if have.is_none() {
             self.marks.hit(Mark::ResumedMidResync);
         }
@@ -113,6 +114,7 @@ impl Engine {
                 group,
                 have,
                 have_epoch,
+                lost_regions,
                 resume,
             },
         });
@@ -273,13 +275,20 @@ impl Engine {
         // numbered further: a site ahead of its owner (it owned the group
         // under an earlier epoch and wrote deltas the cluster lost) must
         // take the owner's next deltas, not refuse them as duplicates.
-        // Its own deltas past `base` are overwritten: every region comes.
+        // Its own deltas past `base` are overwritten: every region they
+        // wrote comes (it named them in its resume, or every region does).
         group.next_seq = if first_chunk {
             DeltaSeq(base.0 + 1)
         } else {
             group.next_seq.max(DeltaSeq(base.0 + 1))
         };
-        let epoch = group.epoch;
+        let current_epoch = group.epoch;
+        // The chunk's journal record stands for delta `base` (recovery
+        // takes the newest record's epoch as the image's): the epoch that
+        // delta was written under, not the owner's current one, or a site
+        // resynced right after a failover would read as diverged after a
+        // restart.
+        let epoch = self.epoch_at(group_id, base).unwrap_or(current_epoch);
         let inbound = self.replication.inbound.entry(group_id).or_default();
         let resync = inbound.resync.get_or_insert(InboundResync {
             last_received: false,

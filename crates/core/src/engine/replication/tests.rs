@@ -381,6 +381,7 @@ fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
             group: GROUP,
             have: Some(DeltaSeq(0)),
             have_epoch: None,
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -465,6 +466,7 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
                 group: GROUP,
                 have: Some(DeltaSeq(0)),
                 have_epoch: None,
+                lost_regions: None,
                 resume: 0,
             }
         })
@@ -494,6 +496,7 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
                 group: GROUP,
                 have: Some(DeltaSeq(0)),
                 have_epoch: None,
+                lost_regions: None,
                 resume: 1,
             }
         })
@@ -925,14 +928,19 @@ fn a_restarted_owner_resyncs_only_the_regions_its_maps_and_journal_name() {
     assert_legs_equal(&pair);
     assert_eq!(pair.a.engine.stats().resync_regions_done_total, 2);
     // Caught up: later maps name at most the regions of the newest deltas
-    // (released here, not yet journaled there), no longer region 2.
+    // (released here, not yet journaled there), no longer region 2, and
+    // the group they speak for.
     for index in 0..20u64 {
         pair.write(false, (index % 4) * 4096, block(9));
         pair.tick(100);
     }
     let later = pair.a.saved_maps.get(&B).cloned().unwrap_or_default();
+    let named = (MAP_GROUP_VOLUME, u64::from(GROUP.0));
+    assert!(later.contains(&named), "{later:?}");
     assert!(
-        later.iter().all(|region| *region == (VOLUME, 0)),
+        later
+            .iter()
+            .all(|region| *region == (VOLUME, 0) || *region == named),
         "{later:?}"
     );
 }
@@ -944,6 +952,28 @@ fn a_restarted_owner_without_a_saved_map_copies_every_region_to_a_lagging_site()
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.a.saved_maps.clear();
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(
+        pair.a.engine.stats().resync_regions_done_total,
+        VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64)
+    );
+}
+
+#[test]
+fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
+    // As a map saved before this site took the group over: it names a
+    // region, but not the group, so it knows nothing of what b lacks of
+    // the deltas written before.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.write(false, 3 << 20, block(2));
+    pair.tick(100);
+    pair.a.saved_maps.insert(B, BTreeSet::from([(VOLUME, 0)]));
     pair.restart_a();
     pair.tick(100);
     pair.tick(100);
@@ -1079,6 +1109,7 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
             group: GROUP,
             have: Some(DeltaSeq(5)),
             have_epoch: None,
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -1176,6 +1207,7 @@ fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
         group: GROUP,
         have,
         have_epoch: None,
+        lost_regions: None,
         resume,
     };
     // b claims more than a has: every region must be copied.
@@ -1325,6 +1357,7 @@ fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
             group: GROUP,
             have: None,
             have_epoch: None,
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -1388,6 +1421,7 @@ fn chunks_and_acks_of_a_resync_an_earlier_resume_started_are_ignored() {
         group: GROUP,
         have,
         have_epoch: None,
+        lost_regions: None,
         resume,
     };
     pair.a.engine.peer_up(pair.now, B);
@@ -1508,6 +1542,7 @@ fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
             group,
             have,
             have_epoch: None,
+            lost_regions: None,
             resume,
         };
         engine.receive(Timestamp(0), B, message);
@@ -1620,9 +1655,11 @@ fn a_site_folded_after_an_owner_restart_without_a_map_gets_every_region() {
 #[test]
 fn a_flush_waiting_for_a_site_marked_for_resync_completes_once_it_streams() {
     let mut pair = Pair::new(Mode::FlushSync);
-    // As a fresh node saves an empty map: a restarted owner marks b for a
-    // resync of nothing until b resumes.
-    pair.a.saved_maps.insert(B, BTreeSet::new());
+    // A map saved empty by the group's owner: the restarted owner marks b
+    // for a resync of nothing until b resumes.
+    pair.a
+        .saved_maps
+        .insert(B, BTreeSet::from([(MAP_GROUP_VOLUME, u64::from(GROUP.0))]));
     pair.restart_a_alone();
     let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
     pair.settle();
@@ -1987,6 +2024,7 @@ fn answer_to_resume_after(have: u64, epoch: Option<u64>, handed_over: bool) -> (
             group: GROUP,
             have: Some(DeltaSeq(have)),
             have_epoch: epoch.map(Epoch),
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -2039,6 +2077,7 @@ fn a_diverged_resync_copies_every_region() {
             group: GROUP,
             have: Some(DeltaSeq(7)),
             have_epoch: Some(Epoch(1)),
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -2069,6 +2108,7 @@ fn without_an_epoch_history_a_resume_is_judged_by_seq_alone() {
             group: GROUP,
             have: Some(DeltaSeq(2)),
             have_epoch: Some(Epoch(9)),
+            lost_regions: None,
             resume: 1,
         },
     );
@@ -2183,11 +2223,12 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.tick(100);
-    // The link is cut; a goes on writing deltas 2 and 3 that b never gets.
+    // The link is cut; a goes on writing deltas 2 and 3 that b never gets
+    // (regions 0 and 3).
     pair.disconnect();
     pair.write(false, 4096, block(2));
     pair.tick(100);
-    pair.write(false, 8192, block(3));
+    pair.write(false, 768 * 4096, block(3));
     pair.tick(100);
     // A FUA write at a whose journal sync has not come back yet.
     let in_flight = pair.a.submit(
@@ -2227,8 +2268,8 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     pair.b.engine.set_epoch_history(GROUP, history.clone());
     pair.b.engine.set_owner(GROUP, B, Epoch(2));
     // b writes deltas 2, 3 and 4 of epoch 2: the same seqs as a's lost
-    // ones, other contents.
-    for block_number in [0u64, 5, 6] {
+    // ones, other contents (regions 0 and 2).
+    for block_number in [0u64, 5, 512] {
         pair.write(true, block_number * 4096, block(9));
         pair.tick(100);
     }
@@ -2285,19 +2326,25 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
         "{sent:?}"
     );
     assert_eq!(pair.a.engine.marks().count(Mark::DivergedWholeRead), 1);
-    // Back in touch: b sees a's line diverged and copies every region; a
-    // sends no acks of its own line's seqs (b's deltas 2 to 4 share them).
+    // Back in touch: b sees a's line diverged and copies the regions that
+    // may differ: the ones a's lost deltas wrote (0 and 3, named in its
+    // resume) and the ones b wrote since delta 1 (0 and 2), not region 1.
+    // a sends no acks of its own line's seqs (b's deltas 2 to 4 share
+    // them).
     pair.connect();
     pair.tick(100);
     pair.tick(100);
-    assert_eq!(pair.b.engine.marks().count(Mark::DivergedReplicaResync), 1);
+    assert_eq!(pair.b.engine.marks().count(Mark::DivergedRegionResync), 1);
+    assert_eq!(pair.b.engine.marks().count(Mark::DivergedReplicaResync), 0);
+    assert_eq!(pair.b.engine.stats().resync_regions_done_total, 3);
     assert_eq!(pair.a.engine.marks().count(Mark::DivergedResume), 1);
     assert!(pair.a.engine.replication_status()[0].consistent);
     assert_legs_equal(&pair);
     assert_eq!(pair.a.leg.get(&0), Some(&block(9)));
-    // What a alone wrote (blocks 1 to 3) is gone from its image too.
+    assert_eq!(pair.a.leg.get(&512), Some(&block(9)));
+    // What a alone wrote is gone from its image too.
     let zero = Bytes::from(vec![0u8; BLOCK_SIZE]);
-    for lost in 1..=3u64 {
+    for lost in [1u64, 3, 768] {
         assert_eq!(pair.a.leg.get(&lost), Some(&zero), "block {lost}");
     }
     // And streams b's deltas afterwards.
