@@ -185,7 +185,7 @@ fn swarm(args: &SimArgs, bug: Option<SimBug>) -> anyhow::Result<()> {
         println!("coverage marks (seeds that reached each):");
         for (count, mark) in reached.iter().zip(stretch_sim::Mark::ALL) {
             println!(
-                "  {:<26} {count:>6} of {} ({:.1} %)",
+                "  {:<33} {count:>6} of {} ({:.1} %)",
                 mark.name(),
                 args.seeds,
                 *count as f64 * 100.0 / args.seeds.max(1) as f64

@@ -214,6 +214,9 @@ pub struct EngineStats {
     pub remote_reads_total: u64,
     pub forwarded_total: u64,
     pub remote_timeouts_total: u64,
+    /// Strict reads sent to an owner that this site then took the group
+    /// over from, served here instead.
+    pub remote_reads_served_here_total: u64,
     /// Resync: regions still to copy to other sites, and copied so far.
     pub resync_regions_left: u64,
     pub resync_regions_done_total: u64,

@@ -51,6 +51,9 @@ pub enum Mark {
     StrictReadWholeRange,
     /// A strict read or forwarded request timed out.
     RemoteTimedOut,
+    /// A strict read waiting for an owner this site then took the group
+    /// over from was served here.
+    RemoteReadServedAfterTakeover,
     /// A write waited for cache room.
     CacheThrottled,
     /// A write waited on a full backlog.
@@ -75,7 +78,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 28] = [
+    pub const ALL: [Mark; 29] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -96,6 +99,7 @@ impl Mark {
         Mark::StrictReadFromCache,
         Mark::StrictReadWholeRange,
         Mark::RemoteTimedOut,
+        Mark::RemoteReadServedAfterTakeover,
         Mark::CacheThrottled,
         Mark::BacklogThrottled,
         Mark::WaitedForPeer,
@@ -128,6 +132,7 @@ impl Mark {
             Mark::StrictReadFromCache => "strict-read-from-cache",
             Mark::StrictReadWholeRange => "strict-read-whole-range",
             Mark::RemoteTimedOut => "remote-timed-out",
+            Mark::RemoteReadServedAfterTakeover => "remote-read-served-after-takeover",
             Mark::CacheThrottled => "cache-throttled",
             Mark::BacklogThrottled => "backlog-throttled",
             Mark::WaitedForPeer => "waited-for-peer",

@@ -87,6 +87,7 @@ struct ReplicationGauges {
     remote_reads: IntCounter,
     forwarded: IntCounter,
     remote_timeouts: IntCounter,
+    remote_reads_served_here: IntCounter,
     resync_regions_left: IntGauge,
     resync_regions_done: IntCounter,
     refused_messages: IntCounter,
@@ -322,6 +323,11 @@ impl Metrics {
                 &registry,
                 "stretch_remote_timeouts_total",
                 "Strict reads and forwarded requests failed: the owner did not answer in time",
+            ),
+            remote_reads_served_here: counter(
+                &registry,
+                "stretch_remote_reads_served_here_total",
+                "Strict reads sent to an owner this site then took the group over from, served here instead",
             ),
             resync_regions_left: gauge(
                 &registry,
@@ -723,6 +729,10 @@ impl Metrics {
         advance(&replication.remote_reads, stats.remote_reads_total);
         advance(&replication.forwarded, stats.forwarded_total);
         advance(&replication.remote_timeouts, stats.remote_timeouts_total);
+        advance(
+            &replication.remote_reads_served_here,
+            stats.remote_reads_served_here_total,
+        );
         replication
             .resync_regions_left
             .set(stats.resync_regions_left as i64);

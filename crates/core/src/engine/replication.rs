@@ -571,6 +571,9 @@ impl Engine {
                     message: SiteMessage::Rejoin { group },
                 });
             }
+            if !was_owner {
+                self.serve_remote_reads_here(group);
+            }
             return;
         }
         if let Some(outbound) = self.replication.outbound.remove(&group) {

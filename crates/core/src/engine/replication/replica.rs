@@ -509,6 +509,49 @@ impl Engine {
         });
     }
 
+    /// At a site that just took `group` over: its strict reads waiting
+    /// for the old owner are served here instead. Its image is the group's
+    /// newest now, and the old owner (cut off, most likely: that is why the
+    /// group moved) may never answer: the reads would fail at their
+    /// timeout although the volume is served here.
+    pub(in crate::engine) fn serve_remote_reads_here(&mut self, group: GroupId) {
+        let volumes = self.volumes_of(group);
+        let waiting: Vec<u64> = self
+            .replication
+            .remote
+            .iter()
+            .filter(|(_, op)| {
+                matches!(op.kind, RemoteKind::Read { volume, .. } if volumes.contains(&volume))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            let Some(op) = self.take_remote(id) else {
+                continue;
+            };
+            let RemoteKind::Read {
+                volume,
+                offset,
+                length,
+            } = op.kind
+            else {
+                continue;
+            };
+            self.stats.remote_reads_served_here_total += 1;
+            self.marks.hit(Mark::RemoteReadServedAfterTakeover);
+            let now = self.now;
+            self.submit(
+                now,
+                op.request,
+                Request::Read {
+                    volume,
+                    offset,
+                    length,
+                },
+            );
+        }
+    }
+
     pub(super) fn take_remote(&mut self, id: u64) -> Option<RemoteOp> {
         let op = self.replication.remote.remove(&id)?;
         self.replication.remote_deadlines.remove(&(op.deadline, id));

@@ -2353,6 +2353,54 @@ fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     assert_eq!(pair.a.leg.get(&1), Some(&block(10)));
 }
 
+#[test]
+fn a_strict_read_waiting_for_an_owner_replaced_by_a_takeover_is_served_here() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    // b asks a for a strict read; the link is cut before a answers.
+    let read = pair.b.submit(
+        pair.now,
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    let sent = pair.b.run();
+    assert!(
+        matches!(sent.as_slice(), [(A, SiteMessage::ReadRequest { .. })]),
+        "{sent:?}"
+    );
+    pair.disconnect();
+    // b takes the group over: the read is answered from b's image, not
+    // failed at its timeout for want of an answer from a.
+    let after = pair.b.engine.begin_takeover(pair.now, GROUP);
+    assert_eq!(after, Some(DeltaSeq(1)));
+    pair.b.engine.set_epoch_history(
+        GROUP,
+        vec![
+            EpochStart {
+                epoch: Epoch(1),
+                after_seq: DeltaSeq(0),
+                handed_over: false,
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                after_seq: DeltaSeq(1),
+                handed_over: false,
+            },
+        ],
+    );
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    pair.b.run();
+    assert_eq!(pair.b.read_reply(read), block(1));
+    assert_eq!(pair.b.engine.stats().remote_reads_served_here_total, 1);
+    pair.tick(2_000);
+    assert_eq!(pair.b.engine.stats().remote_timeouts_total, 0);
+}
+
 /// A takeover by a site that lagged starts its epoch at an older seq than
 /// the epoch it ends: the line it starts replaces everything after that
 /// seq, so a seq belongs to the newest epoch that starts before it.
