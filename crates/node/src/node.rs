@@ -267,11 +267,24 @@ fn open_node(
     }
     let leases: crate::control::LeaseCell = Arc::default();
     let store = crate::control::open_store(&layout.root, leases.clone())?;
-    let records = if config.is_data_node(node) {
+    let (records, histories) = if config.is_data_node(node) {
         let metadata = store.applied.borrow().0.clone();
-        crate::volumes::records_of(&metadata, &layout.legs())
+        let histories: Vec<_> = metadata
+            .groups
+            .values()
+            .map(|group| {
+                (
+                    stretch_core::GroupId(group.id),
+                    crate::failover::epoch_history(group),
+                )
+            })
+            .collect();
+        (
+            crate::volumes::records_of(&metadata, &layout.legs()),
+            histories,
+        )
     } else {
-        BTreeMap::new()
+        (BTreeMap::new(), Vec::new())
     };
     remove_orphan_legs(&layout.legs(), &records);
     let mut legs = BTreeMap::new();
@@ -338,6 +351,10 @@ fn open_node(
             .ok_or_else(|| NodeError::UnknownSite(record.owner.clone()))?;
         crate::volumes::serve_in_engine(&mut engine, record, spec, owner);
         metrics.volumes.inc();
+    }
+    // The epoch histories first: restoring the maps looks at them.
+    for (group, history) in histories {
+        engine.set_epoch_history(group, history);
     }
     started.restore_maps(&mut engine);
     let journal = started.journal;

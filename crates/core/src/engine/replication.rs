@@ -768,9 +768,14 @@ impl Engine {
     /// At start, before any peer connects: what the saved map of `peer`
     /// says it may lack (`None` if no map was ever saved: nothing is known,
     /// and a lagging site gets every region), plus the regions of the
-    /// deltas recovery replayed (it may lack those too). Only the groups
-    /// the map names are taken as tracked: of a group this site took over
-    /// after the map was saved, the map knows nothing.
+    /// deltas recovery replayed (it may lack those too). A group is taken
+    /// as tracked if the map names it, or if its history says no delta was
+    /// written before this site's ownership (a save since then would have
+    /// named it, and nothing is released without a save, so the journal
+    /// still holds every delta of it). Of a group this site took over
+    /// after the map was saved, the map knows nothing: it stays untracked,
+    /// and a site lacking any of its deltas gets every region. Call
+    /// [`Engine::set_epoch_history`] first.
     pub fn restore_dirty_map(
         &mut self,
         peer: SiteId,
@@ -785,11 +790,19 @@ impl Engine {
             .iter()
             .map(|(volume, state)| (*volume, state.spec.group))
             .collect();
-        let named: BTreeSet<GroupId> = saved
+        let mut named: BTreeSet<GroupId> = saved
             .iter()
             .filter(|(volume, _)| *volume == MAP_GROUP_VOLUME)
             .filter_map(|(_, group)| u32::try_from(*group).ok().map(GroupId))
             .collect();
+        named.extend(
+            self.replication
+                .outbound
+                .keys()
+                .filter(|group| self.owned_since_first_delta(**group))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
         // A group the map does not name stays untracked: a site lacking
         // any of its deltas gets every region when it resumes.
         for region in saved.iter().chain(replayed) {

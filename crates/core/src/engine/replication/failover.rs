@@ -87,6 +87,16 @@ impl Engine {
             .max()
     }
 
+    /// True if every epoch of `group`'s history starts before its first
+    /// delta (or there is no history: the epoch rules are off): whoever
+    /// owns it now wrote every delta of it.
+    pub(super) fn owned_since_first_delta(&self, group: GroupId) -> bool {
+        self.replication
+            .epoch_history
+            .get(&group)
+            .is_none_or(|history| history.iter().all(|start| start.after_seq == DeltaSeq(0)))
+    }
+
     /// The newest seq a site whose deltas were written under `epoch`
     /// shares with the owner's line of `group`: every later epoch started
     /// at or after it. `None` if no later epoch is recorded.

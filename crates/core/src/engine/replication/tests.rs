@@ -50,6 +50,9 @@ struct Site {
     saved_marks: BTreeSet<GroupId>,
     /// How many times they were saved.
     marks_saves: u64,
+    /// The group's epoch history, told to the engine again at a restart
+    /// (empty: none, the epoch rules are off).
+    history: Vec<EpochStart>,
 }
 
 impl Site {
@@ -84,6 +87,7 @@ impl Site {
             saved_maps: BTreeMap::new(),
             saved_marks: BTreeSet::new(),
             marks_saves: 0,
+            history: Vec::new(),
         }
     }
 
@@ -268,7 +272,11 @@ impl Pair {
                 mode,
             },
         );
-        engine.set_owner(GROUP, A, Epoch(1));
+        if !self.a.history.is_empty() {
+            engine.set_epoch_history(GROUP, self.a.history.clone());
+        }
+        let epoch = self.a.history.last().map_or(Epoch(1), |start| start.epoch);
+        engine.set_owner(GROUP, A, epoch);
         engine.restore_dirty_map(B, self.a.saved_maps.get(&B).cloned(), &replayed);
         self.a.engine = engine;
     }
@@ -964,15 +972,27 @@ fn a_restarted_owner_without_a_saved_map_copies_every_region_to_a_lagging_site()
 
 #[test]
 fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
-    // As a map saved before this site took the group over: it names a
-    // region, but not the group, so it knows nothing of what b lacks of
-    // the deltas written before.
+    // a took the group over after delta 1 (its history says so), and its
+    // map was saved before: it names a region, but not the group, so it
+    // knows nothing of what b lacks of the deltas written before.
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.write(false, 3 << 20, block(2));
     pair.tick(100);
+    pair.a.history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(1),
+            handed_over: true,
+        },
+    ];
     pair.a.saved_maps.insert(B, BTreeSet::from([(VOLUME, 0)]));
     pair.restart_a();
     pair.tick(100);
@@ -982,6 +1002,30 @@ fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
         pair.a.engine.stats().resync_regions_done_total,
         VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64)
     );
+}
+
+#[test]
+fn a_group_owned_since_its_first_delta_is_tracked_from_the_journal_without_a_map_naming_it() {
+    // No map was saved since the group's first delta (as after a fresh
+    // start): nothing of it was released, the journal names every region
+    // b may lack.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.write(false, 3 << 20, block(2));
+    pair.tick(100);
+    pair.a.history = vec![EpochStart {
+        epoch: Epoch(1),
+        after_seq: DeltaSeq(0),
+        handed_over: false,
+    }];
+    pair.a.saved_maps.insert(B, BTreeSet::new());
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.a.engine.stats().resync_regions_done_total, 2);
 }
 
 /// Hands every message to its site (sites a and b only).
