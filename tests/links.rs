@@ -131,7 +131,10 @@ fn link_changes_report_unreachable_nodes() {
     let cluster = TwoSites::start(Layout::OneProcess, &[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let text = std::fs::read_to_string(&cluster.config).expect("config");
-    let gone = common::sites::free_ports(1)[0];
+    // Port 1 (tcpmux): nothing listens there. A port found free now could
+    // be taken by a cluster another test starts meanwhile, and the CLI
+    // would then reach that cluster's node instead of failing to connect.
+    let gone = 1;
     let text = text.replace(
         &format!("127.0.0.1:{}\"", cluster.admin_port(2)),
         &format!("127.0.0.1:{gone}\""),
@@ -150,6 +153,7 @@ fn link_changes_report_unreachable_nodes() {
         ],
     );
     assert!(!result.success(), "{result}");
+    assert!(!result.stdout.is_empty(), "{result}");
     assert!(row(&result.stdout, "a1:").ends_with("CUT"), "{result}");
     assert!(row(&result.stdout, "b1:").ends_with("CUT"), "{result}");
     assert!(
