@@ -1028,6 +1028,57 @@ fn a_group_owned_since_its_first_delta_is_tracked_from_the_journal_without_a_map
     assert_eq!(pair.a.engine.stats().resync_regions_done_total, 2);
 }
 
+#[test]
+fn a_resync_chunk_is_journaled_under_the_epoch_of_the_delta_it_starts_from() {
+    // a wrote deltas 1 to 3 under epoch 1 while b was away, then (as after
+    // a takeover at 3) owns the group under epoch 2; it restarted without
+    // a map, so b is resynced from delta 3. A chunk's record stands for
+    // delta 3 at recovery: it must say epoch 1, or b recovers as if it
+    // held an epoch-2 delta 3 and reads as diverged.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    for index in 0..3u64 {
+        pair.write(false, index * 4096, block(index as u8 + 1));
+        pair.tick(100);
+    }
+    let history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(3),
+            handed_over: true,
+        },
+    ];
+    pair.a.history = history.clone();
+    pair.a.saved_maps.clear();
+    pair.b.engine.set_epoch_history(GROUP, history);
+    pair.b.engine.set_owner(GROUP, A, Epoch(2));
+    pair.b.journal.clear();
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.a.engine.stats().resync_regions_done_total > 0);
+    let chunks: Vec<(DeltaSeq, Epoch)> = pair
+        .b
+        .journal
+        .iter()
+        .map(|record| (record.seq, record.epoch))
+        .collect();
+    assert!(!chunks.is_empty());
+    assert!(
+        chunks
+            .iter()
+            .all(|(seq, epoch)| *seq == DeltaSeq(3) && *epoch == Epoch(1)),
+        "{chunks:?}"
+    );
+    assert!(pair.b.engine.replication_status()[0].consistent);
+}
+
 /// Hands every message to its site (sites a and b only).
 fn deliver(to: &mut Site, from: SiteId, messages: Vec<(SiteId, SiteMessage)>) {
     for (_, message) in messages {
