@@ -222,6 +222,11 @@ pub const NBD_CONNECTIONS_MAX: usize = 1 << 20;
 /// Highest `tuning.nbd_in_flight_bytes_max` accepted, in bytes (1 TiB).
 pub const NBD_IN_FLIGHT_BYTES_MAX: u64 = 1 << 40;
 
+/// Bounds of `tuning.image_offer_wait_ms`: at least a few round trips of
+/// a slow link and a Raft commit, at most what a failover may be held.
+const IMAGE_OFFER_WAIT_MS_MIN: u64 = 200;
+const IMAGE_OFFER_WAIT_MS_MAX: u64 = 30_000;
+
 /// Engine and storage limits, shared by every node of the cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -265,6 +270,11 @@ pub struct Tuning {
     /// How long requests to a volume this site owns wait for a lease when
     /// it holds none, before failing with EIO.
     pub suspend_hold_ms: u64,
+    /// With three or more data sites: how long a survivor about to take a
+    /// lost owner's group waits for the other survivors that hold a lease
+    /// to offer their images (the newest takes it). Past it, survivors that
+    /// did not offer are passed over.
+    pub image_offer_wait_ms: u64,
 }
 
 impl Default for Tuning {
@@ -290,6 +300,7 @@ impl Default for Tuning {
             clock_drift_ppm: lease.drift_ppm,
             lease_margin_ms: lease.margin_ms,
             suspend_hold_ms: engine.suspend_hold_ms,
+            image_offer_wait_ms: stretch_control::IMAGE_OFFER_WAIT_MS,
         }
     }
 }
@@ -552,6 +563,13 @@ impl ClusterConfig {
         }
         if tuning.suspend_hold_ms == 0 {
             return Err("tuning.suspend_hold_ms must be at least 1".into());
+        }
+        if !(IMAGE_OFFER_WAIT_MS_MIN..=IMAGE_OFFER_WAIT_MS_MAX)
+            .contains(&tuning.image_offer_wait_ms)
+        {
+            return Err(format!(
+                "tuning.image_offer_wait_ms must be {IMAGE_OFFER_WAIT_MS_MIN} to {IMAGE_OFFER_WAIT_MS_MAX}: shorter, a survivor that is a round trip slower to offer its newer image is passed over; longer holds a failover back"
+            ));
         }
         Ok(())
     }
@@ -947,6 +965,26 @@ mod tests {
         assert!(parse_error(&text).contains("tuning.clock_drift_ppm"));
         let text = LOCAL_CONFIG.replace("suspend_hold_ms = 5000", "suspend_hold_ms = 0");
         assert!(parse_error(&text).contains("tuning.suspend_hold_ms"));
+    }
+
+    #[test]
+    fn the_image_offer_wait_comes_from_tuning_within_its_bounds() {
+        let three = shipped("three-site.toml");
+        assert_eq!(
+            three.tuning.image_offer_wait_ms,
+            stretch_control::IMAGE_OFFER_WAIT_MS
+        );
+        let text = include_str!("../../../cluster-configs/three-site.toml");
+        let edited = text.replace("image_offer_wait_ms = 2000", "image_offer_wait_ms = 4000");
+        let config = ClusterConfig::parse(&edited, "edited").expect("valid");
+        assert_eq!(config.tuning.image_offer_wait_ms, 4000);
+        for bad in ["image_offer_wait_ms = 10", "image_offer_wait_ms = 120000"] {
+            let edited = text.replace("image_offer_wait_ms = 2000", bad);
+            assert!(
+                parse_error(&edited).contains("tuning.image_offer_wait_ms"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -37,11 +37,6 @@ use crate::node::{Node, NodeError};
 /// How often each data node checks whether the owners of other groups
 /// still hold their leases.
 const CHECK_INTERVAL: Duration = Duration::from_millis(stretch_control::OWNER_CHECK_INTERVAL_MS);
-/// How long a survivor waits for the others that hold a lease to offer
-/// their images before it takes a group with its own: each notices the
-/// lost lease within an owner check and commits its offer in one Raft
-/// round, so this passes only when one of them cannot reach the leader.
-const IMAGE_OFFER_WAIT: Duration = Duration::from_millis(stretch_control::IMAGE_OFFER_WAIT_MS);
 /// How often the offers are looked at again meanwhile.
 const IMAGE_OFFER_POLL: Duration = Duration::from_millis(100);
 
@@ -284,7 +279,10 @@ impl Node {
 impl Node {
     /// Offers this site's `image` of `current` and waits until the
     /// survivors that hold a lease offered theirs (at most
-    /// [`IMAGE_OFFER_WAIT`]): `Some(passed_over)` if this site is to
+    /// `tuning.image_offer_wait_ms`: each notices the lost lease within
+    /// an owner check and commits its offer in one Raft round, so the wait
+    /// runs out only when one of them cannot reach the leader):
+    /// `Some(passed_over)` if this site is to
     /// promote itself, naming the survivors whose offers do not count;
     /// `None` if another site holds a newer image or took the group.
     async fn offer_image(
@@ -339,7 +337,7 @@ impl Node {
                 &group.offers,
                 |site| holding.get(site).copied().unwrap_or(false),
             );
-            let deadline_passed = started.elapsed() >= IMAGE_OFFER_WAIT;
+            let deadline_passed = started.elapsed() >= self.image_offer_wait;
             match stretch_control::choose_image(image.0, &survivors, deadline_passed) {
                 ImageChoice::Promote { passed_over } => {
                     if deadline_passed {

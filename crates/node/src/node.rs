@@ -129,6 +129,9 @@ pub struct Node {
     /// Owner sites that held no lease at the last check (their volumes
     /// are suspended unless failed over).
     pub(crate) lost_sites: Mutex<BTreeSet<String>>,
+    /// How long a survivor waits for the others' image offers
+    /// (`tuning.image_offer_wait_ms`).
+    pub(crate) image_offer_wait: Duration,
     /// This node, for tasks it starts.
     this: std::sync::OnceLock<std::sync::Weak<Node>>,
     /// The node's metadata member, once started.
@@ -390,6 +393,7 @@ fn open_node(
         taking_over: Mutex::new(BTreeSet::new()),
         reconciled_index: std::sync::atomic::AtomicU64::new(0),
         lost_sites: Mutex::new(BTreeSet::new()),
+        image_offer_wait: Duration::from_millis(config.tuning.image_offer_wait_ms),
         this: std::sync::OnceLock::new(),
         leases,
         control: std::sync::OnceLock::new(),
