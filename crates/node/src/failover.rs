@@ -380,6 +380,17 @@ impl Node {
 }
 
 /// A group's epoch history as the engine takes it.
+/// Tells `engine` where each group's ownership epochs start, as
+/// `metadata` recorded them.
+pub(crate) fn tell_epoch_histories(
+    engine: &mut stretch_core::Engine,
+    metadata: &stretch_metadata::ClusterMetadata,
+) {
+    for group in metadata.groups.values() {
+        engine.set_epoch_history(stretch_core::GroupId(group.id), epoch_history(group));
+    }
+}
+
 pub(crate) fn epoch_history(group: &stretch_metadata::Group) -> Vec<EpochStart> {
     group
         .history

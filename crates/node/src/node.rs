@@ -270,24 +270,12 @@ fn open_node(
     }
     let leases: crate::control::LeaseCell = Arc::default();
     let store = crate::control::open_store(&layout.root, leases.clone())?;
-    let (records, histories) = if config.is_data_node(node) {
-        let metadata = store.applied.borrow().0.clone();
-        let histories: Vec<_> = metadata
-            .groups
-            .values()
-            .map(|group| {
-                (
-                    stretch_core::GroupId(group.id),
-                    crate::failover::epoch_history(group),
-                )
-            })
-            .collect();
-        (
-            crate::volumes::records_of(&metadata, &layout.legs()),
-            histories,
-        )
-    } else {
-        (BTreeMap::new(), Vec::new())
+    let metadata = config
+        .is_data_node(node)
+        .then(|| store.applied.borrow().0.clone());
+    let records = match &metadata {
+        Some(metadata) => crate::volumes::records_of(metadata, &layout.legs()),
+        None => BTreeMap::new(),
     };
     remove_orphan_legs(&layout.legs(), &records);
     let mut legs = BTreeMap::new();
@@ -356,8 +344,8 @@ fn open_node(
         metrics.volumes.inc();
     }
     // The epoch histories first: restoring the maps looks at them.
-    for (group, history) in histories {
-        engine.set_epoch_history(group, history);
+    if let Some(metadata) = &metadata {
+        crate::failover::tell_epoch_histories(&mut engine, metadata);
     }
     started.restore_maps(&mut engine);
     let journal = started.journal;

@@ -379,12 +379,8 @@ impl Node {
         }
         let moving = self.moving.lock().clone();
         let taking_over = self.taking_over.lock().clone();
-        self.driver.with_engine(|engine| {
-            for group in metadata.groups.values() {
-                let id = stretch_core::GroupId(group.id);
-                engine.set_epoch_history(id, crate::failover::epoch_history(group));
-            }
-        });
+        self.driver
+            .with_engine(|engine| crate::failover::tell_epoch_histories(engine, metadata));
         for record in wanted.values() {
             let existing = self.volumes.lock().get(&record.name).cloned();
             match existing {

@@ -52,10 +52,14 @@ const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
 const RESYNC_TAG_BASE: u64 = 1 << 62;
 /// Resync copies regions of this many blocks (1 MiB).
 pub const REGION_BLOCKS: u64 = 256;
-/// A saved map's entry `(MAP_GROUP_VOLUME, group)` names a group the map
-/// speaks for (this site owned it when the map was saved). No volume has
-/// this id: the metadata allocates ids below it.
-const MAP_GROUP_VOLUME: VolumeId = VolumeId(u32::MAX);
+/// No volume has this id (the metadata allocates ids below it). In a
+/// site's chunks not yet acknowledged, `(RESERVED_VOLUME, 0)` stands for a
+/// chunk that copies no region (a resync's empty last one); in a saved map,
+/// `(RESERVED_VOLUME, group)` names a group the map speaks for (this site
+/// owned it when the map was saved).
+const RESERVED_VOLUME: VolumeId = VolumeId(u32::MAX);
+/// The unacknowledged-chunk entry of a chunk that copies no region.
+const NO_REGION: (VolumeId, u64) = (RESERVED_VOLUME, 0);
 /// Region reads and chunks not yet on the other site's legs, per site
 /// being resynced (all its groups together): what a resync may add to that
 /// site's memory.
@@ -220,6 +224,14 @@ impl PeerProgress {
     /// chunks sent but not yet on the site's legs.
     fn resync_in_flight(&self) -> usize {
         self.resync_reading + self.resync_unacked.len()
+    }
+
+    /// The regions of its chunks sent but not yet acknowledged.
+    fn unacked_regions(&self) -> impl Iterator<Item = (VolumeId, u64)> + '_ {
+        self.resync_unacked
+            .iter()
+            .filter(|region| **region != NO_REGION)
+            .copied()
     }
 
     fn new() -> Self {
@@ -792,7 +804,7 @@ impl Engine {
             .collect();
         let mut named: BTreeSet<GroupId> = saved
             .iter()
-            .filter(|(volume, _)| *volume == MAP_GROUP_VOLUME)
+            .filter(|(volume, _)| *volume == RESERVED_VOLUME)
             .filter_map(|(_, group)| u32::try_from(*group).ok().map(GroupId))
             .collect();
         named.extend(
@@ -800,8 +812,7 @@ impl Engine {
                 .outbound
                 .keys()
                 .filter(|group| self.owned_since_first_delta(**group))
-                .copied()
-                .collect::<Vec<_>>(),
+                .copied(),
         );
         // A group the map does not name stays untracked: a site lacking
         // any of its deltas gets every region when it resumes.

@@ -256,13 +256,7 @@ impl Engine {
             // covers may have been retired for it.
             for progress in outbound.peers.values() {
                 regions.extend(progress.dirty.iter().copied());
-                regions.extend(
-                    progress
-                        .resync_unacked
-                        .iter()
-                        .filter(|region| region.0 != VolumeId(u32::MAX))
-                        .copied(),
-                );
+                regions.extend(progress.unacked_regions());
             }
             regions.extend(self.replication.internal.values().filter_map(
                 |internal| match internal {

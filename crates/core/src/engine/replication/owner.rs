@@ -177,16 +177,11 @@ impl Engine {
                 // The map speaks for this group: a group it does not name
                 // was not owned here when it was saved, and what the site
                 // lacks of it is unknown after a restart.
-                regions.insert((MAP_GROUP_VOLUME, u64::from(group.0)));
+                regions.insert((RESERVED_VOLUME, u64::from(group.0)));
                 if self.config.planted_bug != Some(PlantedBug::MapForgetsDirty) {
                     regions.extend(progress.dirty.iter().copied());
                 }
-                regions.extend(
-                    progress
-                        .resync_unacked
-                        .iter()
-                        .filter(|region| region.0 != VolumeId(u32::MAX)),
-                );
+                regions.extend(progress.unacked_regions());
                 for retained in outbound
                     .retained
                     .iter()
@@ -313,15 +308,18 @@ impl Engine {
         }
     }
 
+    /// How many resync regions a volume of `size` bytes has.
+    fn region_count(&self, size: u64) -> u64 {
+        (size / BLOCK_SIZE as u64).div_ceil(self.config.region_blocks)
+    }
+
     /// Every region of `group`'s volumes.
     pub(super) fn every_region_of(&self, group: GroupId) -> Vec<(VolumeId, u64)> {
-        let region_blocks = self.config.region_blocks;
         self.volumes
             .iter()
             .filter(|(_, state)| state.spec.group == group)
             .flat_map(|(volume, state)| {
-                let blocks = state.spec.size / BLOCK_SIZE as u64;
-                (0..blocks.div_ceil(region_blocks)).map(move |region| (*volume, region))
+                (0..self.region_count(state.spec.size)).map(move |region| (*volume, region))
             })
             .collect()
     }
@@ -333,13 +331,11 @@ impl Engine {
         group: GroupId,
         regions: Vec<(VolumeId, u64)>,
     ) -> BTreeSet<(VolumeId, u64)> {
-        let region_blocks = self.config.region_blocks;
         regions
             .into_iter()
             .filter(|(volume, region)| {
                 self.volumes.get(volume).is_some_and(|state| {
-                    let blocks = state.spec.size / BLOCK_SIZE as u64;
-                    state.spec.group == group && *region < blocks.div_ceil(region_blocks)
+                    state.spec.group == group && *region < self.region_count(state.spec.size)
                 })
             })
             .collect()
@@ -369,13 +365,14 @@ impl Engine {
         let last = DeltaSeq(state.next_seq.0 - 1);
         let diverged =
             have.is_some_and(|have| have <= last && self.replica_diverged(group, have, have_epoch));
-        // Where the site's line left this one, if it says what its own
-        // line wrote since: only those regions and this line's since differ.
-        let split = match (diverged, have_epoch, &lost_regions) {
-            (true, Some(epoch), Some(_)) => self.line_split(group, epoch),
+        // Where the site's line left this one and the regions its own line
+        // wrote since, if it says: only those and this line's since differ.
+        let split_and_lost = match (diverged, have_epoch, lost_regions) {
+            (true, Some(epoch), Some(regions)) => self
+                .line_split(group, epoch)
+                .map(|split| (split, self.regions_of_group(group, regions))),
             _ => None,
         };
-        let lost_regions = lost_regions.map(|regions| self.regions_of_group(group, regions));
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             self.stats.refused_messages_total += 1;
             return;
@@ -431,13 +428,11 @@ impl Engine {
         match have {
             // Its deltas after the point where the lines split are not
             // the owner's: nothing here says which regions they touched.
-            _ if diverged => match (split, lost_regions) {
+            _ if diverged => match split_and_lost {
                 // This line since the split is known here (retained, or in
                 // the map of what the site lacks): its regions and the
                 // site's own.
-                (Some(split), Some(lost))
-                    if outbound.known_from <= split && !progress.dirty_all =>
-                {
+                Some((split, lost)) if outbound.known_from <= split && !progress.dirty_all => {
                     self.marks.hit(Mark::DivergedRegionResync);
                     progress.dirty.extend(lost);
                     for retained in outbound.retained.iter().filter(|r| r.seq > split) {
@@ -553,11 +548,8 @@ impl Engine {
         progress.last_chunk_sent = false;
         progress.chunk_built = false;
         progress.held_chunks.clear();
-        let unacked: Vec<(VolumeId, u64)> = progress
-            .resync_unacked
-            .drain(..)
-            .filter(|region| region.0 != VolumeId(u32::MAX))
-            .collect();
+        let unacked: Vec<(VolumeId, u64)> = progress.unacked_regions().collect();
+        progress.resync_unacked.clear();
         if self.config.planted_bug != Some(PlantedBug::AbandonForgetsUnacked) {
             progress.dirty.extend(unacked);
         }
@@ -801,7 +793,7 @@ impl Engine {
         };
         if !progress.last_chunk_sent {
             // Nothing (more) to copy: the site still needs to hear the end.
-            progress.resync_unacked.push_back((VolumeId(u32::MAX), 0));
+            progress.resync_unacked.push_back(NO_REGION);
             let base = progress.resync_base;
             self.send_chunk(group, peer, Vec::new(), true, base);
             return;
@@ -833,7 +825,7 @@ impl Engine {
             self.stats.refused_messages_total += 1;
             return;
         };
-        if region.0 != VolumeId(u32::MAX) {
+        if region != NO_REGION {
             self.stats.resync_regions_done_total += 1;
         }
         self.pump_peer(from);

@@ -943,7 +943,7 @@ fn a_restarted_owner_resyncs_only_the_regions_its_maps_and_journal_name() {
         pair.tick(100);
     }
     let later = pair.a.saved_maps.get(&B).cloned().unwrap_or_default();
-    let named = (MAP_GROUP_VOLUME, u64::from(GROUP.0));
+    let named = (RESERVED_VOLUME, u64::from(GROUP.0));
     assert!(later.contains(&named), "{later:?}");
     assert!(
         later
@@ -970,18 +970,34 @@ fn a_restarted_owner_without_a_saved_map_copies_every_region_to_a_lagging_site()
     );
 }
 
-#[test]
-fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
-    // a took the group over after delta 1 (its history says so), and its
-    // map was saved before: it names a region, but not the group, so it
-    // knows nothing of what b lacks of the deltas written before.
+/// Regions 0 and 3 written at a while b is away; a restarts with the
+/// group's `history` and the map `saved` for b, b comes back: the regions
+/// a copies to b (the legs end equal).
+fn regions_resynced_after_a_restart(
+    history: Vec<EpochStart>,
+    saved: BTreeSet<(VolumeId, u64)>,
+) -> u64 {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.write(false, 3 << 20, block(2));
     pair.tick(100);
-    pair.a.history = vec![
+    pair.a.history = history;
+    pair.a.saved_maps.insert(B, saved);
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    pair.a.engine.stats().resync_regions_done_total
+}
+
+#[test]
+fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
+    // a took the group over after delta 1 (its history says so), and its
+    // map was saved before: it names a region, but not the group, so it
+    // knows nothing of what b lacks of the deltas written before.
+    let history = vec![
         EpochStart {
             epoch: Epoch(1),
             after_seq: DeltaSeq(0),
@@ -993,13 +1009,8 @@ fn a_saved_map_that_does_not_name_the_group_is_not_trusted_for_it() {
             handed_over: true,
         },
     ];
-    pair.a.saved_maps.insert(B, BTreeSet::from([(VOLUME, 0)]));
-    pair.restart_a();
-    pair.tick(100);
-    pair.tick(100);
-    assert_legs_equal(&pair);
     assert_eq!(
-        pair.a.engine.stats().resync_regions_done_total,
+        regions_resynced_after_a_restart(history, BTreeSet::from([(VOLUME, 0)])),
         VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64)
     );
 }
@@ -1009,23 +1020,15 @@ fn a_group_owned_since_its_first_delta_is_tracked_from_the_journal_without_a_map
     // No map was saved since the group's first delta (as after a fresh
     // start): nothing of it was released, the journal names every region
     // b may lack.
-    let mut pair = Pair::new(Mode::Async);
-    pair.disconnect();
-    pair.write(false, 0, block(1));
-    pair.tick(100);
-    pair.write(false, 3 << 20, block(2));
-    pair.tick(100);
-    pair.a.history = vec![EpochStart {
+    let history = vec![EpochStart {
         epoch: Epoch(1),
         after_seq: DeltaSeq(0),
         handed_over: false,
     }];
-    pair.a.saved_maps.insert(B, BTreeSet::new());
-    pair.restart_a();
-    pair.tick(100);
-    pair.tick(100);
-    assert_legs_equal(&pair);
-    assert_eq!(pair.a.engine.stats().resync_regions_done_total, 2);
+    assert_eq!(
+        regions_resynced_after_a_restart(history, BTreeSet::new()),
+        2
+    );
 }
 
 #[test]
@@ -1754,7 +1757,7 @@ fn a_flush_waiting_for_a_site_marked_for_resync_completes_once_it_streams() {
     // for a resync of nothing until b resumes.
     pair.a
         .saved_maps
-        .insert(B, BTreeSet::from([(MAP_GROUP_VOLUME, u64::from(GROUP.0))]));
+        .insert(B, BTreeSet::from([(RESERVED_VOLUME, u64::from(GROUP.0))]));
     pair.restart_a_alone();
     let flush = pair.a.submit(pair.now, Request::Flush { volume: VOLUME });
     pair.settle();
