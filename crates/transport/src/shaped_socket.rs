@@ -115,15 +115,17 @@ impl LinkTable {
 pub struct ShapedSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     links: LinkTable,
-    /// Datagrams waiting out their delay, in the order they were sent. One
-    /// task delivers them in that order: a datagram per task, each racing
-    /// for the socket, would reorder a burst, and QUIC takes reordering
-    /// for loss and shrinks its window to a crawl.
+    /// Datagrams waiting out their delay, per destination in the order
+    /// they were sent. One task delivers each destination's in that order:
+    /// a datagram per task, each racing for the socket, would reorder a
+    /// burst, and QUIC takes reordering for loss and shrinks its window to
+    /// a crawl. Destinations do not wait for each other: a datagram to a
+    /// near site never queues behind a slow or saturated link's.
     delayed: Arc<DelayLine>,
 }
 
 struct DelayLine {
-    queue: std::sync::Mutex<VecDeque<Delayed>>,
+    queues: std::sync::Mutex<BTreeMap<SocketAddr, VecDeque<Delayed>>>,
     wake: Notify,
     started: std::sync::Once,
 }
@@ -148,15 +150,15 @@ impl ShapedSocket {
             inner,
             links,
             delayed: Arc::new(DelayLine {
-                queue: std::sync::Mutex::new(VecDeque::new()),
+                queues: std::sync::Mutex::new(BTreeMap::new()),
                 wake: Notify::new(),
                 started: std::sync::Once::new(),
             }),
         }
     }
 
-    /// The delivery task: sends each datagram once its time came, in
-    /// queue order. It ends when the socket is dropped.
+    /// The delivery task: sends each datagram once its time came, each
+    /// destination's in queue order. It ends when the socket is dropped.
     fn start_delivery(&self) {
         let line = Arc::downgrade(&self.delayed);
         let inner = self.inner.clone();
@@ -166,21 +168,39 @@ impl ShapedSocket {
                     let Some(line) = line.upgrade() else {
                         return;
                     };
-                    let head = lock(&line.queue).front().map(|datagram| datagram.at);
+                    // The destination whose head is due first.
+                    let head = lock(&line.queues)
+                        .iter()
+                        .filter_map(|(destination, queue)| {
+                            queue.front().map(|datagram| (datagram.at, *destination))
+                        })
+                        .min();
                     match head {
                         None => line.wake.notified().await,
                         // The timer wheel has 1 ms slots and wakes late,
                         // never early: aim that much ahead so the delay
                         // averages out to the one configured instead of
-                        // adding a millisecond or more per direction.
-                        Some(at) if at > Instant::now() + TIMER_SLACK => {
-                            tokio::time::sleep_until((at - TIMER_SLACK).into()).await;
+                        // adding a millisecond or more per direction. A
+                        // datagram queued meanwhile may be due sooner.
+                        Some((at, _)) if at > Instant::now() + TIMER_SLACK => {
+                            tokio::select! {
+                                () = tokio::time::sleep_until((at - TIMER_SLACK).into()) => {}
+                                () = line.wake.notified() => {}
+                            }
                         }
-                        Some(_) => {
-                            let Some(datagram) = lock(&line.queue).pop_front() else {
-                                continue;
+                        Some((_, destination)) => {
+                            let datagram = {
+                                let mut queues = lock(&line.queues);
+                                let datagram =
+                                    queues.get_mut(&destination).and_then(VecDeque::pop_front);
+                                if queues.get(&destination).is_some_and(VecDeque::is_empty) {
+                                    queues.remove(&destination);
+                                }
+                                datagram
                             };
-                            deliver(inner.as_ref(), &datagram).await;
+                            if let Some(datagram) = datagram {
+                                deliver(inner.as_ref(), &datagram).await;
+                            }
                         }
                     }
                 }
@@ -228,18 +248,21 @@ impl AsyncUdpSocket for ShapedSocket {
             // Lost on the link: to the sender, a successful send.
             return Ok(());
         };
-        let queue_empty = lock(&self.delayed.queue).is_empty();
+        let queue_empty = !lock(&self.delayed.queues).contains_key(&transmit.destination);
         if at <= Instant::now() && queue_empty {
             return self.inner.try_send(transmit);
         }
         self.start_delivery();
-        lock(&self.delayed.queue).push_back(Delayed {
-            at,
-            destination: transmit.destination,
-            ecn: transmit.ecn,
-            src_ip: transmit.src_ip,
-            contents: transmit.contents.to_vec(),
-        });
+        lock(&self.delayed.queues)
+            .entry(transmit.destination)
+            .or_default()
+            .push_back(Delayed {
+                at,
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                src_ip: transmit.src_ip,
+                contents: transmit.contents.to_vec(),
+            });
         self.delayed.wake.notify_one();
         Ok(())
     }
@@ -268,5 +291,74 @@ impl AsyncUdpSocket for ShapedSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::Runtime as _;
+
+    fn receiver() -> (std::net::UdpSocket, SocketAddr) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a receiver");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("setting a timeout");
+        let address = socket.local_addr().expect("the receiver's address");
+        (socket, address)
+    }
+
+    fn send(socket: &ShapedSocket, destination: SocketAddr, byte: u8) {
+        let contents = [byte; 100];
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents: &contents,
+            segment_size: None,
+            src_ip: None,
+        };
+        socket.try_send(&transmit).expect("sending");
+    }
+
+    #[tokio::test]
+    async fn a_datagram_to_a_near_site_does_not_wait_behind_a_slow_links_queue() {
+        let (far, far_address) = receiver();
+        let (near, near_address) = receiver();
+        let links = LinkTable::new(1);
+        links.set(
+            far_address,
+            LinkProfile {
+                delay_ms: 2000,
+                ..LinkProfile::IDEAL
+            },
+        );
+        links.set(
+            near_address,
+            LinkProfile {
+                delay_ms: 1,
+                ..LinkProfile::IDEAL
+            },
+        );
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding the sender");
+        let inner = quinn::TokioRuntime
+            .wrap_udp_socket(udp)
+            .expect("wrapping the sender");
+        let socket = ShapedSocket::new(inner, links);
+        for _ in 0..10 {
+            send(&socket, far_address, 1);
+        }
+        send(&socket, near_address, 2);
+        let received = tokio::task::spawn_blocking(move || {
+            let mut buffer = [0u8; 200];
+            let (bytes, _) = near.recv_from(&mut buffer).expect("the near datagram");
+            far.set_nonblocking(true).expect("non-blocking");
+            let far_arrived = far.recv_from(&mut [0u8; 200]).is_ok();
+            (bytes, buffer[0], far_arrived)
+        })
+        .await
+        .expect("the receiving thread");
+        // The near datagram arrived while the far ones still wait out
+        // their 2 s (one queue for both would hold it behind them).
+        assert_eq!(received, (100, 2, false));
     }
 }
