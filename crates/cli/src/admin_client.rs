@@ -6,7 +6,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
-use stretch_node::{AdminToken, CreateVolume, LinkInfo, LinkPair, SetLink, StatusInfo, VolumeInfo};
+use stretch_node::{
+    AdminToken, CreateVolume, LinkInfo, LinkPair, MigrationInfo, SetLink, StartMigration,
+    StatusInfo, VolumeInfo,
+};
 
 /// Longest wait for the node to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,6 +130,20 @@ impl AdminClient {
         let body = serde_json::json!({ "site": site, "accept_data_loss": true });
         let path = format!("/v1/volumes/{}/promote", segment(name));
         self.call("POST", &path, Some(body))
+    }
+
+    pub fn start_migration(&self, request: &StartMigration) -> anyhow::Result<MigrationInfo> {
+        let body = serde_json::to_value(request).context("encoding the request")?;
+        self.call("POST", "/v1/migrations", Some(body))
+    }
+
+    pub fn migrations(&self) -> anyhow::Result<Vec<MigrationInfo>> {
+        self.call("GET", "/v1/migrations", None)
+    }
+
+    pub fn cancel_migration(&self, name: &str) -> anyhow::Result<MigrationInfo> {
+        let path = format!("/v1/migrations/{}/cancel", segment(name));
+        self.call("POST", &path, None)
     }
 
     pub fn links(&self) -> anyhow::Result<Vec<LinkInfo>> {

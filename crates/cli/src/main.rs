@@ -2,6 +2,7 @@
 //! node's admin API.
 
 mod admin_client;
+mod migrate_command;
 mod sim_command;
 mod sim_control_command;
 
@@ -103,6 +104,10 @@ enum Command {
     /// Create, list, show and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// List and cancel live migrations (`stretch volume migrate` starts
+    /// one).
+    #[command(subcommand)]
+    Migration(migrate_command::MigrationCommand),
     /// Show the node's state: volumes, dirty data, journal, failures.
     Status,
     /// Shape, cut and heal the links between sites (the built-in link
@@ -189,6 +194,12 @@ enum VolumeCommand {
         #[arg(long)]
         to: String,
     },
+    /// Live-migrate a volume's consistency group (or `--group`) to another
+    /// site while it is written: the target catches up in the background,
+    /// then writes pause briefly while ownership moves. Ask the owner's
+    /// node (--admin). Shows progress until the move ends; gives up, with
+    /// the reason, if the backlog does not converge within --timeout.
+    Migrate(migrate_command::MigrateArgs),
     /// Fail a volume's group over to SITE while its owner site is lost,
     /// accepting the loss of the writes the owner acknowledged that SITE
     /// had not received. Ask a node at SITE (--admin). Waits until the old
@@ -372,6 +383,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cert(command) => cert(command),
         Command::Volume(command) => volume(
+            &AdminClient::new(&cli.admin, &credentials(cli.token_file.as_deref())?),
+            command,
+        ),
+        Command::Migration(command) => migrate_command::migration(
             &AdminClient::new(&cli.admin, &credentials(cli.token_file.as_deref())?),
             command,
         ),
@@ -584,6 +599,7 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                 volume.name, volume.owner
             );
         }
+        VolumeCommand::Migrate(args) => migrate_command::migrate(client, args)?,
         VolumeCommand::Promote {
             name,
             site,

@@ -44,6 +44,11 @@ pub enum Command {
         /// it.
         #[serde(default)]
         after_seq: u64,
+        /// The switchover of a live migration: refused unless the group's
+        /// move to `to` is still in flight, so that a cancel committed
+        /// first wins.
+        #[serde(default)]
+        migration: bool,
     },
     /// Fail `group` over to `to` without its owner (lost or cut off),
     /// raising its epoch, only at `expected_epoch`. `after_seq` is the last

@@ -99,7 +99,8 @@ impl ClusterMetadata {
                 to,
                 expected_epoch,
                 after_seq,
-            } => self.transfer_group(group, from, to, *expected_epoch, *after_seq),
+                migration,
+            } => self.transfer_group(group, from, to, *expected_epoch, *after_seq, *migration),
             Command::PromoteGroup {
                 group,
                 to,
@@ -349,8 +350,16 @@ impl ClusterMetadata {
         to: &str,
         expected_epoch: u64,
         after_seq: u64,
+        migration: bool,
     ) -> CommandResult {
         self.data_site(to)?;
+        let id = self.fenced_group(name, expected_epoch)?.id;
+        let migrating_to = self.moves.get(&id).map(|record| record.to.as_str());
+        if migration && migrating_to != Some(to) {
+            return Err(CommandError::NoMoveInFlight {
+                group: name.to_owned(),
+            });
+        }
         let group = self.fenced_group(name, expected_epoch)?;
         if group.owner != from {
             return Err(CommandError::NotOwner {
@@ -583,6 +592,7 @@ mod tests {
             to: to.into(),
             expected_epoch: epoch,
             after_seq: 0,
+            migration: false,
         }
     }
 
@@ -952,6 +962,53 @@ mod tests {
             }),
             Err(CommandError::NoMoveInFlight { .. })
         ));
+    }
+
+    #[test]
+    fn a_migration_switchover_needs_its_move_in_flight() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        let switchover = |to: &str| Command::TransferGroup {
+            group: "g1".into(),
+            from: "a".into(),
+            to: to.into(),
+            expected_epoch: 1,
+            after_seq: 0,
+            migration: true,
+        };
+        // No move begun: refused, the owner stays.
+        assert!(matches!(
+            m.apply(&switchover("b")),
+            Err(CommandError::NoMoveInFlight { .. })
+        ));
+        m.apply(&Command::BeginMove {
+            group: "g1".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+        })
+        .expect("begin");
+        // A cancel committed before the switchover wins over it.
+        m.apply(&Command::AbortMove {
+            group: "g1".into(),
+            expected_epoch: 1,
+        })
+        .expect("abort");
+        assert!(matches!(
+            m.apply(&switchover("b")),
+            Err(CommandError::NoMoveInFlight { .. })
+        ));
+        let g = m.group_by_name("g1").expect("group");
+        assert_eq!((g.owner.as_str(), g.epoch), ("a", 1));
+        m.apply(&Command::BeginMove {
+            group: "g1".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+        })
+        .expect("begin again");
+        m.apply(&switchover("b")).expect("switchover");
+        let g = m.group_by_name("g1").expect("group");
+        assert_eq!((g.owner.as_str(), g.epoch), ("b", 2));
+        assert!(m.moves.is_empty());
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! | GET    | /v1/volumes/NAME      | [`VolumeInfo`]                      |
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
 //! | POST   | /v1/volumes/NAME/move | [`MoveVolume`] in, [`VolumeInfo`]   |
+//! | GET    | /v1/migrations        | list of `MigrationInfo`             |
+//! | POST   | /v1/migrations        | [`StartMigration`] in, `MigrationInfo` |
+//! | POST   | /v1/migrations/NAME/cancel | `MigrationInfo` (NAME: group or volume) |
 //! | GET    | /v1/links             | list of [`LinkInfo`], every site pair |
 //! | POST   | /v1/links/set         | [`SetLink`] in, [`LinkInfo`]        |
 //! | POST   | /v1/links/cut         | [`LinkPair`] in, [`LinkInfo`]       |
@@ -78,6 +81,7 @@ use tokio::task::JoinSet;
 
 pub use self::token::{ADMIN_TOKEN_FILE, AdminToken, TokenError, ensure_admin_token};
 use crate::links::{LinkChange, LinkControl, LinkError, LinkInfo};
+use crate::migration::StartMigration;
 use crate::node::{Node, NodeError};
 
 /// Largest request body accepted: the biggest request is a few hundred
@@ -578,7 +582,8 @@ impl Shared {
             Route::CreateVolume
             | Route::DeleteVolume(_)
             | Route::MoveVolume(_)
-            | Route::PromoteVolume(_) => {
+            | Route::PromoteVolume(_)
+            | Route::StartMigration => {
                 // Waiting here is cancelled if the client goes away; once
                 // the change runs, the turn is held until it is done, even
                 // if the client left meanwhile.
@@ -590,7 +595,14 @@ impl Shared {
                 })
                 .await
             }
-            Route::Metrics | Route::Status | Route::ListVolumes | Route::ShowVolume(_) => {
+            // A cancel must not wait behind a change that holds the turn
+            // (a move waits up to 30 s).
+            Route::Metrics
+            | Route::Status
+            | Route::ListVolumes
+            | Route::ShowVolume(_)
+            | Route::ListMigrations
+            | Route::CancelMigration(_) => {
                 let node = self.node.clone();
                 blocking(move || node_route(&node, route, &body)).await
             }
@@ -814,6 +826,9 @@ enum Route {
     DeleteVolume(String),
     MoveVolume(String),
     PromoteVolume(String),
+    ListMigrations,
+    StartMigration,
+    CancelMigration(String),
     ListLinks,
     SetLink,
     CutLink,
@@ -827,6 +842,7 @@ impl Route {
             Route::CreateVolume
                 | Route::MoveVolume(_)
                 | Route::PromoteVolume(_)
+                | Route::StartMigration
                 | Route::SetLink
                 | Route::CutLink
                 | Route::HealLink
@@ -854,6 +870,11 @@ fn parse_route(method: &Method, path: &str) -> Result<Route, Reply> {
         (&Method::POST, ["v1", "volumes", volume, "move"]) => Route::MoveVolume(name(volume)?),
         (&Method::POST, ["v1", "volumes", volume, "promote"]) => {
             Route::PromoteVolume(name(volume)?)
+        }
+        (&Method::GET, ["v1", "migrations"]) => Route::ListMigrations,
+        (&Method::POST, ["v1", "migrations"]) => Route::StartMigration,
+        (&Method::POST, ["v1", "migrations", group, "cancel"]) => {
+            Route::CancelMigration(name(group)?)
         }
         (&Method::GET, ["v1", "links"]) => Route::ListLinks,
         (&Method::POST, ["v1", "links", "set"]) => Route::SetLink,
@@ -1069,6 +1090,21 @@ fn node_route(node: &Arc<Node>, route: Route, body: &[u8]) -> Reply {
                 Err(error) => node_error(error),
             }
         }
+        Route::ListMigrations => Reply::json(200, &node.migrations()),
+        Route::StartMigration => {
+            let request: StartMigration = match serde_json::from_slice(body) {
+                Ok(request) => request,
+                Err(error) => return Reply::error(400, format!("bad migration request: {error}")),
+            };
+            match node.start_migration(&request) {
+                Ok(info) => Reply::json(200, &info),
+                Err(error) => node_error(error),
+            }
+        }
+        Route::CancelMigration(name) => match node.cancel_migration(&name) {
+            Ok(info) => Reply::json(200, &info),
+            Err(error) => node_error(error),
+        },
         Route::ShowVolume(name) => match node.volume(&name) {
             Some(record) => Reply::json(200, &volume_info(node, &record)),
             None => Reply::error(404, format!("no volume named {name:?}")),

@@ -15,6 +15,7 @@ mod export;
 mod failover;
 mod links;
 mod metrics;
+mod migration;
 mod node;
 mod peers;
 mod sites;
@@ -32,5 +33,9 @@ pub use config::{
 };
 pub use control::{ControlError, MetadataStatus, VoterInfo};
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
+pub use migration::{
+    MIGRATION_TIMEOUT_S_DEFAULT, MIGRATION_TIMEOUT_S_MAX, MigrationInfo, SWITCH_BYTES_MIN,
+    SWITCH_DRAIN_MS, SWITCHOVER_HOLD_MS_MAX, StartMigration,
+};
 pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};
 pub use peers::PeersError;

@@ -120,6 +120,8 @@ pub struct Node {
     /// told it owns them only once the old owner's lease cannot cover
     /// them any more.
     pub(crate) taking_over: Mutex<BTreeSet<u32>>,
+    /// Live migrations this node drives, and the last ones that ended.
+    pub(crate) migrations: Mutex<crate::migration::Migrations>,
     /// The metadata index the engine's ownership reflects: what this node
     /// reports when it renews its lease (a voter that fenced it at a later
     /// index refuses until it applied that).
@@ -379,6 +381,7 @@ fn open_node(
         reconcile_turn: Mutex::new(()),
         moving: Mutex::new(BTreeSet::new()),
         taking_over: Mutex::new(BTreeSet::new()),
+        migrations: Mutex::new(crate::migration::Migrations::default()),
         reconciled_index: std::sync::atomic::AtomicU64::new(0),
         lost_sites: Mutex::new(BTreeSet::new()),
         image_offer_wait: Duration::from_millis(config.tuning.image_offer_wait_ms),

@@ -82,14 +82,14 @@ fn metadata_mode(mode: Mode) -> stretch_metadata::Mode {
 }
 
 impl Node {
-    fn control(&self) -> Result<&Arc<Control>, NodeError> {
+    pub(crate) fn control(&self) -> Result<&Arc<Control>, NodeError> {
         self.control
             .get()
             .ok_or(NodeError::Control(ControlError::Stopping))
     }
 
     /// Runs `future` to its end from a blocking thread (the admin API's).
-    fn wait<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+    pub(crate) fn wait<T>(&self, future: impl std::future::Future<Output = T>) -> T {
         self.runtime.block_on(future)
     }
 
@@ -233,102 +233,17 @@ impl Node {
         }
         let group = record.group_id();
         self.moving.lock().insert(group.0);
-        let result = self.hand_over(&control, &record, to, to_id, &to_node);
+        let target = crate::migration::Target {
+            site: to.to_string(),
+            id: to_id,
+            node: to_node,
+        };
+        let result = self.switch_over(&control, &record, &target, MOVE_TIMEOUT, false, None);
         self.moving.lock().remove(&group.0);
         // Whatever happened, this node now follows the metadata.
         self.reconcile_now();
-        result?;
+        result.map_err(|error| error.into_node_error(name, to))?;
         Ok(self.volume(name).unwrap_or(record))
-    }
-
-    fn hand_over(
-        &self,
-        control: &Arc<Control>,
-        record: &VolumeRecord,
-        to: &str,
-        to_id: stretch_core::SiteId,
-        to_node: &str,
-    ) -> Result<(), NodeError> {
-        let name = &record.name;
-        let fail = |reason: String| NodeError::Move {
-            volume: name.clone(),
-            site: to.to_string(),
-            reason,
-        };
-        let group = record.group_id();
-        let now = self.driver.now();
-        self.driver
-            .with_engine(|engine| engine.hand_over(now, group))
-            .map_err(|error| fail(error.to_string()))?;
-        let call_off = |reason: String| {
-            let now = self.driver.now();
-            self.driver
-                .with_engine(|engine| engine.cancel_hand_over(now, group));
-            fail(reason)
-        };
-        let deadline = Instant::now() + MOVE_TIMEOUT;
-        while !self.driver.engine.lock().hand_over_ready(group, to_id) {
-            if Instant::now() > deadline {
-                return Err(call_off("the new owner did not catch up in time".into()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Nothing is written while handing over: the last delta is the
-        // one the new owner's epoch starts after.
-        let last_seq = self
-            .driver
-            .engine
-            .lock()
-            .replication_status()
-            .iter()
-            .find(|status| status.group == group)
-            .map_or(0, |status| status.last_seq.0);
-        let command = Command::TransferGroup {
-            group: record.group.clone(),
-            from: self.site.clone(),
-            to: to.to_string(),
-            expected_epoch: record.epoch,
-            after_seq: last_seq,
-        };
-        let index = match self.wait(control.execute(command)) {
-            Ok((_, index)) => index,
-            Err(ControlError::Refused(error)) => {
-                // A lost answer: the retry was refused because the first
-                // attempt moved it already.
-                let (metadata, index) = control.applied();
-                let moved = metadata
-                    .group_by_name(&record.group)
-                    .is_some_and(|group| group.owner == to && group.epoch == record.epoch + 1);
-                if !moved {
-                    return Err(call_off(error.to_string()));
-                }
-                index
-            }
-            Err(error) => {
-                // Not known to be committed or not: calling the hand-over
-                // off could leave two owners if it was. Writes stay held
-                // until this node applies the change (then they go to the
-                // new owner) or an operator moves it back.
-                tracing::error!(volume = %name, to, %error,
-                    "the move's outcome is unknown; writes are held until the metadata answers");
-                return Err(error.into());
-            }
-        };
-        let (metadata, _) = control.applied();
-        let epoch = metadata
-            .group_by_name(&record.group)
-            .map_or(record.epoch + 1, |group| group.epoch);
-        // The new owner applies the change before the held writes reach
-        // it: it would refuse them as a non-owner otherwise.
-        let unconfirmed = self.wait(control.confirm_applied(&[to_node.to_string()], index));
-        if !unconfirmed.is_empty() {
-            tracing::warn!(volume = %name, to,
-                "the new owner did not confirm the move in time; held writes may fail there");
-        }
-        self.driver
-            .with_engine(|engine| engine.set_owner(group, to_id, Epoch(epoch)));
-        tracing::info!(volume = %name, from = %self.site, to, epoch, "volume ownership moved");
-        Ok(())
     }
 
     /// Asks the other data nodes to confirm they applied `index`; returns
@@ -377,6 +292,7 @@ impl Node {
                 self.remove_local_volume(record);
             }
         }
+        self.cancel_stale_migrations(metadata);
         let moving = self.moving.lock().clone();
         let taking_over = self.taking_over.lock().clone();
         self.driver

@@ -92,6 +92,9 @@ pub struct PeerReplication {
     /// Age of the oldest delta the site has not journaled: the live RPO.
     pub lag_nanos: u64,
     pub resync_regions_left: u64,
+    /// Bytes of deltas the site confirmed applied since this site began
+    /// owning the group: its drain rate, sampled over time.
+    pub applied_bytes_total: u64,
 }
 
 /// Replication state of one group, as seen from this site.
@@ -102,6 +105,9 @@ pub struct GroupReplication {
     pub epoch: Epoch,
     /// Newest delta closed (at the owner) or received (at a replica).
     pub last_seq: DeltaSeq,
+    /// Bytes of deltas closed since this site began owning the group (0 at
+    /// a replica): the write rate, sampled over time.
+    pub closed_bytes_total: u64,
     /// Filled at the owner: one entry per other site.
     pub peers: Vec<PeerReplication>,
     /// False at a replica whose leg is mid-resync (not at a delta boundary).
@@ -168,6 +174,9 @@ struct Outbound {
     /// site lacks of the deltas up to it is unknown here (unless a saved
     /// map says).
     known_from: DeltaSeq,
+    /// Bytes of the deltas closed since this run began owning the group
+    /// (see [`GroupReplication::closed_bytes_total`]).
+    closed_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -217,6 +226,9 @@ struct PeerProgress {
     /// The site's latest resume: the chunks sent for it and their acks
     /// carry it; acks of an earlier one are ignored.
     resume: u64,
+    /// Bytes of the deltas it confirmed applied (see
+    /// [`PeerReplication::applied_bytes_total`]).
+    applied_bytes: u64,
 }
 
 impl PeerProgress {
@@ -251,6 +263,7 @@ impl PeerProgress {
             restored: false,
             held_chunks: VecDeque::new(),
             resume: 0,
+            applied_bytes: 0,
         }
     }
 
@@ -437,6 +450,32 @@ fn is_internal(request: RequestId) -> bool {
 
 fn region_of(key: &BlockKey, region_blocks: u64) -> (VolumeId, u64) {
     (key.volume, key.block / region_blocks)
+}
+
+impl Engine {
+    /// Adds the bytes of the deltas after `before` up to `seq` to what
+    /// `peer` applied of `group` (they are retained: the site held them).
+    fn count_applied_bytes(
+        &mut self,
+        group: GroupId,
+        peer: SiteId,
+        before: DeltaSeq,
+        seq: DeltaSeq,
+    ) {
+        let Some(outbound) = self.replication.outbound.get_mut(&group) else {
+            return;
+        };
+        let first = outbound.retained.partition_point(|r| r.seq <= before);
+        let bytes: u64 = outbound
+            .retained
+            .range(first..)
+            .take_while(|r| r.seq <= seq)
+            .map(|r| r.bytes)
+            .sum();
+        if let Some(progress) = outbound.peers.get_mut(&peer) {
+            progress.applied_bytes += bytes;
+        }
+    }
 }
 
 /// The regions a delta's blocks fall in (with repeats).
@@ -719,8 +758,10 @@ impl Engine {
                         self.stats.refused_messages_total += 1;
                         return;
                     }
+                    let before = progress.applied;
                     progress.applied = progress.applied.max(seq);
                     progress.journaled = progress.journaled.max(seq);
+                    self.count_applied_bytes(group, from, before, seq);
                     self.answer_synced_waiters();
                     self.retire_shipped();
                 }
@@ -921,6 +962,7 @@ impl Engine {
                                     resync_regions_left: (progress.dirty.len()
                                         + progress.resync_unacked.len())
                                         as u64,
+                                    applied_bytes_total: progress.applied_bytes,
                                 }
                             })
                             .collect()
@@ -931,6 +973,11 @@ impl Engine {
                     owner: state.owner,
                     epoch: state.epoch,
                     last_seq: DeltaSeq(state.next_seq.0 - 1),
+                    closed_bytes_total: self
+                        .replication
+                        .outbound
+                        .get(group)
+                        .map_or(0, |outbound| outbound.closed_bytes),
                     peers,
                     consistent: self
                         .replication

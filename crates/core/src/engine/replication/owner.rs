@@ -43,6 +43,7 @@ impl Engine {
             outbound.history.insert(*key, (record.seq, image.clone()));
         }
         let bytes = record.data_bytes();
+        outbound.closed_bytes += bytes;
         outbound.retained.push_back(Retained {
             seq: record.seq,
             position: record.position.0,

@@ -804,6 +804,39 @@ fn a_site_away_past_the_backlog_bound_is_resynced_by_region_on_return() {
 }
 
 #[test]
+fn the_bytes_written_and_applied_are_counted_for_a_migrations_rates() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.write(false, 4096, block(2));
+    pair.write(false, 8192, block(3));
+    pair.tick(100);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].closed_bytes_total, 3 * 4096);
+    assert_eq!(status[0].peers[0].applied_bytes_total, 0);
+    assert_eq!(status[0].peers[0].unapplied_bytes, 3 * 4096);
+    pair.connect();
+    pair.tick(100);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].peers[0].applied_bytes_total, 3 * 4096);
+    assert_eq!(status[0].peers[0].unapplied_bytes, 0);
+    // An acknowledgement repeated (or older) counts nothing again.
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Applied {
+            group: status[0].group,
+            seq: status[0].peers[0].applied,
+        },
+    );
+    let again = pair.a.engine.replication_status();
+    assert_eq!(again[0].peers[0].applied_bytes_total, 3 * 4096);
+    // A replica counts no write of its own.
+    assert_eq!(pair.b.engine.replication_status()[0].closed_bytes_total, 0);
+}
+
+#[test]
 fn a_site_away_briefly_catches_up_from_retained_deltas() {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();

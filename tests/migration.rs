@@ -1,0 +1,297 @@
+//! Live migration end to end under `stretch up` (sites a and b 25 ms
+//! apart), driven by real clients: fio with verification writes a volume
+//! while its group migrates from a to b and back, and sees no error; what
+//! it wrote verifies at either site afterwards and the legs are equal. A
+//! migration whose backlog cannot converge over a slow link gives up with
+//! the reason and leaves the group at the source; one in flight is listed
+//! and cancelled; bad requests are refused with one line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::sites::{A, B, Layout, TwoSites};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// One fio job on a slice of a volume: 4 KiB random writes, each block
+/// once, with a checksum header that a later `--verify_only` run checks.
+struct FioJob {
+    name: &'static str,
+    offset_mib: u64,
+    size_mib: u64,
+    rate_iops: u64,
+}
+
+impl FioJob {
+    fn args(&self, uri: &str, report: &Path) -> Vec<String> {
+        vec![
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            format!("--name={}", self.name),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            format!("--offset={}m", self.offset_mib),
+            format!("--size={}m", self.size_mib),
+            "--iodepth=8".into(),
+            format!("--rate_iops={}", self.rate_iops),
+            "--randseed=7".into(),
+            "--verify=crc32c".into(),
+            "--do_verify=1".into(),
+            "--output-format=json".into(),
+            format!("--output={}", report.display()),
+        ]
+    }
+
+    /// Starts the writes (then the verification) in the background.
+    fn spawn(&self, dir: &Path, uri: &str) -> (Child, PathBuf) {
+        let report = dir.join(format!("fio-{}-{}.json", self.name, std::process::id()));
+        let child = Command::new("fio")
+            .current_dir(dir)
+            .args(self.args(uri, &report))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting fio");
+        (child, report)
+    }
+
+    /// Reads back what the job wrote and checks every block's header.
+    fn verify_only(&self, dir: &Path, uri: &str) {
+        let report = dir.join(format!("fio-{}-verify.json", self.name));
+        let mut args = self.args(uri, &report);
+        args.push("--verify_only".into());
+        let result = run(
+            Command::new("fio").current_dir(dir).args(&args),
+            None,
+            COMMAND_TIMEOUT,
+        );
+        let text = std::fs::read_to_string(&report).unwrap_or_default();
+        assert!(
+            result.success(),
+            "fio --verify_only {}: {result}\n{text}",
+            self.name
+        );
+        let job = job_report(&text);
+        assert_eq!(job["error"].as_u64(), Some(0), "{job}");
+        assert_eq!(
+            job["read"]["io_bytes"].as_u64(),
+            Some(self.size_mib * MIB),
+            "every block read back: {job}"
+        );
+    }
+
+    /// Waits for the job; asserts it wrote and verified everything
+    /// without an error. Returns its longest write latency, in ms.
+    fn finish(&self, child: Child, report: &Path) -> f64 {
+        let output = child.wait_with_output().expect("waiting for fio");
+        let text = std::fs::read_to_string(report).unwrap_or_default();
+        assert!(
+            output.status.success(),
+            "fio {} failed across the migration: {}\n{text}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let job = job_report(&text);
+        assert_eq!(job["error"].as_u64(), Some(0), "{job}");
+        assert_eq!(
+            job["write"]["io_bytes"].as_u64(),
+            Some(self.size_mib * MIB),
+            "{job}"
+        );
+        assert_eq!(
+            job["read"]["io_bytes"].as_u64(),
+            Some(self.size_mib * MIB),
+            "verified: {job}"
+        );
+        job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6
+    }
+}
+
+fn job_report(text: &str) -> serde_json::Value {
+    let report: serde_json::Value = serde_json::from_str(text)
+        .unwrap_or_else(|error| panic!("fio's report is not JSON ({error}):\n{text}"));
+    report["jobs"][0].clone()
+}
+
+fn owner(sites: &TwoSites, node: usize, volume: &str) -> (String, u64) {
+    let text = http_get(&sites.url(node), &format!("/v1/volumes/{volume}")).unwrap_or_default();
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    (
+        info["owner"].as_str().unwrap_or_default().to_string(),
+        info["epoch"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The pause the CLI reports (`writes paused N ms`).
+fn pause_ms(output: &str) -> u64 {
+    output
+        .split("writes paused ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no pause in {output:?}"))
+}
+
+#[test]
+fn a_volume_written_by_fio_migrates_to_b_and_back_without_an_error() {
+    require_tool("fio");
+    require_tool("qemu-img");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let dir = sites.dir.path().to_path_buf();
+
+    // At a, the VM writes; the group moves to b under it. fio's client
+    // stays connected at a: its writes are held at the switchover, then
+    // forwarded to b, and its verification reads come from b.
+    let first = FioJob {
+        name: "first",
+        offset_mib: 0,
+        size_mib: 24,
+        rate_iops: 1000,
+    };
+    let (fio, report) = first.spawn(&dir, &sites.nbd_uri(A, "vm"));
+    std::thread::sleep(Duration::from_secs(2));
+    let moved = sites.ok(A, &["volume", "migrate", "vm", "--to", "b"]);
+    assert!(moved.contains("migrated volume vm from a to b"), "{moved}");
+    assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
+    let longest_first = first.finish(fio, &report);
+    let pause_to_b = pause_ms(&moved);
+
+    // The VM now runs at b and writes there; the group moves back to a.
+    let second = FioJob {
+        name: "second",
+        offset_mib: 32,
+        size_mib: 24,
+        rate_iops: 1000,
+    };
+    let (fio, report) = second.spawn(&dir, &sites.nbd_uri(B, "vm"));
+    std::thread::sleep(Duration::from_secs(2));
+    let back = sites.ok(B, &["volume", "migrate", "vm", "--to", "a"]);
+    assert!(back.contains("migrated volume vm from b to a"), "{back}");
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 3));
+    let longest_second = second.finish(fio, &report);
+    let pause_to_a = pause_ms(&back);
+
+    // Every block either job wrote verifies at both sites.
+    for job in [&first, &second] {
+        for node in [A, B] {
+            job.verify_only(&dir, &sites.nbd_uri(node, "vm"));
+        }
+    }
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("done"), "{listed}");
+    sites.wait_replicated_from(A, B, Duration::from_secs(60));
+    let compare = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, "vm"))
+            .arg(sites.leg(B, "vm")),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    compare.assert_ok();
+    eprintln!(
+        "a->b: writes paused {pause_to_b} ms, fio's longest write {longest_first:.1} ms; \
+         b->a: paused {pause_to_a} ms, longest write {longest_second:.1} ms"
+    );
+}
+
+#[test]
+fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
+    require_tool("qemu-io");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    sites.ok(A, &["volume", "create", "other", "--size", "8M"]);
+    let uri = sites.nbd_uri(A, "vm");
+
+    // Bad requests: one line each, nothing recorded.
+    let elsewhere = sites.cli(B, &["volume", "migrate", "vm", "--to", "b"]);
+    assert!(
+        !elsewhere.success() && elsewhere.stderr.contains("owns volume"),
+        "{elsewhere}"
+    );
+    let unknown = sites.cli(A, &["volume", "migrate", "vm", "--to", "zz"]);
+    assert!(
+        !unknown.success() && unknown.stderr.contains("\"zz\""),
+        "{unknown}"
+    );
+    let zero = sites.cli(
+        A,
+        &["volume", "migrate", "vm", "--to", "b", "--timeout", "0"],
+    );
+    assert!(!zero.success() && zero.stderr.contains("timeout"), "{zero}");
+    let fast = sites.cli(
+        A,
+        &["volume", "migrate", "vm", "--to", "b", "--mode", "fast"],
+    );
+    assert!(!fast.success() && fast.stderr.contains("fast"), "{fast}");
+    let no_group = sites.cli(A, &["volume", "migrate", "--group", "nope", "--to", "b"]);
+    assert!(!no_group.success(), "{no_group}");
+    let none = sites.cli(A, &["migration", "cancel", "vm"]);
+    assert!(
+        !none.success() && none.stderr.contains("no migration"),
+        "{none}"
+    );
+
+    // The link drains 2 Mbit/s (0.25 MiB/s); a writes 4 MiB that b lacks
+    // and keeps writing: the backlog cannot reach the switch point in 3 s.
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 7 0 4M", "flush"]);
+    let gave_up = sites.cli(
+        A,
+        &["volume", "migrate", "vm", "--to", "b", "--timeout", "3"],
+    );
+    assert!(!gave_up.success(), "{gave_up}");
+    assert!(
+        gave_up.stderr.contains("gave-up") && gave_up.stderr.contains("did not converge"),
+        "{gave_up}"
+    );
+    assert!(gave_up.stderr.contains("stays at a"), "{gave_up}");
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
+    // The group was never held: the volume takes writes at a at once.
+    qemu_io_ok(&uri, &["write -P 8 4M 64k", "flush"]);
+
+    // One in flight is listed, then cancelled; the group stays at a.
+    let started = sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--no-wait",
+            "--timeout",
+            "600",
+        ],
+    );
+    assert!(started.contains("migration list"), "{started}");
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(
+        listed.contains("vm") && listed.contains("catching-up"),
+        "{listed}"
+    );
+    // A node that does not drive it shows it as recorded.
+    let at_b = sites.ok(B, &["migration", "list"]);
+    assert!(at_b.contains("recorded"), "{at_b}");
+    let cancelled = sites.ok(A, &["migration", "cancel", "vm"]);
+    assert!(cancelled.contains("stay at a"), "{cancelled}");
+    sites.wait_until("the driver saw the cancel", Duration::from_secs(10), || {
+        sites.ok(A, &["migration", "list"]).contains("cancelled")
+    });
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
+    qemu_io_ok(&uri, &["read -P 7 0 4M", "read -P 8 4M 64k"]);
+
+    // With the link fast again the same migration goes through.
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
+    let moved = sites.ok(A, &["volume", "migrate", "vm", "--to", "b"]);
+    assert!(moved.contains("to b"), "{moved}");
+    qemu_io_ok(
+        &sites.nbd_uri(B, "vm"),
+        &["read -P 7 0 4M", "read -P 8 4M 64k"],
+    );
+}
