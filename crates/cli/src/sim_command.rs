@@ -276,6 +276,16 @@ fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace
             stats.loss_reports_unchecked,
         );
     }
+    if stats.migrations_started > 0 {
+        println!(
+            "  migrations: {} begun, {} switched over (writes held at most {:.1} ms), {} gave up, {} switchovers called off",
+            stats.migrations_started,
+            stats.migrations,
+            stats.migration_pause_max_ns as f64 / 1e6,
+            stats.migrations_gave_up,
+            stats.switchovers_called_off,
+        );
+    }
     if let Some((violation, step, at)) = &outcome.violation {
         println!(
             "VIOLATION of {} at step {step} ({:.3} ms), seed {}: {}",

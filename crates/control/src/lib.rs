@@ -46,6 +46,7 @@ pub const LEASE_STATE_TIMEOUT_MS: u64 = 400;
 
 mod image_choice;
 mod lease;
+mod migration;
 mod placement;
 mod takeover;
 #[cfg(test)]
@@ -54,6 +55,7 @@ mod verdict;
 
 pub use image_choice::{ImageChoice, Survivor, choose as choose_image, survivors};
 pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
+pub use migration::SwitchPoint;
 pub use placement::{Reach, hand_leadership_to};
 pub use takeover::{Takeover, TakeoverState};
 pub use verdict::{LeaseState, holds_no_lease, takeover_heard_enough};

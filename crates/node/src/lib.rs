@@ -34,8 +34,8 @@ pub use config::{
 pub use control::{ControlError, MetadataStatus, VoterInfo};
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use migration::{
-    MIGRATION_TIMEOUT_S_DEFAULT, MIGRATION_TIMEOUT_S_MAX, MigrationInfo, SWITCH_BYTES_MIN,
-    SWITCH_DRAIN_MS, SWITCHOVER_HOLD_MS_MAX, StartMigration,
+    MIGRATION_TIMEOUT_S_DEFAULT, MIGRATION_TIMEOUT_S_MAX, MigrationInfo, SWITCHOVER_HOLD_MS_MAX,
+    StartMigration,
 };
 pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};
 pub use peers::PeersError;

@@ -8,8 +8,8 @@
 //!    backlog in the background. The driver samples what the target still
 //!    lacks ten times a second (bytes left, the rate the target applies,
 //!    the rate the source writes) for the progress shown.
-//! 2. **switching over**, once what is left would drain within
-//!    [`SWITCH_DRAIN_MS`] at the measured rate: writes are held, the open
+//! 2. **switching over**, once what is left would drain within 100 ms at
+//!    the measured rate ([`SwitchPoint::NODE`]): writes are held, the open
 //!    delta closes, and once the target applied every delta the metadata
 //!    raises the epoch and names it owner ([`Command::TransferGroup`] with
 //!    `migration`, refused if the move was cancelled meanwhile). The held
@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use stretch_control::SwitchPoint;
 use stretch_core::{BLOCK_SIZE, Epoch, GroupId, PeerState, SiteId};
 use stretch_metadata::{ClusterMetadata, Command, CommandError};
 use stretch_storage::{CatalogError, VolumeRecord};
@@ -37,13 +38,6 @@ use stretch_storage::{CatalogError, VolumeRecord};
 use crate::control::{Control, ControlError};
 use crate::node::{Node, NodeError};
 
-/// Switch over once what the target lacks would drain within this long at
-/// the rate it applies: the pause is then about one round trip (the last
-/// delta out, its acknowledgement back) plus one metadata commit.
-pub const SWITCH_DRAIN_MS: u64 = 100;
-/// What the target may lack at the switch point whatever the rate (a
-/// group written slowly drains its last delta at once).
-pub const SWITCH_BYTES_MIN: u64 = 1 << 20;
 /// Longest the writes are held at a switchover for the target to apply
 /// every delta; past it the switchover is called off and retried.
 pub const SWITCHOVER_HOLD_MS_MAX: u64 = 2000;
@@ -518,8 +512,8 @@ impl Node {
             if Instant::now() >= deadline {
                 break self.give_up(control, record, target, timeout_s, &sampler, sample);
             }
-            let switch_point = SWITCH_BYTES_MIN.max(sampler.drain_rate() * SWITCH_DRAIN_MS / 1000);
-            if sample.streaming && sample.bytes_left <= switch_point {
+            if SwitchPoint::NODE.reached(sample.streaming, sample.bytes_left, sampler.drain_rate())
+            {
                 self.update_running(group, |info| info.phase = "switching-over".into());
                 self.moving.lock().insert(group);
                 let hold = Duration::from_millis(SWITCHOVER_HOLD_MS_MAX);

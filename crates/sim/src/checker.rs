@@ -355,6 +355,13 @@ impl Checker {
             })
     }
 
+    /// Whether an owner accepted write `id` already.
+    pub fn acknowledged(&self, id: u32) -> bool {
+        self.writes
+            .get(&id)
+            .is_some_and(|write| write.acked.is_some())
+    }
+
     pub fn write_range(&self, id: u32) -> (usize, u64, u64) {
         let write = &self.writes[&id];
         (write.volume, write.first, write.count)
@@ -418,9 +425,13 @@ impl Checker {
             .writes
             .get_mut(&id)
             .expect("checker invariant: a forwarded write is recorded");
+        let acked_already = write.acked.is_some();
         write.settled = true;
         let client_failed = write.client_done && !write.client_ok;
-        if ok {
+        if ok && acked_already {
+            // Forwarded twice (held by a hand-over, sent on to the new
+            // owner): the new owner's answer counted; this one relays it.
+        } else if ok {
             self.owner_ack(id);
         } else if client_failed {
             self.add_maybe(id);
@@ -1021,6 +1032,48 @@ impl Checker {
         }
         let now = self.tick();
         Ok(self.adopt_image(judged, views, Some(now)))
+    }
+
+    /// A live migration switched `group` over to `to`, whose image (legs
+    /// and cache) is `views`: a planned move loses nothing, so every write
+    /// of the group the owner accepted and no failover lost must be in it
+    /// (G4), and the image must be whole deltas (G3). `to` owns the group
+    /// from now on.
+    pub fn after_handover(
+        &mut self,
+        group: u32,
+        to: usize,
+        views: Vec<View>,
+    ) -> Result<(), Violation> {
+        self.check_replica_views(&views, group, None)
+            .map_err(|detail| {
+                violation(
+                    "G3",
+                    format!("site {} switching group {group} over: {detail}", to + 1),
+                )
+            })?;
+        let views: BTreeMap<usize, View> =
+            views.into_iter().map(|view| (view.volume, view)).collect();
+        for volume in views.keys() {
+            for id in &self.volumes[*volume].writes {
+                let write = &self.writes[id];
+                if write.lost || write.acked.is_none() || self.present(&views, *id) {
+                    continue;
+                }
+                return Err(violation(
+                    "G4",
+                    format!(
+                        "{} was accepted before group {group} switched over to site {} in a migration, which took it over without it",
+                        self.describe_write(*id),
+                        to + 1
+                    ),
+                ));
+            }
+        }
+        for volume in views.keys() {
+            self.volumes[*volume].setup.owner = to;
+        }
+        Ok(())
     }
 
     /// `views` become their volumes' truth (an owner's recovered image, or

@@ -96,6 +96,10 @@ pub struct Faults {
     /// Longest time the old owner stays cut off after its groups were
     /// taken over; then it returns, learns the new owners and is resynced.
     pub isolation_ms_max: u64,
+    /// Live migrations begun per simulated second (multi-site only): a
+    /// group moves to another site in drain mode while it is written,
+    /// under whatever faults the scenario draws.
+    pub migration_per_second: f64,
 }
 
 /// The links between sites: one connection per pair of sites, messages of
@@ -217,6 +221,7 @@ impl Default for Faults {
             site_loss_per_second: 0.0,
             failover_per_second: 0.0,
             isolation_ms_max: 2_000,
+            migration_per_second: 0.0,
         }
     }
 }
@@ -543,6 +548,7 @@ impl Scenario {
             f.fsync_failure_per_second,
             f.site_loss_per_second,
             f.failover_per_second,
+            f.migration_per_second,
             f.slow_disk_probability,
         ];
         if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {
@@ -579,6 +585,9 @@ impl Scenario {
             return Err(
                 "engine.backlog_bytes_max >= 4096, remote_timeout_ms >= 1 and backlog_wait_ms_max >= 1 needed".into(),
             );
+        }
+        if f.migration_per_second > 0.0 && self.sites() < 2 {
+            return Err("faults.migration_per_second needs two or more sites".into());
         }
         if f.failover_per_second > 0.0 {
             if self.sites() < 2 {

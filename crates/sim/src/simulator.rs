@@ -32,6 +32,7 @@ use crate::trace::Trace;
 mod actions;
 mod clients;
 mod links;
+mod migration;
 mod ownership;
 mod restarts;
 mod site_loss;
@@ -49,13 +50,17 @@ pub enum SimBug {
     /// The first survivor able to take a group over does, whatever the
     /// images the others hold (no offers).
     TakeoverIgnoresImages,
+    /// A migration switches over as soon as it holds the writes, before
+    /// the target applied every delta.
+    MigrationSwitchesEarly,
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 15] = [
+    pub const ALL: [SimBug; 16] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
         SimBug::TakeoverIgnoresImages,
+        SimBug::MigrationSwitchesEarly,
         SimBug::Core(PlantedBug::AckFlushEarly),
         SimBug::Core(PlantedBug::ApplyBeforeJournalSync),
         SimBug::Core(PlantedBug::ApplyNewestFirst),
@@ -75,6 +80,7 @@ impl SimBug {
             SimBug::SkipJournalFsync => "skip-journal-fsync",
             SimBug::EarlyTakeover => "early-takeover",
             SimBug::TakeoverIgnoresImages => "takeover-ignores-images",
+            SimBug::MigrationSwitchesEarly => "migration-switches-early",
             SimBug::Core(PlantedBug::AckFlushEarly) => "ack-flush-early",
             SimBug::Core(PlantedBug::ApplyBeforeJournalSync) => "apply-before-journal-sync",
             SimBug::Core(PlantedBug::ApplyNewestFirst) => "apply-newest-first",
@@ -141,6 +147,14 @@ pub struct Stats {
     pub failovers: u64,
     pub failover_lost_writes: u64,
     pub loss_reports_unchecked: u64,
+    /// Live migrations: begun, switched over, given up, switchovers called
+    /// off (the target did not apply every delta within the hold bound),
+    /// and the longest time writes were held at a switchover.
+    pub migrations_started: u64,
+    pub migrations: u64,
+    pub migrations_gave_up: u64,
+    pub switchovers_called_off: u64,
+    pub migration_pause_max_ns: u64,
     /// How often each protocol decision was taken, over every site and
     /// every incarnation of its node.
     pub marks: stretch_core::Marks,
@@ -246,6 +260,9 @@ enum Event {
     Takeover,
     IsolationEnd,
     Learn(usize),
+    /// Live migrations (see `migration`): one starting, a driver's look.
+    MigrationStart,
+    MigrationStep(u32),
 }
 
 #[derive(Debug)]
@@ -405,6 +422,12 @@ struct Simulation<'a> {
     resyncing: BTreeSet<(usize, u32)>,
     site_loss: Option<SiteLossCheck>,
     control: ownership::Control,
+    /// Live migrations in flight, by group.
+    migrations: BTreeMap<u32, migration::Migration>,
+    /// The migrations' own draws (when, which group, where to), from the
+    /// seed: a scenario without migrations runs exactly as before they
+    /// existed, and one with them keeps every other fault's schedule.
+    migration_rng: SimRng,
 }
 
 fn volume_path(index: usize) -> PathBuf {
@@ -475,6 +498,8 @@ impl<'a> Simulation<'a> {
             resyncing: BTreeSet::new(),
             site_loss: None,
             control: ownership::Control::new(scenario),
+            migrations: BTreeMap::new(),
+            migration_rng: SimRng::new(options.seed ^ 0x6d69_6772_6174_6521),
         }
     }
 
@@ -1056,6 +1081,8 @@ impl<'a> Simulation<'a> {
             Event::Takeover => self.takeover(),
             Event::IsolationEnd => self.isolation_end(),
             Event::Learn(site) => self.learn_after_isolation(site),
+            Event::MigrationStart => self.migration_start(),
+            Event::MigrationStep(group) => self.migration_step(group),
         }
     }
 

@@ -580,7 +580,7 @@ impl Engine {
             self.replication.lost_ownership.remove(&group);
             self.replication.lost_regions.remove(&group);
         } else if was_owner {
-            self.lose_ownership(group, owner, epoch);
+            self.lose_ownership(group, owner);
         }
         let state = self
             .groups

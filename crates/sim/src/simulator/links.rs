@@ -25,6 +25,7 @@ impl Simulation<'_> {
         self.schedule_poisson(network.blip_per_second, Event::Blip);
         self.schedule_poisson(self.scenario.faults.site_loss_per_second, Event::SiteLoss);
         self.schedule_poisson(self.scenario.faults.failover_per_second, Event::Failover);
+        self.schedule_migration_start();
         self.start_leases();
     }
 
@@ -58,14 +59,26 @@ impl Simulation<'_> {
                     } => (*volume, *offset, *length),
                     _ => unreachable!("matched above"),
                 };
-                let id = self.checker.in_flight_write(
-                    from,
+                let range = (
                     volume.0 as usize - 1,
                     offset / SECTOR_BYTES,
                     length / SECTOR_BYTES,
-                )?;
-                self.checker.forwarded_from_now(id);
-                Some(id)
+                );
+                let from_client = self
+                    .checker
+                    .in_flight_write(from, range.0, range.1, range.2);
+                if let Some(id) = from_client {
+                    self.checker.forwarded_from_now(id);
+                    return Some(id);
+                }
+                // A write another site forwarded here, held by a hand-over
+                // and sent on to the group's new owner.
+                self.owner_pending
+                    .iter()
+                    .filter(|((owner, _, _), _)| *owner == from)
+                    .flat_map(|(_, writes)| writes.iter().flatten())
+                    .copied()
+                    .find(|id| self.checker.write_range(*id) == range)
             });
             assert!(
                 write.is_some(),
@@ -79,7 +92,9 @@ impl Simulation<'_> {
                 .get_mut(&(from, to, *id))
                 .and_then(VecDeque::pop_front);
             if let Some(Some(write)) = answered {
-                if result.is_ok() {
+                // A relay of the new owner's answer (the write was held by
+                // a hand-over and sent on) acknowledges nothing itself.
+                if result.is_ok() && !self.checker.acknowledged(write) {
                     let (volume, _, _) = self.checker.write_range(write);
                     self.check_acknowledger(from, volume);
                 }

@@ -75,11 +75,11 @@ struct LossReport {
     lost_writes: u64,
 }
 
-fn site_name(site: usize) -> String {
+pub(super) fn site_name(site: usize) -> String {
     format!("s{}", site + 1)
 }
 
-fn group_name(group: u32) -> String {
+pub(super) fn group_name(group: u32) -> String {
     format!("g{group}")
 }
 
@@ -172,6 +172,33 @@ impl Control {
             diverged: BTreeSet::new(),
             reports: Vec::new(),
         }
+    }
+
+    /// The authority's metadata.
+    pub(super) fn authority(&self) -> &ClusterMetadata {
+        &self.authority
+    }
+
+    /// Applies a change that moves no ownership (sites need not learn it).
+    pub(super) fn apply_unversioned(
+        &mut self,
+        command: &Command,
+    ) -> Result<(), stretch_metadata::CommandError> {
+        self.authority.apply(command).map(|_| ())
+    }
+
+    /// Applies a change that names `new` owner of `group`: every site has
+    /// to learn it (a voter fences a site until it did).
+    pub(super) fn apply_ownership_change(
+        &mut self,
+        command: &Command,
+        new: usize,
+        group: u32,
+    ) -> Result<(), stretch_metadata::CommandError> {
+        self.authority.apply(command)?;
+        self.version += 1;
+        self.ever_owned.insert((new, group));
+        Ok(())
     }
 
     /// The site owning `group` by the authority now.
@@ -505,6 +532,11 @@ impl Simulation<'_> {
         true
     }
 
+    /// `site` applies the authority's metadata now (see `learn`).
+    pub(super) fn learn_now(&mut self, site: usize) {
+        self.learn(site);
+    }
+
     /// `site` applies the authority's metadata: ownership changes reach its
     /// engine, history first (so a lost ownership is counted at once).
     fn learn(&mut self, site: usize) {
@@ -644,7 +676,7 @@ impl Simulation<'_> {
     /// `site`'s image of every volume of `group`, decoded: its legs with
     /// the blocks its engine holds in memory laid over them (what it would
     /// serve).
-    fn image_of(&self, site: usize, group: u32) -> Result<Vec<View>, Violation> {
+    pub(super) fn image_of(&self, site: usize, group: u32) -> Result<Vec<View>, Violation> {
         let node = self.sites[site]
             .node
             .as_ref()

@@ -38,8 +38,10 @@ pub struct EpochStart {
 /// count once the new epoch's start is known.
 #[derive(Debug)]
 pub(super) struct LostOwnership {
-    /// The new owner's epoch.
-    epoch: Epoch,
+    /// The epoch this site owned the group under: its deltas after the
+    /// start of the first later epoch are off the line, however many
+    /// owners followed before it learned.
+    own_epoch: Epoch,
     /// The newest delta closed here.
     last: DeltaSeq,
     /// Bytes of the deltas still retained here when ownership moved.
@@ -238,7 +240,7 @@ impl Engine {
     /// they stay in the local image, which the new owner resyncs), writes
     /// still in flight fail, and what the cluster lost is counted once the
     /// history says where the new epoch starts.
-    pub(super) fn lose_ownership(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
+    pub(super) fn lose_ownership(&mut self, group: GroupId, owner: SiteId) {
         self.close_delta(group);
         self.fail_writes_in_flight(group, owner);
         let region_blocks = self.config.region_blocks;
@@ -281,6 +283,8 @@ impl Engine {
             return;
         };
         let last = DeltaSeq(state.next_seq.0 - 1);
+        // Not the new owner's yet: the epoch it owned the group under.
+        let own_epoch = state.epoch;
         let retained_bytes = self
             .replication
             .outbound
@@ -296,7 +300,7 @@ impl Engine {
         self.replication.lost_ownership.insert(
             group,
             LostOwnership {
-                epoch,
+                own_epoch,
                 last,
                 retained_bytes,
             },
@@ -338,8 +342,11 @@ impl Engine {
         }
     }
 
-    /// Counts the deltas this site acknowledged as owner that the new
-    /// owner's epoch starts before: S+1..=last are lost to the cluster.
+    /// Counts the deltas this site acknowledged as owner that the next
+    /// owner's epoch starts before: S+1..=last are lost to the cluster
+    /// (S is where the first epoch after this site's starts, whichever
+    /// epoch the site learns first: owners may have followed one another
+    /// while it was away).
     /// Bytes are known only for deltas still retained here when ownership
     /// moved (those every site had applied were retired, and a site that
     /// applied them could not have taken over before them).
@@ -347,16 +354,10 @@ impl Engine {
         let Some(lost) = self.replication.lost_ownership.get(&group) else {
             return;
         };
-        let Some(start) = self
-            .replication
-            .epoch_history
-            .get(&group)
-            .and_then(|history| history.iter().find(|start| start.epoch == lost.epoch))
-        else {
+        let Some(after) = self.line_split(group, lost.own_epoch) else {
             // Not known yet: counted when the history arrives.
             return;
         };
-        let after = start.after_seq;
         let lost = self
             .replication
             .lost_ownership

@@ -2349,6 +2349,38 @@ fn a_completed_takeover_numbers_the_new_epochs_deltas_after_the_seq_reported() {
 }
 
 #[test]
+fn an_owner_that_learns_of_several_owners_at_once_counts_its_deltas_after_the_first() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    // Cut off, a writes deltas 2 and 3 that b never gets.
+    pair.disconnect();
+    pair.write(false, 4096, block(2));
+    pair.tick(100);
+    pair.write(false, 8192, block(3));
+    pair.tick(100);
+    // While a is away, b takes the group over after delta 1 (epoch 2),
+    // and it moves on once more after delta 4 (epoch 3): a learns both
+    // at once.
+    let start = |epoch, after_seq| EpochStart {
+        epoch: Epoch(epoch),
+        after_seq: DeltaSeq(after_seq),
+        handed_over: false,
+    };
+    pair.a
+        .engine
+        .set_epoch_history(GROUP, vec![start(1, 0), start(2, 1), start(3, 4)]);
+    pair.a.engine.set_owner(GROUP, B, Epoch(3));
+    pair.a.run();
+    // Deltas 2 and 3 are off the line from epoch 2 on, though epoch 3
+    // starts after them.
+    let stats = pair.a.engine.stats();
+    assert_eq!(stats.failover_lost_deltas_total, 2);
+    assert_eq!(stats.failover_lost_bytes_total, 2 * BLOCK_SIZE as u64);
+}
+
+#[test]
 fn an_owner_replaced_by_a_takeover_counts_its_lost_deltas_and_is_resynced() {
     let mut pair = Pair::new(Mode::Async);
     pair.write(false, 0, block(1));
