@@ -295,3 +295,60 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
         &["read -P 7 0 4M", "read -P 8 4M 64k"],
     );
 }
+
+#[test]
+fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
+        [A, B]
+            .iter()
+            .all(|node| sites.status(*node)["lease"]["valid"] == true)
+    });
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let uri = sites.nbd_uri(A, "vm");
+    // a sends to b at 2 Mbit/s: 4 MiB written at a keep the migration
+    // catching up for about 16 s.
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--no-wait",
+            "--timeout",
+            "600",
+        ],
+    );
+    let listed = sites.ok(B, &["migration", "list"]);
+    assert!(listed.contains("recorded"), "{listed}");
+    // The source's node dies mid-migration; the record stays in the
+    // metadata until the restarted node cancels it.
+    sites.kill9(A);
+    sites.start_node(A);
+    sites.wait_until(
+        "the restarted source cancelled the migration it no longer drives",
+        Duration::from_secs(60),
+        || !sites.ok(B, &["migration", "list"]).contains("recorded"),
+    );
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
+    assert!(
+        sites.logs().contains("the node restarted during it"),
+        "the restarted node says why it cancelled"
+    );
+    sites.wait_until("a holds its lease again", Duration::from_secs(30), || {
+        sites.status(A)["lease"]["valid"] == true
+    });
+    qemu_io_ok(&uri, &["read -P 5 0 4M", "write -P 6 4M 64k", "flush"]);
+    // A new migration of the group goes through.
+    let moved = sites.ok(A, &["volume", "migrate", "vm", "--to", "b"]);
+    assert!(moved.contains("to b"), "{moved}");
+    qemu_io_ok(
+        &sites.nbd_uri(B, "vm"),
+        &["read -P 5 0 4M", "read -P 6 4M 64k"],
+    );
+}
