@@ -276,8 +276,9 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
         "{listed}"
     );
     // A node that does not drive it shows it as recorded.
-    let at_b = sites.ok(B, &["migration", "list"]);
-    assert!(at_b.contains("recorded"), "{at_b}");
+    sites.wait_until("b applied the record", Duration::from_secs(10), || {
+        sites.ok(B, &["migration", "list"]).contains("recorded")
+    });
     let cancelled = sites.ok(A, &["migration", "cancel", "vm"]);
     assert!(cancelled.contains("stay at a"), "{cancelled}");
     sites.wait_until("the driver saw the cancel", Duration::from_secs(10), || {
@@ -286,14 +287,81 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
     assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
     qemu_io_ok(&uri, &["read -P 7 0 4M", "read -P 8 4M 64k"]);
 
-    // With the link fast again the same migration goes through.
+    // A partition while catching up: the group stays at a (writes go on
+    // there) until the link heals, then the migration completes.
+    qemu_io_ok(&uri, &["write -P 9 8M 2M", "flush"]);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--no-wait",
+            "--timeout",
+            "600",
+        ],
+    );
+    sites.ok(A, &["link", "cut", "a", "b"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("catching-up"), "{listed}");
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
+    qemu_io_ok(&uri, &["write -P 10 10M 64k", "flush"]);
+    // An idle group whose target applied everything before the cut does
+    // not switch over to a target it cannot reach: its switchovers are
+    // called off until the link heals.
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "other",
+            "--to",
+            "b",
+            "--no-wait",
+            "--timeout",
+            "600",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(owner(&sites, A, "other"), ("a".to_string(), 1));
+    sites.ok(A, &["link", "heal", "a", "b"]);
     sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
-    let moved = sites.ok(A, &["volume", "migrate", "vm", "--to", "b"]);
-    assert!(moved.contains("to b"), "{moved}");
+    sites.wait_until(
+        "the migrations completed after the heal",
+        Duration::from_secs(60),
+        || {
+            owner(&sites, A, "vm") == ("b".to_string(), 2)
+                && owner(&sites, A, "other") == ("b".to_string(), 2)
+        },
+    );
     qemu_io_ok(
         &sites.nbd_uri(B, "vm"),
-        &["read -P 7 0 4M", "read -P 8 4M 64k"],
+        &[
+            "read -P 7 0 4M",
+            "read -P 8 4M 64k",
+            "read -P 9 8M 2M",
+            "read -P 10 10M 64k",
+        ],
     );
+
+    // --group moves every volume of a consistency group together.
+    for disk in ["disk1", "disk2"] {
+        sites.ok(
+            A,
+            &["volume", "create", disk, "--size", "8M", "--group", "vm2"],
+        );
+    }
+    let moved = sites.ok(A, &["volume", "migrate", "--group", "vm2", "--to", "b"]);
+    assert!(
+        moved.contains("group vm2 (disk1, disk2)") && moved.contains("to b"),
+        "{moved}"
+    );
+    for disk in ["disk1", "disk2"] {
+        assert_eq!(owner(&sites, B, disk), ("b".to_string(), 2));
+    }
 }
 
 #[test]
@@ -324,8 +392,9 @@ fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
             "600",
         ],
     );
-    let listed = sites.ok(B, &["migration", "list"]);
-    assert!(listed.contains("recorded"), "{listed}");
+    sites.wait_until("b applied the record", Duration::from_secs(10), || {
+        sites.ok(B, &["migration", "list"]).contains("recorded")
+    });
     // The source's node dies mid-migration; the record stays in the
     // metadata until the restarted node cancels it.
     sites.kill9(A);
@@ -336,9 +405,10 @@ fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
         || !sites.ok(B, &["migration", "list"]).contains("recorded"),
     );
     assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
-    assert!(
-        sites.logs().contains("the node restarted during it"),
-        "the restarted node says why it cancelled"
+    sites.wait_until(
+        "the restarted node says why it cancelled",
+        Duration::from_secs(10),
+        || sites.logs().contains("the node restarted during it"),
     );
     sites.wait_until("a holds its lease again", Duration::from_secs(30), || {
         sites.status(A)["lease"]["valid"] == true

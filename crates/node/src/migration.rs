@@ -151,7 +151,9 @@ pub(crate) enum SwitchError {
 impl SwitchError {
     pub(crate) fn into_node_error(self, volume: &str, site: &str) -> NodeError {
         let reason = match self {
-            SwitchError::NotReady => "the new owner did not catch up in time".to_string(),
+            SwitchError::NotReady => {
+                "the new owner did not catch up (or answer) in time".to_string()
+            }
             SwitchError::Cancelled => "cancelled".to_string(),
             SwitchError::Refused(reason) => reason,
             SwitchError::Unknown(error) => return error,
@@ -707,17 +709,42 @@ impl Node {
             .with_engine(|engine| engine.hand_over(now, group))
             .map_err(|error| SwitchError::Refused(error.to_string()))?;
         let held_at = Instant::now();
+        // The target must answer now, not only have acknowledged every
+        // delta some time ago: an idle group's target may have been cut
+        // off since (a cut is noticed only after the idle timeout), and
+        // ownership moved to a site the source cannot reach strands the
+        // clients here. One round trip, run while the last delta's
+        // acknowledgement comes back.
+        let (_, index) = control.applied();
+        let mut probe = {
+            let control = control.clone();
+            let node = target.node.clone();
+            self.runtime
+                .spawn(async move { control.confirm_applied(&[node], index).await.is_empty() })
+        };
         let call_off = |error: SwitchError| {
             let now = self.driver.now();
             self.driver
                 .with_engine(|engine| engine.cancel_hand_over(now, group));
             error
         };
-        while !self.driver.engine.lock().hand_over_ready(group, target.id) {
+        let mut answered = false;
+        loop {
+            if !answered && probe.is_finished() {
+                answered = self.wait(&mut probe).unwrap_or(false);
+                if !answered {
+                    return Err(call_off(SwitchError::NotReady));
+                }
+            }
+            if answered && self.driver.engine.lock().hand_over_ready(group, target.id) {
+                break;
+            }
             if cancel.is_some_and(|cancel| cancel.load(Ordering::Acquire)) {
+                probe.abort();
                 return Err(call_off(SwitchError::Cancelled));
             }
             if held_at.elapsed() > hold_limit {
+                probe.abort();
                 return Err(call_off(SwitchError::NotReady));
             }
             std::thread::sleep(Duration::from_millis(1));
