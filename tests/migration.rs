@@ -150,11 +150,11 @@ fn a_volume_written_by_fio_migrates_to_b_and_back_without_an_error() {
     let first = FioJob {
         name: "first",
         offset_mib: 0,
-        size_mib: 24,
-        rate_iops: 1000,
+        size_mib: 8,
+        rate_iops: 500,
     };
     let (fio, report) = first.spawn(&dir, &sites.nbd_uri(A, "vm"));
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(1500));
     let moved = sites.ok(A, &["volume", "migrate", "vm", "--to", "b"]);
     assert!(moved.contains("migrated volume vm from a to b"), "{moved}");
     assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
@@ -165,11 +165,11 @@ fn a_volume_written_by_fio_migrates_to_b_and_back_without_an_error() {
     let second = FioJob {
         name: "second",
         offset_mib: 32,
-        size_mib: 24,
-        rate_iops: 1000,
+        size_mib: 8,
+        rate_iops: 500,
     };
     let (fio, report) = second.spawn(&dir, &sites.nbd_uri(B, "vm"));
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(1500));
     let back = sites.ok(B, &["volume", "migrate", "vm", "--to", "a"]);
     assert!(back.contains("migrated volume vm from b to a"), "{back}");
     assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 3));
@@ -184,6 +184,19 @@ fn a_volume_written_by_fio_migrates_to_b_and_back_without_an_error() {
     }
     let listed = sites.ok(A, &["migration", "list"]);
     assert!(listed.contains("done"), "{listed}");
+    // Each node counts the migrations it drove and the pauses.
+    for node in [A, B] {
+        let metrics = sites.metrics(node);
+        assert_eq!(
+            metric_value(&metrics, "stretch_migrations_total", &["outcome=\"done\""]),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric_value(&metrics, "stretch_migration_pause_seconds_count", &[]),
+            Some(1.0)
+        );
+    }
     sites.wait_replicated_from(A, B, Duration::from_secs(60));
     let compare = run(
         Command::new("qemu-img")

@@ -95,6 +95,11 @@ struct ReplicationGauges {
     peer_rtt_seconds: GaugeVec,
     peer_malformed: IntCounterVec,
     peer_refused: IntCounter,
+    /// Live migrations this node drove, by how they ended; how long each
+    /// switchover held the writes; switchovers called off.
+    migrations: IntCounterVec,
+    migration_pause_seconds: Histogram,
+    switchovers_called_off: IntCounter,
     unapplied_deltas: IntGaugeVec,
     unapplied_bytes: IntGaugeVec,
     lag_seconds: GaugeVec,
@@ -268,7 +273,29 @@ impl Metrics {
         registry
             .register(Box::new(peer_malformed.clone()))
             .expect("metric registration invariant: unique name");
+        let migrations = IntCounterVec::new(
+            Opts::new(
+                "stretch_migrations_total",
+                "Live migrations this node drove, by outcome (done, gave-up, cancelled, failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric definition invariant");
+        registry
+            .register(Box::new(migrations.clone()))
+            .expect("metric registration invariant: unique name");
         let replication = ReplicationGauges {
+            migrations,
+            migration_pause_seconds: histogram(
+                &registry,
+                "stretch_migration_pause_seconds",
+                "How long a migration's switchover held the group's writes",
+            ),
+            switchovers_called_off: counter(
+                &registry,
+                "stretch_migration_switchovers_called_off_total",
+                "Switchovers called off: the target did not apply every delta (or answer) within the hold bound",
+            ),
             shipped_deltas: counter(
                 &registry,
                 "stretch_shipped_deltas_total",
@@ -635,6 +662,23 @@ impl Metrics {
             .peer_malformed
             .with_label_values(&[peer])
             .inc();
+    }
+
+    /// A migration this node drove ended; `pause` for one that switched over.
+    pub fn migration_ended(&self, outcome: &str, pause: Option<std::time::Duration>) {
+        self.replication
+            .migrations
+            .with_label_values(&[outcome])
+            .inc();
+        if let Some(pause) = pause {
+            self.replication
+                .migration_pause_seconds
+                .observe(pause.as_secs_f64());
+        }
+    }
+
+    pub fn switchover_called_off(&self) {
+        self.replication.switchovers_called_off.inc();
     }
 
     pub fn peer_rtt(&self, peer: &str, seconds: f64) {

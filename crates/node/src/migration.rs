@@ -532,6 +532,7 @@ impl Node {
                     Err(SwitchError::NotReady) => {
                         tracing::info!(group = %record.group, to = %target.site,
                             "switchover called off: the target did not apply every delta within {SWITCHOVER_HOLD_MS_MAX} ms; catching up goes on");
+                        self.driver.metrics.switchover_called_off();
                         self.update_running(group, |info| {
                             info.phase = "catching-up".into();
                             info.switchovers_called_off += 1;
@@ -685,6 +686,9 @@ impl Node {
                 info.reason = Some(reason);
             }
         }
+        self.driver
+            .metrics
+            .migration_ended(&info.phase, info.pause_ms.map(Duration::from_millis));
         migrations.finished.push_front(info);
         migrations.finished.truncate(FINISHED_MAX);
     }
