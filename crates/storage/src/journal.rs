@@ -156,9 +156,10 @@ impl<F: FileSystem> Journal<F> {
         segment.unsynced = true;
         segment.holds_records = true;
         self.next_position += 1;
-        let next = DeltaSeq(record.seq.0 + 1);
-        let entry = self.next_seq.entry(record.group).or_insert(next);
-        *entry = (*entry).max(next);
+        // The newest record numbers the group, even below an older one: a
+        // resync renumbers a replica to its owner's line (see `recover`).
+        self.next_seq
+            .insert(record.group, DeltaSeq(record.seq.0 + 1));
         Ok(())
     }
 

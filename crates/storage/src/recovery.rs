@@ -37,8 +37,9 @@ pub struct Recovery {
     /// The regions (volume, block / `region_blocks`) the replayed deltas
     /// touched: another site may lack them.
     pub replayed_regions: std::collections::BTreeSet<(VolumeId, u64)>,
-    /// Per group, the newest replayed delta and the epoch it was written
-    /// under: the epoch of the group's image, when that delta is its last.
+    /// Per group, the delta its newest replayed record (in journal order)
+    /// names and the epoch it was written under: the epoch of the group's
+    /// image, when that delta is its last.
     pub newest_replayed: BTreeMap<GroupId, (DeltaSeq, stretch_core::Epoch)>,
 }
 
@@ -94,9 +95,10 @@ pub fn recover<F: FileSystem>(
             continue;
         }
         expected = Some(segment.first_position);
+        // The header holds the numbering after every record before the
+        // segment (the same as replaying them, if they are still here).
         for (group, seq) in &segment.next_seq {
-            let entry = recovery.next_seq.entry(*group).or_insert(*seq);
-            *entry = (*entry).max(*seq);
+            recovery.next_seq.insert(*group, *seq);
         }
         let mut stop: Option<String> = None;
         let stopped = read_records::<F, RecoveryError>(fs.as_ref(), segment, |record| {
@@ -125,16 +127,17 @@ pub fn recover<F: FileSystem>(
             );
             recovery.replayed_deltas += 1;
             recovery.replayed_blocks += record.blocks.len() as u64;
-            let next = DeltaSeq(record.seq.0 + 1);
-            let entry = recovery.next_seq.entry(record.group).or_insert(next);
-            *entry = (*entry).max(next);
-            let newest = recovery
+            // The newest record in journal order numbers the group, not
+            // the highest seq: a resync's first chunk renumbers a replica
+            // to its owner's line, below deltas of its own (or of an owner
+            // a failover replaced) that the journal may still hold. Its
+            // record names the newest delta of the group then.
+            recovery
+                .next_seq
+                .insert(record.group, DeltaSeq(record.seq.0 + 1));
+            recovery
                 .newest_replayed
-                .entry(record.group)
-                .or_insert((record.seq, record.epoch));
-            if record.seq >= newest.0 {
-                *newest = (record.seq, record.epoch);
-            }
+                .insert(record.group, (record.seq, record.epoch));
             expected = Some(record.position.0 + 1);
             Ok(())
         })?;

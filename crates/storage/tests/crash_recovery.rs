@@ -341,3 +341,45 @@ fn recovery_of_an_empty_directory_starts_at_one() {
     assert_eq!(recovery.next_position, JournalPosition(1));
     assert_eq!(recovery.replayed_deltas, 0);
 }
+
+/// A replica's journal whose numbering goes down: deltas 1 to 40 under
+/// epoch 1 (its own, as an owner a failover replaced), then a resync from
+/// the new owner renumbers it to that owner's line (a first chunk standing
+/// for delta 5, epoch 2) and deltas 6 to 24 of epoch 2 follow. Recovery
+/// numbers the group after the newest record, not the highest seq: 25,
+/// epoch 2 (numbered 41 under epoch 1, the site would claim deltas 25 to
+/// 40 of a line the cluster dropped, and as an owner it would resync its
+/// replicas to "delta 40, epoch 1", which no history names). The header of
+/// a later segment says the same once the older ones are released.
+fn check_renumbered_by_a_resync<F: FileSystem>(node: &Node<F>) {
+    let mut rng = Rng(4);
+    let (mut records, images) = random_history(&mut rng, 60);
+    for (index, record) in records.iter_mut().enumerate().skip(40) {
+        record.epoch = Epoch(2);
+        record.seq = DeltaSeq(index as u64 - 35);
+    }
+    let legs = node.legs(true);
+    let mut journal = run_history(node, &records, records.len(), &legs);
+    let recovery = node.recover(&legs);
+    assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(25));
+    assert_eq!(recovery.last_epochs().get(&GROUP), Some(&Epoch(2)));
+    assert!(node.leg_image(&legs) == images[60]);
+    // Every record released: only the newest segment's header is left.
+    legs[&VOLUME].sync().expect("sync legs");
+    journal.release(JournalPosition(60)).expect("release");
+    drop(journal);
+    let recovery = node.recover(&legs);
+    assert_eq!(recovery.replayed_deltas, 0);
+    assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(25));
+}
+
+#[test]
+fn a_resync_renumbering_a_replica_downwards_survives_recovery_on_host_files() {
+    let (_dir, node) = os_node();
+    check_renumbered_by_a_resync(&node);
+}
+
+#[test]
+fn a_resync_renumbering_a_replica_downwards_survives_recovery_on_simulated_disk() {
+    check_renumbered_by_a_resync(&sim_node());
+}

@@ -283,12 +283,24 @@ impl Engine {
             group.next_seq.max(DeltaSeq(base.0 + 1))
         };
         let current_epoch = group.epoch;
-        // The chunk's journal record stands for delta `base` (recovery
-        // takes the newest record's epoch as the image's): the epoch that
-        // delta was written under, not the owner's current one, or a site
-        // resynced right after a failover would read as diverged after a
-        // restart.
-        let epoch = self.epoch_at(group_id, base).unwrap_or(current_epoch);
+        // Recovery numbers the group after its newest journal record, in
+        // journal order (a first chunk may number it below deltas the
+        // journal still holds: a diverged site's own, or the line of an
+        // owner a failover replaced). So the chunk's record names the
+        // group's newest delta now: `base` for a first chunk, the newest
+        // delta received since then for a later one (a later chunk must
+        // not take the numbering back below the deltas that followed the
+        // first). Its epoch is that delta's (the image's, at recovery):
+        // the epoch `base` was written under, not the owner's current one,
+        // or a site resynced right after a failover would read as
+        // diverged after a restart.
+        let newest = DeltaSeq(group.next_seq.0 - 1);
+        let epoch = if newest > base {
+            group.last_epoch.or_else(|| self.epoch_at(group_id, newest))
+        } else {
+            self.epoch_at(group_id, base)
+        }
+        .unwrap_or(current_epoch);
         let inbound = self.replication.inbound.entry(group_id).or_default();
         let resync = inbound.resync.get_or_insert(InboundResync {
             last_received: false,
@@ -314,7 +326,7 @@ impl Engine {
                 self.index.set_dirty(*key, image.clone(), tag);
             }
             self.dirty_bytes += charge;
-            let record = self.enqueue_closed(group_id, epoch, base, tag, blocks, charge, true);
+            let record = self.enqueue_closed(group_id, epoch, newest, tag, blocks, charge, true);
             self.replication
                 .inbound
                 .get_mut(&group_id)

@@ -128,7 +128,8 @@ impl Site {
                     self.engine.leg_read_done(io, Ok(data));
                 }
                 Action::AppendJournal { record } => {
-                    self.next_seq = self.next_seq.max(DeltaSeq(record.seq.0 + 1));
+                    // As recovery numbers a group: after its newest record.
+                    self.next_seq = DeltaSeq(record.seq.0 + 1);
                     self.journal.push(record);
                 }
                 Action::ReleaseJournal { upto } => {
@@ -872,6 +873,59 @@ fn writes_during_a_resync_still_converge() {
     pair.tick(100);
     assert_legs_equal(&pair);
     assert!(pair.b.engine.replication_status()[0].consistent);
+}
+
+#[test]
+fn a_resync_chunk_after_deltas_of_its_resync_is_journaled_as_the_newest_delta() {
+    // Recovery numbers a group after its newest journal record (a first
+    // chunk may take the numbering down). Chunks of one resync all start
+    // from its base, and deltas past the base follow the first chunk on
+    // the stream: a later chunk's record must name the newest delta taken
+    // since, or b, restarted after it, numbers the group back at the base
+    // and takes those deltas again over the chunks that followed them.
+    let config_a = EngineConfig {
+        region_blocks: 16,
+        ..config(A, B)
+    };
+    let config_b = EngineConfig {
+        region_blocks: 16,
+        ..config(B, A)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config_b);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: eight regions to copy.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.tick(100);
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::NeedsResync
+    );
+    // The first window of chunks, then a delta, wait on the stream.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    pair.write(false, 1 << 20, block(2));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    let seqs: Vec<u64> = pair.b.journal.iter().map(|record| record.seq.0).collect();
+    assert!(
+        seqs.windows(2).all(|pair| pair[0] <= pair[1]),
+        "b's numbering went back: {seqs:?}"
+    );
+    assert_eq!(
+        pair.b.next_seq, pair.b.engine.groups[&GROUP].next_seq,
+        "{seqs:?}"
+    );
 }
 
 #[test]
