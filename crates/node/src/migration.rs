@@ -231,6 +231,27 @@ impl Node {
             to: to.to_string(),
             expected_epoch: record.epoch,
         }));
+        // A lost answer: the retry was refused because the first attempt
+        // recorded the move already. It is this request's (the slot above
+        // keeps any other start here out, and only the owner's node starts
+        // one), so it goes on.
+        let begun = match begun {
+            Err(ControlError::Refused(CommandError::MoveInFlight { .. }))
+                if control
+                    .applied()
+                    .0
+                    .moves
+                    .get(&group)
+                    .is_some_and(|recorded| {
+                        recorded.to == to
+                            && recorded.from == self.site
+                            && recorded.epoch == record.epoch
+                    }) =>
+            {
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        };
         if let Err(error) = begun {
             self.migrations.lock().running.remove(&group);
             return Err(match error {
