@@ -102,6 +102,28 @@ pub struct MigrationInfo {
 }
 
 impl MigrationInfo {
+    /// A migration of `group` in `phase`, with nothing measured yet.
+    fn new(group: String, volumes: Vec<String>, from: String, to: String, phase: &str) -> Self {
+        MigrationInfo {
+            id: 0,
+            group,
+            volumes,
+            from,
+            to,
+            phase: phase.into(),
+            bytes_left: None,
+            bytes_left_max: 0,
+            drain_bytes_per_second: 0,
+            write_bytes_per_second: 0,
+            elapsed_ms: 0,
+            timeout_s: 0,
+            switchovers_called_off: 0,
+            pause_ms: None,
+            epoch: None,
+            reason: None,
+        }
+    }
+
     pub fn finished(&self) -> bool {
         matches!(
             self.phase.as_str(),
@@ -199,21 +221,14 @@ impl Node {
             migrations.next_id += 1;
             let info = MigrationInfo {
                 id: migrations.next_id,
-                group: record.group.clone(),
-                volumes,
-                from: self.site.clone(),
-                to: to.to_string(),
-                phase: "catching-up".into(),
-                bytes_left: None,
-                bytes_left_max: 0,
-                drain_bytes_per_second: 0,
-                write_bytes_per_second: 0,
-                elapsed_ms: 0,
                 timeout_s,
-                switchovers_called_off: 0,
-                pause_ms: None,
-                epoch: None,
-                reason: None,
+                ..MigrationInfo::new(
+                    record.group.clone(),
+                    volumes,
+                    self.site.clone(),
+                    to.to_string(),
+                    "catching-up",
+                )
             };
             // Registered before the record commits, so that a reconcile
             // in between does not take the record for a stale one.
@@ -299,22 +314,14 @@ impl Node {
                     continue;
                 };
                 list.push(MigrationInfo {
-                    id: 0,
-                    volumes: volumes_of(&metadata, *group),
-                    group: name,
-                    from: record.from.clone(),
-                    to: record.to.clone(),
-                    phase: "recorded".into(),
-                    bytes_left: None,
-                    bytes_left_max: 0,
-                    drain_bytes_per_second: 0,
-                    write_bytes_per_second: 0,
-                    elapsed_ms: 0,
-                    timeout_s: 0,
-                    switchovers_called_off: 0,
-                    pause_ms: None,
-                    epoch: None,
                     reason: Some(format!("driven by the node of site {}", record.from)),
+                    ..MigrationInfo::new(
+                        name,
+                        volumes_of(&metadata, *group),
+                        record.from.clone(),
+                        record.to.clone(),
+                        "recorded",
+                    )
                 });
             }
         }
@@ -356,22 +363,14 @@ impl Node {
             .into_iter()
             .find(|info| info.group == group_name);
         Ok(found.unwrap_or_else(|| MigrationInfo {
-            id: 0,
-            group: group_name,
-            volumes: volumes_of(&metadata, id),
-            from: String::new(),
-            to: String::new(),
-            phase: "cancelled".into(),
-            bytes_left: None,
-            bytes_left_max: 0,
-            drain_bytes_per_second: 0,
-            write_bytes_per_second: 0,
-            elapsed_ms: 0,
-            timeout_s: 0,
-            switchovers_called_off: 0,
-            pause_ms: None,
-            epoch: None,
             reason: Some("cancelled by an operator".into()),
+            ..MigrationInfo::new(
+                group_name,
+                volumes_of(&metadata, id),
+                String::new(),
+                String::new(),
+                "cancelled",
+            )
         }))
     }
 

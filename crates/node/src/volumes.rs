@@ -201,43 +201,16 @@ impl Node {
         let record = self
             .volume(name)
             .ok_or_else(|| CatalogError::NoSuchVolume(name.to_string()))?;
-        let fail = |reason: &str| NodeError::Move {
-            volume: name.to_string(),
-            site: to.to_string(),
-            reason: reason.to_string(),
-        };
         if record.owner != self.site {
             return Err(NodeError::NotOwner {
                 volume: name.to_string(),
                 owner: record.owner.clone(),
             });
         }
-        if to == self.site {
-            return Err(fail("it already owns it"));
-        }
-        let to_id = self
-            .sites
-            .id(to)
-            .filter(|_| self.sites.is_data_site(to))
-            .ok_or_else(|| NodeError::UnknownSite(to.to_string()))?;
+        let target = self.migration_target(&record, to)?;
         let control = self.control()?.clone();
-        let peers = self
-            .peers
-            .get()
-            .ok_or_else(|| fail("this node has no links"))?;
-        let to_node = peers
-            .data_node_of(to)
-            .ok_or_else(|| fail("it has no data node"))?;
-        if !peers.connected_sites().iter().any(|site| site == to) {
-            return Err(fail("it is not connected"));
-        }
         let group = record.group_id();
         self.moving.lock().insert(group.0);
-        let target = crate::migration::Target {
-            site: to.to_string(),
-            id: to_id,
-            node: to_node,
-        };
         let result = self.switch_over(&control, &record, &target, MOVE_TIMEOUT, false, None);
         self.moving.lock().remove(&group.0);
         // Whatever happened, this node now follows the metadata.
