@@ -369,7 +369,10 @@ fn journal_loop(
             JournalCommand::Release(upto) => {
                 if let Err(error) = journal.release(upto) {
                     // The records stay on disk; replaying them again is
-                    // harmless, so this costs space, not data.
+                    // harmless, so this costs space, not data. A failed
+                    // roll to a new segment is retried by the next append
+                    // (the journal keeps no record past a file it may
+                    // have left).
                     tracing::warn!(%error, "could not delete released journal segments");
                 }
             }

@@ -78,6 +78,12 @@ pub struct Journal<F: FileSystem> {
     segments: VecDeque<Segment<F::File>>,
     next_position: u64,
     next_seq: BTreeMap<GroupId, DeltaSeq>,
+    /// A roll failed after it may have created the next segment's file: no
+    /// record may go into the active segment past that file's first
+    /// position (recovery would read the file, empty, as a gap and drop
+    /// every record after it), so the next append rolls first. The retry
+    /// rolls at the same position, overwriting the file.
+    roll_pending: bool,
 }
 
 #[derive(Debug)]
@@ -120,6 +126,7 @@ impl<F: FileSystem> Journal<F> {
             segments: VecDeque::new(),
             next_position: next_position.0.max(1),
             next_seq,
+            roll_pending: false,
         };
         journal.roll()?;
         Ok(journal)
@@ -133,10 +140,11 @@ impl<F: FileSystem> Journal<F> {
                 got: record.position.0,
             });
         }
-        let needs_roll = self
-            .segments
-            .back()
-            .is_some_and(|segment| segment.len >= self.segment_bytes_max);
+        let needs_roll = self.roll_pending
+            || self
+                .segments
+                .back()
+                .is_some_and(|segment| segment.len >= self.segment_bytes_max);
         if needs_roll {
             self.roll()?;
         }
@@ -223,6 +231,9 @@ impl<F: FileSystem> Journal<F> {
     /// Starts a new segment: its header is written and synced, and the
     /// directory synced, before any record is appended to it.
     fn roll(&mut self) -> Result<(), JournalError> {
+        // Set until the new segment is in use: a failure at any step below
+        // may leave its file on disk (see `roll_pending`).
+        self.roll_pending = true;
         let path = segment_path(&self.dir, self.next_position);
         let file = self.fs.open(&path, true).map_err(io_error(&path))?;
         file.set_len(0).map_err(io_error(&path))?;
@@ -238,6 +249,7 @@ impl<F: FileSystem> Journal<F> {
             unsynced: false,
             holds_records: false,
         });
+        self.roll_pending = false;
         Ok(())
     }
 }

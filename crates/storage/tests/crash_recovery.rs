@@ -383,3 +383,45 @@ fn a_resync_renumbering_a_replica_downwards_survives_recovery_on_host_files() {
 fn a_resync_renumbering_a_replica_downwards_survives_recovery_on_simulated_disk() {
     check_renumbered_by_a_resync(&sim_node());
 }
+
+/// A release that finds the active segment fully released starts a new
+/// one; when that roll fails (here its header's fsync), its file may stay on
+/// disk, empty, named after the next position. Records appended after the
+/// failure must not go on in the old segment past that position: recovery
+/// would read the empty file as a gap there and drop every record after it,
+/// synced or not. The next append rolls again at the same position.
+#[test]
+fn a_failed_segment_roll_does_not_hide_later_records_from_recovery() {
+    let node = sim_node();
+    let mut rng = Rng(5);
+    let (records, images) = random_history(&mut rng, 30);
+    let legs = node.legs(true);
+    let mut journal = run_history(&node, &records[..10], 10, &legs);
+    legs[&VOLUME].sync().expect("sync legs");
+    node.fs.set_sync_failure(true);
+    assert!(
+        journal.release(JournalPosition(10)).is_err(),
+        "the new segment's header cannot be synced"
+    );
+    node.fs.set_sync_failure(false);
+    for record in &records[10..] {
+        journal.append(record).expect("append");
+        journal.sync().expect("sync");
+        let blocks = record.blocks.iter().map(|(key, image)| (key.block, image));
+        legs[&VOLUME].apply(blocks).expect("apply");
+    }
+    // Release everything before the newest segments, as the engine does
+    // once the legs hold them.
+    legs[&VOLUME].sync().expect("sync legs");
+    journal.release(JournalPosition(20)).expect("release");
+    drop(journal);
+    let legs = node.legs(false);
+    let recovery = node.recover(&legs);
+    assert_eq!(recovery.dropped_tail, None);
+    assert_eq!(recovery.next_position, JournalPosition(31));
+    assert_eq!(recovery.next_seq[&GROUP], DeltaSeq(31));
+    assert!(
+        node.leg_image(&legs) == images[30],
+        "every synced record is replayed"
+    );
+}
