@@ -435,3 +435,120 @@ fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
         &["read -P 5 0 4M", "read -P 6 4M 64k"],
     );
 }
+
+/// Ownership follows the workload: a group set to `follow auto` whose
+/// requests come from b (fio at b's export; its writes are forwarded to
+/// the owner a) migrates to b by itself, once, under the writes, and stays
+/// there; a group left `off` under the same workload stays at a.
+#[test]
+fn a_group_set_to_follow_its_workload_moves_to_where_the_workload_runs() {
+    require_tool("fio");
+    let sites = TwoSites::start(
+        Layout::OneProcess,
+        &[
+            ("follow_window_ms = 60000", "follow_window_ms = 2000"),
+            (
+                "follow_interval_between_moves_ms = 600000",
+                "follow_interval_between_moves_ms = 3000",
+            ),
+            (
+                "follow_requests_per_second_min = 10",
+                "follow_requests_per_second_min = 20",
+            ),
+        ],
+    );
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    sites.ok(A, &["volume", "create", "still", "--size", "64M"]);
+    let set = sites.ok(A, &["volume", "follow", "vm", "auto"]);
+    assert!(
+        set.contains("group vm (volume vm) follows its workload"),
+        "{set}"
+    );
+    sites.wait_until("b sees the setting", Duration::from_secs(10), || {
+        sites
+            .ok(B, &["volume", "show", "vm"])
+            .contains("follow: auto")
+    });
+    assert!(
+        sites
+            .ok(A, &["volume", "show", "still"])
+            .contains("follow: off")
+    );
+    // Bad input is refused with the reason.
+    let bad = sites.cli(A, &["volume", "follow", "vm", "sometimes"]);
+    assert!(!bad.success(), "{bad}");
+    assert!(bad.stderr.contains("possible values"), "{bad}");
+    let unknown = sites.cli(A, &["volume", "follow", "nope", "auto"]);
+    assert!(!unknown.success(), "{unknown}");
+    assert!(unknown.stderr.contains("nope"), "{unknown}");
+
+    let dir = sites.dir.path().to_path_buf();
+    let jobs = [
+        (
+            "vm",
+            FioJob {
+                name: "followed",
+                offset_mib: 0,
+                size_mib: 8,
+                rate_iops: 300,
+            },
+        ),
+        (
+            "still",
+            FioJob {
+                name: "unfollowed",
+                offset_mib: 0,
+                size_mib: 8,
+                rate_iops: 300,
+            },
+        ),
+    ];
+    let running: Vec<_> = jobs
+        .iter()
+        .map(|(volume, job)| job.spawn(&dir, &sites.nbd_uri(B, volume)))
+        .collect();
+    sites.wait_until(
+        "vm follows its workload to b",
+        Duration::from_secs(30),
+        || owner(&sites, B, "vm").0 == "b",
+    );
+    for ((_, job), (child, report)) in jobs.iter().zip(running) {
+        job.finish(child, &report);
+    }
+    for (volume, job) in &jobs {
+        job.verify_only(&dir, &sites.nbd_uri(B, volume));
+    }
+    assert_eq!(owner(&sites, A, "still"), ("a".to_string(), 1));
+    assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
+    let metrics = sites.metrics(A);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "stretch_follow_decisions_total",
+            &["outcome=\"migrating\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "stretch_migrations_total", &["outcome=\"done\""]),
+        Some(1.0),
+        "{metrics}"
+    );
+    let logs = sites.logs();
+    assert!(
+        logs.contains("following the workload") && logs.contains("came from b"),
+        "the decision is logged with its reason:\n{logs}"
+    );
+    // At b the workload is local: past another interval, nothing moves.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
+    assert_eq!(
+        metric_value(
+            &sites.metrics(B),
+            "stretch_follow_decisions_total",
+            &["outcome=\"migrating\""]
+        ),
+        None
+    );
+}

@@ -126,6 +126,12 @@ impl AdminClient {
         self.call("POST", &path, Some(body))
     }
 
+    pub fn follow_volume(&self, name: &str, follow: &str) -> anyhow::Result<VolumeInfo> {
+        let body = serde_json::json!({ "follow": follow });
+        let path = format!("/v1/volumes/{}/follow", segment(name));
+        self.call("POST", &path, Some(body))
+    }
+
     pub fn promote_volume(&self, name: &str, site: &str) -> anyhow::Result<VolumeInfo> {
         let body = serde_json::json!({ "site": site, "accept_data_loss": true });
         let path = format!("/v1/volumes/{}/promote", segment(name));

@@ -200,6 +200,17 @@ enum VolumeCommand {
     /// node (--admin). Shows progress until the move ends; gives up, with
     /// the reason, if the backlog does not converge within --timeout.
     Migrate(migrate_command::MigrateArgs),
+    /// Set whether the ownership of a volume's consistency group follows
+    /// its workload. With auto, once a site other than the owner brings
+    /// most of the group's requests (80 % for a minute by default:
+    /// tuning.follow_*), the owner migrates the group there (drain mode;
+    /// `stretch migration list` shows it), at most once in ten minutes.
+    /// Off by default.
+    Follow {
+        name: String,
+        #[arg(value_parser = ["auto", "off"])]
+        policy: String,
+    },
     /// Fail a volume's group over to SITE while its owner site is lost,
     /// accepting the loss of the writes the owner acknowledged that SITE
     /// had not received. Ask a node at SITE (--admin). Waits until the old
@@ -564,6 +575,7 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!("owner:  site {} (epoch {})", volume.owner, volume.epoch);
             println!("mode:   {}", volume.mode);
             println!("failover: {}", volume.failover);
+            println!("follow: {}", volume.follow);
             if let Some(reason) = &volume.suspended {
                 println!("SUSPENDED: {reason}");
             }
@@ -600,6 +612,19 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             );
         }
         VolumeCommand::Migrate(args) => migrate_command::migrate(client, args)?,
+        VolumeCommand::Follow { name, policy } => {
+            let volume = client.follow_volume(&name, &policy)?;
+            match volume.follow.as_str() {
+                "auto" => println!(
+                    "the ownership of group {} (volume {}) follows its workload",
+                    volume.group, volume.name
+                ),
+                _ => println!(
+                    "the ownership of group {} (volume {}) stays where it is put",
+                    volume.group, volume.name
+                ),
+            }
+        }
         VolumeCommand::Promote {
             name,
             site,

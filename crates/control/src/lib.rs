@@ -44,6 +44,7 @@ pub const IMAGE_OFFER_WAIT_MS: u64 = 2_000;
 /// it counts as unanswered.
 pub const LEASE_STATE_TIMEOUT_MS: u64 = 400;
 
+mod follow;
 mod image_choice;
 mod lease;
 mod migration;
@@ -53,6 +54,7 @@ mod takeover;
 mod testing;
 mod verdict;
 
+pub use follow::{FollowMove, FollowSettings, FollowTracker};
 pub use image_choice::{ImageChoice, Survivor, choose as choose_image, survivors};
 pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, LeaseRequest};
 pub use migration::SwitchPoint;

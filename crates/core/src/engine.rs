@@ -382,6 +382,7 @@ impl Engine {
         let Some(request) = self.gate_on_lease(request_id, request) else {
             return;
         };
+        self.count_submitted(spec.group, request_id);
         if !is_read && self.replication.is_handing_over(spec.group) {
             // Held until the new owner takes over (then forwarded to it) or
             // the hand-over is called off (then served here).

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Failover, GroupId, GroupState, Mode, NodeId, NodeInfo, Role, VolumeId};
+use crate::types::{Failover, Follow, GroupId, GroupState, Mode, NodeId, NodeInfo, Role, VolumeId};
 
 /// One change to the cluster metadata. Everything a command needs is in it:
 /// applying it reads no clock and does no I/O, so every replica reaches the
@@ -97,6 +97,8 @@ pub enum Command {
         expected_epoch: u64,
         state: GroupState,
     },
+    /// Set whether `group`'s ownership follows its workload.
+    SetFollow { group: String, follow: Follow },
 }
 
 impl fmt::Display for Command {
@@ -182,6 +184,7 @@ impl fmt::Display for Command {
                     "set-group-state {group} {state:?} at epoch {expected_epoch}"
                 )
             }
+            Command::SetFollow { group, follow } => write!(f, "set-follow {group} {follow}"),
         }
     }
 }

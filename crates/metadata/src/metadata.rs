@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandError, CommandResult, Outcome};
 use crate::types::{
-    EPOCH_HISTORY_MAX, EpochStart, FailoverRecord, Group, GroupId, GroupState, Move, NodeId,
-    NodeInfo, Role, Site, Volume, VolumeId,
+    EPOCH_HISTORY_MAX, EpochStart, FailoverRecord, Follow, Group, GroupId, GroupState, Move,
+    NodeId, NodeInfo, Role, Site, Volume, VolumeId,
 };
 
 /// Volumes are made of 4 KiB blocks (DESIGN §1).
@@ -136,6 +136,7 @@ impl ClusterMetadata {
                 expected_epoch,
                 state,
             } => self.set_group_state(group, *expected_epoch, *state),
+            Command::SetFollow { group, follow } => self.set_follow(group, *follow),
         }
     }
 
@@ -264,6 +265,7 @@ impl ClusterMetadata {
                     }],
                     last_failover: None,
                     offers: BTreeMap::new(),
+                    follow: Follow::Off,
                 };
                 (id, 1, Some((group, next)))
             }
@@ -490,6 +492,18 @@ impl ClusterMetadata {
         let (id, epoch) = (group.id, group.epoch);
         self.moves.remove(&id);
         Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn set_follow(&mut self, name: &str, follow: Follow) -> CommandResult {
+        let group = self
+            .groups
+            .values_mut()
+            .find(|group| group.name == name)
+            .ok_or_else(|| CommandError::UnknownGroup {
+                group: name.to_owned(),
+            })?;
+        group.follow = follow;
+        Ok(Outcome::Done)
     }
 
     fn set_group_state(
@@ -911,6 +925,34 @@ mod tests {
             }
         }
         assert!(last > 1);
+    }
+
+    #[test]
+    fn a_group_follows_its_workload_only_when_told() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        assert_eq!(m.group_by_name("g1").expect("group").follow, Follow::Off);
+        let auto = Command::SetFollow {
+            group: "g1".into(),
+            follow: Follow::Auto,
+        };
+        m.apply(&auto).expect("set");
+        assert_eq!(m.group_by_name("g1").expect("group").follow, Follow::Auto);
+        // The setting stays with the group through a change of owner.
+        m.apply(&transfer("g1", "a", "b", 1)).expect("transfer");
+        assert_eq!(m.group_by_name("g1").expect("group").follow, Follow::Auto);
+        assert!(matches!(
+            m.apply(&Command::SetFollow {
+                group: "nope".into(),
+                follow: Follow::Auto
+            }),
+            Err(CommandError::UnknownGroup { .. })
+        ));
+        // A group recorded before the setting existed reads as off.
+        let mut value = serde_json::to_value(m.group_by_name("g1").expect("group")).expect("json");
+        value.as_object_mut().expect("object").remove("follow");
+        let old: Group = serde_json::from_value(value).expect("old group");
+        assert_eq!(old.follow, Follow::Off);
     }
 
     #[test]

@@ -56,6 +56,26 @@ pub enum Failover {
     Manual,
 }
 
+/// Whether a group's ownership follows its workload: with `auto`, its
+/// owner migrates it to the site most of its requests come from, once that
+/// lasts (see `stretch_control::FollowSettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Follow {
+    #[default]
+    Off,
+    Auto,
+}
+
+impl fmt::Display for Follow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Follow::Off => "off",
+            Follow::Auto => "auto",
+        })
+    }
+}
+
 /// The serving state of a consistency group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -144,6 +164,9 @@ pub struct Group {
     /// change of owner.
     #[serde(default)]
     pub offers: BTreeMap<String, Option<u64>>,
+    /// Whether ownership follows the workload.
+    #[serde(default)]
+    pub follow: Follow,
 }
 
 /// Entries kept in [`Group::history`]; a site further behind than the

@@ -9,6 +9,7 @@
 //! | GET    | /v1/volumes/NAME      | [`VolumeInfo`]                      |
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
 //! | POST   | /v1/volumes/NAME/move | [`MoveVolume`] in, [`VolumeInfo`]   |
+//! | POST   | /v1/volumes/NAME/follow | [`SetFollow`] in, [`VolumeInfo`]  |
 //! | GET    | /v1/migrations        | list of `MigrationInfo`             |
 //! | POST   | /v1/migrations        | [`StartMigration`] in, `MigrationInfo` |
 //! | POST   | /v1/migrations/NAME/cancel | `MigrationInfo` (NAME: group or volume) |
@@ -265,6 +266,9 @@ pub struct VolumeInfo {
     /// `auto` or `manual` (see [`CreateVolume::failover`]).
     #[serde(default)]
     pub failover: String,
+    /// `auto` if the group's ownership follows its workload, else `off`.
+    #[serde(default)]
+    pub follow: String,
     /// Why the volume accepts no writes now, if it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<String>,
@@ -284,6 +288,14 @@ pub struct VolumeInfo {
 #[serde(deny_unknown_fields)]
 pub struct MoveVolume {
     pub to: String,
+}
+
+/// `POST /v1/volumes/NAME/follow`: whether the ownership of the volume's
+/// group follows its workload (`auto` or `off`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetFollow {
+    pub follow: String,
 }
 
 /// How far one other site is behind on a volume.
@@ -583,6 +595,7 @@ impl Shared {
             | Route::DeleteVolume(_)
             | Route::MoveVolume(_)
             | Route::PromoteVolume(_)
+            | Route::FollowVolume(_)
             | Route::StartMigration => {
                 // Waiting here is cancelled if the client goes away; once
                 // the change runs, the turn is held until it is done, even
@@ -826,6 +839,7 @@ enum Route {
     DeleteVolume(String),
     MoveVolume(String),
     PromoteVolume(String),
+    FollowVolume(String),
     ListMigrations,
     StartMigration,
     CancelMigration(String),
@@ -842,6 +856,7 @@ impl Route {
             Route::CreateVolume
                 | Route::MoveVolume(_)
                 | Route::PromoteVolume(_)
+                | Route::FollowVolume(_)
                 | Route::StartMigration
                 | Route::SetLink
                 | Route::CutLink
@@ -871,6 +886,7 @@ fn parse_route(method: &Method, path: &str) -> Result<Route, Reply> {
         (&Method::POST, ["v1", "volumes", volume, "promote"]) => {
             Route::PromoteVolume(name(volume)?)
         }
+        (&Method::POST, ["v1", "volumes", volume, "follow"]) => Route::FollowVolume(name(volume)?),
         (&Method::GET, ["v1", "migrations"]) => Route::ListMigrations,
         (&Method::POST, ["v1", "migrations"]) => Route::StartMigration,
         (&Method::POST, ["v1", "migrations", group, "cancel"]) => {
@@ -1090,6 +1106,23 @@ fn node_route(node: &Arc<Node>, route: Route, body: &[u8]) -> Reply {
                 Err(error) => node_error(error),
             }
         }
+        Route::FollowVolume(name) => {
+            let request: SetFollow = match serde_json::from_slice(body) {
+                Ok(request) => request,
+                Err(error) => return Reply::error(400, format!("bad follow request: {error}")),
+            };
+            let follow = match request.follow.as_str() {
+                "auto" => stretch_metadata::Follow::Auto,
+                "off" => stretch_metadata::Follow::Off,
+                other => {
+                    return Reply::error(400, format!("follow must be auto or off, not {other:?}"));
+                }
+            };
+            match node.set_follow(&name, follow) {
+                Ok(record) => Reply::json(200, &volume_info(node, &record)),
+                Err(error) => node_error(error),
+            }
+        }
         Route::ListMigrations => Reply::json(200, &node.migrations()),
         Route::StartMigration => {
             let request: StartMigration = match serde_json::from_slice(body) {
@@ -1233,6 +1266,7 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
         epoch: record.epoch,
         mode: record.mode.clone(),
         failover: node.failover_policy(record).to_string(),
+        follow: node.follow_policy(record).to_string(),
         suspended: node.suspension(record),
         last_failover: node.last_failover(record),
         replicas: node

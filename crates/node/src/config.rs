@@ -275,12 +275,24 @@ pub struct Tuning {
     /// to offer their images (the newest takes it). Past it, survivors that
     /// did not offer are passed over.
     pub image_offer_wait_ms: u64,
+    /// Ownership that follows the workload (groups set to `follow auto`):
+    /// a group moves to a site that brings at least this share of its
+    /// requests, in percent (51 to 100) ...
+    pub follow_share_percent_min: u32,
+    /// ... over this long, in milliseconds (at least 1000) ...
+    pub follow_window_ms: u64,
+    /// ... at this many requests per second or more (all sites) ...
+    pub follow_requests_per_second_min: u64,
+    /// ... and at most once in this long, in milliseconds (at least
+    /// `follow_window_ms`), counted from any change of owner.
+    pub follow_interval_between_moves_ms: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         let engine = EngineConfig::default();
         let lease = stretch_control::LeaseConfig::default();
+        let follow = stretch_control::FollowSettings::DEFAULT;
         Tuning {
             delta_interval_ms: engine.delta_interval_ms,
             delta_max_bytes: ByteSize(engine.delta_max_bytes),
@@ -301,11 +313,25 @@ impl Default for Tuning {
             lease_margin_ms: lease.margin_ms,
             suspend_hold_ms: engine.suspend_hold_ms,
             image_offer_wait_ms: stretch_control::IMAGE_OFFER_WAIT_MS,
+            follow_share_percent_min: follow.share_percent_min,
+            follow_window_ms: follow.window_ms,
+            follow_requests_per_second_min: follow.requests_per_second_min,
+            follow_interval_between_moves_ms: follow.interval_between_moves_ms,
         }
     }
 }
 
 impl Tuning {
+    /// When a group set to `follow auto` moves after its workload.
+    pub fn follow(&self) -> stretch_control::FollowSettings {
+        stretch_control::FollowSettings {
+            share_percent_min: self.follow_share_percent_min,
+            window_ms: self.follow_window_ms,
+            requests_per_second_min: self.follow_requests_per_second_min,
+            interval_between_moves_ms: self.follow_interval_between_moves_ms,
+        }
+    }
+
     /// The ownership-lease timing of every node.
     pub fn lease(&self) -> stretch_control::LeaseConfig {
         stretch_control::LeaseConfig {
@@ -570,6 +596,9 @@ impl ClusterConfig {
             return Err(format!(
                 "tuning.image_offer_wait_ms must be {IMAGE_OFFER_WAIT_MS_MIN} to {IMAGE_OFFER_WAIT_MS_MAX}: shorter, a survivor that is a round trip slower to offer its newer image is passed over; longer holds a failover back"
             ));
+        }
+        if let Err(reason) = tuning.follow().check() {
+            return Err(format!("tuning.follow_{reason}"));
         }
         Ok(())
     }
@@ -982,6 +1011,46 @@ mod tests {
             let edited = text.replace("image_offer_wait_ms = 2000", bad);
             assert!(
                 parse_error(&edited).contains("tuning.image_offer_wait_ms"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn following_the_workload_is_tuned_within_its_bounds() {
+        let config = shipped("local.toml");
+        assert_eq!(
+            config.tuning.follow(),
+            stretch_control::FollowSettings::DEFAULT
+        );
+        let text = LOCAL_CONFIG
+            .replace("follow_window_ms = 60000", "follow_window_ms = 5000")
+            .replace(
+                "follow_interval_between_moves_ms = 600000",
+                "follow_interval_between_moves_ms = 9000",
+            );
+        let config = ClusterConfig::parse(&text, "edited").expect("valid");
+        assert_eq!(config.tuning.follow().window_ms, 5000);
+        assert_eq!(config.tuning.follow().interval_between_moves_ms, 9000);
+        for (shipped, bad, key) in [
+            (
+                "follow_share_percent_min = 80",
+                "follow_share_percent_min = 40",
+                "tuning.follow_share_percent_min",
+            ),
+            (
+                "follow_window_ms = 60000",
+                "follow_window_ms = 10",
+                "tuning.follow_window_ms",
+            ),
+            (
+                "follow_interval_between_moves_ms = 600000",
+                "follow_interval_between_moves_ms = 1000",
+                "tuning.follow_interval_between_moves_ms",
+            ),
+        ] {
+            assert!(
+                parse_error(&LOCAL_CONFIG.replace(shipped, bad)).contains(key),
                 "{bad}"
             );
         }

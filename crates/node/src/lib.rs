@@ -13,6 +13,7 @@ mod control;
 mod driver;
 mod export;
 mod failover;
+mod follow;
 mod links;
 mod metrics;
 mod migration;

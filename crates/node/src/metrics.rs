@@ -99,6 +99,7 @@ struct ReplicationGauges {
     /// switchover held the writes; switchovers called off.
     migrations: IntCounterVec,
     migration_pause_seconds: Histogram,
+    follow_decisions: IntCounterVec,
     switchovers_called_off: IntCounter,
     unapplied_deltas: IntGaugeVec,
     unapplied_bytes: IntGaugeVec,
@@ -284,8 +285,20 @@ impl Metrics {
         registry
             .register(Box::new(migrations.clone()))
             .expect("metric registration invariant: unique name");
+        let follow_decisions = IntCounterVec::new(
+            Opts::new(
+                "stretch_follow_decisions_total",
+                "Groups this node decided to migrate after their workload (follow auto), by outcome (migrating, refused)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric definition invariant");
+        registry
+            .register(Box::new(follow_decisions.clone()))
+            .expect("metric registration invariant: unique name");
         let replication = ReplicationGauges {
             migrations,
+            follow_decisions,
             migration_pause_seconds: histogram(
                 &registry,
                 "stretch_migration_pause_seconds",
@@ -675,6 +688,15 @@ impl Metrics {
                 .migration_pause_seconds
                 .observe(pause.as_secs_f64());
         }
+    }
+
+    /// The owner decided to move a group after its workload (`migrating`,
+    /// or `refused` when the migration could not start).
+    pub fn follow_decision(&self, outcome: &str) {
+        self.replication
+            .follow_decisions
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     pub fn switchover_called_off(&self) {

@@ -295,6 +295,11 @@ impl Node {
         Ok(info)
     }
 
+    /// The groups this node is migrating now.
+    pub(crate) fn running_migrations(&self) -> Vec<u32> {
+        self.migrations.lock().running.keys().copied().collect()
+    }
+
     /// This node's migrations (running and recently ended) and the ones
     /// the metadata records that another node drives.
     pub(crate) fn migrations(&self) -> Vec<MigrationInfo> {

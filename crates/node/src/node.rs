@@ -548,6 +548,13 @@ pub async fn run_node(
             ));
         }
     }
+    if multi_site {
+        control_tasks.spawn(crate::follow::follow_workloads(
+            node.clone(),
+            config.tuning.follow(),
+            stop_peers.subscribe(),
+        ));
+    }
     control_tasks.spawn(follow_metadata(
         node.clone(),
         control.watch_applied(),

@@ -108,6 +108,11 @@ pub struct GroupReplication {
     /// Bytes of deltas closed since this site began owning the group (0 at
     /// a replica): the write rate, sampled over time.
     pub closed_bytes_total: u64,
+    /// Requests (reads, writes, flushes, trims) served since this site
+    /// began owning the group, by the site they came from (this one, or
+    /// another that forwarded them): where the workload runs. Empty at a
+    /// replica.
+    pub requests_by_site: BTreeMap<SiteId, u64>,
     /// Filled at the owner: one entry per other site.
     pub peers: Vec<PeerReplication>,
     /// False at a replica whose leg is mid-resync (not at a delta boundary).
@@ -177,6 +182,8 @@ struct Outbound {
     /// Bytes of the deltas closed since this run began owning the group
     /// (see [`GroupReplication::closed_bytes_total`]).
     closed_bytes: u64,
+    /// See [`GroupReplication::requests_by_site`].
+    requests_by_site: BTreeMap<SiteId, u64>,
 }
 
 #[derive(Debug)]
@@ -487,6 +494,27 @@ fn regions_of(
         .blocks
         .iter()
         .map(move |(key, _)| region_of(key, region_blocks))
+}
+
+impl Engine {
+    /// Counts a request this site serves as `group`'s owner by the site it
+    /// came from (see [`GroupReplication::requests_by_site`]): this one, or
+    /// the one that forwarded it. A resync's own reads are no one's
+    /// workload.
+    pub(super) fn count_submitted(&mut self, group: GroupId, request: RequestId) {
+        let origin = match self.replication.internal.get(&request) {
+            None => self.config.site,
+            Some(Internal::Forward { peer, .. }) => *peer,
+            Some(Internal::Read { .. } | Internal::ResyncRead { .. }) => return,
+        };
+        self.count_request_from(group, origin);
+    }
+
+    pub(super) fn count_request_from(&mut self, group: GroupId, origin: SiteId) {
+        if let Some(outbound) = self.replication.outbound.get_mut(&group) {
+            *outbound.requests_by_site.entry(origin).or_default() += 1;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -978,6 +1006,12 @@ impl Engine {
                         .outbound
                         .get(group)
                         .map_or(0, |outbound| outbound.closed_bytes),
+                    requests_by_site: self
+                        .replication
+                        .outbound
+                        .get(group)
+                        .map(|outbound| outbound.requests_by_site.clone())
+                        .unwrap_or_default(),
                     peers,
                     consistent: self
                         .replication

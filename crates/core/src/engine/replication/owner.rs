@@ -880,6 +880,7 @@ impl Engine {
             answer(self, Err(error));
             return;
         }
+        self.count_request_from(spec.group, from);
         if length == 0 {
             answer(self, Ok(Vec::new()));
             return;

@@ -838,6 +838,30 @@ fn the_bytes_written_and_applied_are_counted_for_a_migrations_rates() {
 }
 
 #[test]
+fn the_owner_counts_requests_by_the_site_they_came_from() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.read(false, false, 0, 4096);
+    // At the replica: a forwarded write and a strict read the owner
+    // answers; a snapshot read there never reaches the owner.
+    pair.write(true, 4096, block(2));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 8192, block(3));
+    pair.read(true, false, 0, 3 * 4096);
+    pair.read(true, true, 0, 4096);
+    pair.hold_group_lane_to_b = false;
+    pair.tick(100);
+    let status = pair.a.engine.replication_status();
+    assert_eq!(status[0].requests_by_site, BTreeMap::from([(A, 3), (B, 2)]));
+    assert!(
+        pair.b.engine.replication_status()[0]
+            .requests_by_site
+            .is_empty()
+    );
+}
+
+#[test]
 fn a_site_away_briefly_catches_up_from_retained_deltas() {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
