@@ -552,3 +552,61 @@ fn a_group_set_to_follow_its_workload_moves_to_where_the_workload_runs() {
         None
     );
 }
+
+/// The target dies while it catches up (kill -9 of b's node, separate
+/// processes): ownership never moves to a site the source cannot reach;
+/// the group keeps taking writes at a meanwhile; once b is back it
+/// catches up (what it missed while down included) and the same
+/// migration completes.
+#[test]
+fn a_migration_whose_target_dies_while_catching_up_completes_once_it_returns() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[]);
+    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
+        [A, B]
+            .iter()
+            .all(|node| sites.status(*node)["lease"]["valid"] == true)
+    });
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let uri = sites.nbd_uri(A, "vm");
+    // 4 MiB at 2 Mbit/s: the migration catches up for about 16 s.
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--no-wait",
+            "--timeout",
+            "300",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    sites.kill9(B);
+    // The source goes on taking writes while b is away.
+    qemu_io_ok(&uri, &["write -P 6 4M 64k", "flush"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("catching-up"), "{listed}");
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 1));
+    qemu_io_ok(&uri, &["write -P 7 8M 64k", "flush"]);
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
+    sites.start_node(B);
+    sites.wait_until(
+        "the migration completes once b is back",
+        Duration::from_secs(120),
+        || owner(&sites, A, "vm") == ("b".to_string(), 2),
+    );
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("done"), "{listed}");
+    qemu_io_ok(
+        &sites.nbd_uri(B, "vm"),
+        &["read -P 5 0 4M", "read -P 6 4M 64k", "read -P 7 8M 64k"],
+    );
+    // The writes at a still work, forwarded to the new owner.
+    qemu_io_ok(&uri, &["write -P 8 12M 64k", "read -P 8 12M 64k"]);
+}
