@@ -622,6 +622,7 @@ impl Engine {
             self.close_delta(group);
         }
         self.expire_remote(now);
+        self.expire_awaiting_ownership(now);
         self.check_backlog_wait(now);
         self.expire_suspended(now);
     }

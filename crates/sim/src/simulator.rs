@@ -263,6 +263,8 @@ enum Event {
     /// Live migrations (see `migration`): one starting, a driver's look.
     MigrationStart,
     MigrationStep(u32),
+    /// A migration's target applies the switchover (after its source).
+    MigrationTargetLearns(usize),
 }
 
 #[derive(Debug)]
@@ -1083,6 +1085,7 @@ impl<'a> Simulation<'a> {
             Event::Learn(site) => self.learn_after_isolation(site),
             Event::MigrationStart => self.migration_start(),
             Event::MigrationStep(group) => self.migration_step(group),
+            Event::MigrationTargetLearns(site) => self.learn_now(site),
         }
     }
 

@@ -35,7 +35,13 @@
 //! - while a snapshot read at a replica reads its leg parts, no new delta
 //!   of its group starts onto the legs (the image stays whole-delta);
 //! - ids of requests sent to an owner, and of resumes, start above every
-//!   id an earlier run of the site issued.
+//!   id an earlier run of the site issued;
+//! - a forwarded request or strict read for a group this site does not
+//!   own, sent by the site it takes for the owner, waits here (at most
+//!   half the remote timeout, 4096 at most) for this site to learn the
+//!   change of owner: the old owner sends them on once the change is
+//!   committed, and the new owner may apply it a moment later. They are
+//!   served only once this site owns the group.
 
 use super::*;
 
@@ -162,7 +168,27 @@ pub(super) struct Replication {
     lost_regions: BTreeMap<GroupId, failover::LostRegions>,
     /// The wanted set changed while a save was in flight.
     marks_stale: bool,
+    /// Forwarded requests and strict reads sent here by the site this site
+    /// still takes for the group's owner: it handed the group over to this
+    /// site, which has not applied the change yet. Each waits, until its
+    /// deadline, for this site to learn who owns the group now (see
+    /// [`Engine::set_owner`]). At most [`AWAITING_OWNERSHIP_MAX`].
+    awaiting_ownership: BTreeMap<GroupId, VecDeque<AwaitingOwnership>>,
+    awaiting_ownership_count: usize,
 }
+
+/// A request that reached the new owner of a group before the change of
+/// owner did.
+#[derive(Debug)]
+struct AwaitingOwnership {
+    deadline: Timestamp,
+    from: SiteId,
+    message: SiteMessage,
+}
+
+/// Requests all groups together may hold waiting for their change of owner
+/// to apply here; past it they are refused at once.
+const AWAITING_OWNERSHIP_MAX: usize = 4096;
 
 /// A group this site owns.
 #[derive(Debug, Default)]
@@ -403,7 +429,14 @@ impl Replication {
     }
 
     pub(super) fn next_deadline(&self) -> Option<Timestamp> {
-        self.remote_deadlines.first().map(|(deadline, _)| *deadline)
+        let remote = self.remote_deadlines.first().map(|(deadline, _)| *deadline);
+        let awaiting = self
+            .awaiting_ownership
+            .values()
+            .filter_map(|waiting| waiting.front())
+            .map(|waiting| waiting.deadline)
+            .min();
+        remote.into_iter().chain(awaiting).min()
     }
 
     /// True if another site's journal holds every delta of `group` up to
@@ -595,6 +628,18 @@ impl Engine {
     /// decided. A replica that can reach the new owner asks it to resume.
     /// Requests held by a hand-over go to the new owner.
     pub fn set_owner(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
+        self.change_owner(group, owner, epoch);
+        // Requests that came before the change are decided on it now.
+        if let Some(waiting) = self.replication.awaiting_ownership.remove(&group) {
+            self.replication.awaiting_ownership_count -= waiting.len();
+            let now = self.now;
+            for request in waiting {
+                self.receive(now, request.from, request.message);
+            }
+        }
+    }
+
+    fn change_owner(&mut self, group: GroupId, owner: SiteId, epoch: Epoch) {
         let site = self.config.site;
         // Whichever site owns it now, a takeover begun here is over: this
         // site owns the group (from the seq it reported) or follows the

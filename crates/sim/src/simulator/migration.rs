@@ -34,8 +34,14 @@ const STEP_MS: u64 = 10;
 /// Longest the writes are held at a switchover before it is called off
 /// (well inside the owner-stall bound: a held write is an owner write).
 pub(super) const HOLD_MS_MAX: u64 = 200;
+/// The target applies a switchover at most this long after its source, in
+/// milliseconds (the metadata commit reaching it).
+const TARGET_LEARNS_MS_MAX: u64 = 50;
 /// A migration that has not switched over by then gives up.
-const TIMEOUT_MS: u64 = 3_000;
+/// Each migration's timeout is drawn between these, in milliseconds: short
+/// ones give up under a backlog or a cut, so that path runs often too.
+const TIMEOUT_MS_MIN: u64 = 300;
+const TIMEOUT_MS_MAX: u64 = 3_000;
 /// The drain rate is measured over this window.
 const RATE_WINDOW_NS: u64 = 1_000 * MS;
 
@@ -92,6 +98,7 @@ impl Simulation<'_> {
                 format!("MIGRATION of group {group} to site {} begins", to + 1)
             });
         let step = self.scenario.engine.delta_interval_ms.max(1);
+        let timeout_ms = self.migration_rng.between(TIMEOUT_MS_MIN, TIMEOUT_MS_MAX);
         self.migrations.insert(
             group,
             Migration {
@@ -100,7 +107,7 @@ impl Simulation<'_> {
                 to,
                 epoch,
                 generation: self.sites[from].generation,
-                deadline: self.now + TIMEOUT_MS * MS,
+                deadline: self.now + timeout_ms * MS,
                 holding_since: None,
                 samples: VecDeque::new(),
             },
@@ -303,15 +310,18 @@ impl Simulation<'_> {
                 )
             },
         );
-        // The target first (it must own the group before the held writes
-        // reach it), then the others; a site cut off from the voters
-        // learns when it returns.
-        self.learn_now(migration.to);
+        // As the node does: the source applies the switchover at once and
+        // sends the held writes on; the target applies it up to
+        // TARGET_LEARNS_MS_MAX later (held writes and strict reads that
+        // reach it before wait there for it). A site cut off from the
+        // voters learns when it returns.
         for site in 0..self.sites.len() {
             if site != migration.to && self.control.isolated() != Some(site) {
                 self.learn_now(site);
             }
         }
+        let delay = self.migration_rng.below(TARGET_LEARNS_MS_MAX * MS + 1);
+        self.schedule(self.now + delay, Event::MigrationTargetLearns(migration.to));
         true
     }
 }

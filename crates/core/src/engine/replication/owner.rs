@@ -863,6 +863,13 @@ impl Engine {
             return;
         }
         if self.owner_of(spec.group) != self.config.site {
+            if self.await_ownership(
+                spec.group,
+                from,
+                SiteMessage::ReadRequest { id, request, have },
+            ) {
+                return;
+            }
             let error = RequestError::Io(format!(
                 "site {} does not own volume {volume}",
                 self.config.site
@@ -952,11 +959,104 @@ impl Engine {
         );
     }
 
+    /// Holds `message` (a strict read or a forwarded request for `group`,
+    /// which this site does not own) if it comes from the site this site
+    /// takes for the owner: that site sends it here only because it handed
+    /// the group to this site, and this site will learn so shortly. Not
+    /// served before then, so never by a site that does not own the group.
+    /// False (the caller refuses it) otherwise or past the bound.
+    fn await_ownership(&mut self, group: GroupId, from: SiteId, message: SiteMessage) -> bool {
+        if self.owner_of(group) != from
+            || from == self.config.site
+            || self.replication.awaiting_ownership_count >= AWAITING_OWNERSHIP_MAX
+        {
+            return false;
+        }
+        // Answered (refused) well before the sender gives up on it.
+        let deadline = self
+            .now
+            .saturating_add_millis(self.config.remote_timeout_ms / 2);
+        self.replication.awaiting_ownership_count += 1;
+        self.replication
+            .awaiting_ownership
+            .entry(group)
+            .or_default()
+            .push_back(AwaitingOwnership {
+                deadline,
+                from,
+                message,
+            });
+        true
+    }
+
+    /// Refuses the requests that waited for a change of owner too long.
+    pub(in crate::engine) fn expire_awaiting_ownership(&mut self, now: Timestamp) {
+        let groups: Vec<GroupId> = self
+            .replication
+            .awaiting_ownership
+            .keys()
+            .copied()
+            .collect();
+        for group in groups {
+            let Some(waiting) = self.replication.awaiting_ownership.get_mut(&group) else {
+                continue;
+            };
+            let mut expired = Vec::new();
+            while waiting
+                .front()
+                .is_some_and(|request| request.deadline <= now)
+            {
+                expired.extend(waiting.pop_front());
+            }
+            if waiting.is_empty() {
+                self.replication.awaiting_ownership.remove(&group);
+            }
+            self.replication.awaiting_ownership_count -= expired.len();
+            for request in expired {
+                let error = RequestError::Io(format!(
+                    "site {} does not own the volume (it was not told it does within {} ms)",
+                    self.config.site,
+                    self.config.remote_timeout_ms / 2
+                ));
+                let reply = match request.message {
+                    SiteMessage::Forward { id, .. } => SiteMessage::ForwardReply {
+                        id,
+                        result: Err(error),
+                    },
+                    SiteMessage::ReadRequest { id, .. } => SiteMessage::ReadReply {
+                        id,
+                        result: Err(error),
+                    },
+                    other => unreachable!(
+                        "engine invariant: only requests await ownership, not {other:?}"
+                    ),
+                };
+                self.actions.push_back(Action::Send {
+                    peer: request.from,
+                    message: reply,
+                });
+            }
+        }
+    }
+
     pub(super) fn receive_forward(&mut self, from: SiteId, id: u64, request: Request) {
         let volume = request.volume();
         let owned = self
             .volume(volume)
             .is_some_and(|spec| self.owner_of(spec.group) == self.config.site);
+        if !owned
+            && let Some(spec) = self.volume(volume)
+            && self.await_ownership(
+                spec.group,
+                from,
+                SiteMessage::Forward {
+                    id,
+                    request: request.clone(),
+                },
+            )
+        {
+            return;
+        }
         if !owned {
             let result = match self.volume(volume) {
                 None => Err(RequestError::NoVolume(volume)),

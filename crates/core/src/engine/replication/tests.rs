@@ -1008,6 +1008,60 @@ fn ownership_moves_after_the_new_owner_holds_every_delta() {
 }
 
 #[test]
+fn requests_the_old_owner_sends_before_the_new_owner_learns_of_the_change_wait_for_it() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    let held = pair.write(false, 4096, block(2));
+    pair.settle();
+    assert!(pair.a.engine.hand_over_ready(GROUP, B));
+    // The old owner learns first this time: its held write and a strict
+    // read go to b, which still takes a for the owner. They wait there,
+    // unanswered and not served.
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    let read = pair.read(false, false, 0, 8192);
+    pair.settle();
+    assert_eq!(pair.a.reply(held), None);
+    assert_eq!(pair.a.reply(read), None);
+    assert_eq!(pair.b.leg.get(&1), None);
+    // Once b learns it owns the group, both are served there.
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    pair.settle();
+    assert_eq!(pair.a.reply(held), Some(&Ok(Response::Done)));
+    let data = pair.a.read_reply(read);
+    assert_eq!(&data[..4096], &block(1)[..]);
+    assert_eq!(&data[4096..], &block(2)[..]);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_request_awaiting_a_change_of_owner_that_never_comes_is_refused_in_time() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    pair.settle();
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    let write = pair.write(false, 0, block(3));
+    pair.settle();
+    assert_eq!(pair.a.reply(write), None);
+    // b refuses it well before a would time it out, and serves nothing.
+    let timeout_ms = pair.b.engine.config().remote_timeout_ms;
+    pair.tick(timeout_ms / 2 + 1);
+    assert!(
+        matches!(pair.a.reply(write), Some(Err(RequestError::Io(reason))) if reason.contains("does not own")),
+        "{:?}",
+        pair.a.reply(write)
+    );
+    assert_eq!(pair.b.leg.get(&0), None);
+}
+
+#[test]
 fn a_called_off_hand_over_serves_the_held_writes_locally() {
     let mut pair = Pair::new(Mode::Async);
     pair.a
