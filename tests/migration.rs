@@ -520,6 +520,12 @@ fn a_group_set_to_follow_its_workload_moves_to_where_the_workload_runs() {
     }
     assert_eq!(owner(&sites, A, "still"), ("a".to_string(), 1));
     assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
+    // The owner shows where the workload runs.
+    let shown = sites.ok(A, &["volume", "show", "still"]);
+    assert!(
+        shown.contains("since this owner took the group (b 100%)"),
+        "{shown}"
+    );
     let metrics = sites.metrics(A);
     assert_eq!(
         metric_value(

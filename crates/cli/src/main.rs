@@ -576,6 +576,18 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
             println!("mode:   {}", volume.mode);
             println!("failover: {}", volume.failover);
             println!("follow: {}", volume.follow);
+            let requests: u64 = volume.requests_by_site.values().sum();
+            if requests > 0 {
+                let shares: Vec<String> = volume
+                    .requests_by_site
+                    .iter()
+                    .map(|(site, count)| format!("{site} {}%", count * 100 / requests))
+                    .collect();
+                println!(
+                    "requests: {requests} since this owner took the group ({})",
+                    shares.join(", ")
+                );
+            }
             if let Some(reason) = &volume.suspended {
                 println!("SUSPENDED: {reason}");
             }

@@ -56,6 +56,7 @@
 
 mod token;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -269,6 +270,10 @@ pub struct VolumeInfo {
     /// `auto` if the group's ownership follows its workload, else `off`.
     #[serde(default)]
     pub follow: String,
+    /// At the owner: the requests its group served since this site began
+    /// owning it, by the site they came from (where the workload runs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests_by_site: BTreeMap<String, u64>,
     /// Why the volume accepts no writes now, if it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<String>,
@@ -1267,6 +1272,7 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
         mode: record.mode.clone(),
         failover: node.failover_policy(record).to_string(),
         follow: node.follow_policy(record).to_string(),
+        requests_by_site: node.requests_by_site(record),
         suspended: node.suspension(record),
         last_failover: node.last_failover(record),
         replicas: node

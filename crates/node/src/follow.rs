@@ -160,6 +160,29 @@ impl Node {
         Ok(record)
     }
 
+    /// The requests the volume's group served here since this site began
+    /// owning it, by site name (empty at a replica).
+    pub(crate) fn requests_by_site(
+        &self,
+        record: &stretch_storage::VolumeRecord,
+    ) -> BTreeMap<String, u64> {
+        let status = self.driver.engine.lock().replication_status();
+        status
+            .into_iter()
+            .find(|status| status.group == record.group_id())
+            .map(|status| {
+                status
+                    .requests_by_site
+                    .into_iter()
+                    .map(|(site, count)| {
+                        let name = self.sites.name(site).unwrap_or("unknown");
+                        (name.to_string(), count)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether the volume's group follows its workload.
     pub(crate) fn follow_policy(&self, record: &stretch_storage::VolumeRecord) -> Follow {
         self.control
