@@ -501,6 +501,9 @@ impl Scenario {
             self.network.far_site_delay_ms = rng.between(20, 100);
             self.engine.delta_interval_ms = self.engine.delta_interval_ms.min(10);
         }
+        // Drawn after every other knob, so a seed keeps the scenario it
+        // had before migrations joined the swarm.
+        self.faults.migration_per_second = [0.0, 1.0, 2.0, 4.0][rng.below(4) as usize];
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -119,18 +119,22 @@ fn swarm_passes() {
     );
 }
 
-/// Each planted defect is caught within the first 100 swarm seeds, and by
-/// the guarantee it breaks; the clean build passes the same seeds
-/// (`swarm_passes`).
+/// Each planted defect is caught within the first 100 swarm seeds (one
+/// rare one within 200), and by the guarantee it breaks; the clean build
+/// passes the same seeds (`swarm_passes`).
 #[test]
 fn every_planted_bug_is_caught() {
-    let seeds = if cfg!(debug_assertions) { 30 } else { 100 };
-    // The migration defect needs migrations, which the swarm does not
-    // draw yet (see the next test).
-    for bug in SimBug::ALL
-        .into_iter()
-        .filter(|bug| *bug != SimBug::MigrationSwitchesEarly)
-    {
+    for bug in SimBug::ALL {
+        let seeds = match bug {
+            // A map that forgets a region shows only when an owner
+            // restarts while a site lacks that region, and the site then
+            // resumes without the region coming again by another way:
+            // about 1 % of the swarm's seeds (9 of the first 1,000, the
+            // first at seed 118).
+            SimBug::Core(PlantedBug::MapForgetsDirty) => 200,
+            _ if cfg!(debug_assertions) => 30,
+            _ => 100,
+        };
         let caught = (1..=seeds).find_map(|seed| {
             run(&swarm_scenario(seed), &options(seed, Some(bug)))
                 .violation
@@ -172,7 +176,8 @@ fn every_planted_bug_is_caught() {
             SimBug::Core(PlantedBug::DiffSkipsFirstMissing) => &["G2"],
             // The old owner's leg keeps blocks the cluster dropped.
             SimBug::Core(PlantedBug::HealForgetsLostRegions) => &["G6", "G2", "G3"],
-            SimBug::MigrationSwitchesEarly => unreachable!("filtered out above"),
+            // The target's image at the switchover lacks deltas.
+            SimBug::MigrationSwitchesEarly => &["G4", "G3"],
         };
         assert!(
             expected.contains(&violation.guarantee),

@@ -98,7 +98,14 @@ impl Simulation<'_> {
                     let (volume, _, _) = self.checker.write_range(write);
                     self.check_acknowledger(from, volume);
                 }
-                self.checker.forward_answered(write, result.is_ok());
+                // A relay that stopped waiting for the new owner's answer
+                // fails the write, but the new owner may still apply it:
+                // the write runs until that owner answers it (or can no
+                // longer apply it).
+                let still_running = result.is_err() && self.relayed_by(from, write);
+                if !still_running {
+                    self.checker.forward_answered(write, result.is_ok());
+                }
             }
         }
         let outbox = self.net.outboxes.entry((from, to)).or_default();
@@ -536,7 +543,10 @@ impl Simulation<'_> {
             }
         }
         // Forwards it held as an owner will never be answered now; its
-        // recovery shows whether they were applied.
+        // recovery shows whether they were applied. A write it held for a
+        // hand-over and already sent on to the group's new owner is still
+        // live: what it sent before dying may arrive, and that owner may
+        // apply it and answers for it (or its loss settles it).
         let held: Vec<(usize, usize, u64)> = self
             .owner_pending
             .keys()
@@ -551,7 +561,9 @@ impl Simulation<'_> {
                 .into_iter()
                 .flatten()
             {
-                self.checker.forward_settled(write);
+                if !self.relayed_by(site, write) {
+                    self.checker.forward_settled(write);
+                }
             }
         }
         for link in self.net.links_of(site) {
@@ -567,6 +579,21 @@ impl Simulation<'_> {
             let detect = self.rng.below(self.scenario.network.detect_ms_max * MS + 1);
             self.schedule(self.now + detect, Event::Detect { link, conn });
         }
+    }
+
+    /// Whether `site` sent write `write` on to another site that may still
+    /// apply it: the forward is on the wire (in flight or held by a cut),
+    /// or that site received it and has not answered it yet.
+    fn relayed_by(&self, site: usize, write: u32) -> bool {
+        let on_the_wire = self
+            .net
+            .packets
+            .values()
+            .any(|packet| packet.from == site && packet.write == Some(write));
+        let pending_elsewhere = self.owner_pending.iter().any(|((owner, from, _), writes)| {
+            *owner != site && *from == site && writes.contains(&Some(write))
+        });
+        on_the_wire || pending_elsewhere
     }
 
     /// The faults stop: every cut heals and every link is dialled again.

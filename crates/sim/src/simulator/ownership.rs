@@ -103,12 +103,14 @@ fn epoch_history(group: &stretch_metadata::Group) -> Vec<EpochStart> {
         .collect()
 }
 
-/// Tells an engine who owns `group` and from which epoch (history first,
-/// when leases are on: a site that lost the group counts its loss at once).
-fn tell_group(engine: &mut Engine, group: &stretch_metadata::Group, with_history: bool) {
-    if with_history {
-        engine.set_epoch_history(GroupId(group.id), epoch_history(group));
-    }
+/// Tells an engine who owns `group` and from which epoch, history first
+/// (a site that lost the group counts its loss at once), as the node does
+/// whether or not leases are on: a restarted owner trusts a saved map of
+/// what another site lacks only for a group it owned from its first delta,
+/// and a group that moved (a failover, a migration) needs the history to
+/// say it did not.
+fn tell_group(engine: &mut Engine, group: &stretch_metadata::Group) {
+    engine.set_epoch_history(GroupId(group.id), epoch_history(group));
     let owner = SiteId(site_index(&group.owner) as u32 + 1);
     engine.set_owner(GroupId(group.id), owner, Epoch(group.epoch));
 }
@@ -252,7 +254,7 @@ impl Simulation<'_> {
     /// site's node applied it.
     pub(super) fn tell_ownership(&self, site: usize, engine: &mut Engine) {
         for group in self.control.applied[site].0.groups.values() {
-            tell_group(engine, group, self.control.leases);
+            tell_group(engine, group);
         }
     }
 
@@ -575,7 +577,7 @@ impl Simulation<'_> {
             return;
         };
         for group in &changed {
-            tell_group(&mut node.engine, group, self.control.leases);
+            tell_group(&mut node.engine, group);
         }
         self.renew_lease(site);
         self.dispatch(site);

@@ -293,10 +293,18 @@ impl Engine {
         // first). Its epoch is that delta's (the image's, at recovery):
         // the epoch `base` was written under, not the owner's current one,
         // or a site resynced right after a failover would read as
-        // diverged after a restart.
+        // diverged after a restart. When `base` is the delta the resync is
+        // consistent at, the owner names that epoch, and its word goes
+        // before this site's history: the history here may lag the
+        // owner's (the group moved away and back while this site was
+        // away), and the resync ends with the owner's epoch as the
+        // image's in memory, so the journal must say the same, or a
+        // restart brings the site back on another line than it left.
         let newest = DeltaSeq(group.next_seq.0 - 1);
         let epoch = if newest > base {
             group.last_epoch.or_else(|| self.epoch_at(group_id, newest))
+        } else if base == consistent_at && consistent_epoch.is_some() {
+            consistent_epoch
         } else {
             self.epoch_at(group_id, base)
         }

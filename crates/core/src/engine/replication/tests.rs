@@ -1247,6 +1247,101 @@ fn a_resync_chunk_is_journaled_under_the_epoch_of_the_delta_it_starts_from() {
     assert!(pair.b.engine.replication_status()[0].consistent);
 }
 
+#[test]
+fn a_resync_chunk_is_journaled_under_the_epoch_the_owner_names_when_the_history_here_lags() {
+    // a wrote deltas 1 and 2 under epoch 1 while b was away; the group
+    // then moved away from a after 2 (epoch 2) and back (epoch 3), and a
+    // wrote delta 3 under epoch 3. b learned none of it: its history says
+    // epoch 1 only, and a still owns the group as far as b knows. a
+    // restarted without a map, so b is resynced, consistent at delta 3,
+    // which a names as written under epoch 3. The chunk's record stands
+    // for delta 3 at recovery: it must say epoch 3, as b's memory does
+    // once the resync is whole, or b comes back from a restart on another
+    // line than the one it left (diverged, once it learns the history).
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    for index in 0..2u64 {
+        pair.write(false, index * 4096, block(index as u8 + 1));
+        pair.tick(100);
+    }
+    let history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(2),
+            handed_over: true,
+        },
+        EpochStart {
+            epoch: Epoch(3),
+            after_seq: DeltaSeq(2),
+            handed_over: true,
+        },
+    ];
+    pair.a.history = history.clone();
+    pair.a.engine.set_epoch_history(GROUP, history.clone());
+    pair.a.engine.set_owner(GROUP, A, Epoch(3));
+    pair.write(false, 2 * 4096, block(3));
+    pair.tick(100);
+    assert_eq!(
+        pair.a
+            .journal
+            .last()
+            .map(|record| (record.seq, record.epoch)),
+        Some((DeltaSeq(3), Epoch(3)))
+    );
+    pair.a.saved_maps.clear();
+    pair.b.engine.set_epoch_history(
+        GROUP,
+        vec![EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        }],
+    );
+    pair.b.journal.clear();
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.a.engine.stats().resync_regions_done_total > 0);
+    let chunks: Vec<(DeltaSeq, Epoch)> = pair
+        .b
+        .journal
+        .iter()
+        .map(|record| (record.seq, record.epoch))
+        .collect();
+    assert!(!chunks.is_empty());
+    assert!(
+        chunks
+            .iter()
+            .all(|(seq, epoch)| *seq == DeltaSeq(3) && *epoch == Epoch(3)),
+        "{chunks:?}"
+    );
+    // b restarts from its journal and learns the history: it holds delta
+    // 3 of the owner's line.
+    let recovered = RecoveredState {
+        next_position: JournalPosition(1_000),
+        next_seq: [(GROUP, DeltaSeq(4))].into(),
+        next_remote_id: 1 << 32,
+        resyncing: BTreeSet::new(),
+        last_epoch: pair
+            .b
+            .journal
+            .last()
+            .map(|record| (GROUP, record.epoch))
+            .into_iter()
+            .collect(),
+    };
+    let mut b = Site::recovered(config(B, A), Mode::Async, A, recovered);
+    b.engine.set_epoch_history(GROUP, history);
+    b.engine.set_owner(GROUP, A, Epoch(3));
+    assert!(b.engine.replication_status()[0].consistent);
+}
+
 /// Hands every message to its site (sites a and b only).
 fn deliver(to: &mut Site, from: SiteId, messages: Vec<(SiteId, SiteMessage)>) {
     for (_, message) in messages {
