@@ -121,8 +121,13 @@ pub struct GroupReplication {
     pub requests_by_site: BTreeMap<SiteId, u64>,
     /// Filled at the owner: one entry per other site.
     pub peers: Vec<PeerReplication>,
-    /// False at a replica whose leg is mid-resync (not at a delta boundary).
+    /// False at a replica whose leg is mid-resync (not at a delta boundary),
+    /// or whose deltas diverged from the line its epoch history names.
     pub consistent: bool,
+    /// At a replica: its leg is mid-resync (durably marked so: it stays so
+    /// across a restart until the resync ends). Unlike a divergence, which
+    /// a newer epoch history may clear, this only a resync ends.
+    pub mid_resync: bool,
 }
 
 #[derive(Debug, Default)]
@@ -1064,6 +1069,11 @@ impl Engine {
                         .get(group)
                         .is_none_or(|inbound| inbound.resync.is_none())
                         && !self.diverged_here(*group),
+                    mid_resync: self
+                        .replication
+                        .inbound
+                        .get(group)
+                        .is_some_and(|inbound| inbound.resync.is_some()),
                 }
             })
             .collect()

@@ -11,10 +11,13 @@ impl Simulation<'_> {
         };
         if self.multi() {
             // Groups whose legs here were mid-resync: exempt from the
-            // prefix check after recovery, until consistent again.
+            // prefix check after recovery, until consistent again. (A
+            // replica that reads as diverged only by an epoch history it
+            // had not caught up with is not: told the newer history at its
+            // start, it rightly reads as whole, and its image is checked.)
             for status in node.engine.replication_status() {
                 let owner = self.control.owner_known_at(site, status.group.0);
-                if owner != site && !status.consistent {
+                if owner != site && status.mid_resync {
                     self.resyncing.insert((site, status.group.0));
                 }
             }
