@@ -795,18 +795,19 @@ impl Node {
             after_seq: last_seq,
             migration,
         };
-        match self.wait(control.execute(command)) {
-            Ok(_) => {}
+        let index = match self.wait(control.execute(command)) {
+            Ok((_, index)) => index,
             Err(ControlError::Refused(error)) => {
                 // A lost answer: the retry was refused because the first
                 // attempt moved it already.
-                let (metadata, _) = control.applied();
+                let (metadata, index) = control.applied();
                 let moved = metadata
                     .group_by_name(&record.group)
                     .is_some_and(|g| g.owner == target.site && g.epoch == record.epoch + 1);
                 if !moved {
                     return Err(call_off(SwitchError::Refused(error.to_string())));
                 }
+                index
             }
             Err(error) => {
                 // Not known to be committed or not: calling the hand-over
@@ -829,6 +830,15 @@ impl Node {
         self.driver
             .with_engine(|engine| engine.set_owner(group, target.id, Epoch(epoch)));
         let pause = held_at.elapsed();
+        // The command still returns only once the new owner applied the
+        // change, so that what is asked of it next (a write there, `volume
+        // show`) finds it owning the group.
+        let unconfirmed =
+            self.wait(control.confirm_applied(std::slice::from_ref(&target.node), index));
+        if !unconfirmed.is_empty() {
+            tracing::warn!(group = %record.group, to = %target.site,
+                "the new owner did not confirm the switchover in time; it applies it when it can");
+        }
         tracing::info!(group = %record.group, from = %self.site, to = %target.site, epoch,
             pause_ms = millis(pause), "group ownership moved");
         Ok((pause, epoch))
