@@ -321,6 +321,16 @@ impl ClusterMetadata {
         })
     }
 
+    /// The group named `name`, for a change.
+    fn group_mut(&mut self, name: &str) -> Result<&mut Group, CommandError> {
+        self.groups
+            .values_mut()
+            .find(|g| g.name == name)
+            .ok_or_else(|| CommandError::UnknownGroup {
+                group: name.to_owned(),
+            })
+    }
+
     /// The group named `name` at `expected_epoch`, for a change: the fencing
     /// check every ownership-related command goes through.
     fn fenced_group(
@@ -328,13 +338,7 @@ impl ClusterMetadata {
         name: &str,
         expected_epoch: u64,
     ) -> Result<&mut Group, CommandError> {
-        let group = self
-            .groups
-            .values_mut()
-            .find(|g| g.name == name)
-            .ok_or_else(|| CommandError::UnknownGroup {
-                group: name.to_owned(),
-            })?;
+        let group = self.group_mut(name)?;
         if group.epoch != expected_epoch {
             return Err(CommandError::StaleEpoch {
                 group: name.to_owned(),
@@ -495,14 +499,7 @@ impl ClusterMetadata {
     }
 
     fn set_follow(&mut self, name: &str, follow: Follow) -> CommandResult {
-        let group = self
-            .groups
-            .values_mut()
-            .find(|group| group.name == name)
-            .ok_or_else(|| CommandError::UnknownGroup {
-                group: name.to_owned(),
-            })?;
-        group.follow = follow;
+        self.group_mut(name)?.follow = follow;
         Ok(Outcome::Done)
     }
 
