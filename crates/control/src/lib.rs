@@ -52,6 +52,7 @@ mod placement;
 mod takeover;
 #[cfg(test)]
 mod testing;
+mod trigger;
 mod verdict;
 
 pub use follow::{FollowMove, FollowSettings, FollowTracker};
@@ -60,4 +61,5 @@ pub use lease::{ControlBug, Grant, GrantRefused, Grantor, Holder, LeaseConfig, L
 pub use migration::SwitchPoint;
 pub use placement::{Reach, hand_leadership_to};
 pub use takeover::{Takeover, TakeoverState};
+pub use trigger::TakeoverTrigger;
 pub use verdict::{LeaseState, holds_no_lease, takeover_heard_enough};

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stretch_control::ImageChoice;
+use stretch_control::{ImageChoice, TakeoverTrigger};
 use stretch_core::{DeltaSeq, Epoch, EpochStart, GroupId};
 use stretch_metadata::{ClusterMetadata, Command, CommandError, Failover};
 use tokio::sync::watch;
@@ -40,10 +40,10 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(stretch_control::OWNER_CH
 /// How often the offers are looked at again meanwhile.
 const IMAGE_OFFER_POLL: Duration = Duration::from_millis(100);
 
-/// The groups of `site` (name, id) and whether each fails over by itself:
-/// `auto` only if every volume of the group is `auto` (a group moves as
-/// one).
-fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, bool)> {
+/// The groups of `site` (name → id, epoch) and whether each fails over by
+/// itself: `auto` only if every volume of the group is `auto` (a group
+/// moves as one).
+fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, u64, bool)> {
     let mut groups = BTreeMap::new();
     for group in metadata.groups.values().filter(|group| group.owner == site) {
         let automatic = metadata
@@ -51,7 +51,7 @@ fn groups_of(metadata: &ClusterMetadata, site: &str) -> BTreeMap<String, (u32, b
             .values()
             .filter(|volume| volume.group == group.id)
             .all(|volume| volume.failover == Failover::Auto);
-        groups.insert(group.name.clone(), (group.id, automatic));
+        groups.insert(group.name.clone(), (group.id, group.epoch, automatic));
     }
     groups
 }
@@ -84,7 +84,7 @@ pub(crate) async fn watch_owners(node: Arc<Node>, mut stop: watch::Receiver<bool
                 continue;
             }
             lost.insert(owner.clone());
-            for (group, (id, automatic)) in groups_of(&metadata, &owner) {
+            for (group, (id, epoch, automatic)) in groups_of(&metadata, &owner) {
                 if !automatic || node.taking_over.lock().contains(&id) {
                     continue;
                 }
@@ -92,7 +92,8 @@ pub(crate) async fn watch_owners(node: Arc<Node>, mut stop: watch::Receiver<bool
                     "owner site holds no lease: failing the group over here (policy auto)");
                 let work = node.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = work.fail_over(&group, true).await {
+                    let trigger = TakeoverTrigger::OwnerLost { epoch };
+                    if let Err(error) = work.fail_over(&group, trigger).await {
                         tracing::warn!(%group, %error, "failover did not happen");
                     }
                 });
@@ -139,13 +140,17 @@ impl Node {
             }));
         }
         self.runtime
-            .block_on(self.fail_over(&record.group, false))?;
+            .block_on(self.fail_over(&record.group, TakeoverTrigger::Operator))?;
         self.reconcile_now();
         Ok(self.volume(volume).unwrap_or(record))
     }
 
     /// Takes `group` over at this site (see the module docs for the steps).
-    pub(crate) async fn fail_over(&self, group: &str, automatic: bool) -> Result<(), NodeError> {
+    pub(crate) async fn fail_over(
+        &self,
+        group: &str,
+        trigger: TakeoverTrigger,
+    ) -> Result<(), NodeError> {
         let control = self
             .control
             .get()
@@ -171,6 +176,12 @@ impl Node {
         if current.owner == self.site {
             return Ok(());
         }
+        if !trigger.still_applies(current.epoch) {
+            tracing::debug!(%group, ?trigger, epoch = current.epoch, owner = %current.owner,
+                "the group changed owner since the owner check: no takeover");
+            return Ok(());
+        }
+        let automatic = trigger.automatic();
         let from = leases
             .site_id(&current.owner)
             .ok_or_else(|| fail(format!("unknown owner site {}", current.owner)))?;

@@ -198,7 +198,13 @@ impl Phase {
             // The operator reads the error and tries again, as long as the
             // node runs.
             tokio::spawn(super::seeded(async move {
-                while let Err(error) = super::member::fail_over(&world, &member, &name, false).await
+                while let Err(error) = super::member::fail_over(
+                    &world,
+                    &member,
+                    &name,
+                    stretch_control::TakeoverTrigger::Operator,
+                )
+                .await
                 {
                     world.record(&[13, site as u64], || {
                         format!("operator: the promotion failed: {error}")

@@ -17,7 +17,7 @@ use openraft::errors::{ClientWriteError, RaftError};
 use parking_lot::Mutex;
 use stretch_control::{
     Grant, GrantRefused, Grantor, Holder, IMAGE_OFFER_WAIT_MS, ImageChoice, LEASE_STATE_TIMEOUT_MS,
-    LeaseRequest, LeaseState, OWNER_CHECK_INTERVAL_MS, Takeover, TakeoverState,
+    LeaseRequest, LeaseState, OWNER_CHECK_INTERVAL_MS, Takeover, TakeoverState, TakeoverTrigger,
 };
 use stretch_core::{SiteId, Timestamp};
 use stretch_metadata::{
@@ -437,9 +437,10 @@ async fn watch_owners(world: Arc<World>, member: Arc<Member>) {
                     continue;
                 }
                 let (world, work) = (world.clone(), member.clone());
+                let trigger = TakeoverTrigger::OwnerLost { epoch: group.epoch };
                 let group = group.name.clone();
                 member.spawn(async move {
-                    let _ = fail_over(&world, &work, &group, true).await;
+                    let _ = fail_over(&world, &work, &group, trigger).await;
                 });
             }
         }
@@ -451,7 +452,7 @@ pub(crate) async fn fail_over(
     world: &Arc<World>,
     member: &Arc<Member>,
     group: &str,
-    automatic: bool,
+    trigger: TakeoverTrigger,
 ) -> Result<(), String> {
     let (metadata, _) = member.applied.lock().clone();
     let current = metadata
@@ -467,6 +468,11 @@ pub(crate) async fn fail_over(
         }
         return Err("this site's metadata names it owner, but it serves no writes for the group yet (its metadata may be behind): try again".into());
     }
+    if !trigger.still_applies(current.epoch) {
+        // Another survivor took the group since the owner check.
+        return Ok(());
+    }
+    let automatic = trigger.automatic();
     let from = world
         .site_by_name(&current.owner)
         .ok_or("unknown owner site")?;
