@@ -288,7 +288,13 @@ impl Engine {
         if !matches!(progress.state, PeerState::Streaming | PeerState::Resyncing) {
             return;
         }
-        if progress.state == PeerState::Resyncing && !progress.chunk_built {
+        // Deltas after a resync's base follow its first chunk, and none
+        // overtakes a chunk held until the journal holds what it shows:
+        // the site would lay the chunk's older images over the delta's, or
+        // (holding deltas a failover discarded, numbered past the base)
+        // take it for one of its own and drop it.
+        let chunk_pending = progress.state == PeerState::Resyncing && !progress.chunk_built;
+        if chunk_pending || !progress.held_chunks.is_empty() {
             return;
         }
         let mut messages = Vec::new();

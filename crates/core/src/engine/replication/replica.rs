@@ -178,6 +178,21 @@ impl Engine {
     pub(super) fn receive_delta(&mut self, from: SiteId, record: DeltaRecord) {
         let group_id = record.group;
         let site = self.config.site;
+        // Holding deltas a failover discarded, this site numbers past the
+        // owner's line: the owner's delta of a seq held here is not the
+        // one held, and its next one does not follow what is held. Only a
+        // resync's first chunk puts this site back on the owner's line
+        // (the owner resyncs such a site before it streams to it); the
+        // deltas that follow it are the resync's.
+        let resyncing = self
+            .replication
+            .inbound
+            .get(&group_id)
+            .is_some_and(|inbound| inbound.resync.is_some());
+        if !resyncing && self.diverged_here(group_id) {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
         let group = self
             .groups
             .entry(group_id)

@@ -1511,6 +1511,103 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
 }
 
 #[test]
+fn deltas_closed_after_a_resync_began_wait_behind_its_held_first_chunk() {
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    engine.peer_up(Timestamp(0), B);
+    // b holds a delta this site never wrote: it needs every region, and
+    // the resync's base is 0.
+    engine.receive(
+        Timestamp(0),
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(5)),
+            have_epoch: None,
+            lost_regions: None,
+            resume: 1,
+        },
+    );
+    let mut reads = Vec::new();
+    let mut syncs = Vec::new();
+    let mut sent = Vec::new();
+    let sort = |action: Action,
+                reads: &mut Vec<(IoId, u64)>,
+                syncs: &mut Vec<IoId>,
+                sent: &mut Vec<SiteMessage>| match action {
+        Action::ReadLeg { io, length, .. } => reads.push((io, length)),
+        Action::SyncJournal { io, .. } => syncs.push(io),
+        Action::Send { peer, message } if peer == B => sent.push(message),
+        _ => {}
+    };
+    while let Some(action) = engine.poll_action() {
+        sort(action, &mut reads, &mut syncs, &mut sent);
+    }
+    // Delta 1 (a FUA write in region 1): its journal sync stays in flight.
+    let region_bytes = REGION_BLOCKS * BLOCK_SIZE as u64;
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Write {
+            volume: VOLUME,
+            offset: region_bytes,
+            data: block(1),
+            fua: true,
+        },
+    );
+    // A write in region 0 stays in the open delta, so the first chunk
+    // (region 0) shows it: the chunk closes delta 2 and waits for the
+    // journal to hold it.
+    engine.submit(
+        Timestamp(0),
+        RequestId(2),
+        Request::Write {
+            volume: VOLUME,
+            offset: 0,
+            data: block(2),
+            fua: false,
+        },
+    );
+    while let Some(action) = engine.poll_action() {
+        sort(action, &mut reads, &mut syncs, &mut sent);
+    }
+    let (first_read, length) = reads.remove(0);
+    engine.leg_read_done(first_read, Ok(Bytes::from(vec![0u8; length as usize])));
+    while let Some(action) = engine.poll_action() {
+        sort(action, &mut reads, &mut syncs, &mut sent);
+    }
+    // Every journal sync completes, one after the other: delta 1 becomes
+    // durable before the chunk's delta 2 does.
+    while !syncs.is_empty() {
+        let io = syncs.remove(0);
+        engine.journal_synced(io, Ok(()));
+        while let Some(action) = engine.poll_action() {
+            sort(action, &mut reads, &mut syncs, &mut sent);
+        }
+    }
+    let first_chunk = sent
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Resync { .. }))
+        .expect("the first chunk left once the journal held it");
+    let first_delta = sent
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Delta(_)))
+        .expect("delta 1 left");
+    assert!(
+        first_chunk < first_delta,
+        "a delta after the resync's base reached b before its first chunk: {sent:?}"
+    );
+}
+
+#[test]
 fn a_site_mid_resync_does_not_count_for_a_flush_sync_flush() {
     let mut pair = Pair::new(Mode::FlushSync);
     pair.write(false, 0, block(1));
@@ -2449,6 +2546,45 @@ fn a_diverged_resync_copies_every_region() {
     // touched).
     let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
     assert_eq!(regions_read, (0..regions).collect());
+}
+
+#[test]
+fn a_site_holding_deltas_a_failover_discarded_takes_no_delta_before_its_resync() {
+    // a wrote deltas 1..=8 under epoch 1; b took the group over after
+    // delta 5, so a's 6..=8 are a line the cluster dropped.
+    let mut pair = owner_with_epoch_history(false);
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    pair.a.run();
+    let refused = pair.a.engine.stats().refused_messages_total;
+    let delta = |seq: u64| DeltaRecord {
+        position: JournalPosition(seq),
+        group: GROUP,
+        epoch: Epoch(2),
+        seq: DeltaSeq(seq),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 40,
+            },
+            BlockImage::Data(block(9)),
+        )],
+    };
+    // b's delta 7 is not a's 7 (it would be dropped as held already), and
+    // b's delta 9 does not follow a's 8: both wait for the resync.
+    for seq in [7, 9] {
+        pair.a
+            .engine
+            .receive(pair.now, B, SiteMessage::Delta(delta(seq)));
+        let actions: Vec<Action> = std::iter::from_fn(|| pair.a.engine.poll_action()).collect();
+        assert!(
+            !actions
+                .iter()
+                .any(|action| matches!(action, Action::AppendJournal { .. })),
+            "delta {seq} of the new owner's line was journaled on the discarded one: {actions:?}"
+        );
+    }
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 2);
+    assert_eq!(pair.a.engine.replication_status()[0].last_seq, DeltaSeq(8));
 }
 
 #[test]
