@@ -216,6 +216,16 @@ impl Node {
         };
         let id = GroupId(current.id);
         let now = self.driver.now();
+        // Deltas held here but not yet synced in the journal would not
+        // survive a crash: no offer until they would (tried again later).
+        if self
+            .driver
+            .with_engine(|engine| engine.takeover_awaits_journal(id))
+        {
+            return Err(fail(
+                "this site's journal has not synced the deltas it holds yet".into(),
+            ));
+        }
         let Some(image) = self
             .driver
             .with_engine(|engine| engine.begin_takeover(now, id))

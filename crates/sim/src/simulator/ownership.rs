@@ -404,6 +404,17 @@ impl Simulation<'_> {
             let other = self.rng.below(index as u64 + 1) as usize;
             survivors.swap(index, other);
         }
+        // A survivor whose journal has not synced the deltas it holds has
+        // not offered yet: every survivor decides once it has (as the node
+        // does, the others wait for its offer).
+        if survivors.iter().any(|site| {
+            self.sites[*site]
+                .node
+                .as_ref()
+                .is_some_and(|node| node.engine.takeover_awaits_journal(GroupId(group)))
+        }) {
+            return false;
+        }
         let now = Timestamp(self.now);
         let epoch = self.control.authority.groups[&group].epoch;
         let ignore_images = self.options.bug == Some(SimBug::TakeoverIgnoresImages);

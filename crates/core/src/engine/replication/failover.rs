@@ -168,7 +168,9 @@ impl Engine {
     /// (they are refused from now on) and returns the newest delta held
     /// whole, the seq the new epoch starts after if this site takes over.
     /// `None` if this site owns the group, does not know it, is mid-resync
-    /// (its image is at no delta boundary: it cannot own it), or holds
+    /// (its image is at no delta boundary: it cannot own it), has not
+    /// synced its newest deltas of the group in its journal yet (the image
+    /// would not survive a crash here; try again once it has), or holds
     /// deltas of an ownership a failover ended (it would bring writes the
     /// cluster dropped back to life, under writes acknowledged since).
     /// [`Engine::set_owner`] naming this site completes the takeover,
@@ -187,9 +189,31 @@ impl Engine {
         if resyncing || self.diverged_here(group) {
             return None;
         }
+        // The image offered is the one owned from, and the failover counts
+        // as lost only what it lacks: it must survive a crash here. Deltas
+        // received but not yet synced in this site's journal are held in
+        // memory only; a crash after the promotion would take the new
+        // owner back before the seq its epoch starts after (writes the
+        // failover kept, lost without a report, and new deltas numbered
+        // under the seqs of the old owner's). The journal sync already
+        // asked for makes them durable; the takeover is tried again then.
+        if self.takeover_awaits_journal(group) {
+            return None;
+        }
         let last = DeltaSeq(state.next_seq.0 - 1);
         self.replication.taking_over.insert(group);
         Some(last)
+    }
+
+    /// True at a replica of `group` that received deltas of it its journal
+    /// has not synced yet: it holds them in memory only, so it cannot offer
+    /// its image for a takeover until the sync (already asked for) is done.
+    /// A survivor in this state has not offered yet, rather than offered
+    /// nothing: the others wait for it as for any survivor still to offer.
+    pub fn takeover_awaits_journal(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|state| {
+            state.owner != self.config.site && state.last_position > self.journal.synced_upto
+        })
     }
 
     /// Calls off a takeover begun here: the site follows its owner again

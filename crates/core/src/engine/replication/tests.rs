@@ -2677,6 +2677,46 @@ fn a_replica_mid_resync_cannot_take_over() {
 }
 
 #[test]
+fn a_replica_takes_over_only_once_its_journal_holds_the_deltas_it_offers() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    // Delta 2 reaches b, whose journal has not synced it yet when a is
+    // cut off: b holds it in memory only.
+    let delta = SiteMessage::Delta(DeltaRecord {
+        position: JournalPosition(99),
+        group: GROUP,
+        epoch: Epoch(1),
+        seq: DeltaSeq(2),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 1,
+            },
+            BlockImage::Data(block(2)),
+        )],
+    });
+    pair.b.engine.receive(pair.now, A, delta);
+    let mut sync = None;
+    while let Some(action) = pair.b.engine.poll_action() {
+        if let Action::SyncJournal { io, .. } = action {
+            sync = Some(io);
+        }
+    }
+    let sync = sync.expect("b syncs its journal after the append");
+    // A crash now would bring b back at delta 1: it must not own the group
+    // from delta 2.
+    assert_eq!(pair.b.engine.begin_takeover(pair.now, GROUP), None);
+    pair.b.engine.journal_synced(sync, Ok(()));
+    pair.b.run();
+    assert_eq!(
+        pair.b.engine.begin_takeover(pair.now, GROUP),
+        Some(DeltaSeq(2))
+    );
+}
+
+#[test]
 fn a_completed_takeover_numbers_the_new_epochs_deltas_after_the_seq_reported() {
     let mut pair = Pair::new(Mode::Async);
     pair.write(false, 0, block(1));
