@@ -258,6 +258,13 @@ struct PeerProgress {
     /// it began lacks it. So a site resuming mid-resync then gets every
     /// region again. Cleared by the site's next resume.
     restored: bool,
+    /// A resync of this site's line to the site began since this site
+    /// owns the group (in this run). A site resuming mid-resync is then
+    /// mid-way through one of those, and the map names what it still
+    /// lacks; otherwise it is mid-way through another owner's (a failover
+    /// or a move came in between), and holds regions of a line this site
+    /// knows nothing of: every region is copied.
+    resynced_here: bool,
     /// Chunks built but not sent yet, oldest first, each with the journal
     /// position the local journal must hold durably before it may leave.
     held_chunks: VecDeque<(u64, SiteMessage)>,
@@ -299,6 +306,7 @@ impl PeerProgress {
             last_chunk_sent: false,
             chunk_built: false,
             restored: false,
+            resynced_here: false,
             held_chunks: VecDeque::new(),
             resume: 0,
             applied_bytes: 0,

@@ -432,6 +432,7 @@ impl Engine {
         // A site marked for resync had every delta it missed recorded as
         // dirty regions; otherwise what it lacks is unknown here.
         let tracked = progress.state == PeerState::NeedsResync;
+        let resynced_here = progress.resynced_here;
         match have {
             // Its deltas after the point where the lines split are not
             // the owner's: nothing here says which regions they touched.
@@ -469,9 +470,10 @@ impl Engine {
                 }
             }
             // Mid-resync, and nothing here says what it lacks (this site
-            // restarted without a saved map, or the site recovered from a
-            // crash mid-resync): every region.
-            None if !tracked || restored => {
+            // restarted without a saved map, the site recovered from a
+            // crash mid-resync, or it is mid-way through another owner's
+            // resync): every region.
+            None if !tracked || restored || !resynced_here => {
                 if restored {
                     self.marks.hit(Mark::RestoredMidResync);
                 }
@@ -487,6 +489,7 @@ impl Engine {
             }
         }
         progress.state = PeerState::Resyncing;
+        progress.resynced_here = true;
         progress.chunk_built = false;
         self.marks.hit(Mark::ResyncStarted);
         progress.shipped = last;

@@ -2588,6 +2588,75 @@ fn a_site_holding_deltas_a_failover_discarded_takes_no_delta_before_its_resync()
 }
 
 #[test]
+fn a_site_resuming_mid_way_through_another_owners_resync_gets_every_region() {
+    // a owns the group; b, away, is marked for resync of the regions a
+    // wrote (the backlog overflowed) before it ever resumed here.
+    let mut engine = Engine::new(config(A, B), RecoveredState::default());
+    engine.add_volume(
+        VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    engine.set_owner(GROUP, A, Epoch(1));
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..6u64 {
+        let id = RequestId(index + 1);
+        let write = Request::Write {
+            volume: VOLUME,
+            offset: index * (64 << 10),
+            data: big.clone(),
+            fua: true,
+        };
+        engine.submit(Timestamp(0), id, write);
+        while let Some(action) = engine.poll_action() {
+            match action {
+                Action::SyncJournal { io, .. } => engine.journal_synced(io, Ok(())),
+                Action::WriteLeg { io, .. } => engine.leg_written(io, Ok(())),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        engine.replication_status()[0].peers[0].state,
+        PeerState::NeedsResync
+    );
+    // b comes back mid-resync: of another owner's line (a failover or a
+    // move came in between), holding regions this site knows nothing of.
+    engine.peer_up(Timestamp(0), B);
+    engine.receive(
+        Timestamp(0),
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: None,
+            have_epoch: None,
+            lost_regions: None,
+            resume: 1,
+        },
+    );
+    // Chunks go out as regions are read; none is acknowledged, so every
+    // region is either still to copy or sent and unacknowledged.
+    while let Some(action) = engine.poll_action() {
+        match action {
+            Action::ReadLeg { io, length, .. } => {
+                engine.leg_read_done(io, Ok(Bytes::from(vec![0u8; length as usize])));
+            }
+            Action::SyncJournal { io, .. } => engine.journal_synced(io, Ok(())),
+            _ => {}
+        }
+    }
+    let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
+    assert_eq!(
+        engine.replication_status()[0].peers[0].resync_regions_left,
+        regions,
+        "b must get every region, not only those written here"
+    );
+}
+
+#[test]
 fn without_an_epoch_history_a_resume_is_judged_by_seq_alone() {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
