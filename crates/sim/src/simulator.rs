@@ -299,6 +299,10 @@ struct Site {
     node: Option<NodeState>,
     generation: u64,
     restart_pending: bool,
+    /// How much longer than `disk_latency_us_max` the site's slow disk
+    /// operations took so far, summed (a drawn slowness, not the
+    /// network's): a write at the owner may wait behind them.
+    slow_disk_ns: u64,
 }
 
 /// A disk queue that performs one operation at a time, in order (the
@@ -349,6 +353,8 @@ struct ClientRequest {
     write: bool,
     /// When it was issued.
     issued_at: u64,
+    /// Its site's `slow_disk_ns` when it was issued.
+    slow_disk_ns_at_issue: u64,
     /// A write at the owner that needs no other site (async, or a plain
     /// write in flush-sync mode): answered within the write-stall bound
     /// whatever the network does.
@@ -480,6 +486,7 @@ impl<'a> Simulation<'a> {
                     node: None,
                     generation: 0,
                     restart_pending: false,
+                    slow_disk_ns: 0,
                 })
                 .collect(),
             clients_busy: vec![false; scenario.workload.clients as usize],
@@ -820,25 +827,29 @@ impl<'a> Simulation<'a> {
     /// (async, or a plain write in flush-sync mode), whatever the network
     /// does: the backlog bound's wait, plus room for the simulated disk
     /// (a write may wait on journal syncs and leg writes under cache
-    /// pressure).
-    fn owner_write_stall_bound_ns(&self) -> u64 {
+    /// pressure), plus the slowness of the site's disk operations drawn
+    /// slow while it waited (a slow disk is not a stalled owner: the
+    /// operations, up to 100 times the usual latency, queue one behind the
+    /// other on each device).
+    fn owner_write_stall_bound_ns(&self, request: &ClientRequest) -> u64 {
         let disk_ns = self.scenario.faults.disk_latency_us_max * 1000 * 300;
-        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns
+        let slow_ns = self.sites[request.site].slow_disk_ns - request.slow_disk_ns_at_issue;
+        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns + slow_ns
     }
 
     /// Cheap invariants after every step.
     fn check_invariants(&mut self) {
         if self.multi() {
-            let bound = self.owner_write_stall_bound_ns();
             let stalled = self.requests.iter().find(|(_, request)| {
-                request.owner_local_write && self.now - request.issued_at > bound
+                request.owner_local_write
+                    && self.now - request.issued_at > self.owner_write_stall_bound_ns(request)
             });
             if let Some((id, request)) = stalled {
                 let detail = format!(
                     "a write at its owner site {} (request {id}) has waited {} ms, over the bound of {} ms: a slow or cut link stalled the owner",
                     request.site + 1,
                     (self.now - request.issued_at) / MS,
-                    bound / MS
+                    self.owner_write_stall_bound_ns(request) / MS
                 );
                 self.fail(Violation {
                     guarantee: "G5",
@@ -938,14 +949,17 @@ impl<'a> Simulation<'a> {
         self.schedule(at, event);
     }
 
-    fn disk_latency(&mut self) -> u64 {
+    /// The latency of one operation on `site`'s disk.
+    fn disk_latency(&mut self, site: usize) -> u64 {
         let faults = &self.scenario.faults;
+        let usual_max = faults.disk_latency_us_max * 1000;
         let mut latency = self
             .rng
             .between(faults.disk_latency_us_min, faults.disk_latency_us_max)
             * 1000;
         if self.rng.chance(faults.slow_disk_probability) {
             latency *= 100;
+            self.sites[site].slow_disk_ns += latency.saturating_sub(usual_max);
         }
         latency
     }

@@ -22,7 +22,7 @@ impl Simulation<'_> {
                     offset,
                     length,
                 } => {
-                    let latency = self.disk_latency();
+                    let latency = self.disk_latency(site);
                     let generation = self.sites[site].generation;
                     self.schedule(
                         self.now + latency,
@@ -164,7 +164,7 @@ impl Simulation<'_> {
             .expect("simulator invariant: node up");
         if node.journal_device.push(op) {
             let generation = self.sites[site].generation;
-            self.start_device(Event::JournalOpDone { site, generation });
+            self.start_device(site, Event::JournalOpDone { site, generation });
         }
     }
 
@@ -175,13 +175,13 @@ impl Simulation<'_> {
             .expect("simulator invariant: node up");
         if node.leg_device.push(op) {
             let generation = self.sites[site].generation;
-            self.start_device(Event::LegOpDone { site, generation });
+            self.start_device(site, Event::LegOpDone { site, generation });
         }
     }
 
     /// The device's next operation completes after one disk latency.
-    pub(super) fn start_device(&mut self, done: Event) {
-        let latency = self.disk_latency();
+    pub(super) fn start_device(&mut self, site: usize, done: Event) {
+        let latency = self.disk_latency(site);
         self.schedule(self.now + latency, done);
     }
 
@@ -246,7 +246,7 @@ impl Simulation<'_> {
         }
         if more {
             let generation = self.sites[site].generation;
-            self.start_device(Event::JournalOpDone { site, generation });
+            self.start_device(site, Event::JournalOpDone { site, generation });
         }
         self.dispatch(site);
     }
@@ -302,7 +302,7 @@ impl Simulation<'_> {
         }
         if more {
             let generation = self.sites[site].generation;
-            self.start_device(Event::LegOpDone { site, generation });
+            self.start_device(site, Event::LegOpDone { site, generation });
         }
         self.dispatch(site);
     }

@@ -194,6 +194,7 @@ impl Simulation<'_> {
                 snapshot,
                 write,
                 issued_at: self.now,
+                slow_disk_ns_at_issue: self.sites[site].slow_disk_ns,
                 owner_local_write: write
                     && !remote
                     && !(self.multi() && needs_peer)
