@@ -164,6 +164,31 @@ pub struct LinkConfig {
     /// Datagrams lost at random, in percent (0 to 100).
     #[serde(default)]
     pub loss_pct: f64,
+    /// How block payloads travel on this link; absent: as
+    /// `tuning.link_compression` says.
+    #[serde(default)]
+    pub compression: Option<LinkCompression>,
+}
+
+/// How block payloads (deltas, resync chunks, strict-read answers) travel
+/// between two sites: each 4 KiB block LZ4-compressed where that saves at
+/// least an eighth of it (`lz4`), or always raw (`off`, for links fast
+/// enough that the CPU costs more than the bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkCompression {
+    Off,
+    #[default]
+    Lz4,
+}
+
+impl From<LinkCompression> for stretch_wire::Compression {
+    fn from(compression: LinkCompression) -> Self {
+        match compression {
+            LinkCompression::Off => stretch_wire::Compression::Off,
+            LinkCompression::Lz4 => stretch_wire::Compression::Lz4,
+        }
+    }
 }
 
 impl LinkConfig {
@@ -286,6 +311,9 @@ pub struct Tuning {
     /// ... and at most once in this long, in milliseconds (at least
     /// `follow_window_ms`), counted from any change of owner.
     pub follow_interval_between_moves_ms: u64,
+    /// How block payloads travel between sites, unless a `[[link]]` says
+    /// otherwise.
+    pub link_compression: LinkCompression,
 }
 
 impl Default for Tuning {
@@ -317,6 +345,7 @@ impl Default for Tuning {
             follow_window_ms: follow.window_ms,
             follow_requests_per_second_min: follow.requests_per_second_min,
             follow_interval_between_moves_ms: follow.interval_between_moves_ms,
+            link_compression: LinkCompression::default(),
         }
     }
 }
@@ -437,6 +466,17 @@ impl ClusterConfig {
             .find(|link| link_joins(link, a, b))
             .and_then(|link| link.profile().ok())
             .unwrap_or(LinkProfile::IDEAL)
+    }
+
+    /// How block payloads travel between sites `a` and `b`: as the
+    /// `[[link]]` joining them says, or as `tuning.link_compression` does.
+    pub fn link_compression(&self, a: &str, b: &str) -> stretch_wire::Compression {
+        self.links
+            .iter()
+            .find(|link| link_joins(link, a, b))
+            .and_then(|link| link.compression)
+            .unwrap_or(self.tuning.link_compression)
+            .into()
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -710,6 +750,26 @@ mod tests {
 
         let typo = SINGLE_SITE_CONFIG.replace("nbd_tls = \"off\"", "nbd_tls = \"yes\"");
         assert!(parse_error(&typo).contains("nbd_tls"));
+    }
+
+    #[test]
+    fn links_compress_by_default_and_a_link_may_say_otherwise() {
+        use stretch_wire::Compression;
+        let config = shipped("local.toml");
+        assert_eq!(config.link_compression("a", "b"), Compression::Lz4);
+        assert_eq!(config.link_compression("b", "a"), Compression::Lz4);
+
+        let text = LOCAL_CONFIG.replace("# compression = \"lz4\"", "compression = \"off\"");
+        let config = ClusterConfig::parse(&text, "test").expect("parses");
+        assert_eq!(config.link_compression("b", "a"), Compression::Off);
+
+        let text = LOCAL_CONFIG.replace("link_compression = \"lz4\"", "link_compression = \"off\"");
+        let config = ClusterConfig::parse(&text, "test").expect("parses");
+        assert_eq!(config.link_compression("a", "b"), Compression::Off);
+
+        let typo =
+            LOCAL_CONFIG.replace("link_compression = \"lz4\"", "link_compression = \"zstd\"");
+        assert!(parse_error(&typo).contains("link_compression"));
     }
 
     #[test]

@@ -95,6 +95,10 @@ struct ReplicationGauges {
     peer_rtt_seconds: GaugeVec,
     peer_malformed: IntCounterVec,
     peer_refused: IntCounter,
+    /// Block bytes sent to each site, as the engine holds them and as
+    /// they travelled (compressed where that paid).
+    link_block_bytes: IntCounterVec,
+    link_sent_block_bytes: IntCounterVec,
     /// Live migrations this node drove, by how they ended; how long each
     /// switchover held the writes; switchovers called off.
     migrations: IntCounterVec,
@@ -274,6 +278,28 @@ impl Metrics {
         registry
             .register(Box::new(peer_malformed.clone()))
             .expect("metric registration invariant: unique name");
+        let link_block_bytes = IntCounterVec::new(
+            Opts::new(
+                "stretch_link_block_bytes_total",
+                "Bytes of the non-zero blocks sent to a site (deltas, resync chunks, strict-read answers), before compression",
+            ),
+            &["site"],
+        )
+        .expect("metric definition invariant");
+        registry
+            .register(Box::new(link_block_bytes.clone()))
+            .expect("metric registration invariant: unique name");
+        let link_sent_block_bytes = IntCounterVec::new(
+            Opts::new(
+                "stretch_link_sent_block_bytes_total",
+                "Bytes those blocks took on the link to the site (LZ4 where it saved at least an eighth of a block, raw otherwise)",
+            ),
+            &["site"],
+        )
+        .expect("metric definition invariant");
+        registry
+            .register(Box::new(link_sent_block_bytes.clone()))
+            .expect("metric registration invariant: unique name");
         let migrations = IntCounterVec::new(
             Opts::new(
                 "stretch_migrations_total",
@@ -395,6 +421,8 @@ impl Metrics {
                 &["peer"],
             ),
             peer_malformed,
+            link_block_bytes,
+            link_sent_block_bytes,
             peer_refused: counter(
                 &registry,
                 "stretch_peer_connections_refused_total",
@@ -668,6 +696,23 @@ impl Metrics {
             .peer_connected
             .with_label_values(&[peer])
             .set(i64::from(connected));
+    }
+
+    /// Blocks went to `site`: `bytes.blocks` of them, `bytes.sent` on the
+    /// link.
+    pub fn link_sent(&self, site: &str, bytes: stretch_wire::PayloadBytes) {
+        if bytes.blocks == 0 {
+            return;
+        }
+        let replication = &self.replication;
+        replication
+            .link_block_bytes
+            .with_label_values(&[site])
+            .inc_by(bytes.blocks);
+        replication
+            .link_sent_block_bytes
+            .with_label_values(&[site])
+            .inc_by(bytes.sent);
     }
 
     pub fn peer_malformed(&self, peer: &str) {

@@ -86,6 +86,8 @@ struct Remote {
     address: SocketAddr,
     /// At a data site: its engine talks to this node's engine.
     data: bool,
+    /// How block payloads travel to it.
+    compression: stretch_wire::Compression,
 }
 
 /// The live connection to one peer and its group streams.
@@ -148,6 +150,7 @@ impl Peers {
                 site_id,
                 address,
                 data: config.is_data_node(peer),
+                compression: config.link_compression(&node.site, &peer.site),
             });
         }
         let identity =
@@ -332,17 +335,28 @@ impl Peers {
     }
 
     fn send_site_message(&self, site: SiteId, message: &SiteMessage) {
-        let frame =
-            match PeerMessage::from_site(message).and_then(|m| stretch_wire::encode_frame(&m)) {
-                Ok(frame) => frame,
-                Err(error) => {
-                    // The engine asked for something the wire cannot carry (a
-                    // forwarded write over the size limit, say): the request
-                    // fails by its timeout; say why here.
-                    tracing::error!(%error, "cannot send a message to a peer");
-                    return;
+        let Some(remote) = self.remotes.iter().find(|remote| remote.site_id == site) else {
+            return;
+        };
+        let encoded = PeerMessage::from_site(message, remote.compression).and_then(|message| {
+            let frame = stretch_wire::encode_frame(&message)?;
+            Ok((message.payload_bytes(), frame))
+        });
+        let frame = match encoded {
+            Ok((bytes, frame)) => {
+                if let Some(node) = self.node.upgrade() {
+                    node.driver.metrics.link_sent(&remote.site, bytes);
                 }
-            };
+                frame
+            }
+            Err(error) => {
+                // The engine asked for something the wire cannot carry (a
+                // forwarded write over the size limit, say): the request
+                // fails by its timeout; say why here.
+                tracing::error!(%error, "cannot send a message to a peer");
+                return;
+            }
+        };
         let mut sessions = self.sessions.lock();
         let Some(session) = sessions.get_mut(&site) else {
             // Not connected: the engine resumes when the link returns.

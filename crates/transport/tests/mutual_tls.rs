@@ -192,7 +192,7 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
             blocks: vec![stretch_wire::WireBlock {
                 volume: 1,
                 block: 3,
-                data: Some(vec![0x5a; stretch_core::BLOCK_SIZE]),
+                payload: stretch_wire::WirePayload::Raw(vec![0x5a; stretch_core::BLOCK_SIZE]),
             }],
         };
         let hello = PeerMessage::Hello {

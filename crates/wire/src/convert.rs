@@ -6,24 +6,30 @@ use stretch_core::{
     RequestError, Response, SiteMessage, VolumeId,
 };
 
+use crate::compression::{Compression, Compressor, expand};
 use crate::frame::WireError;
-use crate::message::{PeerMessage, WireBlock, WireFailure, WireRegion, WireRequest, WireResponse};
+use crate::message::{
+    PeerMessage, WireBlock, WireFailure, WirePayload, WireRegion, WireRequest, WireResponse,
+};
 
 impl PeerMessage {
     /// An engine's message as sent. Fails only for a message no engine
     /// builds: a [`SiteMessage::ReadRequest`] whose request is not a
     /// [`Request::Read`].
     ///
-    /// Block data is copied (the engine keeps its own); the protocol's
-    /// rules are checked when the message is framed
-    /// ([`crate::encode_frame`]).
-    pub fn from_site(message: &SiteMessage) -> Result<PeerMessage, WireError> {
+    /// Block data is copied (the engine keeps its own), compressed as
+    /// `compression` says (see [`Compression`]); the protocol's rules are
+    /// checked when the message is framed ([`crate::encode_frame`]).
+    pub fn from_site(
+        message: &SiteMessage,
+        compression: Compression,
+    ) -> Result<PeerMessage, WireError> {
         Ok(match message {
             SiteMessage::Delta(record) => PeerMessage::Delta {
                 group: record.group.0,
                 epoch: record.epoch.0,
                 seq: record.seq.0,
-                blocks: blocks_to_wire(&record.blocks),
+                blocks: blocks_to_wire(&record.blocks, compression),
             },
             SiteMessage::Journaled { group, seq } => PeerMessage::Journaled {
                 group: group.0,
@@ -64,7 +70,7 @@ impl PeerMessage {
                 resume,
             } => PeerMessage::Resync {
                 group: group.0,
-                blocks: blocks_to_wire(blocks),
+                blocks: blocks_to_wire(blocks, compression),
                 last: *last,
                 base: base.0,
                 consistent_at: consistent_at.0,
@@ -99,7 +105,7 @@ impl PeerMessage {
             SiteMessage::ReadReply { id, result } => PeerMessage::ReadReply {
                 id: *id,
                 result: match result {
-                    Ok(blocks) => Ok(blocks_to_wire(blocks)),
+                    Ok(blocks) => Ok(blocks_to_wire(blocks, compression)),
                     Err(error) => Err(failure_to_wire(error)),
                 },
             },
@@ -143,7 +149,7 @@ impl PeerMessage {
                 group: GroupId(group),
                 epoch: Epoch(epoch),
                 seq: DeltaSeq(seq),
-                blocks: blocks_from_wire(blocks),
+                blocks: blocks_from_wire(blocks)?,
             }),
             PeerMessage::Journaled { group, seq } => SiteMessage::Journaled {
                 group: GroupId(group),
@@ -181,7 +187,7 @@ impl PeerMessage {
                 resume,
             } => SiteMessage::Resync {
                 group: GroupId(group),
-                blocks: blocks_from_wire(blocks),
+                blocks: blocks_from_wire(blocks)?,
                 last,
                 base: DeltaSeq(base),
                 consistent_at: DeltaSeq(consistent_at),
@@ -213,7 +219,7 @@ impl PeerMessage {
             PeerMessage::ReadReply { id, result } => SiteMessage::ReadReply {
                 id,
                 result: match result {
-                    Ok(blocks) => Ok(blocks_from_wire(blocks)),
+                    Ok(blocks) => Ok(blocks_from_wire(blocks)?),
                     Err(failure) => Err(failure_from_wire(failure)),
                 },
             },
@@ -244,21 +250,24 @@ fn request_kind(request: &Request) -> &'static str {
     }
 }
 
-fn blocks_to_wire(blocks: &[(BlockKey, BlockImage)]) -> Vec<WireBlock> {
+fn blocks_to_wire(blocks: &[(BlockKey, BlockImage)], compression: Compression) -> Vec<WireBlock> {
+    let mut compressor = Compressor::new(compression);
     blocks
         .iter()
         .map(|(key, image)| WireBlock {
             volume: key.volume.0,
             block: key.block,
-            data: match image {
-                BlockImage::Data(data) => Some(data.to_vec()),
-                BlockImage::Zero => None,
+            payload: match image {
+                BlockImage::Data(data) => compressor.payload(data),
+                BlockImage::Zero => WirePayload::Zero,
             },
         })
         .collect()
 }
 
-fn blocks_from_wire(blocks: Vec<WireBlock>) -> Vec<(BlockKey, BlockImage)> {
+/// The blocks as the engine takes them, compressed ones expanded (one
+/// that does not come to exactly one block is refused).
+fn blocks_from_wire(blocks: Vec<WireBlock>) -> Result<Vec<(BlockKey, BlockImage)>, WireError> {
     blocks
         .into_iter()
         .map(|block| {
@@ -266,11 +275,12 @@ fn blocks_from_wire(blocks: Vec<WireBlock>) -> Vec<(BlockKey, BlockImage)> {
                 volume: VolumeId(block.volume),
                 block: block.block,
             };
-            let image = match block.data {
-                Some(data) => BlockImage::Data(Bytes::from(data)),
-                None => BlockImage::Zero,
+            let image = match block.payload {
+                WirePayload::Raw(data) => BlockImage::Data(Bytes::from(data)),
+                WirePayload::Lz4(compressed) => BlockImage::Data(Bytes::from(expand(&compressed)?)),
+                WirePayload::Zero => BlockImage::Zero,
             };
-            (key, image)
+            Ok((key, image))
         })
         .collect()
 }

@@ -11,9 +11,10 @@
 //! [`PeerMessage::from_site`] turns one into its wire form and
 //! [`PeerMessage::into_site`] turns a received one back (`None` for a hello
 //! or a metadata message, which the node handles itself). The wire form has
-//! plain integers for identifiers, `Option<Vec<u8>>` for a block's image
-//! (none: zeroed) and its own mirrors of requests, responses and request
-//! errors ([`WireRequest`], [`WireResponse`], [`WireFailure`]).
+//! plain integers for identifiers, a [`WirePayload`] for a block's image
+//! (zero, raw, or LZ4-compressed where that pays: [`Compression`], set per
+//! link) and its own mirrors of requests, responses and request errors
+//! ([`WireRequest`], [`WireResponse`], [`WireFailure`]).
 //!
 //! Each message is an rkyv archive in a frame: a little-endian u32 length,
 //! then the archive. Bytes from a peer are untrusted: a frame over
@@ -21,8 +22,10 @@
 //! archive is validated (bytecheck) before any field is read, and then
 //! checked against the protocol's own rules:
 //! - site, node and cluster names at most [`NAME_BYTES_MAX`] bytes;
-//! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, or none for a
-//!   zeroed block, and the blocks of a delta, a resync chunk or a read reply
+//! - every block exactly [`stretch_core::BLOCK_SIZE`] bytes, none for a
+//!   zeroed block, or compressed to fewer bytes that expand to exactly one
+//!   block (checked as it is expanded, in [`PeerMessage::into_site`]), and
+//!   the blocks of a delta, a resync chunk or a read reply
 //!   in strictly increasing `(volume, block)` order;
 //! - at most [`stretch_core::LOST_REGIONS_MAX`] lost regions in a resume,
 //!   strictly increasing;
@@ -38,12 +41,14 @@
 //! [`encode_frame`] checks the same rules and the frame limit, so a node
 //! never sends what its peer would refuse (and close the stream over).
 
+mod compression;
 mod convert;
 mod frame;
 mod message;
 
+pub use compression::{Compression, PayloadBytes, SAVING_BYTES_MIN};
 pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
 pub use message::{
     METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WRITE_BYTES_MAX, WireBlock,
-    WireFailure, WireRegion, WireRequest, WireResponse,
+    WireFailure, WirePayload, WireRegion, WireRequest, WireResponse,
 };

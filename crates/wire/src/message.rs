@@ -8,7 +8,8 @@ use crate::frame::{FRAME_BYTES_MAX, WireError};
 /// Raft RPC carriers ([`PeerMessage::RaftRequest`],
 /// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
 /// 7: a resume names the regions a failover's lost deltas wrote.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: a block's payload may travel LZ4-compressed ([`WirePayload::Lz4`]).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -40,13 +41,24 @@ pub struct WireRegion {
     pub region: u64,
 }
 
-/// One block in a message: its volume and index, and its 4096 bytes, or
-/// none for a zeroed block.
+/// One block in a message: its volume and index, and its content.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WireBlock {
     pub volume: u32,
     pub block: u64,
-    pub data: Option<Vec<u8>>,
+    pub payload: WirePayload,
+}
+
+/// A block's content in a message.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WirePayload {
+    /// Every byte zero.
+    Zero,
+    /// The block's [`BLOCK_SIZE`] bytes.
+    Raw(Vec<u8>),
+    /// The block's bytes as one LZ4 block, shorter than [`BLOCK_SIZE`]
+    /// (a block that does not shrink travels raw).
+    Lz4(Vec<u8>),
 }
 
 /// A client request sent to the volume's owner: [`stretch_core::Request`]
@@ -277,18 +289,28 @@ fn check_regions(regions: &[WireRegion]) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Every block whole or zero, keys strictly increasing.
+/// Every block whole, zero or compressed shorter than a block, keys
+/// strictly increasing. (Whether a compressed block expands to exactly
+/// one block is checked as it is expanded, in [`PeerMessage::into_site`].)
 fn check_blocks(blocks: &[WireBlock]) -> Result<(), WireError> {
     let mut previous: Option<(u32, u64)> = None;
     for block in blocks {
-        if let Some(data) = &block.data
-            && data.len() != BLOCK_SIZE
-        {
+        let wrong = match &block.payload {
+            WirePayload::Zero => None,
+            WirePayload::Raw(data) => (data.len() != BLOCK_SIZE).then_some(data.len()),
+            WirePayload::Lz4(data) => {
+                (data.is_empty() || data.len() >= BLOCK_SIZE).then_some(data.len())
+            }
+        };
+        if let Some(length) = wrong {
             return Err(invalid(format!(
-                "block {} of volume {} has {} bytes",
+                "block {} of volume {} has {length} bytes ({})",
                 block.block,
                 block.volume,
-                data.len()
+                match block.payload {
+                    WirePayload::Lz4(_) => "compressed, so 1 to one less than a block",
+                    _ => "raw, so exactly one block",
+                }
             )));
         }
         let key = (block.volume, block.block);

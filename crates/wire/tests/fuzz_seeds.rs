@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use stretch_core::BLOCK_SIZE;
 use stretch_wire::{
-    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WireRegion, WireRequest, WireResponse,
-    decode_frame, encode_frame,
+    PROTOCOL_VERSION, PeerMessage, WireBlock, WireFailure, WirePayload, WireRegion, WireRequest,
+    WireResponse, decode_frame, encode_frame,
 };
 
 fn seeds() -> Vec<(&'static str, PeerMessage)> {
@@ -17,12 +17,17 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
         WireBlock {
             volume: 1,
             block: 0,
-            data: Some(vec![0xa5; BLOCK_SIZE]),
+            payload: WirePayload::Raw(vec![0xa5; BLOCK_SIZE]),
         },
         WireBlock {
             volume: 1,
             block: 3,
-            data: None,
+            payload: WirePayload::Zero,
+        },
+        WireBlock {
+            volume: 1,
+            block: 4,
+            payload: WirePayload::Lz4(lz4_flex::block::compress(&[0x5a; BLOCK_SIZE])),
         },
     ];
     vec![

@@ -7,7 +7,8 @@ use stretch_core::{
     Request, RequestError, Response, SiteMessage, VolumeId,
 };
 use stretch_wire::{
-    PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WireResponse, decode_frame, encode_frame,
+    Compression, PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WirePayload, WireResponse,
+    decode_frame, encode_frame,
 };
 
 fn key(volume: u32, block: u64) -> BlockKey {
@@ -304,7 +305,11 @@ fn samples_cover_every_variant() {
 
 /// What arrives at the other site.
 fn across(message: &SiteMessage) -> SiteMessage {
-    let sent = PeerMessage::from_site(message).expect("converts");
+    across_with(message, Compression::Lz4)
+}
+
+fn across_with(message: &SiteMessage, compression: Compression) -> SiteMessage {
+    let sent = PeerMessage::from_site(message, compression).expect("converts");
     let frame = encode_frame(&sent).expect("encodes");
     let received = decode_frame(&frame).expect("decodes");
     assert_eq!(received, sent);
@@ -317,8 +322,41 @@ fn across(message: &SiteMessage) -> SiteMessage {
 #[test]
 fn every_site_message_round_trips() {
     for message in samples() {
-        assert_eq!(across(&message), message);
+        for compression in [Compression::Off, Compression::Lz4] {
+            assert_eq!(across_with(&message, compression), message);
+        }
     }
+}
+
+#[test]
+fn blocks_that_compress_travel_compressed_only_where_the_link_says_so() {
+    let text: Vec<u8> = b"a compressible block of a guest's file system. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(BLOCK_SIZE)
+        .collect();
+    let delta = SiteMessage::Delta(DeltaRecord {
+        position: JournalPosition(0),
+        group: GroupId(1),
+        epoch: Epoch(1),
+        seq: DeltaSeq(1),
+        blocks: vec![(key(1, 0), BlockImage::Data(Bytes::from(text)))],
+    });
+    let payload = |compression| match PeerMessage::from_site(&delta, compression) {
+        Ok(PeerMessage::Delta { blocks, .. }) => blocks[0].payload.clone(),
+        other => panic!("a delta: {other:?}"),
+    };
+    let WirePayload::Lz4(compressed) = payload(Compression::Lz4) else {
+        panic!("text travels raw on a compressing link");
+    };
+    assert!(
+        compressed.len() < BLOCK_SIZE / 4,
+        "{} bytes",
+        compressed.len()
+    );
+    assert!(matches!(payload(Compression::Off), WirePayload::Raw(_)));
+    assert_eq!(across(&delta), delta);
 }
 
 #[test]
@@ -342,7 +380,10 @@ fn a_strict_read_carries_only_a_read() {
             have: None,
         };
         assert!(
-            matches!(PeerMessage::from_site(&message), Err(WireError::Invalid(_))),
+            matches!(
+                PeerMessage::from_site(&message, Compression::Lz4),
+                Err(WireError::Invalid(_))
+            ),
             "{message:?} converted"
         );
     }
@@ -381,7 +422,7 @@ fn a_message_breaking_the_rules_does_not_reach_the_engine() {
         blocks: vec![WireBlock {
             volume: 1,
             block: 0,
-            data: Some(vec![0; 512]),
+            payload: WirePayload::Raw(vec![0; 512]),
         }],
     };
     assert!(matches!(short.into_site(), Err(WireError::Invalid(_))));
@@ -391,12 +432,12 @@ fn a_message_breaking_the_rules_does_not_reach_the_engine() {
             WireBlock {
                 volume: 1,
                 block: 2,
-                data: None,
+                payload: WirePayload::Zero,
             },
             WireBlock {
                 volume: 1,
                 block: 1,
-                data: None,
+                payload: WirePayload::Zero,
             },
         ]),
     };
@@ -424,7 +465,7 @@ fn received_data_is_not_copied_into_the_engines_message() {
         blocks: vec![WireBlock {
             volume: 1,
             block: 0,
-            data: Some(block),
+            payload: WirePayload::Raw(block),
         }],
     };
     let Ok(Some(SiteMessage::Delta(record))) = delta.into_site() else {

@@ -5,8 +5,8 @@ use rkyv::rancor;
 use stretch_core::{BLOCK_SIZE, LOST_REGIONS_MAX};
 use stretch_wire::{
     FRAME_BYTES_MAX, METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage,
-    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WireRegion, WireRequest, WireResponse,
-    decode_frame, encode_frame, frame_length,
+    WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WirePayload, WireRegion, WireRequest,
+    WireResponse, decode_frame, encode_frame, frame_length,
 };
 
 fn region(volume: u32, region: u64) -> WireRegion {
@@ -17,7 +17,18 @@ fn block(volume: u32, block: u64, byte: Option<u8>) -> WireBlock {
     WireBlock {
         volume,
         block,
-        data: byte.map(|byte| vec![byte; BLOCK_SIZE]),
+        payload: byte.map_or(WirePayload::Zero, |byte| {
+            WirePayload::Raw(vec![byte; BLOCK_SIZE])
+        }),
+    }
+}
+
+/// A block of `byte`s, LZ4-compressed as a node sends it.
+fn compressed(volume: u32, block: u64, byte: u8) -> WireBlock {
+    WireBlock {
+        volume,
+        block,
+        payload: WirePayload::Lz4(lz4_flex::block::compress(&[byte; BLOCK_SIZE])),
     }
 }
 
@@ -88,6 +99,7 @@ fn samples() -> Vec<PeerMessage> {
             blocks: vec![
                 block(1, 0, Some(7)),
                 block(1, 1, None),
+                compressed(1, 2, 5),
                 block(2, 9, Some(9)),
             ],
         },
@@ -115,7 +127,11 @@ fn samples() -> Vec<PeerMessage> {
         },
         PeerMessage::Resync {
             group: 3,
-            blocks: vec![block(1, 256, Some(1)), block(1, 257, None)],
+            blocks: vec![
+                block(1, 256, Some(1)),
+                block(1, 257, None),
+                compressed(1, 258, 3),
+            ],
             last: false,
             base: 40,
             consistent_at: 44,
@@ -152,7 +168,11 @@ fn samples() -> Vec<PeerMessage> {
         },
         PeerMessage::ReadReply {
             id: 5,
-            result: Ok(vec![block(1, 1, Some(1)), block(1, 2, None)]),
+            result: Ok(vec![
+                block(1, 1, Some(1)),
+                block(1, 2, None),
+                compressed(1, 3, 2),
+            ]),
         },
         PeerMessage::ForwardReply {
             id: 7,
@@ -242,9 +262,10 @@ fn nested_variants(message: &PeerMessage) -> Vec<String> {
     fn blocks(blocks: &[WireBlock]) -> Vec<String> {
         blocks
             .iter()
-            .map(|block| match block.data {
-                Some(_) => "block data".to_string(),
-                None => "block zero".to_string(),
+            .map(|block| match block.payload {
+                WirePayload::Raw(_) => "block data".to_string(),
+                WirePayload::Lz4(_) => "block compressed".to_string(),
+                WirePayload::Zero => "block zero".to_string(),
             })
             .collect()
     }
@@ -280,7 +301,7 @@ fn samples_cover_every_variant() {
     assert_eq!(variants.len(), 14, "{variants:?}");
     let nested: BTreeSet<String> = samples.iter().flat_map(nested_variants).collect();
     let mut want: BTreeSet<String> = BTreeSet::new();
-    for inner in ["block data", "block zero"] {
+    for inner in ["block data", "block zero", "block compressed"] {
         for outer in ["Delta", "Resync", "ReadReply"] {
             want.insert(format!("{outer} {inner}"));
         }
@@ -468,10 +489,10 @@ fn protocol_rules_are_enforced() {
         let short = WireBlock {
             volume: 1,
             block: 0,
-            data: Some(vec![0; BLOCK_SIZE - 1]),
+            payload: WirePayload::Raw(vec![0; BLOCK_SIZE - 1]),
         };
         let long = WireBlock {
-            data: Some(vec![0; BLOCK_SIZE + 1]),
+            payload: WirePayload::Raw(vec![0; BLOCK_SIZE + 1]),
             ..short.clone()
         };
         assert!(refused(&carrier(vec![short])));
@@ -492,6 +513,15 @@ fn protocol_rules_are_enforced() {
             block(1, 9, None),
             block(2, 0, None)
         ])));
+        // A compressed block shorter than a block, and not empty.
+        let compressed_as = |payload: Vec<u8>| WireBlock {
+            volume: 1,
+            block: 0,
+            payload: WirePayload::Lz4(payload),
+        };
+        assert!(refused(&carrier(vec![compressed_as(Vec::new())])));
+        assert!(refused(&carrier(vec![compressed_as(vec![0; BLOCK_SIZE])])));
+        assert!(!refused(&carrier(vec![compressed(1, 0, 9)])));
     }
 
     let read = |length| PeerMessage::ReadRequest {
@@ -613,4 +643,40 @@ fn a_message_over_the_frame_limit_is_not_sent() {
     let frame = encode_frame(&fits).expect("a 32 MiB delta encodes");
     assert!(frame.len() <= FRAME_BYTES_MAX as usize + 4);
     assert_eq!(decode_frame(&frame), Ok(fits));
+}
+
+/// A compressed block passes the frame's checks whatever it holds (they
+/// do not expand it), but reaches the engine only if it expands to
+/// exactly one block.
+#[test]
+fn a_compressed_block_reaches_the_engine_only_if_it_expands_to_one_block() {
+    let delta = |payload: Vec<u8>| PeerMessage::Delta {
+        group: 1,
+        epoch: 1,
+        seq: 1,
+        blocks: vec![WireBlock {
+            volume: 1,
+            block: 0,
+            payload: WirePayload::Lz4(payload),
+        }],
+    };
+    let not_lz4 = vec![0xff, 0x00, 0x13, 0x37, 0x42];
+    let half = lz4_flex::block::compress(&[7u8; BLOCK_SIZE / 2]);
+    let double = lz4_flex::block::compress(&[7u8; BLOCK_SIZE * 2]);
+    for payload in [not_lz4, half, double] {
+        let message = delta(payload);
+        let received = decode_frame(&raw_frame(&message)).expect("the frame itself is well formed");
+        assert!(
+            matches!(received.into_site(), Err(WireError::Invalid(_))),
+            "{message:?} reached the engine"
+        );
+    }
+    let whole = lz4_flex::block::compress(&[7u8; BLOCK_SIZE]);
+    let Ok(Some(stretch_core::SiteMessage::Delta(record))) = delta(whole).into_site() else {
+        panic!("a whole compressed block is refused");
+    };
+    assert_eq!(
+        record.blocks[0].1,
+        stretch_core::BlockImage::Data(vec![7u8; BLOCK_SIZE].into())
+    );
 }
