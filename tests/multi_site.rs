@@ -94,12 +94,12 @@ fn a_write_at_site_a_reads_back_at_site_b_at_once_and_the_legs_converge() {
         "shipped {shipped} bytes for {size} bytes written"
     );
     // Random data does not compress: it travels raw, not larger.
-    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["site=\"b\""])
+    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["peer=\"b\""])
         .expect("link block bytes metric");
     let sent = metric_value(
         &metrics,
         "stretch_link_sent_block_bytes_total",
-        &["site=\"b\""],
+        &["peer=\"b\""],
     )
     .expect("link sent bytes metric");
     assert!(blocks >= size as f64, "{blocks} block bytes sent to b");
@@ -150,12 +150,12 @@ fn compressible_blocks_cross_the_link_compressed_and_arrive_whole() {
         "b's leg differs from what was written"
     );
     let metrics = sites.metrics(A);
-    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["site=\"b\""])
+    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["peer=\"b\""])
         .expect("link block bytes metric");
     let sent = metric_value(
         &metrics,
         "stretch_link_sent_block_bytes_total",
-        &["site=\"b\""],
+        &["peer=\"b\""],
     )
     .expect("link sent bytes metric");
     assert!(blocks >= size as f64, "{blocks} block bytes sent to b");

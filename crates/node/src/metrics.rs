@@ -281,9 +281,9 @@ impl Metrics {
         let link_block_bytes = IntCounterVec::new(
             Opts::new(
                 "stretch_link_block_bytes_total",
-                "Bytes of the non-zero blocks sent to a site (deltas, resync chunks, strict-read answers), before compression",
+                "Bytes of the non-zero blocks sent to a peer site (deltas, resync chunks, strict-read answers), before compression",
             ),
-            &["site"],
+            &["peer"],
         )
         .expect("metric definition invariant");
         registry
@@ -292,9 +292,9 @@ impl Metrics {
         let link_sent_block_bytes = IntCounterVec::new(
             Opts::new(
                 "stretch_link_sent_block_bytes_total",
-                "Bytes those blocks took on the link to the site (LZ4 where it saved at least an eighth of a block, raw otherwise)",
+                "Bytes those blocks took on the link to the peer site (LZ4 where it saved at least an eighth of a block, raw otherwise)",
             ),
-            &["site"],
+            &["peer"],
         )
         .expect("metric definition invariant");
         registry
@@ -698,20 +698,20 @@ impl Metrics {
             .set(i64::from(connected));
     }
 
-    /// Blocks went to `site`: `bytes.blocks` of them, `bytes.sent` on the
-    /// link.
-    pub fn link_sent(&self, site: &str, bytes: stretch_wire::PayloadBytes) {
+    /// Blocks went to site `peer`: `bytes.blocks` of them, `bytes.sent` on
+    /// the link.
+    pub fn link_sent(&self, peer: &str, bytes: stretch_wire::PayloadBytes) {
         if bytes.blocks == 0 {
             return;
         }
         let replication = &self.replication;
         replication
             .link_block_bytes
-            .with_label_values(&[site])
+            .with_label_values(&[peer])
             .inc_by(bytes.blocks);
         replication
             .link_sent_block_bytes
-            .with_label_values(&[site])
+            .with_label_values(&[peer])
             .inc_by(bytes.sent);
     }
 
