@@ -524,3 +524,47 @@ fn a_bad_failover_policy_or_an_unaccepted_promotion_is_refused_and_changes_nothi
     assert!(answer.contains("already owns it"), "{answer}");
     assert_eq!(volume_names(&node), ["v"]);
 }
+
+#[test]
+fn a_bad_follow_setting_is_refused_and_changes_nothing() {
+    let node = TestNode::start();
+    let port = node.admin_port;
+    let bearer = format!("Authorization: Bearer {}", token(&node.token_file()));
+    let post = |path: &str, body: &str| {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}\r\nContent-Type: application/json"
+        );
+        exchange(port, &head, body)
+    };
+    let (status, answer) = post("/v1/volumes", r#"{"name": "v", "size": 4096}"#);
+    assert_eq!(status, 201, "{answer}");
+    let follow_of = || {
+        let (status, answer) = exchange(
+            port,
+            &format!("GET /v1/volumes/v HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}"),
+            "",
+        );
+        assert_eq!(status, 200, "{answer}");
+        let info: serde_json::Value = serde_json::from_str(&answer).expect("volume info is JSON");
+        info["follow"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(follow_of(), "off");
+    for (body, mentions) in [
+        ("follow auto", "bad follow request"),
+        (r#"{"follow": "sometimes"}"#, "follow must be auto or off"),
+        (r#"{"follow": "AUTO"}"#, "follow must be auto or off"),
+        (r#"{"follow": "auto", "extra": 1}"#, "bad follow request"),
+        (r#"{"follow": 1}"#, "bad follow request"),
+        ("{}", "bad follow request"),
+    ] {
+        let (status, answer) = post("/v1/volumes/v/follow", body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(mentions), "{body}: {answer}");
+        assert_eq!(follow_of(), "off", "{body} changed the setting");
+    }
+    let (status, answer) = post("/v1/volumes/nope/follow", r#"{"follow": "auto"}"#);
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = post("/v1/volumes/v/follow", r#"{"follow": "auto"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(follow_of(), "auto");
+}
