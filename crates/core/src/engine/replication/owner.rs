@@ -472,7 +472,13 @@ impl Engine {
             // Mid-resync, and nothing here says what it lacks (this site
             // restarted without a saved map, the site recovered from a
             // crash mid-resync, or it is mid-way through another owner's
-            // resync): every region.
+            // resync): every region. (`!tracked` alone adds nothing the
+            // other two miss in any state reached so far: a site that
+            // resumes mid-resync while its progress here is not marked
+            // for resync finished one of this site's resyncs, so what it
+            // lacks is in the retained deltas. It stays as the safe
+            // answer should that change; mutation testing cannot tell it
+            // apart.)
             None if !tracked || restored || !resynced_here => {
                 if restored {
                     self.marks.hit(Mark::RestoredMidResync);

@@ -1793,6 +1793,54 @@ fn a_replica_that_crashed_mid_resync_knows_it_after_its_restart() {
 }
 
 #[test]
+fn a_site_resuming_mid_way_through_this_sites_resync_gets_only_what_it_still_lacks() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: b is marked for a resync of
+    // regions 0 and 3, the two written.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::NeedsResync
+    );
+    // b returns; one chunk reaches it, then the link drops.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    let first = pair
+        .to_b
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Resync { .. }))
+        .expect("a resync starts");
+    let chunk = pair.to_b.remove(first).expect("index is in range");
+    pair.b.engine.receive(pair.now, A, chunk);
+    pair.b.run();
+    pair.hold_group_lane_to_b = false;
+    pair.disconnect();
+    let done = pair.a.engine.stats().resync_regions_done_total;
+    // b resumes mid-way through a's own resync: a's map names what is
+    // left, not every region of the volume.
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    let copied = pair.a.engine.stats().resync_regions_done_total - done;
+    let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
+    assert!(
+        (1..=2).contains(&copied) && copied < regions,
+        "{copied} regions copied again, of {regions}"
+    );
+}
+
+#[test]
 fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
     let mut engine = Engine::new(config(A, B), RecoveredState::default());
     engine.add_volume(
