@@ -419,6 +419,7 @@ impl Engine {
                         offset,
                         payload: Payload::Data(data),
                         fua,
+                        arrived: self.now,
                     },
                     &spec,
                     length,
@@ -437,6 +438,7 @@ impl Engine {
                         offset,
                         payload: Payload::Zero(length),
                         fua,
+                        arrived: self.now,
                     },
                     &spec,
                     length,
@@ -807,6 +809,9 @@ struct WriteRequest {
     offset: u64,
     payload: Payload,
     fua: bool,
+    /// When it was submitted: a write waiting on a full backlog counts its
+    /// wait from here (see `admit_throttled`).
+    arrived: Timestamp,
 }
 
 #[derive(Debug)]
@@ -1107,9 +1112,19 @@ impl Engine {
     }
 
     fn admit_throttled(&mut self) {
-        if !self.backlog_full() {
-            self.replication.backlog_wait_since = None;
-        }
+        self.admit_throttled_writes();
+        // The backlog wait runs while a write waits on a full backlog, from
+        // when the oldest waiting write arrived (the queue is in arrival
+        // order). Writes admitted ahead of it, whose deltas filled the
+        // backlog again, do not restart its clock, nor stop it: it would
+        // then wait for the slow site's next acknowledgement, however late.
+        self.replication.backlog_wait_since = match self.throttled.front() {
+            Some(front) if self.backlog_full() => Some(front.arrived),
+            _ => None,
+        };
+    }
+
+    fn admit_throttled_writes(&mut self) {
         while let Some(front) = self.throttled.front() {
             if self.backlog_full() {
                 return;

@@ -2220,6 +2220,40 @@ fn writes_held_by_a_full_backlog_go_on_once_the_lagging_site_is_declared_gone() 
 }
 
 #[test]
+fn a_write_still_waiting_after_others_were_admitted_keeps_its_backlog_wait() {
+    let mut pair = Pair::new(Mode::Async);
+    let requests = fill_backlog_while_stalled(&mut pair);
+    let waiting = unanswered(&pair, &requests);
+    assert!(waiting >= 2, "{waiting} writes wait");
+    // 1 s later b gets one delta and acknowledges it: room for one write,
+    // whose delta fills the backlog again behind it.
+    pair.tick(1_000);
+    let first = pair
+        .to_b
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Delta(_)))
+        .expect("deltas wait for b");
+    let delta = pair.to_b.remove(first).expect("index is in range");
+    pair.b.engine.receive(pair.now, A, delta);
+    pair.settle();
+    let still = unanswered(&pair, &requests);
+    assert!(
+        (1..waiting).contains(&still),
+        "{still} of {waiting} still wait"
+    );
+    // The others waited since the fill: past backlog_wait_ms_max (2 s)
+    // from then, b is dropped to a resync and they go on, acknowledgement
+    // or not.
+    pair.tick(1_100);
+    assert_eq!(
+        unanswered(&pair, &requests),
+        0,
+        "a write waited past the backlog bound"
+    );
+    assert_eq!(pair.a.engine.stats().backlog_folds_total, 1);
+}
+
+#[test]
 fn the_planted_stall_keeps_writes_waiting_for_a_site_declared_gone() {
     let mut buggy = config(A, B);
     buggy.planted_bug = Some(PlantedBug::StallOnFullBacklog);
