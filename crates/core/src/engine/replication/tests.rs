@@ -370,8 +370,8 @@ impl Pair {
     }
 }
 
-#[test]
-fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
+/// An engine at a owning the group of one async volume (b not connected).
+fn owner_engine() -> Engine {
     let mut engine = Engine::new(config(A, B), RecoveredState::default());
     engine.add_volume(
         VOLUME,
@@ -382,6 +382,12 @@ fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
         },
     );
     engine.set_owner(GROUP, A, Epoch(1));
+    engine
+}
+
+#[test]
+fn an_owner_ships_a_delta_only_after_its_journal_holds_it() {
+    let mut engine = owner_engine();
     engine.peer_up(Timestamp(0), B);
     engine.receive(
         Timestamp(0),
@@ -1438,16 +1444,7 @@ fn deltas_a_site_applied_are_retired_although_its_acks_were_lost() {
 
 #[test]
 fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
-    let mut engine = Engine::new(config(A, B), RecoveredState::default());
-    engine.add_volume(
-        VOLUME,
-        VolumeSpec {
-            size: VOLUME_BYTES,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
-    engine.set_owner(GROUP, A, Epoch(1));
+    let mut engine = owner_engine();
     engine.peer_up(Timestamp(0), B);
     // A write still in the open delta, then a site that needs every region.
     engine.submit(
@@ -1512,16 +1509,7 @@ fn a_resync_chunk_leaves_only_once_the_owners_journal_holds_what_it_shows() {
 
 #[test]
 fn deltas_closed_after_a_resync_began_wait_behind_its_held_first_chunk() {
-    let mut engine = Engine::new(config(A, B), RecoveredState::default());
-    engine.add_volume(
-        VOLUME,
-        VolumeSpec {
-            size: VOLUME_BYTES,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
-    engine.set_owner(GROUP, A, Epoch(1));
+    let mut engine = owner_engine();
     engine.peer_up(Timestamp(0), B);
     // b holds a delta this site never wrote: it needs every region, and
     // the resync's base is 0.
@@ -1647,16 +1635,7 @@ fn a_site_mid_resync_does_not_count_for_a_flush_sync_flush() {
 
 #[test]
 fn regions_being_read_when_a_resync_is_abandoned_are_copied_by_the_next() {
-    let mut engine = Engine::new(config(A, B), RecoveredState::default());
-    engine.add_volume(
-        VOLUME,
-        VolumeSpec {
-            size: VOLUME_BYTES,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
-    engine.set_owner(GROUP, A, Epoch(1));
+    let mut engine = owner_engine();
     engine.peer_up(Timestamp(0), B);
     let resume = |have, resume| SiteMessage::Resume {
         group: GROUP,
@@ -1842,16 +1821,7 @@ fn a_site_resuming_mid_way_through_this_sites_resync_gets_only_what_it_still_lac
 
 #[test]
 fn a_restarted_owner_copies_every_region_to_a_site_resuming_mid_resync() {
-    let mut engine = Engine::new(config(A, B), RecoveredState::default());
-    engine.add_volume(
-        VOLUME,
-        VolumeSpec {
-            size: VOLUME_BYTES,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
-    engine.set_owner(GROUP, A, Epoch(1));
+    let mut engine = owner_engine();
     engine.peer_up(Timestamp(0), B);
     engine.receive(
         Timestamp(0),
@@ -2673,16 +2643,7 @@ fn a_site_holding_deltas_a_failover_discarded_takes_no_delta_before_its_resync()
 fn a_site_resuming_mid_way_through_another_owners_resync_gets_every_region() {
     // a owns the group; b, away, is marked for resync of the regions a
     // wrote (the backlog overflowed) before it ever resumed here.
-    let mut engine = Engine::new(config(A, B), RecoveredState::default());
-    engine.add_volume(
-        VOLUME,
-        VolumeSpec {
-            size: VOLUME_BYTES,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
-    engine.set_owner(GROUP, A, Epoch(1));
+    let mut engine = owner_engine();
     let big = Bytes::from(vec![6u8; 64 << 10]);
     for index in 0..6u64 {
         let id = RequestId(index + 1);
