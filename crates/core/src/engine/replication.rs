@@ -1071,17 +1071,8 @@ impl Engine {
                         .map(|outbound| outbound.requests_by_site.clone())
                         .unwrap_or_default(),
                     peers,
-                    consistent: self
-                        .replication
-                        .inbound
-                        .get(group)
-                        .is_none_or(|inbound| inbound.resync.is_none())
-                        && !self.diverged_here(*group),
-                    mid_resync: self
-                        .replication
-                        .inbound
-                        .get(group)
-                        .is_some_and(|inbound| inbound.resync.is_some()),
+                    consistent: !self.mid_resync_here(*group) && !self.diverged_here(*group),
+                    mid_resync: self.mid_resync_here(*group),
                 }
             })
             .collect()

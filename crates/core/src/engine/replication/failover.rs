@@ -181,12 +181,7 @@ impl Engine {
         if state.owner == self.config.site {
             return None;
         }
-        let resyncing = self
-            .replication
-            .inbound
-            .get(&group)
-            .is_some_and(|inbound| inbound.resync.is_some());
-        if resyncing || self.diverged_here(group) {
+        if self.mid_resync_here(group) || self.diverged_here(group) {
             return None;
         }
         // The image offered is the one owned from, and the failover counts

@@ -94,10 +94,7 @@ impl Engine {
             return;
         };
         let owner = state.owner;
-        let have = match self.replication.inbound.get(&group) {
-            Some(inbound) if inbound.resync.is_some() => None,
-            _ => Some(DeltaSeq(state.next_seq.0 - 1)),
-        };
+        let have = (!self.mid_resync_here(group)).then(|| DeltaSeq(state.next_seq.0 - 1));
         let have_epoch = have.and(state.last_epoch);
         let lost_regions = self.lost_regions_to_send(group);
         if have.is_none() {
@@ -159,6 +156,14 @@ impl Engine {
         }
     }
 
+    /// At a replica: `group`'s leg is mid-resync (at no delta boundary).
+    pub(in crate::engine) fn mid_resync_here(&self, group: GroupId) -> bool {
+        self.replication
+            .inbound
+            .get(&group)
+            .is_some_and(|inbound| inbound.resync.is_some())
+    }
+
     /// Why a snapshot read cannot be served here now, if it cannot.
     pub(in crate::engine) fn snapshot_unavailable(&self, group: GroupId) -> Option<String> {
         if self.diverged_here(group) {
@@ -184,12 +189,7 @@ impl Engine {
         // resync's first chunk puts this site back on the owner's line
         // (the owner resyncs such a site before it streams to it); the
         // deltas that follow it are the resync's.
-        let resyncing = self
-            .replication
-            .inbound
-            .get(&group_id)
-            .is_some_and(|inbound| inbound.resync.is_some());
-        if !resyncing && self.diverged_here(group_id) {
+        if !self.mid_resync_here(group_id) && self.diverged_here(group_id) {
             self.stats.refused_messages_total += 1;
             return;
         }
@@ -507,11 +507,8 @@ impl Engine {
                 // them as the new owner numbers different ones. Both need
                 // the whole range.
                 let diverged = self.diverged_here(spec.group);
-                let have = match self.replication.inbound.get(&spec.group) {
-                    Some(inbound) if inbound.resync.is_some() => None,
-                    _ if diverged => None,
-                    _ => Some(DeltaSeq(self.groups[&spec.group].next_seq.0 - 1)),
-                };
+                let have = (!self.mid_resync_here(spec.group) && !diverged)
+                    .then(|| DeltaSeq(self.groups[&spec.group].next_seq.0 - 1));
                 if diverged {
                     self.marks.hit(Mark::DivergedWholeRead);
                 }
