@@ -382,10 +382,13 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
     }
 }
 
-#[test]
-fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
+/// a and b as separate `stretch node` processes, both holding leases, a
+/// sending to b at 2 Mbit/s: 4 MiB written at a keep a migration of `vm`
+/// to b, started here without waiting (`--timeout timeout_s`), catching up
+/// for about 16 s. Returns the sites and vm's export at a.
+fn separate_nodes_migrating_over_a_slow_link(timeout_s: &str) -> (TwoSites, String) {
     require_tool("qemu-io");
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
+    let sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
     sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
         [A, B]
             .iter()
@@ -393,8 +396,6 @@ fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
     });
     sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
     let uri = sites.nbd_uri(A, "vm");
-    // a sends to b at 2 Mbit/s: 4 MiB written at a keep the migration
-    // catching up for about 16 s.
     sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
     qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
     sites.ok(
@@ -407,9 +408,15 @@ fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
             "b",
             "--no-wait",
             "--timeout",
-            "600",
+            timeout_s,
         ],
     );
+    (sites, uri)
+}
+
+#[test]
+fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
+    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link("600");
     sites.wait_until("b applied the record", Duration::from_secs(10), || {
         sites.ok(B, &["migration", "list"]).contains("recorded")
     });
@@ -571,31 +578,7 @@ fn a_group_set_to_follow_its_workload_moves_to_where_the_workload_runs() {
 /// migration completes.
 #[test]
 fn a_migration_whose_target_dies_while_catching_up_completes_once_it_returns() {
-    require_tool("qemu-io");
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
-    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
-        [A, B]
-            .iter()
-            .all(|node| sites.status(*node)["lease"]["valid"] == true)
-    });
-    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
-    let uri = sites.nbd_uri(A, "vm");
-    // 4 MiB at 2 Mbit/s: the migration catches up for about 16 s.
-    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
-    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "migrate",
-            "vm",
-            "--to",
-            "b",
-            "--no-wait",
-            "--timeout",
-            "300",
-        ],
-    );
+    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link("300");
     std::thread::sleep(Duration::from_secs(2));
     sites.kill9(B);
     // The source goes on taking writes while b is away.
