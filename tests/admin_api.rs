@@ -45,6 +45,16 @@ fn exchange(port: u16, head: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// One exchange carrying the admin token; a body is sent as JSON.
+fn with_token(node: &TestNode, method: &str, path: &str, body: &str) -> (u16, String) {
+    let bearer = format!("Authorization: Bearer {}", token(&node.token_file()));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}");
+    if !body.is_empty() {
+        head.push_str("\r\nContent-Type: application/json");
+    }
+    exchange(node.admin_port, &head, body)
+}
+
 fn token(path: &Path) -> String {
     std::fs::read_to_string(path)
         .expect("reading the admin token")
@@ -483,14 +493,7 @@ fn a_slow_create_does_not_block_the_api() {
 #[test]
 fn a_bad_failover_policy_or_an_unaccepted_promotion_is_refused_and_changes_nothing() {
     let node = TestNode::start();
-    let port = node.admin_port;
-    let bearer = format!("Authorization: Bearer {}", token(&node.token_file()));
-    let post = |path: &str, body: &str| {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}\r\nContent-Type: application/json"
-        );
-        exchange(port, &head, body)
-    };
+    let post = |path: &str, body: &str| with_token(&node, "POST", path, body);
     let (status, answer) = post(
         "/v1/volumes",
         r#"{"name": "v", "size": 4096, "failover": "sometimes"}"#,
@@ -528,22 +531,11 @@ fn a_bad_failover_policy_or_an_unaccepted_promotion_is_refused_and_changes_nothi
 #[test]
 fn a_bad_follow_setting_is_refused_and_changes_nothing() {
     let node = TestNode::start();
-    let port = node.admin_port;
-    let bearer = format!("Authorization: Bearer {}", token(&node.token_file()));
-    let post = |path: &str, body: &str| {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}\r\nContent-Type: application/json"
-        );
-        exchange(port, &head, body)
-    };
+    let post = |path: &str, body: &str| with_token(&node, "POST", path, body);
     let (status, answer) = post("/v1/volumes", r#"{"name": "v", "size": 4096}"#);
     assert_eq!(status, 201, "{answer}");
     let follow_of = || {
-        let (status, answer) = exchange(
-            port,
-            &format!("GET /v1/volumes/v HTTP/1.1\r\nHost: 127.0.0.1\r\n{bearer}"),
-            "",
-        );
+        let (status, answer) = with_token(&node, "GET", "/v1/volumes/v", "");
         assert_eq!(status, 200, "{answer}");
         let info: serde_json::Value = serde_json::from_str(&answer).expect("volume info is JSON");
         info["follow"].as_str().unwrap_or_default().to_string()
