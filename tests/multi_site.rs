@@ -94,19 +94,21 @@ fn a_write_at_site_a_reads_back_at_site_b_at_once_and_the_legs_converge() {
         "shipped {shipped} bytes for {size} bytes written"
     );
     // Random data does not compress: it travels raw, not larger.
-    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["peer=\"b\""])
-        .expect("link block bytes metric");
-    let sent = metric_value(
-        &metrics,
-        "stretch_link_sent_block_bytes_total",
-        &["peer=\"b\""],
-    )
-    .expect("link sent bytes metric");
+    let (blocks, sent) = link_bytes_to_b(&metrics);
     assert!(blocks >= size as f64, "{blocks} block bytes sent to b");
     assert!(
         sent <= blocks && sent >= blocks * 0.99,
         "random blocks took {sent} bytes on the link for {blocks}"
     );
+}
+
+/// The bytes of the blocks a sent to b, and what they took on the link.
+fn link_bytes_to_b(metrics: &str) -> (f64, f64) {
+    let of = |name| metric_value(metrics, name, &["peer=\"b\""]).expect(name);
+    (
+        of("stretch_link_block_bytes_total"),
+        of("stretch_link_sent_block_bytes_total"),
+    )
 }
 
 /// Text-like data: blocks of numbered lines, as a guest's logs or
@@ -150,14 +152,7 @@ fn compressible_blocks_cross_the_link_compressed_and_arrive_whole() {
         "b's leg differs from what was written"
     );
     let metrics = sites.metrics(A);
-    let blocks = metric_value(&metrics, "stretch_link_block_bytes_total", &["peer=\"b\""])
-        .expect("link block bytes metric");
-    let sent = metric_value(
-        &metrics,
-        "stretch_link_sent_block_bytes_total",
-        &["peer=\"b\""],
-    )
-    .expect("link sent bytes metric");
+    let (blocks, sent) = link_bytes_to_b(&metrics);
     assert!(blocks >= size as f64, "{blocks} block bytes sent to b");
     assert!(
         sent <= blocks * 0.5,
