@@ -259,6 +259,14 @@ impl Metrics {
                 .expect("metric registration invariant: unique name");
             metric
         };
+        let counter_vector = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric definition invariant: valid name");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registration invariant: unique name");
+            metric
+        };
         let float_vector = |name: &str, help: &str, labels: &[&str]| {
             let metric = GaugeVec::new(Opts::new(name, help), labels)
                 .expect("metric definition invariant: valid name");
@@ -267,61 +275,31 @@ impl Metrics {
                 .expect("metric registration invariant: unique name");
             metric
         };
-        let peer_malformed = IntCounterVec::new(
-            Opts::new(
-                "stretch_peer_malformed_messages_total",
-                "Frames from a peer that failed validation (their stream was closed)",
-            ),
+        let peer_malformed = counter_vector(
+            "stretch_peer_malformed_messages_total",
+            "Frames from a peer that failed validation (their stream was closed)",
             &["peer"],
-        )
-        .expect("metric definition invariant");
-        registry
-            .register(Box::new(peer_malformed.clone()))
-            .expect("metric registration invariant: unique name");
-        let link_block_bytes = IntCounterVec::new(
-            Opts::new(
-                "stretch_link_block_bytes_total",
-                "Bytes of the non-zero blocks sent to a peer site (deltas, resync chunks, strict-read answers), before compression",
-            ),
+        );
+        let link_block_bytes = counter_vector(
+            "stretch_link_block_bytes_total",
+            "Bytes of the non-zero blocks sent to a peer site (deltas, resync chunks, strict-read answers), before compression",
             &["peer"],
-        )
-        .expect("metric definition invariant");
-        registry
-            .register(Box::new(link_block_bytes.clone()))
-            .expect("metric registration invariant: unique name");
-        let link_sent_block_bytes = IntCounterVec::new(
-            Opts::new(
-                "stretch_link_sent_block_bytes_total",
-                "Bytes those blocks took on the link to the peer site (LZ4 where it saved at least an eighth of a block, raw otherwise)",
-            ),
+        );
+        let link_sent_block_bytes = counter_vector(
+            "stretch_link_sent_block_bytes_total",
+            "Bytes those blocks took on the link to the peer site (LZ4 where it saved at least an eighth of a block, raw otherwise)",
             &["peer"],
-        )
-        .expect("metric definition invariant");
-        registry
-            .register(Box::new(link_sent_block_bytes.clone()))
-            .expect("metric registration invariant: unique name");
-        let migrations = IntCounterVec::new(
-            Opts::new(
-                "stretch_migrations_total",
-                "Live migrations this node drove, by outcome (done, gave-up, cancelled, failed)",
-            ),
+        );
+        let migrations = counter_vector(
+            "stretch_migrations_total",
+            "Live migrations this node drove, by outcome (done, gave-up, cancelled, failed)",
             &["outcome"],
-        )
-        .expect("metric definition invariant");
-        registry
-            .register(Box::new(migrations.clone()))
-            .expect("metric registration invariant: unique name");
-        let follow_decisions = IntCounterVec::new(
-            Opts::new(
-                "stretch_follow_decisions_total",
-                "Groups this node decided to migrate after their workload (follow auto), by outcome (migrating, refused)",
-            ),
+        );
+        let follow_decisions = counter_vector(
+            "stretch_follow_decisions_total",
+            "Groups this node decided to migrate after their workload (follow auto), by outcome (migrating, refused)",
             &["outcome"],
-        )
-        .expect("metric definition invariant");
-        registry
-            .register(Box::new(follow_decisions.clone()))
-            .expect("metric registration invariant: unique name");
+        );
         let replication = ReplicationGauges {
             migrations,
             follow_decisions,
