@@ -93,12 +93,15 @@ fn a_write_at_site_a_reads_back_at_site_b_at_once_and_the_legs_converge() {
         shipped >= size as f64 && shipped <= size as f64 * 1.05,
         "shipped {shipped} bytes for {size} bytes written"
     );
-    // Random data does not compress: it travels raw, not larger.
+    // Random data does not compress: the written blocks cross raw, at
+    // least their size, and nothing crosses larger than it is. (The
+    // strict reads' answers also carry never-written blocks, read as
+    // zeros, which do shrink: how many depends on timing.)
     let (blocks, sent) = link_bytes_to_b(&metrics);
     assert!(blocks >= size as f64, "{blocks} block bytes sent to b");
     assert!(
-        sent <= blocks && sent >= blocks * 0.99,
-        "random blocks took {sent} bytes on the link for {blocks}"
+        sent <= blocks && sent >= size as f64,
+        "{size} random bytes written; the {blocks} block bytes sent to b took {sent} on the link"
     );
 }
 
