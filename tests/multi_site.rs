@@ -4,8 +4,9 @@
 //! a cut link heals into equal legs, a node with a foreign certificate
 //! is refused, a genuine certificate claiming another node is refused, a
 //! peer's frame headers reserve no more than its connection's budget, a
-//! renewed certificate is accepted, and compressible blocks cross the link
-//! compressed while random ones cross raw.
+//! renewed certificate is accepted, compressible blocks cross the link
+//! compressed while random ones cross raw, and strict reads at b are served
+//! there under read leases yet see every write a acknowledged.
 
 mod common;
 
@@ -830,4 +831,212 @@ fn owner_writes_complete_during_a_partition_that_filled_the_backlog() {
     sites.wait_connected();
     sites.wait_replicated(Duration::from_secs(120));
     qemu_img_compare(&sites.leg(A, "vm"), &sites.leg(B, "vm")).assert_ok();
+}
+
+/// The owner rewrites a random tenth of the regions between passes in
+/// which site b reads the whole volume: every read sees what a
+/// acknowledged before it began (qemu-io verifies each pattern), the
+/// regions a left alone are read at b under read leases, and a's writes to
+/// leased regions revoke them first.
+#[test]
+fn strict_reads_at_the_other_site_see_every_owner_write_while_leases_serve_the_rest_locally() {
+    require_tool("qemu-io");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "32M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "vm"]).success()
+    });
+    let (uri_a, uri_b) = (sites.nbd_uri(A, "vm"), sites.nbd_uri(B, "vm"));
+    let regions = 32_u64;
+    let mut pattern: Vec<u8> = (1..=regions as u8).collect();
+    let writes = |which: &[u64], pattern: &[u8]| -> String {
+        which
+            .iter()
+            .map(|region| format!("write -P {} {region}M 1M\n", pattern[*region as usize]))
+            .collect()
+    };
+    let all: Vec<u64> = (0..regions).collect();
+    assert_qemu_io_clean(&qemu_io_script(&uri_a, &writes(&all, &pattern)));
+    sites.wait_replicated(Duration::from_secs(60));
+    let mut rng = Rng::new(0x1ea5e);
+    for pass in 0..6 {
+        // Each region twice: the first read of a region may ask the owner
+        // (and get a lease), the second is served at b if it did.
+        let reads: String = (0..regions)
+            .map(|region| {
+                let byte = pattern[region as usize];
+                format!(
+                    "read -P {byte} {}k 64k\nread -P {byte} {}k 960k\n",
+                    region * 1024,
+                    region * 1024 + 64
+                )
+            })
+            .collect();
+        let result = qemu_io_script(&uri_b, &reads);
+        assert!(
+            !result.output().contains("Pattern verification failed"),
+            "pass {pass}: a strict read at b missed a write a acknowledged: {result}"
+        );
+        assert_qemu_io_clean(&result);
+        let rewritten: Vec<u64> = (0..regions / 10)
+            .map(|_| rng.range(0, regions - 1))
+            .collect();
+        for region in &rewritten {
+            pattern[*region as usize] = pattern[*region as usize].wrapping_add(37).max(1);
+        }
+        assert_qemu_io_clean(&qemu_io_script(&uri_a, &writes(&rewritten, &pattern)));
+    }
+    let at_b = sites.metrics(B);
+    let local = metric_value(
+        &at_b,
+        "stretch_volume_strict_reads_total",
+        &["volume=\"vm\"", "served=\"local\""],
+    )
+    .unwrap_or(0.0);
+    let asked = metric_value(
+        &at_b,
+        "stretch_volume_strict_reads_total",
+        &["volume=\"vm\"", "served=\"owner\""],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        local >= asked,
+        "b served {local} strict reads under leases and asked the owner {asked} times"
+    );
+    let at_a = sites.metrics(A);
+    let revoked = metric_value(
+        &at_a,
+        "stretch_volume_read_lease_revocations_total",
+        &["volume=\"vm\""],
+    )
+    .unwrap_or(0.0);
+    assert!(revoked >= 1.0, "no write of a revoked a lease ({revoked})");
+    let shown = sites.ok(B, &["volume", "show", "vm"]);
+    assert!(
+        shown.contains("served locally under read leases"),
+        "{shown}"
+    );
+}
+
+/// An export mounted as a file with nbdfuse (read-only), unmounted and
+/// stopped when dropped.
+struct FuseFile {
+    mountpoint: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl FuseFile {
+    fn mount(uri: &str, mountpoint: &std::path::Path) -> FuseFile {
+        std::fs::create_dir_all(mountpoint).expect("creating the mount point");
+        let child = Command::new("nbdfuse")
+            .arg("-r")
+            .arg(mountpoint)
+            .arg(uri)
+            .spawn()
+            .expect("starting nbdfuse");
+        let file = mountpoint.join("nbd");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nbdfuse did not mount {uri}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FuseFile {
+            mountpoint: mountpoint.to_path_buf(),
+            child,
+        }
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.mountpoint.join("nbd")
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The strict reads b served under leases, and those it asked a for.
+fn strict_reads_at_b(sites: &TwoSites, volume: &str) -> (f64, f64) {
+    let metrics = sites.metrics(B);
+    let count = |served: &str| {
+        metric_value(
+            &metrics,
+            "stretch_volume_strict_reads_total",
+            &[
+                &format!("volume=\"{volume}\""),
+                &format!("served=\"{served}\""),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    (count("local"), count("owner"))
+}
+
+/// A file system written at a and checked at b (`e2fsck -fn` through
+/// nbdfuse on b's strict export), twice: both checks find it clean, and
+/// the second reads what the first already leased from b's own copy,
+/// asking a for almost nothing.
+#[test]
+fn a_file_system_checked_twice_at_the_other_site_is_read_there_the_second_time() {
+    require_tool("nbdcopy");
+    require_tool("nbdfuse");
+    require_tool("mkfs.ext4");
+    require_tool("e2fsck");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "fs", "--size", "256M"]);
+    let tree = sites.dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("creating the file tree");
+    let mut rng = Rng::new(0xe2f5);
+    for index in 0..200 {
+        let mut data = vec![0u8; rng.range(1, 64 * 1024) as usize];
+        rng.fill(&mut data);
+        std::fs::write(tree.join(format!("file-{index}")), data).expect("writing a file");
+    }
+    let image = sites.dir.path().join("fs.img");
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(256 * MIB))
+        .expect("creating the image");
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&image),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    run(
+        Command::new("nbdcopy")
+            .arg(&image)
+            .arg(sites.nbd_uri(A, "fs")),
+        None,
+        COMMAND_TIMEOUT,
+    )
+    .assert_ok();
+    sites.wait_replicated(Duration::from_secs(120));
+    let mounted = FuseFile::mount(&sites.nbd_uri(B, "fs"), &sites.dir.path().join("mnt"));
+    let check = || {
+        run(
+            Command::new("e2fsck").arg("-fn").arg(mounted.file()),
+            None,
+            COMMAND_TIMEOUT,
+        )
+    };
+    check().assert_ok();
+    let (local_first, asked_first) = strict_reads_at_b(&sites, "fs");
+    check().assert_ok();
+    let (local, asked) = strict_reads_at_b(&sites, "fs");
+    let (local_second, asked_second) = (local - local_first, asked - asked_first);
+    assert!(asked_first > 0.0, "the first check asked a for nothing");
+    assert!(
+        asked_second * 10.0 <= local_second,
+        "the second check asked a {asked_second} times and read {local_second} times at b"
+    );
 }

@@ -44,6 +44,8 @@ fn debian_package(tool: &str) -> &'static str {
         "nbdkit" => "nbdkit",
         "fio" => "fio",
         "prometheus" | "promtool" => "prometheus",
+        "nbdfuse" => "nbdfuse",
+        "mkfs.ext4" | "e2fsck" => "e2fsprogs",
         _ => "(unknown package)",
     }
 }

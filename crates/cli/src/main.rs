@@ -588,6 +588,20 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                     shares.join(", ")
                 );
             }
+            let leases = volume.read_leases;
+            let strict = leases.local_strict_reads + leases.owner_strict_reads;
+            if strict > 0 {
+                println!(
+                    "strict reads here: {strict} ({} served locally under read leases, {} asked the owner)",
+                    leases.local_strict_reads, leases.owner_strict_reads
+                );
+            }
+            if leases.revocations > 0 || leases.writes_waited > 0 {
+                println!(
+                    "read leases revoked for writes: {} ({} writes waited, {} ms in all)",
+                    leases.revocations, leases.writes_waited, leases.write_wait_ms
+                );
+            }
             if let Some(reason) = &volume.suspended {
                 println!("SUSPENDED: {reason}");
             }

@@ -45,6 +45,11 @@ impl BlockIndex {
         self.entries.get(key)
     }
 
+    /// The entries of blocks `from..to`.
+    pub fn range(&self, from: BlockKey, to: BlockKey) -> impl Iterator<Item = (&BlockKey, &Entry)> {
+        self.entries.range(from..to)
+    }
+
     pub fn clean_bytes(&self) -> u64 {
         self.clean_bytes
     }

@@ -15,8 +15,10 @@ use crate::types::{
 };
 
 mod lease;
+mod read_lease;
 mod replication;
 
+pub use read_lease::ReadLeaseCounters;
 pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
 
 /// Tuning of one node's engine. Every limit names its unit.
@@ -74,6 +76,21 @@ pub struct EngineConfig {
     /// the simulator draws smaller ones so that its small volumes span
     /// several regions.
     pub region_blocks: u64,
+    /// Read leases (see the `read_lease` module): how long a lease lets a
+    /// site that does not own a group serve strict reads of a region from
+    /// its own image, counted from when it asked. 0: no leases; every
+    /// strict read there asks the owner.
+    pub read_lease_ms: u64,
+    /// Bound on how far any site's monotonic clock runs from real time, in
+    /// millionths: a lease is cut short by it where it is held and
+    /// stretched by it where it was granted.
+    pub clock_drift_ppm: u64,
+    /// A region whose lease an owner's write revoked is not leased again
+    /// for this long: the owner is writing it.
+    pub read_lease_cooldown_ms: u64,
+    /// Bound on the (region, site) leases an owner tracks, and on the
+    /// leases a site holds; past it no new ones are granted or taken.
+    pub read_leases_max: usize,
     /// A deliberate defect, for the simulator's proof that its checker can
     /// fail. Only the simulator sets it; no configuration file can.
     pub planted_bug: Option<PlantedBug>,
@@ -118,6 +135,16 @@ pub enum PlantedBug {
     /// as written by them when resuming (breaks G6: the regions only it
     /// wrote are never copied back from the new owner).
     HealForgetsLostRegions,
+    /// Serve strict reads from a read lease however long ago it was
+    /// granted (breaks G2 once the owner writes past the lease's end).
+    ReadLeaseNeverExpires,
+    /// Acknowledge an owner write to a leased region once the revocation
+    /// is sent, without waiting for it to be confirmed or to expire
+    /// (breaks G2).
+    ReadLeaseWriteBeforeRevoked,
+    /// Forget, at a restart or a change of owner, that other sites may
+    /// still hold leases granted before it (breaks G2).
+    ReadLeaseForgottenOnRestart,
 }
 
 impl Default for EngineConfig {
@@ -136,6 +163,10 @@ impl Default for EngineConfig {
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
             region_blocks: REGION_BLOCKS,
+            read_lease_ms: 0,
+            clock_drift_ppm: 1_000,
+            read_lease_cooldown_ms: 10_000,
+            read_leases_max: 1 << 20,
             planted_bug: None,
         }
     }
@@ -256,9 +287,13 @@ pub struct Engine {
     journal: JournalState,
     replication: replication::Replication,
     lease: lease::Lease,
+    read_leases: read_lease::ReadLeases,
     failed: Option<String>,
     draining: bool,
     now: Timestamp,
+    /// The engine was told the time at least once (its clock at start is
+    /// unknown until then: a restarted runtime's clock may start anywhere).
+    clock_seen: bool,
     stats: EngineStats,
     marks: Marks,
     actions: VecDeque<Action>,
@@ -310,9 +345,11 @@ impl Engine {
                 &recovered.resyncing,
             ),
             lease: lease::Lease::default(),
+            read_leases: read_lease::ReadLeases::default(),
             failed: None,
             draining: false,
             now: Timestamp(0),
+            clock_seen: false,
             stats: EngineStats::default(),
             marks: Marks::default(),
             actions: VecDeque::new(),
@@ -389,6 +426,16 @@ impl Engine {
             self.replication.hold(spec.group, request_id, request);
             return;
         }
+        let Some(request) = self.gate_on_read_leases(request_id, request, spec.group) else {
+            return;
+        };
+        self.start_request(request_id, request, spec);
+    }
+
+    /// Starts a request of a group this site owns (or a read) that passed
+    /// every gate.
+    fn start_request(&mut self, request_id: RequestId, request: Request, spec: VolumeSpec) {
+        let volume = request.volume();
         match request {
             Request::Read { offset, length, .. } | Request::ReadSnapshot { offset, length, .. } => {
                 if let Err(error) = check_range(&spec, offset, length) {
@@ -608,7 +655,8 @@ impl Engine {
             .backlog_wait_since
             .map(|since| since.saturating_add_millis(self.config.backlog_wait_ms_max));
         let suspended = self.lease.next_deadline();
-        [delta, remote, backlog, suspended]
+        let read_leases = self.read_leases.next_deadline();
+        [delta, remote, backlog, suspended, read_leases]
             .into_iter()
             .flatten()
             .min()
@@ -627,6 +675,7 @@ impl Engine {
         self.expire_awaiting_ownership(now);
         self.check_backlog_wait(now);
         self.expire_suspended(now);
+        self.handle_read_lease_timeout(now);
     }
 
     /// Closes every open delta and releases the whole journal once it is on
@@ -646,6 +695,7 @@ impl Engine {
             && self.pending.is_empty()
             && self.throttled.is_empty()
             && self.lease.is_idle()
+            && self.read_leases.is_idle()
             && self.groups.values().all(|group| group.is_idle())
             && self.journal.released_upto + 1 == self.journal.next_position
     }
@@ -1634,6 +1684,11 @@ impl Engine {
     /// latest one seen (a delta opened then closes at most that much early).
     fn observe(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
+        if !self.clock_seen {
+            self.clock_seen = true;
+            let stretched = self.stretched_lease_nanos();
+            self.read_leases.clock_known(self.now, stretched);
+        }
     }
 
     fn new_io(&mut self, purpose: IoPurpose) -> IoId {
@@ -1644,6 +1699,7 @@ impl Engine {
     }
 
     fn reply(&mut self, request: RequestId, result: Result<Response, RequestError>) {
+        self.read_leases.finish_write(request);
         let result = self.fence_reply(request, result);
         let Some(result) = replication::route_reply(self, request, result) else {
             return;

@@ -32,11 +32,11 @@ mod types;
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
     Engine, EngineConfig, EngineStats, EpochStart, GroupReplication, PeerReplication, PeerState,
-    PlantedBug, REGION_BLOCKS, RecoveredState, VolumeSpec,
+    PlantedBug, REGION_BLOCKS, ReadLeaseCounters, RecoveredState, VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};
-pub use site_message::{LOST_REGIONS_MAX, Lane, SiteMessage};
+pub use site_message::{LEASE_REGIONS_MAX, LOST_REGIONS_MAX, Lane, SiteMessage};
 pub use types::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, IoId, JournalPosition, Mode,
     RequestId, SiteId, Timestamp, VolumeId,

@@ -75,10 +75,20 @@ pub enum Mark {
     /// A strict read at a site holding deltas a failover discarded asked
     /// the owner for the whole range: its seqs name another line's deltas.
     DivergedWholeRead,
+    /// A site got a read lease on regions it reads.
+    ReadLeaseGranted,
+    /// A strict read at a site that does not own the volume was served
+    /// from its own image under a read lease.
+    ReadLeaseServedLocally,
+    /// A holder confirmed a revocation an owner's write waited for.
+    ReadLeaseRevoked,
+    /// An owner's write went ahead once the leases in its way ran out,
+    /// their revocation unconfirmed (the holder cut off, or gone).
+    ReadLeaseRanOut,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 29] = [
+    pub const ALL: [Mark; 33] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -108,6 +118,10 @@ impl Mark {
         Mark::DivergedReplicaResync,
         Mark::DivergedRegionResync,
         Mark::DivergedWholeRead,
+        Mark::ReadLeaseGranted,
+        Mark::ReadLeaseServedLocally,
+        Mark::ReadLeaseRevoked,
+        Mark::ReadLeaseRanOut,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +155,10 @@ impl Mark {
             Mark::DivergedReplicaResync => "diverged-replica-resync",
             Mark::DivergedRegionResync => "diverged-region-resync",
             Mark::DivergedWholeRead => "diverged-whole-read",
+            Mark::ReadLeaseGranted => "read-lease-granted",
+            Mark::ReadLeaseServedLocally => "read-lease-served-locally",
+            Mark::ReadLeaseRevoked => "read-lease-revoked",
+            Mark::ReadLeaseRanOut => "read-lease-ran-out",
         }
     }
 
@@ -153,8 +171,14 @@ impl Mark {
 }
 
 /// How often each mark was reached.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marks([u64; Mark::ALL.len()]);
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks([0; Mark::ALL.len()])
+    }
+}
 
 impl Marks {
     pub fn hit(&mut self, mark: Mark) {

@@ -10,6 +10,10 @@ use crate::types::{BlockImage, BlockKey, DeltaSeq, Epoch, GroupId, VolumeId};
 /// past it the owner copies every region.
 pub const LOST_REGIONS_MAX: usize = 1 << 20;
 
+/// Most regions one [`SiteMessage::LeaseRequest`] asks for, and one
+/// [`SiteMessage::LeaseRevoke`] names.
+pub const LEASE_REGIONS_MAX: usize = 4096;
+
 /// Which stream a message travels on. Deltas and their acks of one group
 /// need one ordered stream; reads and forwarded requests go on their own
 /// streams so that a large delta never delays a small read.
@@ -99,6 +103,29 @@ pub enum SiteMessage {
         id: u64,
         result: Result<Vec<(BlockKey, BlockImage)>, RequestError>,
     },
+    /// Replica to owner: asks for a read lease on regions `first_region ..
+    /// first_region + regions` of `volume`, holding every delta of its
+    /// group up to `have` (see the engine's `read_lease` module).
+    LeaseRequest {
+        id: u64,
+        volume: VolumeId,
+        first_region: u64,
+        regions: u64,
+        have: DeltaSeq,
+    },
+    /// Owner to replica: lease request `id` is granted for `lease_ms`,
+    /// counted from when the replica asked; 0: refused.
+    LeaseReply { id: u64, lease_ms: u64 },
+    /// Owner to replica: drop the read leases on `regions` of `group`
+    /// (every lease on the group's volumes if `all`), and say so.
+    LeaseRevoke {
+        id: u64,
+        group: GroupId,
+        regions: Vec<(VolumeId, u64)>,
+        all: bool,
+    },
+    /// Replica to owner: revocation `id` is done here.
+    LeaseRevoked { id: u64 },
     /// Replica to owner: a write, flush, trim or zeroing issued at a site
     /// that does not own the volume.
     Forward { id: u64, request: Request },
@@ -122,7 +149,11 @@ impl SiteMessage {
             SiteMessage::ReadRequest { .. }
             | SiteMessage::ReadReply { .. }
             | SiteMessage::Forward { .. }
-            | SiteMessage::ForwardReply { .. } => Lane::Request,
+            | SiteMessage::ForwardReply { .. }
+            | SiteMessage::LeaseRequest { .. }
+            | SiteMessage::LeaseReply { .. }
+            | SiteMessage::LeaseRevoke { .. }
+            | SiteMessage::LeaseRevoked { .. } => Lane::Request,
         }
     }
 }

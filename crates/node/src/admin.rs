@@ -240,6 +240,16 @@ pub struct LeaseInfo {
     pub margin_ms: u64,
 }
 
+/// See [`VolumeInfo::read_leases`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadLeaseInfo {
+    pub local_strict_reads: u64,
+    pub owner_strict_reads: u64,
+    pub revocations: u64,
+    pub writes_waited: u64,
+    pub write_wait_ms: u64,
+}
+
 /// A volume that accepts no writes now, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SuspendedVolume {
@@ -274,6 +284,11 @@ pub struct VolumeInfo {
     /// owning it, by the site they came from (where the workload runs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requests_by_site: BTreeMap<String, u64>,
+    /// Read leases at this site since it started: strict reads served here
+    /// under a lease or asked of the owner (at a site that does not own the
+    /// volume), and as owner the revocations and the writes that waited.
+    #[serde(default)]
+    pub read_leases: ReadLeaseInfo,
     /// Why the volume accepts no writes now, if it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<String>,
@@ -1273,6 +1288,20 @@ fn volume_info(node: &Node, record: &VolumeRecord) -> VolumeInfo {
         failover: node.failover_policy(record).to_string(),
         follow: node.follow_policy(record).to_string(),
         requests_by_site: node.requests_by_site(record),
+        read_leases: {
+            let counters = node
+                .driver
+                .engine
+                .lock()
+                .read_lease_counters(stretch_core::VolumeId(record.id));
+            ReadLeaseInfo {
+                local_strict_reads: counters.local_strict_reads_total,
+                owner_strict_reads: counters.remote_strict_reads_total,
+                revocations: counters.revocations_total,
+                writes_waited: counters.writes_waited_total,
+                write_wait_ms: counters.write_wait_nanos_total / 1_000_000,
+            }
+        },
         suspended: node.suspension(record),
         last_failover: node.last_failover(record),
         replicas: node

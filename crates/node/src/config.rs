@@ -314,6 +314,17 @@ pub struct Tuning {
     /// How block payloads travel between sites, unless a `[[link]]` says
     /// otherwise.
     pub link_compression: LinkCompression,
+    /// Read leases: how long the owner of a volume lets another site serve
+    /// strict reads of a 1 MiB region it is not writing from that site's
+    /// own copy, counted from when that site asked (0: off; every strict
+    /// read at a site that does not own the volume asks the owner). An
+    /// owner's first write to a leased region waits for the lease to be
+    /// revoked: one round trip, or this long if the holder is cut off. At
+    /// most half of `remote_timeout_ms`.
+    pub read_lease_ms: u64,
+    /// A region whose lease a write revoked is not leased again for this
+    /// long: the owner is writing it.
+    pub read_lease_cooldown_ms: u64,
 }
 
 impl Default for Tuning {
@@ -346,6 +357,8 @@ impl Default for Tuning {
             follow_requests_per_second_min: follow.requests_per_second_min,
             follow_interval_between_moves_ms: follow.interval_between_moves_ms,
             link_compression: LinkCompression::default(),
+            read_lease_ms: 2000,
+            read_lease_cooldown_ms: 10_000,
         }
     }
 }
@@ -382,6 +395,9 @@ impl Tuning {
             backlog_wait_ms_max: self.backlog_wait_ms_max,
             remote_timeout_ms: self.remote_timeout_ms,
             suspend_hold_ms: self.suspend_hold_ms,
+            read_lease_ms: self.read_lease_ms,
+            read_lease_cooldown_ms: self.read_lease_cooldown_ms,
+            clock_drift_ppm: self.clock_drift_ppm,
             // The site and its peers come from the node's place in the
             // cluster, not from tuning.
             ..EngineConfig::default()
@@ -626,6 +642,12 @@ impl ClusterConfig {
         }
         if tuning.clock_drift_ppm > 100_000 {
             return Err("tuning.clock_drift_ppm must be at most 100000 (10 %)".into());
+        }
+        if tuning.read_lease_ms > tuning.remote_timeout_ms / 2 {
+            return Err(format!(
+                "tuning.read_lease_ms ({}) must be at most half of remote_timeout_ms ({}): a forwarded write waiting for a lease to end must be answered before its site gives up on it",
+                tuning.read_lease_ms, tuning.remote_timeout_ms
+            ));
         }
         if tuning.suspend_hold_ms == 0 {
             return Err("tuning.suspend_hold_ms must be at least 1".into());
@@ -1054,6 +1076,29 @@ mod tests {
         assert!(parse_error(&text).contains("tuning.clock_drift_ppm"));
         let text = LOCAL_CONFIG.replace("suspend_hold_ms = 5000", "suspend_hold_ms = 0");
         assert!(parse_error(&text).contains("tuning.suspend_hold_ms"));
+        // Read leases reach the engine, with the drift bound; longer than
+        // half the remote timeout they are refused by name.
+        let config = ClusterConfig::parse(LOCAL_CONFIG, "shipped").expect("valid");
+        let engine = config.tuning.engine();
+        assert_eq!(
+            (
+                engine.read_lease_ms,
+                engine.read_lease_cooldown_ms,
+                engine.clock_drift_ppm
+            ),
+            (2000, 10_000, 1000)
+        );
+        let text = LOCAL_CONFIG.replace("read_lease_ms = 2000", "read_lease_ms = 0");
+        assert_eq!(
+            ClusterConfig::parse(&text, "edited")
+                .expect("leases off is valid")
+                .tuning
+                .engine()
+                .read_lease_ms,
+            0
+        );
+        let text = LOCAL_CONFIG.replace("read_lease_ms = 2000", "read_lease_ms = 2501");
+        assert!(parse_error(&text).contains("tuning.read_lease_ms (2501) must be at most half"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use prometheus::{Gauge, GaugeVec, IntGaugeVec};
-use stretch_core::EngineStats;
+use stretch_core::{EngineStats, ReadLeaseCounters};
 
 /// Latency buckets in seconds: 20 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -76,6 +76,13 @@ pub(crate) struct LeaseFigures {
 /// Multi-site figures: the engine's totals, and per peer and per volume.
 #[derive(Debug, Clone)]
 struct ReplicationGauges {
+    /// Read leases, per volume: strict reads by where they were served
+    /// (`local` under a lease, `owner` asked), and at the owner the
+    /// revocations, the writes that waited for them and how long.
+    strict_reads: IntCounterVec,
+    lease_revocations: IntCounterVec,
+    lease_writes_waited: IntCounterVec,
+    lease_write_wait_ms: IntCounterVec,
     shipped_deltas: IntCounter,
     shipped_bytes: IntCounter,
     received_deltas: IntCounter,
@@ -301,6 +308,26 @@ impl Metrics {
             &["outcome"],
         );
         let replication = ReplicationGauges {
+            strict_reads: counter_vector(
+                "stretch_volume_strict_reads_total",
+                "Strict reads at this site of a volume another site owns, by where they were served: local (under a read lease) or owner (asked over the link)",
+                &["volume", "served"],
+            ),
+            lease_revocations: counter_vector(
+                "stretch_volume_read_lease_revocations_total",
+                "Read leases on the volume's regions this site (as owner) revoked before a write",
+                &["volume"],
+            ),
+            lease_writes_waited: counter_vector(
+                "stretch_volume_read_lease_writes_waited_total",
+                "Writes this site (as owner) held until a read lease on their region was revoked or ran out",
+                &["volume"],
+            ),
+            lease_write_wait_ms: counter_vector(
+                "stretch_volume_read_lease_write_wait_milliseconds_total",
+                "Milliseconds those writes waited, summed",
+                &["volume"],
+            ),
             migrations,
             follow_decisions,
             migration_pause_seconds: histogram(
@@ -731,6 +758,35 @@ impl Metrics {
             .peer_rtt_seconds
             .with_label_values(&[peer])
             .set(seconds);
+    }
+
+    /// Brings the per-volume read-lease counters up to the engine's
+    /// figures (which count since the node started, as these do).
+    pub fn set_read_leases(&self, volumes: &[(String, ReadLeaseCounters)]) {
+        let gauges = &self.replication;
+        for (volume, counters) in volumes {
+            let volume = volume.as_str();
+            advance(
+                &gauges.strict_reads.with_label_values(&[volume, "local"]),
+                counters.local_strict_reads_total,
+            );
+            advance(
+                &gauges.strict_reads.with_label_values(&[volume, "owner"]),
+                counters.remote_strict_reads_total,
+            );
+            advance(
+                &gauges.lease_revocations.with_label_values(&[volume]),
+                counters.revocations_total,
+            );
+            advance(
+                &gauges.lease_writes_waited.with_label_values(&[volume]),
+                counters.writes_waited_total,
+            );
+            advance(
+                &gauges.lease_write_wait_ms.with_label_values(&[volume]),
+                counters.write_wait_nanos_total / 1_000_000,
+            );
+        }
     }
 
     /// Brings the per-volume replication gauges up to date.

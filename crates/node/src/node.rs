@@ -189,10 +189,25 @@ impl Node {
         lags
     }
 
+    /// Each volume's read-lease counters (see
+    /// [`stretch_core::ReadLeaseCounters`]).
+    pub(crate) fn read_lease_figures(&self) -> Vec<(String, stretch_core::ReadLeaseCounters)> {
+        let volumes = self.volumes();
+        let engine = self.driver.engine.lock();
+        volumes
+            .into_iter()
+            .map(|record| {
+                let counters = engine.read_lease_counters(VolumeId(record.id));
+                (record.name, counters)
+            })
+            .collect()
+    }
+
     /// Updates the gauges that are computed rather than counted.
     pub(crate) fn refresh_replication_metrics(&self) {
         let metrics = &self.driver.metrics;
         metrics.set_volume_lags(&self.volume_lags());
+        metrics.set_read_leases(&self.read_lease_figures());
         if let Some(control) = self.control.get() {
             metrics.set_metadata(&control.status());
         }

@@ -202,6 +202,12 @@ pub fn message_code(message: &SiteMessage) -> [u64; 3] {
         SiteMessage::ReadReply { id, result } => [8, *id, result.is_ok() as u64],
         SiteMessage::Forward { id, .. } => [9, *id, 0],
         SiteMessage::ForwardReply { id, result } => [10, *id, result.is_ok() as u64],
+        SiteMessage::LeaseRequest { id, regions, .. } => [12, *id, *regions],
+        SiteMessage::LeaseReply { id, lease_ms } => [13, *id, *lease_ms],
+        SiteMessage::LeaseRevoke {
+            id, regions, all, ..
+        } => [14, *id, regions.len() as u64 * 2 + *all as u64],
+        SiteMessage::LeaseRevoked { id } => [15, *id, 0],
     }
 }
 
@@ -250,6 +256,29 @@ pub fn describe_message(message: &SiteMessage) -> String {
             format!("resync chunk ack group {group} (resume {resume})")
         }
         SiteMessage::Rejoin { group } => format!("rejoin group {group} by resync"),
+        SiteMessage::LeaseRequest {
+            id,
+            volume,
+            first_region,
+            regions,
+            have,
+        } => format!(
+            "lease request {id} volume {volume} regions {first_region}+{regions} have {have}"
+        ),
+        SiteMessage::LeaseReply { id, lease_ms } => match lease_ms {
+            0 => format!("lease reply {id}: refused"),
+            ms => format!("lease reply {id}: {ms} ms"),
+        },
+        SiteMessage::LeaseRevoke {
+            id,
+            group,
+            regions,
+            all,
+        } => match all {
+            true => format!("lease revoke {id} group {group}: every region"),
+            false => format!("lease revoke {id} group {group}: regions {regions:?}"),
+        },
+        SiteMessage::LeaseRevoked { id } => format!("lease revoked {id}"),
         SiteMessage::ReadRequest { id, request, have } => {
             format!("read request {id} {request:?} have {have:?}")
         }

@@ -68,6 +68,13 @@ pub struct Workload {
     /// Weight of snapshot reads (at a site that does not own the volume;
     /// a plain read elsewhere).
     pub snapshot_read: u32,
+    /// Writes, zeroings and trims land in a window of this share of each
+    /// volume (100: anywhere), which moves to another place every
+    /// `write_window_ms`: a working set the reads at other sites partly
+    /// share (read leases are granted on the rest, and revoked as the
+    /// window moves over them).
+    pub write_window_percent: u64,
+    pub write_window_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +170,14 @@ pub struct EngineTuning {
     /// let the swarm's small volumes span several, so a rule that names
     /// the wrong region shows.
     pub region_blocks: u64,
+    /// Read leases (see the engine config): how long one lets a site that
+    /// does not own a volume serve strict reads of a region itself (0:
+    /// off), and how long a region a write revoked stays unleased.
+    pub read_lease_ms: u64,
+    pub read_lease_cooldown_ms: u64,
+    /// Bound on how far each site's clock runs from real time, in
+    /// millionths; each site draws its own drift within it.
+    pub clock_drift_ppm: u64,
 }
 
 impl Default for Scenario {
@@ -205,6 +220,8 @@ impl Default for Workload {
             write_zeroes: 5,
             sectors_max: 64,
             snapshot_read: 0,
+            write_window_percent: 100,
+            write_window_ms: 500,
         }
     }
 }
@@ -259,6 +276,9 @@ impl Default for EngineTuning {
             lease_ms: 1_000,
             lease_renew_ms: 250,
             region_blocks: stretch_core::REGION_BLOCKS,
+            read_lease_ms: 300,
+            read_lease_cooldown_ms: 1_000,
+            clock_drift_ppm: 0,
         }
     }
 }
@@ -350,6 +370,7 @@ impl Scenario {
                 write_zeroes: rng.between(0, 10) as u32,
                 sectors_max: rng.between(1, SWARM_SECTORS_MAX),
                 snapshot_read: 0,
+                ..Workload::default()
             },
             faults: Faults {
                 crash_per_second: [0.0, 0.3, 1.0, 3.0][rng.below(4) as usize],
@@ -504,6 +525,22 @@ impl Scenario {
         // Drawn after every other knob, so a seed keeps the scenario it
         // had before migrations joined the swarm.
         self.faults.migration_per_second = [0.0, 1.0, 2.0, 4.0][rng.below(4) as usize];
+        // Read leases, drawn last likewise: off, short or long (within a
+        // quarter of the remote timeout, so a forwarded write held for a
+        // revocation is still waited for), on clocks from exact to 5 %
+        // apart, with regions leased again at once or after seconds.
+        let read_lease_ms = [0, 20, 100, 400][rng.below(4) as usize];
+        self.engine.read_lease_ms = read_lease_ms.min(self.engine.remote_timeout_ms / 4);
+        self.engine.clock_drift_ppm = [0, 100, 5_000, 50_000][rng.below(4) as usize];
+        self.engine.read_lease_cooldown_ms = [0, 50, 1_000][rng.below(3) as usize];
+        if !silent_link && rng.chance(0.5) {
+            // A working set: most regions are read, few written for a
+            // while, until the window moves on. (Not with a silent link:
+            // writes spread over the whole volume fill its backlog.)
+            self.workload.write_window_percent = rng.between(5, 40);
+            self.workload.write_window_ms = rng.between(50, 2_000);
+            self.workload.read = self.workload.read.max(40);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -539,6 +576,11 @@ impl Scenario {
         {
             return Err("workload weights are all zero".into());
         }
+        if w.write_window_percent == 0 || w.write_window_percent > 100 || w.write_window_ms == 0 {
+            return Err(
+                "workload: write_window_percent 1 to 100 and write_window_ms >= 1 needed".into(),
+            );
+        }
         if w.sectors_max * 512 > t.volume_bytes {
             return Err("workload.sectors_max exceeds the volume".into());
         }
@@ -572,6 +614,9 @@ impl Scenario {
             return Err("network.one_way_share must be in [0, 1]".into());
         }
         let e = &self.engine;
+        if e.clock_drift_ppm >= 500_000 {
+            return Err("engine.clock_drift_ppm must be under 500000".into());
+        }
         if e.region_blocks == 0 {
             return Err("engine.region_blocks >= 1 needed".into());
         }

@@ -56,7 +56,7 @@ pub enum SimBug {
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 16] = [
+    pub const ALL: [SimBug; 19] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
         SimBug::TakeoverIgnoresImages,
@@ -73,6 +73,9 @@ impl SimBug {
         SimBug::Core(PlantedBug::CacheIgnoresBound),
         SimBug::Core(PlantedBug::ForwardTimeoutSucceeds),
         SimBug::Core(PlantedBug::HealForgetsLostRegions),
+        SimBug::Core(PlantedBug::ReadLeaseNeverExpires),
+        SimBug::Core(PlantedBug::ReadLeaseWriteBeforeRevoked),
+        SimBug::Core(PlantedBug::ReadLeaseForgottenOnRestart),
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +96,13 @@ impl SimBug {
             SimBug::Core(PlantedBug::CacheIgnoresBound) => "cache-ignores-bound",
             SimBug::Core(PlantedBug::ForwardTimeoutSucceeds) => "forward-timeout-succeeds",
             SimBug::Core(PlantedBug::HealForgetsLostRegions) => "heal-forgets-lost-regions",
+            SimBug::Core(PlantedBug::ReadLeaseNeverExpires) => "read-lease-never-expires",
+            SimBug::Core(PlantedBug::ReadLeaseWriteBeforeRevoked) => {
+                "read-lease-write-before-revoked"
+            }
+            SimBug::Core(PlantedBug::ReadLeaseForgottenOnRestart) => {
+                "read-lease-forgotten-on-restart"
+            }
         }
     }
 
@@ -303,6 +313,9 @@ struct Site {
     /// operations took so far, summed (a drawn slowness, not the
     /// network's): a write at the owner may wait behind them.
     slow_disk_ns: u64,
+    /// How fast the site's monotonic clock runs against real (simulated)
+    /// time, in millionths (within the scenario's `clock_drift_ppm`).
+    drift_ppm: i64,
 }
 
 /// A disk queue that performs one operation at a time, in order (the
@@ -355,6 +368,9 @@ struct ClientRequest {
     issued_at: u64,
     /// Its site's `slow_disk_ns` when it was issued.
     slow_disk_ns_at_issue: u64,
+    /// Writes of its volume its site had held for read-lease revocations
+    /// when it was issued.
+    lease_waits_at_issue: u64,
     /// A write at the owner that needs no other site (async, or a plain
     /// write in flush-sync mode): answered within the write-stall bound
     /// whatever the network does.
@@ -438,6 +454,24 @@ struct Simulation<'a> {
     migration_rng: SimRng,
 }
 
+/// Site time at real (simulated) time `real_ns`, on a clock running
+/// `drift_ppm` millionths fast (slow if negative).
+fn site_time(real_ns: u64, drift_ppm: i64) -> Timestamp {
+    let real = i128::from(real_ns);
+    Timestamp((real + real * i128::from(drift_ppm) / 1_000_000) as u64)
+}
+
+/// The first real time at which a clock running `drift_ppm` fast reads at
+/// least `local`.
+fn real_time(local: Timestamp, drift_ppm: i64) -> u64 {
+    let local_ns = i128::from(local.as_nanos());
+    let mut real = (local_ns * 1_000_000 / (1_000_000 + i128::from(drift_ppm))).max(0) as u64;
+    while site_time(real, drift_ppm) < local {
+        real += 1;
+    }
+    real
+}
+
 fn volume_path(index: usize) -> PathBuf {
     PathBuf::from(format!("/node/legs/volume-{index}.raw"))
 }
@@ -472,6 +506,13 @@ impl<'a> Simulation<'a> {
                 }
             })
             .collect();
+        // Each site's clock rate, from its own stream of the seed (so
+        // that every other draw of a seed stays what it was).
+        let mut clock_rng = SimRng::new(options.seed ^ 0x636c_6f63_6b73_2121);
+        let drift_bound = scenario.engine.clock_drift_ppm;
+        let drifts: Vec<i64> = (0..sites)
+            .map(|_| clock_rng.between(0, 2 * drift_bound) as i64 - drift_bound as i64)
+            .collect();
         Simulation {
             scenario,
             options,
@@ -480,13 +521,15 @@ impl<'a> Simulation<'a> {
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             next_event: 0,
-            sites: (0..sites)
-                .map(|_| Site {
+            sites: drifts
+                .into_iter()
+                .map(|drift_ppm| Site {
                     fs: SimFileSystem::new(),
                     node: None,
                     generation: 0,
                     restart_pending: false,
                     slow_disk_ns: 0,
+                    drift_ppm,
                 })
                 .collect(),
             clients_busy: vec![false; scenario.workload.clients as usize],
@@ -545,6 +588,10 @@ impl<'a> Simulation<'a> {
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
             region_blocks: tuning.region_blocks,
+            read_lease_ms: tuning.read_lease_ms,
+            clock_drift_ppm: tuning.clock_drift_ppm,
+            read_lease_cooldown_ms: tuning.read_lease_cooldown_ms,
+            read_leases_max: 1 << 16,
             planted_bug: match self.options.bug {
                 Some(SimBug::Core(bug)) => Some(bug),
                 _ => None,
@@ -834,7 +881,16 @@ impl<'a> Simulation<'a> {
     fn owner_write_stall_bound_ns(&self, request: &ClientRequest) -> u64 {
         let disk_ns = self.scenario.faults.disk_latency_us_max * 1000 * 300;
         let slow_ns = self.sites[request.site].slow_disk_ns - request.slow_disk_ns_at_issue;
-        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns + slow_ns
+        // A write to a region another site leases waits for its lease to
+        // be revoked, one lease period at most (stretched by drift), if a
+        // write of its volume waited for one meanwhile.
+        let waited = self.lease_waits(request.site, request.volume) > request.lease_waits_at_issue;
+        let read_lease_ns = if waited {
+            2 * self.scenario.engine.read_lease_ms * MS
+        } else {
+            0
+        };
+        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns + slow_ns + read_lease_ns
     }
 
     /// Cheap invariants after every step.
@@ -965,6 +1021,21 @@ impl<'a> Simulation<'a> {
     }
 
     /// A site drawn uniformly (no draw with one site).
+    /// Writes of `volume` that `site` held for read-lease revocations
+    /// since it last started.
+    fn lease_waits(&self, site: usize, volume: usize) -> u64 {
+        self.sites[site].node.as_ref().map_or(0, |node| {
+            node.engine
+                .read_lease_counters(VolumeId(volume as u32 + 1))
+                .writes_waited_total
+        })
+    }
+
+    /// Site `site`'s own monotonic clock now (see [`site_time`]).
+    fn site_now(&self, site: usize) -> Timestamp {
+        site_time(self.now, self.sites[site].drift_ppm)
+    }
+
     fn pick_site(&mut self) -> usize {
         if self.multi() {
             self.rng.below(self.sites.len() as u64) as usize
@@ -1010,7 +1081,11 @@ impl<'a> Simulation<'a> {
                     &[3, io.0, result.is_ok() as u64],
                     || format!("leg read io {io} volume {volume} {offset}+{length} done"),
                 );
-                node.engine.advance_clock(Timestamp(self.now));
+                let now = site_time(self.now, self.sites[site].drift_ppm);
+                let Some(node) = &mut self.sites[site].node else {
+                    return;
+                };
+                node.engine.advance_clock(now);
                 node.engine.leg_read_done(io, result);
                 self.dispatch(site);
             }
@@ -1018,7 +1093,7 @@ impl<'a> Simulation<'a> {
                 if generation != self.sites[site].generation {
                     return;
                 }
-                let now = Timestamp(self.now);
+                let now = self.site_now(site);
                 if let Some(node) = &mut self.sites[site].node {
                     node.timer_at = None;
                     node.engine.handle_timeout(now);

@@ -113,6 +113,41 @@ impl PeerMessage {
                 id: *id,
                 request: request_to_wire(request),
             },
+            SiteMessage::LeaseRequest {
+                id,
+                volume,
+                first_region,
+                regions,
+                have,
+            } => PeerMessage::LeaseRequest {
+                id: *id,
+                volume: volume.0,
+                first_region: *first_region,
+                regions: *regions,
+                have: have.0,
+            },
+            SiteMessage::LeaseReply { id, lease_ms } => PeerMessage::LeaseReply {
+                id: *id,
+                lease_ms: *lease_ms,
+            },
+            SiteMessage::LeaseRevoke {
+                id,
+                group,
+                regions,
+                all,
+            } => PeerMessage::LeaseRevoke {
+                id: *id,
+                group: group.0,
+                regions: regions
+                    .iter()
+                    .map(|(volume, region)| WireRegion {
+                        volume: volume.0,
+                        region: *region,
+                    })
+                    .collect(),
+                all: *all,
+            },
+            SiteMessage::LeaseRevoked { id } => PeerMessage::LeaseRevoked { id: *id },
             SiteMessage::ForwardReply { id, result } => PeerMessage::ForwardReply {
                 id: *id,
                 result: match result {
@@ -227,6 +262,35 @@ impl PeerMessage {
                 id,
                 request: request_from_wire(request),
             },
+            PeerMessage::LeaseRequest {
+                id,
+                volume,
+                first_region,
+                regions,
+                have,
+            } => SiteMessage::LeaseRequest {
+                id,
+                volume: VolumeId(volume),
+                first_region,
+                regions,
+                have: DeltaSeq(have),
+            },
+            PeerMessage::LeaseReply { id, lease_ms } => SiteMessage::LeaseReply { id, lease_ms },
+            PeerMessage::LeaseRevoke {
+                id,
+                group,
+                regions,
+                all,
+            } => SiteMessage::LeaseRevoke {
+                id,
+                group: GroupId(group),
+                regions: regions
+                    .into_iter()
+                    .map(|region| (VolumeId(region.volume), region.region))
+                    .collect(),
+                all,
+            },
+            PeerMessage::LeaseRevoked { id } => SiteMessage::LeaseRevoked { id },
             PeerMessage::ForwardReply { id, result } => SiteMessage::ForwardReply {
                 id,
                 result: match result {

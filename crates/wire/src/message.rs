@@ -1,6 +1,6 @@
 //! The message set and the protocol's rules on it.
 
-use stretch_core::{BLOCK_SIZE, LOST_REGIONS_MAX};
+use stretch_core::{BLOCK_SIZE, LEASE_REGIONS_MAX, LOST_REGIONS_MAX};
 
 use crate::frame::{FRAME_BYTES_MAX, WireError};
 
@@ -9,7 +9,7 @@ use crate::frame::{FRAME_BYTES_MAX, WireError};
 /// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
 /// 7: a resume names the regions a failover's lost deltas wrote.
 /// 8: a block's payload may travel LZ4-compressed ([`WirePayload::Lz4`]).
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -201,6 +201,30 @@ pub enum PeerMessage {
         id: u64,
         result: Result<WireResponse, WireFailure>,
     },
+    /// Replica to owner: a read lease on `regions` regions of `volume`
+    /// from `first_region` (1 to [`LEASE_REGIONS_MAX`]), holding the
+    /// group's deltas up to `have`.
+    LeaseRequest {
+        id: u64,
+        volume: u32,
+        first_region: u64,
+        regions: u64,
+        have: u64,
+    },
+    /// Owner to replica: lease request `id` granted for `lease_ms` (0:
+    /// refused).
+    LeaseReply { id: u64, lease_ms: u64 },
+    /// Owner to replica: drop the read leases on `regions` (strictly
+    /// increasing, at most [`LEASE_REGIONS_MAX`]) of `group`, or on all of
+    /// the group if `all`.
+    LeaseRevoke {
+        id: u64,
+        group: u32,
+        regions: Vec<WireRegion>,
+        all: bool,
+    },
+    /// Replica to owner: revocation `id` is done.
+    LeaseRevoked { id: u64 },
 
     // Between nodes, not engines.
     /// A metadata request to another node: a Raft RPC (append entries,
@@ -250,13 +274,26 @@ impl PeerMessage {
             PeerMessage::Resume {
                 lost_regions: Some(regions),
                 ..
-            } => check_regions(regions),
+            } => check_regions("lost", regions, LOST_REGIONS_MAX),
+            PeerMessage::LeaseRevoke { regions, .. } => {
+                check_regions("revoked", regions, LEASE_REGIONS_MAX)
+            }
+            PeerMessage::LeaseRequest { regions, .. } => {
+                if *regions == 0 || *regions > LEASE_REGIONS_MAX as u64 {
+                    return Err(invalid(format!(
+                        "lease asked on {regions} regions, not 1 to {LEASE_REGIONS_MAX}"
+                    )));
+                }
+                Ok(())
+            }
             PeerMessage::Journaled { .. }
             | PeerMessage::Applied { .. }
             | PeerMessage::Resume { .. }
             | PeerMessage::ResyncAck { .. }
             | PeerMessage::Rejoin { .. }
-            | PeerMessage::ForwardReply { .. } => Ok(()),
+            | PeerMessage::ForwardReply { .. }
+            | PeerMessage::LeaseReply { .. }
+            | PeerMessage::LeaseRevoked { .. } => Ok(()),
         }
     }
 }
@@ -275,16 +312,16 @@ fn check_name(what: &str, name: &str, bytes_max: usize) -> Result<(), WireError>
     Ok(())
 }
 
-/// At most [`LOST_REGIONS_MAX`] regions, strictly increasing.
-fn check_regions(regions: &[WireRegion]) -> Result<(), WireError> {
-    if regions.len() > LOST_REGIONS_MAX {
+/// At most `max` regions, strictly increasing.
+fn check_regions(what: &str, regions: &[WireRegion], max: usize) -> Result<(), WireError> {
+    if regions.len() > max {
         return Err(invalid(format!(
-            "{} lost regions, over {LOST_REGIONS_MAX}",
+            "{} {what} regions, over {max}",
             regions.len()
         )));
     }
     if regions.windows(2).any(|pair| pair[0] >= pair[1]) {
-        return Err(invalid("lost regions out of order".to_string()));
+        return Err(invalid(format!("{what} regions out of order")));
     }
     Ok(())
 }

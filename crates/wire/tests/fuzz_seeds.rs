@@ -123,6 +123,36 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
             },
         ),
         (
+            "lease-request",
+            PeerMessage::LeaseRequest {
+                id: 8,
+                volume: 1,
+                first_region: 2,
+                regions: 1,
+                have: 5,
+            },
+        ),
+        (
+            "lease-reply",
+            PeerMessage::LeaseReply {
+                id: 8,
+                lease_ms: 2000,
+            },
+        ),
+        (
+            "lease-revoke",
+            PeerMessage::LeaseRevoke {
+                id: 1,
+                group: 2,
+                regions: vec![WireRegion {
+                    volume: 1,
+                    region: 2,
+                }],
+                all: false,
+            },
+        ),
+        ("lease-revoked", PeerMessage::LeaseRevoked { id: 1 }),
+        (
             "raft-request",
             PeerMessage::RaftRequest {
                 request: 1,

@@ -169,6 +169,31 @@ fn samples() -> Vec<SiteMessage> {
             id: 3,
             result: Ok(Response::Done),
         },
+        SiteMessage::LeaseRequest {
+            id: 5,
+            volume: VolumeId(2),
+            first_region: 7,
+            regions: 2,
+            have: DeltaSeq(15),
+        },
+        SiteMessage::LeaseReply {
+            id: 5,
+            lease_ms: 2000,
+        },
+        SiteMessage::LeaseReply { id: 6, lease_ms: 0 },
+        SiteMessage::LeaseRevoke {
+            id: 1,
+            group,
+            regions: vec![(VolumeId(1), 0), (VolumeId(1), 3), (VolumeId(2), 1)],
+            all: false,
+        },
+        SiteMessage::LeaseRevoke {
+            id: 2,
+            group,
+            regions: Vec::new(),
+            all: true,
+        },
+        SiteMessage::LeaseRevoked { id: 2 },
         SiteMessage::ForwardReply {
             id: 4,
             result: Ok(Response::Data(Bytes::from_static(b"read at the owner"))),
@@ -242,6 +267,15 @@ fn variants(message: &SiteMessage) -> Vec<String> {
             Err(e) => ("ReadReply", vec![error(e)]),
         },
         SiteMessage::Forward { request: r, .. } => ("Forward", vec![request(r)]),
+        SiteMessage::LeaseRequest { .. } => ("LeaseRequest", Vec::new()),
+        SiteMessage::LeaseReply { lease_ms, .. } => (
+            "LeaseReply",
+            vec![if *lease_ms > 0 { "granted" } else { "refused" }],
+        ),
+        SiteMessage::LeaseRevoke { all, .. } => {
+            ("LeaseRevoke", vec![if *all { "all" } else { "regions" }])
+        }
+        SiteMessage::LeaseRevoked { .. } => ("LeaseRevoked", Vec::new()),
         SiteMessage::ForwardReply { result, .. } => match result {
             Ok(Response::Done) => ("ForwardReply", vec!["Done"]),
             Ok(Response::Data(_)) => ("ForwardReply", vec!["Data"]),
@@ -281,6 +315,12 @@ fn samples_cover_every_variant() {
         "ReadReply Zero",
         "ForwardReply Done",
         "ForwardReply Data",
+        "LeaseRequest",
+        "LeaseReply granted",
+        "LeaseReply refused",
+        "LeaseRevoke all",
+        "LeaseRevoke regions",
+        "LeaseRevoked",
     ]
     .into_iter()
     .map(String::from)

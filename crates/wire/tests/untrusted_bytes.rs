@@ -2,7 +2,7 @@
 //! message or an error, never a panic.
 
 use rkyv::rancor;
-use stretch_core::{BLOCK_SIZE, LOST_REGIONS_MAX};
+use stretch_core::{BLOCK_SIZE, LEASE_REGIONS_MAX, LOST_REGIONS_MAX};
 use stretch_wire::{
     FRAME_BYTES_MAX, METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage,
     WRITE_BYTES_MAX, WireBlock, WireError, WireFailure, WirePayload, WireRegion, WireRequest,
@@ -182,6 +182,24 @@ fn samples() -> Vec<PeerMessage> {
             id: 8,
             result: Ok(WireResponse::Data(vec![3; 512])),
         },
+        PeerMessage::LeaseRequest {
+            id: 9,
+            volume: 1,
+            first_region: 3,
+            regions: 2,
+            have: 40,
+        },
+        PeerMessage::LeaseReply {
+            id: 9,
+            lease_ms: 2000,
+        },
+        PeerMessage::LeaseRevoke {
+            id: 4,
+            group: 3,
+            regions: vec![region(1, 3), region(1, 4)],
+            all: false,
+        },
+        PeerMessage::LeaseRevoked { id: 4 },
         PeerMessage::RaftRequest {
             request: 1,
             body: br#"{"AppendEntries":{"vote":{"term":3,"node_id":1},"entries":[]}}"#.to_vec(),
@@ -232,6 +250,10 @@ fn variant(message: &PeerMessage) -> &'static str {
         PeerMessage::ReadReply { .. } => "ReadReply",
         PeerMessage::Forward { .. } => "Forward",
         PeerMessage::ForwardReply { .. } => "ForwardReply",
+        PeerMessage::LeaseRequest { .. } => "LeaseRequest",
+        PeerMessage::LeaseReply { .. } => "LeaseReply",
+        PeerMessage::LeaseRevoke { .. } => "LeaseRevoke",
+        PeerMessage::LeaseRevoked { .. } => "LeaseRevoked",
         PeerMessage::RaftRequest { .. } => "RaftRequest",
         PeerMessage::RaftReply { .. } => "RaftReply",
     }
@@ -298,7 +320,7 @@ fn samples_cover_every_variant() {
     use std::collections::BTreeSet;
     let samples = samples();
     let variants: BTreeSet<&str> = samples.iter().map(variant).collect();
-    assert_eq!(variants.len(), 14, "{variants:?}");
+    assert_eq!(variants.len(), 18, "{variants:?}");
     let nested: BTreeSet<String> = samples.iter().flat_map(nested_variants).collect();
     let mut want: BTreeSet<String> = BTreeSet::new();
     for inner in ["block data", "block zero", "block compressed"] {
@@ -573,6 +595,32 @@ fn protocol_rules_are_enforced() {
     assert!(!refused(&resume(most.clone())));
     let too_many = [most, vec![region(2, 0)]].concat();
     assert!(refused(&resume(too_many)));
+
+    let revoke = |regions| PeerMessage::LeaseRevoke {
+        id: 1,
+        group: 1,
+        regions,
+        all: false,
+    };
+    assert!(!refused(&revoke(vec![region(1, 2), region(2, 0)])));
+    assert!(refused(&revoke(vec![region(1, 2), region(1, 2)])));
+    assert!(refused(&revoke(vec![region(2, 0), region(1, 9)])));
+    let most: Vec<WireRegion> = (0..LEASE_REGIONS_MAX as u64)
+        .map(|index| region(1, index))
+        .collect();
+    assert!(!refused(&revoke(most.clone())));
+    assert!(refused(&revoke([most, vec![region(2, 0)]].concat())));
+    let ask = |regions| PeerMessage::LeaseRequest {
+        id: 1,
+        volume: 1,
+        first_region: 0,
+        regions,
+        have: 3,
+    };
+    assert!(!refused(&ask(1)));
+    assert!(!refused(&ask(LEASE_REGIONS_MAX as u64)));
+    assert!(refused(&ask(0)));
+    assert!(refused(&ask(LEASE_REGIONS_MAX as u64 + 1)));
 
     let name = |bytes| "n".repeat(bytes);
     let hello = |cluster: String, node: String, site: String| PeerMessage::Hello {

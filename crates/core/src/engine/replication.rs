@@ -137,7 +137,9 @@ pub(super) struct Replication {
     connected: BTreeSet<SiteId>,
     remote: BTreeMap<u64, RemoteOp>,
     remote_deadlines: BTreeSet<(Timestamp, u64)>,
-    next_remote: u64,
+    /// Ids of messages this site sends to owners and expects answered
+    /// (strict reads, forwarded requests, lease requests).
+    pub(super) next_remote: u64,
     internal: BTreeMap<RequestId, Internal>,
     next_internal: u64,
     backlog_bytes: u64,
@@ -556,6 +558,40 @@ impl Engine {
         self.count_request_from(group, origin);
     }
 
+    /// For a read lease asked by `peer`: it streams `group`'s deltas from
+    /// this site, and `have` names a delta of this site's line after which
+    /// every delta is retained here (or still open).
+    pub(super) fn streams_from(&self, group: GroupId, peer: SiteId, have: DeltaSeq) -> bool {
+        let Some(outbound) = self.replication.outbound.get(&group) else {
+            return false;
+        };
+        let last = DeltaSeq(self.groups[&group].next_seq.0 - 1);
+        outbound.peers.get(&peer).is_some_and(|progress| {
+            progress.state == PeerState::Streaming && have <= progress.shipped
+        }) && have >= outbound.retired_upto
+            && have <= last
+    }
+
+    /// True if a retained delta of `group` after `have` wrote a block in
+    /// `first..end`.
+    pub(super) fn retained_wrote_after(
+        &self,
+        group: GroupId,
+        first: BlockKey,
+        end: BlockKey,
+        have: DeltaSeq,
+    ) -> bool {
+        self.replication
+            .outbound
+            .get(&group)
+            .is_some_and(|outbound| {
+                outbound
+                    .history
+                    .range(first..end)
+                    .any(|(_, (seq, _))| *seq > have)
+            })
+    }
+
     pub(super) fn count_request_from(&mut self, group: GroupId, origin: SiteId) {
         if let Some(outbound) = self.replication.outbound.get_mut(&group) {
             *outbound.requests_by_site.entry(origin).or_default() += 1;
@@ -608,7 +644,8 @@ impl Engine {
             .pending
             .values()
             .any(|pending| !matches!(pending, Pending::Read(_)) && in_group(pending.volume()))
-            || self.throttled.iter().any(|write| in_group(write.volume));
+            || self.throttled.iter().any(|write| in_group(write.volume))
+            || self.read_leases.holds_writes_of(group);
         let caught_up = self
             .replication
             .outbound
@@ -658,10 +695,15 @@ impl Engine {
         // site owns the group (from the seq it reported) or follows the
         // owner named.
         self.replication.taking_over.remove(&group);
-        let was_owner = self
-            .groups
-            .get(&group)
-            .is_some_and(|state| state.owner == site);
+        let previous_owner = self.groups.get(&group).map(|state| state.owner);
+        let was_owner = previous_owner == Some(site);
+        if previous_owner != Some(owner) || owner == site {
+            // Leases held here were granted by the owner before.
+            self.drop_held_read_leases(group);
+        }
+        if was_owner && owner != site {
+            self.forget_lease_knowledge(group);
+        }
         if owner == site {
             self.replication.lost_ownership.remove(&group);
             self.replication.lost_regions.remove(&group);
@@ -711,6 +753,7 @@ impl Engine {
             if !was_owner {
                 self.serve_remote_reads_here(group);
             }
+            self.learn_lease_knowledge(group, previous_owner.filter(|previous| *previous != site));
             return;
         }
         if let Some(outbound) = self.replication.outbound.remove(&group) {
@@ -737,6 +780,10 @@ impl Engine {
             self.send_resume(group);
         }
         self.release_held(group);
+        // Writes that waited for read leases to be revoked here.
+        if self.read_leases.holds_writes_of(group) {
+            self.release_lease_waiters();
+        }
         // Requests that waited for this site's lease are the new owner's
         // to serve now, under its lease.
         let volumes = self.volumes_of(group);
@@ -756,6 +803,7 @@ impl Engine {
     pub fn peer_up(&mut self, now: Timestamp, peer: SiteId) {
         self.observe(now);
         self.replication.connected.insert(peer);
+        self.resend_revocations(peer);
         let replicated: Vec<GroupId> = self
             .groups
             .iter()
@@ -894,6 +942,23 @@ impl Engine {
             }
             SiteMessage::ReadReply { id, result } => self.receive_read_reply(id, result),
             SiteMessage::Forward { id, request } => self.receive_forward(from, id, request),
+            SiteMessage::LeaseRequest {
+                id,
+                volume,
+                first_region,
+                regions,
+                have,
+            } => self.receive_lease_request(from, id, volume, first_region, regions, have),
+            SiteMessage::LeaseReply { id, lease_ms } => {
+                self.receive_lease_reply(from, id, lease_ms)
+            }
+            SiteMessage::LeaseRevoke {
+                id,
+                group,
+                regions,
+                all,
+            } => self.receive_lease_revoke(from, id, group, regions, all),
+            SiteMessage::LeaseRevoked { id } => self.receive_lease_revoked(from, id),
             SiteMessage::ForwardReply { id, result } => {
                 let Some(op) = self.take_remote(id) else {
                     self.stats.refused_messages_total += 1;

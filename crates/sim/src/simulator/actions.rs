@@ -69,13 +69,15 @@ impl Simulation<'_> {
 
     pub(super) fn arm_timer(&mut self, site: usize) {
         let generation = self.sites[site].generation;
+        let drift_ppm = self.sites[site].drift_ppm;
         let Some(node) = &mut self.sites[site].node else {
             return;
         };
         let Some(deadline) = node.engine.poll_timeout() else {
             return;
         };
-        let at = deadline.as_nanos().max(self.now);
+        // The engine's deadline is on the site's clock.
+        let at = real_time(deadline, drift_ppm).max(self.now);
         if node.timer_at.is_some_and(|armed| armed <= at) {
             return;
         }
@@ -190,6 +192,7 @@ impl Simulation<'_> {
     pub(super) fn finish_journal_op(&mut self, site: usize) {
         let skip_fsync = self.options.bug == Some(SimBug::SkipJournalFsync);
         let fs = self.sites[site].fs.clone();
+        let now = self.site_now(site);
         let node = self.sites[site]
             .node
             .as_mut()
@@ -197,7 +200,7 @@ impl Simulation<'_> {
         // As the node's driver does: a completion carries no time, and an
         // owner whose lease ran out since its last event must see that
         // before it acknowledges what the completion releases.
-        node.engine.advance_clock(Timestamp(self.now));
+        node.engine.advance_clock(now);
         let (op, more) = node.journal_device.finish();
         match op {
             JournalOp::Append(record) => {
@@ -253,11 +256,12 @@ impl Simulation<'_> {
 
     pub(super) fn finish_leg_op(&mut self, site: usize) {
         let fs = self.sites[site].fs.clone();
+        let now = self.site_now(site);
         let node = self.sites[site]
             .node
             .as_mut()
             .expect("simulator invariant: node up");
-        node.engine.advance_clock(Timestamp(self.now));
+        node.engine.advance_clock(now);
         let (op, more) = node.leg_device.finish();
         match op {
             LegOp::Write(io, blocks) => {

@@ -46,9 +46,13 @@ impl Simulation<'_> {
             let count = self.rng.between(1, workload.sectors_max.min(sectors));
             range = Some((self.rng.below(sectors - count + 1), count));
         } else if kind != 3 {
+            let (base, span) = match kind {
+                0 => (0, sectors),
+                _ => self.write_window(volume, sectors),
+            };
             for _ in 0..4 {
-                let count = self.rng.between(1, workload.sectors_max.min(sectors));
-                let first = self.rng.below(sectors - count + 1);
+                let count = self.rng.between(1, workload.sectors_max.min(span));
+                let first = base + self.rng.below(span - count + 1);
                 if !self.conflicts(volume, first, count, kind != 0) {
                     range = Some((first, count));
                     break;
@@ -195,6 +199,7 @@ impl Simulation<'_> {
                 write,
                 issued_at: self.now,
                 slow_disk_ns_at_issue: self.sites[site].slow_disk_ns,
+                lease_waits_at_issue: self.lease_waits(site, volume),
                 owner_local_write: write
                     && !remote
                     && !(self.multi() && needs_peer)
@@ -222,18 +227,34 @@ impl Simulation<'_> {
             },
         );
         self.submitting = (write_id != 0).then_some(write_id);
+        let now = self.site_now(site);
         let node = self.sites[site]
             .node
             .as_mut()
             .expect("checked above: the node is up");
-        node.engine
-            .submit(Timestamp(self.now), RequestId(request), engine_request);
+        node.engine.submit(now, RequestId(request), engine_request);
         self.dispatch(site);
         self.submitting = None;
     }
 
     /// Two requests conflict if they overlap and either writes. A write
     /// whose owner may still apply it counts as running.
+    /// Where writes to `volume` land now: `(first sector, sectors)`. The
+    /// window's place derives from the seed, the volume and the period
+    /// alone (not from the run's draws, which it leaves as they were).
+    fn write_window(&self, volume: usize, sectors: u64) -> (u64, u64) {
+        let workload = &self.scenario.workload;
+        if workload.write_window_percent >= 100 {
+            return (0, sectors);
+        }
+        let span = (sectors * workload.write_window_percent / 100)
+            .max(workload.sectors_max)
+            .min(sectors);
+        let period = self.now / (workload.write_window_ms * MS);
+        let mut rng = SimRng::new(self.options.seed ^ ((volume as u64) << 40) ^ period);
+        (rng.below(sectors - span + 1), span)
+    }
+
     pub(super) fn conflicts(&self, volume: usize, first: u64, count: u64, writes: bool) -> bool {
         let overlaps = |other_volume: usize, other_first: u64, other_count: u64| {
             other_volume == volume

@@ -251,12 +251,12 @@ impl Simulation<'_> {
                 .or_default()
                 .push_back(write);
         }
+        let now = self.site_now(to);
         let node = self.sites[to]
             .node
             .as_mut()
             .expect("checked above: the receiver is up");
-        node.engine
-            .receive(Timestamp(self.now), SiteId(from as u32 + 1), message);
+        node.engine.receive(now, SiteId(from as u32 + 1), message);
         self.dispatch(to);
     }
 
@@ -354,9 +354,9 @@ impl Simulation<'_> {
             if !std::mem::replace(&mut self.net.links[link].up[end], false) {
                 continue;
             }
+            let now = self.site_now(site);
             if let Some(node) = &mut self.sites[site].node {
-                node.engine
-                    .peer_down(Timestamp(self.now), SiteId(peer as u32 + 1));
+                node.engine.peer_down(now, SiteId(peer as u32 + 1));
                 self.dispatch(site);
             }
         }
@@ -382,9 +382,9 @@ impl Simulation<'_> {
             });
         for (end, site, peer) in [(0, lo, hi), (1, hi, lo)] {
             self.net.links[link].up[end] = true;
+            let now = self.site_now(site);
             if let Some(node) = &mut self.sites[site].node {
-                node.engine
-                    .peer_up(Timestamp(self.now), SiteId(peer as u32 + 1));
+                node.engine.peer_up(now, SiteId(peer as u32 + 1));
                 self.dispatch(site);
             }
         }

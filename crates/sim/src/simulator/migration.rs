@@ -181,6 +181,7 @@ impl Simulation<'_> {
     fn catch_up(&mut self, migration: &mut Migration) -> bool {
         let group = GroupId(migration.group);
         let target = SiteId(migration.to as u32 + 1);
+        let now = self.site_now(migration.from);
         let Some(node) = self.sites[migration.from].node.as_mut() else {
             return false;
         };
@@ -222,7 +223,7 @@ impl Simulation<'_> {
         if !point.reached(streaming, bytes_left, drain_rate) {
             return false;
         }
-        if node.engine.hand_over(Timestamp(self.now), group).is_err() {
+        if node.engine.hand_over(now, group).is_err() {
             return false;
         }
         migration.holding_since = Some(self.now);
@@ -252,6 +253,7 @@ impl Simulation<'_> {
         let reaches_voters = self.control.isolated() != Some(from);
         let target_up = self.sites[migration.to].node.is_some()
             && self.control.isolated() != Some(migration.to);
+        let now = self.site_now(from);
         let Some(node) = self.sites[from].node.as_mut() else {
             return false;
         };
@@ -259,7 +261,7 @@ impl Simulation<'_> {
         let ready = early || node.engine.hand_over_ready(group, target);
         if !(ready && reaches_voters && target_up) {
             if self.now - since > HOLD_MS_MAX * MS {
-                node.engine.cancel_hand_over(Timestamp(self.now), group);
+                node.engine.cancel_hand_over(now, group);
                 migration.holding_since = None;
                 self.stats.switchovers_called_off += 1;
                 self.trace
@@ -311,17 +313,19 @@ impl Simulation<'_> {
             },
         );
         // As the node does: the source applies the switchover at once and
-        // sends the held writes on; the target applies it up to
-        // TARGET_LEARNS_MS_MAX later (held writes and strict reads that
-        // reach it before wait there for it). A site cut off from the
-        // voters learns when it returns.
+        // sends the held writes on; the target and the other sites apply
+        // it up to TARGET_LEARNS_MS_MAX later, each in its own time (held
+        // writes and strict reads that reach the target before wait there
+        // for it; a third site meanwhile still takes the source for the
+        // owner, and may hold read leases the source granted). A site cut
+        // off from the voters learns when it returns.
+        self.learn_now(from);
         for site in 0..self.sites.len() {
-            if site != migration.to && self.control.isolated() != Some(site) {
-                self.learn_now(site);
+            if site != from && self.control.isolated() != Some(site) {
+                let delay = self.migration_rng.below(TARGET_LEARNS_MS_MAX * MS + 1);
+                self.schedule(self.now + delay, Event::MigrationTargetLearns(site));
             }
         }
-        let delay = self.migration_rng.below(TARGET_LEARNS_MS_MAX * MS + 1);
-        self.schedule(self.now + delay, Event::MigrationTargetLearns(migration.to));
         true
     }
 }

@@ -281,12 +281,15 @@ impl Simulation<'_> {
         if !self.control.leases || !self.control.grants(site) {
             return;
         }
+        let drift_ppm = self.sites[site].drift_ppm;
+        let now = self.site_now(site);
         let Some(node) = self.sites[site].node.as_mut() else {
             return;
         };
-        let until = self.now + self.scenario.engine.lease_ms * MS;
-        node.engine
-            .set_lease_until(Timestamp(self.now), Some(Timestamp(until)));
+        // The authority's lease, in real time, as the site's clock reads
+        // it: the control plane's own simulation proves its drift margin.
+        let until = site_time(self.now + self.scenario.engine.lease_ms * MS, drift_ppm);
+        node.engine.set_lease_until(now, Some(until));
         self.control.last_grant[site] = self.now;
         self.dispatch(site);
     }
@@ -415,11 +418,11 @@ impl Simulation<'_> {
         }) {
             return false;
         }
-        let now = Timestamp(self.now);
         let epoch = self.control.authority.groups[&group].epoch;
         let ignore_images = self.options.bug == Some(SimBug::TakeoverIgnoresImages);
         let mut images: Vec<(usize, Option<stretch_core::DeltaSeq>)> = Vec::new();
         for site in survivors {
+            let now = self.site_now(site);
             let Some(node) = self.sites[site].node.as_mut() else {
                 continue;
             };

@@ -500,7 +500,12 @@ impl Engine {
                     self.reply(request_id, Err(error));
                     return;
                 }
+                if self.serve_under_read_lease(request_id, spec, volume, offset, length) {
+                    return;
+                }
                 self.stats.remote_reads_total += 1;
+                self.count_remote_strict_read(volume);
+                self.ask_read_lease(spec.group, volume, offset, length);
                 // The owner answers with what changed after `have` in its
                 // own history: a site mid-resync holds no delta boundary,
                 // and one that kept deltas a failover discarded numbers

@@ -27,6 +27,10 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         suspend_hold_ms: 5_000,
         suspended_requests_max: 1024,
         region_blocks: REGION_BLOCKS,
+        read_lease_ms: 0,
+        clock_drift_ppm: 1_000,
+        read_lease_cooldown_ms: 10_000,
+        read_leases_max: 1 << 20,
         planted_bug: None,
     }
 }
@@ -264,7 +268,7 @@ impl Pair {
             .engine
             .volume(VOLUME)
             .map_or(Mode::Async, |spec| spec.mode);
-        let mut engine = Engine::new(config(A, B), recovered);
+        let mut engine = Engine::new(self.a.engine.config().clone(), recovered);
         engine.add_volume(
             VOLUME,
             VolumeSpec {
@@ -3195,4 +3199,253 @@ fn a_hand_over_is_not_ready_while_the_new_owner_lacks_deltas() {
     pair.tick(100);
     pair.tick(100);
     assert!(pair.a.engine.hand_over_ready(GROUP, B));
+}
+
+// ---------------------------------------------------------------------------
+// Read leases
+
+impl Pair {
+    /// b's engine sent the owner a strict read (it served none locally);
+    /// the messages go on their way.
+    fn expect_read_request_from_b(&mut self) {
+        let sent = self.b.run();
+        assert!(
+            sent.iter()
+                .any(|(_, message)| matches!(message, SiteMessage::ReadRequest { .. })),
+            "no strict read went to the owner: {sent:?}"
+        );
+        if self.connected {
+            self.to_a
+                .extend(sent.into_iter().map(|(_, message)| message));
+        }
+        self.settle();
+    }
+}
+
+/// `config` with read leases of 2 s (1000 ppm of drift).
+fn leasing(site: SiteId, peer: SiteId) -> EngineConfig {
+    EngineConfig {
+        read_lease_ms: 2_000,
+        ..config(site, peer)
+    }
+}
+
+/// Two sites with read leases on; a wrote block 0 (region 0) and b holds
+/// it; then b read it, once from the owner, which leased b region 0.
+fn pair_with_a_lease_at_b() -> Pair {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let first = pair.read(true, false, 0, 4096);
+    assert_eq!(pair.b.read_reply(first), block(1));
+    assert_eq!(
+        pair.b
+            .engine
+            .read_lease_counters(VOLUME)
+            .remote_strict_reads_total,
+        1
+    );
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+    pair
+}
+
+fn strict_read(offset: u64) -> Request {
+    Request::Read {
+        volume: VOLUME,
+        offset,
+        length: 4096,
+    }
+}
+
+fn write_request(offset: u64, byte: u8) -> Request {
+    Request::Write {
+        volume: VOLUME,
+        offset,
+        data: block(byte),
+        fua: false,
+    }
+}
+
+#[test]
+fn a_strict_read_under_a_read_lease_is_served_without_asking_the_owner() {
+    let mut pair = pair_with_a_lease_at_b();
+    let read = pair.b.submit(pair.now, strict_read(0));
+    let sent = pair.b.run();
+    assert!(sent.is_empty(), "a leased read asked the owner: {sent:?}");
+    assert_eq!(pair.b.read_reply(read), block(1));
+    // Another block of the same 1 MiB region is leased too.
+    let other = pair.b.submit(pair.now, strict_read(8 * 4096));
+    assert!(pair.b.run().is_empty());
+    assert_eq!(pair.b.read_reply(other), Bytes::from(vec![0u8; BLOCK_SIZE]));
+    let counters = pair.b.engine.read_lease_counters(VOLUME);
+    assert_eq!(
+        (
+            counters.local_strict_reads_total,
+            counters.remote_strict_reads_total
+        ),
+        (2, 1)
+    );
+    // A region never leased still asks the owner.
+    let far = pair.b.submit(pair.now, strict_read(VOLUME_BYTES - 4096));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(far), Bytes::from(vec![0u8; BLOCK_SIZE]));
+}
+
+#[test]
+fn an_owner_write_to_a_leased_region_waits_until_the_holder_confirms_its_revocation() {
+    let mut pair = pair_with_a_lease_at_b();
+    let write = pair.a.submit(pair.now, write_request(4096, 2));
+    let sent = pair.a.run();
+    let [(B, revoke @ SiteMessage::LeaseRevoke { all: false, .. })] = sent.as_slice() else {
+        panic!("expected one revocation, got {sent:?}");
+    };
+    assert_eq!(
+        pair.a.reply(write),
+        None,
+        "acknowledged before the revocation"
+    );
+    pair.b.engine.receive(pair.now, A, revoke.clone());
+    let confirmed = pair.b.run();
+    assert!(matches!(
+        confirmed.as_slice(),
+        [(A, SiteMessage::LeaseRevoked { .. })]
+    ));
+    pair.a.engine.receive(pair.now, B, confirmed[0].1.clone());
+    pair.a.run();
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    let counters = pair.a.engine.read_lease_counters(VOLUME);
+    assert_eq!(
+        (counters.revocations_total, counters.writes_waited_total),
+        (1, 1)
+    );
+    // b asks the owner again, and sees the write.
+    let read = pair.b.submit(pair.now, strict_read(4096));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(read), block(2));
+    // The region is not leased again while the owner writes it.
+    let again = pair.read(true, false, 4096, 4096);
+    assert_eq!(pair.b.read_reply(again), block(2));
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+}
+
+#[test]
+fn writes_to_regions_no_other_site_leases_do_not_wait() {
+    let mut pair = pair_with_a_lease_at_b();
+    let write = pair
+        .a
+        .submit(pair.now, write_request(REGION_BLOCKS * 4096, 3));
+    let sent = pair.a.run();
+    assert!(
+        !sent
+            .iter()
+            .any(|(_, message)| matches!(message, SiteMessage::LeaseRevoke { .. })),
+        "{sent:?}"
+    );
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_write_waits_out_the_lease_of_a_holder_that_does_not_answer() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.disconnect();
+    let write = pair.write(false, 0, block(4));
+    pair.tick(1_900);
+    assert_eq!(
+        pair.a.reply(write),
+        None,
+        "acknowledged while b may hold the lease"
+    );
+    // The owner counts 2 s stretched by the drift bound from its grant.
+    pair.tick(150);
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    assert_eq!(pair.a.engine.marks().count(Mark::ReadLeaseRanOut), 1);
+}
+
+#[test]
+fn a_holder_stops_serving_locally_before_the_owner_stops_counting_its_lease() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.disconnect();
+    // b asked at 100 ms and counts 2 s shortened by the drift bound
+    // (1998 ms): its lease ended at 2098 ms, the owner's count ends at
+    // 2102 ms.
+    pair.tick(1_999);
+    let read = pair.b.submit(pair.now, strict_read(0));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.reply(read), None, "served locally after its lease");
+}
+
+#[test]
+fn a_grant_that_arrives_after_a_revocation_is_void() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let read = pair.b.submit(pair.now, strict_read(0));
+    let asked = pair.b.run();
+    for (_, message) in asked {
+        pair.a.engine.receive(pair.now, B, message);
+    }
+    let answers = pair.a.run();
+    assert!(answers.iter().any(|(_, message)| matches!(
+        message,
+        SiteMessage::LeaseReply {
+            lease_ms: 2_000,
+            ..
+        }
+    )));
+    // The owner writes the region: the revocation overtakes the grant.
+    let write = pair.a.submit(pair.now, write_request(0, 2));
+    let revocation = pair.a.run();
+    for (_, message) in revocation.into_iter().chain(answers) {
+        pair.b.engine.receive(pair.now, A, message);
+    }
+    let confirmed = pair.b.run();
+    assert_eq!(pair.b.read_reply(read), block(1));
+    for (_, message) in confirmed {
+        pair.a.engine.receive(pair.now, B, message);
+    }
+    pair.a.run();
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    // The void grant serves nothing: b asks the owner.
+    let again = pair.b.submit(pair.now, strict_read(0));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(again), block(2));
+}
+
+#[test]
+fn a_region_the_owner_wrote_after_what_the_site_holds_is_not_leased() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 4096, block(2));
+    let read = pair.read(true, false, 4096, 4096);
+    assert_eq!(pair.b.read_reply(read), block(2));
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 0);
+}
+
+#[test]
+fn a_restarted_owner_waits_for_every_lease_it_may_have_granted() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.restart_a_alone();
+    let write = pair.write(false, 4096, block(5));
+    pair.tick(1_900);
+    assert_eq!(
+        pair.a.reply(write),
+        None,
+        "the restarted owner forgot the lease b may hold"
+    );
+    pair.tick(150);
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_restarted_owner_that_reaches_the_holders_waits_one_round_trip() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.restart_a();
+    let write = pair.write(false, 4096, block(5));
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    // b dropped its leases with the revocation: it asks the owner.
+    let read = pair.read(true, false, 4096, 4096);
+    pair.tick(100);
+    assert_eq!(pair.b.read_reply(read), block(5));
 }
