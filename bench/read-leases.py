@@ -9,7 +9,7 @@ strict read at b asks the owner). Both processes are pinned to one CPU,
 fio and the clients to the other. Every volume is owned by a.
 
 1. e2fsck: an ext4 file system (mkfs.ext4 -d of --files files of up to
-   64 KiB) is copied to a 1 GiB volume at a (nbdcopy); once b applied it,
+   --file-bytes-max bytes) is copied to a 1 GiB volume at a (nbdcopy); once b applied it,
    `e2fsck -fn` runs through nbdfuse (read-only) on a's export, twice, then
    on b's strict export, twice. Shown: each check's time, and the second
    check at b against the second at a (target with leases <= 1.5).
@@ -119,7 +119,7 @@ def file_system(args, clusters, workdir):
     rng = random.Random(7)
     for index in range(args.files):
         with open(os.path.join(tree, f"file-{index}"), "wb") as out:
-            out.write(rng.randbytes(rng.randint(1, 64 * 1024)))
+            out.write(rng.randbytes(rng.randint(1, args.file_bytes_max)))
     image = os.path.join(workdir, "fs.img")
     with open(image, "wb") as out:
         out.truncate(1 << 30)
@@ -279,8 +279,11 @@ def main():
                         help="seconds per timed fio run (2, 3); default 3")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating runs per cluster (2, 3); default 3")
-    parser.add_argument("--files", type=int, default=1000,
-                        help="files in the ext4 file system of 1; default 1000")
+    parser.add_argument("--files", type=int, default=20000,
+                        help="files in the ext4 file system of 1; default 20000")
+    parser.add_argument("--file-bytes-max", type=int, default=8192,
+                        help="largest file of 1, in bytes (sizes drawn uniformly from 1); "
+                             "default 8192")
     parser.add_argument("--read-region", default="16M",
                         help="bytes read at random by 2 and written by 3; default 16M")
     parser.add_argument("--regions", type=int, default=32,

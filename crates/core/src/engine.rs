@@ -18,7 +18,7 @@ mod lease;
 mod read_lease;
 mod replication;
 
-pub use read_lease::ReadLeaseCounters;
+pub use read_lease::{READ_LEASE_IDLE_PERIODS_MAX, ReadLeaseCounters};
 pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
 
 /// Tuning of one node's engine. Every limit names its unit.

@@ -32,7 +32,8 @@ mod types;
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
     Engine, EngineConfig, EngineStats, EpochStart, GroupReplication, PeerReplication, PeerState,
-    PlantedBug, REGION_BLOCKS, ReadLeaseCounters, RecoveredState, VolumeSpec,
+    PlantedBug, READ_LEASE_IDLE_PERIODS_MAX, REGION_BLOCKS, ReadLeaseCounters, RecoveredState,
+    VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};

@@ -80,6 +80,9 @@ pub enum Mark {
     /// A strict read at a site that does not own the volume was served
     /// from its own image under a read lease.
     ReadLeaseServedLocally,
+    /// A holder asked again for leases past half their period on regions
+    /// it read lately.
+    ReadLeaseRenewed,
     /// A holder confirmed a revocation an owner's write waited for.
     ReadLeaseRevoked,
     /// An owner's write went ahead once the leases in its way ran out,
@@ -88,7 +91,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 33] = [
+    pub const ALL: [Mark; 34] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -120,6 +123,7 @@ impl Mark {
         Mark::DivergedWholeRead,
         Mark::ReadLeaseGranted,
         Mark::ReadLeaseServedLocally,
+        Mark::ReadLeaseRenewed,
         Mark::ReadLeaseRevoked,
         Mark::ReadLeaseRanOut,
     ];
@@ -157,6 +161,7 @@ impl Mark {
             Mark::DivergedWholeRead => "diverged-whole-read",
             Mark::ReadLeaseGranted => "read-lease-granted",
             Mark::ReadLeaseServedLocally => "read-lease-served-locally",
+            Mark::ReadLeaseRenewed => "read-lease-renewed",
             Mark::ReadLeaseRevoked => "read-lease-revoked",
             Mark::ReadLeaseRanOut => "read-lease-ran-out",
         }

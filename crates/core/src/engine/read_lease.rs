@@ -38,7 +38,10 @@
 //!   period when a site does not answer. It grants nothing meanwhile.
 //! - A holder drops its leases on a group whose owner changes, and all of
 //!   them when it restarts (they live in memory only).
-//! - A local read past half its lease's period asks for it again.
+//! - A holder renews, past half their period, the leases on regions it
+//!   read in the last [`READ_LEASE_IDLE_PERIODS_MAX`] periods, so that a
+//!   working set read now and then (a file system checked again) stays
+//!   leased; leases on regions it stopped reading run out.
 
 use super::*;
 
@@ -46,6 +49,10 @@ use crate::site_message::LEASE_REGIONS_MAX;
 
 /// A region of a volume: (volume, first block / region blocks).
 type Region = (VolumeId, u64);
+
+/// A holder keeps renewing a lease on a region it read within this many
+/// lease periods (a minute at the default 2 s); past it the lease runs out.
+pub const READ_LEASE_IDLE_PERIODS_MAX: u64 = 30;
 
 /// Per-volume read-lease figures, for metrics and `volume show`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,6 +97,8 @@ pub(super) struct ReadLeases {
     writing_regions: BTreeMap<Region, u32>,
     // Holder side.
     held: BTreeMap<Region, HeldLease>,
+    /// When the holder next renews the leases past half their period.
+    renew_at: Option<Timestamp>,
     asking: BTreeMap<u64, Asking>,
     asking_regions: BTreeSet<Region>,
     counters: BTreeMap<VolumeId, ReadLeaseCounters>,
@@ -121,6 +130,8 @@ struct HeldLease {
     group: GroupId,
     until: Timestamp,
     renew_after: Timestamp,
+    /// The last strict read served under it (or its first grant).
+    last_used: Timestamp,
 }
 
 #[derive(Debug)]
@@ -128,6 +139,9 @@ struct Asking {
     group: GroupId,
     regions: Vec<Region>,
     sent_at: Timestamp,
+    /// When the regions were last read here: the granted lease is renewed
+    /// for as long as that is recent (a renewal must not make it newer).
+    used_at: Timestamp,
     /// A revocation came while it was on its way: its grant is void.
     void: bool,
 }
@@ -157,7 +171,10 @@ fn scaled(duration_ms: u64, drift_ppm: u64, longer: bool) -> u64 {
 
 impl ReadLeases {
     pub(super) fn next_deadline(&self) -> Option<Timestamp> {
-        self.wake_at
+        match (self.wake_at, self.renew_at) {
+            (Some(wake), Some(renew)) => Some(wake.min(renew)),
+            (wake, renew) => wake.or(renew),
+        }
     }
 
     pub(super) fn is_idle(&self) -> bool {
@@ -320,7 +337,6 @@ impl Engine {
         let regions = self.regions_of_range(volume, offset, length);
         let now = self.now;
         let never_expires = self.config.planted_bug == Some(PlantedBug::ReadLeaseNeverExpires);
-        let mut renew = false;
         for region in &regions {
             let Some(lease) = self.read_leases.held.get(region) else {
                 return false;
@@ -328,13 +344,14 @@ impl Engine {
             if lease.group != spec.group || (lease.until <= now && !never_expires) {
                 return false;
             }
-            renew |= lease.renew_after <= now;
+        }
+        for region in &regions {
+            if let Some(lease) = self.read_leases.held.get_mut(region) {
+                lease.last_used = now;
+            }
         }
         self.marks.hit(Mark::ReadLeaseServedLocally);
         self.read_leases.counters(volume).local_strict_reads_total += 1;
-        if renew {
-            self.ask_read_lease(spec.group, volume, offset, length);
-        }
         self.start_read(request_id, volume, offset, length, None);
         true
     }
@@ -353,6 +370,13 @@ impl Engine {
             return;
         }
         let regions = self.regions_of_range(volume, offset, length);
+        let now = self.now;
+        self.ask_for_regions(group, regions, now);
+    }
+
+    /// Asks the owner of `group` for a lease on `regions` (one volume's,
+    /// consecutive), unless one of them is being asked for already.
+    fn ask_for_regions(&mut self, group: GroupId, regions: Vec<Region>, used_at: Timestamp) {
         if regions.is_empty()
             || regions.len() > LEASE_REGIONS_MAX
             || regions
@@ -361,6 +385,7 @@ impl Engine {
         {
             return;
         }
+        let volume = regions[0].0;
         let now = self.now;
         // Requests whose grant would have run out by now are forgotten:
         // the answer of a gone owner never comes.
@@ -399,6 +424,7 @@ impl Engine {
                 group,
                 regions,
                 sent_at: now,
+                used_at,
                 void: false,
             },
         );
@@ -444,17 +470,80 @@ impl Engine {
                 group: asking.group,
                 until,
                 renew_after,
+                last_used: asking.used_at,
             };
             self.read_leases
                 .held
                 .entry(region)
                 .and_modify(|held| {
+                    held.last_used = held.last_used.max(asking.used_at);
                     if held.until < until {
-                        *held = lease;
+                        held.until = until;
+                        held.renew_after = renew_after;
                     }
                 })
                 .or_insert(lease);
         }
+        let renew_at = self
+            .read_leases
+            .renew_at
+            .map_or(renew_after, |at| at.min(renew_after));
+        self.read_leases.renew_at = Some(renew_at);
+    }
+
+    /// The holder's renewal round: leases past half their period on
+    /// regions read lately are asked for again, in runs of consecutive
+    /// regions; leases that ran out are dropped.
+    fn renew_read_leases(&mut self) {
+        let now = self.now;
+        let idle_max = self
+            .config
+            .read_lease_ms
+            .saturating_mul(READ_LEASE_IDLE_PERIODS_MAX);
+        if self.config.planted_bug != Some(PlantedBug::ReadLeaseNeverExpires) {
+            self.read_leases.held.retain(|_, lease| lease.until > now);
+        }
+        let mut runs: Vec<(GroupId, Vec<Region>, Timestamp)> = Vec::new();
+        let mut next: Option<Timestamp> = None;
+        for (region, lease) in &self.read_leases.held {
+            if lease.renew_after > now {
+                next = Some(next.map_or(lease.renew_after, |at| at.min(lease.renew_after)));
+                continue;
+            }
+            if lease.last_used.saturating_add_millis(idle_max) <= now {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((group, run, used_at))
+                    if *group == lease.group
+                        && run.len() < LEASE_REGIONS_MAX
+                        && run
+                            .last()
+                            .is_some_and(|last| last.0 == region.0 && last.1 + 1 == region.1) =>
+                {
+                    run.push(*region);
+                    *used_at = (*used_at).max(lease.last_used);
+                }
+                _ => runs.push((lease.group, vec![*region], lease.last_used)),
+            }
+        }
+        let asked = !runs.is_empty();
+        for (group, regions, used_at) in runs {
+            if self.owner_of(group) == self.config.site
+                || self.mid_resync_here(group)
+                || self.diverged_here(group)
+            {
+                continue;
+            }
+            self.marks.hit(Mark::ReadLeaseRenewed);
+            self.ask_for_regions(group, regions, used_at);
+        }
+        // Renewals on their way: look again a quarter period later.
+        if asked {
+            let again = now.saturating_add_millis((self.config.read_lease_ms / 4).max(1));
+            next = Some(next.map_or(again, |at| at.min(again)));
+        }
+        self.read_leases.renew_at = next;
     }
 
     pub(super) fn receive_lease_revoke(
@@ -934,6 +1023,9 @@ impl Engine {
     pub(super) fn handle_read_lease_timeout(&mut self, now: Timestamp) {
         if self.read_leases.wake_at.is_some_and(|wake| wake <= now) {
             self.release_lease_waiters();
+        }
+        if self.read_leases.renew_at.is_some_and(|renew| renew <= now) {
+            self.renew_read_leases();
         }
     }
 }

@@ -3449,3 +3449,39 @@ fn a_restarted_owner_that_reaches_the_holders_waits_one_round_trip() {
     pair.tick(100);
     assert_eq!(pair.b.read_reply(read), block(5));
 }
+
+#[test]
+fn a_holder_renews_the_leases_it_reads_and_lets_idle_ones_run_out() {
+    let mut pair = pair_with_a_lease_at_b();
+    // Read now and then, the region stays leased: renewed in the
+    // background past half of each period.
+    for _ in 0..5 {
+        pair.tick(900);
+        let read = pair.b.submit(pair.now, strict_read(0));
+        let sent = pair.b.run();
+        assert!(
+            sent.is_empty(),
+            "a read under a renewed lease went out: {sent:?}"
+        );
+        assert_eq!(pair.b.read_reply(read), block(1));
+    }
+    let renewed = pair.b.engine.marks().count(Mark::ReadLeaseRenewed);
+    assert!(
+        renewed >= 2,
+        "renewed {renewed} times in 4.5 s of 2 s leases"
+    );
+    // Unread for longer than READ_LEASE_IDLE_PERIODS_MAX periods, it is
+    // no longer renewed and runs out.
+    for _ in 0..(2 * READ_LEASE_IDLE_PERIODS_MAX + 2) {
+        pair.tick(1_000);
+    }
+    let renewals = pair.b.engine.marks().count(Mark::ReadLeaseRenewed);
+    pair.tick(10_000);
+    assert_eq!(
+        pair.b.engine.marks().count(Mark::ReadLeaseRenewed),
+        renewals
+    );
+    let read = pair.b.submit(pair.now, strict_read(0));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(read), block(1));
+}
