@@ -1040,3 +1040,53 @@ fn a_file_system_checked_twice_at_the_other_site_is_read_there_the_second_time()
         "the second check asked a {asked_second} times and read {local_second} times at b"
     );
 }
+
+/// Owner writes and strict reads at the other site at the same time
+/// (`tests/scripts/concurrent_strict_reads.py`, libnbd): a thread at a
+/// rewrites a random tenth of the regions over and over while another at b
+/// reads the whole volume in a loop; every block b reads is at least as new
+/// as the newest write of it a acknowledged before the read began, while b
+/// serves most of them under read leases.
+#[test]
+fn strict_reads_concurrent_with_owner_writes_never_miss_an_acknowledged_write() {
+    let python = "/usr/bin/python3";
+    let bindings = Command::new(python).args(["-c", "import nbd"]).status();
+    assert!(
+        bindings.is_ok_and(|status| status.success()),
+        "the libnbd python bindings are missing: install the Debian package python3-libnbd"
+    );
+    // Regions are leased again as soon as b reads them after a write, so
+    // b reads most of them locally, passes are fast, and a read of a
+    // region follows a's write to it within the revocation's round trip.
+    let sites = TwoSites::start(
+        Layout::OneProcess,
+        &[(
+            "read_lease_cooldown_ms = 10000",
+            "read_lease_cooldown_ms = 0",
+        )],
+    );
+    sites.ok(A, &["volume", "create", "vm", "--size", "32M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "vm"]).success()
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/scripts/concurrent_strict_reads.py");
+    let result = run(
+        Command::new(python)
+            .arg(script)
+            .arg(sites.nbd_uri(A, "vm"))
+            .arg(sites.nbd_uri(B, "vm"))
+            .args(["32", "20", "7"]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert!(
+        result.success() && result.stdout.contains(" 0 violations"),
+        "{result}"
+    );
+    let (local, asked) = strict_reads_at_b(&sites, "vm");
+    assert!(
+        local > asked && asked > 0.0,
+        "b served {local} strict reads under leases and asked a {asked} times"
+    );
+}
