@@ -75,6 +75,9 @@ pub(super) struct ReadLeases {
     /// Per region: until when (this site's clock) each other site may
     /// still hold a lease on it.
     granted: BTreeMap<Region, BTreeMap<SiteId, Timestamp>>,
+    /// Entries of `granted`, for the `read_leases_max` bound (recounted
+    /// whenever the bound is reached, so a drift here only moves when the
+    /// recount happens).
     granted_count: usize,
     /// Regions not leased again before then: a write revoked them.
     cooldown: BTreeMap<Region, Timestamp>,

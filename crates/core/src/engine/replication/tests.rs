@@ -3485,3 +3485,143 @@ fn a_holder_renews_the_leases_it_reads_and_lets_idle_ones_run_out() {
     pair.expect_read_request_from_b();
     assert_eq!(pair.b.read_reply(read), block(1));
 }
+
+/// b reads regions 0 and 1 at once (both asks on their way together),
+/// and both are leased.
+fn pair_with_two_leased_regions(config_a: EngineConfig) -> Pair {
+    let mut pair = Pair::with_configs(Mode::Async, config_a, leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let region_bytes = REGION_BLOCKS * 4096;
+    let first = pair.b.submit(pair.now, strict_read(0));
+    let second = pair.b.submit(pair.now, strict_read(region_bytes));
+    pair.settle();
+    assert_eq!(pair.b.read_reply(first), block(1));
+    assert_eq!(
+        pair.b.read_reply(second),
+        Bytes::from(vec![0u8; BLOCK_SIZE])
+    );
+    pair
+}
+
+#[test]
+fn leases_asked_together_are_all_granted_and_renewed_in_one_request() {
+    let mut pair = pair_with_two_leased_regions(leasing(A, B));
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 2);
+    let region_bytes = REGION_BLOCKS * 4096;
+    for offset in [0, region_bytes] {
+        let read = pair.b.submit(pair.now, strict_read(offset));
+        assert!(pair.b.run().is_empty(), "region at {offset} is not leased");
+        assert!(pair.b.reply(read).is_some());
+    }
+    // Past half the period, one request renews both consecutive regions.
+    pair.now = pair.now.saturating_add_millis(1_100);
+    pair.b.engine.handle_timeout(pair.now);
+    let sent = pair.b.run();
+    let asks: Vec<(u64, u64)> = sent
+        .iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::LeaseRequest {
+                first_region,
+                regions,
+                ..
+            } => Some((*first_region, *regions)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks, vec![(0, 2)], "{sent:?}");
+}
+
+#[test]
+fn an_owner_revokes_each_leased_region_a_write_needs_while_other_revocations_are_on_their_way() {
+    let mut pair = pair_with_two_leased_regions(leasing(A, B));
+    let region_bytes = REGION_BLOCKS * 4096;
+    let revocations = |sent: &[(SiteId, SiteMessage)]| -> Vec<Vec<(VolumeId, u64)>> {
+        sent.iter()
+            .filter_map(|(_, message)| match message {
+                SiteMessage::LeaseRevoke { regions, .. } => Some(regions.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    pair.a.submit(pair.now, write_request(0, 2));
+    assert_eq!(revocations(&pair.a.run()), vec![vec![(VOLUME, 0)]]);
+    // The first revocation is still on its way: the second region needs
+    // its own.
+    pair.a.submit(pair.now, write_request(region_bytes, 3));
+    assert_eq!(revocations(&pair.a.run()), vec![vec![(VOLUME, 1)]]);
+}
+
+#[test]
+fn an_owner_grants_no_more_leases_than_its_bound_until_some_run_out() {
+    let owner = EngineConfig {
+        read_leases_max: 2,
+        ..leasing(A, B)
+    };
+    let mut pair = pair_with_two_leased_regions(owner);
+    let region_bytes = REGION_BLOCKS * 4096;
+    let third = pair.read(true, false, 2 * region_bytes, 4096);
+    assert!(pair.b.reply(third).is_some());
+    assert_eq!(
+        pair.b.engine.marks().count(Mark::ReadLeaseGranted),
+        2,
+        "a third lease past the bound of 2"
+    );
+    // Unread, the two run out (renewals stop after the idle bound); then
+    // the owner has room again.
+    for _ in 0..(2 * READ_LEASE_IDLE_PERIODS_MAX + 4) {
+        pair.tick(1_000);
+    }
+    let granted = pair.b.engine.marks().count(Mark::ReadLeaseGranted);
+    let again = pair.read(true, false, 2 * region_bytes, 4096);
+    assert!(pair.b.reply(again).is_some());
+    assert_eq!(
+        pair.b.engine.marks().count(Mark::ReadLeaseGranted),
+        granted + 1
+    );
+}
+
+#[test]
+fn a_holder_takes_no_more_leases_than_its_bound() {
+    let mut pair = Pair::with_configs(
+        Mode::Async,
+        leasing(A, B),
+        EngineConfig {
+            read_leases_max: 1,
+            ..leasing(B, A)
+        },
+    );
+    pair.tick(100);
+    let region_bytes = REGION_BLOCKS * 4096;
+    for region in 0..3 {
+        let read = pair.read(true, false, region * region_bytes, 4096);
+        assert!(pair.b.reply(read).is_some());
+    }
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+}
+
+#[test]
+fn leases_on_regions_apart_are_renewed_in_a_request_each() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.tick(100);
+    let region_bytes = REGION_BLOCKS * 4096;
+    for region in [0, 2] {
+        let read = pair.read(true, false, region * region_bytes, 4096);
+        assert!(pair.b.reply(read).is_some());
+    }
+    pair.now = pair.now.saturating_add_millis(1_100);
+    pair.b.engine.handle_timeout(pair.now);
+    let sent = pair.b.run();
+    let asks: Vec<(u64, u64)> = sent
+        .iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::LeaseRequest {
+                first_region,
+                regions,
+                ..
+            } => Some((*first_region, *regions)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks, vec![(0, 1), (2, 1)], "{sent:?}");
+}
