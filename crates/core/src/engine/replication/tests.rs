@@ -3355,8 +3355,15 @@ fn a_write_waits_out_the_lease_of_a_holder_that_does_not_answer() {
         None,
         "acknowledged while b may hold the lease"
     );
-    // The owner counts 2 s stretched by the drift bound from its grant.
-    pair.tick(150);
+    // The owner counts 2 s stretched by the drift bound (2002 ms) from its
+    // grant at 100 ms; b's own count ended at 2098 ms.
+    pair.tick(100);
+    assert_eq!(
+        pair.a.reply(write),
+        None,
+        "acknowledged before the stretched period"
+    );
+    pair.tick(50);
     assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
     assert_eq!(pair.a.engine.marks().count(Mark::ReadLeaseRanOut), 1);
 }
@@ -3624,4 +3631,58 @@ fn leases_on_regions_apart_are_renewed_in_a_request_each() {
         })
         .collect();
     assert_eq!(asks, vec![(0, 1), (2, 1)], "{sent:?}");
+}
+
+#[test]
+fn an_owner_zeroing_a_leased_region_waits_for_the_revocation_too() {
+    let mut pair = pair_with_a_lease_at_b();
+    let zeroing = pair.a.submit(
+        pair.now,
+        Request::WriteZeroes {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+            fua: false,
+        },
+    );
+    let sent = pair.a.run();
+    assert!(
+        sent.iter()
+            .any(|(_, message)| matches!(message, SiteMessage::LeaseRevoke { .. })),
+        "{sent:?}"
+    );
+    assert_eq!(pair.a.reply(zeroing), None, "zeroed before the revocation");
+}
+
+#[test]
+fn a_site_that_owned_the_group_meanwhile_holds_none_of_its_earlier_leases() {
+    let mut pair = pair_with_a_lease_at_b();
+    // The group moves to b and back to a within the lease: a, back, takes
+    // b (its previous owner) for holding no lease, so b must have dropped
+    // the one a granted before.
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    pair.settle();
+    pair.b.engine.set_owner(GROUP, A, Epoch(3));
+    pair.a.engine.set_owner(GROUP, A, Epoch(3));
+    pair.settle();
+    let write = pair.write(false, 0, block(6));
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    let read = pair.b.submit(pair.now, strict_read(0));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(read), block(6));
+}
+
+#[test]
+fn a_write_waiting_for_a_revocation_keeps_the_owner_undrained() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.disconnect();
+    let write = pair.write(false, 0, block(7));
+    pair.a.engine.start_drain();
+    pair.a.run();
+    assert_eq!(pair.a.reply(write), None);
+    assert!(
+        !pair.a.engine.is_drained(),
+        "drained with a write still waiting for b's lease to end"
+    );
 }
