@@ -3686,3 +3686,39 @@ fn a_write_waiting_for_a_revocation_keeps_the_owner_undrained() {
         "drained with a write still waiting for b's lease to end"
     );
 }
+
+#[test]
+fn a_region_with_a_write_still_waiting_for_its_leg_read_is_not_leased() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    // b asks for a lease on region 0 with its strict read of it ...
+    let read = pair.b.submit(pair.now, strict_read(0));
+    let asked = pair.b.run();
+    // ... while a's write of part of a block it does not cache waits for
+    // the leg read that fills the rest: past the gate, not in the cache.
+    let write = pair.a.submit(
+        pair.now,
+        Request::Write {
+            volume: VOLUME,
+            offset: 3 * 4096 + 512,
+            data: Bytes::from(vec![9u8; 512]),
+            fua: false,
+        },
+    );
+    for (_, message) in asked {
+        pair.a.engine.receive(pair.now, B, message);
+    }
+    let answers = pair.a.run();
+    assert!(
+        answers
+            .iter()
+            .any(|(_, message)| matches!(message, SiteMessage::LeaseReply { lease_ms: 0, .. })),
+        "a region being written was leased: {answers:?}"
+    );
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    pair.to_b
+        .extend(answers.into_iter().map(|(_, message)| message));
+    pair.settle();
+    assert_eq!(pair.b.read_reply(read), block(1));
+}
