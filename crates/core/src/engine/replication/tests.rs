@@ -3511,6 +3511,25 @@ fn pair_with_two_leased_regions(config_a: EngineConfig) -> Pair {
     pair
 }
 
+/// The lease requests (first region, regions) b's renewal round sends
+/// once `millis` more have passed.
+fn renewals_from_b_after(pair: &mut Pair, millis: u64) -> Vec<(u64, u64)> {
+    pair.now = pair.now.saturating_add_millis(millis);
+    pair.b.engine.handle_timeout(pair.now);
+    pair.b
+        .run()
+        .iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::LeaseRequest {
+                first_region,
+                regions,
+                ..
+            } => Some((*first_region, *regions)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn leases_asked_together_are_all_granted_and_renewed_in_one_request() {
     let mut pair = pair_with_two_leased_regions(leasing(A, B));
@@ -3522,21 +3541,7 @@ fn leases_asked_together_are_all_granted_and_renewed_in_one_request() {
         assert!(pair.b.reply(read).is_some());
     }
     // Past half the period, one request renews both consecutive regions.
-    pair.now = pair.now.saturating_add_millis(1_100);
-    pair.b.engine.handle_timeout(pair.now);
-    let sent = pair.b.run();
-    let asks: Vec<(u64, u64)> = sent
-        .iter()
-        .filter_map(|(_, message)| match message {
-            SiteMessage::LeaseRequest {
-                first_region,
-                regions,
-                ..
-            } => Some((*first_region, *regions)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(asks, vec![(0, 2)], "{sent:?}");
+    assert_eq!(renewals_from_b_after(&mut pair, 1_100), vec![(0, 2)]);
 }
 
 #[test]
@@ -3616,21 +3621,10 @@ fn leases_on_regions_apart_are_renewed_in_a_request_each() {
         let read = pair.read(true, false, region * region_bytes, 4096);
         assert!(pair.b.reply(read).is_some());
     }
-    pair.now = pair.now.saturating_add_millis(1_100);
-    pair.b.engine.handle_timeout(pair.now);
-    let sent = pair.b.run();
-    let asks: Vec<(u64, u64)> = sent
-        .iter()
-        .filter_map(|(_, message)| match message {
-            SiteMessage::LeaseRequest {
-                first_region,
-                regions,
-                ..
-            } => Some((*first_region, *regions)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(asks, vec![(0, 1), (2, 1)], "{sent:?}");
+    assert_eq!(
+        renewals_from_b_after(&mut pair, 1_100),
+        vec![(0, 1), (2, 1)]
+    );
 }
 
 #[test]
