@@ -541,6 +541,34 @@ impl Scenario {
             self.workload.write_window_ms = rng.between(50, 2_000);
             self.workload.read = self.workload.read.max(40);
         }
+        // Drawn last of all. Many read-mostly clients at every site over a
+        // moving working set of small volumes, short leases soon granted
+        // again, a short remote timeout, owners that crash and come back
+        // at once and groups that move often: the site that does not own
+        // a volume serves most strict reads under leases that writes then
+        // revoke, and a defect in granting, revoking, timing or forgetting
+        // a lease shows as a stale read (G2). Elsewhere in the swarm few
+        // strict reads run under a lease.
+        if !silent_link && rng.chance(0.3) {
+            self.duration_seconds = 6.0;
+            self.topology.volume_bytes = self.topology.volume_bytes.min(64 * 4096);
+            self.engine.region_blocks = [4, 8][rng.below(2) as usize];
+            self.workload.clients = rng.between(48, 96) as u32;
+            self.workload.think_ms_max = self.workload.think_ms_max.min(2);
+            self.workload.read = rng.between(60, 90) as u32;
+            self.workload.write = rng.between(5, 20) as u32;
+            self.workload.sectors_max = self.workload.sectors_max.min(16);
+            self.workload.write_window_percent = rng.between(10, 30);
+            self.workload.write_window_ms = rng.between(100, 500);
+            self.engine.remote_timeout_ms = rng.between(600, 1_000);
+            self.engine.read_lease_ms = rng.between(100, self.engine.remote_timeout_ms / 4);
+            self.engine.read_lease_cooldown_ms = [0, 100][rng.below(2) as usize];
+            self.faults.crash_per_second = self.faults.crash_per_second.max(1.0);
+            // Restarts within a lease: a restarted owner finds leases it
+            // granted before still running.
+            self.faults.restart_ms = rng.between(1, self.engine.read_lease_ms / 4);
+            self.faults.migration_per_second = self.faults.migration_per_second.max(2.0);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
