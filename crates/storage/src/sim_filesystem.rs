@@ -103,7 +103,14 @@ impl SimFileState {
         } else {
             Vec::new()
         };
-        self.current.resize(len, 0);
+        if old_len == 0 {
+            // A new leg: zeroed memory from the allocator, whose pages the
+            // kernel maps only when first touched (a resize would write
+            // every byte of every leg at every node start).
+            self.current = vec![0; len];
+        } else {
+            self.current.resize(len, 0);
+        }
         self.pending.push(PendingOp::SetLen { old_len, truncated });
     }
 
