@@ -527,3 +527,26 @@ fn cert_commands_refuse_what_they_cannot_do() {
         );
     }
 }
+
+/// `stretch sim --help` names every planted defect `--bug` accepts.
+#[test]
+fn sim_help_names_every_planted_bug() {
+    let help = run(
+        Command::new(STRETCH).args(["sim", "--help"]),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    help.assert_ok();
+    // clap wraps the text at word boundaries: compare words, not lines.
+    let words: Vec<&str> = help
+        .stdout
+        .split(|c: char| c.is_whitespace() || c == ',' || c == ':' || c == '(' || c == ')')
+        .collect();
+    for bug in stretch_sim::SimBug::ALL {
+        assert!(
+            words.contains(&bug.name()),
+            "--help lacks {}: {help}",
+            bug.name()
+        );
+    }
+}

@@ -33,15 +33,17 @@ pub struct SimArgs {
     /// Print the scenario and every event of the run (use on a failing seed).
     #[arg(long)]
     replay: bool,
-    /// Plant a known defect to see the checker catch it: skip-journal-fsync,
+    /// Plant a known defect to see the checker catch it (each is caught
+    /// within the first 1,000 seeds of --swarm): skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
     /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog,
     /// cache-ignores-bound, forward-timeout-succeeds, map-forgets-dirty,
-    /// abandon-forgets-unacked, diff-skips-first-missing (all but the first
-    /// five need sites: try --swarm), early-takeover (needs failovers: try
-    /// simulation/failover/two-sites.toml), takeover-ignores-images (needs
-    /// failovers at three sites: try --swarm), heal-forgets-lost-regions
-    /// (needs failovers: try --swarm); with --control:
+    /// abandon-forgets-unacked, diff-skips-first-missing,
+    /// early-takeover, takeover-ignores-images, heal-forgets-lost-regions,
+    /// migration-switches-early, read-lease-never-expires,
+    /// read-lease-write-before-revoked, read-lease-forgotten-on-restart
+    /// (all but the first five need sites; the read-lease ones show most
+    /// in simulation/read-leases.toml); with --control:
     /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]
     pub(crate) bug: Option<String>,
