@@ -88,10 +88,14 @@ pub enum Mark {
     /// An owner's write went ahead once the leases in its way ran out,
     /// their revocation unconfirmed (the holder cut off, or gone).
     ReadLeaseRanOut,
+    /// A site held a forwarded request or strict read from the site it
+    /// took for the owner, which had handed the group to it, until it
+    /// learned that it owns the group (or refused it past its bound).
+    AwaitedOwnership,
 }
 
 impl Mark {
-    pub const ALL: [Mark; 34] = [
+    pub const ALL: [Mark; 35] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -126,6 +130,7 @@ impl Mark {
         Mark::ReadLeaseRenewed,
         Mark::ReadLeaseRevoked,
         Mark::ReadLeaseRanOut,
+        Mark::AwaitedOwnership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -164,6 +169,7 @@ impl Mark {
             Mark::ReadLeaseRenewed => "read-lease-renewed",
             Mark::ReadLeaseRevoked => "read-lease-revoked",
             Mark::ReadLeaseRanOut => "read-lease-ran-out",
+            Mark::AwaitedOwnership => "awaited-ownership",
         }
     }
 

@@ -993,6 +993,7 @@ impl Engine {
         let deadline = self
             .now
             .saturating_add_millis(self.config.remote_timeout_ms / 2);
+        self.marks.hit(Mark::AwaitedOwnership);
         self.replication.awaiting_ownership_count += 1;
         self.replication
             .awaiting_ownership
