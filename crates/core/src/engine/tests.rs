@@ -116,9 +116,11 @@ fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
             blocks: record.blocks.clone(),
         }]
     );
+    assert_eq!(engine.stats().applied_deltas_total, 0);
     engine.leg_written(IoId(2), Ok(()));
     assert_eq!(drain(&mut engine), vec![]);
     assert_eq!(engine.stats().dirty_bytes, 0);
+    assert_eq!(engine.stats().applied_deltas_total, 1);
     // Nothing in flight, but the record is not released: a node stopping
     // now would replay it at its next start.
     assert!(!engine.is_drained());
@@ -780,6 +782,17 @@ fn an_engine_with_a_read_in_flight_is_not_drained() {
     assert!(engine.is_drained());
 }
 
+/// An acknowledged write still in the open delta (nothing journaled, no
+/// I/O in flight) keeps the engine undrained: a node stopping now would
+/// lose it.
+#[test]
+fn an_engine_with_a_write_in_its_open_delta_is_not_drained() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), false);
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+    assert!(!engine.is_drained(), "the open delta holds a write");
+}
+
 #[test]
 fn journal_syncs_are_counted() {
     let mut engine = engine();
@@ -831,6 +844,53 @@ fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
     assert_eq!(
         engine.remove_volume(VOLUME),
         Err(RequestError::NoVolume(VOLUME))
+    );
+}
+
+/// Removing a volume drops its cached blocks and no other volume's: a
+/// block written to another volume and not yet on its leg is still read
+/// from the cache.
+#[test]
+fn removing_a_volume_keeps_the_cached_blocks_of_the_others() {
+    let mut engine = engine();
+    let other = VolumeId(2);
+    engine.add_volume(
+        other,
+        VolumeSpec {
+            size: 1 << 20,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    for (request, volume, byte) in [(1, VOLUME, 7), (2, other, 8)] {
+        engine.submit(
+            Timestamp(0),
+            RequestId(request),
+            Request::Write {
+                volume,
+                offset: 0,
+                data: block(byte),
+                fua: false,
+            },
+        );
+    }
+    assert_eq!(drain(&mut engine), vec![done(1), done(2)]);
+    assert_eq!(engine.remove_volume(VOLUME), Ok(()));
+    engine.submit(
+        Timestamp(0),
+        RequestId(3),
+        Request::Read {
+            volume: other,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    assert_eq!(
+        drain(&mut engine),
+        vec![Action::Reply {
+            request: RequestId(3),
+            result: Ok(Response::Data(block(8)))
+        }]
     );
 }
 
