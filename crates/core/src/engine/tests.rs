@@ -106,6 +106,8 @@ fn delta_closes_on_interval_then_journal_sync_then_leg_apply_then_release() {
         ]
     );
     assert_eq!(engine.stats().journal_bytes, journal_record_bytes(&record));
+    // A 48-byte header, and per block 13 bytes of key and its 4 KiB.
+    assert_eq!(journal_record_bytes(&record), 48 + 2 * (13 + 4096));
     engine.journal_synced(IoId(1), Ok(()));
     assert_eq!(
         drain(&mut engine),
@@ -553,6 +555,7 @@ fn without_a_lease_writes_wait_in_order_and_start_on_renewal() {
     write(&mut engine, 1, 2, 0, block(2), false);
     assert_eq!(drain(&mut engine), vec![]);
     assert_eq!(engine.stats().suspended_requests_now, 2);
+    assert!(!engine.is_drained(), "two writes wait for the lease");
     assert_eq!(engine.poll_timeout(), Some(Timestamp::from_millis(5_000)));
     engine.set_lease_until(
         Timestamp::from_millis(10),
@@ -762,6 +765,42 @@ fn a_partial_write_over_a_short_leg_read_fails_instead_of_caching_a_short_block(
     assert_eq!(engine.stats().dirty_bytes, 0, "nothing of it was taken");
 }
 
+/// A partial write that failed gives back the cache room it reserved for
+/// its block: a cache's worth of writes after it is admitted at once.
+#[test]
+fn a_failed_partial_write_gives_back_its_reserved_room() {
+    let cache_bytes_max = 64 << 10;
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 32 << 10,
+        cache_bytes_max,
+        journal_checkpoint_bytes: 1 << 20,
+        ..EngineConfig::default()
+    });
+    write(&mut engine, 0, 1, 512, Bytes::from(vec![7u8; 512]), false);
+    let Some(Action::ReadLeg { io, .. }) = drain(&mut engine)
+        .into_iter()
+        .find(|action| matches!(action, Action::ReadLeg { .. }))
+    else {
+        panic!("a partial write of an uncached block reads it first");
+    };
+    engine.leg_read_done(io, Err("EIO".into()));
+    drain(&mut engine);
+    // As many blocks as the cache holds, each charged with its index entry.
+    let blocks = cache_bytes_max / (BLOCK_SIZE as u64 + 64);
+    for index in 0..blocks {
+        write(&mut engine, 1, 10 + index, index * 4096, block(2), false);
+    }
+    let answered = drain(&mut engine)
+        .into_iter()
+        .filter(|action| matches!(action, Action::Reply { result: Ok(_), .. }))
+        .count();
+    assert_eq!(
+        answered as u64, blocks,
+        "writes filling the cache, admitted at once"
+    );
+}
+
 #[test]
 fn an_engine_with_a_read_in_flight_is_not_drained() {
     let mut engine = engine();
@@ -963,6 +1002,12 @@ fn a_write_into_a_cache_full_of_clean_blocks_evicts_all_it_needs() {
         stats.dirty_bytes + stats.clean_bytes <= cache_bytes_max,
         "{} dirty and {} clean bytes in a cache of {cache_bytes_max}",
         stats.dirty_bytes,
+        stats.clean_bytes
+    );
+    // And no more than it needs: most clean blocks stay cached.
+    assert!(
+        stats.clean_bytes >= cache_bytes_max / 2,
+        "{} clean bytes left",
         stats.clean_bytes
     );
 }
