@@ -521,7 +521,12 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
         })
     );
     assert_eq!(engine.poll_action(), None);
+    assert_eq!(engine.stats().refused_messages_total, 1);
+    assert_eq!(engine.marks().count(Mark::DeltaGapRefused), 1);
+    assert_eq!(engine.stats().received_deltas_total, 0);
     engine.receive(Timestamp(0), A, SiteMessage::Delta(delta(1)));
+    assert_eq!(engine.stats().received_deltas_total, 1);
+    assert_eq!(engine.stats().received_bytes_total, 4096);
     let journaled = DeltaRecord {
         position: JournalPosition(1),
         ..delta(1)
@@ -585,6 +590,8 @@ fn deltas_reach_the_other_leg_and_retire_there() {
         "every site applied: nothing retained"
     );
     assert_eq!(stats.shipped_deltas_total, 1);
+    // The delta's two data blocks.
+    assert_eq!(stats.shipped_bytes_total, 2 * 4096);
     let status = pair.a.engine.replication_status();
     assert_eq!(status[0].peers[0].applied, DeltaSeq(1));
     assert_eq!(status[0].peers[0].state, PeerState::Streaming);
@@ -789,6 +796,8 @@ fn a_site_away_past_the_backlog_bound_is_resynced_by_region_on_return() {
     pair.tick(100);
     let status = pair.a.engine.replication_status();
     assert_eq!(status[0].peers[0].state, PeerState::NeedsResync);
+    assert_eq!(pair.a.engine.stats().backlog_folds_total, 1);
+    assert_eq!(pair.a.engine.marks().count(Mark::FoldAbsent), 1);
     assert_eq!(
         pair.a.engine.stats().backlog_bytes,
         0,
