@@ -575,6 +575,39 @@ fn a_replica_journals_acknowledges_and_applies_a_delta_in_order() {
     );
 }
 
+/// Progress and resumes from a site that is not a peer of the group are
+/// refused and counted, and change nothing.
+#[test]
+fn replication_messages_from_a_site_that_is_no_peer_are_refused() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let stranger = SiteId(9);
+    let before = pair.a.engine.replication_status();
+    for message in [
+        SiteMessage::Journaled {
+            group: GROUP,
+            seq: DeltaSeq(1),
+        },
+        SiteMessage::Applied {
+            group: GROUP,
+            seq: DeltaSeq(1),
+        },
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(1)),
+            have_epoch: None,
+            lost_regions: None,
+            resume: 1,
+        },
+    ] {
+        pair.a.engine.receive(pair.now, stranger, message);
+    }
+    assert!(pair.a.run().is_empty(), "nothing sent to a stranger");
+    assert_eq!(pair.a.engine.stats().refused_messages_total, 3);
+    assert_eq!(pair.a.engine.replication_status(), before);
+}
+
 #[test]
 fn deltas_reach_the_other_leg_and_retire_there() {
     let mut pair = Pair::new(Mode::Async);
@@ -592,6 +625,9 @@ fn deltas_reach_the_other_leg_and_retire_there() {
     assert_eq!(stats.shipped_deltas_total, 1);
     // The delta's two data blocks.
     assert_eq!(stats.shipped_bytes_total, 2 * 4096);
+    // b's acknowledgements (journaled, applied) name the delta shipped:
+    // none is refused.
+    assert_eq!(stats.refused_messages_total, 0);
     let status = pair.a.engine.replication_status();
     assert_eq!(status[0].peers[0].applied, DeltaSeq(1));
     assert_eq!(status[0].peers[0].state, PeerState::Streaming);
