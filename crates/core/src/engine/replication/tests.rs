@@ -3363,6 +3363,17 @@ fn an_owner_write_to_a_leased_region_waits_until_the_holder_confirms_its_revocat
         confirmed.as_slice(),
         [(A, SiteMessage::LeaseRevoked { .. })]
     ));
+    // The same confirmation from a site the revocation did not go to is
+    // refused.
+    let refused = pair.a.engine.stats().refused_messages_total;
+    pair.a
+        .engine
+        .receive(pair.now, SiteId(9), confirmed[0].1.clone());
+    pair.a.run();
+    assert_eq!(pair.a.reply(write), None);
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
+    // b's confirmation arrives 30 ms later.
+    pair.now = Timestamp(pair.now.0 + 30_000_000);
     pair.a.engine.receive(pair.now, B, confirmed[0].1.clone());
     pair.a.run();
     assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
@@ -3371,6 +3382,7 @@ fn an_owner_write_to_a_leased_region_waits_until_the_holder_confirms_its_revocat
         (counters.revocations_total, counters.writes_waited_total),
         (1, 1)
     );
+    assert_eq!(counters.write_wait_nanos_total, 30_000_000);
     // b asks the owner again, and sees the write.
     let read = pair.b.submit(pair.now, strict_read(4096));
     pair.expect_read_request_from_b();
