@@ -3501,6 +3501,75 @@ fn a_region_the_owner_wrote_after_what_the_site_holds_is_not_leased() {
     assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 0);
 }
 
+/// The owner grants a lease only on regions of the volume: a request
+/// naming no region, or regions past the volume's end, is refused and
+/// counted; the same request for a region inside is granted, but not
+/// once the owner hands the group over.
+#[test]
+fn lease_requests_outside_the_volume_or_during_a_hand_over_are_refused() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let regions = VOLUME_BYTES / (1 << 20);
+    let ask = |pair: &mut Pair, first_region: u64, count: u64| {
+        pair.a.engine.receive(
+            pair.now,
+            B,
+            SiteMessage::LeaseRequest {
+                id: 77,
+                volume: VOLUME,
+                first_region,
+                regions: count,
+                have: DeltaSeq(1),
+            },
+        );
+        let sent = pair.a.run();
+        let [(B, SiteMessage::LeaseReply { id: 77, lease_ms })] = sent.as_slice() else {
+            panic!("expected one lease reply: {sent:?}");
+        };
+        *lease_ms
+    };
+    assert_eq!(ask(&mut pair, regions, 1), 0, "past the end");
+    assert_eq!(ask(&mut pair, regions - 1, 2), 0, "running past the end");
+    assert_eq!(ask(&mut pair, 0, 0), 0, "no region");
+    assert_eq!(pair.a.engine.stats().refused_messages_total, 3);
+    assert_eq!(ask(&mut pair, regions - 1, 1), 2_000, "the last region");
+    // Nor while it hands the group over.
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    assert_eq!(ask(&mut pair, 0, 1), 0, "handing over");
+}
+
+/// A site that does not own the group grants no lease on it, whatever it
+/// holds.
+#[test]
+fn a_site_that_does_not_own_the_group_grants_no_lease() {
+    let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::LeaseRequest {
+            id: 5,
+            volume: VOLUME,
+            first_region: 1,
+            regions: 1,
+            have: DeltaSeq(1),
+        },
+    );
+    let sent = pair.b.run();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [(A, SiteMessage::LeaseReply { id: 5, lease_ms: 0 })]
+        ),
+        "{sent:?}"
+    );
+}
+
 #[test]
 fn a_restarted_owner_waits_for_every_lease_it_may_have_granted() {
     let mut pair = pair_with_a_lease_at_b();
