@@ -716,6 +716,47 @@ fn a_write_at_the_replica_is_forwarded_to_the_owner() {
     assert_eq!(pair.b.engine.stats().forwarded_total, 1);
 }
 
+/// A strict read from a site that names no delta it holds (mid-resync, or
+/// holding deltas a failover discarded) gets the whole range, read from
+/// the owner's leg where its cache does not hold the blocks.
+#[test]
+fn a_strict_read_naming_no_delta_gets_the_whole_range_from_the_owners_leg() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.a.leg.insert(2, block(5));
+    pair.a.leg.insert(3, block(6));
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::ReadRequest {
+            id: 41,
+            request: Request::Read {
+                volume: VOLUME,
+                offset: 3 * 4096,
+                length: 4096,
+            },
+            have: None,
+        },
+    );
+    let sent = pair.a.run();
+    assert_eq!(
+        sent,
+        vec![(
+            B,
+            SiteMessage::ReadReply {
+                id: 41,
+                result: Ok(vec![(
+                    BlockKey {
+                        volume: VOLUME,
+                        block: 3
+                    },
+                    BlockImage::Data(block(6))
+                )]),
+            }
+        )]
+    );
+    assert_eq!(pair.a.engine.marks().count(Mark::StrictReadWholeRange), 1);
+}
+
 #[test]
 fn an_unreachable_owner_fails_strict_reads_after_the_timeout_but_not_snapshots() {
     let mut pair = Pair::new(Mode::Async);
