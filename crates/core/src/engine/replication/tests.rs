@@ -757,6 +757,50 @@ fn a_strict_read_naming_no_delta_gets_the_whole_range_from_the_owners_leg() {
     assert_eq!(pair.a.engine.marks().count(Mark::StrictReadWholeRange), 1);
 }
 
+/// Requests held until this site learns it owns the group leave the
+/// bound's count when they are served: after thousands were held and
+/// served, as many more are held again rather than refused.
+#[test]
+fn requests_served_after_awaiting_ownership_leave_room_for_as_many_more() {
+    let mut pair = Pair::new(Mode::Async);
+    let read_replies = |sent: Vec<(SiteId, SiteMessage)>| {
+        sent.into_iter()
+            .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { .. }))
+            .count()
+    };
+    let held_round = |pair: &mut Pair, first_id: u64| {
+        for id in first_id..first_id + 3_000 {
+            pair.b.engine.receive(
+                pair.now,
+                A,
+                SiteMessage::ReadRequest {
+                    id,
+                    request: Request::Read {
+                        volume: VOLUME,
+                        offset: 0,
+                        length: 4096,
+                    },
+                    have: None,
+                },
+            );
+        }
+        read_replies(pair.b.run())
+    };
+    // b still takes a for the owner: a sends these only because it handed
+    // the group to b, so b holds them.
+    assert_eq!(held_round(&mut pair, 1), 0, "held, not refused");
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    assert_eq!(
+        read_replies(pair.b.run()),
+        3_000,
+        "served once b owns the group"
+    );
+    pair.b.engine.set_owner(GROUP, A, Epoch(3));
+    pair.b.run();
+    assert_eq!(held_round(&mut pair, 10_000), 0, "held again, not refused");
+    assert_eq!(pair.b.engine.marks().count(Mark::AwaitedOwnership), 6_000);
+}
+
 #[test]
 fn an_unreachable_owner_fails_strict_reads_after_the_timeout_but_not_snapshots() {
     let mut pair = Pair::new(Mode::Async);
@@ -3438,6 +3482,40 @@ fn an_owner_write_to_a_leased_region_waits_until_the_holder_confirms_its_revocat
     let again = pair.read(true, false, 4096, 4096);
     assert_eq!(pair.b.read_reply(again), block(2));
     assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+}
+
+/// A group whose owner holds a write waiting for a revocation is not
+/// ready to hand over: the write came before the hand-over, is accepted
+/// once the revocation is confirmed, and the new owner must hold it.
+#[test]
+fn a_hand_over_waits_for_a_write_waiting_on_a_revocation() {
+    let mut pair = pair_with_a_lease_at_b();
+    let write = pair.a.submit(pair.now, write_request(4096, 2));
+    let sent = pair.a.run();
+    let [(B, revoke @ SiteMessage::LeaseRevoke { .. })] = sent.as_slice() else {
+        panic!("expected one revocation, got {sent:?}");
+    };
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    pair.a.run();
+    assert!(
+        !pair.a.engine.hand_over_ready(GROUP, B),
+        "ready while a write waits for b's confirmation"
+    );
+    pair.b.engine.receive(pair.now, A, revoke.clone());
+    let confirmed = pair.b.run();
+    pair.a.engine.receive(pair.now, B, confirmed[0].1.clone());
+    // Accepted once the revocation is confirmed (it came before the
+    // hand-over), and the group is ready only once b holds it.
+    let sent = pair.a.run();
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    pair.to_b
+        .extend(sent.into_iter().map(|(_, message)| message));
+    pair.tick(100);
+    assert!(pair.a.engine.hand_over_ready(GROUP, B));
+    assert_eq!(pair.b.leg.get(&1), Some(&block(2)));
 }
 
 #[test]
