@@ -397,14 +397,40 @@ impl Drop for TwoSites {
     }
 }
 
-/// `count` distinct free loopback ports (free when asked; another process
-/// may take one before the cluster binds it, so the start retries).
+/// `count` distinct loopback ports free for both TCP and UDP, below the
+/// kernel's ephemeral range: a node restarted after `kill9` binds its
+/// ports again, and a port in the ephemeral range can meanwhile become the
+/// local end of another test's outgoing connection ("address already in
+/// use"). Taken at random so that tests running side by side rarely pick
+/// the same; the cluster's start still retries if one is taken.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("local address").port())
-        .collect()
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_first = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_first.max(10_001));
+    let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    for _attempt in 0..10_000 {
+        if ports.len() == count {
+            break;
+        }
+        random.write_usize(ports.len());
+        let port = low + (random.finish() % u64::from(high - low)) as u16;
+        if ports.contains(&port) {
+            continue;
+        }
+        let (Ok(tcp), Ok(udp)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            std::net::UdpSocket::bind(("127.0.0.1", port)),
+        ) else {
+            continue;
+        };
+        held.push((tcp, udp));
+        ports.push(port);
+    }
+    assert_eq!(ports.len(), count, "no {count} free ports below {high}");
+    ports
 }
