@@ -8,13 +8,7 @@ const VOLUME: VolumeId = VolumeId(1);
 const GROUP: GroupId = GroupId(7);
 
 fn engine() -> Engine {
-    engine_with(EngineConfig {
-        delta_interval_ms: 100,
-        delta_max_bytes: 64 << 10,
-        cache_bytes_max: 1 << 20,
-        journal_checkpoint_bytes: 1 << 20,
-        ..EngineConfig::default()
-    })
+    engine_with_cache(1 << 20, 64 << 10)
 }
 
 fn engine_with(config: EngineConfig) -> Engine {
@@ -28,6 +22,18 @@ fn engine_with(config: EngineConfig) -> Engine {
         },
     );
     engine
+}
+
+/// An engine whose cache holds `cache_bytes_max` and whose deltas close
+/// at `delta_max_bytes`.
+fn engine_with_cache(cache_bytes_max: u64, delta_max_bytes: u64) -> Engine {
+    engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes,
+        cache_bytes_max,
+        journal_checkpoint_bytes: 1 << 20,
+        ..EngineConfig::default()
+    })
 }
 
 fn drain(engine: &mut Engine) -> Vec<Action> {
@@ -398,13 +404,7 @@ fn out_of_range_requests_are_refused() {
 
 #[test]
 fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
-    let mut engine = engine_with(EngineConfig {
-        delta_interval_ms: 100,
-        delta_max_bytes: 64 << 10,
-        cache_bytes_max: 128 << 10,
-        journal_checkpoint_bytes: 1 << 20,
-        ..EngineConfig::default()
-    });
+    let mut engine = engine_with_cache(128 << 10, 64 << 10);
     let big = Bytes::from(vec![1u8; 60 << 10]);
     write(&mut engine, 0, 1, 0, big.clone(), false);
     write(&mut engine, 0, 2, 64 << 10, big.clone(), false);
@@ -770,13 +770,7 @@ fn a_partial_write_over_a_short_leg_read_fails_instead_of_caching_a_short_block(
 #[test]
 fn a_failed_partial_write_gives_back_its_reserved_room() {
     let cache_bytes_max = 64 << 10;
-    let mut engine = engine_with(EngineConfig {
-        delta_interval_ms: 100,
-        delta_max_bytes: 32 << 10,
-        cache_bytes_max,
-        journal_checkpoint_bytes: 1 << 20,
-        ..EngineConfig::default()
-    });
+    let mut engine = engine_with_cache(cache_bytes_max, 32 << 10);
     write(&mut engine, 0, 1, 512, Bytes::from(vec![7u8; 512]), false);
     let Some(Action::ReadLeg { io, .. }) = drain(&mut engine)
         .into_iter()
@@ -846,8 +840,8 @@ fn journal_syncs_are_counted() {
     assert_eq!(engine.stats().journal_syncs_total, 2);
 }
 
-#[test]
-fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
+/// [`engine`] with a second 1 MiB volume in the same group; returns it.
+fn engine_with_a_second_volume() -> (Engine, VolumeId) {
     let mut engine = engine();
     let other = VolumeId(2);
     engine.add_volume(
@@ -858,6 +852,12 @@ fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
             mode: Mode::Async,
         },
     );
+    (engine, other)
+}
+
+#[test]
+fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
+    let (mut engine, other) = engine_with_a_second_volume();
     let read = |engine: &mut Engine, request: u64, volume: VolumeId| {
         engine.submit(
             Timestamp(0),
@@ -891,16 +891,7 @@ fn a_volume_is_removed_only_when_no_request_on_it_is_in_flight() {
 /// from the cache.
 #[test]
 fn removing_a_volume_keeps_the_cached_blocks_of_the_others() {
-    let mut engine = engine();
-    let other = VolumeId(2);
-    engine.add_volume(
-        other,
-        VolumeSpec {
-            size: 1 << 20,
-            group: GROUP,
-            mode: Mode::Async,
-        },
-    );
+    let (mut engine, other) = engine_with_a_second_volume();
     for (request, volume, byte) in [(1, VOLUME, 7), (2, other, 8)] {
         engine.submit(
             Timestamp(0),
@@ -970,13 +961,7 @@ fn complete_disk_actions(engine: &mut Engine) {
 #[test]
 fn a_write_into_a_cache_full_of_clean_blocks_evicts_all_it_needs() {
     let cache_bytes_max = 64 << 10;
-    let mut engine = engine_with(EngineConfig {
-        delta_interval_ms: 100,
-        delta_max_bytes: 16 << 10,
-        cache_bytes_max,
-        journal_checkpoint_bytes: 1 << 20,
-        ..EngineConfig::default()
-    });
+    let mut engine = engine_with_cache(cache_bytes_max, 16 << 10);
     // Fill three quarters of the cache with clean blocks: written,
     // journaled, on the leg.
     for index in 0..12u64 {
