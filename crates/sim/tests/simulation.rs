@@ -29,23 +29,16 @@ fn swarm_seeds() -> u64 {
     if cfg!(debug_assertions) { 20 } else { 1_000 }
 }
 
-/// Runs `each` on every seed of `seeds` on all cores, in seed order within
-/// each core's share; returns the results in seed order.
-fn on_all_cores<T: Send>(seeds: Vec<u64>, each: impl Fn(u64) -> T + Sync) -> Vec<(u64, T)> {
+/// Runs `each` on every item on all cores, each core taking a run of
+/// consecutive items; returns the results in the items' order.
+fn on_all_cores<I: Sync, T: Send>(items: &[I], each: impl Fn(&I) -> T + Sync) -> Vec<T> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = seeds.len().div_ceil(cores).max(1);
+    let chunk = items.len().div_ceil(cores).max(1);
     let each = &each;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = seeds
+        let handles: Vec<_> = items
             .chunks(chunk)
-            .map(|share| {
-                scope.spawn(move || {
-                    share
-                        .iter()
-                        .map(|&seed| (seed, each(seed)))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|share| scope.spawn(move || share.iter().map(each).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -102,10 +95,11 @@ fn seed_42_trace_hash_is_pinned() {
 fn swarm_passes() {
     let mut failures = Vec::new();
     let mut reached = vec![0u64; Mark::ALL.len()];
-    let outcomes = on_all_cores((1..=swarm_seeds()).collect(), |seed| {
+    let seeds: Vec<u64> = (1..=swarm_seeds()).collect();
+    let outcomes = on_all_cores(&seeds, |&seed| {
         run(&swarm_scenario(seed), &options(seed, None))
     });
-    for (seed, outcome) in outcomes {
+    for (seed, outcome) in seeds.into_iter().zip(outcomes) {
         for (count, mark) in reached.iter_mut().zip(Mark::ALL) {
             *count += u64::from(outcome.stats.marks.count(mark) > 0);
         }
@@ -148,9 +142,8 @@ fn every_planted_bug_is_caught() {
                 .map(|(violation, ..)| (seed, violation))
         })
     };
-    let bugs: Vec<u64> = (0..SimBug::ALL.len() as u64).collect();
-    for (index, caught) in on_all_cores(bugs, |index| caught_by(SimBug::ALL[index as usize])) {
-        let bug = SimBug::ALL[index as usize];
+    let caught = on_all_cores(&SimBug::ALL, |&bug| caught_by(bug));
+    for (bug, caught) in SimBug::ALL.into_iter().zip(caught) {
         let Some((seed, violation)) = caught else {
             panic!(
                 "planted bug {} went unnoticed for {} swarm seeds",
