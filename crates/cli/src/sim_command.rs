@@ -34,7 +34,7 @@ pub struct SimArgs {
     #[arg(long)]
     replay: bool,
     /// Plant a known defect to see the checker catch it (each is caught
-    /// within the first 1,000 seeds of --swarm): skip-journal-fsync,
+    /// within the first 1,500 seeds of --swarm): skip-journal-fsync,
     /// ack-flush-early, apply-before-journal-sync, apply-newest-first,
     /// accept-delta-gap, flush-sync-local-only, stall-on-full-backlog,
     /// cache-ignores-bound, forward-timeout-succeeds, map-forgets-dirty,

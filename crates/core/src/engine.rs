@@ -54,6 +54,14 @@ pub struct EngineConfig {
     /// partitioned link never stalls the owner's writes for longer than
     /// this (plus the time to notice a dead link, which folds sooner).
     pub backlog_wait_ms_max: u64,
+    /// Bound on the delta bytes shipped to one site for one group and not
+    /// yet in its journal. Past it further deltas wait here, in the
+    /// backlog, and leave merged (see [`crate::SiteMessage::Deltas`]) once
+    /// the site acknowledges: a link slower than the writes carries each
+    /// rewritten block once per shipment rather than once per delta. It
+    /// caps the rate to one site at this many bytes per round trip, so it
+    /// must exceed the link's bandwidth-delay product.
+    pub ship_window_bytes_max: u64,
     /// A strict read or forwarded request at a site that does not own the
     /// volume fails with an I/O error after this long without an answer.
     pub remote_timeout_ms: u64,
@@ -158,6 +166,7 @@ impl Default for EngineConfig {
             peers: Vec::new(),
             backlog_bytes_max: 256 << 20,
             backlog_wait_ms_max: 5_000,
+            ship_window_bytes_max: 32 << 20,
             remote_timeout_ms: 5_000,
             leases_enforced: false,
             suspend_hold_ms: 5_000,
@@ -226,9 +235,13 @@ pub struct EngineStats {
     pub throttled_writes_total: u64,
     pub throttled_writes_now: u64,
     pub failed: bool,
-    /// Deltas and their bytes sent to other sites.
+    /// Deltas sent to other sites, and the block bytes sent for them (less
+    /// than theirs when merged records carried them).
     pub shipped_deltas_total: u64,
     pub shipped_bytes_total: u64,
+    /// Of the deltas sent, those that went merged with others into one
+    /// record (see [`crate::SiteMessage::Deltas`]).
+    pub merged_deltas_total: u64,
     /// Deltas received from owners at other sites.
     pub received_deltas_total: u64,
     pub received_bytes_total: u64,
@@ -801,6 +814,10 @@ struct OpenDelta {
 struct ClosedDelta {
     position: JournalPosition,
     seq: DeltaSeq,
+    /// The first delta it covers: `seq` itself, unless it is a record of
+    /// several deltas merged (see [`crate::SiteMessage::Deltas`]). Until it
+    /// is on the legs, no delta from `first` on is.
+    first: DeltaSeq,
     /// What the cache marks this delta's dirty blocks with: the seq for a
     /// delta, a private value for a resync chunk (which has no seq).
     tag: DeltaSeq,
@@ -1478,6 +1495,7 @@ impl Engine {
         group.closed.push_back(ClosedDelta {
             position: JournalPosition(position),
             seq,
+            first: seq,
             tag,
             resync,
             blocks,

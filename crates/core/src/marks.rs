@@ -64,6 +64,9 @@ pub enum Mark {
     DeltaGapRefused,
     /// A replica got a delta it already had (sent again after a reconnect).
     DuplicateDelta,
+    /// A replica took several deltas merged into one record (it was behind,
+    /// so its owner merged what waited for it).
+    MergedDeltasReceived,
     /// A resuming site's newest delta was written under another epoch than
     /// the owner's history says: its image diverged, and which regions
     /// differ is not known on one side or the other: every region is copied.
@@ -95,7 +98,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 35] = [
+    pub const ALL: [Mark; 36] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -122,6 +125,7 @@ impl Mark {
         Mark::WaitedForPeer,
         Mark::DeltaGapRefused,
         Mark::DuplicateDelta,
+        Mark::MergedDeltasReceived,
         Mark::DivergedReplicaResync,
         Mark::DivergedRegionResync,
         Mark::DivergedWholeRead,
@@ -161,6 +165,7 @@ impl Mark {
             Mark::WaitedForPeer => "waited-for-peer",
             Mark::DeltaGapRefused => "delta-gap-refused",
             Mark::DuplicateDelta => "duplicate-delta",
+            Mark::MergedDeltasReceived => "merged-deltas-received",
             Mark::DivergedReplicaResync => "diverged-replica-resync",
             Mark::DivergedRegionResync => "diverged-region-resync",
             Mark::DivergedWholeRead => "diverged-whole-read",

@@ -29,6 +29,19 @@ pub enum SiteMessage {
     /// Owner to replica: a closed delta, sent in `(group, epoch, seq)`
     /// order. Its `position` is meaningless to the receiver.
     Delta(DeltaRecord),
+    /// Owner to replica: the closed deltas `first..=record.seq` of one
+    /// epoch merged into one record, each block at its newest image in
+    /// them, sent instead of those deltas while the site is behind (a
+    /// block rewritten in many of them crosses the link once). Applied
+    /// onto any image after a delta from `first - 1` to `record.seq`, it
+    /// gives the image after `record.seq`: every block those deltas wrote
+    /// is in it, at its image then. A replica takes it as it would delta
+    /// `record.seq`, whole or not at all, so its legs still pass only
+    /// through whole-delta images (G3, at a coarser grain).
+    Deltas {
+        first: DeltaSeq,
+        record: DeltaRecord,
+    },
     /// Replica to owner: every delta of the group up to `seq` is in the
     /// replica's journal, durably.
     Journaled { group: GroupId, seq: DeltaSeq },
@@ -139,7 +152,9 @@ pub enum SiteMessage {
 impl SiteMessage {
     pub fn lane(&self) -> Lane {
         match self {
-            SiteMessage::Delta(record) => Lane::Group(record.group),
+            SiteMessage::Delta(record) | SiteMessage::Deltas { record, .. } => {
+                Lane::Group(record.group)
+            }
             SiteMessage::Journaled { group, .. }
             | SiteMessage::Applied { group, .. }
             | SiteMessage::Resume { group, .. }

@@ -276,6 +276,11 @@ pub struct Tuning {
     /// Longest a write waits on a full backlog before the sites holding it
     /// back are resynced by region instead (see the engine config).
     pub backlog_wait_ms_max: u64,
+    /// Bound on delta bytes shipped to one site for one group and not yet
+    /// in its journal; past it deltas wait in the backlog and leave merged
+    /// (see the engine config). Must exceed the link's bandwidth-delay
+    /// product, or it caps replication at this many bytes per round trip.
+    pub ship_window_bytes_max: ByteSize,
     /// A strict read or forwarded write at a non-owner site fails with EIO
     /// after this long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -345,6 +350,7 @@ impl Default for Tuning {
             nbd_in_flight_bytes_max: ByteSize(stretch_nbd::DEFAULT_MAX_IN_FLIGHT_BYTES),
             backlog_bytes_max: ByteSize(256 << 20),
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
+            ship_window_bytes_max: ByteSize(engine.ship_window_bytes_max),
             remote_timeout_ms: 5000,
             nbd_tls: NbdTls::Off,
             lease_ms: lease.lease_ms,
@@ -394,6 +400,7 @@ impl Tuning {
             journal_checkpoint_bytes: self.journal_checkpoint_bytes.0,
             backlog_bytes_max: self.backlog_bytes_max.0,
             backlog_wait_ms_max: self.backlog_wait_ms_max,
+            ship_window_bytes_max: self.ship_window_bytes_max.0,
             remote_timeout_ms: self.remote_timeout_ms,
             suspend_hold_ms: self.suspend_hold_ms,
             read_lease_ms: self.read_lease_ms,
@@ -626,6 +633,11 @@ impl ClusterConfig {
             return Err(format!(
                 "tuning.backlog_bytes_max must be at least delta_max_bytes ({})",
                 tuning.delta_max_bytes
+            ));
+        }
+        if tuning.ship_window_bytes_max.0 < BLOCK_SIZE as u64 {
+            return Err(format!(
+                "tuning.ship_window_bytes_max must be at least {BLOCK_SIZE}"
             ));
         }
         if tuning.remote_timeout_ms == 0 {

@@ -85,6 +85,7 @@ struct ReplicationGauges {
     lease_write_wait_ms: IntCounterVec,
     shipped_deltas: IntCounter,
     shipped_bytes: IntCounter,
+    merged_deltas: IntCounter,
     received_deltas: IntCounter,
     received_bytes: IntCounter,
     backlog_bytes: IntGauge,
@@ -349,6 +350,11 @@ impl Metrics {
                 &registry,
                 "stretch_shipped_bytes_total",
                 "Block bytes sent to other sites (deltas and resync)",
+            ),
+            merged_deltas: counter(
+                &registry,
+                "stretch_merged_deltas_total",
+                "Deltas sent merged with others into one record, to a site that was behind",
             ),
             received_deltas: counter(
                 &registry,
@@ -862,6 +868,7 @@ impl Metrics {
         let replication = &self.replication;
         advance(&replication.shipped_deltas, stats.shipped_deltas_total);
         advance(&replication.shipped_bytes, stats.shipped_bytes_total);
+        advance(&replication.merged_deltas, stats.merged_deltas_total);
         advance(&replication.received_deltas, stats.received_deltas_total);
         advance(&replication.received_bytes, stats.received_bytes_total);
         replication.backlog_bytes.set(stats.backlog_bytes as i64);

@@ -185,6 +185,9 @@ impl Network {
 pub fn message_code(message: &SiteMessage) -> [u64; 3] {
     match message {
         SiteMessage::Delta(record) => [1, record.group.0 as u64, record.seq.0],
+        SiteMessage::Deltas { first, record } => {
+            [16, record.group.0 as u64, record.seq.0 - first.0]
+        }
         SiteMessage::Journaled { group, seq } => [2, group.0 as u64, seq.0],
         SiteMessage::Applied { group, seq } => [3, group.0 as u64, seq.0],
         SiteMessage::Resume { group, have, .. } => {
@@ -216,6 +219,12 @@ pub fn describe_message(message: &SiteMessage) -> String {
     match message {
         SiteMessage::Delta(record) => format!(
             "delta group {} seq {} ({} blocks)",
+            record.group,
+            record.seq,
+            record.blocks.len()
+        ),
+        SiteMessage::Deltas { first, record } => format!(
+            "deltas group {} seq {first} to {} merged ({} blocks)",
             record.group,
             record.seq,
             record.blocks.len()

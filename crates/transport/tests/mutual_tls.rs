@@ -188,6 +188,7 @@ fn messages_cross_the_link_and_malformed_frames_end_only_their_stream() {
         let delta = PeerMessage::Delta {
             group: 1,
             epoch: 1,
+            first: 7,
             seq: 7,
             blocks: vec![stretch_wire::WireBlock {
                 volume: 1,

@@ -28,6 +28,14 @@ impl PeerMessage {
             SiteMessage::Delta(record) => PeerMessage::Delta {
                 group: record.group.0,
                 epoch: record.epoch.0,
+                first: record.seq.0,
+                seq: record.seq.0,
+                blocks: blocks_to_wire(&record.blocks, compression),
+            },
+            SiteMessage::Deltas { first, record } => PeerMessage::Delta {
+                group: record.group.0,
+                epoch: record.epoch.0,
+                first: first.0,
                 seq: record.seq.0,
                 blocks: blocks_to_wire(&record.blocks, compression),
             },
@@ -177,15 +185,26 @@ impl PeerMessage {
             PeerMessage::Delta {
                 group,
                 epoch,
+                first,
                 seq,
                 blocks,
-            } => SiteMessage::Delta(DeltaRecord {
-                position: JournalPosition(0),
-                group: GroupId(group),
-                epoch: Epoch(epoch),
-                seq: DeltaSeq(seq),
-                blocks: blocks_from_wire(blocks)?,
-            }),
+            } => {
+                let record = DeltaRecord {
+                    position: JournalPosition(0),
+                    group: GroupId(group),
+                    epoch: Epoch(epoch),
+                    seq: DeltaSeq(seq),
+                    blocks: blocks_from_wire(blocks)?,
+                };
+                if first == seq {
+                    SiteMessage::Delta(record)
+                } else {
+                    SiteMessage::Deltas {
+                        first: DeltaSeq(first),
+                        record,
+                    }
+                }
+            }
             PeerMessage::Journaled { group, seq } => SiteMessage::Journaled {
                 group: GroupId(group),
                 seq: DeltaSeq(seq),

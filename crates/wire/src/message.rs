@@ -9,7 +9,7 @@ use crate::frame::{FRAME_BYTES_MAX, WireError};
 /// [`PeerMessage::RaftReply`]) replace the catalog exchange messages.
 /// 7: a resume names the regions a failover's lost deltas wrote.
 /// 8: a block's payload may travel LZ4-compressed ([`WirePayload::Lz4`]).
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Longest name (cluster, node, site) in a message.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -131,10 +131,12 @@ pub enum PeerMessage {
 
     // Between engines, on a group's ordered stream.
     /// Owner to replica: a closed delta of a group, shipped in
-    /// `(group, epoch, seq)` order.
+    /// `(group, epoch, seq)` order, or the deltas `first..=seq` merged
+    /// into one (a lone delta has `first == seq`).
     Delta {
         group: u32,
         epoch: u64,
+        first: u64,
         seq: u64,
         blocks: Vec<WireBlock>,
     },
@@ -251,9 +253,15 @@ impl PeerMessage {
                 check_name("node", node, NAME_BYTES_MAX)?;
                 check_name("site", site, NAME_BYTES_MAX)
             }
-            PeerMessage::Delta { blocks, .. } | PeerMessage::Resync { blocks, .. } => {
+            PeerMessage::Delta {
+                first, seq, blocks, ..
+            } => {
+                if first > seq {
+                    return Err(invalid(format!("deltas {first} to {seq}")));
+                }
                 check_blocks(blocks)
             }
+            PeerMessage::Resync { blocks, .. } => check_blocks(blocks),
             PeerMessage::ReadReply { result, .. } => match result {
                 Ok(blocks) => check_blocks(blocks),
                 Err(_) => Ok(()),

@@ -45,7 +45,18 @@ fn seeds() -> Vec<(&'static str, PeerMessage)> {
             PeerMessage::Delta {
                 group: 2,
                 epoch: 1,
+                first: 7,
                 seq: 7,
+                blocks: blocks.clone(),
+            },
+        ),
+        (
+            "merged-deltas",
+            PeerMessage::Delta {
+                group: 2,
+                epoch: 1,
+                first: 8,
+                seq: 12,
                 blocks: blocks.clone(),
             },
         ),

@@ -95,6 +95,16 @@ fn samples() -> Vec<SiteMessage> {
             seq: DeltaSeq(18),
             blocks: Vec::new(),
         }),
+        SiteMessage::Deltas {
+            first: DeltaSeq(19),
+            record: DeltaRecord {
+                position: JournalPosition(0),
+                group,
+                epoch: Epoch(3),
+                seq: DeltaSeq(23),
+                blocks: vec![(key(1, 0), data(3)), (key(1, 2), BlockImage::Zero)],
+            },
+        },
         SiteMessage::Journaled {
             group,
             seq: DeltaSeq(17),
@@ -249,6 +259,7 @@ fn variants(message: &SiteMessage) -> Vec<String> {
     }
     let (name, inner): (&str, Vec<&str>) = match message {
         SiteMessage::Delta(record) => ("Delta", images(&record.blocks)),
+        SiteMessage::Deltas { record, .. } => ("Deltas", images(&record.blocks)),
         SiteMessage::Journaled { .. } => ("Journaled", Vec::new()),
         SiteMessage::Applied { .. } => ("Applied", Vec::new()),
         SiteMessage::Resume { have, .. } => ("Resume", vec![some(have)]),
@@ -458,6 +469,7 @@ fn a_message_breaking_the_rules_does_not_reach_the_engine() {
     let short = PeerMessage::Delta {
         group: 1,
         epoch: 1,
+        first: 1,
         seq: 1,
         blocks: vec![WireBlock {
             volume: 1,
@@ -501,6 +513,7 @@ fn received_data_is_not_copied_into_the_engines_message() {
     let delta = PeerMessage::Delta {
         group: 1,
         epoch: 1,
+        first: 1,
         seq: 1,
         blocks: vec![WireBlock {
             volume: 1,

@@ -95,6 +95,7 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::Delta {
             group: 3,
             epoch: 2,
+            first: 41,
             seq: 41,
             blocks: vec![
                 block(1, 0, Some(7)),
@@ -106,6 +107,7 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::Delta {
             group: 3,
             epoch: 2,
+            first: 42,
             seq: 42,
             blocks: Vec::new(),
         },
@@ -491,6 +493,7 @@ fn protocol_rules_are_enforced() {
     let delta = |blocks| PeerMessage::Delta {
         group: 1,
         epoch: 1,
+        first: 1,
         seq: 1,
         blocks,
     };
@@ -545,6 +548,18 @@ fn protocol_rules_are_enforced() {
         assert!(refused(&carrier(vec![compressed_as(vec![0; BLOCK_SIZE])])));
         assert!(!refused(&carrier(vec![compressed(1, 0, 9)])));
     }
+
+    // Merged deltas: a first delta after the last is refused.
+    let merged = |first, seq| PeerMessage::Delta {
+        group: 1,
+        epoch: 1,
+        first,
+        seq,
+        blocks: vec![block(1, 0, None)],
+    };
+    assert!(refused(&merged(5, 4)));
+    assert!(!refused(&merged(4, 4)));
+    assert!(!refused(&merged(2, 4)));
 
     let read = |length| PeerMessage::ReadRequest {
         id: 1,
@@ -679,6 +694,7 @@ fn a_message_over_the_frame_limit_is_not_sent() {
     let delta = |blocks: usize| PeerMessage::Delta {
         group: 1,
         epoch: 1,
+        first: 1,
         seq: 1,
         blocks: (0..blocks as u64).map(|b| block(1, b, Some(1))).collect(),
     };
@@ -701,6 +717,7 @@ fn a_compressed_block_reaches_the_engine_only_if_it_expands_to_one_block() {
     let delta = |payload: Vec<u8>| PeerMessage::Delta {
         group: 1,
         epoch: 1,
+        first: 1,
         seq: 1,
         blocks: vec![WireBlock {
             volume: 1,

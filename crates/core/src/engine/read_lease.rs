@@ -27,6 +27,11 @@
 //!   holder confirmed (`LeaseRevoked`) or its lease ran out. Writes to
 //!   regions no other site leases do not wait. A forwarded write waits at
 //!   most half the remote timeout (its site gives up on it after that).
+//!   A write that was waiting on a revocation when a hand-over of its
+//!   group began is accepted once the revocation is confirmed (it came
+//!   before the hand-over, so it is not held): the hand-over is not ready
+//!   while such a write waits, and then waits for its delta to reach the
+//!   target like any other.
 //! - A holder drops a revoked lease at once, and voids the grants still on
 //!   their way for requests it sent before the revocation (a grant made
 //!   before the revocation may arrive after it).

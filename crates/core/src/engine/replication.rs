@@ -58,6 +58,10 @@ const INTERNAL_REQUEST_BASE: u64 = 1 << 63;
 const RESYNC_TAG_BASE: u64 = 1 << 62;
 /// Resync copies regions of this many blocks (1 MiB).
 pub const REGION_BLOCKS: u64 = 256;
+/// Most delta bytes merged into one record for a site that is behind (see
+/// [`SiteMessage::Deltas`]): a record is one message, and messages stay
+/// well within what the wire carries in one frame.
+pub const MERGED_RECORD_BYTES_MAX: u64 = 16 << 20;
 /// No volume has this id (the metadata allocates ids below it). In a
 /// site's chunks not yet acknowledged, `(RESERVED_VOLUME, 0)` stands for a
 /// chunk that copies no region (a resync's empty last one); in a saved map,
@@ -855,7 +859,7 @@ impl Engine {
         }
         if self.hold_until_marked(from, &message) {
             let group = match &message {
-                SiteMessage::Delta(record) => record.group,
+                SiteMessage::Delta(record) | SiteMessage::Deltas { record, .. } => record.group,
                 SiteMessage::Resync { group, .. } => *group,
                 _ => unreachable!("only deltas and chunks are held"),
             };
@@ -868,7 +872,8 @@ impl Engine {
             return;
         }
         match message {
-            SiteMessage::Delta(record) => self.receive_delta(from, record),
+            SiteMessage::Delta(record) => self.receive_delta(from, record.seq, record),
+            SiteMessage::Deltas { first, record } => self.receive_delta(from, first, record),
             SiteMessage::Journaled { group, seq } => {
                 if let Some(progress) = self.peer_progress(group, from) {
                     if seq > progress.shipped {
@@ -878,6 +883,8 @@ impl Engine {
                     }
                     progress.journaled = progress.journaled.max(seq);
                     self.answer_synced_waiters();
+                    // The window of deltas in flight to it opened.
+                    self.ship_ready(group, from);
                 }
             }
             SiteMessage::Applied { group, seq } => {
@@ -897,6 +904,7 @@ impl Engine {
                     progress.journaled = progress.journaled.max(seq);
                     self.count_applied_bytes(group, from, before, seq);
                     self.answer_synced_waiters();
+                    self.ship_ready(group, from);
                     self.retire_shipped();
                 }
             }

@@ -247,7 +247,9 @@ impl Engine {
     /// the image stays at the seq `begin_takeover` reported.
     pub(super) fn refused_while_taking_over(&self, message: &SiteMessage) -> bool {
         match message {
-            SiteMessage::Delta(record) => self.is_taking_over(record.group),
+            SiteMessage::Delta(record) | SiteMessage::Deltas { record, .. } => {
+                self.is_taking_over(record.group)
+            }
             SiteMessage::Resync { group, .. } => self.is_taking_over(*group),
             _ => false,
         }

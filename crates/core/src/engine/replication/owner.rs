@@ -275,10 +275,20 @@ impl Engine {
         }
     }
 
-    /// Sends a site every retained delta after what it was shipped that the
-    /// local journal holds durably.
+    /// Sends a site the retained deltas after what it was shipped that the
+    /// local journal holds durably, while the bytes it has not journaled
+    /// yet stay within `ship_window_bytes_max`. Deltas ready together (the
+    /// site resumed, or was behind while the window was full) leave merged,
+    /// one epoch per record and each record's blocks within the window
+    /// and [`MERGED_RECORD_BYTES_MAX`] (a lone delta goes as it is): a
+    /// block rewritten in several of them crosses the link once. What
+    /// waits for the window stays in the backlog, bounded by
+    /// `backlog_bytes_max`, not in the link's send buffers. The window
+    /// counts the deltas' own bytes, which a merged record may carry in
+    /// fewer.
     pub(super) fn ship_ready(&mut self, group: GroupId, peer: SiteId) {
         let synced = self.journal.synced_upto;
+        let window = self.config.ship_window_bytes_max;
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             return;
         };
@@ -297,18 +307,72 @@ impl Engine {
         if chunk_pending || !progress.held_chunks.is_empty() {
             return;
         }
+        // Deltas a resync covers are never journaled there as deltas.
+        let floor = if progress.state == PeerState::Resyncing {
+            progress.journaled.max(progress.resync_base)
+        } else {
+            progress.journaled
+        };
+        let mut in_flight: u64 = outbound
+            .retained
+            .iter()
+            .filter(|retained| retained.seq > floor && retained.seq <= progress.shipped)
+            .map(|retained| retained.bytes)
+            .sum();
+        let ready: Vec<&Retained> = outbound
+            .retained
+            .iter()
+            .filter(|retained| retained.seq > progress.shipped)
+            .take_while(|retained| retained.position <= synced)
+            .collect();
+        let record_bytes_max = window.min(MERGED_RECORD_BYTES_MAX);
         let mut messages = Vec::new();
-        for retained in &outbound.retained {
-            if retained.seq <= progress.shipped {
+        let mut next = 0;
+        while next < ready.len() && in_flight < window {
+            let first = ready[next];
+            let mut blocks: BTreeMap<BlockKey, BlockImage> = BTreeMap::new();
+            let mut end = next;
+            while end < ready.len() && ready[end].record.epoch == first.record.epoch {
+                let record = &ready[end].record;
+                let added = record
+                    .blocks
+                    .iter()
+                    .filter(|(key, _)| !blocks.contains_key(key))
+                    .count();
+                let merged_bytes = (blocks.len() + added) as u64 * BLOCK_SIZE as u64;
+                if end > next && merged_bytes > record_bytes_max {
+                    break;
+                }
+                // Oldest first: a later delta's image of a block wins.
+                for (key, image) in &record.blocks {
+                    blocks.insert(*key, image.clone());
+                }
+                end += 1;
+            }
+            let merged = &ready[next..end];
+            next = end;
+            in_flight += merged.iter().map(|retained| retained.bytes).sum::<u64>();
+            let last = merged[merged.len() - 1];
+            progress.shipped = last.seq;
+            self.stats.shipped_deltas_total += merged.len() as u64;
+            if merged.len() == 1 {
+                self.stats.shipped_bytes_total += last.bytes;
+                messages.push(SiteMessage::Delta(last.record.clone()));
                 continue;
             }
-            if retained.position > synced {
-                break;
-            }
-            progress.shipped = retained.seq;
-            self.stats.shipped_deltas_total += 1;
-            self.stats.shipped_bytes_total += retained.bytes;
-            messages.push(SiteMessage::Delta(retained.record.clone()));
+            let record = DeltaRecord {
+                position: last.record.position,
+                group: last.record.group,
+                epoch: last.record.epoch,
+                seq: last.seq,
+                blocks: blocks.into_iter().collect(),
+            };
+            self.stats.shipped_bytes_total += record.data_bytes();
+            self.stats.merged_deltas_total += merged.len() as u64;
+            messages.push(SiteMessage::Deltas {
+                first: first.seq,
+                record,
+            });
         }
         for message in messages {
             self.actions.push_back(Action::Send { peer, message });

@@ -23,7 +23,9 @@ impl Engine {
     /// anything saying so), or if earlier messages of its stream wait.
     pub(super) fn hold_until_marked(&mut self, from: SiteId, message: &SiteMessage) -> bool {
         let (group, chunk) = match message {
-            SiteMessage::Delta(record) => (record.group, false),
+            SiteMessage::Delta(record) | SiteMessage::Deltas { record, .. } => {
+                (record.group, false)
+            }
             SiteMessage::Resync { group, .. } => (*group, true),
             _ => return false,
         };
@@ -142,7 +144,7 @@ impl Engine {
             .closed
             .iter()
             .filter(|delta| !delta.resync)
-            .map(|delta| DeltaSeq(delta.seq.0 - 1))
+            .map(|delta| DeltaSeq(delta.first.0 - 1))
             .min()
             .unwrap_or(DeltaSeq(state.next_seq.0 - 1));
         if applied > DeltaSeq(0) {
@@ -180,8 +182,14 @@ impl Engine {
         ))
     }
 
-    pub(super) fn receive_delta(&mut self, from: SiteId, record: DeltaRecord) {
+    /// Takes the deltas `first..=record.seq` merged into `record` (a lone
+    /// delta has `first == record.seq`).
+    pub(super) fn receive_delta(&mut self, from: SiteId, first: DeltaSeq, record: DeltaRecord) {
         let group_id = record.group;
+        if first > record.seq {
+            self.stats.refused_messages_total += 1;
+            return;
+        }
         let site = self.config.site;
         // Holding deltas a failover discarded, this site numbers past the
         // owner's line: the owner's delta of a seq held here is not the
@@ -215,7 +223,10 @@ impl Engine {
             return;
         }
         let gap_accepted = self.config.planted_bug == Some(PlantedBug::AcceptDeltaGap);
-        if record.seq > expected && !gap_accepted {
+        // A merged record may start before what is held here (sent again
+        // after a reconnect): laid over any image from `first - 1` on, it
+        // gives the image after its last delta all the same.
+        if first > expected && !gap_accepted {
             // A predecessor is missing: ask for everything after what we hold.
             self.stats.refused_messages_total += 1;
             self.marks.hit(Mark::DeltaGapRefused);
@@ -238,6 +249,9 @@ impl Engine {
             self.index.set_dirty(*key, image.clone(), record.seq);
         }
         self.dirty_bytes += charge;
+        if first < record.seq {
+            self.marks.hit(Mark::MergedDeltasReceived);
+        }
         self.stats.received_deltas_total += 1;
         self.stats.received_bytes_total += record.data_bytes();
         self.enqueue_closed(
@@ -249,6 +263,14 @@ impl Engine {
             charge,
             false,
         );
+        // Of a record that starts before what is held here, only the
+        // deltas after what is held are new.
+        let first = first.max(expected);
+        self.groups
+            .get_mut(&group_id)
+            .and_then(|group| group.closed.back_mut())
+            .expect("engine invariant: the record just queued")
+            .first = first;
     }
 
     /// True if a chunk answers a resume older than the latest one sent:
@@ -455,7 +477,7 @@ impl Engine {
         let deltas_pending = state
             .closed
             .iter()
-            .any(|delta| !delta.resync && delta.seq <= resync.consistent_at);
+            .any(|delta| !delta.resync && delta.first <= resync.consistent_at);
         let received = DeltaSeq(state.next_seq.0 - 1) >= resync.consistent_at;
         if resync.last_received && !chunks_pending && !deltas_pending && received {
             // The image is the owner's at `consistent_at`, plus the deltas

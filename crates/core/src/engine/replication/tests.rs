@@ -22,6 +22,7 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         peers: vec![peer],
         backlog_bytes_max: 256 << 10,
         backlog_wait_ms_max: 2_000,
+        ship_window_bytes_max: 32 << 20,
         remote_timeout_ms: 1_000,
         leases_enforced: false,
         suspend_hold_ms: 5_000,
@@ -1735,7 +1736,7 @@ fn deltas_closed_after_a_resync_began_wait_behind_its_held_first_chunk() {
         .expect("the first chunk left once the journal held it");
     let first_delta = sent
         .iter()
-        .position(|message| matches!(message, SiteMessage::Delta(_)))
+        .position(|message| matches!(message, SiteMessage::Delta(_) | SiteMessage::Deltas { .. }))
         .expect("delta 1 left");
     assert!(
         first_chunk < first_delta,
@@ -3974,4 +3975,202 @@ fn a_region_with_a_write_still_waiting_for_its_leg_read_is_not_leased() {
         .extend(answers.into_iter().map(|(_, message)| message));
     pair.settle();
     assert_eq!(pair.b.read_reply(read), block(1));
+}
+
+#[test]
+fn a_site_that_returns_behind_gets_the_deltas_it_missed_merged_each_block_once() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    // Three deltas while b is away: block 0 three times, block 1 once.
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.write(false, 0, block(2));
+    pair.write(false, BLOCK_SIZE as u64, block(3));
+    pair.tick(100);
+    pair.write(false, 0, block(4));
+    pair.tick(100);
+    let shipped_before = pair.a.engine.stats().shipped_bytes_total;
+    pair.connect();
+    pair.tick(100);
+    let a = pair.a.engine.stats();
+    let b = pair.b.engine.stats();
+    assert_eq!(a.merged_deltas_total, 3, "the three deltas left as one");
+    assert_eq!(b.received_deltas_total, 1);
+    assert_eq!(
+        a.shipped_bytes_total - shipped_before,
+        2 * BLOCK_SIZE as u64,
+        "blocks 0 and 1, once each"
+    );
+    assert_eq!(pair.b.engine.marks().count(Mark::MergedDeltasReceived), 1);
+    assert_eq!(pair.b.leg_bytes(0, BLOCK_SIZE as u64), block(4));
+    assert_eq!(
+        pair.b.leg_bytes(BLOCK_SIZE as u64, BLOCK_SIZE as u64),
+        block(3)
+    );
+    let status = pair.b.engine.replication_status();
+    assert_eq!(status[0].last_seq, DeltaSeq(3), "b holds every delta");
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn past_the_ship_window_deltas_wait_for_the_site_to_journal_and_then_leave_merged() {
+    let config_a = EngineConfig {
+        ship_window_bytes_max: 2 * BLOCK_SIZE as u64,
+        ..config(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config(B, A));
+    // b's group stream is slow: nothing reaches it, nothing is journaled.
+    pair.hold_group_lane_to_b = true;
+    for byte in 1..=4u8 {
+        pair.write(false, 0, block(byte));
+        pair.tick(100);
+    }
+    let a = pair.a.engine.stats();
+    assert_eq!(a.closed_deltas_total, 4);
+    assert_eq!(
+        a.shipped_deltas_total, 2,
+        "two blocks fill the window: deltas 3 and 4 wait at the owner"
+    );
+    assert_eq!(a.merged_deltas_total, 0);
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    let a = pair.a.engine.stats();
+    assert_eq!(a.shipped_deltas_total, 4);
+    assert_eq!(
+        a.merged_deltas_total, 2,
+        "deltas 3 and 4 left as one record"
+    );
+    assert_eq!(
+        a.shipped_bytes_total,
+        3 * BLOCK_SIZE as u64,
+        "block 0 crossed three times for four writes"
+    );
+    assert_eq!(pair.b.engine.stats().received_deltas_total, 3);
+    assert_eq!(pair.b.leg_bytes(0, BLOCK_SIZE as u64), block(4));
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn merged_deltas_overlapping_what_a_replica_holds_are_taken_and_ones_past_a_gap_refused() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let status = pair.b.engine.replication_status();
+    assert_eq!(status[0].last_seq, DeltaSeq(1));
+    let epoch = status[0].epoch;
+    let record = |seq: u64, blocks: Vec<(BlockKey, BlockImage)>| DeltaRecord {
+        position: JournalPosition(0),
+        group: GROUP,
+        epoch,
+        seq: DeltaSeq(seq),
+        blocks,
+    };
+    let key = |block: u64| BlockKey {
+        volume: VOLUME,
+        block,
+    };
+    let refused = |pair: &Pair| pair.b.engine.stats().refused_messages_total;
+    // Deltas 1 to 3, sent again after a reconnect: b holds 1 already.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Deltas {
+            first: DeltaSeq(1),
+            record: record(
+                3,
+                vec![
+                    (key(0), BlockImage::Data(block(5))),
+                    (key(2), BlockImage::Data(block(6))),
+                ],
+            ),
+        },
+    );
+    let before = refused(&pair);
+    // Deltas 5 and 6: delta 4 is missing.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Deltas {
+            first: DeltaSeq(5),
+            record: record(6, vec![(key(0), BlockImage::Data(block(7)))]),
+        },
+    );
+    assert_eq!(refused(&pair), before + 1, "a gap is refused");
+    // A record whose first delta comes after its last: malformed.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Deltas {
+            first: DeltaSeq(5),
+            record: record(4, vec![(key(0), BlockImage::Data(block(8)))]),
+        },
+    );
+    assert_eq!(refused(&pair), before + 2, "deltas 5 to 4 are refused");
+    // b's disk does its work; what it would tell a (a resume after the
+    // gap) is dropped: a never wrote these deltas.
+    let _ = pair.b.run();
+    let status = pair.b.engine.replication_status();
+    assert_eq!(status[0].last_seq, DeltaSeq(3));
+    assert_eq!(pair.b.leg_bytes(0, BLOCK_SIZE as u64), block(5));
+    assert_eq!(
+        pair.b.leg_bytes(2 * BLOCK_SIZE as u64, BLOCK_SIZE as u64),
+        block(6)
+    );
+}
+
+#[test]
+fn a_replica_resuming_with_merged_deltas_not_yet_on_its_disk_acknowledges_none_of_them() {
+    let mut pair = Pair::new(Mode::FlushSync);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let status = pair.b.engine.replication_status();
+    assert_eq!(status[0].last_seq, DeltaSeq(1));
+    // Deltas 2 and 3 merged reach b; its journal has not synced them.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Deltas {
+            first: DeltaSeq(2),
+            record: DeltaRecord {
+                position: JournalPosition(0),
+                group: GROUP,
+                epoch: status[0].epoch,
+                seq: DeltaSeq(3),
+                blocks: vec![(
+                    BlockKey {
+                        volume: VOLUME,
+                        block: 0,
+                    },
+                    BlockImage::Data(block(2)),
+                )],
+            },
+        },
+    );
+    // The connection drops and comes back: b resumes and says again what
+    // its journal and legs hold.
+    pair.b.engine.peer_down(pair.now, A);
+    pair.b.engine.peer_up(pair.now, A);
+    let mut acked = Vec::new();
+    while let Some(action) = pair.b.engine.poll_action() {
+        if let Action::Send {
+            message: message @ (SiteMessage::Applied { .. } | SiteMessage::Journaled { .. }),
+            ..
+        } = action
+        {
+            acked.push(message);
+        }
+    }
+    assert!(!acked.is_empty(), "b says what it holds");
+    for message in acked {
+        let (SiteMessage::Applied { seq, .. } | SiteMessage::Journaled { seq, .. }) = message
+        else {
+            unreachable!("only acks were kept");
+        };
+        assert_eq!(
+            seq,
+            DeltaSeq(1),
+            "b acknowledged a delta of a record its disk does not hold yet"
+        );
+    }
 }
