@@ -107,6 +107,9 @@ LOCAL_CONFIG = os.path.join(REPO, "cluster-configs", "local.toml")
 LOCAL_PORTS = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402]
 SITES = ["a", "b", "w"]
 MIB = 1 << 20
+# --ship-window: the tuning.ship_window_bytes_max both clusters run with
+# (None: local.toml's).
+SHIP_WINDOW = None
 
 
 class BenchError(Exception):
@@ -192,6 +195,12 @@ class Cluster:
                 die("cluster-configs/local.toml no longer has one `delay_ms = 25` line; "
                     "update bench/multi-site.py")
             text = text.replace("delay_ms = 25\n", f"delay_ms = {self.delay_ms}\n")
+            if SHIP_WINDOW is not None:
+                if text.count('ship_window_bytes_max = "32M"\n') != 1:
+                    die("cluster-configs/local.toml no longer has one "
+                        "`ship_window_bytes_max = \"32M\"` line; update bench/multi-site.py")
+                text = text.replace('ship_window_bytes_max = "32M"\n',
+                                    f'ship_window_bytes_max = "{SHIP_WINDOW}"\n')
             for old, new in zip(LOCAL_PORTS, self.ports):
                 needle = f'127.0.0.1:{old}"'
                 if needle not in text:
@@ -800,6 +809,9 @@ def main():
     parser.add_argument("--rand-region", default="16M",
                         help="measurement 3: region the random writes cover (each block once "
                              "per pass); default 16M")
+    parser.add_argument("--ship-window", default=None,
+                        help="tuning.ship_window_bytes_max for both clusters (e.g. 1M); "
+                             "default: local.toml's")
     parser.add_argument("--wan-repeats", type=int, default=1,
                         help="measurement 3: runs per workload and cluster; default 1")
     parser.add_argument("--drain-timeout", type=int, default=180,
@@ -813,6 +825,11 @@ def main():
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (configs, stretch logs) and print its path")
     args = parser.parse_args()
+    global SHIP_WINDOW
+    if args.ship_window is not None:
+        if parse_size(args.ship_window) < 4096:
+            sys.exit("bench: --ship-window must be at least 4K")
+        SHIP_WINDOW = args.ship_window
     args.write_cap = parse_size(args.write_cap)
     args.read_region = parse_size(args.read_region)
     args.rand_region = parse_size(args.rand_region)
@@ -830,7 +847,7 @@ def main():
                             capture_output=True, text=True).stdout.strip() or "unknown"
     built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(BUILT)))
     print(f"    $ {' '.join(['bench/multi-site.py', *sys.argv[1:]])}")
-    print(f"    commit {commit} (tree now; target/release/stretch built {built}); effective: --runtime {args.runtime} --repeats {args.repeats} "
+    print(f"    commit {commit} (tree now; target/release/stretch built {built}); ship window {SHIP_WINDOW or 'as in local.toml'}; effective: --runtime {args.runtime} --repeats {args.repeats} "
           f"--delay-ms {args.delay_ms} --write-cap {args.write_cap // MIB}M "
           f"--read-region {args.read_region // MIB}M --seq-mib {args.seq_mib} "
           f"--rand-mib {args.rand_mib} --rand-region {args.rand_region // MIB}M "

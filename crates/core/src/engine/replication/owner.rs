@@ -279,8 +279,8 @@ impl Engine {
     /// local journal holds durably, while the bytes it has not journaled
     /// yet stay within `ship_window_bytes_max`. Deltas ready together (the
     /// site resumed, or was behind while the window was full) leave merged,
-    /// one epoch per record and each record's blocks within the window
-    /// and [`MERGED_RECORD_BYTES_MAX`] (a lone delta goes as it is): a
+    /// one epoch per record and each record's blocks within
+    /// [`MERGED_RECORD_BYTES_MAX`] (a lone delta goes as it is): a
     /// block rewritten in several of them crosses the link once. What
     /// waits for the window stays in the backlog, bounded by
     /// `backlog_bytes_max`, not in the link's send buffers. The window
@@ -325,7 +325,10 @@ impl Engine {
             .filter(|retained| retained.seq > progress.shipped)
             .take_while(|retained| retained.position <= synced)
             .collect();
-        let record_bytes_max = window.min(MERGED_RECORD_BYTES_MAX);
+        // A record may take the window past its bound by up to its own
+        // size: what a record can merge is what is ready, and capping it
+        // at the window would leave a small window merging nothing.
+        let record_bytes_max = MERGED_RECORD_BYTES_MAX;
         let mut messages = Vec::new();
         let mut next = 0;
         while next < ready.len() && in_flight < window {
