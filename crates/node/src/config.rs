@@ -1106,6 +1106,23 @@ mod tests {
     }
 
     #[test]
+    fn the_ship_window_reaches_the_engine_and_a_window_under_a_block_is_refused() {
+        let config = shipped("local.toml");
+        assert_eq!(config.tuning.engine().ship_window_bytes_max, 32 << 20);
+        let text = LOCAL_CONFIG.replace(
+            "ship_window_bytes_max = \"32M\"",
+            "ship_window_bytes_max = \"1M\"",
+        );
+        let config = ClusterConfig::parse(&text, "edited").expect("valid");
+        assert_eq!(config.tuning.engine().ship_window_bytes_max, 1 << 20);
+        let text = LOCAL_CONFIG.replace(
+            "ship_window_bytes_max = \"32M\"",
+            "ship_window_bytes_max = \"1K\"",
+        );
+        assert!(parse_error(&text).contains("tuning.ship_window_bytes_max must be at least 4096"));
+    }
+
+    #[test]
     fn the_image_offer_wait_comes_from_tuning_within_its_bounds() {
         let three = shipped("three-site.toml");
         assert_eq!(

@@ -325,44 +325,45 @@ impl Engine {
             .filter(|retained| retained.seq > progress.shipped)
             .take_while(|retained| retained.position <= synced)
             .collect();
-        // A record may take the window past its bound by up to its own
-        // size: what a record can merge is what is ready, and capping it
-        // at the window would leave a small window merging nothing.
-        let record_bytes_max = MERGED_RECORD_BYTES_MAX;
         let mut messages = Vec::new();
         let mut next = 0;
         while next < ready.len() && in_flight < window {
             let first = ready[next];
-            let mut blocks: BTreeMap<BlockKey, BlockImage> = BTreeMap::new();
-            let mut end = next;
+            // Built only once a second delta joins: a site that keeps up
+            // gets each delta as it is. A record may take the window past
+            // its bound by up to its own size (capping it at the window
+            // would leave a small window merging nothing).
+            let mut blocks: Option<BTreeMap<BlockKey, BlockImage>> = None;
+            let mut end = next + 1;
             while end < ready.len() && ready[end].record.epoch == first.record.epoch {
+                let merged =
+                    blocks.get_or_insert_with(|| first.record.blocks.iter().cloned().collect());
                 let record = &ready[end].record;
                 let added = record
                     .blocks
                     .iter()
-                    .filter(|(key, _)| !blocks.contains_key(key))
+                    .filter(|(key, _)| !merged.contains_key(key))
                     .count();
-                let merged_bytes = (blocks.len() + added) as u64 * BLOCK_SIZE as u64;
-                if end > next && merged_bytes > record_bytes_max {
+                if (merged.len() + added) as u64 * BLOCK_SIZE as u64 > MERGED_RECORD_BYTES_MAX {
                     break;
                 }
                 // Oldest first: a later delta's image of a block wins.
                 for (key, image) in &record.blocks {
-                    blocks.insert(*key, image.clone());
+                    merged.insert(*key, image.clone());
                 }
                 end += 1;
             }
-            let merged = &ready[next..end];
+            let shipped = &ready[next..end];
             next = end;
-            in_flight += merged.iter().map(|retained| retained.bytes).sum::<u64>();
-            let last = merged[merged.len() - 1];
+            in_flight += shipped.iter().map(|retained| retained.bytes).sum::<u64>();
+            let last = shipped[shipped.len() - 1];
             progress.shipped = last.seq;
-            self.stats.shipped_deltas_total += merged.len() as u64;
-            if merged.len() == 1 {
+            self.stats.shipped_deltas_total += shipped.len() as u64;
+            let (Some(blocks), true) = (blocks, shipped.len() > 1) else {
                 self.stats.shipped_bytes_total += last.bytes;
                 messages.push(SiteMessage::Delta(last.record.clone()));
                 continue;
-            }
+            };
             let record = DeltaRecord {
                 position: last.record.position,
                 group: last.record.group,
@@ -371,7 +372,7 @@ impl Engine {
                 blocks: blocks.into_iter().collect(),
             };
             self.stats.shipped_bytes_total += record.data_bytes();
-            self.stats.merged_deltas_total += merged.len() as u64;
+            self.stats.merged_deltas_total += shipped.len() as u64;
             messages.push(SiteMessage::Deltas {
                 first: first.seq,
                 record,
