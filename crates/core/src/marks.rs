@@ -91,6 +91,11 @@ pub enum Mark {
     /// An owner's write went ahead once the leases in its way ran out,
     /// their revocation unconfirmed (the holder cut off, or gone).
     ReadLeaseRanOut,
+    /// A holder dropped a lease still running when an owner that did not
+    /// know what had been granted (it restarted, or took the group over)
+    /// revoked every lease on the group: the revocation a write waits for
+    /// after such a start.
+    ReadLeaseUnknownRevoked,
     /// A site held a forwarded request or strict read from the site it
     /// took for the owner, which had handed the group to it, until it
     /// learned that it owns the group (or refused it past its bound).
@@ -98,7 +103,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 36] = [
+    pub const ALL: [Mark; 37] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -134,6 +139,7 @@ impl Mark {
         Mark::ReadLeaseRenewed,
         Mark::ReadLeaseRevoked,
         Mark::ReadLeaseRanOut,
+        Mark::ReadLeaseUnknownRevoked,
         Mark::AwaitedOwnership,
     ];
 
@@ -174,6 +180,7 @@ impl Mark {
             Mark::ReadLeaseRenewed => "read-lease-renewed",
             Mark::ReadLeaseRevoked => "read-lease-revoked",
             Mark::ReadLeaseRanOut => "read-lease-ran-out",
+            Mark::ReadLeaseUnknownRevoked => "read-lease-unknown-revoked",
             Mark::AwaitedOwnership => "awaited-ownership",
         }
     }

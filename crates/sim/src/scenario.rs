@@ -565,14 +565,47 @@ impl Scenario {
             self.workload.sectors_max = self.workload.sectors_max.min(16);
             self.workload.write_window_percent = rng.between(10, 30);
             self.workload.write_window_ms = rng.between(100, 500);
-            self.engine.remote_timeout_ms = rng.between(600, 1_000);
-            self.engine.read_lease_ms = rng.between(100, self.engine.remote_timeout_ms / 4);
             self.engine.read_lease_cooldown_ms = [0, 100][rng.below(2) as usize];
             self.faults.crash_per_second = self.faults.crash_per_second.max(1.0);
-            // Restarts within a lease: a restarted owner finds leases it
-            // granted before still running.
-            self.faults.restart_ms = rng.between(1, self.engine.read_lease_ms / 4);
             self.faults.migration_per_second = self.faults.migration_per_second.max(2.0);
+            // Owners that restart within a lease the holders still use
+            // and write at once the regions those holders read: the
+            // holders' images lag the owner by a delta interval and a
+            // link's delay, so a lease the restarted owner forgot serves a
+            // stale read. Leases of 200 ms to a second in half the seeds,
+            // 100 to 250 ms in the others (a holder cut off past a short
+            // lease's end while it reads on shows a lease that never
+            // ends). Links that stay up in half the seeds (a holder cut
+            // off mid-resync serves nothing under a lease), no failover in
+            // half (the restarted owner keeps its groups), a third site in
+            // half (a holder of the previous owner's leases when a group
+            // moves), async volumes in half (a flush-sync write reaches
+            // the holder before it is acknowledged).
+            if rng.chance(0.5) {
+                self.engine.remote_timeout_ms = rng.between(1_200, 4_000);
+                self.engine.read_lease_ms = rng.between(200, self.engine.remote_timeout_ms / 4);
+            } else {
+                self.engine.remote_timeout_ms = rng.between(600, 1_000);
+                self.engine.read_lease_ms = rng.between(100, self.engine.remote_timeout_ms / 4);
+            }
+            self.faults.restart_ms = rng.between(1, self.engine.read_lease_ms / 4);
+            self.engine.delta_interval_ms = rng.between(30, 150);
+            if rng.chance(0.5) {
+                self.network.cut_per_second = 0.0;
+                self.network.reset_per_second = self.network.reset_per_second.min(0.5);
+                self.network.blip_per_second = self.network.blip_per_second.min(0.5);
+                self.faults.site_loss_per_second = self.faults.site_loss_per_second.min(0.5);
+            }
+            if rng.chance(0.5) {
+                self.faults.failover_per_second = 0.0;
+                self.faults.site_loss_per_second = 0.0;
+            }
+            if self.topology.sites == 2 && rng.chance(0.5) {
+                self.topology.sites = 3;
+            }
+            if rng.chance(0.5) {
+                self.topology.modes = vec!["async".into()];
+            }
         }
         // Drawn after everything else: in half the seeds a send window of
         // one to a few deltas, so deltas wait at the owner for the site's

@@ -418,7 +418,9 @@ fn writes_are_throttled_past_the_cache_bound_and_resume_after_apply() {
         2
     );
     assert_eq!(engine.stats().throttled_writes_now, 1);
-    // Pressure closed the open delta so it can drain.
+    assert_eq!(engine.stats().throttled_writes_total, 1);
+    // Pressure closed the open delta so it can drain: one delta closed.
+    assert_eq!(engine.stats().closed_deltas_total, 1);
     let sync = actions
         .iter()
         .find_map(|a| match a {
@@ -994,5 +996,101 @@ fn a_write_into_a_cache_full_of_clean_blocks_evicts_all_it_needs() {
         stats.clean_bytes >= cache_bytes_max / 2,
         "{} clean bytes left",
         stats.clean_bytes
+    );
+}
+
+/// A write waiting for cache room, or for the ownership lease, is a
+/// request in flight on its own volume alone: that volume cannot be
+/// removed while it waits, another volume of the group can.
+#[test]
+fn a_write_waiting_for_cache_room_or_the_lease_holds_only_its_own_volume() {
+    for waiting in ["cache room", "the lease"] {
+        let mut engine = if waiting == "cache room" {
+            engine_with_cache(128 << 10, 64 << 10)
+        } else {
+            leased_engine(1024)
+        };
+        let other = VolumeId(2);
+        engine.add_volume(
+            other,
+            VolumeSpec {
+                size: 1 << 20,
+                group: GROUP,
+                mode: Mode::Async,
+            },
+        );
+        if waiting == "cache room" {
+            let big = Bytes::from(vec![1u8; 60 << 10]);
+            for (request, offset) in [(1, 0), (2, 64 << 10), (3, 128 << 10)] {
+                write(&mut engine, 0, request, offset, big.clone(), false);
+            }
+            drain(&mut engine);
+            assert_eq!(engine.stats().throttled_writes_now, 1);
+        } else {
+            write(&mut engine, 0, 1, 0, block(1), false);
+            assert_eq!(drain(&mut engine), vec![]);
+            assert_eq!(engine.stats().suspended_requests_now, 1);
+        }
+        assert_eq!(engine.remove_volume(other), Ok(()), "{waiting}");
+        assert!(
+            matches!(engine.remove_volume(VOLUME), Err(RequestError::Io(_))),
+            "{waiting}"
+        );
+    }
+}
+
+/// A failed journal append stops the engine: it says why, and refuses
+/// writes after it (nothing could be made durable), naming the reason.
+#[test]
+fn a_failed_journal_append_stops_writes_and_says_why() {
+    let mut engine = engine();
+    assert_eq!(engine.failure(), None);
+    engine.journal_failed("disk full".into());
+    assert_eq!(engine.failure(), Some("journal append failed: disk full"));
+    assert!(engine.stats().failed);
+    write(&mut engine, 0, 1, 0, block(1), false);
+    let actions = drain(&mut engine);
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [Action::Reply { request: RequestId(1), result: Err(RequestError::Failed(reason)) }]
+                if reason.contains("disk full")
+        ),
+        "{actions:?}"
+    );
+}
+
+/// A leg read that comes back shorter (or longer) than asked fails the
+/// read: bytes from a disk are not trusted to be what was asked for.
+#[test]
+fn a_leg_read_of_the_wrong_length_fails_the_read() {
+    let mut engine = engine();
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Read {
+            volume: VOLUME,
+            offset: 0,
+            length: 4096,
+        },
+    );
+    let actions = drain(&mut engine);
+    let Some(io) = actions.iter().find_map(|action| match action {
+        Action::ReadLeg { io, .. } => Some(*io),
+        _ => None,
+    }) else {
+        panic!("expected a leg read: {actions:?}");
+    };
+    engine.leg_read_done(io, Ok(Bytes::from(vec![0u8; 100])));
+    let actions = drain(&mut engine);
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [Action::Reply {
+                request: RequestId(1),
+                result: Err(RequestError::Io(_))
+            }]
+        ),
+        "{actions:?}"
     );
 }
