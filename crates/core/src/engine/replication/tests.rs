@@ -4489,3 +4489,148 @@ fn a_holder_drops_its_leases_when_the_group_gets_another_owner() {
         "served under a's lease: {sent:?}"
     );
 }
+
+/// Once the owner's leg holds the blocks (clean in its cache), the
+/// retained history names what a strict read must get: exactly the blocks
+/// written after the delta the site names, at their newest image. A site
+/// naming a
+/// delta past the owner's newest (its line is not the owner's) gets the
+/// whole range.
+#[test]
+fn a_strict_read_is_answered_from_history_once_the_owners_leg_holds_the_blocks() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 4096, block(1));
+    pair.tick(100);
+    pair.write(false, 2 * 4096, block(2));
+    pair.tick(100);
+    assert!(pair.a.leg.get(&2) == Some(&block(2)), "on a's leg: clean");
+    let ask = |pair: &mut Pair, id: u64, have: u64| {
+        pair.a.engine.receive(
+            pair.now,
+            B,
+            SiteMessage::ReadRequest {
+                id,
+                request: Request::Read {
+                    volume: VOLUME,
+                    offset: 4096,
+                    length: 2 * 4096,
+                },
+                have: Some(DeltaSeq(have)),
+            },
+        );
+        let sent = pair.a.run();
+        let [
+            (
+                B,
+                SiteMessage::ReadReply {
+                    result: Ok(blocks), ..
+                },
+            ),
+        ] = sent.as_slice()
+        else {
+            panic!("expected one read reply: {sent:?}");
+        };
+        blocks
+            .iter()
+            .map(|(key, image)| (key.block, image.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ask(&mut pair, 1, 1),
+        vec![(2, BlockImage::Data(block(2)))],
+        "only what delta 2 wrote"
+    );
+    assert_eq!(
+        ask(&mut pair, 2, 3),
+        vec![
+            (1, BlockImage::Data(block(1))),
+            (2, BlockImage::Data(block(2)))
+        ],
+        "delta 3 is not the owner's: the whole range"
+    );
+}
+
+/// Messages that make no sense where they arrive are refused and counted:
+/// a resume at a site that does not own the group, a read request that
+/// carries a write.
+#[test]
+fn a_resume_at_a_site_that_does_not_own_the_group_and_a_read_request_carrying_a_write_are_refused()
+{
+    let mut pair = Pair::new(Mode::Async);
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(0)),
+            have_epoch: None,
+            lost_regions: None,
+            resume: 1,
+        },
+    );
+    assert!(pair.b.run().is_empty());
+    assert_eq!(pair.b.engine.stats().refused_messages_total, 1);
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::ReadRequest {
+            id: 3,
+            request: Request::Write {
+                volume: VOLUME,
+                offset: 0,
+                data: block(1),
+                fua: false,
+            },
+            have: None,
+        },
+    );
+    pair.a.run();
+    assert_eq!(pair.a.engine.stats().refused_messages_total, 1);
+    assert_eq!(pair.a.leg.get(&0), None, "nothing written");
+}
+
+/// Requests held until this site learns it owns the group, and refused
+/// once they waited past half the remote timeout, leave the bound's count
+/// too: as many as the bound allows are held again after them.
+#[test]
+fn requests_refused_after_awaiting_ownership_too_long_leave_room_for_as_many_more() {
+    let mut pair = Pair::new(Mode::Async);
+    let held_round = |pair: &mut Pair, first_id: u64, count: u64| {
+        for id in first_id..first_id + count {
+            pair.b.engine.receive(
+                pair.now,
+                A,
+                SiteMessage::ReadRequest {
+                    id,
+                    request: Request::Read {
+                        volume: VOLUME,
+                        offset: 0,
+                        length: 4096,
+                    },
+                    have: None,
+                },
+            );
+        }
+        pair.b
+            .run()
+            .into_iter()
+            .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { .. }))
+            .count()
+    };
+    assert_eq!(held_round(&mut pair, 1, 3_000), 0, "held, not refused");
+    pair.now = pair.now.saturating_add_millis(500);
+    pair.b.engine.handle_timeout(pair.now);
+    let refused = pair
+        .b
+        .run()
+        .into_iter()
+        .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { result: Err(_), .. }))
+        .count();
+    assert_eq!(refused, 3_000, "refused past half the remote timeout");
+    assert_eq!(
+        held_round(&mut pair, 10_000, 4_096),
+        0,
+        "held again up to the bound"
+    );
+}
