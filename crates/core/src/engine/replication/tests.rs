@@ -4455,6 +4455,15 @@ fn an_owner_that_gets_a_group_back_revokes_the_leases_granted_meanwhile() {
     );
     let sent = a.run();
     assert!(revoked_all(&sent, B) && revoked_all(&sent, C), "{sent:?}");
+    // Each revocation has its own id: the write waits for each answer.
+    let ids: BTreeSet<u64> = sent
+        .iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::LeaseRevoke { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{sent:?}");
     a.engine.set_owner(GROUP, B, Epoch(2));
     a.run();
     a.engine.set_owner(GROUP, A, Epoch(3));
@@ -4720,4 +4729,36 @@ fn a_group_given_away_leaves_the_backlog() {
     pair.a.run();
     let stats = pair.a.engine.stats();
     assert_eq!((stats.backlog_deltas, stats.backlog_bytes), (0, 0));
+}
+
+/// An owner that gives one group away forgets the leases it granted on
+/// that group only: a write to another group's leased region still waits
+/// for the holder's confirmation.
+#[test]
+fn giving_a_group_away_keeps_the_leases_granted_on_the_others() {
+    let mut pair = pair_with_a_lease_at_b();
+    let other = (VolumeId(2), GroupId(2));
+    for site in [&mut pair.a, &mut pair.b] {
+        site.engine.add_volume(
+            other.0,
+            VolumeSpec {
+                size: VOLUME_BYTES,
+                group: other.1,
+                mode: Mode::Async,
+            },
+        );
+        site.engine.set_owner(other.1, A, Epoch(1));
+    }
+    pair.settle();
+    pair.a.engine.set_owner(other.1, B, Epoch(2));
+    pair.b.engine.set_owner(other.1, B, Epoch(2));
+    pair.settle();
+    let write = pair.a.submit(pair.now, write_request(4096, 2));
+    let sent = pair.a.run();
+    assert!(
+        sent.iter().any(|(peer, message)| *peer == B
+            && matches!(message, SiteMessage::LeaseRevoke { group, .. } if *group == GROUP)),
+        "{sent:?}"
+    );
+    assert_eq!(pair.a.reply(write), None, "waits for b's confirmation");
 }
