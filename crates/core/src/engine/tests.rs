@@ -1094,3 +1094,73 @@ fn a_leg_read_of_the_wrong_length_fails_the_read() {
         "{actions:?}"
     );
 }
+
+/// A block written twice in one delta is held once: the dirty bytes count
+/// its newest image only, and the journal record carries it once.
+#[test]
+fn a_block_rewritten_in_the_open_delta_is_counted_once() {
+    let mut engine = engine();
+    write(&mut engine, 0, 1, 0, block(1), false);
+    drain(&mut engine);
+    let once = engine.stats().dirty_bytes;
+    assert!(once >= BLOCK_SIZE as u64);
+    write(&mut engine, 0, 2, 0, block(2), false);
+    drain(&mut engine);
+    assert_eq!(engine.stats().dirty_bytes, once);
+    engine.handle_timeout(Timestamp::from_millis(100));
+    let actions = drain(&mut engine);
+    let Some(record) = actions.iter().find_map(|action| match action {
+        Action::AppendJournal { record } => Some(record),
+        _ => None,
+    }) else {
+        panic!("expected the delta journaled: {actions:?}");
+    };
+    assert_eq!(record.blocks.len(), 1);
+    assert_eq!(record.data_bytes(), BLOCK_SIZE as u64);
+    // Journaled and on the leg: nothing is dirty any more.
+    let mut pending = actions;
+    while !pending.is_empty() {
+        for action in pending {
+            match action {
+                Action::SyncJournal { io, .. } => engine.journal_synced(io, Ok(())),
+                Action::WriteLeg { io, .. } => engine.leg_written(io, Ok(())),
+                Action::SyncLegs { io, .. } => engine.legs_synced(io, Ok(())),
+                _ => {}
+            }
+        }
+        pending = drain(&mut engine);
+    }
+    assert_eq!(engine.stats().dirty_bytes, 0);
+}
+
+/// A partial write is charged its block's buffer twice (the block read
+/// from the leg to merge into, and the merged image): one whose charge
+/// is more than half the cache is refused as too large, however few bytes
+/// it carries.
+#[test]
+fn a_partial_write_is_charged_the_block_it_merges_into() {
+    let one_block = BLOCK_SIZE as u64 + crate::block_index::ENTRY_OVERHEAD_BYTES;
+    // Half the cache holds one block and its overhead, not two buffers.
+    let mut engine = engine_with_cache(2 * one_block + 2, BLOCK_SIZE as u64);
+    engine.submit(
+        Timestamp(0),
+        RequestId(1),
+        Request::Write {
+            volume: VOLUME,
+            offset: 512,
+            data: Bytes::from(vec![1u8; 512]),
+            fua: false,
+        },
+    );
+    let actions = drain(&mut engine);
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [Action::Reply {
+                request: RequestId(1),
+                result: Err(RequestError::TooLarge { .. })
+            }]
+        ),
+        "{actions:?}"
+    );
+}
