@@ -4762,3 +4762,92 @@ fn giving_a_group_away_keeps_the_leases_granted_on_the_others() {
     );
     assert_eq!(pair.a.reply(write), None, "waits for b's confirmation");
 }
+
+/// A resync chunk is taken only from the group's owner: one from another
+/// site is refused even when it names the replica's latest resume (a site
+/// that owned the group when that resume went out).
+#[test]
+fn a_resync_chunk_from_a_site_that_is_not_the_owner_is_refused() {
+    const C: SiteId = SiteId(3);
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    pair.b.engine.peer_up(pair.now, A);
+    let sent = pair.b.run();
+    let Some(resume) = sent.iter().find_map(|(_, message)| match message {
+        SiteMessage::Resume { resume, .. } => Some(*resume),
+        _ => None,
+    }) else {
+        panic!("expected a resume: {sent:?}");
+    };
+    let refused = pair.b.engine.stats().refused_messages_total;
+    pair.b.engine.receive(
+        pair.now,
+        C,
+        SiteMessage::Resync {
+            group: GROUP,
+            blocks: vec![(
+                BlockKey {
+                    volume: VOLUME,
+                    block: 0,
+                },
+                BlockImage::Data(block(9)),
+            )],
+            last: true,
+            base: DeltaSeq(1),
+            consistent_at: DeltaSeq(1),
+            consistent_epoch: None,
+            resume,
+        },
+    );
+    pair.b.run();
+    assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+}
+
+/// A replica taking a group over refuses the owner's resync chunks as it
+/// refuses its deltas: its image stays at the seq it reported.
+#[test]
+fn a_replica_taking_over_refuses_resync_chunks() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.tick(100);
+    pair.disconnect();
+    pair.b.engine.peer_up(pair.now, A);
+    let sent = pair.b.run();
+    let Some(resume) = sent.iter().find_map(|(_, message)| match message {
+        SiteMessage::Resume { resume, .. } => Some(*resume),
+        _ => None,
+    }) else {
+        panic!("expected a resume: {sent:?}");
+    };
+    assert_eq!(
+        pair.b.engine.begin_takeover(pair.now, GROUP),
+        Some(DeltaSeq(1))
+    );
+    let refused = pair.b.engine.stats().refused_messages_total;
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::Resync {
+            group: GROUP,
+            blocks: vec![(
+                BlockKey {
+                    volume: VOLUME,
+                    block: 0,
+                },
+                BlockImage::Data(block(9)),
+            )],
+            last: true,
+            base: DeltaSeq(1),
+            consistent_at: DeltaSeq(1),
+            consistent_epoch: None,
+            resume,
+        },
+    );
+    pair.b.run();
+    assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+}
