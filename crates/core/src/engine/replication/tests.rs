@@ -4851,3 +4851,55 @@ fn a_replica_taking_over_refuses_resync_chunks() {
     assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
     assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
 }
+
+/// A forwarded write waiting at the owner for a revocation is held for
+/// half the remote timeout at most (its site gives up on it after the
+/// whole): then refused, never applied after its site stopped waiting.
+#[test]
+fn a_forwarded_write_waiting_for_a_revocation_is_refused_after_half_the_remote_timeout() {
+    let mut pair = pair_with_a_lease_at_b();
+    let start = pair.now;
+    pair.b.submit(start, write_request(4096, 2));
+    let forward = pair
+        .b
+        .run()
+        .into_iter()
+        .find(|(_, message)| matches!(message, SiteMessage::Forward { .. }))
+        .expect("b forwards its write to the owner");
+    pair.a.engine.receive(start, B, forward.1);
+    let sent = pair.a.run();
+    assert!(
+        sent.iter()
+            .any(|(_, message)| matches!(message, SiteMessage::LeaseRevoke { .. })),
+        "{sent:?}"
+    );
+    // The revocation is lost on its way: b never confirms.
+    let replies = |sent: &[(SiteId, SiteMessage)]| {
+        sent.iter()
+            .filter(|(_, message)| matches!(message, SiteMessage::ForwardReply { .. }))
+            .count()
+    };
+    let half = config(A, B).remote_timeout_ms / 2;
+    pair.a
+        .engine
+        .handle_timeout(start.saturating_add_millis(half - 1));
+    assert_eq!(replies(&pair.a.run()), 0, "still waiting");
+    pair.a
+        .engine
+        .handle_timeout(start.saturating_add_millis(half));
+    let sent = pair.a.run();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [(
+                B,
+                SiteMessage::ForwardReply {
+                    result: Err(RequestError::Io(_)),
+                    ..
+                }
+            )]
+        ),
+        "{sent:?}"
+    );
+    assert_eq!(pair.a.leg.get(&1), None, "never applied");
+}
