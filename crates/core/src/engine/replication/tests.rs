@@ -4903,3 +4903,34 @@ fn a_forwarded_write_waiting_for_a_revocation_is_refused_after_half_the_remote_t
     );
     assert_eq!(pair.a.leg.get(&1), None, "never applied");
 }
+
+/// The backlog bound holds writes back once the backlog passes it, not
+/// only when it lands on it exactly (deltas of 48 KiB never sum to the
+/// 256 KiB bound).
+#[test]
+fn a_backlog_past_the_bound_holds_writes_back_whatever_the_delta_sizes() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.hold_group_lane_to_b = true;
+    let write = Bytes::from(vec![3u8; 48 << 10]);
+    let mut requests = Vec::new();
+    for index in 0..10u64 {
+        requests.push(pair.write(false, index * (64 << 10), write.clone()));
+        pair.tick(100);
+    }
+    let answered = requests
+        .iter()
+        .filter(|request| pair.a.reply(**request).is_some())
+        .count();
+    assert!(answered < 10, "{answered} of 10 answered past the bound");
+    assert!(pair.a.engine.stats().backlog_throttled_total > 0);
+    // Held back past backlog_wait_ms_max: b is folded into regions to
+    // resync, once, and the writes go ahead.
+    pair.tick(2_000);
+    assert_eq!(pair.a.engine.stats().backlog_folds_total, 1);
+    assert_eq!(pair.a.engine.marks().count(Mark::FoldLagging), 1);
+    assert!(
+        requests
+            .iter()
+            .all(|request| pair.a.reply(*request).is_some())
+    );
+}
