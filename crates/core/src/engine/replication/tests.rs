@@ -4934,3 +4934,41 @@ fn a_backlog_past_the_bound_holds_writes_back_whatever_the_delta_sizes() {
             .all(|request| pair.a.reply(*request).is_some())
     );
 }
+
+/// When the journal lets go of deltas a site away has not journaled, the
+/// map saved for it first names their regions (after a restart nothing
+/// else would say the site lacks them).
+#[test]
+fn the_map_saved_before_a_release_names_the_regions_of_deltas_a_site_lacks() {
+    let small_journal = |site, peer| EngineConfig {
+        backlog_bytes_max: 16 << 20,
+        journal_checkpoint_bytes: 256 << 10,
+        ..config(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, small_journal(A, B), small_journal(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    let big = Bytes::from(vec![5u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    let map = pair.a.saved_maps.get(&B).cloned().unwrap_or_default();
+    assert!(map.contains(&(VOLUME, 0)), "{map:?}");
+    assert!(
+        !map.contains(&(VOLUME, 1)),
+        "region 1 was not written: {map:?}"
+    );
+    // Writes to region 2 and further releases: the map saved again names
+    // it too (a map that changed is saved again).
+    for index in 0..8u64 {
+        pair.write(false, (2 << 20) + index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    let map = pair.a.saved_maps.get(&B).cloned().unwrap_or_default();
+    assert!(
+        map.contains(&(VOLUME, 0)) && map.contains(&(VOLUME, 2)),
+        "{map:?}"
+    );
+}
