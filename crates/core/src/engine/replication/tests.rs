@@ -4971,4 +4971,47 @@ fn the_map_saved_before_a_release_names_the_regions_of_deltas_a_site_lacks() {
         map.contains(&(VOLUME, 0)) && map.contains(&(VOLUME, 2)),
         "{map:?}"
     );
+    // Once the maps are saved the journal lets go of what the legs hold.
+    assert!(
+        pair.a.journal.len() < 17,
+        "{} records of 17 still in the journal",
+        pair.a.journal.len()
+    );
+}
+
+/// With two other sites away, each journal release waits for both maps to
+/// be saved, and then lets go.
+#[test]
+fn a_journal_release_waits_for_the_map_of_every_other_site() {
+    const C: SiteId = SiteId(3);
+    let config = EngineConfig {
+        peers: vec![B, C],
+        backlog_bytes_max: 16 << 20,
+        journal_checkpoint_bytes: 256 << 10,
+        ..config(A, B)
+    };
+    let mut a = Site::new(config, Mode::Async, A);
+    let big = Bytes::from(vec![5u8; 64 << 10]);
+    let mut now = Timestamp::from_millis(1);
+    for index in 0..16u64 {
+        a.submit(
+            now,
+            Request::Write {
+                volume: VOLUME,
+                offset: index * (64 << 10),
+                data: big.clone(),
+                fua: false,
+            },
+        );
+        a.run();
+        now = now.saturating_add_millis(100);
+        a.engine.handle_timeout(now);
+        a.run();
+    }
+    assert_eq!(a.saved_maps.len(), 2, "a map for b and one for c");
+    assert!(
+        a.journal.len() < 16,
+        "{} records of 16 still in the journal",
+        a.journal.len()
+    );
 }
