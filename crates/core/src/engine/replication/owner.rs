@@ -313,6 +313,17 @@ impl Engine {
         } else {
             progress.journaled
         };
+        // No window while the site resyncs: the resync's last chunk names
+        // the newest delta as the point the site's image is consistent
+        // at, and the site may acknowledge the deltas past the resync's
+        // base only once it holds them all (a site whose own deltas
+        // diverged acknowledges none before): deltas held back for its
+        // acknowledgements would never come. The backlog bounds them.
+        let window = if progress.state == PeerState::Resyncing {
+            u64::MAX
+        } else {
+            window
+        };
         let mut in_flight: u64 = outbound
             .retained
             .iter()
