@@ -313,12 +313,11 @@ impl Engine {
         } else {
             progress.journaled
         };
-        // No window while the site resyncs: the resync's last chunk names
-        // the newest delta as the point the site's image is consistent
-        // at, and the site may acknowledge the deltas past the resync's
-        // base only once it holds them all (a site whose own deltas
-        // diverged acknowledges none before): deltas held back for its
-        // acknowledgements would never come. The backlog bounds them.
+        // No window while the site resyncs: it is consistent only once it
+        // holds every delta up to the point the resync's last chunk names,
+        // and a site whose own deltas diverged acknowledges none before
+        // then: deltas held back for its acknowledgements may never come
+        // (the simulator found such a stall). The backlog bounds them.
         let window = if progress.state == PeerState::Resyncing {
             u64::MAX
         } else {
