@@ -845,6 +845,13 @@ fn journal_syncs_are_counted() {
 /// [`engine`] with a second 1 MiB volume in the same group; returns it.
 fn engine_with_a_second_volume() -> (Engine, VolumeId) {
     let mut engine = engine();
+    let other = add_second_volume(&mut engine);
+    (engine, other)
+}
+
+/// Adds volume 2 (1 MiB, async) to `engine`, in the same group as the
+/// first.
+fn add_second_volume(engine: &mut Engine) -> VolumeId {
     let other = VolumeId(2);
     engine.add_volume(
         other,
@@ -854,7 +861,7 @@ fn engine_with_a_second_volume() -> (Engine, VolumeId) {
             mode: Mode::Async,
         },
     );
-    (engine, other)
+    other
 }
 
 #[test]
@@ -1010,15 +1017,7 @@ fn a_write_waiting_for_cache_room_or_the_lease_holds_only_its_own_volume() {
         } else {
             leased_engine(1024)
         };
-        let other = VolumeId(2);
-        engine.add_volume(
-            other,
-            VolumeSpec {
-                size: 1 << 20,
-                group: GROUP,
-                mode: Mode::Async,
-            },
-        );
+        let other = add_second_volume(&mut engine);
         if waiting == "cache room" {
             let big = Bytes::from(vec![1u8; 60 << 10]);
             for (request, offset) in [(1, 0), (2, 64 << 10), (3, 128 << 10)] {

@@ -758,21 +758,20 @@ fn a_strict_read_naming_no_delta_gets_the_whole_range_from_the_owners_leg() {
     assert_eq!(pair.a.engine.marks().count(Mark::StrictReadWholeRange), 1);
 }
 
-/// Requests held until this site learns it owns the group leave the
-/// bound's count when they are served: after thousands were held and
-/// served, as many more are held again rather than refused.
-#[test]
-fn requests_served_after_awaiting_ownership_leave_room_for_as_many_more() {
-    let mut pair = Pair::new(Mode::Async);
-    let read_replies = |sent: Vec<(SiteId, SiteMessage)>| {
-        sent.into_iter()
-            .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { .. }))
-            .count()
-    };
-    let held_round = |pair: &mut Pair, first_id: u64, count: u64| {
+/// How many read replies `sent` holds.
+fn read_replies(sent: Vec<(SiteId, SiteMessage)>) -> usize {
+    sent.into_iter()
+        .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { .. }))
+        .count()
+}
+
+impl Pair {
+    /// b receives `count` strict reads of block 0 from a, numbered from
+    /// `first_id` (not run: the caller looks at what b sends).
+    fn read_requests_from_a_at_b(&mut self, first_id: u64, count: u64) {
         for id in first_id..first_id + count {
-            pair.b.engine.receive(
-                pair.now,
+            self.b.engine.receive(
+                self.now,
                 A,
                 SiteMessage::ReadRequest {
                     id,
@@ -785,6 +784,17 @@ fn requests_served_after_awaiting_ownership_leave_room_for_as_many_more() {
                 },
             );
         }
+    }
+}
+
+/// Requests held until this site learns it owns the group leave the
+/// bound's count when they are served: after thousands were held and
+/// served, as many more are held again rather than refused.
+#[test]
+fn requests_served_after_awaiting_ownership_leave_room_for_as_many_more() {
+    let mut pair = Pair::new(Mode::Async);
+    let held_round = |pair: &mut Pair, first_id: u64, count: u64| {
+        pair.read_requests_from_a_at_b(first_id, count);
         read_replies(pair.b.run())
     };
     // b still takes a for the owner: a sends these only because it handed
@@ -2925,16 +2935,7 @@ fn a_replica_taking_over_refuses_deltas_and_reports_the_seq_it_holds() {
 fn a_replica_mid_resync_cannot_take_over() {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
-    pair.b.engine.peer_up(pair.now, A);
-    let resume = pair
-        .b
-        .run()
-        .into_iter()
-        .find_map(|(_, message)| match message {
-            SiteMessage::Resume { resume, .. } => Some(resume),
-            _ => None,
-        })
-        .expect("b resumes");
+    let resume = pair.b_resumes();
     // The first chunk of a resync arrives; the rest never does.
     let chunk = SiteMessage::Resync {
         group: GROUP,
@@ -3370,6 +3371,36 @@ fn a_hand_over_is_not_ready_while_the_new_owner_lacks_deltas() {
 // Read leases
 
 impl Pair {
+    /// b asks a (the owner) for a lease on `regions` regions from
+    /// `first_region` of the volume, naming delta `have`: the lease a
+    /// grants, in milliseconds (0: refused).
+    fn ask_a_for_lease(&mut self, id: u64, first_region: u64, regions: u64, have: u64) -> u64 {
+        self.a.engine.receive(
+            self.now,
+            B,
+            SiteMessage::LeaseRequest {
+                id,
+                volume: VOLUME,
+                first_region,
+                regions,
+                have: DeltaSeq(have),
+            },
+        );
+        let sent = self.a.run();
+        match sent.as_slice() {
+            [
+                (
+                    B,
+                    SiteMessage::LeaseReply {
+                        id: replied,
+                        lease_ms,
+                    },
+                ),
+            ] if *replied == id => *lease_ms,
+            _ => panic!("expected one lease reply to request {id}: {sent:?}"),
+        }
+    }
+
     /// b's engine sent the owner a strict read (it served none locally);
     /// the messages go on their way.
     fn expect_read_request_from_b(&mut self) {
@@ -3392,6 +3423,15 @@ fn leasing(site: SiteId, peer: SiteId) -> EngineConfig {
     EngineConfig {
         read_lease_ms: 2_000,
         ..config(site, peer)
+    }
+}
+
+/// `leasing` without the cooldown after a write: a region written lately
+/// may be leased at once.
+fn leasing_without_cooldown(site: SiteId, peer: SiteId) -> EngineConfig {
+    EngineConfig {
+        read_lease_cooldown_ms: 0,
+        ..leasing(site, peer)
     }
 }
 
@@ -3652,22 +3692,7 @@ fn lease_requests_outside_the_volume_or_during_a_hand_over_are_refused() {
     pair.tick(100);
     let regions = VOLUME_BYTES / (1 << 20);
     let ask = |pair: &mut Pair, first_region: u64, count: u64| {
-        pair.a.engine.receive(
-            pair.now,
-            B,
-            SiteMessage::LeaseRequest {
-                id: 77,
-                volume: VOLUME,
-                first_region,
-                regions: count,
-                have: DeltaSeq(1),
-            },
-        );
-        let sent = pair.a.run();
-        let [(B, SiteMessage::LeaseReply { id: 77, lease_ms })] = sent.as_slice() else {
-            panic!("expected one lease reply: {sent:?}");
-        };
-        *lease_ms
+        pair.ask_a_for_lease(77, first_region, count, 1)
     };
     assert_eq!(ask(&mut pair, regions, 1), 0, "past the end");
     assert_eq!(ask(&mut pair, regions - 1, 2), 0, "running past the end");
@@ -4301,11 +4326,11 @@ fn a_read_reply_naming_blocks_the_read_did_not_ask_for_fails_it() {
 /// may still lack it. A region nothing wrote since is leased.
 #[test]
 fn a_region_written_after_the_delta_a_site_names_is_not_leased_once_clean_here() {
-    let no_cooldown = |site, peer| EngineConfig {
-        read_lease_cooldown_ms: 0,
-        ..leasing(site, peer)
-    };
-    let mut pair = Pair::with_configs(Mode::Async, no_cooldown(A, B), no_cooldown(B, A));
+    let mut pair = Pair::with_configs(
+        Mode::Async,
+        leasing_without_cooldown(A, B),
+        leasing_without_cooldown(B, A),
+    );
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.hold_group_lane_to_b = true;
@@ -4314,24 +4339,7 @@ fn a_region_written_after_the_delta_a_site_names_is_not_leased_once_clean_here()
     pair.tick(100);
     // On a's leg: clean in its cache.
     assert!(pair.a.leg.get(&REGION_BLOCKS) == Some(&block(2)));
-    let mut ask = |region: u64, have: u64| {
-        pair.a.engine.receive(
-            pair.now,
-            B,
-            SiteMessage::LeaseRequest {
-                id: 9,
-                volume: VOLUME,
-                first_region: region,
-                regions: 1,
-                have: DeltaSeq(have),
-            },
-        );
-        let sent = pair.a.run();
-        let [(B, SiteMessage::LeaseReply { id: 9, lease_ms })] = sent.as_slice() else {
-            panic!("expected one lease reply: {sent:?}");
-        };
-        *lease_ms
-    };
+    let mut ask = |region: u64, have: u64| pair.ask_a_for_lease(9, region, 1, have);
     assert_eq!(ask(1, 1), 0, "region 1 was written in delta 2");
     assert_eq!(ask(0, 1), 2_000, "region 0 was not written since delta 1");
     assert_eq!(ask(1, 2), 2_000, "a site holding delta 2 holds the write");
@@ -4346,27 +4354,13 @@ fn a_site_that_is_not_streaming_is_leased_nothing() {
     let mut pair = Pair::with_configs(Mode::Async, leasing(A, B), leasing(B, A));
     pair.write(false, 0, block(1));
     pair.tick(100);
-    let ask = |pair: &mut Pair, id: u64| {
-        pair.a.engine.receive(
-            pair.now,
-            B,
-            SiteMessage::LeaseRequest {
-                id,
-                volume: VOLUME,
-                first_region: 1,
-                regions: 1,
-                have: DeltaSeq(1),
-            },
-        );
-        let sent = pair.a.run();
-        let [(B, SiteMessage::LeaseReply { lease_ms, .. })] = sent.as_slice() else {
-            panic!("expected one lease reply: {sent:?}");
-        };
-        *lease_ms
-    };
-    assert_eq!(ask(&mut pair, 1), 2_000, "streaming and holding delta 1");
+    assert_eq!(
+        pair.ask_a_for_lease(1, 1, 1, 1),
+        2_000,
+        "streaming and holding delta 1"
+    );
     pair.disconnect();
-    assert_eq!(ask(&mut pair, 2), 0, "away");
+    assert_eq!(pair.ask_a_for_lease(2, 1, 1, 1), 0, "away");
 }
 
 /// A hand-over waits for the group's writes that have not reached a delta
@@ -4606,26 +4600,8 @@ fn a_resume_at_a_site_that_does_not_own_the_group_and_a_read_request_carrying_a_
 fn requests_refused_after_awaiting_ownership_too_long_leave_room_for_as_many_more() {
     let mut pair = Pair::new(Mode::Async);
     let held_round = |pair: &mut Pair, first_id: u64, count: u64| {
-        for id in first_id..first_id + count {
-            pair.b.engine.receive(
-                pair.now,
-                A,
-                SiteMessage::ReadRequest {
-                    id,
-                    request: Request::Read {
-                        volume: VOLUME,
-                        offset: 0,
-                        length: 4096,
-                    },
-                    have: None,
-                },
-            );
-        }
-        pair.b
-            .run()
-            .into_iter()
-            .filter(|(_, message)| matches!(message, SiteMessage::ReadReply { .. }))
-            .count()
+        pair.read_requests_from_a_at_b(first_id, count);
+        read_replies(pair.b.run())
     };
     assert_eq!(held_round(&mut pair, 1, 3_000), 0, "held, not refused");
     pair.now = pair.now.saturating_add_millis(500);
@@ -4648,33 +4624,16 @@ fn requests_refused_after_awaiting_ownership_too_long_leave_room_for_as_many_mor
 /// the owner's cache (in the open delta, not shipped yet) is not leased.
 #[test]
 fn a_region_with_a_newer_block_in_the_owners_cache_is_not_leased() {
-    let no_cooldown = |site, peer| EngineConfig {
-        read_lease_cooldown_ms: 0,
-        ..leasing(site, peer)
-    };
-    let mut pair = Pair::with_configs(Mode::Async, no_cooldown(A, B), no_cooldown(B, A));
+    let mut pair = Pair::with_configs(
+        Mode::Async,
+        leasing_without_cooldown(A, B),
+        leasing_without_cooldown(B, A),
+    );
     pair.write(false, 0, block(1));
     pair.tick(100);
     let region_one = REGION_BLOCKS * BLOCK_SIZE as u64;
     pair.write(false, region_one, block(2));
-    let mut ask = |region: u64| {
-        pair.a.engine.receive(
-            pair.now,
-            B,
-            SiteMessage::LeaseRequest {
-                id: 4,
-                volume: VOLUME,
-                first_region: region,
-                regions: 1,
-                have: DeltaSeq(1),
-            },
-        );
-        let sent = pair.a.run();
-        let [(B, SiteMessage::LeaseReply { id: 4, lease_ms })] = sent.as_slice() else {
-            panic!("expected one lease reply: {sent:?}");
-        };
-        *lease_ms
-    };
+    let mut ask = |region: u64| pair.ask_a_for_lease(4, region, 1, 1);
     assert_eq!(ask(1), 0, "region 1's block waits in the open delta");
     assert_eq!(ask(0), 2_000);
 }
@@ -4763,6 +4722,41 @@ fn giving_a_group_away_keeps_the_leases_granted_on_the_others() {
     assert_eq!(pair.a.reply(write), None, "waits for b's confirmation");
 }
 
+impl Pair {
+    /// b's link to a comes up: the id of the resume b sends (not
+    /// delivered).
+    fn b_resumes(&mut self) -> u64 {
+        self.b.engine.peer_up(self.now, A);
+        let sent = self.b.run();
+        sent.iter()
+            .find_map(|(_, message)| match message {
+                SiteMessage::Resume { resume, .. } => Some(*resume),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("expected b to resume: {sent:?}"))
+    }
+}
+
+/// A resync's only chunk answering `resume`: block 0 as bytes of 9, the
+/// image consistent at delta 1.
+fn last_chunk_of_block_zero(resume: u64) -> SiteMessage {
+    SiteMessage::Resync {
+        group: GROUP,
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 0,
+            },
+            BlockImage::Data(block(9)),
+        )],
+        last: true,
+        base: DeltaSeq(1),
+        consistent_at: DeltaSeq(1),
+        consistent_epoch: None,
+        resume,
+    }
+}
+
 /// A resync chunk is taken only from the group's owner: one from another
 /// site is refused even when it names the replica's latest resume (a site
 /// that owned the group when that resume went out).
@@ -4773,34 +4767,11 @@ fn a_resync_chunk_from_a_site_that_is_not_the_owner_is_refused() {
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.disconnect();
-    pair.b.engine.peer_up(pair.now, A);
-    let sent = pair.b.run();
-    let Some(resume) = sent.iter().find_map(|(_, message)| match message {
-        SiteMessage::Resume { resume, .. } => Some(*resume),
-        _ => None,
-    }) else {
-        panic!("expected a resume: {sent:?}");
-    };
+    let resume = pair.b_resumes();
     let refused = pair.b.engine.stats().refused_messages_total;
-    pair.b.engine.receive(
-        pair.now,
-        C,
-        SiteMessage::Resync {
-            group: GROUP,
-            blocks: vec![(
-                BlockKey {
-                    volume: VOLUME,
-                    block: 0,
-                },
-                BlockImage::Data(block(9)),
-            )],
-            last: true,
-            base: DeltaSeq(1),
-            consistent_at: DeltaSeq(1),
-            consistent_epoch: None,
-            resume,
-        },
-    );
+    pair.b
+        .engine
+        .receive(pair.now, C, last_chunk_of_block_zero(resume));
     pair.b.run();
     assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
     assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
@@ -4815,38 +4786,15 @@ fn a_replica_taking_over_refuses_resync_chunks() {
     pair.tick(100);
     pair.tick(100);
     pair.disconnect();
-    pair.b.engine.peer_up(pair.now, A);
-    let sent = pair.b.run();
-    let Some(resume) = sent.iter().find_map(|(_, message)| match message {
-        SiteMessage::Resume { resume, .. } => Some(*resume),
-        _ => None,
-    }) else {
-        panic!("expected a resume: {sent:?}");
-    };
+    let resume = pair.b_resumes();
     assert_eq!(
         pair.b.engine.begin_takeover(pair.now, GROUP),
         Some(DeltaSeq(1))
     );
     let refused = pair.b.engine.stats().refused_messages_total;
-    pair.b.engine.receive(
-        pair.now,
-        A,
-        SiteMessage::Resync {
-            group: GROUP,
-            blocks: vec![(
-                BlockKey {
-                    volume: VOLUME,
-                    block: 0,
-                },
-                BlockImage::Data(block(9)),
-            )],
-            last: true,
-            base: DeltaSeq(1),
-            consistent_at: DeltaSeq(1),
-            consistent_epoch: None,
-            resume,
-        },
-    );
+    pair.b
+        .engine
+        .receive(pair.now, A, last_chunk_of_block_zero(resume));
     pair.b.run();
     assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
     assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
