@@ -563,17 +563,16 @@ impl Engine {
         all: bool,
     ) {
         // Dropping a lease is always safe: whoever asks is answered.
-        let now = self.now;
-        if all
-            && self
+        if all {
+            let now = self.now;
+            let running = self
                 .read_leases
                 .held
                 .values()
-                .any(|lease| lease.group == group && lease.until > now)
-        {
-            self.marks.hit(Mark::ReadLeaseUnknownRevoked);
-        }
-        if all {
+                .any(|lease| lease.group == group && lease.until > now);
+            if running {
+                self.marks.hit(Mark::ReadLeaseUnknownRevoked);
+            }
             self.read_leases.drop_held(group, None);
         } else {
             self.read_leases.drop_held(group, Some(&regions));

@@ -307,28 +307,24 @@ impl Engine {
         if chunk_pending || !progress.held_chunks.is_empty() {
             return;
         }
-        // Deltas a resync covers are never journaled there as deltas.
-        let floor = if progress.state == PeerState::Resyncing {
-            progress.journaled.max(progress.resync_base)
-        } else {
-            progress.journaled
-        };
         // No window while the site resyncs: it is consistent only once it
         // holds every delta up to the point the resync's last chunk names,
         // and a site whose own deltas diverged acknowledges none before
         // then: deltas held back for its acknowledgements may never come
         // (the simulator found such a stall). The backlog bounds them.
-        let window = if progress.state == PeerState::Resyncing {
-            u64::MAX
+        let (window, mut in_flight) = if progress.state == PeerState::Resyncing {
+            (u64::MAX, 0)
         } else {
-            window
+            let in_flight: u64 = outbound
+                .retained
+                .iter()
+                .filter(|retained| {
+                    retained.seq > progress.journaled && retained.seq <= progress.shipped
+                })
+                .map(|retained| retained.bytes)
+                .sum();
+            (window, in_flight)
         };
-        let mut in_flight: u64 = outbound
-            .retained
-            .iter()
-            .filter(|retained| retained.seq > floor && retained.seq <= progress.shipped)
-            .map(|retained| retained.bytes)
-            .sum();
         let ready: Vec<&Retained> = outbound
             .retained
             .iter()
