@@ -58,6 +58,12 @@ struct Site {
     /// The group's epoch history, told to the engine again at a restart
     /// (empty: none, the epoch rules are off).
     history: Vec<EpochStart>,
+    /// Leg reads are held here, not completed (a slow disk).
+    hold_leg_reads: bool,
+    held_leg_reads: Vec<(IoId, u64, u64)>,
+    /// Leg writes are held here, not completed (a slow disk).
+    hold_leg_writes: bool,
+    held_leg_writes: VecDeque<(IoId, Vec<(BlockKey, BlockImage)>)>,
 }
 
 impl Site {
@@ -93,6 +99,10 @@ impl Site {
             saved_marks: BTreeSet::new(),
             marks_saves: 0,
             history: Vec::new(),
+            hold_leg_reads: false,
+            held_leg_reads: Vec::new(),
+            hold_leg_writes: false,
+            held_leg_writes: VecDeque::new(),
         }
     }
 
@@ -128,6 +138,9 @@ impl Site {
                 }
                 Action::ReadLeg {
                     io, offset, length, ..
+                } if self.hold_leg_reads => self.held_leg_reads.push((io, offset, length)),
+                Action::ReadLeg {
+                    io, offset, length, ..
                 } => {
                     let data = self.leg_bytes(offset, length);
                     self.engine.leg_read_done(io, Ok(data));
@@ -150,6 +163,9 @@ impl Site {
                     self.engine.resync_marks_saved(io, Ok(()));
                 }
                 Action::SyncJournal { io, .. } => self.engine.journal_synced(io, Ok(())),
+                Action::WriteLeg { io, blocks, .. } if self.hold_leg_writes => {
+                    self.held_leg_writes.push_back((io, blocks));
+                }
                 Action::WriteLeg { io, blocks, .. } => {
                     for (key, image) in blocks {
                         self.leg.insert(key.block, image.to_bytes());
@@ -160,6 +176,19 @@ impl Site {
             }
         }
         sent
+    }
+
+    /// Completes the oldest leg write held; returns the messages sent.
+    fn finish_held_leg_write(&mut self) -> Vec<(SiteId, SiteMessage)> {
+        let (io, blocks) = self
+            .held_leg_writes
+            .pop_front()
+            .expect("a leg write is held");
+        for (key, image) in blocks {
+            self.leg.insert(key.block, image.to_bytes());
+        }
+        self.engine.leg_written(io, Ok(()));
+        self.run()
     }
 
     fn reply(&self, request: RequestId) -> Option<&Result<Response, RequestError>> {
@@ -4962,4 +4991,226 @@ fn a_journal_release_waits_for_the_map_of_every_other_site() {
         "{} records of 16 still in the journal",
         a.journal.len()
     );
+}
+
+#[test]
+fn an_owner_replaced_while_reading_a_region_for_a_resync_names_that_region_at_heal() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: regions 0 and 3 to resync.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    // b returns; a starts reading a region to copy. Before any chunk
+    // leaves, the cluster moves the group to b (a lost its lease; the
+    // link between them is up): b is not mid-resync by its own account.
+    pair.a.hold_leg_reads = true;
+    pair.connect();
+    let held = std::mem::take(&mut pair.a.held_leg_reads);
+    assert!(!held.is_empty(), "a resync read is in flight");
+    // b takes over after delta 1, the newest it holds.
+    assert_eq!(
+        pair.b.engine.begin_takeover(pair.now, GROUP),
+        Some(DeltaSeq(1))
+    );
+    let history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(1),
+            handed_over: false,
+        },
+    ];
+    pair.b.engine.set_epoch_history(GROUP, history.clone());
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    // b writes past a's newest seq, in region 1 alone.
+    for index in 0..10u64 {
+        pair.b.submit(
+            pair.now,
+            Request::Write {
+                volume: VOLUME,
+                offset: (256 + index) * 4096,
+                data: block(9),
+                fua: false,
+            },
+        );
+        pair.b.run();
+        pair.now = pair.now.saturating_add_millis(100);
+        pair.b.engine.handle_timeout(pair.now);
+        pair.b.run();
+    }
+    pair.a.engine.set_epoch_history(GROUP, history);
+    pair.a.engine.set_owner(GROUP, B, Epoch(2));
+    pair.a.hold_leg_reads = false;
+    for (io, offset, length) in held {
+        let data = pair.a.leg_bytes(offset, length);
+        pair.a.engine.leg_read_done(io, Ok(data));
+    }
+    pair.a.run();
+    // Back in touch: what a wrote after delta 1 is the line the cluster
+    // left, in the region it was reading too, and b copies it back.
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert!(pair.a.engine.replication_status()[0].consistent);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.a.leg.get(&0), Some(&block(1)));
+}
+
+/// Block 3 as bytes of `byte`, delta `seq` of `epoch`, as the owner ships it.
+fn delta_of_block_three(seq: u64, epoch: u64, byte: u8) -> SiteMessage {
+    SiteMessage::Delta(DeltaRecord {
+        position: JournalPosition(0),
+        group: GROUP,
+        epoch: Epoch(epoch),
+        seq: DeltaSeq(seq),
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: 3,
+            },
+            BlockImage::Data(block(byte)),
+        )],
+    })
+}
+
+/// A resync chunk answering `resume` that copies `block` as bytes of 9,
+/// based on delta 1; the image is consistent once delta `consistent_at`
+/// (of `consistent_epoch`) is on the legs too.
+fn chunk_based_on_one(
+    resume: u64,
+    block_number: u64,
+    last: bool,
+    consistent_at: u64,
+    consistent_epoch: Option<u64>,
+) -> SiteMessage {
+    SiteMessage::Resync {
+        group: GROUP,
+        blocks: vec![(
+            BlockKey {
+                volume: VOLUME,
+                block: block_number,
+            },
+            BlockImage::Data(block(9)),
+        )],
+        last,
+        base: DeltaSeq(1),
+        consistent_at: DeltaSeq(consistent_at),
+        consistent_epoch: consistent_epoch.map(Epoch),
+        resume,
+    }
+}
+
+/// The resync's only chunk answering `resume`: block 0.
+fn only_chunk(resume: u64, consistent_at: u64) -> SiteMessage {
+    chunk_based_on_one(resume, 0, true, consistent_at, None)
+}
+
+#[test]
+fn a_resyncing_site_waits_for_the_deltas_up_to_the_resyncs_point_but_not_past_it() {
+    // The resync is consistent at delta 2, which follows the chunk.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    let resume = pair.b_resumes();
+    pair.b.hold_leg_writes = true;
+    pair.b.engine.receive(pair.now, A, only_chunk(resume, 2));
+    pair.b
+        .engine
+        .receive(pair.now, A, delta_of_block_three(2, 1, 7));
+    pair.b.run();
+    pair.b.finish_held_leg_write();
+    assert_eq!(pair.b.held_leg_writes.len(), 1, "delta 2's");
+    assert!(
+        !pair.b.engine.replication_status()[0].consistent,
+        "consistent while delta 2 is still on its way to the legs"
+    );
+    pair.b.finish_held_leg_write();
+    assert!(pair.b.engine.replication_status()[0].consistent);
+
+    // Consistent at delta 1: delta 2, past that point, is not waited for.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    let resume = pair.b_resumes();
+    pair.b.hold_leg_writes = true;
+    pair.b.engine.receive(pair.now, A, only_chunk(resume, 1));
+    pair.b
+        .engine
+        .receive(pair.now, A, delta_of_block_three(2, 1, 7));
+    pair.b.run();
+    assert_eq!(
+        pair.b.held_leg_writes.len(),
+        1,
+        "the chunk's (delta 2, journaled, waits behind it)"
+    );
+    pair.b.finish_held_leg_write();
+    assert!(
+        pair.b.engine.replication_status()[0].consistent,
+        "the chunk is on the legs: the image is the owner's at delta 1"
+    );
+    pair.b.finish_held_leg_write();
+    assert!(pair.b.engine.replication_status()[0].consistent);
+}
+
+#[test]
+fn each_resync_chunk_is_journaled_under_the_epoch_of_the_newest_delta_it_follows() {
+    // The group was handed to a new epoch after delta 1, the resync's base;
+    // the resync is consistent at delta 2, the new epoch's first.
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    let history = vec![
+        EpochStart {
+            epoch: Epoch(1),
+            after_seq: DeltaSeq(0),
+            handed_over: false,
+        },
+        EpochStart {
+            epoch: Epoch(2),
+            after_seq: DeltaSeq(1),
+            handed_over: true,
+        },
+    ];
+    pair.b.engine.set_epoch_history(GROUP, history);
+    pair.b.engine.set_owner(GROUP, A, Epoch(2));
+    let resume = pair.b_resumes();
+    let journaled_epoch = |pair: &Pair, block_number: u64| {
+        pair.b
+            .journal
+            .iter()
+            .rev()
+            .find(|record| {
+                record
+                    .blocks
+                    .iter()
+                    .any(|(key, _)| key.block == block_number)
+            })
+            .map(|record| (record.seq, record.epoch))
+    };
+    // The first chunk's record names the base, written under epoch 1.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        chunk_based_on_one(resume, 0, false, 2, Some(2)),
+    );
+    pair.b.run();
+    assert_eq!(journaled_epoch(&pair, 0), Some((DeltaSeq(1), Epoch(1))));
+    // After delta 2 a chunk's record names delta 2, of epoch 2.
+    pair.b
+        .engine
+        .receive(pair.now, A, delta_of_block_three(2, 2, 7));
+    pair.b
+        .engine
+        .receive(pair.now, A, chunk_based_on_one(resume, 1, true, 2, Some(2)));
+    pair.b.run();
+    assert_eq!(journaled_epoch(&pair, 1), Some((DeltaSeq(2), Epoch(2))));
+    assert!(pair.b.engine.replication_status()[0].consistent);
 }
