@@ -5214,3 +5214,64 @@ fn each_resync_chunk_is_journaled_under_the_epoch_of_the_newest_delta_it_follows
     assert_eq!(journaled_epoch(&pair, 1), Some((DeltaSeq(2), Epoch(2))));
     assert!(pair.b.engine.replication_status()[0].consistent);
 }
+
+#[test]
+fn a_resync_read_torn_by_a_leg_write_is_read_again() {
+    // A cache of 512 KiB at a, so blocks on its leg are evicted.
+    let config_a = EngineConfig {
+        cache_bytes_max: 512 << 10,
+        ..config(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: regions 0 and 3 to resync.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    // b returns; a reads both regions from its leg.
+    pair.a.hold_leg_reads = true;
+    pair.connect();
+    let (region_three, region_zero): (Vec<_>, Vec<_>) = std::mem::take(&mut pair.a.held_leg_reads)
+        .into_iter()
+        .partition(|(_, offset, _)| *offset >= 3 << 20);
+    assert!(!region_three.is_empty() && !region_zero.is_empty());
+    pair.a.hold_leg_reads = false;
+    // Region 3's read sees the leg before the write below lands.
+    let torn: Vec<(IoId, Bytes)> = region_three
+        .into_iter()
+        .map(|(io, offset, length)| (io, pair.a.leg_bytes(offset, length)))
+        .collect();
+    // Region 0's chunk leaves; then blocks 800 to 1023, in region 3, are
+    // written: their deltas follow that chunk to b and reach a's leg, and
+    // the later ones push the earlier out of a's cache. (Only region 3 is
+    // written: a write elsewhere must not count as tearing its read.)
+    for (io, offset, length) in region_zero {
+        let data = pair.a.leg_bytes(offset, length);
+        pair.a.engine.leg_read_done(io, Ok(data));
+    }
+    pair.settle();
+    let sevens = Bytes::from(vec![7u8; 64 << 10]);
+    for index in 0..14u64 {
+        pair.write(false, (800 + index * 16) * 4096, sevens.clone());
+        pair.tick(100);
+    }
+    assert_eq!(pair.a.leg.get(&800), Some(&block(7)));
+    // Region 3's read returns what it saw: it must be read again, or its
+    // chunk, after the delta at b, takes block 800 back to zeros.
+    for (io, data) in torn {
+        pair.a.engine.leg_read_done(io, Ok(data));
+    }
+    pair.settle();
+    pair.tick(100);
+    pair.tick(100);
+    assert!(pair.b.engine.replication_status()[0].consistent);
+    assert_legs_equal(&pair);
+    assert_eq!(pair.b.leg.get(&800), Some(&block(7)));
+    assert!(pair.a.engine.marks().count(Mark::ResyncReadStale) > 0);
+}
