@@ -771,7 +771,9 @@ fn a_partial_write_over_a_short_leg_read_fails_instead_of_caching_a_short_block(
 /// its block: a cache's worth of writes after it is admitted at once.
 #[test]
 fn a_failed_partial_write_gives_back_its_reserved_room() {
-    let cache_bytes_max = 64 << 10;
+    // Room for exactly sixteen blocks, each charged with its index entry:
+    // a single byte left reserved would keep the last one out.
+    let cache_bytes_max = 16 * (BLOCK_SIZE as u64 + 64);
     let mut engine = engine_with_cache(cache_bytes_max, 32 << 10);
     write(&mut engine, 0, 1, 512, Bytes::from(vec![7u8; 512]), false);
     let Some(Action::ReadLeg { io, .. }) = drain(&mut engine)
@@ -782,8 +784,7 @@ fn a_failed_partial_write_gives_back_its_reserved_room() {
     };
     engine.leg_read_done(io, Err("EIO".into()));
     drain(&mut engine);
-    // As many blocks as the cache holds, each charged with its index entry.
-    let blocks = cache_bytes_max / (BLOCK_SIZE as u64 + 64);
+    let blocks = 16;
     for index in 0..blocks {
         write(&mut engine, 1, 10 + index, index * 4096, block(2), false);
     }
@@ -1162,4 +1163,98 @@ fn a_partial_write_is_charged_the_block_it_merges_into() {
         ),
         "{actions:?}"
     );
+}
+
+/// Completes every journal sync, leg write and leg sync at once; returns
+/// every action seen.
+fn complete_disk(engine: &mut Engine) -> Vec<Action> {
+    let mut seen = Vec::new();
+    while let Some(action) = engine.poll_action() {
+        match &action {
+            Action::SyncJournal { io, .. } => engine.journal_synced(*io, Ok(())),
+            Action::WriteLeg { io, .. } => engine.leg_written(*io, Ok(())),
+            Action::SyncLegs { io, .. } => engine.legs_synced(*io, Ok(())),
+            _ => {}
+        }
+        seen.push(action);
+    }
+    seen
+}
+
+fn leg_syncs(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|action| matches!(action, Action::SyncLegs { .. }))
+        .count()
+}
+
+#[test]
+fn records_a_checkpoint_released_no_longer_count_towards_the_next() {
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 64 << 10,
+        cache_bytes_max: 1 << 20,
+        journal_checkpoint_bytes: 100 << 10,
+        ..EngineConfig::default()
+    });
+    // Two deltas of 64 KiB: one checkpoint releases both records.
+    let data = Bytes::from(vec![3u8; 64 << 10]);
+    write(&mut engine, 0, 1, 0, data.clone(), false);
+    write(&mut engine, 0, 2, 64 << 10, data, false);
+    let actions = complete_disk(&mut engine);
+    assert_eq!(leg_syncs(&actions), 1, "{actions:?}");
+    assert!(
+        actions
+            .iter()
+            .any(|action| matches!(action, Action::ReleaseJournal { .. }))
+    );
+    // One block more is far below the checkpoint size: no leg sync.
+    write(&mut engine, 1, 3, 256 << 10, block(4), false);
+    engine.handle_timeout(Timestamp::from_millis(200));
+    let actions = complete_disk(&mut engine);
+    assert!(
+        actions
+            .iter()
+            .any(|action| matches!(action, Action::WriteLeg { .. }))
+    );
+    assert_eq!(leg_syncs(&actions), 0, "{actions:?}");
+}
+
+#[test]
+fn a_write_of_exactly_half_the_cache_is_admitted() {
+    // Eight blocks, with their index entries, are half the cache.
+    let half = 8 * (BLOCK_SIZE as u64 + crate::block_index::ENTRY_OVERHEAD_BYTES);
+    let mut engine = engine_with_cache(2 * half, half);
+    write(
+        &mut engine,
+        0,
+        1,
+        0,
+        Bytes::from(vec![1u8; 8 * BLOCK_SIZE]),
+        false,
+    );
+    assert_eq!(drain(&mut engine), vec![done(1)]);
+}
+
+#[test]
+fn writes_held_for_cache_room_close_the_open_delta_at_once() {
+    // Deltas close at 32 KiB (eight blocks) or 100 ms; the cache holds 64
+    // KiB, fifteen blocks with their index entries.
+    let mut engine = engine_with_cache(64 << 10, 32 << 10);
+    for request in 0..16u64 {
+        write(&mut engine, 0, request + 1, request * 4096, block(5), false);
+    }
+    let actions = drain(&mut engine);
+    assert!(
+        !actions.contains(&done(16)),
+        "the sixteenth block does not fit"
+    );
+    // The first eight blocks' delta closed at its size; the other seven's
+    // is journaled at once, not at the interval, so that it can reach the
+    // leg and leave the cache.
+    let appended = actions
+        .iter()
+        .filter(|action| matches!(action, Action::AppendJournal { .. }))
+        .count();
+    assert_eq!(appended, 2, "{actions:?}");
 }
