@@ -144,6 +144,8 @@ fn swarm(args: &SimArgs, bug: Option<SimBug>) -> anyhow::Result<()> {
     let mut simulated_ns = 0u64;
     let mut failures = Vec::new();
     let mut reached = [0u64; stretch_sim::Mark::ALL.len()];
+    // The longest drain (events after the workload), and its seed.
+    let mut longest_drain = (0u64, from);
     for seed in from..from.saturating_add(args.seeds) {
         let mut scenario = stretch_sim::swarm_scenario(seed);
         if let Some(duration) = args.duration {
@@ -160,6 +162,7 @@ fn swarm(args: &SimArgs, bug: Option<SimBug>) -> anyhow::Result<()> {
         let run_started = Instant::now();
         let outcome = stretch_sim::run(&scenario, &options);
         simulated_ns += outcome.simulated_ns;
+        longest_drain = longest_drain.max((outcome.stats.drain_events, seed));
         for (count, mark) in reached.iter_mut().zip(stretch_sim::Mark::ALL) {
             *count += u64::from(outcome.stats.marks.count(mark) > 0);
         }
@@ -182,6 +185,10 @@ fn swarm(args: &SimArgs, bug: Option<SimBug>) -> anyhow::Result<()> {
         simulated_ns as f64 / 1e9,
         wall,
         simulated_ns as f64 / 1e9 / wall.max(1e-9)
+    );
+    println!(
+        "longest drain: {} events after the workload (seed {})",
+        longest_drain.0, longest_drain.1
     );
     if args.marks {
         println!("coverage marks (seeds that reached each):");
