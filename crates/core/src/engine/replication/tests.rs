@@ -5275,3 +5275,463 @@ fn a_resync_read_torn_by_a_leg_write_is_read_again() {
     assert_eq!(pair.b.leg.get(&800), Some(&block(7)));
     assert!(pair.a.engine.marks().count(Mark::ResyncReadStale) > 0);
 }
+
+#[test]
+fn a_map_saved_after_a_restart_without_one_names_every_region_a_site_away_may_lack() {
+    let small_journal = |site, peer| EngineConfig {
+        backlog_bytes_max: 16 << 20,
+        journal_checkpoint_bytes: 64 << 10,
+        ..config(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, small_journal(A, B), small_journal(B, A));
+    pair.disconnect();
+    // Region 3 written while b is away; a restarts without a saved map,
+    // so what b lacks of the deltas before the restart is unknown there.
+    pair.write(false, 3 << 20, block(5));
+    pair.tick(100);
+    pair.a.saved_maps.clear();
+    pair.restart_a_alone();
+    // Writes to region 0 alone, with journal releases (the backlog stays
+    // under its bound, b is not folded): the maps saved for b must still
+    // name every region, region 3 among them.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..4u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    assert!(pair.a.saved_maps.contains_key(&B), "no map saved for b");
+    // a restarts again, trusting that map; then b returns.
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn a_map_saved_while_regions_are_read_for_a_resync_names_them() {
+    let small_journal = |site, peer| EngineConfig {
+        journal_checkpoint_bytes: 64 << 10,
+        ..config(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, small_journal(A, B), small_journal(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: regions 0 and 3 to resync,
+    // their deltas released from a's journal.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    // b returns; a reads both regions to copy them, and the reads are
+    // slow: no chunk leaves, so b is not mid-resync by its own account.
+    pair.a.hold_leg_reads = true;
+    pair.connect();
+    assert!(!pair.a.held_leg_reads.is_empty(), "a resync read is held");
+    // Writes to region 1 meanwhile, with journal releases: the maps saved
+    // for b are all a restart here has of regions 0 and 3, which are
+    // neither to resync nor in a chunk just now.
+    for index in 0..3u64 {
+        pair.write(false, (1 << 20) + index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    // a crashes before the reads complete, and restarts from its map.
+    pair.a.hold_leg_reads = false;
+    pair.a.held_leg_reads.clear();
+    pair.restart_a();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn retiring_a_delta_keeps_a_newer_retained_image_of_its_blocks_for_strict_reads() {
+    let mut pair = Pair::new(Mode::Async);
+    // Block 1 written in delta 1 and again in delta 2; b journals both
+    // but its leg is slow.
+    pair.b.hold_leg_writes = true;
+    pair.write(false, 4096, block(1));
+    pair.tick(100);
+    pair.write(false, 4096, block(2));
+    pair.tick(100);
+    assert_eq!(pair.a.leg.get(&1), Some(&block(2)), "clean at a");
+    // b's leg takes delta 1 alone: a retires it, delta 2 stays retained.
+    let sent = pair.b.finish_held_leg_write();
+    for (_, message) in sent {
+        pair.to_a.push_back(message);
+    }
+    pair.settle();
+    // A strict read from a site holding delta 1 alone must get delta 2's
+    // image of block 1 (a's cache holds it clean, so only the retained
+    // history can say it is newer).
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::ReadRequest {
+            id: 7,
+            request: Request::Read {
+                volume: VOLUME,
+                offset: 4096,
+                length: 4096,
+            },
+            have: Some(DeltaSeq(1)),
+        },
+    );
+    let sent = pair.a.run();
+    let [
+        (
+            B,
+            SiteMessage::ReadReply {
+                result: Ok(blocks), ..
+            },
+        ),
+    ] = sent.as_slice()
+    else {
+        panic!("expected one read reply: {sent:?}");
+    };
+    assert_eq!(
+        blocks.as_slice(),
+        &[(
+            BlockKey {
+                volume: VOLUME,
+                block: 1
+            },
+            BlockImage::Data(block(2))
+        )]
+    );
+}
+
+#[test]
+fn a_diverged_site_naming_regions_outside_the_group_gets_only_the_groups_regions_copied() {
+    // a also holds a volume of a group b owns: a's image of it is not
+    // this group's to copy.
+    const OTHER_VOLUME: VolumeId = VolumeId(2);
+    let mut pair = owner_with_epoch_history(false);
+    pair.a.engine.add_volume(
+        OTHER_VOLUME,
+        VolumeSpec {
+            size: VOLUME_BYTES,
+            group: GroupId(2),
+            mode: Mode::Async,
+        },
+    );
+    pair.a.engine.set_owner(GroupId(2), B, Epoch(1));
+    pair.a.run();
+    // b's line left a's after delta 5; b names the regions its own line
+    // wrote since: region 2, and (from another site, so not trusted) a
+    // region of the other group's volume and one past the volume's end.
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(7)),
+            have_epoch: Some(Epoch(1)),
+            lost_regions: Some(vec![(VOLUME, 2), (OTHER_VOLUME, 1), (VOLUME, 100)]),
+            resume: 1,
+        },
+    );
+    assert_eq!(pair.a.engine.marks().count(Mark::DivergedRegionResync), 1);
+    let read: BTreeSet<(VolumeId, u64)> = std::iter::from_fn(|| pair.a.engine.poll_action())
+        .filter_map(|action| match action {
+            Action::ReadLeg { volume, offset, .. } => {
+                Some((volume, offset / (REGION_BLOCKS * BLOCK_SIZE as u64)))
+            }
+            _ => None,
+        })
+        .collect();
+    // Region 0 (a's deltas 6 to 8) and region 2 (b's own).
+    assert_eq!(read, BTreeSet::from([(VOLUME, 0), (VOLUME, 2)]));
+}
+
+#[test]
+fn a_diverged_site_naming_the_owners_newest_seq_still_gets_the_regions_it_was_marked_for() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    // Past the backlog bound while b is away: b is marked for regions 0
+    // and 3, and the deltas that wrote them are retired.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    pair.write(false, 3 << 20, block(8));
+    pair.tick(100);
+    let last = pair.a.engine.replication_status()[0].last_seq;
+    // a's line left epoch 1 after delta 2; b kept writing epoch 1's line
+    // (in region 1) up to the same seq as a's newest.
+    pair.a.engine.set_epoch_history(
+        GROUP,
+        vec![
+            EpochStart {
+                epoch: Epoch(1),
+                after_seq: DeltaSeq(0),
+                handed_over: false,
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                after_seq: DeltaSeq(2),
+                handed_over: false,
+            },
+        ],
+    );
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(last),
+            have_epoch: Some(Epoch(1)),
+            lost_regions: Some(vec![(VOLUME, 1)]),
+            resume: 1,
+        },
+    );
+    assert_eq!(pair.a.engine.marks().count(Mark::DivergedRegionResync), 1);
+    let read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
+        .filter_map(|action| match action {
+            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
+            _ => None,
+        })
+        .collect();
+    // Its own line's region and a's since the split: the same seq is not
+    // the same deltas.
+    assert_eq!(read, BTreeSet::from([0, 1, 3]));
+}
+
+#[test]
+fn a_diverged_site_whose_line_left_before_this_run_gets_every_region() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.disconnect();
+    // Regions 3 and 0 written while b is away; a restarts without a map:
+    // which regions its deltas 1 and 2 wrote is not known after it.
+    pair.write(false, 3 << 20, block(5));
+    pair.tick(100);
+    pair.write(false, 0, block(6));
+    pair.tick(100);
+    pair.a.saved_maps.clear();
+    pair.restart_a_alone();
+    // a's line left epoch 1 after delta 1, before this run began; b kept
+    // writing epoch 1's line, in region 1.
+    pair.a.engine.set_epoch_history(
+        GROUP,
+        vec![
+            EpochStart {
+                epoch: Epoch(1),
+                after_seq: DeltaSeq(0),
+                handed_over: false,
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                after_seq: DeltaSeq(1),
+                handed_over: false,
+            },
+        ],
+    );
+    pair.a.run();
+    pair.a.engine.receive(
+        pair.now,
+        B,
+        SiteMessage::Resume {
+            group: GROUP,
+            have: Some(DeltaSeq(2)),
+            have_epoch: Some(Epoch(1)),
+            lost_regions: Some(vec![(VOLUME, 1)]),
+            resume: 1,
+        },
+    );
+    let read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
+        .filter_map(|action| match action {
+            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
+            _ => None,
+        })
+        .collect();
+    // a's delta 2 (region 0) is on the line b left, and nothing here
+    // names its regions: every region, not only b's own.
+    let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
+    assert_eq!(read, (0..regions).collect());
+}
+
+#[test]
+fn an_abandoned_resync_takes_back_only_its_own_groups_regions_being_read() {
+    // A second group, owned by a too, of a volume whose blocks lie apart
+    // from the first's on the in-memory legs (they are keyed by block).
+    const OTHER_VOLUME: VolumeId = VolumeId(2);
+    const OTHER_GROUP: GroupId = GroupId(2);
+    let mut pair = Pair::new(Mode::Async);
+    for site in [&mut pair.a, &mut pair.b] {
+        site.engine.add_volume(
+            OTHER_VOLUME,
+            VolumeSpec {
+                size: VOLUME_BYTES,
+                group: OTHER_GROUP,
+                mode: Mode::Async,
+            },
+        );
+        site.engine.set_owner(OTHER_GROUP, A, Epoch(1));
+    }
+    pair.settle();
+    pair.disconnect();
+    // While b is away: region 3 of the other volume, then the first
+    // volume's region 0 past the backlog bound. Both groups mark b.
+    pair.a.submit(
+        pair.now,
+        Request::Write {
+            volume: OTHER_VOLUME,
+            offset: 3 << 20,
+            data: block(5),
+            fua: false,
+        },
+    );
+    pair.tick(100);
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    // b returns; both resyncs read a region, slowly.
+    pair.a.hold_leg_reads = true;
+    pair.connect();
+    let held = std::mem::take(&mut pair.a.held_leg_reads);
+    assert_eq!(held.len(), 2, "a region of each group is being read");
+    // The other group moves to b meanwhile, and the link drops: a's
+    // resync of the first group is abandoned.
+    pair.a.engine.set_owner(OTHER_GROUP, B, Epoch(2));
+    pair.b.engine.set_owner(OTHER_GROUP, B, Epoch(2));
+    pair.disconnect();
+    pair.a.hold_leg_reads = false;
+    for (io, offset, length) in held {
+        let data = pair.a.leg_bytes(offset, length);
+        pair.a.engine.leg_read_done(io, Ok(data));
+    }
+    pair.a.run();
+    // b, the other group's owner now, overwrites the block a wrote there.
+    let write = pair.b.submit(
+        pair.now,
+        Request::Write {
+            volume: OTHER_VOLUME,
+            offset: 3 << 20,
+            data: block(9),
+            fua: false,
+        },
+    );
+    pair.tick(100);
+    assert!(matches!(pair.b.reply(write), Some(Ok(_))), "b's write");
+    // Back in touch: the first group's resync must not carry a's old
+    // image of the other group's region to b.
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    let read = pair.b.submit(
+        pair.now,
+        Request::Read {
+            volume: OTHER_VOLUME,
+            offset: 3 << 20,
+            length: 4096,
+        },
+    );
+    pair.settle();
+    assert_eq!(pair.b.read_reply(read), block(9));
+}
+
+#[test]
+fn a_region_read_of_an_abandoned_resync_that_completes_late_is_ignored() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    pair.disconnect();
+    // Past the backlog bound while b is away: b needs a resync of region 0.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, index * (64 << 10), big.clone());
+        pair.tick(100);
+    }
+    // b returns; the resync's read is slow, and the link drops before it
+    // completes: that resync is abandoned, and the read comes back late.
+    pair.a.hold_leg_reads = true;
+    pair.connect();
+    pair.disconnect();
+    pair.a.hold_leg_reads = false;
+    let held = std::mem::take(&mut pair.a.held_leg_reads);
+    assert!(!held.is_empty(), "a resync read was held");
+    for (io, offset, length) in held {
+        let data = pair.a.leg_bytes(offset, length);
+        pair.a.engine.leg_read_done(io, Ok(data));
+    }
+    pair.a.run();
+    // The next resync copies the region itself and ends.
+    pair.connect();
+    pair.tick(100);
+    pair.tick(100);
+    assert_legs_equal(&pair);
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::Streaming
+    );
+}
+
+#[test]
+fn requests_from_the_owner_past_the_awaiting_bound_are_refused_at_once() {
+    let mut pair = Pair::new(Mode::Async);
+    // b still takes a for the owner: it holds a's requests up to the
+    // bound (4,096), and refuses the next one rather than hold it too.
+    pair.read_requests_from_a_at_b(1, 4_096);
+    assert_eq!(read_replies(pair.b.run()), 0, "held up to the bound");
+    pair.read_requests_from_a_at_b(10_000, 1);
+    let sent = pair.b.run();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [(
+                A,
+                SiteMessage::ReadReply {
+                    id: 10_000,
+                    result: Err(_)
+                }
+            )]
+        ),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_request_awaiting_a_change_of_owner_is_served_if_it_comes_within_half_the_remote_timeout() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(4));
+    pair.tick(100);
+    pair.read_requests_from_a_at_b(1, 1);
+    assert_eq!(read_replies(pair.b.run()), 0, "held");
+    // 100 ms later, well within half the remote timeout (500 ms), b
+    // learns it owns the group: the read is answered with the data.
+    pair.now = pair.now.saturating_add_millis(100);
+    pair.b.engine.handle_timeout(pair.now);
+    assert_eq!(read_replies(pair.b.run()), 0, "still held");
+    pair.b.engine.set_owner(GROUP, B, Epoch(2));
+    let sent = pair.b.run();
+    let replies: Vec<&SiteMessage> = sent
+        .iter()
+        .map(|(_, message)| message)
+        .filter(|message| matches!(message, SiteMessage::ReadReply { .. }))
+        .collect();
+    let [
+        SiteMessage::ReadReply {
+            id: 1,
+            result: Ok(blocks),
+        },
+    ] = replies.as_slice()
+    else {
+        panic!("expected the read served: {sent:?}");
+    };
+    assert_eq!(
+        blocks.as_slice(),
+        &[(
+            BlockKey {
+                volume: VOLUME,
+                block: 0
+            },
+            BlockImage::Data(block(4))
+        )]
+    );
+}
