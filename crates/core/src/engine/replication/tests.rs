@@ -5735,3 +5735,74 @@ fn a_request_awaiting_a_change_of_owner_is_served_if_it_comes_within_half_the_re
         )]
     );
 }
+
+#[test]
+fn merged_records_stay_within_their_bound_and_the_window_counts_each_one() {
+    // 1 MiB deltas, a send window of 8 MiB, and room for 17 MiB of them
+    // in the cache and the backlog while b is away.
+    let roomy = |site, peer| EngineConfig {
+        delta_max_bytes: 1 << 20,
+        cache_bytes_max: 64 << 20,
+        backlog_bytes_max: 64 << 20,
+        ship_window_bytes_max: 8 << 20,
+        ..config(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, roomy(A, B), roomy(B, A));
+    // Only this volume is written: the sites' legs here are keyed by block.
+    let volume = VolumeId(2);
+    for site in [&mut pair.a, &mut pair.b] {
+        site.engine.add_volume(
+            volume,
+            VolumeSpec {
+                size: 24 << 20,
+                group: GROUP,
+                mode: Mode::Async,
+            },
+        );
+    }
+    pair.disconnect();
+    let megabyte = Bytes::from(vec![4u8; 1 << 20]);
+    for index in 0..17u64 {
+        pair.a.submit(
+            pair.now,
+            Request::Write {
+                volume,
+                offset: index << 20,
+                data: megabyte.clone(),
+                fua: false,
+            },
+        );
+        pair.tick(100);
+    }
+    // b returns 17 deltas behind: the first 16 leave as one record of
+    // exactly MERGED_RECORD_BYTES_MAX; it fills the window, so the 17th
+    // waits for b's acknowledgement.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    let records: Vec<(u64, u64, usize)> = pair
+        .to_b
+        .iter()
+        .filter_map(|message| match message {
+            SiteMessage::Deltas { first, record } => {
+                Some((first.0, record.seq.0, record.blocks.len()))
+            }
+            SiteMessage::Delta(record) => Some((record.seq.0, record.seq.0, record.blocks.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        MERGED_RECORD_BYTES_MAX,
+        16 * (1 << 20),
+        "the test's figures assume it"
+    );
+    assert_eq!(records, vec![(1, 16, 4096)]);
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    assert_eq!(
+        pair.a.engine.replication_status()[0].peers[0].state,
+        PeerState::Streaming
+    );
+    assert_eq!(pair.b.leg.len(), 17 * 256);
+    assert_legs_equal(&pair);
+}
