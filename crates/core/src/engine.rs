@@ -21,6 +21,14 @@ mod replication;
 pub use read_lease::{READ_LEASE_IDLE_PERIODS_MAX, ReadLeaseCounters};
 pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
 
+/// Most data bytes one delta's record holds, whatever `delta_max_bytes`
+/// and the requests: a record travels to other sites in one frame (40 MiB
+/// with its encoding; 32 MiB of blocks fit, see the wire's tests). A write
+/// that would take the open delta past it closes the delta first, so a
+/// record exceeds it only for a single write larger than it, which the
+/// node's configuration does not allow.
+pub const DELTA_RECORD_BYTES_MAX: u64 = 32 << 20;
+
 /// Tuning of one node's engine. Every limit names its unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -317,6 +325,10 @@ impl Engine {
         assert!(
             config.delta_max_bytes > 0 && config.cache_bytes_max >= 2 * config.delta_max_bytes,
             "engine config invariant: cache_bytes_max must hold two full deltas"
+        );
+        assert!(
+            config.delta_max_bytes <= DELTA_RECORD_BYTES_MAX,
+            "engine config invariant: delta_max_bytes is at most DELTA_RECORD_BYTES_MAX"
         );
         let next_position = recovered.next_position.0.max(1);
         let groups = recovered
@@ -1309,6 +1321,13 @@ impl Engine {
         let block_bytes = BLOCK_SIZE as u64;
         let length = write.payload.len();
         let end = write.offset + length;
+        // A large write after others could take the open delta past what
+        // one frame carries: it starts a delta of its own.
+        let new_bytes = block_span(write.offset, length).count() as u64 * block_bytes;
+        let open_bytes = self.groups[&group_id].open.data_bytes;
+        if open_bytes > 0 && open_bytes + new_bytes > DELTA_RECORD_BYTES_MAX {
+            self.close_delta(group_id);
+        }
         for block in block_span(write.offset, length) {
             let key = BlockKey {
                 volume: write.volume,

@@ -31,9 +31,9 @@ mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
-    Engine, EngineConfig, EngineStats, EpochStart, GroupReplication, PeerReplication, PeerState,
-    PlantedBug, READ_LEASE_IDLE_PERIODS_MAX, REGION_BLOCKS, ReadLeaseCounters, RecoveredState,
-    VolumeSpec,
+    DELTA_RECORD_BYTES_MAX, Engine, EngineConfig, EngineStats, EpochStart, GroupReplication,
+    PeerReplication, PeerState, PlantedBug, READ_LEASE_IDLE_PERIODS_MAX, REGION_BLOCKS,
+    ReadLeaseCounters, RecoveredState, VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use stretch_core::{BLOCK_SIZE, EngineConfig, LinkProfile};
+use stretch_core::{BLOCK_SIZE, DELTA_RECORD_BYTES_MAX, EngineConfig, LinkProfile};
 
 use crate::byte_size::ByteSize;
 
@@ -590,9 +590,22 @@ impl ClusterConfig {
         if tuning.delta_interval_ms == 0 {
             return Err("tuning.delta_interval_ms must be at least 1".into());
         }
-        if tuning.delta_max_bytes.0 < BLOCK_SIZE as u64 {
+        // A delta's record, and so a request's blocks, travel to other
+        // sites in one frame.
+        if tuning.delta_max_bytes.0 < BLOCK_SIZE as u64
+            || tuning.delta_max_bytes.0 > DELTA_RECORD_BYTES_MAX
+        {
             return Err(format!(
-                "tuning.delta_max_bytes must be at least {BLOCK_SIZE}"
+                "tuning.delta_max_bytes must be between {BLOCK_SIZE} and {} (a delta travels to other sites in one frame)",
+                ByteSize(DELTA_RECORD_BYTES_MAX)
+            ));
+        }
+        if tuning.nbd_request_bytes_max.0 < BLOCK_SIZE as u64
+            || tuning.nbd_request_bytes_max.0 > DELTA_RECORD_BYTES_MAX
+        {
+            return Err(format!(
+                "tuning.nbd_request_bytes_max must be between 4K and {} (a write's blocks travel to other sites in one frame)",
+                ByteSize(DELTA_RECORD_BYTES_MAX)
             ));
         }
         // Room for two full deltas and two largest requests, so a write can
@@ -603,11 +616,6 @@ impl ClusterConfig {
                 "tuning.cache_bytes_max must be at least 2 × delta_max_bytes + 4 × nbd_request_bytes_max ({})",
                 ByteSize(needed)
             ));
-        }
-        if tuning.nbd_request_bytes_max.0 < BLOCK_SIZE as u64
-            || tuning.nbd_request_bytes_max.0 > u32::MAX as u64
-        {
-            return Err("tuning.nbd_request_bytes_max must be between 4K and 4G-1".into());
         }
         if tuning.journal_segment_bytes.0 < 1 << 20 {
             return Err("tuning.journal_segment_bytes must be at least 1M".into());
@@ -1120,6 +1128,25 @@ mod tests {
             "ship_window_bytes_max = \"1K\"",
         );
         assert!(parse_error(&text).contains("tuning.ship_window_bytes_max must be at least 4096"));
+    }
+
+    #[test]
+    fn deltas_and_requests_larger_than_one_frame_carries_are_refused() {
+        let text = LOCAL_CONFIG.replace("delta_max_bytes = \"8M\"", "delta_max_bytes = \"40M\"");
+        assert!(
+            parse_error(&text).contains("tuning.delta_max_bytes must be between 4096 and 32M"),
+            "{}",
+            parse_error(&text)
+        );
+        let text = LOCAL_CONFIG.replace(
+            "nbd_request_bytes_max = \"32M\"",
+            "nbd_request_bytes_max = \"64M\"",
+        );
+        assert!(
+            parse_error(&text).contains("tuning.nbd_request_bytes_max must be between 4K and 32M"),
+            "{}",
+            parse_error(&text)
+        );
     }
 
     #[test]

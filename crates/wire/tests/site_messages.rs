@@ -3,12 +3,12 @@
 
 use bytes::Bytes;
 use stretch_core::{
-    BLOCK_SIZE, BlockImage, BlockKey, DeltaRecord, DeltaSeq, Epoch, GroupId, JournalPosition,
-    Request, RequestError, Response, SiteMessage, VolumeId,
+    BLOCK_SIZE, BlockImage, BlockKey, DELTA_RECORD_BYTES_MAX, DeltaRecord, DeltaSeq, Epoch,
+    GroupId, JournalPosition, Request, RequestError, Response, SiteMessage, VolumeId,
 };
 use stretch_wire::{
-    Compression, PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WirePayload, WireResponse,
-    decode_frame, encode_frame,
+    Compression, FRAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WireBlock, WireError, WirePayload,
+    WireResponse, decode_frame, encode_frame,
 };
 
 fn key(volume: u32, block: u64) -> BlockKey {
@@ -543,4 +543,48 @@ fn received_data_is_not_copied_into_the_engines_message() {
         panic!("a forwarded read's data");
     };
     assert_eq!(data.as_ptr(), read_at);
+}
+
+/// A delta of `blocks` blocks that do not compress (as encrypted guest
+/// data would not).
+fn incompressible_delta(blocks: u64) -> SiteMessage {
+    SiteMessage::Delta(DeltaRecord {
+        position: JournalPosition(0),
+        group: GroupId(1),
+        epoch: Epoch(1),
+        seq: DeltaSeq(1),
+        blocks: (0..blocks)
+            .map(|block| {
+                let mut state = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let bytes: Vec<u8> = (0..BLOCK_SIZE)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state >> 24) as u8
+                    })
+                    .collect();
+                (key(1, block), BlockImage::Data(Bytes::from(bytes)))
+            })
+            .collect(),
+    })
+}
+
+#[test]
+fn the_largest_delta_record_fits_one_frame() {
+    let frame_bytes = |blocks: u64| {
+        let message = PeerMessage::from_site(&incompressible_delta(blocks), Compression::Lz4)
+            .expect("converts");
+        encode_frame(&message).map(|frame| frame.len())
+    };
+    let largest = DELTA_RECORD_BYTES_MAX / BLOCK_SIZE as u64;
+    let fits = frame_bytes(largest).expect("a record of DELTA_RECORD_BYTES_MAX is framed");
+    assert!(fits <= FRAME_BYTES_MAX as usize + 4, "{fits} bytes");
+    // What the engine's bound prevents: an 8 MiB delta one block short of
+    // full, plus a 32 MiB request, in one record.
+    let joined = largest + (8 << 20) / BLOCK_SIZE as u64 - 1;
+    assert!(matches!(
+        frame_bytes(joined),
+        Err(WireError::FrameTooLarge(_))
+    ));
 }

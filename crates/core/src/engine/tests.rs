@@ -1258,3 +1258,48 @@ fn writes_held_for_cache_room_close_the_open_delta_at_once() {
         .count();
     assert_eq!(appended, 2, "{actions:?}");
 }
+
+#[test]
+fn a_large_write_after_others_starts_a_delta_that_one_frame_carries() {
+    // 8 MiB deltas and room for 40 MiB of writes.
+    let mut engine = engine_with(EngineConfig {
+        delta_interval_ms: 100,
+        delta_max_bytes: 8 << 20,
+        cache_bytes_max: 128 << 20,
+        journal_checkpoint_bytes: 1 << 30,
+        ..EngineConfig::default()
+    });
+    engine.add_volume(
+        VolumeId(2),
+        VolumeSpec {
+            size: 64 << 20,
+            group: GROUP,
+            mode: Mode::Async,
+        },
+    );
+    let submit = |engine: &mut Engine, request: u64, offset: u64, length: usize| {
+        engine.submit(
+            Timestamp::from_millis(0),
+            RequestId(request),
+            Request::Write {
+                volume: VolumeId(2),
+                offset,
+                data: Bytes::from(vec![request as u8; length]),
+                fua: false,
+            },
+        );
+    };
+    // One block short of a full delta, then the largest request a node
+    // takes: together they would be 40 MiB, past what one frame carries.
+    submit(&mut engine, 1, 0, (8 << 20) - BLOCK_SIZE);
+    submit(&mut engine, 2, 8 << 20, 32 << 20);
+    let records: Vec<u64> = drain(&mut engine)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::AppendJournal { record } => Some(record.data_bytes()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(records, vec![(8 << 20) - BLOCK_SIZE as u64, 32 << 20]);
+    assert!(records.iter().all(|bytes| *bytes <= DELTA_RECORD_BYTES_MAX));
+}
