@@ -5806,3 +5806,355 @@ fn merged_records_stay_within_their_bound_and_the_window_counts_each_one() {
     assert_eq!(pair.b.leg.len(), 17 * 256);
     assert_legs_equal(&pair);
 }
+
+// ---------------------------------------------------------------------------
+// Read leases: bounds, cooldowns and what the owner's cache shows
+
+impl Pair {
+    /// b asks a for a lease on `regions` regions of `volume` from
+    /// `first_region`, naming delta `have`: the lease a grants, in
+    /// milliseconds (0: refused).
+    fn ask_a_for_lease_on(
+        &mut self,
+        volume: VolumeId,
+        first_region: u64,
+        regions: u64,
+        have: u64,
+    ) -> u64 {
+        self.a.engine.receive(
+            self.now,
+            B,
+            SiteMessage::LeaseRequest {
+                id: 90,
+                volume,
+                first_region,
+                regions,
+                have: DeltaSeq(have),
+            },
+        );
+        match self.a.run().as_slice() {
+            [(B, SiteMessage::LeaseReply { id: 90, lease_ms })] => *lease_ms,
+            sent => panic!("expected one lease reply: {sent:?}"),
+        }
+    }
+}
+
+/// The volume of [`pair_with_one_block_regions`] that has one region more
+/// than a lease request may name.
+const WIDE_VOLUME: VolumeId = VolumeId(2);
+
+/// Two leasing sites with regions of one block, and a second volume of
+/// the group, [`WIDE_VOLUME`], of `LEASE_REGIONS_MAX + 1` regions.
+fn pair_with_one_block_regions() -> Pair {
+    let one_block = |site, peer| EngineConfig {
+        region_blocks: 1,
+        ..leasing(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, one_block(A, B), one_block(B, A));
+    for site in [&mut pair.a, &mut pair.b] {
+        site.engine.add_volume(
+            WIDE_VOLUME,
+            VolumeSpec {
+                size: (crate::site_message::LEASE_REGIONS_MAX as u64 + 1) * BLOCK_SIZE as u64,
+                group: GROUP,
+                mode: Mode::Async,
+            },
+        );
+    }
+    pair.tick(100);
+    pair
+}
+
+/// The lease requests (first region, regions) among `sent`.
+fn lease_requests(sent: &[(SiteId, SiteMessage)]) -> Vec<(u64, u64)> {
+    sent.iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::LeaseRequest {
+                first_region,
+                regions,
+                ..
+            } => Some((*first_region, *regions)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A lease request names at most `LEASE_REGIONS_MAX` regions: the owner
+/// grants one that names exactly that many, and refuses (and counts) one
+/// naming more.
+#[test]
+fn an_owner_grants_a_lease_on_as_many_regions_as_a_request_may_name_and_no_more() {
+    let mut pair = pair_with_one_block_regions();
+    let max = crate::site_message::LEASE_REGIONS_MAX as u64;
+    assert_eq!(pair.ask_a_for_lease_on(WIDE_VOLUME, 0, max, 0), 2_000);
+    let refused = pair.a.engine.stats().refused_messages_total;
+    assert_eq!(pair.ask_a_for_lease_on(WIDE_VOLUME, 0, max + 1, 0), 0);
+    assert_eq!(pair.a.engine.stats().refused_messages_total, refused + 1);
+}
+
+/// A holder asks for a lease with a strict read of up to
+/// `LEASE_REGIONS_MAX` regions; a read of more regions goes to the owner
+/// without a lease request (the owner would refuse it as malformed).
+#[test]
+fn a_holder_asks_for_a_lease_only_on_as_many_regions_as_a_request_may_name() {
+    let mut pair = pair_with_one_block_regions();
+    let max = crate::site_message::LEASE_REGIONS_MAX as u64;
+    let read = |length: u64| Request::Read {
+        volume: WIDE_VOLUME,
+        offset: 0,
+        length,
+    };
+    pair.b.submit(pair.now, read((max + 1) * BLOCK_SIZE as u64));
+    let sent = pair.b.run();
+    assert!(
+        sent.iter()
+            .any(|(_, message)| matches!(message, SiteMessage::ReadRequest { .. })),
+        "{sent:?}"
+    );
+    assert_eq!(lease_requests(&sent), vec![]);
+    pair.b.submit(pair.now, read(max * BLOCK_SIZE as u64));
+    assert_eq!(lease_requests(&pair.b.run()), vec![(0, max)]);
+}
+
+/// A renewal round asks for at most `LEASE_REGIONS_MAX` consecutive
+/// regions in one request: a longer run is split, so that every lease of
+/// it is renewed.
+#[test]
+fn a_run_of_leased_regions_longer_than_a_request_may_name_is_renewed_in_two() {
+    let mut pair = pair_with_one_block_regions();
+    let max = crate::site_message::LEASE_REGIONS_MAX as u64;
+    for (offset, length) in [(0, max), (max, 1)] {
+        let read = pair.b.submit(
+            pair.now,
+            Request::Read {
+                volume: WIDE_VOLUME,
+                offset: offset * BLOCK_SIZE as u64,
+                length: length * BLOCK_SIZE as u64,
+            },
+        );
+        pair.settle();
+        assert!(matches!(pair.b.reply(read), Some(Ok(_))));
+    }
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 2);
+    assert_eq!(
+        renewals_from_b_after(&mut pair, 1_100),
+        vec![(0, max), (max, 1)]
+    );
+}
+
+/// A region a write revoked is not leased again during the cooldown, also
+/// when the owner, at its bound, drops the leases that ran out first.
+#[test]
+fn a_region_cooling_down_after_a_revocation_is_not_leased_when_the_owner_prunes_its_leases() {
+    let owner = EngineConfig {
+        read_leases_max: 1,
+        ..leasing(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, owner, leasing(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    assert_eq!(pair.ask_a_for_lease(1, 0, 1, 1), 2_000);
+    // a writes region 0: it revokes b's lease (b confirms), and region 0
+    // cools down for 10 s.
+    let write = pair.write(false, 0, block(2));
+    assert!(matches!(pair.a.reply(write), Some(Ok(Response::Done))));
+    pair.tick(100);
+    // Region 1 is leased, up to the bound, and that lease runs out.
+    assert_eq!(pair.ask_a_for_lease(2, 1, 1, 2), 2_000);
+    pair.tick(2_100);
+    assert_eq!(pair.ask_a_for_lease(3, 0, 1, 2), 0, "leased while cooling");
+    assert_eq!(pair.ask_a_for_lease(4, 2, 1, 2), 2_000);
+}
+
+/// An owner at its bound of leases grants a new one as soon as one it
+/// granted ran out.
+#[test]
+fn an_owner_at_its_bound_grants_a_lease_in_place_of_one_that_ran_out() {
+    let owner = EngineConfig {
+        read_leases_max: 1,
+        ..leasing(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, owner, leasing(B, A));
+    pair.tick(100);
+    assert_eq!(pair.ask_a_for_lease(1, 0, 1, 0), 2_000);
+    assert_eq!(pair.ask_a_for_lease(2, 1, 1, 0), 0, "past the bound of 1");
+    // The owner counts 2002 ms.
+    pair.now = pair.now.saturating_add_millis(2_100);
+    assert_eq!(pair.ask_a_for_lease(3, 1, 1, 0), 2_000);
+}
+
+/// A holder at its bound of leases takes a new one as soon as one it held
+/// ran out, even before its renewal round (a late timer) dropped it.
+#[test]
+fn a_holder_at_its_bound_takes_a_lease_in_place_of_one_that_ran_out() {
+    let mut pair = Pair::with_configs(
+        Mode::Async,
+        leasing(A, B),
+        EngineConfig {
+            read_leases_max: 1,
+            ..leasing(B, A)
+        },
+    );
+    pair.tick(100);
+    let region_bytes = REGION_BLOCKS * 4096;
+    let read = pair.read(true, false, 0, 4096);
+    assert!(pair.b.reply(read).is_some());
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+    // No timer fires at b: its lease on region 0 ran out but is still
+    // there.
+    pair.now = pair.now.saturating_add_millis(2_100);
+    let read = pair.read(true, false, region_bytes, 4096);
+    assert!(pair.b.reply(read).is_some());
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 2);
+    let local = pair.b.submit(pair.now, strict_read(region_bytes));
+    assert!(pair.b.run().is_empty(), "region 1 is not leased");
+    assert!(pair.b.reply(local).is_some());
+}
+
+/// A dirty block in the owner's cache keeps its region from being leased
+/// only when the delta that wrote it is newer than the one the site
+/// names; it says nothing about the regions after it.
+#[test]
+fn only_blocks_newer_than_the_site_holds_in_the_same_region_keep_it_from_being_leased() {
+    let mut pair = Pair::with_configs(
+        Mode::Async,
+        leasing_without_cooldown(A, B),
+        leasing_without_cooldown(B, A),
+    );
+    // Delta 1 (block 0) reaches b, but a's leg write of it is slow: the
+    // block stays dirty in a's cache, written by the delta b names.
+    pair.a.hold_leg_writes = true;
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    assert_eq!(pair.b.leg.get(&0), Some(&block(1)));
+    assert_eq!(pair.ask_a_for_lease(1, 0, 1, 1), 2_000);
+    // Once that lease ran out (the write needs no revocation), block 1 of
+    // region 0 is written and waits in the open delta: region 0 is not
+    // leased to a site naming delta 1, region 1 still is.
+    pair.tick(2_100);
+    pair.write(false, 4096, block(2));
+    assert_eq!(pair.ask_a_for_lease(2, 0, 1, 1), 0);
+    assert_eq!(pair.ask_a_for_lease(3, 1, 1, 1), 2_000);
+}
+
+/// An owner that gives one group away keeps the revocations on their way
+/// for its other groups: the holder's confirmation still frees the write
+/// that waits for it.
+#[test]
+fn a_revocation_on_its_way_is_confirmed_after_another_group_is_given_away() {
+    let mut pair = pair_with_a_lease_at_b();
+    let other = (VolumeId(2), GroupId(2));
+    for site in [&mut pair.a, &mut pair.b] {
+        site.engine.add_volume(
+            other.0,
+            VolumeSpec {
+                size: VOLUME_BYTES,
+                group: other.1,
+                mode: Mode::Async,
+            },
+        );
+        site.engine.set_owner(other.1, A, Epoch(1));
+    }
+    pair.settle();
+    let write = pair.a.submit(pair.now, write_request(4096, 2));
+    let revocation = pair.a.run();
+    assert!(
+        revocation
+            .iter()
+            .any(|(_, message)| matches!(message, SiteMessage::LeaseRevoke { .. })),
+        "{revocation:?}"
+    );
+    pair.a.engine.set_owner(other.1, B, Epoch(2));
+    pair.b.engine.set_owner(other.1, B, Epoch(2));
+    pair.to_b
+        .extend(revocation.into_iter().map(|(_, message)| message));
+    pair.settle();
+    assert!(
+        matches!(pair.a.reply(write), Some(Ok(Response::Done))),
+        "the write waits for a lease b no longer holds"
+    );
+}
+
+/// A holder renews a lease only past half its period: a renewal round
+/// before that asks for nothing.
+#[test]
+fn a_holder_renews_a_lease_only_past_half_its_period() {
+    let mut pair = pair_with_two_leased_regions(leasing(A, B));
+    assert_eq!(renewals_from_b_after(&mut pair, 900), vec![]);
+    assert_eq!(renewals_from_b_after(&mut pair, 200), vec![(0, 2)]);
+}
+
+/// A renewal round that finds a lease request for the region on its way
+/// looks again later: when that request is refused, the lease is still
+/// renewed before it runs out.
+#[test]
+fn a_lease_whose_renewal_waited_for_a_refused_request_is_renewed_later() {
+    let mut pair = pair_with_a_lease_at_b();
+    // a writes region 1: its block waits in the open delta (newer than
+    // what b holds), so no lease on region 1 is granted to b.
+    let region_bytes = REGION_BLOCKS * 4096;
+    pair.write(false, region_bytes, block(3));
+    // Past half of b's lease (asked at 100 ms), b reads across regions 0
+    // and 1: it asks the owner, and for a lease on both.
+    pair.now = Timestamp(1_100_000_000);
+    let read = pair.b.submit(
+        pair.now,
+        Request::Read {
+            volume: VOLUME,
+            offset: region_bytes - 4096,
+            length: 8192,
+        },
+    );
+    let asked = pair.b.run();
+    assert_eq!(lease_requests(&asked), vec![(0, 2)]);
+    // b's renewal round comes while that request is on its way: region 0
+    // is being asked for already.
+    pair.b.engine.handle_timeout(pair.now);
+    assert_eq!(lease_requests(&pair.b.run()), vec![]);
+    pair.to_a
+        .extend(asked.into_iter().map(|(_, message)| message));
+    pair.settle();
+    assert!(pair.b.reply(read).is_some());
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+    // Half a second later, the round renews region 0 alone.
+    pair.tick(500);
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 2);
+    // Past the end of the first lease (2098 ms), region 0 is still leased.
+    pair.tick(600);
+    let local = pair.b.submit(pair.now, strict_read(0));
+    assert!(pair.b.run().is_empty(), "region 0 is no longer leased");
+    assert_eq!(pair.b.read_reply(local), block(1));
+}
+
+/// A site mid-resync sends strict reads to the owner, even of a region it
+/// holds a valid lease on: its image is at no delta boundary.
+#[test]
+fn a_site_mid_resync_asks_the_owner_even_under_a_lease() {
+    let mut pair = pair_with_a_lease_at_b();
+    pair.disconnect();
+    // 512 KiB in region 1 and a block in region 3 while b is away, past
+    // the backlog bound: b needs a resync of both (region 0, leased, is
+    // not written).
+    let region_bytes = REGION_BLOCKS * 4096;
+    let big = Bytes::from(vec![6u8; 64 << 10]);
+    for index in 0..8u64 {
+        pair.write(false, region_bytes + index * (64 << 10), big.clone());
+    }
+    pair.write(false, 3 * region_bytes, block(8));
+    pair.tick(100);
+    // b returns; only the first chunk of its resync reaches it.
+    pair.hold_group_lane_to_b = true;
+    pair.connect();
+    let first = pair
+        .to_b
+        .iter()
+        .position(|message| matches!(message, SiteMessage::Resync { .. }))
+        .expect("a resync starts");
+    let chunk = pair.to_b.remove(first).expect("index is in range");
+    pair.b.engine.receive(pair.now, A, chunk);
+    pair.b.run();
+    assert!(!pair.b.engine.replication_status()[0].consistent);
+    let read = pair.b.submit(pair.now, strict_read(0));
+    pair.expect_read_request_from_b();
+    assert_eq!(pair.b.read_reply(read), block(1));
+}
