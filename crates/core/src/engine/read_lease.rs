@@ -412,9 +412,17 @@ impl Engine {
                 self.read_leases.asking_regions.remove(&region);
             }
         }
-        if self.read_leases.held.len() + regions.len() > self.config.read_leases_max {
+        // A renewal names regions held already: only the others are more.
+        let more = |held: &BTreeMap<Region, HeldLease>| {
+            held.len()
+                + regions
+                    .iter()
+                    .filter(|region| !held.contains_key(region))
+                    .count()
+        };
+        if more(&self.read_leases.held) > self.config.read_leases_max {
             self.read_leases.held.retain(|_, lease| lease.until > now);
-            if self.read_leases.held.len() + regions.len() > self.config.read_leases_max {
+            if more(&self.read_leases.held) > self.config.read_leases_max {
                 return;
             }
         }
@@ -649,9 +657,23 @@ impl Engine {
         let regions: Vec<Region> = (first_region..first_region + count)
             .map(|region| (volume, region))
             .collect();
-        if self.read_leases.granted_count + regions.len() > self.config.read_leases_max {
+        // A renewal names regions granted to `from` already: only the
+        // others are more.
+        let more = |leases: &ReadLeases| {
+            leases.granted_count
+                + regions
+                    .iter()
+                    .filter(|region| {
+                        !leases
+                            .granted
+                            .get(region)
+                            .is_some_and(|sites| sites.contains_key(&from))
+                    })
+                    .count()
+        };
+        if more(&self.read_leases) > self.config.read_leases_max {
             self.read_leases.prune_granted(now);
-            if self.read_leases.granted_count + regions.len() > self.config.read_leases_max {
+            if more(&self.read_leases) > self.config.read_leases_max {
                 return false;
             }
         }

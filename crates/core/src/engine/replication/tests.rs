@@ -6158,3 +6158,31 @@ fn a_site_mid_resync_asks_the_owner_even_under_a_lease() {
     pair.expect_read_request_from_b();
     assert_eq!(pair.b.read_reply(read), block(1));
 }
+
+#[test]
+fn a_lease_at_either_sites_bound_is_still_renewed() {
+    // Each side takes or grants one lease at most: a renewal names a
+    // region already held (and granted), so it adds nothing to either.
+    let bound_of_one = |site, peer| EngineConfig {
+        read_leases_max: 1,
+        ..leasing(site, peer)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, bound_of_one(A, B), bound_of_one(B, A));
+    pair.write(false, 0, block(1));
+    pair.tick(100);
+    let first = pair.read(true, false, 0, 4096);
+    assert_eq!(pair.b.read_reply(first), block(1));
+    assert_eq!(pair.b.engine.marks().count(Mark::ReadLeaseGranted), 1);
+    // Read now and then for three periods: served at b each time.
+    for _ in 0..6 {
+        pair.tick(900);
+        let read = pair.b.submit(pair.now, strict_read(0));
+        let sent = pair.b.run();
+        assert!(
+            sent.is_empty(),
+            "a read under a renewed lease went out: {sent:?}"
+        );
+        assert_eq!(pair.b.read_reply(read), block(1));
+    }
+    assert!(pair.b.engine.marks().count(Mark::ReadLeaseRenewed) >= 2);
+}
