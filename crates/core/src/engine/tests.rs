@@ -1272,7 +1272,7 @@ fn a_large_write_after_others_starts_a_delta_that_one_frame_carries() {
     engine.add_volume(
         VolumeId(2),
         VolumeSpec {
-            size: 64 << 20,
+            size: 128 << 20,
             group: GROUP,
             mode: Mode::Async,
         },
@@ -1302,4 +1302,15 @@ fn a_large_write_after_others_starts_a_delta_that_one_frame_carries() {
         .collect();
     assert_eq!(records, vec![(8 << 20) - BLOCK_SIZE as u64, 32 << 20]);
     assert!(records.iter().all(|bytes| *bytes <= DELTA_RECORD_BYTES_MAX));
+    // Together exactly DELTA_RECORD_BYTES_MAX: one record still.
+    submit(&mut engine, 3, 40 << 20, (8 << 20) - BLOCK_SIZE);
+    submit(&mut engine, 4, 48 << 20, (24 << 20) + BLOCK_SIZE);
+    let records: Vec<u64> = drain(&mut engine)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::AppendJournal { record } => Some(record.data_bytes()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(records, vec![DELTA_RECORD_BYTES_MAX]);
 }
