@@ -5,8 +5,9 @@
 //! is refused, a genuine certificate claiming another node is refused, a
 //! peer's frame headers reserve no more than its connection's budget, a
 //! renewed certificate is accepted, compressible blocks cross the link
-//! compressed while random ones cross raw, and strict reads at b are served
-//! there under read leases yet see every write a acknowledged.
+//! compressed while random ones cross raw, strict reads at b are served
+//! there under read leases yet see every write a acknowledged, and a 32 MiB
+//! write in flight with others reaches b (it starts a delta of its own).
 
 mod common;
 
@@ -1089,4 +1090,49 @@ fn strict_reads_concurrent_with_owner_writes_never_miss_an_acknowledged_write() 
         local > asked && asked > 0.0,
         "b served {local} strict reads under leases and asked a {asked} times"
     );
+}
+
+/// A 32 MiB write (the largest request) in flight together with one of
+/// 8 MiB − 4 KiB, random bytes from libnbd
+/// (`tests/scripts/two_writes_at_once.py`), deltas closing only at 8 MiB
+/// or after 5 s: joined, they would make a 40 MiB delta no frame carries.
+/// The second write starts a delta of its own, and b gets both.
+#[test]
+fn a_largest_write_after_others_reaches_the_other_site() {
+    let python = "/usr/bin/python3";
+    let bindings = Command::new(python).args(["-c", "import nbd"]).status();
+    assert!(
+        bindings.is_ok_and(|status| status.success()),
+        "the libnbd python bindings are missing: install the Debian package python3-libnbd"
+    );
+    let sites = TwoSites::start(
+        Layout::OneProcess,
+        &[("delta_interval_ms = 100", "delta_interval_ms = 5000")],
+    );
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    sites.wait_until("b has the volume", Duration::from_secs(10), || {
+        sites.cli(B, &["volume", "show", "vm"]).success()
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/scripts/two_writes_at_once.py");
+    let first = 8 * MIB - 4096;
+    let second = 32 * MIB;
+    let expected = sites.dir.path().join("expected.bin");
+    let result = run(
+        Command::new(python)
+            .arg(script)
+            .arg(sites.nbd_uri(A, "vm"))
+            .arg(first.to_string())
+            .arg(second.to_string())
+            .arg("11")
+            .arg(&expected),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    assert!(result.success(), "{result}");
+    sites.wait_replicated(Duration::from_secs(60));
+    qemu_img_compare(&sites.leg(A, "vm"), &sites.leg(B, "vm")).assert_ok();
+    let written = head(&sites.leg(B, "vm"), 8 * MIB + second);
+    let expected = std::fs::read(&expected).expect("reading the written image");
+    assert!(written == expected, "b's leg is not what was written");
 }
