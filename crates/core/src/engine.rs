@@ -25,8 +25,9 @@ pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, 
 /// and the requests: a record travels to other sites in one frame (40 MiB
 /// with its encoding; 32 MiB of blocks fit, see the wire's tests). A write
 /// that would take the open delta past it closes the delta first, so a
-/// record exceeds it only for a single write larger than it, which the
-/// node's configuration does not allow.
+/// record exceeds it only by a single write's blocks: the node's
+/// configuration and the wire (forwarded writes) keep a write to 32 MiB,
+/// whose blocks, unaligned, span 4 KiB more, well within the frame.
 pub const DELTA_RECORD_BYTES_MAX: u64 = 32 << 20;
 
 /// Tuning of one node's engine. Every limit names its unit.
