@@ -1042,6 +1042,18 @@ fn a_file_system_checked_twice_at_the_other_site_is_read_there_the_second_time()
     );
 }
 
+/// The Python that runs the libnbd scripts in `tests/scripts/`; fails the
+/// test, saying which package is missing, without the bindings.
+fn python_with_libnbd() -> &'static str {
+    let python = "/usr/bin/python3";
+    let bindings = Command::new(python).args(["-c", "import nbd"]).status();
+    assert!(
+        bindings.is_ok_and(|status| status.success()),
+        "the libnbd python bindings are missing: install the Debian package python3-libnbd"
+    );
+    python
+}
+
 /// Owner writes and strict reads at the other site at the same time
 /// (`tests/scripts/concurrent_strict_reads.py`, libnbd): a thread at a
 /// rewrites a random tenth of the regions over and over while another at b
@@ -1050,12 +1062,7 @@ fn a_file_system_checked_twice_at_the_other_site_is_read_there_the_second_time()
 /// serves most of them under read leases.
 #[test]
 fn strict_reads_concurrent_with_owner_writes_never_miss_an_acknowledged_write() {
-    let python = "/usr/bin/python3";
-    let bindings = Command::new(python).args(["-c", "import nbd"]).status();
-    assert!(
-        bindings.is_ok_and(|status| status.success()),
-        "the libnbd python bindings are missing: install the Debian package python3-libnbd"
-    );
+    let python = python_with_libnbd();
     // Regions are leased again as soon as b reads them after a write, so
     // b reads most of them locally, passes are fast, and a read of a
     // region follows a's write to it within the revocation's round trip.
@@ -1099,12 +1106,7 @@ fn strict_reads_concurrent_with_owner_writes_never_miss_an_acknowledged_write() 
 /// The second write starts a delta of its own, and b gets both.
 #[test]
 fn a_largest_write_after_others_reaches_the_other_site() {
-    let python = "/usr/bin/python3";
-    let bindings = Command::new(python).args(["-c", "import nbd"]).status();
-    assert!(
-        bindings.is_ok_and(|status| status.success()),
-        "the libnbd python bindings are missing: install the Debian package python3-libnbd"
-    );
+    let python = python_with_libnbd();
     let sites = TwoSites::start(
         Layout::OneProcess,
         &[("delta_interval_ms = 100", "delta_interval_ms = 5000")],

@@ -1259,6 +1259,17 @@ fn writes_held_for_cache_room_close_the_open_delta_at_once() {
     assert_eq!(appended, 2, "{actions:?}");
 }
 
+/// The data bytes of each record `engine` appends to its journal.
+fn journaled_record_bytes(engine: &mut Engine) -> Vec<u64> {
+    drain(engine)
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::AppendJournal { record } => Some(record.data_bytes()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_large_write_after_others_starts_a_delta_that_one_frame_carries() {
     // 8 MiB deltas and room for 40 MiB of writes.
@@ -1293,24 +1304,12 @@ fn a_large_write_after_others_starts_a_delta_that_one_frame_carries() {
     // takes: together they would be 40 MiB, past what one frame carries.
     submit(&mut engine, 1, 0, (8 << 20) - BLOCK_SIZE);
     submit(&mut engine, 2, 8 << 20, 32 << 20);
-    let records: Vec<u64> = drain(&mut engine)
-        .into_iter()
-        .filter_map(|action| match action {
-            Action::AppendJournal { record } => Some(record.data_bytes()),
-            _ => None,
-        })
-        .collect();
+    let records = journaled_record_bytes(&mut engine);
     assert_eq!(records, vec![(8 << 20) - BLOCK_SIZE as u64, 32 << 20]);
     assert!(records.iter().all(|bytes| *bytes <= DELTA_RECORD_BYTES_MAX));
     // Together exactly DELTA_RECORD_BYTES_MAX: one record still.
     submit(&mut engine, 3, 40 << 20, (8 << 20) - BLOCK_SIZE);
     submit(&mut engine, 4, 48 << 20, (24 << 20) + BLOCK_SIZE);
-    let records: Vec<u64> = drain(&mut engine)
-        .into_iter()
-        .filter_map(|action| match action {
-            Action::AppendJournal { record } => Some(record.data_bytes()),
-            _ => None,
-        })
-        .collect();
+    let records = journaled_record_bytes(&mut engine);
     assert_eq!(records, vec![DELTA_RECORD_BYTES_MAX]);
 }

@@ -404,6 +404,37 @@ impl Pair {
     }
 }
 
+/// The regions `engine` asks its leg to read (a resync's), in order of
+/// region number.
+fn regions_read_by(engine: &mut Engine) -> BTreeSet<u64> {
+    std::iter::from_fn(|| engine.poll_action())
+        .filter_map(|action| match action {
+            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Pair {
+    /// a writes 512 KiB of 6s over region 0, a delta each 100 ms: with b
+    /// away, that passes the backlog bound and b is marked for region 0.
+    fn fill_region_zero_at_a(&mut self) {
+        let big = Bytes::from(vec![6u8; 64 << 10]);
+        for index in 0..8u64 {
+            self.write(false, index * (64 << 10), big.clone());
+            self.tick(100);
+        }
+    }
+
+    /// As [`Pair::fill_region_zero_at_a`], then block 768 (region 3) as
+    /// 8s: b, away, is marked for regions 0 and 3.
+    fn fill_regions_zero_and_three_at_a(&mut self) {
+        self.fill_region_zero_at_a();
+        self.write(false, 3 << 20, block(8));
+        self.tick(100);
+    }
+}
+
 /// An engine at a owning the group of one async volume (b not connected).
 fn owner_engine() -> Engine {
     let mut engine = Engine::new(config(A, B), RecoveredState::default());
@@ -1110,11 +1141,7 @@ fn a_resync_chunk_after_deltas_of_its_resync_is_journaled_as_the_newest_delta() 
     pair.tick(100);
     pair.disconnect();
     // Past the backlog bound while b is away: eight regions to copy.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     pair.tick(100);
     assert_eq!(
         pair.a.engine.replication_status()[0].peers[0].state,
@@ -1276,11 +1303,7 @@ fn a_restarted_owner_resyncs_only_the_regions_its_maps_and_journal_name() {
     pair.disconnect();
     // Region 0 and region 2 written while b is away, past the backlog
     // bound and past checkpoints: the saved map must name them.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     pair.write(false, 2 << 20, block(8));
     pair.tick(100);
     let saved = pair.a.saved_maps.get(&B).cloned().unwrap_or_default();
@@ -1875,11 +1898,7 @@ fn deltas_shipped_during_an_abandoned_resync_are_copied_by_the_next() {
     pair.tick(100);
     pair.disconnect();
     // Past the backlog bound while b is away: b needs a resync of region 0.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     // b returns; its stream stalls, then a delta in region 2 is shipped
     // after the resync's base, and the connection drops with all of it.
     pair.hold_group_lane_to_b = true;
@@ -1900,13 +1919,7 @@ fn a_replica_that_crashed_mid_resync_knows_it_after_its_restart() {
     pair.write(false, 0, block(1));
     pair.tick(100);
     pair.disconnect();
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     // b returns; its first chunk arrives, then b loses power.
     pair.hold_group_lane_to_b = true;
     pair.connect();
@@ -1977,13 +1990,7 @@ fn a_site_resuming_mid_way_through_this_sites_resync_gets_only_what_it_still_lac
     pair.disconnect();
     // Past the backlog bound while b is away: b is marked for a resync of
     // regions 0 and 3, the two written.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     assert_eq!(
         pair.a.engine.replication_status()[0].peers[0].state,
         PeerState::NeedsResync
@@ -2285,11 +2292,7 @@ fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
 fn after_a_resync_the_owner_knows_the_site_holds_every_delta_up_to_its_base() {
     let mut pair = Pair::new(Mode::Async);
     pair.disconnect();
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     pair.connect();
     pair.tick(100);
     pair.tick(100);
@@ -2312,11 +2315,7 @@ fn a_site_folded_after_an_owner_restart_without_a_map_gets_every_region() {
     // b is still away when the backlog passes its bound: b is marked for
     // a resync of what it missed since, but the deltas before the restart
     // are not known here.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     pair.connect();
     pair.tick(100);
     pair.tick(100);
@@ -2796,12 +2795,7 @@ fn a_diverged_resync_copies_every_region() {
             resume: 1,
         },
     );
-    let regions_read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
-        .filter_map(|action| match action {
-            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
-            _ => None,
-        })
-        .collect();
+    let regions_read = regions_read_by(&mut pair.a.engine);
     // Every region of the volume, not only region 0 (the one delta 8
     // touched).
     let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
@@ -5000,13 +4994,7 @@ fn an_owner_replaced_while_reading_a_region_for_a_resync_names_that_region_at_he
     pair.tick(100);
     pair.disconnect();
     // Past the backlog bound while b is away: regions 0 and 3 to resync.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     // b returns; a starts reading a region to copy. Before any chunk
     // leaves, the cluster moves the group to b (a lost its lease; the
     // link between them is up): b is not mid-resync by its own account.
@@ -5227,13 +5215,7 @@ fn a_resync_read_torn_by_a_leg_write_is_read_again() {
     pair.tick(100);
     pair.disconnect();
     // Past the backlog bound while b is away: regions 0 and 3 to resync.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     // b returns; a reads both regions from its leg.
     pair.a.hold_leg_reads = true;
     pair.connect();
@@ -5319,13 +5301,7 @@ fn a_map_saved_while_regions_are_read_for_a_resync_names_them() {
     pair.disconnect();
     // Past the backlog bound while b is away: regions 0 and 3 to resync,
     // their deltas released from a's journal.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     // b returns; a reads both regions to copy them, and the reads are
     // slow: no chunk leaves, so b is not mid-resync by its own account.
     pair.a.hold_leg_reads = true;
@@ -5334,6 +5310,7 @@ fn a_map_saved_while_regions_are_read_for_a_resync_names_them() {
     // Writes to region 1 meanwhile, with journal releases: the maps saved
     // for b are all a restart here has of regions 0 and 3, which are
     // neither to resync nor in a chunk just now.
+    let big = Bytes::from(vec![6u8; 64 << 10]);
     for index in 0..3u64 {
         pair.write(false, (1 << 20) + index * (64 << 10), big.clone());
         pair.tick(100);
@@ -5453,13 +5430,7 @@ fn a_diverged_site_naming_the_owners_newest_seq_still_gets_the_regions_it_was_ma
     pair.disconnect();
     // Past the backlog bound while b is away: b is marked for regions 0
     // and 3, and the deltas that wrote them are retired.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
-    pair.write(false, 3 << 20, block(8));
-    pair.tick(100);
+    pair.fill_regions_zero_and_three_at_a();
     let last = pair.a.engine.replication_status()[0].last_seq;
     // a's line left epoch 1 after delta 2; b kept writing epoch 1's line
     // (in region 1) up to the same seq as a's newest.
@@ -5490,12 +5461,7 @@ fn a_diverged_site_naming_the_owners_newest_seq_still_gets_the_regions_it_was_ma
         },
     );
     assert_eq!(pair.a.engine.marks().count(Mark::DivergedRegionResync), 1);
-    let read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
-        .filter_map(|action| match action {
-            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
-            _ => None,
-        })
-        .collect();
+    let read = regions_read_by(&mut pair.a.engine);
     // Its own line's region and a's since the split: the same seq is not
     // the same deltas.
     assert_eq!(read, BTreeSet::from([0, 1, 3]));
@@ -5542,12 +5508,7 @@ fn a_diverged_site_whose_line_left_before_this_run_gets_every_region() {
             resume: 1,
         },
     );
-    let read: BTreeSet<u64> = std::iter::from_fn(|| pair.a.engine.poll_action())
-        .filter_map(|action| match action {
-            Action::ReadLeg { offset, .. } => Some(offset / (REGION_BLOCKS * BLOCK_SIZE as u64)),
-            _ => None,
-        })
-        .collect();
+    let read = regions_read_by(&mut pair.a.engine);
     // a's delta 2 (region 0) is on the line b left, and nothing here
     // names its regions: every region, not only b's own.
     let regions = VOLUME_BYTES / (REGION_BLOCKS * BLOCK_SIZE as u64);
@@ -5586,11 +5547,7 @@ fn an_abandoned_resync_takes_back_only_its_own_groups_regions_being_read() {
         },
     );
     pair.tick(100);
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     // b returns; both resyncs read a region, slowly.
     pair.a.hold_leg_reads = true;
     pair.connect();
@@ -5643,11 +5600,7 @@ fn a_region_read_of_an_abandoned_resync_that_completes_late_is_ignored() {
     pair.tick(100);
     pair.disconnect();
     // Past the backlog bound while b is away: b needs a resync of region 0.
-    let big = Bytes::from(vec![6u8; 64 << 10]);
-    for index in 0..8u64 {
-        pair.write(false, index * (64 << 10), big.clone());
-        pair.tick(100);
-    }
+    pair.fill_region_zero_at_a();
     // b returns; the resync's read is slow, and the link drops before it
     // completes: that resync is abandoned, and the read comes back late.
     pair.a.hold_leg_reads = true;
