@@ -108,8 +108,12 @@ LOCAL_PORTS = [10809, 10810, 9180, 9181, 9182, 7400, 7401, 7402]
 SITES = ["a", "b", "w"]
 MIB = 1 << 20
 # --ship-window: the tuning.ship_window_bytes_max both clusters run with
-# (None: local.toml's).
+# (None: local.toml's); --ship-window-min: their ship_window_bytes_min
+# (None: the default, 1M or the maximum if smaller); --bandwidth-mbit: the
+# a<->b link's bandwidth in both clusters (None: unlimited).
 SHIP_WINDOW = None
+SHIP_WINDOW_MIN = None
+BANDWIDTH_MBIT = None
 
 
 class BenchError(Exception):
@@ -195,12 +199,20 @@ class Cluster:
                 die("cluster-configs/local.toml no longer has one `delay_ms = 25` line; "
                     "update bench/multi-site.py")
             text = text.replace("delay_ms = 25\n", f"delay_ms = {self.delay_ms}\n")
+            if BANDWIDTH_MBIT is not None:
+                text = text.replace(f"delay_ms = {self.delay_ms}\n",
+                                    f"delay_ms = {self.delay_ms}\n"
+                                    f"bandwidth_mbit = {BANDWIDTH_MBIT}\n", 1)
             if SHIP_WINDOW is not None:
                 if text.count('ship_window_bytes_max = "32M"\n') != 1:
                     die("cluster-configs/local.toml no longer has one "
                         "`ship_window_bytes_max = \"32M\"` line; update bench/multi-site.py")
                 text = text.replace('ship_window_bytes_max = "32M"\n',
                                     f'ship_window_bytes_max = "{SHIP_WINDOW}"\n')
+            if SHIP_WINDOW_MIN is not None:
+                text = text.replace("ship_window_bytes_max = ",
+                                    f'ship_window_bytes_min = "{SHIP_WINDOW_MIN}"\n'
+                                    "ship_window_bytes_max = ", 1)
             for old, new in zip(LOCAL_PORTS, self.ports):
                 needle = f'127.0.0.1:{old}"'
                 if needle not in text:
@@ -596,6 +608,12 @@ def strict_reads(args, clusters, fio):
 
 
 # ---------------------------------------------------------------------------
+# Counters at a the WAN-efficiency runs log the change of, to show what
+# was shipped how.
+COUNTED = ("stretch_shipped_deltas_total", "stretch_merged_deltas_total",
+           "stretch_resync_regions_done_total", "stretch_backlog_folds_total")
+
+
 def wan_efficiency(args, clusters, fio):
     seq_bytes = args.seq_mib * MIB
     rand_bytes, rand_region = args.rand_mib * MIB, args.rand_region
@@ -625,6 +643,7 @@ def wan_efficiency(args, clusters, fio):
                 for other in clusters:
                     other.wait_quiet(args.drain_timeout)
                 before = metric(cluster.metrics("a"), "stretch_shipped_bytes_total")
+                counted = {name: metric(cluster.metrics("a"), name) for name in COUNTED}
                 drops = udp_receive_drops()
                 if volume == "away":
                     # b misses every delta of the run; a keeps them (the
@@ -638,6 +657,10 @@ def wan_efficiency(args, clusters, fio):
                     cluster.cli("a", "link", "heal", "a", "b")
                 drain = cluster.wait_quiet(args.drain_timeout)
                 shipped = metric(cluster.metrics("a"), "stretch_shipped_bytes_total") - before
+                after = cluster.metrics("a")
+                counts = ", ".join(f"{name.removeprefix('stretch_')} "
+                                   f"{metric(after, name) - counted[name]:.0f}"
+                                   for name in COUNTED)
                 client = job["write"]["io_bytes"]
                 if client != written:
                     die(f"fio wrote {client} bytes, expected {written} ({name})")
@@ -650,7 +673,7 @@ def wan_efficiency(args, clusters, fio):
                 results.setdefault((name, cluster.label), []).append(run)
                 log(f"  3. {name[:34]:<34} {cluster.label:<6} run {repeat + 1}: shipped "
                     f"{run['shipped_mib']:.1f} MiB ({run['per_client']:.3f}x written, "
-                    f"{run['per_distinct']:.3f}x distinct), drained in {drain:.1f} s")
+                    f"{run['per_distinct']:.3f}x distinct), drained in {drain:.1f} s; {counts}")
     wan, lan = clusters[0].label, clusters[1].label
     print(f"\n### 3. WAN efficiency: stretch_shipped_bytes_total at a ÷ bytes written\n")
     print(f"Median of {args.wan_repeats}; shipped read after the backlog drained. "
@@ -812,6 +835,14 @@ def main():
     parser.add_argument("--ship-window", default=None,
                         help="tuning.ship_window_bytes_max for both clusters (e.g. 1M); "
                              "default: local.toml's")
+    parser.add_argument("--ship-window-min", default=None,
+                        help="tuning.ship_window_bytes_min for both clusters (the window "
+                             "before the link is measured, and its least size); equal to "
+                             "--ship-window, a fixed window; default: 1M")
+    parser.add_argument("--bandwidth-mbit", type=int, default=None,
+                        help="a<->b bandwidth limit of both clusters, Mbit/s each way "
+                             "(measurement 3 then shows a link that falls behind); "
+                             "default: unlimited")
     parser.add_argument("--wan-repeats", type=int, default=1,
                         help="measurement 3: runs per workload and cluster; default 1")
     parser.add_argument("--drain-timeout", type=int, default=180,
@@ -825,11 +856,21 @@ def main():
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (configs, stretch logs) and print its path")
     args = parser.parse_args()
-    global SHIP_WINDOW
+    global SHIP_WINDOW, SHIP_WINDOW_MIN, BANDWIDTH_MBIT
     if args.ship_window is not None:
         if parse_size(args.ship_window) < 4096:
             sys.exit("bench: --ship-window must be at least 4K")
         SHIP_WINDOW = args.ship_window
+    if args.ship_window_min is not None:
+        if parse_size(args.ship_window_min) < 4096:
+            sys.exit("bench: --ship-window-min must be at least 4K")
+        if parse_size(args.ship_window_min) > parse_size(SHIP_WINDOW or "32M"):
+            sys.exit("bench: --ship-window-min must be at most the window (--ship-window)")
+        SHIP_WINDOW_MIN = args.ship_window_min
+    if args.bandwidth_mbit is not None:
+        if args.bandwidth_mbit < 1:
+            sys.exit("bench: --bandwidth-mbit must be at least 1")
+        BANDWIDTH_MBIT = args.bandwidth_mbit
     args.write_cap = parse_size(args.write_cap)
     args.read_region = parse_size(args.read_region)
     args.rand_region = parse_size(args.rand_region)
@@ -847,7 +888,7 @@ def main():
                             capture_output=True, text=True).stdout.strip() or "unknown"
     built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(BUILT)))
     print(f"    $ {' '.join(['bench/multi-site.py', *sys.argv[1:]])}")
-    print(f"    commit {commit} (tree now; target/release/stretch built {built}); ship window {SHIP_WINDOW or 'as in local.toml'}; effective: --runtime {args.runtime} --repeats {args.repeats} "
+    print(f"    commit {commit} (tree now; target/release/stretch built {built}); ship window {SHIP_WINDOW or 'as in local.toml'}, least {SHIP_WINDOW_MIN or 'default'}; a-b bandwidth {f'{BANDWIDTH_MBIT} Mbit/s' if BANDWIDTH_MBIT else 'unlimited'}; effective: --runtime {args.runtime} --repeats {args.repeats} "
           f"--delay-ms {args.delay_ms} --write-cap {args.write_cap // MIB}M "
           f"--read-region {args.read_region // MIB}M --seq-mib {args.seq_mib} "
           f"--rand-mib {args.rand_mib} --rand-region {args.rand_region // MIB}M "

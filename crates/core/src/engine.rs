@@ -67,10 +67,17 @@ pub struct EngineConfig {
     /// yet in its journal. Past it further deltas wait here, in the
     /// backlog, and leave merged (see [`crate::SiteMessage::Deltas`]) once
     /// the site acknowledges: a link slower than the writes carries each
-    /// rewritten block once per shipment rather than once per delta. It
-    /// caps the rate to one site at this many bytes per round trip, so it
-    /// must exceed the link's bandwidth-delay product.
+    /// rewritten block once per shipment rather than once per delta. The
+    /// window follows the link: twice the bytes the site acknowledged per
+    /// round trip lately, never below `ship_window_bytes_min` nor above
+    /// this. It caps the rate to one site at this many bytes per round
+    /// trip, so it must exceed the link's bandwidth-delay product.
     pub ship_window_bytes_max: u64,
+    /// The window before a round trip was measured (a new link, or after
+    /// 10 s without acknowledgements) and its least size: what a link cut
+    /// before anything was measured swallows before the cut is noticed.
+    /// Clamped to `ship_window_bytes_max`.
+    pub ship_window_bytes_min: u64,
     /// A strict read or forwarded request at a site that does not own the
     /// volume fails with an I/O error after this long without an answer.
     pub remote_timeout_ms: u64,
@@ -176,6 +183,7 @@ impl Default for EngineConfig {
             backlog_bytes_max: 256 << 20,
             backlog_wait_ms_max: 5_000,
             ship_window_bytes_max: 32 << 20,
+            ship_window_bytes_min: 1 << 20,
             remote_timeout_ms: 5_000,
             leases_enforced: false,
             suspend_hold_ms: 5_000,

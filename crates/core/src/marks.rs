@@ -67,6 +67,9 @@ pub enum Mark {
     /// A replica took several deltas merged into one record (it was behind,
     /// so its owner merged what waited for it).
     MergedDeltasReceived,
+    /// An owner held deltas back for a site because the window measured
+    /// from the link (below `ship_window_bytes_max`) was full.
+    MeasuredWindowHeldDeltas,
     /// A resuming site's newest delta was written under another epoch than
     /// the owner's history says: its image diverged, and which regions
     /// differ is not known on one side or the other: every region is copied.
@@ -103,7 +106,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 37] = [
+    pub const ALL: [Mark; 38] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -131,6 +134,7 @@ impl Mark {
         Mark::DeltaGapRefused,
         Mark::DuplicateDelta,
         Mark::MergedDeltasReceived,
+        Mark::MeasuredWindowHeldDeltas,
         Mark::DivergedReplicaResync,
         Mark::DivergedRegionResync,
         Mark::DivergedWholeRead,
@@ -172,6 +176,7 @@ impl Mark {
             Mark::DeltaGapRefused => "delta-gap-refused",
             Mark::DuplicateDelta => "duplicate-delta",
             Mark::MergedDeltasReceived => "merged-deltas-received",
+            Mark::MeasuredWindowHeldDeltas => "measured-window-held-deltas",
             Mark::DivergedReplicaResync => "diverged-replica-resync",
             Mark::DivergedRegionResync => "diverged-region-resync",
             Mark::DivergedWholeRead => "diverged-whole-read",

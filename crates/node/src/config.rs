@@ -280,7 +280,14 @@ pub struct Tuning {
     /// in its journal; past it deltas wait in the backlog and leave merged
     /// (see the engine config). Must exceed the link's bandwidth-delay
     /// product, or it caps replication at this many bytes per round trip.
+    /// Within it the window follows the link: twice what the site
+    /// acknowledged per round trip lately.
     pub ship_window_bytes_max: ByteSize,
+    /// The window before the link's rate is measured (and its least size):
+    /// what a link cut before anything was measured takes in before the
+    /// cut is noticed. At most `ship_window_bytes_max`; unset, 1M or the
+    /// maximum if that is smaller.
+    pub ship_window_bytes_min: Option<ByteSize>,
     /// A strict read or forwarded write at a non-owner site fails with EIO
     /// after this long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -351,6 +358,7 @@ impl Default for Tuning {
             backlog_bytes_max: ByteSize(256 << 20),
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
             ship_window_bytes_max: ByteSize(engine.ship_window_bytes_max),
+            ship_window_bytes_min: None,
             remote_timeout_ms: 5000,
             nbd_tls: NbdTls::Off,
             lease_ms: lease.lease_ms,
@@ -401,6 +409,14 @@ impl Tuning {
             backlog_bytes_max: self.backlog_bytes_max.0,
             backlog_wait_ms_max: self.backlog_wait_ms_max,
             ship_window_bytes_max: self.ship_window_bytes_max.0,
+            ship_window_bytes_min: self.ship_window_bytes_min.map_or_else(
+                || {
+                    EngineConfig::default()
+                        .ship_window_bytes_min
+                        .min(self.ship_window_bytes_max.0)
+                },
+                |bytes| bytes.0,
+            ),
             remote_timeout_ms: self.remote_timeout_ms,
             suspend_hold_ms: self.suspend_hold_ms,
             read_lease_ms: self.read_lease_ms,
@@ -647,6 +663,20 @@ impl ClusterConfig {
             return Err(format!(
                 "tuning.ship_window_bytes_max must be at least {BLOCK_SIZE}"
             ));
+        }
+        if let Some(min) = tuning.ship_window_bytes_min {
+            if min.0 < BLOCK_SIZE as u64 {
+                return Err(format!(
+                    "tuning.ship_window_bytes_min must be at least {BLOCK_SIZE}"
+                ));
+            }
+            if min.0 > tuning.ship_window_bytes_max.0 {
+                return Err(format!(
+                    "tuning.ship_window_bytes_min ({min}) must be at most \
+                     ship_window_bytes_max ({})",
+                    tuning.ship_window_bytes_max
+                ));
+            }
         }
         if tuning.remote_timeout_ms == 0 {
             return Err("tuning.remote_timeout_ms must be at least 1".into());
@@ -1128,6 +1158,35 @@ mod tests {
             "ship_window_bytes_max = \"1K\"",
         );
         assert!(parse_error(&text).contains("tuning.ship_window_bytes_max must be at least 4096"));
+    }
+
+    #[test]
+    fn the_least_ship_window_defaults_within_the_most_and_is_checked_against_it() {
+        assert_eq!(
+            shipped("local.toml").tuning.engine().ship_window_bytes_min,
+            1 << 20
+        );
+        // A smaller maximum takes the default floor down with it.
+        let small = LOCAL_CONFIG.replace(
+            "ship_window_bytes_max = \"32M\"",
+            "ship_window_bytes_max = \"256K\"",
+        );
+        let config = ClusterConfig::parse(&small, "edited").expect("valid");
+        assert_eq!(config.tuning.engine().ship_window_bytes_min, 256 << 10);
+        let set = |min: &str| {
+            LOCAL_CONFIG.replace(
+                "ship_window_bytes_max = \"32M\"",
+                &format!("ship_window_bytes_max = \"32M\"\nship_window_bytes_min = \"{min}\""),
+            )
+        };
+        let config = ClusterConfig::parse(&set("4M"), "edited").expect("valid");
+        assert_eq!(config.tuning.engine().ship_window_bytes_min, 4 << 20);
+        assert!(parse_error(&set("64M")).contains(
+            "tuning.ship_window_bytes_min (64M) must be at most ship_window_bytes_max (32M)"
+        ));
+        assert!(
+            parse_error(&set("1K")).contains("tuning.ship_window_bytes_min must be at least 4096")
+        );
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub struct EngineTuning {
     /// Delta bytes shipped to a site and not yet in its journal, per group;
     /// past it deltas wait and leave merged (see the engine config).
     pub ship_window_bytes_max: u64,
+    /// The window before the link was measured, and its least size (see
+    /// the engine config).
+    pub ship_window_bytes_min: u64,
     /// A request at a site that does not own the volume fails after this
     /// long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -276,6 +279,7 @@ impl Default for EngineTuning {
             backlog_bytes_max: 256 << 20,
             backlog_wait_ms_max: 5_000,
             ship_window_bytes_max: 32 << 20,
+            ship_window_bytes_min: 1 << 20,
             remote_timeout_ms: 5_000,
             lease_ms: 1_000,
             lease_renew_ms: 250,
@@ -617,6 +621,13 @@ impl Scenario {
         if !read_mostly && rng.chance(0.5) {
             self.engine.ship_window_bytes_max = self.engine.delta_max_bytes * rng.between(1, 8);
         }
+        // And in half the seeds a window that starts at one to sixteen
+        // blocks and follows the link from there (bytes acknowledged per
+        // round trip), so deltas wait for a window the simulated links'
+        // delays and the workload size, not the configuration.
+        if !read_mostly && rng.chance(0.5) {
+            self.engine.ship_window_bytes_min = 4096 * rng.between(1, 16);
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -705,8 +716,8 @@ impl Scenario {
         if e.journal_segment_bytes < 4096 {
             return Err("engine.journal_segment_bytes must be at least 4096".into());
         }
-        if e.ship_window_bytes_max < 4096 {
-            return Err("engine.ship_window_bytes_max >= 4096 needed".into());
+        if e.ship_window_bytes_max < 4096 || e.ship_window_bytes_min < 4096 {
+            return Err("engine.ship_window_bytes_max and _min >= 4096 needed".into());
         }
         if e.backlog_bytes_max < 4096 || e.remote_timeout_ms == 0 || e.backlog_wait_ms_max == 0 {
             return Err(

@@ -591,6 +591,7 @@ impl<'a> Simulation<'a> {
             backlog_bytes_max: tuning.backlog_bytes_max,
             backlog_wait_ms_max: tuning.backlog_wait_ms_max,
             ship_window_bytes_max: tuning.ship_window_bytes_max,
+            ship_window_bytes_min: tuning.ship_window_bytes_min,
             remote_timeout_ms: tuning.remote_timeout_ms,
             // Granted by the simulator when ownership can move.
             leases_enforced: self.control.leases(),

@@ -48,6 +48,9 @@ use super::*;
 mod failover;
 mod owner;
 mod replica;
+mod ship_window;
+
+use ship_window::ShipWindow;
 
 pub use failover::EpochStart;
 
@@ -280,6 +283,8 @@ struct PeerProgress {
     /// Bytes of the deltas it confirmed applied (see
     /// [`PeerReplication::applied_bytes_total`]).
     applied_bytes: u64,
+    /// How many delta bytes may be in flight to it (streaming only).
+    window: ShipWindow,
 }
 
 impl PeerProgress {
@@ -316,6 +321,7 @@ impl PeerProgress {
             held_chunks: VecDeque::new(),
             resume: 0,
             applied_bytes: 0,
+            window: ShipWindow::default(),
         }
     }
 
@@ -875,6 +881,7 @@ impl Engine {
             SiteMessage::Delta(record) => self.receive_delta(from, record.seq, record),
             SiteMessage::Deltas { first, record } => self.receive_delta(from, first, record),
             SiteMessage::Journaled { group, seq } => {
+                let now = self.now;
                 if let Some(progress) = self.peer_progress(group, from) {
                     if seq > progress.shipped {
                         // Not a delta of this line (see `Applied`).
@@ -882,12 +889,14 @@ impl Engine {
                         return;
                     }
                     progress.journaled = progress.journaled.max(seq);
+                    progress.window.acknowledged(progress.journaled, now);
                     self.answer_synced_waiters();
                     // The window of deltas in flight to it opened.
                     self.ship_ready(group, from);
                 }
             }
             SiteMessage::Applied { group, seq } => {
+                let now = self.now;
                 if let Some(progress) = self.peer_progress(group, from) {
                     if seq > progress.shipped {
                         // A delta never shipped from here: the site numbers
@@ -902,6 +911,7 @@ impl Engine {
                     let before = progress.applied;
                     progress.applied = progress.applied.max(seq);
                     progress.journaled = progress.journaled.max(seq);
+                    progress.window.acknowledged(progress.journaled, now);
                     self.count_applied_bytes(group, from, before, seq);
                     self.answer_synced_waiters();
                     self.ship_ready(group, from);

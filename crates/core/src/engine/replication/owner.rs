@@ -288,7 +288,11 @@ impl Engine {
     /// fewer.
     pub(super) fn ship_ready(&mut self, group: GroupId, peer: SiteId) {
         let synced = self.journal.synced_upto;
-        let window = self.config.ship_window_bytes_max;
+        let now = self.now;
+        let (window_min, window_max) = (
+            self.config.ship_window_bytes_min,
+            self.config.ship_window_bytes_max,
+        );
         let Some(outbound) = self.replication.outbound.get_mut(&group) else {
             return;
         };
@@ -323,7 +327,10 @@ impl Engine {
                 })
                 .map(|retained| retained.bytes)
                 .sum();
-            (window, in_flight)
+            (
+                progress.window.bytes(now, window_min, window_max),
+                in_flight,
+            )
         };
         let ready: Vec<&Retained> = outbound
             .retained
@@ -364,6 +371,10 @@ impl Engine {
             in_flight += shipped.iter().map(|retained| retained.bytes).sum::<u64>();
             let last = shipped[shipped.len() - 1];
             progress.shipped = last.seq;
+            if progress.state == PeerState::Streaming {
+                let bytes = shipped.iter().map(|retained| retained.bytes).sum();
+                progress.window.shipped(last.seq, bytes, now);
+            }
             self.stats.shipped_deltas_total += shipped.len() as u64;
             let (Some(blocks), true) = (blocks, shipped.len() > 1) else {
                 self.stats.shipped_bytes_total += last.bytes;
@@ -383,6 +394,9 @@ impl Engine {
                 first: first.seq,
                 record,
             });
+        }
+        if next < ready.len() && window < window_max {
+            self.marks.hit(Mark::MeasuredWindowHeldDeltas);
         }
         for message in messages {
             self.actions.push_back(Action::Send { peer, message });
@@ -490,6 +504,7 @@ impl Engine {
         {
             progress.state = PeerState::Streaming;
             progress.shipped = have;
+            progress.window.forget_in_flight();
             if have < last {
                 self.marks.hit(Mark::CatchUpFromRetained);
             }
@@ -573,6 +588,7 @@ impl Engine {
         progress.chunk_built = false;
         self.marks.hit(Mark::ResyncStarted);
         progress.shipped = last;
+        progress.window.forget_in_flight();
         progress.resync_base = last;
         if std::mem::take(&mut progress.dirty_all) {
             let regions = self.every_region_of(group);

@@ -23,6 +23,8 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         backlog_bytes_max: 256 << 10,
         backlog_wait_ms_max: 2_000,
         ship_window_bytes_max: 32 << 20,
+        // A fixed window unless a test says otherwise.
+        ship_window_bytes_min: 32 << 20,
         remote_timeout_ms: 1_000,
         leases_enforced: false,
         suspend_hold_ms: 5_000,
@@ -4116,6 +4118,87 @@ fn past_the_ship_window_deltas_wait_for_the_site_to_journal_and_then_leave_merge
     );
     assert_eq!(pair.b.engine.stats().received_deltas_total, 3);
     assert_eq!(pair.b.leg_bytes(0, BLOCK_SIZE as u64), block(4));
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn the_measured_window_starts_at_its_floor_and_grows_with_what_the_site_acknowledges() {
+    let blocks = |count: u64| count * BLOCK_SIZE as u64;
+    let config_a = EngineConfig {
+        ship_window_bytes_min: blocks(2),
+        ..config(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config(B, A));
+    let shipped = |pair: &Pair| pair.a.engine.stats().shipped_deltas_total;
+    let held = |pair: &Pair| pair.a.engine.marks().count(Mark::MeasuredWindowHeldDeltas);
+    // Nothing measured yet: the floor, two blocks, while b answers nothing.
+    pair.hold_group_lane_to_b = true;
+    for byte in 1..=3u8 {
+        pair.write(false, blocks(u64::from(byte)), block(byte));
+        pair.tick(100);
+    }
+    assert_eq!(shipped(&pair), 2, "the floor lets two one-block deltas out");
+    assert!(held(&pair) > 0);
+    // b journals the two and acknowledges each: delta 3 leaves once the
+    // first acknowledgement opens the window, and is acknowledged after
+    // the second. Each of the last two shipments saw two blocks delivered
+    // while it was in flight: a window of four.
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    assert_eq!(shipped(&pair), 3);
+    // Now four one-block deltas leave before the window holds the rest.
+    pair.hold_group_lane_to_b = true;
+    for byte in 5..=10u8 {
+        pair.write(false, blocks(u64::from(byte)), block(byte));
+        pair.tick(100);
+    }
+    assert_eq!(
+        shipped(&pair),
+        3 + 4,
+        "twice the two blocks acknowledged per round trip"
+    );
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    assert_eq!(shipped(&pair), 9);
+    assert_eq!(pair.a.engine.stats().merged_deltas_total, 2);
+    assert_eq!(pair.b.leg_bytes(blocks(10), blocks(1)), block(10));
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn the_measured_window_stays_within_its_maximum() {
+    let blocks = |count: u64| count * BLOCK_SIZE as u64;
+    let config_a = EngineConfig {
+        ship_window_bytes_min: blocks(2),
+        ship_window_bytes_max: blocks(3),
+        ..config(A, B)
+    };
+    let mut pair = Pair::with_configs(Mode::Async, config_a, config(B, A));
+    // Four blocks acknowledged in one round trip would make a window of
+    // eight; the maximum keeps it at three.
+    pair.hold_group_lane_to_b = true;
+    pair.write(false, 0, Bytes::from(vec![1; 4 * BLOCK_SIZE]));
+    pair.tick(100);
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
+    assert_eq!(pair.a.engine.stats().shipped_deltas_total, 1);
+    pair.hold_group_lane_to_b = true;
+    for byte in 1..=5u8 {
+        pair.write(false, blocks(u64::from(byte)), block(byte));
+        pair.tick(100);
+    }
+    assert_eq!(pair.a.engine.stats().shipped_deltas_total, 1 + 3);
+    // The maximum held them, not the measured window.
+    assert_eq!(
+        pair.a.engine.marks().count(Mark::MeasuredWindowHeldDeltas),
+        0
+    );
+    pair.hold_group_lane_to_b = false;
+    pair.settle();
+    pair.tick(100);
     assert_legs_equal(&pair);
 }
 
