@@ -257,6 +257,7 @@ mod tests {
         // Still counted one period later, gone after two.
         assert_eq!(window.bytes(ms(5_049), MIB, 64 * MIB), 16 * MIB);
         assert_eq!(window.bytes(ms(9_999), MIB, 64 * MIB), 16 * MIB);
+        assert_eq!(window.bytes(ms(10_000), MIB, 64 * MIB), MIB);
         assert_eq!(window.bytes(ms(10_001), MIB, 64 * MIB), MIB);
         // A newer, slower sample replaces it once the old one aged out:
         // 1 MiB over 100 ms, but the shortest round trip is still... gone
@@ -264,6 +265,31 @@ mod tests {
         window.shipped(DeltaSeq(2), MIB, ms(10_001));
         window.acknowledged(DeltaSeq(2), ms(10_101));
         assert_eq!(window.bytes(ms(10_101), 0, 64 * MIB), 2 * MIB);
+    }
+
+    #[test]
+    fn a_period_after_a_newer_sample_only_it_counts() {
+        let mut window = ShipWindow::default();
+        // 8 MiB in 50 ms, then (in the next period) 1 MiB in 100 ms.
+        window.shipped(DeltaSeq(1), 8 * MIB, ms(0));
+        window.acknowledged(DeltaSeq(1), ms(50));
+        window.shipped(DeltaSeq(2), MIB, ms(6_000));
+        window.acknowledged(DeltaSeq(2), ms(6_100));
+        // Both count until one period after the newer one began its slot.
+        assert_eq!(window.bytes(ms(11_099), 0, 64 * MIB), 16 * MIB);
+        assert_eq!(window.bytes(ms(11_100), 0, 64 * MIB), 2 * MIB);
+    }
+
+    #[test]
+    fn shipments_forgotten_are_not_counted_when_their_deltas_come_again() {
+        let mut window = ShipWindow::default();
+        window.shipped(DeltaSeq(1), 4 * MIB, ms(0));
+        // The site resumed from nothing: delta 1 leaves again.
+        window.forget_in_flight();
+        window.shipped(DeltaSeq(1), 4 * MIB, ms(1_000));
+        window.acknowledged(DeltaSeq(1), ms(1_050));
+        // 4 MiB per 50 ms round trip, not 8.
+        assert_eq!(window.bytes(ms(1_050), MIB, 64 * MIB), 8 * MIB);
     }
 
     #[test]
