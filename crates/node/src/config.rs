@@ -182,6 +182,27 @@ pub enum LinkCompression {
     Lz4,
 }
 
+/// How the QUIC connections between sites pace what they send (see
+/// [`stretch_transport::CongestionControl`]): `bbr` (the default) follows
+/// the measured bottleneck rate and shrugs off a lost packet; `cubic` is
+/// loss-based, like most TCP stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkCongestionControl {
+    #[default]
+    Bbr,
+    Cubic,
+}
+
+impl From<LinkCongestionControl> for stretch_transport::CongestionControl {
+    fn from(congestion: LinkCongestionControl) -> Self {
+        match congestion {
+            LinkCongestionControl::Bbr => stretch_transport::CongestionControl::Bbr,
+            LinkCongestionControl::Cubic => stretch_transport::CongestionControl::Cubic,
+        }
+    }
+}
+
 impl From<LinkCompression> for stretch_wire::Compression {
     fn from(compression: LinkCompression) -> Self {
         match compression {
@@ -326,6 +347,9 @@ pub struct Tuning {
     /// How block payloads travel between sites, unless a `[[link]]` says
     /// otherwise.
     pub link_compression: LinkCompression,
+    /// How connections between sites pace what they send: `bbr` or
+    /// `cubic`.
+    pub link_congestion_control: LinkCongestionControl,
     /// Read leases: how long the owner of a volume lets another site serve
     /// strict reads of a 1 MiB region it is not writing from that site's
     /// own copy, counted from when that site asked (0: off; every strict
@@ -372,6 +396,7 @@ impl Default for Tuning {
             follow_requests_per_second_min: follow.requests_per_second_min,
             follow_interval_between_moves_ms: follow.interval_between_moves_ms,
             link_compression: LinkCompression::default(),
+            link_congestion_control: LinkCongestionControl::default(),
             read_lease_ms: 2000,
             read_lease_cooldown_ms: 10_000,
         }
@@ -1158,6 +1183,26 @@ mod tests {
             "ship_window_bytes_max = \"1K\"",
         );
         assert!(parse_error(&text).contains("tuning.ship_window_bytes_max must be at least 4096"));
+    }
+
+    #[test]
+    fn links_pace_with_bbr_unless_told_cubic_and_nothing_else_is_taken() {
+        assert_eq!(
+            shipped("local.toml").tuning.link_congestion_control,
+            LinkCongestionControl::Bbr
+        );
+        let set = |value: &str| {
+            LOCAL_CONFIG.replace(
+                "link_congestion_control = \"bbr\"",
+                &format!("link_congestion_control = \"{value}\""),
+            )
+        };
+        let config = ClusterConfig::parse(&set("cubic"), "edited").expect("valid");
+        assert_eq!(
+            config.tuning.link_congestion_control,
+            LinkCongestionControl::Cubic
+        );
+        assert!(parse_error(&set("reno")).contains("link_congestion_control"));
     }
 
     #[test]

@@ -164,7 +164,12 @@ impl Peers {
         warn_if_expiring(&node.name, identity.not_after);
         let table = stretch_transport::LinkTable::new(seed_of(&node.name));
         links.register(&node.site, table.clone());
-        let endpoint = PeerEndpoint::bind_shaped(&identity, address, table)?;
+        let endpoint = PeerEndpoint::bind_shaped(
+            &identity,
+            address,
+            table,
+            config.tuning.link_congestion_control.into(),
+        )?;
         let peers = Arc::new(Peers {
             node: Arc::downgrade(node),
             endpoint,

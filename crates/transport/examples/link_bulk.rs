@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! cargo run --release -p stretch-transport --example link_bulk -- --delay-ms 25 --mib 512
+//! cargo run --release -p stretch-transport --example link_bulk -- --delay-ms 25 --congestion cubic
 //! ```
 //!
 //! Prints one line: bytes, seconds from the first byte sent until the
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use stretch_core::LinkProfile;
-use stretch_transport::{LinkTable, NodeIdentity, PeerEndpoint};
+use stretch_transport::{CongestionControl, LinkTable, NodeIdentity, PeerEndpoint};
 
 const MIB: u64 = 1 << 20;
 /// Bytes handed to the stream per write.
@@ -26,12 +27,15 @@ struct Options {
     mib: u64,
     delay_ms: u64,
     bandwidth_mbit: Option<u64>,
+    loss_ppm: u32,
+    congestion: CongestionControl,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: link_bulk [--mib N (default 256)] [--delay-ms D (one way, default 0)] \
-         [--bandwidth-mbit B (default unlimited)]"
+         [--bandwidth-mbit B (default unlimited)] [--loss-ppm P (datagrams lost \
+         per million, default 0)] [--congestion bbr|cubic (default bbr, as the nodes)]"
     );
     std::process::exit(2)
 }
@@ -41,11 +45,24 @@ fn parse_options() -> Options {
         mib: 256,
         delay_ms: 0,
         bandwidth_mbit: None,
+        loss_ppm: 0,
+        congestion: CongestionControl::default(),
     };
     let mut arguments = std::env::args().skip(1);
     while let Some(flag) = arguments.next() {
         if flag == "--help" || flag == "-h" {
             usage();
+        }
+        if flag == "--congestion" {
+            options.congestion = match arguments.next().as_deref() {
+                Some("bbr") => CongestionControl::Bbr,
+                Some("cubic") => CongestionControl::Cubic,
+                _ => {
+                    eprintln!("link_bulk: --congestion takes bbr or cubic");
+                    usage();
+                }
+            };
+            continue;
         }
         let Some(value) = arguments.next().and_then(|value| value.parse::<u64>().ok()) else {
             eprintln!("link_bulk: {flag} needs a whole number");
@@ -55,6 +72,7 @@ fn parse_options() -> Options {
             "--mib" if value > 0 => options.mib = value,
             "--delay-ms" => options.delay_ms = value,
             "--bandwidth-mbit" if value > 0 => options.bandwidth_mbit = Some(value),
+            "--loss-ppm" if value <= 1_000_000 => options.loss_ppm = value as u32,
             _ => {
                 eprintln!("link_bulk: unknown option or bad value: {flag} {value}");
                 usage();
@@ -82,13 +100,24 @@ async fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     let profile = LinkProfile {
         delay_ms: options.delay_ms,
         bandwidth_kbit: options.bandwidth_mbit.map(|mbit| mbit * 1000),
+        loss_ppm: options.loss_ppm,
         ..LinkProfile::IDEAL
     };
     // Each side shapes what it sends, as each node does.
     let sender_links = LinkTable::new(1);
     let receiver_links = LinkTable::new(2);
-    let sender = PeerEndpoint::bind_shaped(&sender_identity, loopback, sender_links.clone())?;
-    let receiver = PeerEndpoint::bind_shaped(&receiver_identity, loopback, receiver_links.clone())?;
+    let sender = PeerEndpoint::bind_shaped(
+        &sender_identity,
+        loopback,
+        sender_links.clone(),
+        options.congestion,
+    )?;
+    let receiver = PeerEndpoint::bind_shaped(
+        &receiver_identity,
+        loopback,
+        receiver_links.clone(),
+        options.congestion,
+    )?;
     let sender_address = sender.local_addr()?;
     let receiver_address = receiver.local_addr()?;
     sender_links.set(receiver_address, profile);
@@ -122,18 +151,24 @@ async fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut count = [0u8; 8];
     reply.read_exact(&mut count).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let stats = connection.stats();
     connection.close(0u32.into(), b"done");
     let received = receiving.await?.map_err(|error| error.to_string())?;
     if u64::from_be_bytes(count) != total || received != total {
         return Err(format!("sent {total} bytes, the receiver counted {received}").into());
     }
     println!(
-        "link_bulk: {} MiB, delay {} ms one way, bandwidth {}: {seconds:.3} s, {:.1} MiB/s",
+        "link_bulk: {} MiB, delay {} ms one way, bandwidth {}, loss {} ppm, {:?}: {} packets lost, \
+         {} congestion events, {seconds:.3} s, {:.1} MiB/s",
         options.mib,
         options.delay_ms,
         options
             .bandwidth_mbit
             .map_or("unlimited".to_string(), |mbit| format!("{mbit} Mbit/s")),
+        options.loss_ppm,
+        options.congestion,
+        stats.path.lost_packets,
+        stats.path.congestion_events,
         total as f64 / MIB as f64 / seconds
     );
     sender.close();

@@ -10,7 +10,8 @@ mod pki;
 mod shaped_socket;
 
 pub use endpoint::{
-    ALPN, BIDI_STREAMS_MAX, EndpointError, PeerEndpoint, UNI_STREAMS_MAX, peer_certificate,
+    ALPN, BIDI_STREAMS_MAX, CongestionControl, EndpointError, PeerEndpoint, UNI_STREAMS_MAX,
+    peer_certificate,
 };
 pub use framing::{
     CONNECTION_FRAME_BUDGET_BYTES, FRAME_STALL_TIMEOUT, FrameBudget, FrameError, HELLO_BYTES_MAX,

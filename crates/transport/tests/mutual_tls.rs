@@ -23,7 +23,7 @@ fn shaped_member(
     links: stretch_transport::LinkTable,
 ) -> PeerEndpoint {
     let identity = NodeIdentity::load(pki, node).expect("identity");
-    PeerEndpoint::bind_shaped(&identity, loopback(), links).expect("bind")
+    PeerEndpoint::bind_shaped(&identity, loopback(), links, Default::default()).expect("bind")
 }
 
 /// Runs `future` on a fresh runtime with a time limit.
