@@ -23,7 +23,8 @@ Rate = MiB written ÷ seconds from reconnection to b holding everything;
 ratio = rate ÷ the bulk limit at the same delay. Target: ≥ 0.8 for both at
 both delays. Medians of --repeats.
 
-    /usr/bin/python3 bench/catch-up.py           # after cargo build --release
+    /usr/bin/python3 bench/catch-up.py                       # after cargo build --release
+    /usr/bin/python3 bench/catch-up.py --congestion cubic    # quinn's loss-based default, for comparison
 """
 
 import argparse
@@ -49,10 +50,11 @@ def log(message):
     multi_site.log(message)
 
 
-def bulk_rate(delay_ms, mib, cpu):
+def bulk_rate(delay_ms, mib, cpu, congestion):
     """MiB/s of one link_bulk run."""
     result = subprocess.run(["taskset", "-c", str(cpu), BULK, "--delay-ms", str(delay_ms),
-                             "--mib", str(mib)], capture_output=True, text=True)
+                             "--mib", str(mib), "--congestion", congestion],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         multi_site.die(f"link_bulk failed: {result.stderr.strip()}")
     # "link_bulk: ... : 1.702 s, 150.4 MiB/s"
@@ -108,6 +110,9 @@ def main():
     parser.add_argument("--ship-window-min", default=None,
                         help="tuning.ship_window_bytes_min of both clusters (equal to the "
                              "maximum: a fixed window); default 1M")
+    parser.add_argument("--congestion", choices=["bbr", "cubic"], default="bbr",
+                        help="congestion control of the clusters' links and of link_bulk "
+                             "(tuning.link_congestion_control); default bbr")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--fio-cpu", type=int, default=1)
     args = parser.parse_args()
@@ -126,13 +131,14 @@ def main():
 
     multi_site.SHIP_WINDOW = args.ship_window
     multi_site.SHIP_WINDOW_MIN = args.ship_window_min
+    multi_site.LINK_CONGESTION = args.congestion
     commit = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
     print(f"    $ {' '.join(['bench/catch-up.py', *sys.argv[1:]])}")
     print(f"    commit {commit}; --delay-ms {args.delay_ms} --drain-mib {args.drain_mib} "
           f"--resync-mib {args.resync_mib} --bulk-mib {args.bulk_mib} --repeats {args.repeats} "
           f"--ship-window {args.ship_window or '32M'} "
-          f"--ship-window-min {args.ship_window_min or '1M'}")
+          f"--ship-window-min {args.ship_window_min or '1M'} --congestion {args.congestion}")
 
     workdir = tempfile.mkdtemp(prefix="stretch-catch-up-", dir=os.path.join(REPO, "target"))
     multi_site.STRETCH = os.path.join(workdir, "stretch-under-test")
@@ -147,7 +153,7 @@ def main():
     try:
         for delay in delays:
             for repeat in range(args.repeats):
-                rate = bulk_rate(delay, args.bulk_mib, args.server_cpu)
+                rate = bulk_rate(delay, args.bulk_mib, args.server_cpu, args.congestion)
                 results.setdefault(("bulk", delay), []).append(rate)
                 log(f"  link_bulk {delay} ms run {repeat + 1}: {rate:.1f} MiB/s")
         for cluster in clusters:

@@ -114,6 +114,9 @@ MIB = 1 << 20
 SHIP_WINDOW = None
 SHIP_WINDOW_MIN = None
 BANDWIDTH_MBIT = None
+# tuning.link_congestion_control of both clusters (None: local.toml's, bbr);
+# set by bench/catch-up.py --congestion.
+LINK_CONGESTION = None
 
 
 class BenchError(Exception):
@@ -209,6 +212,12 @@ class Cluster:
                         "`ship_window_bytes_max = \"32M\"` line; update bench/multi-site.py")
                 text = text.replace('ship_window_bytes_max = "32M"\n',
                                     f'ship_window_bytes_max = "{SHIP_WINDOW}"\n')
+            if LINK_CONGESTION is not None:
+                if text.count('link_congestion_control = "bbr"\n') != 1:
+                    die("cluster-configs/local.toml no longer has one "
+                        "`link_congestion_control = \"bbr\"` line; update bench/multi-site.py")
+                text = text.replace('link_congestion_control = "bbr"\n',
+                                    f'link_congestion_control = "{LINK_CONGESTION}"\n')
             if SHIP_WINDOW_MIN is not None:
                 text = text.replace("ship_window_bytes_max = ",
                                     f'ship_window_bytes_min = "{SHIP_WINDOW_MIN}"\n'
