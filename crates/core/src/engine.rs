@@ -100,6 +100,11 @@ pub struct EngineConfig {
     /// the simulator draws smaller ones so that its small volumes span
     /// several regions.
     pub region_blocks: u64,
+    /// Region reads and chunks not yet on the other site's legs, per site
+    /// being resynced (all its groups together): what a resync may add to
+    /// that site's memory, and what bounds its rate (this many regions per
+    /// round trip: 16 regions of 1 MiB carry 320 MiB/s at 50 ms). At least 1.
+    pub resync_chunks_in_flight_max: usize,
     /// Read leases (see the `read_lease` module): how long a lease lets a
     /// site that does not own a group serve strict reads of a region from
     /// its own image, counted from when it asked. 0: no leases; every
@@ -189,6 +194,7 @@ impl Default for EngineConfig {
             suspend_hold_ms: 5_000,
             suspended_requests_max: 1024,
             region_blocks: REGION_BLOCKS,
+            resync_chunks_in_flight_max: 16,
             read_lease_ms: 0,
             clock_drift_ppm: 1_000,
             read_lease_cooldown_ms: 10_000,
@@ -338,6 +344,10 @@ impl Engine {
         assert!(
             config.delta_max_bytes <= DELTA_RECORD_BYTES_MAX,
             "engine config invariant: delta_max_bytes is at most DELTA_RECORD_BYTES_MAX"
+        );
+        assert!(
+            config.resync_chunks_in_flight_max >= 1,
+            "engine config invariant: a resync keeps at least one chunk going"
         );
         let next_position = recovered.next_position.0.max(1);
         let groups = recovered

@@ -273,6 +273,10 @@ pub const NBD_IN_FLIGHT_BYTES_MAX: u64 = 1 << 40;
 const IMAGE_OFFER_WAIT_MS_MIN: u64 = 200;
 const IMAGE_OFFER_WAIT_MS_MAX: u64 = 30_000;
 
+/// Most regions a resync may keep in flight to one site (64 MiB: the
+/// connection's flow-control window).
+const RESYNC_CHUNKS_IN_FLIGHT_MAX: usize = 64;
+
 /// Engine and storage limits, shared by every node of the cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -309,6 +313,10 @@ pub struct Tuning {
     /// cut is noticed. At most `ship_window_bytes_max`; unset, 1M or the
     /// maximum if that is smaller.
     pub ship_window_bytes_min: Option<ByteSize>,
+    /// Regions (1 MiB each) a resync keeps being read and sent to one site
+    /// and not yet on its legs: its rate is at most this many MiB per round
+    /// trip, and its memory this many MiB. 1 to 64.
+    pub resync_chunks_in_flight_max: usize,
     /// A strict read or forwarded write at a non-owner site fails with EIO
     /// after this long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -383,6 +391,7 @@ impl Default for Tuning {
             backlog_wait_ms_max: engine.backlog_wait_ms_max,
             ship_window_bytes_max: ByteSize(engine.ship_window_bytes_max),
             ship_window_bytes_min: None,
+            resync_chunks_in_flight_max: engine.resync_chunks_in_flight_max,
             remote_timeout_ms: 5000,
             nbd_tls: NbdTls::Off,
             lease_ms: lease.lease_ms,
@@ -443,6 +452,7 @@ impl Tuning {
                 |bytes| bytes.0,
             ),
             remote_timeout_ms: self.remote_timeout_ms,
+            resync_chunks_in_flight_max: self.resync_chunks_in_flight_max,
             suspend_hold_ms: self.suspend_hold_ms,
             read_lease_ms: self.read_lease_ms,
             read_lease_cooldown_ms: self.read_lease_cooldown_ms,
@@ -687,6 +697,12 @@ impl ClusterConfig {
         if tuning.ship_window_bytes_max.0 < BLOCK_SIZE as u64 {
             return Err(format!(
                 "tuning.ship_window_bytes_max must be at least {BLOCK_SIZE}"
+            ));
+        }
+        if !(1..=RESYNC_CHUNKS_IN_FLIGHT_MAX).contains(&tuning.resync_chunks_in_flight_max) {
+            return Err(format!(
+                "tuning.resync_chunks_in_flight_max must be 1 to {RESYNC_CHUNKS_IN_FLIGHT_MAX} \
+                 (regions of 1 MiB in flight to one site)"
             ));
         }
         if let Some(min) = tuning.ship_window_bytes_min {
@@ -1183,6 +1199,31 @@ mod tests {
             "ship_window_bytes_max = \"1K\"",
         );
         assert!(parse_error(&text).contains("tuning.ship_window_bytes_max must be at least 4096"));
+    }
+
+    #[test]
+    fn resync_chunks_in_flight_reach_the_engine_within_their_bounds() {
+        assert_eq!(
+            shipped("local.toml")
+                .tuning
+                .engine()
+                .resync_chunks_in_flight_max,
+            16
+        );
+        let set = |value: usize| {
+            LOCAL_CONFIG.replace(
+                "ship_window_bytes_max = \"32M\"",
+                &format!("ship_window_bytes_max = \"32M\"\nresync_chunks_in_flight_max = {value}"),
+            )
+        };
+        let config = ClusterConfig::parse(&set(64), "edited").expect("valid");
+        assert_eq!(config.tuning.engine().resync_chunks_in_flight_max, 64);
+        for refused in [0, 65] {
+            assert!(
+                parse_error(&set(refused))
+                    .contains("tuning.resync_chunks_in_flight_max must be 1 to 64")
+            );
+        }
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub struct EngineTuning {
     /// The window before the link was measured, and its least size (see
     /// the engine config).
     pub ship_window_bytes_min: u64,
+    /// Region reads and chunks a resync keeps in flight to one site (see
+    /// the engine config).
+    pub resync_chunks_in_flight_max: usize,
     /// A request at a site that does not own the volume fails after this
     /// long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -280,6 +283,7 @@ impl Default for EngineTuning {
             backlog_wait_ms_max: 5_000,
             ship_window_bytes_max: 32 << 20,
             ship_window_bytes_min: 1 << 20,
+            resync_chunks_in_flight_max: 4,
             remote_timeout_ms: 5_000,
             lease_ms: 1_000,
             lease_renew_ms: 250,
@@ -628,6 +632,11 @@ impl Scenario {
         if !read_mostly && rng.chance(0.5) {
             self.engine.ship_window_bytes_min = 4096 * rng.between(1, 16);
         }
+        // And resyncs that keep two to sixteen regions in flight (nodes
+        // keep 16) instead of four.
+        if rng.chance(0.5) {
+            self.engine.resync_chunks_in_flight_max = rng.between(2, 16) as usize;
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -715,6 +724,9 @@ impl Scenario {
         }
         if e.journal_segment_bytes < 4096 {
             return Err("engine.journal_segment_bytes must be at least 4096".into());
+        }
+        if e.resync_chunks_in_flight_max == 0 {
+            return Err("engine.resync_chunks_in_flight_max >= 1 needed".into());
         }
         if e.ship_window_bytes_max < 4096 || e.ship_window_bytes_min < 4096 {
             return Err("engine.ship_window_bytes_max and _min >= 4096 needed".into());

@@ -592,6 +592,7 @@ impl<'a> Simulation<'a> {
             backlog_wait_ms_max: tuning.backlog_wait_ms_max,
             ship_window_bytes_max: tuning.ship_window_bytes_max,
             ship_window_bytes_min: tuning.ship_window_bytes_min,
+            resync_chunks_in_flight_max: tuning.resync_chunks_in_flight_max,
             remote_timeout_ms: tuning.remote_timeout_ms,
             // Granted by the simulator when ownership can move.
             leases_enforced: self.control.leases(),

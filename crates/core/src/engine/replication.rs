@@ -73,10 +73,6 @@ pub const MERGED_RECORD_BYTES_MAX: u64 = 16 << 20;
 const RESERVED_VOLUME: VolumeId = VolumeId(u32::MAX);
 /// The unacknowledged-chunk entry of a chunk that copies no region.
 const NO_REGION: (VolumeId, u64) = (RESERVED_VOLUME, 0);
-/// Region reads and chunks not yet on the other site's legs, per site
-/// being resynced (all its groups together): what a resync may add to that
-/// site's memory.
-const RESYNC_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Where a site stands with respect to a group this site owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -662,7 +662,7 @@ impl Engine {
         progress.dirty.extend(reading);
     }
 
-    /// Keeps up to [`RESYNC_CHUNKS_IN_FLIGHT`] region reads and chunks
+    /// Keeps up to `resync_chunks_in_flight_max` region reads and chunks
     /// going; sends the last (possibly empty) chunk when nothing is left.
     pub(super) fn pump_resync(&mut self, group: GroupId, peer: SiteId) {
         loop {
@@ -678,7 +678,7 @@ impl Engine {
                 }
                 return;
             }
-            if self.resync_in_flight(peer) >= RESYNC_CHUNKS_IN_FLIGHT {
+            if self.resync_in_flight(peer) >= self.config.resync_chunks_in_flight_max {
                 return;
             }
             let Some(progress) = self.replication.progress_mut(group, peer) else {

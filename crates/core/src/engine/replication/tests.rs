@@ -30,6 +30,7 @@ fn config(site: SiteId, peer: SiteId) -> EngineConfig {
         suspend_hold_ms: 5_000,
         suspended_requests_max: 1024,
         region_blocks: REGION_BLOCKS,
+        resync_chunks_in_flight_max: 4,
         read_lease_ms: 0,
         clock_drift_ppm: 1_000,
         read_lease_cooldown_ms: 10_000,
@@ -2230,7 +2231,7 @@ fn a_resync_keeps_one_window_of_chunks_per_site_until_they_are_on_its_legs() {
     let reads = std::iter::from_fn(|| engine.poll_action())
         .filter(|action| matches!(action, Action::ReadLeg { .. }))
         .count();
-    assert_eq!(reads, RESYNC_CHUNKS_IN_FLIGHT);
+    assert_eq!(reads, config(A, B).resync_chunks_in_flight_max);
 
     // The replica: a chunk is acknowledged once on its legs, not before.
     let mut b = Site::new(config(B, A), Mode::Async, A);
