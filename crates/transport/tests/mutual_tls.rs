@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use stretch_transport::{NodeIdentity, PeerEndpoint, init};
+use stretch_transport::{CongestionControl, NodeIdentity, PeerEndpoint, init};
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("address")
@@ -473,4 +473,34 @@ fn a_dialled_peer_must_be_the_node_dialled() {
         ),
         "{parsed:?}"
     );
+}
+
+#[test]
+fn connections_pace_with_the_congestion_control_their_endpoint_was_bound_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init(dir.path(), "test", &["a1", "b1"]).expect("init");
+    for congestion in [CongestionControl::Bbr, CongestionControl::Cubic] {
+        let bind = |node: &str| {
+            let identity = NodeIdentity::load(dir.path(), node).expect("identity");
+            let links = stretch_transport::LinkTable::new(1);
+            PeerEndpoint::bind_shaped(&identity, loopback(), links, congestion).expect("bind")
+        };
+        run(async {
+            let (a, b) = (bind("a1"), bind("b1"));
+            let b_address = b.local_addr().expect("address");
+            let server = tokio::spawn(async move {
+                let connection = b.accept().await.expect("a1 connects");
+                connection.closed().await;
+            });
+            let connection = a.connect("b1", b_address).await.expect("a1 reaches b1");
+            let controller = connection.congestion_state().into_any();
+            let paced_as_bound = match congestion {
+                CongestionControl::Bbr => controller.is::<quinn::congestion::Bbr>(),
+                CongestionControl::Cubic => controller.is::<quinn::congestion::Cubic>(),
+            };
+            assert!(paced_as_bound, "{congestion:?} was asked for");
+            connection.close(0u32.into(), b"done");
+            server.await.expect("server task");
+        });
+    }
 }
