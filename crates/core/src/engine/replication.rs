@@ -25,8 +25,8 @@
 //! - every resume carries an id, echoed by the chunks and acks of the
 //!   resync that answers it; what answers an earlier resume is refused;
 //!   with every resume the replica repeats what it journaled and applied;
-//! - chunks are acknowledged once on the replica's legs, at most 4 in
-//!   flight per site (all groups together);
+//! - chunks are acknowledged once on the replica's legs, at most
+//!   `resync_chunks_in_flight_max` in flight per site (all groups together);
 //! - abandoning a resync (connection lost, or a new resume) makes every
 //!   region it had not finished dirty again at once;
 //! - only a streaming site (or one away after streaming) counts for
