@@ -976,8 +976,9 @@ impl<'a> Simulation<'a> {
     /// a full delta per group it owns, closed past the bound) and its
     /// window of resync chunks; block bookkeeping on top.
     fn received_allowance(&self, site: usize) -> u64 {
-        const RESYNC_WINDOW_BYTES: u64 = 4 << 20;
         let engine = &self.scenario.engine;
+        let resync_window_bytes =
+            engine.resync_chunks_in_flight_max as u64 * engine.region_blocks * 4096;
         let allowance: u64 = (0..self.sites.len())
             .filter(|owner| *owner != site)
             .map(|owner| {
@@ -987,7 +988,7 @@ impl<'a> Simulation<'a> {
                 if groups == 0 {
                     return 0;
                 }
-                engine.backlog_bytes_max + groups * engine.delta_max_bytes + RESYNC_WINDOW_BYTES
+                engine.backlog_bytes_max + groups * engine.delta_max_bytes + resync_window_bytes
             })
             .sum();
         // 64 bytes of bookkeeping per 4 KiB block.
