@@ -368,11 +368,11 @@ impl Engine {
             }
             let shipped = &ready[next..end];
             next = end;
-            in_flight += shipped.iter().map(|retained| retained.bytes).sum::<u64>();
+            let bytes: u64 = shipped.iter().map(|retained| retained.bytes).sum();
+            in_flight += bytes;
             let last = shipped[shipped.len() - 1];
             progress.shipped = last.seq;
             if progress.state == PeerState::Streaming {
-                let bytes = shipped.iter().map(|retained| retained.bytes).sum();
                 progress.window.shipped(last.seq, bytes, now);
             }
             self.stats.shipped_deltas_total += shipped.len() as u64;
