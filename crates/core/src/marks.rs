@@ -99,6 +99,9 @@ pub enum Mark {
     /// revoked every lease on the group: the revocation a write waits for
     /// after such a start.
     ReadLeaseUnknownRevoked,
+    /// A lease was not asked for (holder) or not granted (owner) because
+    /// `read_leases_max` was reached, renewals aside.
+    ReadLeaseBoundReached,
     /// A site held a forwarded request or strict read from the site it
     /// took for the owner, which had handed the group to it, until it
     /// learned that it owns the group (or refused it past its bound).
@@ -106,7 +109,7 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 38] = [
+    pub const ALL: [Mark; 39] = [
         Mark::FoldAbsent,
         Mark::FoldGone,
         Mark::FoldLagging,
@@ -144,6 +147,7 @@ impl Mark {
         Mark::ReadLeaseRevoked,
         Mark::ReadLeaseRanOut,
         Mark::ReadLeaseUnknownRevoked,
+        Mark::ReadLeaseBoundReached,
         Mark::AwaitedOwnership,
     ];
 
@@ -186,6 +190,7 @@ impl Mark {
             Mark::ReadLeaseRevoked => "read-lease-revoked",
             Mark::ReadLeaseRanOut => "read-lease-ran-out",
             Mark::ReadLeaseUnknownRevoked => "read-lease-unknown-revoked",
+            Mark::ReadLeaseBoundReached => "read-lease-bound-reached",
             Mark::AwaitedOwnership => "awaited-ownership",
         }
     }

@@ -167,6 +167,9 @@ pub struct EngineTuning {
     /// Region reads and chunks a resync keeps in flight to one site (see
     /// the engine config).
     pub resync_chunks_in_flight_max: usize,
+    /// Leases an owner grants and a site holds at most (see the engine
+    /// config).
+    pub read_leases_max: usize,
     /// A request at a site that does not own the volume fails after this
     /// long without an answer from the owner.
     pub remote_timeout_ms: u64,
@@ -284,6 +287,7 @@ impl Default for EngineTuning {
             ship_window_bytes_max: 32 << 20,
             ship_window_bytes_min: 1 << 20,
             resync_chunks_in_flight_max: 4,
+            read_leases_max: 1 << 16,
             remote_timeout_ms: 5_000,
             lease_ms: 1_000,
             lease_renew_ms: 250,
@@ -637,6 +641,13 @@ impl Scenario {
         if rng.chance(0.5) {
             self.engine.resync_chunks_in_flight_max = rng.between(2, 16) as usize;
         }
+        // And, in three read-mostly seeds of four, owners and holders that
+        // track two to sixteen leases at most: their volumes have more
+        // regions than that, so leases are refused at the bound and renewed
+        // there.
+        if read_mostly && rng.chance(0.75) {
+            self.engine.read_leases_max = rng.between(2, 16) as usize;
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -724,6 +735,9 @@ impl Scenario {
         }
         if e.journal_segment_bytes < 4096 {
             return Err("engine.journal_segment_bytes must be at least 4096".into());
+        }
+        if e.read_leases_max == 0 {
+            return Err("engine.read_leases_max >= 1 needed".into());
         }
         if e.resync_chunks_in_flight_max == 0 {
             return Err("engine.resync_chunks_in_flight_max >= 1 needed".into());

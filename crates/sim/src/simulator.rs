@@ -602,7 +602,7 @@ impl<'a> Simulation<'a> {
             read_lease_ms: tuning.read_lease_ms,
             clock_drift_ppm: tuning.clock_drift_ppm,
             read_lease_cooldown_ms: tuning.read_lease_cooldown_ms,
-            read_leases_max: 1 << 16,
+            read_leases_max: tuning.read_leases_max,
             planted_bug: match self.options.bug {
                 Some(SimBug::Core(bug)) => Some(bug),
                 _ => None,

@@ -423,6 +423,7 @@ impl Engine {
         if more(&self.read_leases.held) > self.config.read_leases_max {
             self.read_leases.held.retain(|_, lease| lease.until > now);
             if more(&self.read_leases.held) > self.config.read_leases_max {
+                self.marks.hit(Mark::ReadLeaseBoundReached);
                 return;
             }
         }
@@ -674,6 +675,7 @@ impl Engine {
         if more(&self.read_leases) > self.config.read_leases_max {
             self.read_leases.prune_granted(now);
             if more(&self.read_leases) > self.config.read_leases_max {
+                self.marks.hit(Mark::ReadLeaseBoundReached);
                 return false;
             }
         }
