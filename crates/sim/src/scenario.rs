@@ -642,11 +642,11 @@ impl Scenario {
             self.engine.resync_chunks_in_flight_max = rng.between(2, 16) as usize;
         }
         // And, in three read-mostly seeds of four, owners and holders that
-        // track two to sixteen leases at most: their volumes have more
+        // track four to twenty-four leases at most: their volumes have more
         // regions than that, so leases are refused at the bound and renewed
         // there.
         if read_mostly && rng.chance(0.75) {
-            self.engine.read_leases_max = rng.between(2, 16) as usize;
+            self.engine.read_leases_max = rng.between(4, 24) as usize;
         }
     }
 
