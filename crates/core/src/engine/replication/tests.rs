@@ -369,6 +369,30 @@ impl Pair {
         }
     }
 
+    /// Adds an async `volume` of `size` bytes in `group` at both sites;
+    /// with `owner`, both take that site for the group's owner at epoch 1.
+    fn add_volume_at_both(
+        &mut self,
+        volume: VolumeId,
+        size: u64,
+        group: GroupId,
+        owner: Option<SiteId>,
+    ) {
+        for site in [&mut self.a, &mut self.b] {
+            site.engine.add_volume(
+                volume,
+                VolumeSpec {
+                    size,
+                    group,
+                    mode: Mode::Async,
+                },
+            );
+            if let Some(owner) = owner {
+                site.engine.set_owner(group, owner, Epoch(1));
+            }
+        }
+    }
+
     fn write(&mut self, at_b: bool, offset: u64, data: Bytes) -> RequestId {
         let now = self.now;
         let site = if at_b { &mut self.b } else { &mut self.a };
@@ -4804,17 +4828,7 @@ fn a_group_given_away_leaves_the_backlog() {
 fn giving_a_group_away_keeps_the_leases_granted_on_the_others() {
     let mut pair = pair_with_a_lease_at_b();
     let other = (VolumeId(2), GroupId(2));
-    for site in [&mut pair.a, &mut pair.b] {
-        site.engine.add_volume(
-            other.0,
-            VolumeSpec {
-                size: VOLUME_BYTES,
-                group: other.1,
-                mode: Mode::Async,
-            },
-        );
-        site.engine.set_owner(other.1, A, Epoch(1));
-    }
+    pair.add_volume_at_both(other.0, VOLUME_BYTES, other.1, Some(A));
     pair.settle();
     pair.a.engine.set_owner(other.1, B, Epoch(2));
     pair.b.engine.set_owner(other.1, B, Epoch(2));
@@ -5606,17 +5620,7 @@ fn an_abandoned_resync_takes_back_only_its_own_groups_regions_being_read() {
     const OTHER_VOLUME: VolumeId = VolumeId(2);
     const OTHER_GROUP: GroupId = GroupId(2);
     let mut pair = Pair::new(Mode::Async);
-    for site in [&mut pair.a, &mut pair.b] {
-        site.engine.add_volume(
-            OTHER_VOLUME,
-            VolumeSpec {
-                size: VOLUME_BYTES,
-                group: OTHER_GROUP,
-                mode: Mode::Async,
-            },
-        );
-        site.engine.set_owner(OTHER_GROUP, A, Epoch(1));
-    }
+    pair.add_volume_at_both(OTHER_VOLUME, VOLUME_BYTES, OTHER_GROUP, Some(A));
     pair.settle();
     pair.disconnect();
     // While b is away: region 3 of the other volume, then the first
@@ -5787,16 +5791,7 @@ fn merged_records_stay_within_their_bound_and_the_window_counts_each_one() {
     let mut pair = Pair::with_configs(Mode::Async, roomy(A, B), roomy(B, A));
     // Only this volume is written: the sites' legs here are keyed by block.
     let volume = VolumeId(2);
-    for site in [&mut pair.a, &mut pair.b] {
-        site.engine.add_volume(
-            volume,
-            VolumeSpec {
-                size: 24 << 20,
-                group: GROUP,
-                mode: Mode::Async,
-            },
-        );
-    }
+    pair.add_volume_at_both(volume, 24 << 20, GROUP, None);
     pair.disconnect();
     let megabyte = Bytes::from(vec![4u8; 1 << 20]);
     for index in 0..17u64 {
@@ -5888,16 +5883,8 @@ fn pair_with_one_block_regions() -> Pair {
         ..leasing(site, peer)
     };
     let mut pair = Pair::with_configs(Mode::Async, one_block(A, B), one_block(B, A));
-    for site in [&mut pair.a, &mut pair.b] {
-        site.engine.add_volume(
-            WIDE_VOLUME,
-            VolumeSpec {
-                size: (crate::site_message::LEASE_REGIONS_MAX as u64 + 1) * BLOCK_SIZE as u64,
-                group: GROUP,
-                mode: Mode::Async,
-            },
-        );
-    }
+    let wide_bytes = (crate::site_message::LEASE_REGIONS_MAX as u64 + 1) * BLOCK_SIZE as u64;
+    pair.add_volume_at_both(WIDE_VOLUME, wide_bytes, GROUP, None);
     pair.tick(100);
     pair
 }
@@ -6081,17 +6068,7 @@ fn only_blocks_newer_than_the_site_holds_in_the_same_region_keep_it_from_being_l
 fn a_revocation_on_its_way_is_confirmed_after_another_group_is_given_away() {
     let mut pair = pair_with_a_lease_at_b();
     let other = (VolumeId(2), GroupId(2));
-    for site in [&mut pair.a, &mut pair.b] {
-        site.engine.add_volume(
-            other.0,
-            VolumeSpec {
-                size: VOLUME_BYTES,
-                group: other.1,
-                mode: Mode::Async,
-            },
-        );
-        site.engine.set_owner(other.1, A, Epoch(1));
-    }
+    pair.add_volume_at_both(other.0, VOLUME_BYTES, other.1, Some(A));
     pair.settle();
     let write = pair.a.submit(pair.now, write_request(4096, 2));
     let revocation = pair.a.run();
