@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use stretch_core::{
-    Action, BlockImage, BlockKey, DeltaRecord, Engine, EngineConfig, Epoch, GroupId, IoId,
-    JournalPosition, PlantedBug, RecoveredState, Request, RequestError, RequestId, Response,
+    Action, BLOCK_SIZE, BlockImage, BlockKey, DeltaRecord, Engine, EngineConfig, Epoch, GroupId,
+    IoId, JournalPosition, PlantedBug, RecoveredState, Request, RequestError, RequestId, Response,
     SiteId, SiteMessage, Timestamp, VolumeId, VolumeSpec,
 };
 use stretch_storage::{
@@ -978,7 +978,7 @@ impl<'a> Simulation<'a> {
     fn received_allowance(&self, site: usize) -> u64 {
         let engine = &self.scenario.engine;
         let resync_window_bytes =
-            engine.resync_chunks_in_flight_max as u64 * engine.region_blocks * 4096;
+            engine.resync_chunks_in_flight_max as u64 * engine.region_blocks * BLOCK_SIZE as u64;
         let allowance: u64 = (0..self.sites.len())
             .filter(|owner| *owner != site)
             .map(|owner| {
