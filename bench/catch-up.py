@@ -149,8 +149,7 @@ def main():
     fio = multi_site.Fio(workdir, args.fio_cpu, clusters)
     started = time.time()
     results = {}
-    failed = False
-    try:
+    def measure():
         for delay in delays:
             for repeat in range(args.repeats):
                 rate = bulk_rate(delay, args.bulk_mib, args.server_cpu, args.congestion)
@@ -188,21 +187,7 @@ def main():
                   f"| {resync:.1f} | {resync / limit:.2f} "
                   f"| {'met' if met else '**NOT met**'} (both ≥ 0.8) |")
         print(f"\n    total {time.time() - started:.0f} s")
-    except multi_site.BenchError as error:
-        failed = True
-        print(f"\nbench: ABORTED: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("\nbench: interrupted", file=sys.stderr)
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if failed:
-            log(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if failed:
-        sys.exit(1)
+    multi_site.run_guarded(clusters, workdir, False, measure)
 
 
 if __name__ == "__main__":

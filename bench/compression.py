@@ -129,9 +129,8 @@ def main():
          ["--buffer_compress_percentage=50", "--buffer_compress_chunk=4k", "--refill_buffers"]),
         ("incompressible (random buffers)", "noise", ["--refill_buffers"]),
     ]
-    failed = False
     results = {}
-    try:
+    def measure():
         for cluster in clusters:
             bench.log(f"starting cluster {cluster.label} ...")
             config = cluster_config(workdir, cluster.label, args.delay_ms,
@@ -184,21 +183,7 @@ def main():
                   f"| {bench.median(lz4, 'drain_s'):.1f} | {bench.median(off, 'drain_s'):.1f} "
                   f"| {drain_ratio:.2f} | {bench.median(lz4, 'write_mibs'):.0f} "
                   f"| {bench.median(off, 'write_mibs'):.0f} | {write_ratio:.2f} | {target} |")
-    except bench.BenchError as error:
-        failed = True
-        print(f"\nbench: ABORTED: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("\nbench: interrupted", file=sys.stderr)
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if args.keep or failed:
-            bench.log(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if failed:
-        sys.exit(1)
+    bench.run_guarded(clusters, workdir, args.keep, measure)
 
 
 if __name__ == "__main__":

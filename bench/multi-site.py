@@ -179,6 +179,15 @@ def metric(samples, name, **labels):
                if sample == name and all(sample_labels.get(k) == v for k, v in labels.items()))
 
 
+def set_line(text, line, replacement):
+    """`text` (a copy of cluster-configs/local.toml) with its one `line`
+    (newline included) replaced."""
+    if text.count(line) != 1:
+        die(f"cluster-configs/local.toml no longer has one `{line.strip()}` line; "
+            "update bench/multi-site.py")
+    return text.replace(line, replacement)
+
+
 class Cluster:
     """One `stretch up` of local.toml on free ports with a given a<->b delay."""
 
@@ -195,33 +204,21 @@ class Cluster:
     def start(self):
         with open(LOCAL_CONFIG) as source:
             shipped = source.read()
+        link = f"delay_ms = {self.delay_ms}\n"
+        if BANDWIDTH_MBIT is not None:
+            link += f"bandwidth_mbit = {BANDWIDTH_MBIT}\n"
+        shipped = set_line(shipped, "delay_ms = 25\n", link)
+        if SHIP_WINDOW is not None or SHIP_WINDOW_MIN is not None:
+            window = f'ship_window_bytes_max = "{SHIP_WINDOW or "32M"}"\n'
+            if SHIP_WINDOW_MIN is not None:
+                window += f'ship_window_bytes_min = "{SHIP_WINDOW_MIN}"\n'
+            shipped = set_line(shipped, 'ship_window_bytes_max = "32M"\n', window)
+        if LINK_CONGESTION is not None:
+            shipped = set_line(shipped, 'link_congestion_control = "bbr"\n',
+                               f'link_congestion_control = "{LINK_CONGESTION}"\n')
         for attempt in range(5):
             self.ports = free_ports(len(LOCAL_PORTS))
             text = shipped
-            if text.count("delay_ms = 25\n") != 1:
-                die("cluster-configs/local.toml no longer has one `delay_ms = 25` line; "
-                    "update bench/multi-site.py")
-            text = text.replace("delay_ms = 25\n", f"delay_ms = {self.delay_ms}\n")
-            if BANDWIDTH_MBIT is not None:
-                text = text.replace(f"delay_ms = {self.delay_ms}\n",
-                                    f"delay_ms = {self.delay_ms}\n"
-                                    f"bandwidth_mbit = {BANDWIDTH_MBIT}\n", 1)
-            if SHIP_WINDOW is not None:
-                if text.count('ship_window_bytes_max = "32M"\n') != 1:
-                    die("cluster-configs/local.toml no longer has one "
-                        "`ship_window_bytes_max = \"32M\"` line; update bench/multi-site.py")
-                text = text.replace('ship_window_bytes_max = "32M"\n',
-                                    f'ship_window_bytes_max = "{SHIP_WINDOW}"\n')
-            if LINK_CONGESTION is not None:
-                if text.count('link_congestion_control = "bbr"\n') != 1:
-                    die("cluster-configs/local.toml no longer has one "
-                        "`link_congestion_control = \"bbr\"` line; update bench/multi-site.py")
-                text = text.replace('link_congestion_control = "bbr"\n',
-                                    f'link_congestion_control = "{LINK_CONGESTION}"\n')
-            if SHIP_WINDOW_MIN is not None:
-                text = text.replace("ship_window_bytes_max = ",
-                                    f'ship_window_bytes_min = "{SHIP_WINDOW_MIN}"\n'
-                                    "ship_window_bytes_max = ", 1)
             for old, new in zip(LOCAL_PORTS, self.ports):
                 needle = f'127.0.0.1:{old}"'
                 if needle not in text:
@@ -431,6 +428,30 @@ class Fio:
 
     def nbd(self, label, uri, args):
         return self.run(label, args, ["--ioengine=nbd", f"--uri={uri}"])
+
+
+def run_guarded(clusters, workdir, keep, measure):
+    """Runs `measure()`, then stops `clusters` whatever happened. The work
+    folder (configs, stretch logs) is kept when `keep` is set or the run
+    failed; a failed or interrupted run exits with status 1."""
+    failed = False
+    try:
+        measure()
+    except BenchError as error:
+        failed = True
+        print(f"\nbench: ABORTED: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        failed = True
+        print("\nbench: interrupted", file=sys.stderr)
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+        if keep or failed:
+            log(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if failed:
+        sys.exit(1)
 
 
 def percentile(values, fraction):
@@ -917,8 +938,7 @@ def main():
                 Cluster("0ms", 0, workdir, args.server_cpu)]
     fio = Fio(workdir, args.fio_cpu, clusters)
     started = time.time()
-    failed = False
-    try:
+    def measure():
         for cluster in clusters:
             log(f"starting cluster {cluster.label} ...")
             cluster.start()
@@ -939,21 +959,7 @@ def main():
                   f"messages {metric(a, 'stretch_peer_malformed_messages_total'):.0f}/"
                   f"{metric(b, 'stretch_peer_malformed_messages_total'):.0f} (a/b)", end="")
         print(f"\n\n    total {time.time() - started:.0f} s")
-    except BenchError as error:
-        failed = True
-        print(f"\nbench: ABORTED: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("\nbench: interrupted", file=sys.stderr)
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if args.keep or failed:
-            log(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if failed:
-        sys.exit(1)
+    run_guarded(clusters, workdir, args.keep, measure)
 
 
 if __name__ == "__main__":

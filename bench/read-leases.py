@@ -333,8 +333,7 @@ def main():
                "off": cluster_config(workdir, "off", 0)}
     fio = bench.Fio(workdir, args.fio_cpu, clusters)
     started = time.time()
-    failed = False
-    try:
+    def measure():
         for cluster in clusters:
             bench.log(f"starting cluster {cluster.label} ...")
             bench.LOCAL_CONFIG = configs[cluster.label]
@@ -348,20 +347,7 @@ def main():
         if 4 in only:
             first_writes(args, clusters)
         print(f"\n    total {time.time() - started:.0f} s")
-    except bench.BenchError as error:
-        failed = True
-        print(f"\nbench: ABORTED: {error}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("\nbench: interrupted", file=sys.stderr)
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if args.keep or failed:
-            print(f"    work folder kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    sys.exit(1 if failed else 0)
+    bench.run_guarded(clusters, workdir, args.keep, measure)
 
 
 if __name__ == "__main__":
