@@ -9,6 +9,7 @@ the stretch/qemu-nbd ratio. Figures from two different runs are not
 comparable: these machines are shared and noisy.
 
 Usage: bench/nbd-vs-qemu.py [--runtime SECONDS] [--repeats N] [--size 1G]
+                            [--only TEXT]
 Needs: a release build (cargo build --release), fio, qemu-nbd, taskset.
 """
 
@@ -144,7 +145,12 @@ def main():
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per job")
     parser.add_argument("--size", default="1G", help="export size (fio --size)")
+    parser.add_argument("--only", default="",
+                        help="run only the jobs whose name contains this text")
     args = parser.parse_args()
+    jobs = [job for job in JOBS if args.only in job[0]]
+    if not jobs:
+        sys.exit(f"bench: no job name contains {args.only!r}")
     need("fio", "fio")
     need("qemu-nbd", "qemu-utils")
     need("taskset", "util-linux")
@@ -163,7 +169,7 @@ def main():
         for _, uri in servers:
             fio(uri, "write", "1m", 8, 0, args.size, workdir, time_based=False)
         results = {}
-        for name, rw, bs, depth, extra in JOBS:
+        for name, rw, bs, depth, extra in jobs:
             for repeat in range(args.repeats):
                 for server, uri in servers:
                     figures = fio(uri, rw, bs, depth, args.runtime, args.size, workdir, extra)
@@ -177,7 +183,7 @@ def main():
               "| qemu-nbd IOPS | qemu-nbd MiB/s | qemu-nbd mean µs | qemu-nbd p99 µs "
               "| ratio (IOPS) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for name, *_ in JOBS:
+        for name, *_ in jobs:
             row = []
             medians = {}
             for server in ("stretch", "qemu-nbd"):
@@ -192,7 +198,9 @@ def main():
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics") as response:
             metrics = response.read().decode()
         for line in metrics.splitlines():
-            if line.startswith(("stretch_writes_throttled_total", "stretch_journal_syncs_total")):
+            if line.startswith(("stretch_writes_throttled_total", "stretch_journal_syncs_total",
+                                 "stretch_leg_apply_seconds_sum", "stretch_leg_apply_seconds_count",
+                                 "stretch_journal_fsync_seconds_sum", "stretch_journal_fsync_seconds_count")):
                 print(f"\n    {line}", end="")
         print()
     finally:
