@@ -113,6 +113,9 @@ def main():
     parser.add_argument("--congestion", choices=["bbr", "cubic"], default="bbr",
                         help="congestion control of the clusters' links and of link_bulk "
                              "(tuning.link_congestion_control); default bbr")
+    parser.add_argument("--binary", default=None,
+                        help="the stretch binary to measure (another build, side by side "
+                             "with this one); default target/release/stretch")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--fio-cpu", type=int, default=1)
     args = parser.parse_args()
@@ -138,11 +141,12 @@ def main():
     print(f"    commit {commit}; --delay-ms {args.delay_ms} --drain-mib {args.drain_mib} "
           f"--resync-mib {args.resync_mib} --bulk-mib {args.bulk_mib} --repeats {args.repeats} "
           f"--ship-window {args.ship_window or '32M'} "
-          f"--ship-window-min {args.ship_window_min or '1M'} --congestion {args.congestion}")
+          f"--ship-window-min {args.ship_window_min or '1M'} --congestion {args.congestion} "
+          f"--binary {args.binary or 'target/release/stretch'}")
 
     workdir = tempfile.mkdtemp(prefix="stretch-catch-up-", dir=os.path.join(REPO, "target"))
     multi_site.STRETCH = os.path.join(workdir, "stretch-under-test")
-    shutil.copy2(multi_site.BUILT, multi_site.STRETCH)
+    shutil.copy2(args.binary or multi_site.BUILT, multi_site.STRETCH)
     delays = [args.delay_ms, 0]
     clusters = [multi_site.Cluster(f"{delay}ms", delay, workdir, args.server_cpu)
                 for delay in delays]

@@ -42,9 +42,9 @@ use parking_lot::Mutex;
 use stretch_core::{GroupId, Lane, SiteId, SiteMessage};
 use stretch_transport::{
     FrameBudget, FrameError, IdentityError, NodeIdentity, PeerEndpoint, peer_certificate,
-    read_message_within, write_message,
+    read_message_within, write_frame, write_message,
 };
-use stretch_wire::{PROTOCOL_VERSION, PeerMessage};
+use stretch_wire::{FrameParts, PROTOCOL_VERSION, PeerMessage};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::ClusterConfig;
@@ -94,7 +94,7 @@ struct Remote {
 #[derive(Debug)]
 struct Session {
     connection: quinn::Connection,
-    groups: BTreeMap<GroupId, mpsc::UnboundedSender<Vec<u8>>>,
+    groups: BTreeMap<GroupId, mpsc::UnboundedSender<FrameParts>>,
 }
 
 #[derive(Debug)]
@@ -344,7 +344,7 @@ impl Peers {
             return;
         };
         let encoded = PeerMessage::from_site(message, remote.compression).and_then(|message| {
-            let frame = stretch_wire::encode_frame(&message)?;
+            let frame = stretch_wire::encode_frame_parts(&message)?;
             Ok((message.payload_bytes(), frame))
         });
         let frame = match encoded {
@@ -398,7 +398,7 @@ impl Peers {
         else {
             return Err("not connected".into());
         };
-        let frame = stretch_wire::encode_frame(&message)
+        let frame = stretch_wire::encode_frame_parts(&message)
             .map_err(|error| format!("cannot encode a message to a peer: {error}"))?;
         self.runtime.spawn(async move {
             if let Err(error) = send_on_new_stream(&connection, &frame).await {
@@ -760,8 +760,8 @@ impl Peers {
 fn spawn_group_stream(
     connection: quinn::Connection,
     group: GroupId,
-) -> mpsc::UnboundedSender<Vec<u8>> {
-    let (sender, mut frames) = mpsc::unbounded_channel::<Vec<u8>>();
+) -> mpsc::UnboundedSender<FrameParts> {
+    let (sender, mut frames) = mpsc::unbounded_channel::<FrameParts>();
     tokio::spawn(async move {
         let mut stream = match connection.open_uni().await {
             Ok(stream) => stream,
@@ -771,7 +771,7 @@ fn spawn_group_stream(
             }
         };
         while let Some(frame) = frames.recv().await {
-            if let Err(error) = stream.write_all(&frame).await {
+            if let Err(error) = write_frame(&mut stream, &frame).await {
                 tracing::debug!(%group, %error, "group stream to a peer failed");
                 return;
             }
@@ -781,9 +781,14 @@ fn spawn_group_stream(
     sender
 }
 
-async fn send_on_new_stream(connection: &quinn::Connection, frame: &[u8]) -> Result<(), String> {
+async fn send_on_new_stream(
+    connection: &quinn::Connection,
+    frame: &FrameParts,
+) -> Result<(), String> {
     let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-    stream.write_all(frame).await.map_err(|e| e.to_string())?;
+    write_frame(&mut stream, frame)
+        .await
+        .map_err(|e| e.to_string())?;
     stream.finish().map_err(|e| e.to_string())?;
     Ok(())
 }

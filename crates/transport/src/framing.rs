@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use stretch_wire::{
-    FRAME_BYTES_MAX, PeerMessage, WireError, decode_frame, encode_frame, frame_length,
+    ArchiveBuffer, FRAME_BYTES_MAX, FrameParts, PeerMessage, WireError, decode_archive,
+    encode_frame_parts, frame_length,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -166,13 +167,24 @@ impl FrameBudget {
 }
 
 /// Writes one message as a frame. A message the peer would refuse (see
-/// [`encode_frame`]) is not sent: the error leaves the stream as it was.
+/// [`stretch_wire::encode_frame`]) is not sent: the error leaves the stream
+/// as it was.
 pub async fn write_message<W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &PeerMessage,
 ) -> Result<(), FrameError> {
-    let frame = encode_frame(message)?;
-    writer.write_all(&frame).await?;
+    let frame = encode_frame_parts(message)?;
+    write_frame(writer, &frame).await
+}
+
+/// Writes an encoded frame: its prefix, then its archive (not copied
+/// behind the prefix first).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &FrameParts,
+) -> Result<(), FrameError> {
+    writer.write_all(&frame.header).await?;
+    writer.write_all(&frame.archive).await?;
     Ok(())
 }
 
@@ -188,7 +200,9 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 
 /// Reads the next message; `Ok(None)` at a clean end of stream (between
 /// frames). The length is checked, then reserved from `budget`, before the
-/// body is read, and the body's buffer grows only as its bytes arrive.
+/// body is read, and the body's buffer grows only as its bytes arrive
+/// (doubling: at most twice what arrived). The body lands in an aligned
+/// buffer that the archive is read from in place, not copied again.
 pub async fn read_message_within<R: AsyncRead + Unpin>(
     reader: &mut R,
     budget: &FrameBudget,
@@ -211,35 +225,36 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     }
     let length = frame_length(header)?;
     let _reserved = budget.reserve(length).await?;
-    let total = HEADER_BYTES + length;
-    let mut frame = Vec::new();
-    frame.reserve_exact(total.min(HEADER_BYTES + FIRST_CHUNK_BYTES));
-    frame.extend_from_slice(&header);
-    while frame.len() < total {
-        if frame.len() == frame.capacity() {
-            let grow = frame.len().max(FIRST_CHUNK_BYTES).min(total - frame.len());
-            frame.reserve_exact(grow);
+    let mut archive = ArchiveBuffer::new();
+    let mut filled = 0;
+    while filled < length {
+        if filled == archive.len() {
+            // Zeroed once as it grows (the reads then land in place).
+            let grow = archive
+                .len()
+                .max(FIRST_CHUNK_BYTES)
+                .min(length - archive.len());
+            archive.reserve_exact(grow);
+            archive.resize(archive.len() + grow, 0);
         }
-        let room = (frame.capacity() - frame.len()).min(total - frame.len());
-        let read = (&mut *reader)
-            .take(room as u64)
-            .read_buf(&mut frame)
-            .await?;
+        let read = reader.read(&mut archive.as_mut_slice()[filled..]).await?;
         if read == 0 {
             return Err(WireError::Truncated {
-                have: frame.len() - HEADER_BYTES,
+                have: filled,
                 need: length,
             }
             .into());
         }
+        filled += read;
         budget.mark_progress();
     }
-    Ok(Some(decode_frame(&frame)?))
+    Ok(Some(decode_archive(&archive)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stretch_wire::encode_frame;
 
     fn run<T>(future: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
@@ -275,6 +290,43 @@ mod tests {
                 assert_eq!(read, Some(journaled.clone()));
             }
             assert_eq!(read_message(&mut reader).await.expect("end"), None);
+        });
+    }
+
+    /// A frame larger than the first chunk of its buffer, whose body
+    /// arrives in pieces of a few hundred bytes: it lands whole as the
+    /// buffer grows, and one cut short says how much arrived.
+    #[test]
+    fn a_large_frame_arriving_in_small_pieces_reads_back_whole() {
+        let body: Vec<u8> = (0..FIRST_CHUNK_BYTES as u32 * 3 + 777)
+            .map(|index| (index % 251) as u8)
+            .collect();
+        let message = PeerMessage::RaftRequest { request: 7, body };
+        let frame = encode_frame(&message).expect("a valid request");
+        assert!(frame.len() > 2 * FIRST_CHUNK_BYTES + HEADER_BYTES);
+        run(async {
+            let (mut peer, mut stream) = tokio::io::duplex(300);
+            let sent = frame.clone();
+            let writer = tokio::spawn(async move {
+                peer.write_all(&sent).await.expect("write");
+                peer
+            });
+            let read = read_message(&mut stream).await.expect("read");
+            assert_eq!(read, Some(message.clone()));
+            drop(writer.await.expect("writer"));
+
+            let (mut peer, mut stream) = tokio::io::duplex(300);
+            let cut = frame.len() - 1000;
+            let sent = frame[..cut].to_vec();
+            tokio::spawn(async move {
+                peer.write_all(&sent).await.expect("write");
+            });
+            let error = read_message(&mut stream).await;
+            assert!(
+                matches!(&error, Err(FrameError::Wire(WireError::Truncated { have, need }))
+                    if *have == cut - HEADER_BYTES && *need == frame.len() - HEADER_BYTES),
+                "{error:?}"
+            );
         });
     }
 

@@ -15,7 +15,7 @@ pub use endpoint::{
 };
 pub use framing::{
     CONNECTION_FRAME_BUDGET_BYTES, FRAME_STALL_TIMEOUT, FrameBudget, FrameError, HELLO_BYTES_MAX,
-    read_message, read_message_within, write_message,
+    read_message, read_message_within, write_frame, write_message,
 };
 pub use pki::{
     CA_DAYS_DEFAULT, CertificateInfo, IdentityError, InitReport, Lifetimes, NODE_DAYS_DEFAULT,

@@ -23,10 +23,38 @@ pub enum WireError {
     Invalid(String),
 }
 
+/// An archive aligned as [`decode_archive`] reads it in place.
+pub type ArchiveBuffer = AlignedVec<16>;
+
+/// A frame as its two parts: the length prefix and the archive. Written
+/// one after the other, they are the frame, without copying the archive
+/// behind a prefix first.
+#[derive(Debug)]
+pub struct FrameParts {
+    pub header: [u8; LENGTH_BYTES],
+    pub archive: ArchiveBuffer,
+}
+
+impl FrameParts {
+    /// Bytes on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        LENGTH_BYTES + self.archive.len()
+    }
+}
+
 /// Encodes a message as one frame, refusing what a peer would refuse: a
 /// message breaking the protocol's rules, or a frame over
 /// [`FRAME_BYTES_MAX`].
 pub fn encode_frame(message: &PeerMessage) -> Result<Vec<u8>, WireError> {
+    let parts = encode_frame_parts(message)?;
+    let mut frame = Vec::with_capacity(parts.wire_bytes());
+    frame.extend_from_slice(&parts.header);
+    frame.extend_from_slice(&parts.archive);
+    Ok(frame)
+}
+
+/// [`encode_frame`], as its prefix and archive.
+pub fn encode_frame_parts(message: &PeerMessage) -> Result<FrameParts, WireError> {
     message.check()?;
     let archive = rkyv::to_bytes::<rancor::Error>(message)
         .map_err(|error| WireError::Invalid(format!("cannot archive: {error}")))?;
@@ -34,10 +62,10 @@ pub fn encode_frame(message: &PeerMessage) -> Result<Vec<u8>, WireError> {
         Ok(length) if length <= FRAME_BYTES_MAX => length,
         _ => return Err(WireError::FrameTooLarge(archive.len() as u64)),
     };
-    let mut frame = Vec::with_capacity(LENGTH_BYTES + archive.len());
-    frame.extend_from_slice(&length.to_le_bytes());
-    frame.extend_from_slice(&archive);
-    Ok(frame)
+    Ok(FrameParts {
+        header: length.to_le_bytes(),
+        archive,
+    })
 }
 
 /// The archive length a frame header announces, refusing oversized frames
@@ -68,10 +96,54 @@ pub fn decode_frame(frame: &[u8]) -> Result<PeerMessage, WireError> {
     }
     // rkyv reads archives in place and needs them aligned; bytes off a
     // socket are not.
-    let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
+    let mut aligned = ArchiveBuffer::with_capacity(archive.len());
     aligned.extend_from_slice(archive);
-    let message = rkyv::from_bytes::<PeerMessage, rancor::Error>(&aligned)
+    decode_archive(&aligned)
+}
+
+/// Decodes one archive (a frame without its length prefix, which the
+/// caller checked with [`frame_length`]) received straight into an aligned
+/// buffer: validates it, then the protocol's rules.
+pub fn decode_archive(archive: &ArchiveBuffer) -> Result<PeerMessage, WireError> {
+    if archive.len() > FRAME_BYTES_MAX as usize {
+        return Err(WireError::FrameTooLarge(archive.len() as u64));
+    }
+    let message = rkyv::from_bytes::<PeerMessage, rancor::Error>(archive)
         .map_err(|error| WireError::Malformed(error.to_string()))?;
     message.check()?;
     Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_in_parts_is_the_frame_and_its_archive_decodes_in_place() {
+        let message = PeerMessage::Journaled { group: 3, seq: 9 };
+        let parts = encode_frame_parts(&message).expect("encodes");
+        let frame = encode_frame(&message).expect("encodes");
+        assert_eq!(parts.wire_bytes(), frame.len());
+        assert_eq!(parts.header[..], frame[..LENGTH_BYTES]);
+        assert_eq!(parts.archive[..], frame[LENGTH_BYTES..]);
+        assert_eq!(
+            frame_length(parts.header).expect("length"),
+            parts.archive.len()
+        );
+        assert_eq!(decode_archive(&parts.archive).expect("decodes"), message);
+    }
+
+    #[test]
+    fn a_malformed_archive_is_an_error() {
+        let mut archive = ArchiveBuffer::new();
+        archive.extend_from_slice(&[0xa5; 64]);
+        assert!(matches!(
+            decode_archive(&archive),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_archive(&ArchiveBuffer::new()),
+            Err(WireError::Malformed(_))
+        ));
+    }
 }

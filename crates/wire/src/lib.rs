@@ -47,7 +47,10 @@ mod frame;
 mod message;
 
 pub use compression::{Compression, PayloadBytes, SAVING_BYTES_MIN};
-pub use frame::{FRAME_BYTES_MAX, WireError, decode_frame, encode_frame, frame_length};
+pub use frame::{
+    ArchiveBuffer, FRAME_BYTES_MAX, FrameParts, WireError, decode_archive, decode_frame,
+    encode_frame, encode_frame_parts, frame_length,
+};
 pub use message::{
     METADATA_BYTES_MAX, NAME_BYTES_MAX, PROTOCOL_VERSION, PeerMessage, WRITE_BYTES_MAX, WireBlock,
     WireFailure, WirePayload, WireRegion, WireRequest, WireResponse,
