@@ -146,4 +146,21 @@ mod tests {
             Err(WireError::Malformed(_))
         ));
     }
+
+    #[test]
+    fn an_archive_over_the_frame_limit_is_refused_before_it_is_read() {
+        let mut archive = ArchiveBuffer::new();
+        archive.resize(FRAME_BYTES_MAX as usize, 0xa5);
+        // At the limit: read, and found malformed.
+        let at_limit = decode_archive(&archive);
+        assert!(
+            matches!(at_limit, Err(WireError::Malformed(_))),
+            "{at_limit:?}"
+        );
+        archive.push(0xa5);
+        assert_eq!(
+            decode_archive(&archive),
+            Err(WireError::FrameTooLarge(u64::from(FRAME_BYTES_MAX) + 1))
+        );
+    }
 }
