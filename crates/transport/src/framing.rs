@@ -201,8 +201,9 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 /// Reads the next message; `Ok(None)` at a clean end of stream (between
 /// frames). The length is checked, then reserved from `budget`, before the
 /// body is read, and the body's buffer grows only as its bytes arrive
-/// (doubling: at most twice what arrived). The body lands in an aligned
-/// buffer that the archive is read from in place, not copied again.
+/// (doubling: at most twice what arrived). The body lands in the aligned
+/// buffer the archive is validated and decoded from, not in another one
+/// first.
 pub async fn read_message_within<R: AsyncRead + Unpin>(
     reader: &mut R,
     budget: &FrameBudget,
