@@ -132,8 +132,7 @@ def main():
         if not os.path.exists(built):
             sys.exit(f"bench: build first: {how}")
 
-    multi_site.SHIP_WINDOW = args.ship_window
-    multi_site.SHIP_WINDOW_MIN = args.ship_window_min
+    multi_site.set_ship_window(args.ship_window, args.ship_window_min)
     multi_site.LINK_CONGESTION = args.congestion
     commit = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown"

@@ -838,6 +838,24 @@ def flush_latency(args, clusters, fio, workdir):
               "their flush columns repeat the write completion latency)")
 
 
+def set_ship_window(window, window_min):
+    """Sets the clusters' tuning.ship_window_bytes_max and _min (None: as
+    local.toml has them), checked the way stretch checks them, so a bad
+    --ship-window or --ship-window-min stops the benchmark before any
+    cluster starts."""
+    global SHIP_WINDOW, SHIP_WINDOW_MIN
+    if window is not None:
+        if parse_size(window) < 4096:
+            sys.exit("bench: --ship-window must be at least 4K")
+        SHIP_WINDOW = window
+    if window_min is not None:
+        if parse_size(window_min) < 4096:
+            sys.exit("bench: --ship-window-min must be at least 4K")
+        if parse_size(window_min) > parse_size(SHIP_WINDOW or "32M"):
+            sys.exit("bench: --ship-window-min must be at most the window (--ship-window)")
+        SHIP_WINDOW_MIN = window_min
+
+
 # ---------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
@@ -886,17 +904,8 @@ def main():
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (configs, stretch logs) and print its path")
     args = parser.parse_args()
-    global SHIP_WINDOW, SHIP_WINDOW_MIN, BANDWIDTH_MBIT
-    if args.ship_window is not None:
-        if parse_size(args.ship_window) < 4096:
-            sys.exit("bench: --ship-window must be at least 4K")
-        SHIP_WINDOW = args.ship_window
-    if args.ship_window_min is not None:
-        if parse_size(args.ship_window_min) < 4096:
-            sys.exit("bench: --ship-window-min must be at least 4K")
-        if parse_size(args.ship_window_min) > parse_size(SHIP_WINDOW or "32M"):
-            sys.exit("bench: --ship-window-min must be at most the window (--ship-window)")
-        SHIP_WINDOW_MIN = args.ship_window_min
+    global BANDWIDTH_MBIT
+    set_ship_window(args.ship_window, args.ship_window_min)
     if args.bandwidth_mbit is not None:
         if args.bandwidth_mbit < 1:
             sys.exit("bench: --bandwidth-mbit must be at least 1")
