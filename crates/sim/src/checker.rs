@@ -181,6 +181,46 @@ pub enum Tracked {
 
 /// Part of one volume's image: the versions of `versions.len()` sectors
 /// from `first`.
+/// Every write of a run by id. Ids are handed out from 1 in issue order
+/// and never reused, so the record of write `id` sits at `id - 1`: the
+/// checker looks writes up for every sector it judges, and a map's search
+/// was most of a long run's checking.
+#[derive(Debug, Default)]
+struct WriteLog(Vec<WriteRecord>);
+
+impl WriteLog {
+    fn push(&mut self, id: u32, write: WriteRecord) {
+        assert_eq!(
+            id as usize,
+            self.0.len() + 1,
+            "checker invariant: write ids are handed out in order from 1"
+        );
+        self.0.push(write);
+    }
+
+    fn get(&self, id: &u32) -> Option<&WriteRecord> {
+        self.0.get((*id as usize).checked_sub(1)?)
+    }
+
+    fn get_mut(&mut self, id: &u32) -> Option<&mut WriteRecord> {
+        self.0.get_mut((*id as usize).checked_sub(1)?)
+    }
+
+    /// Every write with its id, oldest first.
+    fn iter(&self) -> impl Iterator<Item = (u32, &WriteRecord)> {
+        (1..).zip(&self.0)
+    }
+}
+
+impl std::ops::Index<&u32> for WriteLog {
+    type Output = WriteRecord;
+
+    fn index(&self, id: &u32) -> &WriteRecord {
+        self.get(id)
+            .unwrap_or_else(|| panic!("checker invariant: write {id} was issued"))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct View {
     pub volume: usize,
@@ -203,7 +243,7 @@ impl View {
 pub struct Checker {
     volumes: Vec<VolumeModel>,
     /// Every write of the run, by id (ids grow with issue order).
-    writes: BTreeMap<u32, WriteRecord>,
+    writes: WriteLog,
     /// Writes not yet judged by a recovery of their owner.
     open: BTreeSet<u32>,
     next_write: u32,
@@ -243,7 +283,7 @@ impl Checker {
                     writes: Vec::new(),
                 })
                 .collect(),
-            writes: BTreeMap::new(),
+            writes: WriteLog::default(),
             open: BTreeSet::new(),
             next_write: 1,
             in_flight: BTreeMap::new(),
@@ -272,7 +312,7 @@ impl Checker {
         let now = self.tick();
         let id = self.next_write;
         self.next_write += 1;
-        self.writes.insert(
+        self.writes.push(
             id,
             WriteRecord {
                 volume,
@@ -712,9 +752,25 @@ impl Checker {
         image: &[u8],
         at_owner: bool,
     ) -> Result<Vec<u32>, Violation> {
-        let mut versions = Vec::with_capacity(image.len() / SECTOR_BYTES as usize);
-        for (sector, bytes) in image.chunks(SECTOR_BYTES as usize).enumerate() {
-            let Some(version) = decode_sector(bytes, sector as u64) else {
+        let mut decoded = vec![None; image.len() / SECTOR_BYTES as usize];
+        decode_sectors(image, 0, &mut decoded);
+        self.check_decoded(volume, &decoded, at_owner)
+    }
+
+    /// [`Checker::decode_image`]'s checks on sectors already decoded by
+    /// [`decode_sectors`] (the simulator keeps each leg's decoding and
+    /// redoes only the sectors that changed since).
+    pub fn check_decoded(
+        &self,
+        volume: usize,
+        decoded: &[Option<u32>],
+        at_owner: bool,
+    ) -> Result<Vec<u32>, Violation> {
+        let mut versions = Vec::with_capacity(decoded.len());
+        // A write covers a run of sectors: look it up once per run.
+        let mut known: Option<(u32, Option<&WriteRecord>)> = None;
+        for (sector, version) in decoded.iter().enumerate() {
+            let Some(version) = *version else {
                 return Err(violation(
                     "G3",
                     format!(
@@ -722,28 +778,39 @@ impl Checker {
                     ),
                 ));
             };
-            if version != 0 && !self.version_could_be_here(volume, sector as u64, version, at_owner)
-            {
-                return Err(violation(
-                    "G3",
-                    format!(
-                        "volume {volume} sector {sector} holds write {version}, which never covered it"
-                    ),
-                ));
+            if version != 0 {
+                let write = match known {
+                    Some((id, write)) if id == version => write,
+                    _ => {
+                        let write = self.writes.get(&version);
+                        known = Some((version, write));
+                        write
+                    }
+                };
+                if !self.version_could_be_here(write, volume, sector as u64, version, at_owner) {
+                    return Err(violation(
+                        "G3",
+                        format!(
+                            "volume {volume} sector {sector} holds write {version}, which never covered it"
+                        ),
+                    ));
+                }
             }
             versions.push(version);
         }
         Ok(versions)
     }
 
+    /// `write`: the record of write `version`, if there is one.
     fn version_could_be_here(
         &self,
+        write: Option<&WriteRecord>,
         volume: usize,
         sector: u64,
         version: u32,
         at_owner: bool,
     ) -> bool {
-        let Some(write) = self.writes.get(&version) else {
+        let Some(write) = write else {
             return false;
         };
         if write.volume != volume || !write.covers(sector) {
@@ -855,10 +922,13 @@ impl Checker {
         let mut newest_issue: BTreeMap<u32, u64> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for (volume, view) in &views {
+            let mut previous = 0;
             for version in &view.versions {
-                if *version == 0 || !seen.insert(*version) {
+                // A write shows in a run of sectors: one set lookup per run.
+                if *version == 0 || *version == previous || !seen.insert(*version) {
                     continue;
                 }
+                previous = *version;
                 let write = &self.writes[version];
                 if write.finalized {
                     continue;
@@ -943,10 +1013,13 @@ impl Checker {
         let mut newest = 0;
         let mut seen = BTreeSet::new();
         for (volume, view) in &views {
+            let mut previous = 0;
             for (sector, version) in view.sectors().zip(&view.versions) {
-                if *version == 0 || !seen.insert(*version) {
+                // A write shows in a run of sectors: one set lookup per run.
+                if *version == 0 || *version == previous || !seen.insert(*version) {
                     continue;
                 }
+                previous = *version;
                 let Some(write) = self.writes.get(version) else {
                     return Err(format!(
                         "volume {volume} sector {sector} shows unknown write {version}"
@@ -1174,7 +1247,7 @@ impl Checker {
             .filter(|(_, write)| {
                 write.site_durable && !write.lost && self.volumes[write.volume].setup.owner == owner
             })
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect()
     }
 
@@ -1237,6 +1310,19 @@ pub fn payload(write: u32, first: u64, count: u64) -> Bytes {
         fill_sector(sector, write, first + index as u64);
     }
     data.freeze()
+}
+
+/// Decodes whole sectors of `bytes`, the first of which is sector
+/// `first_sector` of its volume, into `into` (one entry per sector): the
+/// version each holds, `None` for bytes no write produces.
+pub fn decode_sectors(bytes: &[u8], first_sector: u64, into: &mut [Option<u32>]) {
+    for ((index, sector), decoded) in bytes
+        .chunks(SECTOR_BYTES as usize)
+        .enumerate()
+        .zip(into.iter_mut())
+    {
+        *decoded = decode_sector(sector, first_sector + index as u64);
+    }
 }
 
 /// The version a sector holds: Some(0) for zeros, Some(id) for a write's

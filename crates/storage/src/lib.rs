@@ -28,7 +28,7 @@ pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode
 pub use leg::{Leg, LegError, apply_to_legs};
 pub use recovery::{Recovery, RecoveryError, recover};
 pub use resync_marks::{ResyncMarksError, load_resync_marks, save_resync_marks};
-pub use sim_filesystem::{CrashChooser, SimFileSystem};
+pub use sim_filesystem::{CHANGE_CHUNK_BYTES, ContentMark, CrashChooser, SimFileSystem};
 pub use start::{StartError, StartPaths, Started, start};
 pub use volume::{
     CatalogError, VOLUME_BYTES_MAX, VolumeRecord, validate_volume_name, validate_volume_size,

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,6 +31,21 @@ impl<F: FnMut(u64) -> u64> CrashChooser for F {
 /// Torn writes keep whole sectors of this size.
 const SECTOR_BYTES: usize = 512;
 
+/// The unit in which a file records where it changed (a whole number of
+/// sectors): an observer re-reads at least this much around each change.
+pub const CHANGE_CHUNK_BYTES: usize = 4096;
+
+/// Where an observer last read a file's content: which file (a path
+/// removed and created again is another file) and its revision then.
+/// Passed back to [`SimFileSystem::with_content_changes`], it yields the
+/// bytes that changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentMark {
+    identity: u64,
+    revision: u64,
+    length: usize,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SimFileSystem {
     state: Arc<Mutex<SimState>>,
@@ -42,7 +58,17 @@ struct SimState {
     fail_syncs: bool,
     /// Bumped on every crash so handles opened before it stop working.
     generation: u64,
+    /// The identity the next created file gets.
+    next_identity: u64,
+    /// Content buffers of removed files, at most `SPARE_BUFFERS_MAX`, for
+    /// files created next: a journal removes a segment and creates the
+    /// next one all run long, and growing each from nothing cost a fresh
+    /// page fault per 4 KiB and a copy per doubling.
+    spare_buffers: Vec<Vec<u8>>,
 }
+
+/// How many removed files' buffers are kept for reuse.
+const SPARE_BUFFERS_MAX: usize = 4;
 
 /// A file's content as reads see it, plus an undo log of the writes since
 /// its last sync: a crash undoes a suffix of them. Keeping undo records
@@ -51,6 +77,13 @@ struct SimState {
 struct SimFileState {
     current: Vec<u8>,
     pending: Vec<PendingOp>,
+    /// Unique per created file; kept across renames (same content).
+    identity: u64,
+    /// Bumped by every change of `current`, undone writes included.
+    revision: u64,
+    /// The revision that last changed each `CHANGE_CHUNK_BYTES` of
+    /// `current` (may run past its end after a shrink).
+    chunk_revisions: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +127,59 @@ impl SimFileState {
             old,
             old_len,
         });
+        self.mark_changed(offset.min(old_len)..end);
+    }
+
+    /// Records that the bytes in `range` (and any past the old end) may
+    /// differ from what an observer last read.
+    fn mark_changed(&mut self, range: Range<usize>) {
+        self.revision += 1;
+        if range.is_empty() {
+            return;
+        }
+        let chunks = range.start / CHANGE_CHUNK_BYTES..range.end.div_ceil(CHANGE_CHUNK_BYTES);
+        if self.chunk_revisions.len() < chunks.end {
+            self.chunk_revisions.resize(chunks.end, 0);
+        }
+        self.chunk_revisions[chunks].fill(self.revision);
+    }
+
+    /// The byte ranges (whole chunks, clipped to the content) changed after
+    /// `since`; all of the content when `since` is another file or length.
+    fn changes_since(&self, since: Option<ContentMark>) -> Vec<Range<usize>> {
+        let length = self.current.len();
+        let unchanged =
+            since.is_some_and(|mark| mark.identity == self.identity && mark.length == length);
+        if !unchanged {
+            return std::iter::once(0..length)
+                .filter(|range| !range.is_empty())
+                .collect();
+        }
+        let seen = since.map_or(0, |mark| mark.revision);
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for (chunk, revision) in self.chunk_revisions.iter().enumerate() {
+            let start = chunk * CHANGE_CHUNK_BYTES;
+            if start >= length {
+                break;
+            }
+            if *revision <= seen {
+                continue;
+            }
+            let end = (start + CHANGE_CHUNK_BYTES).min(length);
+            match ranges.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => ranges.push(start..end),
+            }
+        }
+        ranges
+    }
+
+    fn mark(&self) -> ContentMark {
+        ContentMark {
+            identity: self.identity,
+            revision: self.revision,
+            length: self.current.len(),
+        }
     }
 
     fn set_len(&mut self, len: usize) {
@@ -103,7 +189,7 @@ impl SimFileState {
         } else {
             Vec::new()
         };
-        if old_len == 0 {
+        if old_len == 0 && len > self.current.capacity() {
             // A new leg: zeroed memory from the allocator, whose pages the
             // kernel maps only when first touched (a resize would write
             // every byte of every leg at every node start).
@@ -112,6 +198,7 @@ impl SimFileState {
             self.current.resize(len, 0);
         }
         self.pending.push(PendingOp::SetLen { old_len, truncated });
+        self.mark_changed(old_len.min(len)..old_len.max(len));
     }
 
     fn undo(&mut self, op: &PendingOp) {
@@ -137,13 +224,16 @@ impl SimFileState {
                     offset + kept.min(*length)
                 };
                 self.current.truncate((*old_len).max(landed));
+                self.mark_changed((offset + kept).min(*old_len)..offset + length);
             }
             PendingOp::SetLen { old_len, truncated } => {
+                let length = self.current.len();
                 if truncated.is_empty() {
                     self.current.truncate(*old_len);
                 } else {
                     self.current.extend_from_slice(truncated);
                 }
+                self.mark_changed(length.min(*old_len)..length.max(*old_len));
             }
         }
     }
@@ -190,6 +280,23 @@ impl SimFileSystem {
     pub fn with_content<T>(&self, path: &Path, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
         let state = self.state.lock();
         state.files.get(path).map(|file| read(&file.current))
+    }
+
+    /// Runs `read` over a file's content and the byte ranges that changed
+    /// since an earlier call returned `since` (all of it for `None`, or
+    /// when the file was replaced or resized since); returns its result
+    /// and the mark for the next call. The checker re-decodes only those
+    /// bytes of a leg at each restart.
+    pub fn with_content_changes<T>(
+        &self,
+        path: &Path,
+        since: Option<ContentMark>,
+        read: impl FnOnce(&[u8], &[Range<usize>]) -> T,
+    ) -> Option<(T, ContentMark)> {
+        let state = self.state.lock();
+        let file = state.files.get(path)?;
+        let changes = file.changes_since(since);
+        Some((read(&file.current, &changes), file.mark()))
     }
 }
 
@@ -302,9 +409,17 @@ impl FileSystem for SimFileSystem {
             if !create {
                 return Err(not_found(path));
             }
-            state
-                .files
-                .insert(path.to_path_buf(), SimFileState::default());
+            let identity = state.next_identity;
+            state.next_identity += 1;
+            let current = state.spare_buffers.pop().unwrap_or_default();
+            state.files.insert(
+                path.to_path_buf(),
+                SimFileState {
+                    identity,
+                    current,
+                    ..SimFileState::default()
+                },
+            );
         }
         Ok(SimFile {
             state: self.state.clone(),
@@ -315,11 +430,13 @@ impl FileSystem for SimFileSystem {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
-        state
-            .files
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| not_found(path))
+        let file = state.files.remove(path).ok_or_else(|| not_found(path))?;
+        if state.spare_buffers.len() < SPARE_BUFFERS_MAX {
+            let mut buffer = file.current;
+            buffer.clear();
+            state.spare_buffers.push(buffer);
+        }
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -229,10 +229,8 @@ impl Simulation<'_> {
                     .diverged
                     .contains(&(site, self.group_of(volume)));
             let decoded = self.sites[site]
-                .fs
-                .with_content(&volume_path(volume), |image| {
-                    self.checker.decode_image(volume, image, at_owner)
-                })
+                .decoded_leg(volume)
+                .map(|sectors| self.checker.check_decoded(volume, sectors, at_owner))
                 .unwrap_or_else(|| {
                     Err(Violation {
                         guarantee: "G3",
