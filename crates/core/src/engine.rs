@@ -767,6 +767,13 @@ impl Engine {
         stats
     }
 
+    /// Bytes the block cache holds, dirty and clean: `stats()`'s
+    /// `dirty_bytes + clean_bytes` without building the rest (the
+    /// simulator checks the cache's bound after every event).
+    pub fn cache_bytes(&self) -> u64 {
+        self.dirty_bytes + self.index.clean_bytes()
+    }
+
     /// How often each protocol decision was taken (for the simulator's
     /// coverage report).
     pub fn marks(&self) -> &Marks {

@@ -981,8 +981,13 @@ impl<'a> Simulation<'a> {
             let Some(node) = &self.sites[site].node else {
                 continue;
             };
-            let stats = node.engine.stats();
-            let used = stats.dirty_bytes + stats.clean_bytes;
+            // Checked after every event: the cache's size alone (the full
+            // stats cost a copy and a walk of every peer each time), and
+            // the allowance only once the plain bound is passed.
+            let used = node.engine.cache_bytes();
+            if used <= self.scenario.engine.cache_bytes_max {
+                continue;
+            }
             let bound = self.scenario.engine.cache_bytes_max + self.received_allowance(site);
             if used > bound {
                 let at = if self.multi() {
