@@ -189,10 +189,11 @@ impl SimFileState {
         } else {
             Vec::new()
         };
-        if old_len == 0 && len > self.current.capacity() {
+        if old_len == 0 && len > 0 {
             // A new leg: zeroed memory from the allocator, whose pages the
             // kernel maps only when first touched (a resize would write
-            // every byte of every leg at every node start).
+            // every byte of every leg at every node start, and of a reused
+            // buffer too).
             self.current = vec![0; len];
         } else {
             self.current.resize(len, 0);
