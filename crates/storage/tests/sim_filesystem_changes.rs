@@ -151,3 +151,86 @@ fn an_unchanged_file_reports_nothing_and_a_recreated_one_everything() {
     let (_, ranges, _) = look(&fs, path, Some(mark));
     assert_eq!(ranges, [0..FILE_BYTES as usize], "a new file is new");
 }
+
+/// A chooser that answers each draw from a script, in order.
+fn scripted(answers: &[u64]) -> impl FnMut(u64) -> u64 + '_ {
+    let mut next = answers.iter();
+    move |bound| {
+        let answer = *next.next().expect("the crash draws no more than scripted");
+        assert!(answer < bound, "scripted answer {answer} not below {bound}");
+        answer
+    }
+}
+
+#[test]
+fn a_crash_loses_what_was_not_synced_and_reports_it_changed() {
+    let fs = SimFileSystem::new();
+    let path = Path::new("/legs/volume-1");
+    let file = fs.open(path, true).expect("create");
+    file.set_len(FILE_BYTES).expect("size");
+    file.write_all_at(&[1; 3 * CHANGE_CHUNK_BYTES], 0)
+        .expect("write");
+    file.sync_data().expect("sync");
+    let (synced, _, _) = look(&fs, path, None);
+
+    // Two unsynced writes, seen by the observer before the crash.
+    file.write_all_at(&[2; 100], 10).expect("write");
+    file.write_all_at(&[3; 100], 9 * CHANGE_CHUNK_BYTES as u64)
+        .expect("write");
+    let (_, _, mark) = look(&fs, path, None);
+    // Keep none of the two pending writes.
+    fs.crash(&mut scripted(&[0]));
+    let (after, ranges, _) = look(&fs, path, Some(mark));
+    assert_eq!(after, synced, "a crash keeps exactly what was synced");
+    assert_eq!(
+        ranges,
+        [
+            0..CHANGE_CHUNK_BYTES,
+            9 * CHANGE_CHUNK_BYTES..10 * CHANGE_CHUNK_BYTES
+        ],
+        "the two chunks the crash restored, apart"
+    );
+}
+
+#[test]
+fn a_torn_write_keeps_its_first_sectors_and_reports_the_rest_restored() {
+    const SECTOR: usize = 512;
+    let fs = SimFileSystem::new();
+    let path = Path::new("/legs/volume-1");
+    let file = fs.open(path, true).expect("create");
+    file.set_len(FILE_BYTES).expect("size");
+    file.sync_data().expect("sync");
+    // A write of three chunks at 100 bytes in.
+    let offset = 100;
+    let length = 3 * CHANGE_CHUNK_BYTES;
+    file.write_all_at(&vec![7; length], offset as u64)
+        .expect("write");
+    let (_, _, mark) = look(&fs, path, None);
+    // Keep the one pending write, tear it (draw 0 of 4), after 2 sectors.
+    fs.crash(&mut scripted(&[1, 0, 2]));
+    let (after, ranges, _) = look(&fs, path, Some(mark));
+    let landed = offset..offset + 2 * SECTOR;
+    for (at, byte) in after.iter().enumerate() {
+        let expected = if landed.contains(&at) { 7 } else { 0 };
+        assert_eq!(*byte, expected, "byte {at} after the tear");
+    }
+    // The bytes put back (from the tear to the write's end) are reported.
+    assert_eq!(
+        ranges,
+        [0..4 * CHANGE_CHUNK_BYTES],
+        "the torn write's chunks"
+    );
+}
+
+#[test]
+fn a_resize_undone_by_a_crash_gives_back_the_bytes_it_cut() {
+    let fs = SimFileSystem::new();
+    let path = Path::new("/legs/volume-1");
+    let file = fs.open(path, true).expect("create");
+    file.write_all_at(&[5; 10_000], 0).expect("write");
+    file.sync_data().expect("sync");
+    file.set_len(10).expect("shrink");
+    fs.crash(&mut scripted(&[0]));
+    let (after, _, _) = look(&fs, path, None);
+    assert_eq!(after, vec![5; 10_000], "the shrink was not synced");
+}
