@@ -53,7 +53,7 @@ pub struct SimFileSystem {
 
 #[derive(Debug, Default)]
 struct SimState {
-    files: BTreeMap<PathBuf, SimFileState>,
+    files: Files,
     dirs: std::collections::BTreeSet<PathBuf>,
     fail_syncs: bool,
     /// Bumped on every crash so handles opened before it stop working.
@@ -301,6 +301,49 @@ impl SimFileSystem {
     }
 }
 
+/// The files by path, keyed by the path's bytes: every operation looks its
+/// file up, and comparing paths component by component was 7 % of a
+/// hundred-volume simulation. The order differs from `Path`'s only where
+/// a name is a prefix of another followed by a byte below `/`, which the
+/// storage code's names never are; `list` sorts anyway.
+#[derive(Debug, Default)]
+struct Files(BTreeMap<Vec<u8>, (PathBuf, SimFileState)>);
+
+fn key(path: &Path) -> &[u8] {
+    path.as_os_str().as_encoded_bytes()
+}
+
+impl Files {
+    fn get(&self, path: &Path) -> Option<&SimFileState> {
+        self.0.get(key(path)).map(|(_, file)| file)
+    }
+
+    fn get_mut(&mut self, path: &Path) -> Option<&mut SimFileState> {
+        self.0.get_mut(key(path)).map(|(_, file)| file)
+    }
+
+    fn contains_key(&self, path: &Path) -> bool {
+        self.0.contains_key(key(path))
+    }
+
+    fn insert(&mut self, path: &Path, file: SimFileState) {
+        self.0
+            .insert(key(path).to_vec(), (path.to_path_buf(), file));
+    }
+
+    fn remove(&mut self, path: &Path) -> Option<SimFileState> {
+        self.0.remove(key(path)).map(|(_, file)| file)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut SimFileState> {
+        self.0.values_mut().map(|(_, file)| file)
+    }
+
+    fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.0.values().map(|(path, _)| path)
+    }
+}
+
 /// A handle on one simulated file.
 #[derive(Debug)]
 pub struct SimFile {
@@ -414,7 +457,7 @@ impl FileSystem for SimFileSystem {
             state.next_identity += 1;
             let current = state.spare_buffers.pop().unwrap_or_default();
             state.files.insert(
-                path.to_path_buf(),
+                path,
                 SimFileState {
                     identity,
                     current,
@@ -443,18 +486,20 @@ impl FileSystem for SimFileSystem {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
         let file = state.files.remove(from).ok_or_else(|| not_found(from))?;
-        state.files.insert(to.to_path_buf(), file);
+        state.files.insert(to, file);
         Ok(())
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         let state = self.state.lock();
-        Ok(state
+        let mut paths: Vec<PathBuf> = state
             .files
-            .keys()
+            .paths()
             .filter(|path| path.parent() == Some(dir))
             .cloned()
-            .collect())
+            .collect();
+        paths.sort();
+        Ok(paths)
     }
 
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
