@@ -179,8 +179,6 @@ pub enum Tracked {
     Trim,
 }
 
-/// Part of one volume's image: the versions of `versions.len()` sectors
-/// from `first`.
 /// Every write of a run by id. Ids are handed out from 1 in issue order
 /// and never reused, so the record of write `id` sits at `id - 1`: the
 /// checker looks writes up for every sector it judges, and a map's search
@@ -189,13 +187,10 @@ pub enum Tracked {
 struct WriteLog(Vec<WriteRecord>);
 
 impl WriteLog {
-    fn push(&mut self, id: u32, write: WriteRecord) {
-        assert_eq!(
-            id as usize,
-            self.0.len() + 1,
-            "checker invariant: write ids are handed out in order from 1"
-        );
+    /// Records a new write; returns its id.
+    fn push(&mut self, write: WriteRecord) -> u32 {
         self.0.push(write);
+        u32::try_from(self.0.len()).expect("checker invariant: fewer than 2^32 writes in a run")
     }
 
     fn get(&self, id: &u32) -> Option<&WriteRecord> {
@@ -221,6 +216,8 @@ impl std::ops::Index<&u32> for WriteLog {
     }
 }
 
+/// Part of one volume's image: the versions of `versions.len()` sectors
+/// from `first`.
 #[derive(Debug, Clone)]
 pub struct View {
     pub volume: usize,
@@ -229,6 +226,20 @@ pub struct View {
 }
 
 impl View {
+    /// The first sector of each run of sectors showing one write (zeros
+    /// left out), with the write: a write shows in a run of sectors, so
+    /// checks made once per write need look at each run once.
+    fn runs(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let mut previous = 0;
+        self.sectors()
+            .zip(self.versions.iter().copied())
+            .filter(move |&(_, version)| {
+                let starts = version != 0 && version != previous;
+                previous = version;
+                starts
+            })
+    }
+
     fn shown(&self, sector: u64) -> Option<u32> {
         let index = sector.checked_sub(self.first)?;
         self.versions.get(index as usize).copied()
@@ -246,7 +257,6 @@ pub struct Checker {
     writes: WriteLog,
     /// Writes not yet judged by a recovery of their owner.
     open: BTreeSet<u32>,
-    next_write: u32,
     /// Requests in flight: the site they were issued at, and what they are.
     in_flight: BTreeMap<u64, (usize, Tracked)>,
     /// Writes whose client is done but whose owner may still apply them
@@ -285,7 +295,6 @@ impl Checker {
                 .collect(),
             writes: WriteLog::default(),
             open: BTreeSet::new(),
-            next_write: 1,
             in_flight: BTreeMap::new(),
             unsettled: BTreeSet::new(),
             maybe: BTreeMap::new(),
@@ -310,30 +319,25 @@ impl Checker {
         forwarded: bool,
     ) -> u32 {
         let now = self.tick();
-        let id = self.next_write;
-        self.next_write += 1;
-        self.writes.push(
-            id,
-            WriteRecord {
-                volume,
-                first,
-                count,
-                kind,
-                fua,
-                forwarded,
-                issued: now,
-                answered: None,
-                client_ok: false,
-                client_done: false,
-                acked: None,
-                settled: false,
-                durable: false,
-                site_durable: false,
-                lost: false,
-                lost_to_failover_at: None,
-                finalized: false,
-            },
-        );
+        let id = self.writes.push(WriteRecord {
+            volume,
+            first,
+            count,
+            kind,
+            fua,
+            forwarded,
+            issued: now,
+            answered: None,
+            client_ok: false,
+            client_done: false,
+            acked: None,
+            settled: false,
+            durable: false,
+            site_durable: false,
+            lost: false,
+            lost_to_failover_at: None,
+            finalized: false,
+        });
         let model = &mut self.volumes[volume];
         model.writes.push(id);
         if kind == WriteKind::Zero {
@@ -922,18 +926,15 @@ impl Checker {
         let mut newest_issue: BTreeMap<u32, u64> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for (volume, view) in &views {
-            let mut previous = 0;
-            for version in &view.versions {
-                // A write shows in a run of sectors: one set lookup per run.
-                if *version == 0 || *version == previous || !seen.insert(*version) {
+            for (_, version) in view.runs() {
+                if !seen.insert(version) {
                     continue;
                 }
-                previous = *version;
-                let write = &self.writes[version];
+                let write = &self.writes[&version];
                 if write.finalized {
                     continue;
                 }
-                if !self.present(&views, *version) {
+                if !self.present(&views, version) {
                     return Err(violation(
                         "G3",
                         format!("write {version} (volume {volume}) survived only in part"),
@@ -1013,14 +1014,11 @@ impl Checker {
         let mut newest = 0;
         let mut seen = BTreeSet::new();
         for (volume, view) in &views {
-            let mut previous = 0;
-            for (sector, version) in view.sectors().zip(&view.versions) {
-                // A write shows in a run of sectors: one set lookup per run.
-                if *version == 0 || *version == previous || !seen.insert(*version) {
+            for (sector, version) in view.runs() {
+                if !seen.insert(version) {
                     continue;
                 }
-                previous = *version;
-                let Some(write) = self.writes.get(version) else {
+                let Some(write) = self.writes.get(&version) else {
                     return Err(format!(
                         "volume {volume} sector {sector} shows unknown write {version}"
                     ));
@@ -1040,7 +1038,7 @@ impl Checker {
                         "volume {volume} sector {sector} shows write {version}, which its owner lost in a crash"
                     ));
                 }
-                if !self.present(&views, *version) {
+                if !self.present(&views, version) {
                     return Err(format!(
                         "write {version} (volume {volume}) is there only in part (a delta half-applied)"
                     ));

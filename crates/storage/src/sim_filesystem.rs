@@ -148,14 +148,14 @@ impl SimFileState {
     /// `since`; all of the content when `since` is another file or length.
     fn changes_since(&self, since: Option<ContentMark>) -> Vec<Range<usize>> {
         let length = self.current.len();
-        let unchanged =
-            since.is_some_and(|mark| mark.identity == self.identity && mark.length == length);
-        if !unchanged {
+        let Some(seen) = since
+            .filter(|mark| mark.identity == self.identity && mark.length == length)
+            .map(|mark| mark.revision)
+        else {
             return std::iter::once(0..length)
                 .filter(|range| !range.is_empty())
                 .collect();
-        }
-        let seen = since.map_or(0, |mark| mark.revision);
+        };
         let mut ranges: Vec<Range<usize>> = Vec::new();
         for (chunk, revision) in self.chunk_revisions.iter().enumerate() {
             let start = chunk * CHANGE_CHUNK_BYTES;
@@ -305,7 +305,9 @@ impl SimFileSystem {
 /// file up, and comparing paths component by component was 7 % of a
 /// hundred-volume simulation. The order differs from `Path`'s only where
 /// a name is a prefix of another followed by a byte below `/`, which the
-/// storage code's names never are; `list` sorts anyway.
+/// storage code's names never are; `list` sorts anyway. Unlike `Path`,
+/// two spellings of one path (`a//b`, `a/./b`) name two files: the
+/// storage code builds every path with `join`, one spelling each.
 #[derive(Debug, Default)]
 struct Files(BTreeMap<Vec<u8>, (PathBuf, SimFileState)>);
 
