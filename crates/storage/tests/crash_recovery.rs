@@ -2,11 +2,14 @@
 //! host file system and against the simulated disk, which additionally
 //! loses unsynced writes and tears the last one on crash.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::Rng;
 use stretch_core::{
     BLOCK_SIZE, BlockImage, BlockKey, DeltaRecord, DeltaSeq, Epoch, GroupId, JournalPosition,
     VolumeId,
@@ -19,23 +22,6 @@ const VOLUME: VolumeId = VolumeId(1);
 const GROUP: GroupId = GroupId(1);
 const BLOCKS: u64 = 32;
 const SEGMENT_BYTES: u64 = 64 << 10;
-
-/// A tiny deterministic PRNG for the tests (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
 
 /// Random deltas, with the volume image after each one.
 fn random_history(rng: &mut Rng, count: u64) -> (Vec<DeltaRecord>, Vec<Vec<u8>>) {

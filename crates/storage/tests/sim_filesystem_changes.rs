@@ -7,28 +7,24 @@
 // The expected answers are lists of ranges; a list of one is meant.
 #![allow(clippy::single_range_in_vec_init)]
 
+mod common;
+
 use std::path::Path;
 
+use common::Rng;
 use stretch_storage::{CHANGE_CHUNK_BYTES, ContentMark, FileSystem, SimFileSystem, StorageFile};
 
-/// A tiny deterministic PRNG for the test (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
-
 const FILE_BYTES: u64 = 16 * CHANGE_CHUNK_BYTES as u64;
+
+/// Where each test keeps its one file.
+const PATH: &str = "/legs/volume-1";
+
+/// Creates the file at `PATH`, `FILE_BYTES` of zeros.
+fn create_sized(fs: &SimFileSystem) -> impl StorageFile {
+    let file = fs.open(Path::new(PATH), true).expect("create");
+    file.set_len(FILE_BYTES).expect("size the file");
+    file
+}
 
 /// Looks at `path`: its content and the ranges reported changed since
 /// `since`.
@@ -80,9 +76,8 @@ fn every_changed_byte_is_reported_whatever_happened_between_two_looks() {
     for seed in 0..200 {
         let mut rng = Rng(seed);
         let fs = SimFileSystem::new();
-        let path = Path::new("/legs/volume-1");
-        let file = fs.open(path, true).expect("create");
-        file.set_len(FILE_BYTES).expect("size the file");
+        let path = Path::new(PATH);
+        let file = create_sized(&fs);
         file.sync_data().expect("sync");
         let (mut before, _, mut mark) = look(&fs, path, None);
         for step in 0..60 {
@@ -126,9 +121,8 @@ fn every_changed_byte_is_reported_whatever_happened_between_two_looks() {
 #[test]
 fn an_unchanged_file_reports_nothing_and_a_recreated_one_everything() {
     let fs = SimFileSystem::new();
-    let path = Path::new("/legs/volume-1");
-    let file = fs.open(path, true).expect("create");
-    file.set_len(FILE_BYTES).expect("size");
+    let path = Path::new(PATH);
+    let file = create_sized(&fs);
     let (_, ranges, mark) = look(&fs, path, None);
     assert_eq!(ranges, [0..FILE_BYTES as usize]);
     let (_, ranges, mark) = look(&fs, path, Some(mark));
@@ -146,8 +140,7 @@ fn an_unchanged_file_reports_nothing_and_a_recreated_one_everything() {
 
     // The same path removed and created again, same length: another file.
     fs.remove(path).expect("remove");
-    let file = fs.open(path, true).expect("create again");
-    file.set_len(FILE_BYTES).expect("size");
+    create_sized(&fs);
     let (_, ranges, _) = look(&fs, path, Some(mark));
     assert_eq!(ranges, [0..FILE_BYTES as usize], "a new file is new");
 }
@@ -165,9 +158,8 @@ fn scripted(answers: &[u64]) -> impl FnMut(u64) -> u64 + '_ {
 #[test]
 fn a_crash_loses_what_was_not_synced_and_reports_it_changed() {
     let fs = SimFileSystem::new();
-    let path = Path::new("/legs/volume-1");
-    let file = fs.open(path, true).expect("create");
-    file.set_len(FILE_BYTES).expect("size");
+    let path = Path::new(PATH);
+    let file = create_sized(&fs);
     file.write_all_at(&[1; 3 * CHANGE_CHUNK_BYTES], 0)
         .expect("write");
     file.sync_data().expect("sync");
@@ -196,9 +188,8 @@ fn a_crash_loses_what_was_not_synced_and_reports_it_changed() {
 fn a_torn_write_keeps_its_first_sectors_and_reports_the_rest_restored() {
     const SECTOR: usize = 512;
     let fs = SimFileSystem::new();
-    let path = Path::new("/legs/volume-1");
-    let file = fs.open(path, true).expect("create");
-    file.set_len(FILE_BYTES).expect("size");
+    let path = Path::new(PATH);
+    let file = create_sized(&fs);
     file.sync_data().expect("sync");
     // A write of three chunks at 100 bytes in.
     let offset = 100;
@@ -225,7 +216,7 @@ fn a_torn_write_keeps_its_first_sectors_and_reports_the_rest_restored() {
 #[test]
 fn a_resize_undone_by_a_crash_gives_back_the_bytes_it_cut() {
     let fs = SimFileSystem::new();
-    let path = Path::new("/legs/volume-1");
+    let path = Path::new(PATH);
     let file = fs.open(path, true).expect("create");
     file.write_all_at(&[5; 10_000], 0).expect("write");
     file.sync_data().expect("sync");
