@@ -9,14 +9,18 @@ volume from a to b while a writer (libnbd, one connection at a: 4 KiB
 write + FLUSH in a loop) keeps writing it, with
 
 - `stretch volume migrate` (drain: b catches up while a keeps writing,
-  writes are held only at the switchover), and
+  writes are held only at the switchover),
+- `stretch volume migrate --mode fast` (ownership moves at once; b then
+  copies what it lacks from a, a write waiting only for the region it
+  touches), and
 - `stretch volume move` (the hand-over that holds the writes first and
   waits for b to catch up), as the baseline,
 
 and prints, per row: the pause the node reports (how long writes were
 held), the writer's longest write (its latency includes the pause, and
 after the switchover each write is forwarded to b: one round trip), the
-writer's failed writes, and the command's total time.
+writer's failed writes, and the command's total time (for fast mode,
+until b copied everything).
 
 Figures from different runs are not comparable on shared machines.
 Usage: bench/migration.py [--backlogs 0,64,512] [--keep]
@@ -66,7 +70,7 @@ def one_move(cluster, command, volume):
     writer = Writer(cluster.nbd_uri(0, volume))
     time.sleep(1.0)
     started = time.monotonic()
-    result = cluster.cli(0, "volume", *command, volume, "--to", "b", check=False)
+    result = cluster.cli(0, "volume", command[0], volume, "--to", "b", *command[1:], check=False)
     took = time.monotonic() - started
     time.sleep(1.0)
     writer.stop()
@@ -91,8 +95,9 @@ def main():
     try:
         for backlog in backlogs:
             for label, command in [("migrate (drain)", ["migrate"]),
+                                   ("migrate (fast)", ["migrate", "--mode", "fast"]),
                                    ("move (hold first)", ["move"])]:
-                volume = f"m{backlog}{command[0]}"
+                volume = f"m{backlog}{command[0]}{command[-1]}"
                 cluster.cli(0, "volume", "create", volume, "--size", "1G")
                 cluster.wait(lambda: whole(cluster), "a whole cluster", timeout=60)
                 log(f"{label}: backlog {backlog} MiB")

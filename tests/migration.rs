@@ -4,7 +4,10 @@
 //! it wrote verifies at either site afterwards and the legs are equal. A
 //! migration whose backlog cannot converge over a slow link gives up with
 //! the reason and leaves the group at the source; one in flight is listed
-//! and cancelled; bad requests are refused with one line.
+//! and cancelled; bad requests are refused with one line. Fast mode moves
+//! ownership first: fio runs on across it both ways, and a source killed
+//! while the target copies what it lacks leaves the copy waiting until it
+//! returns, with nothing lost.
 
 mod common;
 
@@ -242,11 +245,24 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
         &["volume", "migrate", "vm", "--to", "b", "--timeout", "0"],
     );
     assert!(!zero.success() && zero.stderr.contains("timeout"), "{zero}");
-    let fast = sites.cli(
+    let sideways = sites.cli(
         A,
-        &["volume", "migrate", "vm", "--to", "b", "--mode", "fast"],
+        &["volume", "migrate", "vm", "--to", "b", "--mode", "sideways"],
     );
-    assert!(!fast.success() && fast.stderr.contains("fast"), "{fast}");
+    assert!(
+        !sideways.success() && sideways.stderr.contains("sideways"),
+        "{sideways}"
+    );
+    let not_draining = sites.cli(A, &["volume", "accept-loss", "vm", "--accept-data-loss"]);
+    assert!(
+        !not_draining.success() && not_draining.stderr.contains("no fast migration"),
+        "{not_draining}"
+    );
+    let unconfirmed = sites.cli(A, &["volume", "accept-loss", "vm"]);
+    assert!(
+        !unconfirmed.success() && unconfirmed.stderr.contains("--accept-data-loss"),
+        "{unconfirmed}"
+    );
     let no_group = sites.cli(A, &["volume", "migrate", "--group", "nope", "--to", "b"]);
     assert!(!no_group.success(), "{no_group}");
     let none = sites.cli(A, &["migration", "cancel", "vm"]);
@@ -603,4 +619,162 @@ fn a_migration_whose_target_dies_while_catching_up_completes_once_it_returns() {
     );
     // The writes at a still work, forwarded to the new owner.
     qemu_io_ok(&uri, &["write -P 8 12M 64k", "read -P 8 12M 64k"]);
+}
+
+/// Fast mode, a to b and back under fio with verification: ownership moves
+/// at once, the target copies the regions it lacked (a link cut while fio
+/// wrote left it behind), and every block verifies at both sites.
+#[test]
+fn a_volume_written_by_fio_migrates_fast_to_b_and_back_without_an_error() {
+    require_tool("fio");
+    require_tool("qemu-img");
+    let sites = TwoSites::start(Layout::OneProcess, &[]);
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let dir = sites.dir.path().to_path_buf();
+
+    let first = FioJob {
+        name: "fast-first",
+        offset_mib: 0,
+        size_mib: 8,
+        rate_iops: 500,
+    };
+    let (fio, report) = first.spawn(&dir, &sites.nbd_uri(A, "vm"));
+    // b falls behind while the link is cut, then catches up from the
+    // deltas a kept: the switchover comes while it still lacks some.
+    std::thread::sleep(Duration::from_millis(500));
+    sites.ok(A, &["link", "cut", "a", "b"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    sites.ok(A, &["link", "heal", "a", "b"]);
+    let moved = sites.ok(
+        A,
+        &["volume", "migrate", "vm", "--to", "b", "--mode", "fast"],
+    );
+    assert!(
+        moved.contains("migrated volume vm from a to b") && moved.contains("(fast)"),
+        "{moved}"
+    );
+    assert_eq!(owner(&sites, B, "vm"), ("b".to_string(), 2));
+    let longest_first = first.finish(fio, &report);
+    let pause_to_b = pause_ms(&moved);
+
+    let second = FioJob {
+        name: "fast-second",
+        offset_mib: 32,
+        size_mib: 8,
+        rate_iops: 500,
+    };
+    let (fio, report) = second.spawn(&dir, &sites.nbd_uri(B, "vm"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let back = sites.ok(
+        B,
+        &["volume", "migrate", "vm", "--to", "a", "--mode", "fast"],
+    );
+    assert!(back.contains("migrated volume vm from b to a"), "{back}");
+    assert_eq!(owner(&sites, A, "vm"), ("a".to_string(), 3));
+    let longest_second = second.finish(fio, &report);
+    let pause_to_a = pause_ms(&back);
+
+    for job in [&first, &second] {
+        for node in [A, B] {
+            job.verify_only(&dir, &sites.nbd_uri(node, "vm"));
+        }
+    }
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("done"), "{listed}");
+    sites.wait_replicated_from(A, B, Duration::from_secs(60));
+    let compare = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, "vm"))
+            .arg(sites.leg(B, "vm")),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    compare.assert_ok();
+    eprintln!(
+        "fast a->b: {moved}; fio's longest write {longest_first:.1} ms (pause {pause_to_b} ms); \
+         fast b->a: {back}; longest write {longest_second:.1} ms (pause {pause_to_a} ms)"
+    );
+}
+
+/// Fast mode with separate `stretch node` processes over a 2 Mbit/s link:
+/// b takes the group at once, lacking the 4 MiB a wrote; a is killed while
+/// b copies them. b keeps serving what it holds, the copy waits for a, and
+/// once a is back the copy ends: every write a acknowledged is at b, and a
+/// second migration may start only then.
+#[test]
+fn a_fast_migrations_copy_waits_for_a_killed_source_and_loses_nothing() {
+    require_tool("qemu-io");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
+    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
+        [A, B]
+            .iter()
+            .all(|node| sites.status(*node)["lease"]["valid"] == true)
+    });
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let uri = sites.nbd_uri(A, "vm");
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
+    let moved = sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--mode",
+            "fast",
+            "--no-wait",
+        ],
+    );
+    assert!(moved.contains("migration list"), "{moved}");
+    sites.wait_until("b owns the group", Duration::from_secs(30), || {
+        owner(&sites, B, "vm") == ("b".to_string(), 2)
+    });
+    // b serves at once: a write to a region it does not lack is
+    // acknowledged while the copy runs.
+    let at_b = sites.nbd_uri(B, "vm");
+    qemu_io_ok(&at_b, &["write -P 6 32M 64k", "flush", "read -P 6 32M 64k"]);
+    let listed = sites.ok(A, &["migration", "list"]);
+    assert!(listed.contains("copying"), "{listed}");
+    let again = sites.cli(B, &["volume", "migrate", "vm", "--to", "a"]);
+    assert!(
+        !again.success() && again.stderr.contains("still copying"),
+        "{again}"
+    );
+    // The source dies mid-copy; b still serves what it holds.
+    sites.kill9(A);
+    qemu_io_ok(&at_b, &["write -P 7 40M 64k", "read -P 7 40M 64k"]);
+    sites.ok(B, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
+    sites.start_node(A);
+    sites.wait_until(
+        "b copied everything and recorded the end",
+        Duration::from_secs(120),
+        || {
+            let text = http_get(&sites.url(B), "/v1/volumes/vm").unwrap_or_default();
+            !text.is_empty()
+                && sites
+                    .logs()
+                    .contains("every region the group lacked is copied")
+        },
+    );
+    qemu_io_ok(
+        &at_b,
+        &["read -P 5 0 4M", "read -P 6 32M 64k", "read -P 7 40M 64k"],
+    );
+    // The writes at a still work, forwarded to the new owner; and a new
+    // migration may start now.
+    qemu_io_ok(&uri, &["write -P 8 12M 64k", "read -P 8 12M 64k"]);
+    let back = sites.ok(B, &["volume", "migrate", "vm", "--to", "a"]);
+    assert!(back.contains("to a"), "{back}");
+    qemu_io_ok(
+        &uri,
+        &[
+            "read -P 5 0 4M",
+            "read -P 6 32M 64k",
+            "read -P 7 40M 64k",
+            "read -P 8 12M 64k",
+        ],
+    );
 }

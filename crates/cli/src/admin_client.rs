@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
 use stretch_node::{
-    AdminToken, CreateVolume, LinkInfo, LinkPair, MigrationInfo, SetLink, StartMigration,
-    StatusInfo, VolumeInfo,
+    AdminToken, CreateVolume, LinkInfo, LinkPair, LossAccepted, MigrationInfo, SetLink,
+    StartMigration, StatusInfo, VolumeInfo,
 };
 
 /// Longest wait for the node to accept a connection.
@@ -135,6 +135,12 @@ impl AdminClient {
     pub fn promote_volume(&self, name: &str, site: &str) -> anyhow::Result<VolumeInfo> {
         let body = serde_json::json!({ "site": site, "accept_data_loss": true });
         let path = format!("/v1/volumes/{}/promote", segment(name));
+        self.call("POST", &path, Some(body))
+    }
+
+    pub fn accept_loss(&self, name: &str) -> anyhow::Result<LossAccepted> {
+        let body = serde_json::json!({ "accept_data_loss": true });
+        let path = format!("/v1/volumes/{}/accept-loss", segment(name));
         self.call("POST", &path, Some(body))
     }
 

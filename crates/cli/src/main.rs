@@ -226,6 +226,18 @@ enum VolumeCommand {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// End a fast migration's copy of NAME's group without the regions its
+    /// source never sent: the source is lost, and requests touching those
+    /// regions wait (then fail) until it returns. The new owner's older
+    /// image of them stands, and is written again so the source converges
+    /// on it if it ever returns. Ask a node of the new owner's site
+    /// (--admin).
+    AcceptLoss {
+        name: String,
+        /// Required: the operator accepts that writes are lost.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
 }
 
 const LINK_ABOUT: &str = "Shape, cut and heal the links between sites (the built-in link \
@@ -672,6 +684,28 @@ fn volume(client: &AdminClient, command: VolumeCommand) -> anyhow::Result<()> {
                     .last_failover
                     .as_ref()
                     .map_or(0, |failover| failover.after_delta)
+            );
+        }
+        VolumeCommand::AcceptLoss {
+            name,
+            accept_data_loss,
+        } => {
+            if !accept_data_loss {
+                anyhow::bail!(
+                    "ending the copy of {name}'s group loses the writes its old owner acknowledged in the regions not copied yet: \
+                     add --accept-data-loss to go ahead"
+                );
+            }
+            let accepted = client.accept_loss(&name)?;
+            println!(
+                "the copy of volume {}'s group ended: {} regions ({}) were never copied and keep this site's older image",
+                accepted.volume,
+                accepted.regions_not_copied,
+                format_args!(
+                    "{:.1} MiB",
+                    (accepted.regions_not_copied * accepted.region_bytes) as f64
+                        / f64::from(1 << 20)
+                ),
             );
         }
         VolumeCommand::Delete { name } => {

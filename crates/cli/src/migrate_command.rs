@@ -6,7 +6,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use stretch_node::{MIGRATION_TIMEOUT_S_DEFAULT, MigrationInfo, StartMigration};
+use stretch_node::{MIGRATION_TIMEOUT_S_DEFAULT, MigrationInfo, MigrationMode, StartMigration};
 
 use crate::admin_client::AdminClient;
 
@@ -30,13 +30,18 @@ pub struct MigrateArgs {
     to: String,
     /// drain: the target catches up while writes go on at the source; writes
     /// pause only at the switchover, for about one round trip and one
-    /// metadata commit. (A fast mode, which moves ownership first and
-    /// fetches missing blocks on demand, is not available yet.)
-    #[arg(long, default_value = "drain", value_parser = ["drain"])]
+    /// metadata commit. fast: ownership moves at once (writes pause while
+    /// the source's last delta reaches its journal, whatever the backlog);
+    /// the target serves from then on and copies the data it lacks from
+    /// the source, a request waiting only for the region it touches. Two
+    /// data sites only. If the source is lost before the copy ends, the
+    /// regions not copied wait for it (`stretch volume accept-loss` gives
+    /// them up).
+    #[arg(long, default_value = "drain", value_parser = ["drain", "fast"])]
     mode: String,
     /// Give up (the group stays at the source, with the reason) if the
-    /// backlog has not converged to the switchover point within this many
-    /// seconds.
+    /// switchover has not happened within this many seconds (drain: the
+    /// backlog did not converge; fast: the target did not stream).
     #[arg(long, default_value_t = MIGRATION_TIMEOUT_S_DEFAULT)]
     timeout: u64,
     /// Return once the migration is recorded; follow it with `stretch
@@ -63,6 +68,10 @@ pub fn migrate(client: &AdminClient, args: MigrateArgs) -> anyhow::Result<()> {
         group: args.group.clone(),
         to: args.to.clone(),
         timeout_s: Some(args.timeout),
+        mode: match args.mode.as_str() {
+            "fast" => MigrationMode::Fast,
+            _ => MigrationMode::Drain,
+        },
     })?;
     let what = describe(&started);
     if args.no_wait {
@@ -103,6 +112,20 @@ pub fn migrate(client: &AdminClient, args: MigrateArgs) -> anyhow::Result<()> {
         println!("\r{}\x1b[K", progress_line(&ended));
     }
     match ended.phase.as_str() {
+        "done" if ended.mode == "fast" => {
+            println!(
+                "migrated {what} from {} to {} in {:.1} s (fast): writes paused {} ms at the switchover (epoch {}), then {} copied the {} it lacked{}",
+                ended.from,
+                ended.to,
+                ended.elapsed_ms as f64 / 1000.0,
+                ended.pause_ms.unwrap_or(0),
+                ended.epoch.unwrap_or(0),
+                ended.to,
+                mib(ended.bytes_left_max),
+                retries(&ended),
+            );
+            Ok(())
+        }
         "done" => {
             println!(
                 "migrated {what} from {} to {} in {:.1} s; writes paused {} ms at the switchover (epoch {}){}",
@@ -144,6 +167,11 @@ pub fn migration(client: &AdminClient, command: MigrationCommand) -> anyhow::Res
                         info.pause_ms.unwrap_or(0),
                         info.epoch.unwrap_or(0)
                     ),
+                    "copying" => format!(
+                        "owner since epoch {} (paused {} ms); copying what it lacks",
+                        info.epoch.unwrap_or(0),
+                        info.pause_ms.unwrap_or(0)
+                    ),
                     "catching-up" | "switching-over" => format!(
                         "drain {}/s, writes {}/s, timeout {} s{}",
                         mib(info.drain_bytes_per_second),
@@ -183,16 +211,27 @@ pub fn migration(client: &AdminClient, command: MigrationCommand) -> anyhow::Res
 }
 
 /// `[#####.....]  45%  120.0 MiB left  drain 90.1 MiB/s  writes 30.2 MiB/s  ETA 3 s`
+/// (fast mode, after the switchover: `... 12.0 MiB left to copy at b  (copying)`).
 fn progress_line(info: &MigrationInfo) -> String {
     let left = info.bytes_left.unwrap_or(0);
     let whole = info.bytes_left_max.max(1);
     let done_share = if info.phase == "done" {
         1.0
     } else {
-        1.0 - left as f64 / whole as f64
+        1.0 - left.min(whole) as f64 / whole as f64
     };
     let filled = ((done_share * BAR_WIDTH as f64) as usize).min(BAR_WIDTH);
     let bar = format!("{}{}", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled));
+    if info.phase == "copying" {
+        return format!(
+            "[{bar}] {:>3.0}%  {} left to copy at {}  writes there since the switchover ({} ms pause)  ({})",
+            done_share * 100.0,
+            mib(left),
+            info.to,
+            info.pause_ms.unwrap_or(0),
+            info.phase
+        );
+    }
     let converging = info
         .drain_bytes_per_second
         .saturating_sub(info.write_bytes_per_second);

@@ -41,9 +41,10 @@ pub struct SimArgs {
     /// abandon-forgets-unacked, diff-skips-first-missing,
     /// early-takeover, takeover-ignores-images, heal-forgets-lost-regions,
     /// migration-switches-early, read-lease-never-expires,
-    /// read-lease-write-before-revoked, read-lease-forgotten-on-restart
-    /// (all but the first five need sites; the read-lease ones show most
-    /// in simulation/read-leases.toml); with --control:
+    /// read-lease-write-before-revoked, read-lease-forgotten-on-restart,
+    /// fast-drain-writes-uncopied (all but the first five need sites; the
+    /// read-lease ones show most in simulation/read-leases.toml, the last
+    /// in simulation/migration/fast-two-sites.toml); with --control:
     /// renew-with-minority, no-drift-margin, grant-stale-holder.
     #[arg(long)]
     pub(crate) bug: Option<String>,
@@ -294,6 +295,12 @@ fn report(outcome: &Outcome, started: Instant, replay_command: &str, print_trace
             stats.migrations_gave_up,
             stats.switchovers_called_off,
         );
+        if stats.fast_migrations > 0 {
+            println!(
+                "  fast migrations: {} switched over, {} drains ended with every region copied",
+                stats.fast_migrations, stats.fast_drains_done,
+            );
+        }
     }
     if let Some((violation, step, at)) = &outcome.violation {
         println!(

@@ -161,4 +161,16 @@ pub enum Action {
     /// [`crate::RecoveredState::resyncing`]. No resync chunk of a group is
     /// journaled before a save naming the group completed.
     SaveResyncMarks { io: IoId, groups: Vec<GroupId> },
+    /// Append `regions` to the log of `group`'s fast drain (the switchover
+    /// to this site at `epoch`), durably: they are copied, and their copies
+    /// are durable in the journal. Answer with
+    /// [`crate::Engine::fast_drain_saved`]. A restarted node hands every
+    /// logged region back ([`crate::Engine::restore_fast_drain_log`]); no
+    /// request touching a region waits for it once its append completed.
+    SaveFastDrain {
+        io: IoId,
+        group: GroupId,
+        epoch: Epoch,
+        regions: Vec<(VolumeId, u64)>,
+    },
 }

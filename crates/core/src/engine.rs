@@ -19,7 +19,10 @@ mod read_lease;
 mod replication;
 
 pub use read_lease::{READ_LEASE_IDLE_PERIODS_MAX, ReadLeaseCounters};
-pub use replication::{EpochStart, GroupReplication, PeerReplication, PeerState, REGION_BLOCKS};
+pub use replication::{
+    EpochStart, FAST_DRAIN_REGIONS_MAX, FastDrain, FastDrainProgress, GroupReplication,
+    PeerReplication, PeerState, REGION_BLOCKS, SealedGroup,
+};
 
 /// Most data bytes one delta's record holds, whatever `delta_max_bytes`
 /// and the requests: a record travels to other sites in one frame (40 MiB
@@ -174,6 +177,9 @@ pub enum PlantedBug {
     /// Forget, at a restart or a change of owner, that other sites may
     /// still hold leases granted before it (breaks G2).
     ReadLeaseForgottenOnRestart,
+    /// At a fast migration's target, let writes to a region not copied yet
+    /// go ahead: the copy then lands over them (breaks G2 or G4).
+    FastDrainWritesUncopied,
 }
 
 impl Default for EngineConfig {
@@ -289,6 +295,9 @@ pub struct EngineStats {
     pub resync_regions_done_total: u64,
     /// Messages from other sites refused (wrong owner, unknown id).
     pub refused_messages_total: u64,
+    /// Regions a fast migration's target never copied from its source
+    /// because an operator accepted their loss.
+    pub fast_drain_regions_lost_total: u64,
     /// Requests waiting for an ownership lease now, and those that failed
     /// waiting (held past `suspend_hold_ms`, or past the bound).
     pub suspended_requests_now: u64,
@@ -470,6 +479,9 @@ impl Engine {
             self.replication.hold(spec.group, request_id, request);
             return;
         }
+        if self.fast_drain_gate(request_id, &request, spec.group) {
+            return;
+        }
         let Some(request) = self.gate_on_read_leases(request_id, request, spec.group) else {
             return;
         };
@@ -587,6 +599,7 @@ impl Engine {
             self.try_apply(group);
         }
         self.after_journal_sync();
+        self.fast_drains_after_sync();
         self.maybe_sync_journal();
     }
 
@@ -631,6 +644,7 @@ impl Engine {
         self.stats.applied_deltas_total += 1;
         self.try_apply(group);
         self.admit_throttled();
+        self.pump_fast_drains();
         self.maybe_checkpoint();
     }
 
@@ -700,7 +714,8 @@ impl Engine {
             .map(|since| since.saturating_add_millis(self.config.backlog_wait_ms_max));
         let suspended = self.lease.next_deadline();
         let read_leases = self.read_leases.next_deadline();
-        [delta, remote, backlog, suspended, read_leases]
+        let fast_drains = self.fast_drain_deadline();
+        [delta, remote, backlog, suspended, read_leases, fast_drains]
             .into_iter()
             .flatten()
             .min()
@@ -720,6 +735,7 @@ impl Engine {
         self.check_backlog_wait(now);
         self.expire_suspended(now);
         self.handle_read_lease_timeout(now);
+        self.expire_fast_drains(now);
     }
 
     /// Closes every open delta and releases the whole journal once it is on
@@ -890,6 +906,7 @@ enum IoPurpose {
     LegSync { upto: u64 },
     MapSave,
     MarksSave,
+    DrainLog { group: GroupId },
 }
 
 #[derive(Debug, Clone)]

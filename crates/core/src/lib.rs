@@ -31,9 +31,10 @@ mod types;
 
 pub use action::{Action, DeltaRecord, Request, RequestError, Response};
 pub use engine::{
-    DELTA_RECORD_BYTES_MAX, Engine, EngineConfig, EngineStats, EpochStart, GroupReplication,
-    PeerReplication, PeerState, PlantedBug, READ_LEASE_IDLE_PERIODS_MAX, REGION_BLOCKS,
-    ReadLeaseCounters, RecoveredState, VolumeSpec,
+    DELTA_RECORD_BYTES_MAX, Engine, EngineConfig, EngineStats, EpochStart, FAST_DRAIN_REGIONS_MAX,
+    FastDrain, FastDrainProgress, GroupReplication, PeerReplication, PeerState, PlantedBug,
+    READ_LEASE_IDLE_PERIODS_MAX, REGION_BLOCKS, ReadLeaseCounters, RecoveredState, SealedGroup,
+    VolumeSpec,
 };
 pub use link_shaper::{DropReason, Fate, LinkProfile, LinkShaper};
 pub use marks::{Mark, Marks};

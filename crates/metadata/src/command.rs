@@ -5,7 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Failover, Follow, GroupId, GroupState, Mode, NodeId, NodeInfo, Role, VolumeId};
+use crate::types::{
+    Failover, FastSeal, Follow, GroupId, GroupState, Mode, NodeId, NodeInfo, Role, VolumeId,
+};
 
 /// One change to the cluster metadata. Everything a command needs is in it:
 /// applying it reads no clock and does no I/O, so every replica reaches the
@@ -49,6 +51,20 @@ pub enum Command {
         /// first wins.
         #[serde(default)]
         migration: bool,
+        /// A fast migration's switchover: `to` owns the group at once and
+        /// copies what it lacks from `from` ([`crate::FastDrain`]).
+        /// Refused unless the cluster has exactly two data sites.
+        #[serde(default)]
+        fast: Option<FastSeal>,
+    },
+    /// A fast migration's drain of `group` at `expected_epoch` ended: the
+    /// target copied every region (`accept_loss` false, committed by its
+    /// node), or an operator accepted the loss of what it did not copy
+    /// because the source is lost (`accept_loss` true).
+    EndFastDrain {
+        group: String,
+        expected_epoch: u64,
+        accept_loss: bool,
     },
     /// Fail `group` over to `to` without its owner (lost or cut off),
     /// raising its epoch, only at `expected_epoch`. `after_seq` is the last
@@ -185,6 +201,21 @@ impl fmt::Display for Command {
                 )
             }
             Command::SetFollow { group, follow } => write!(f, "set-follow {group} {follow}"),
+            Command::EndFastDrain {
+                group,
+                expected_epoch,
+                accept_loss,
+            } => {
+                let how = if *accept_loss {
+                    "loss accepted"
+                } else {
+                    "copied"
+                };
+                write!(
+                    f,
+                    "end-fast-drain {group} at epoch {expected_epoch} ({how})"
+                )
+            }
         }
     }
 }
@@ -274,6 +305,14 @@ pub enum CommandError {
     OwnerOffers { group: String, site: String },
     #[error("the {what} counter is exhausted")]
     Exhausted { what: String },
+    #[error(
+        "fast migration needs exactly two data sites (this cluster has {data_sites}); use drain mode"
+    )]
+    FastNeedsTwoSites { data_sites: usize },
+    #[error("group {group} is still copying from site {from} after a fast migration")]
+    FastDrainRunning { group: String, from: String },
+    #[error("group {group} has no fast migration copying")]
+    NoFastDrain { group: String },
 }
 
 /// The response of the state machine to one entry.

@@ -40,8 +40,8 @@ pub use metadata::{BLOCK_SIZE, ClusterMetadata};
 pub use redb_store::RedbBackend;
 pub use state_machine::{Observer, SnapshotBuilder, StateMachine};
 pub use types::{
-    EPOCH_HISTORY_MAX, EpochStart, Failover, FailoverRecord, Follow, Group, GroupId, GroupState,
-    Mode, Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
+    EPOCH_HISTORY_MAX, EpochStart, Failover, FailoverRecord, FastDrain, FastSeal, Follow, Group,
+    GroupId, GroupState, Mode, Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
 };
 
 /// Raft timing, the same on every node and in the simulator. Heartbeats

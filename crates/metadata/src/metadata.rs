@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandError, CommandResult, Outcome};
 use crate::types::{
-    EPOCH_HISTORY_MAX, EpochStart, FailoverRecord, Follow, Group, GroupId, GroupState, Move,
-    NodeId, NodeInfo, Role, Site, Volume, VolumeId,
+    EPOCH_HISTORY_MAX, EpochStart, FailoverRecord, FastDrain, FastSeal, Follow, Group, GroupId,
+    GroupState, Move, NodeId, NodeInfo, Role, Site, Volume, VolumeId,
 };
 
 /// Volumes are made of 4 KiB blocks (DESIGN §1).
@@ -100,7 +100,21 @@ impl ClusterMetadata {
                 expected_epoch,
                 after_seq,
                 migration,
-            } => self.transfer_group(group, from, to, *expected_epoch, *after_seq, *migration),
+                fast,
+            } => self.transfer_group(
+                group,
+                from,
+                to,
+                *expected_epoch,
+                *after_seq,
+                *migration,
+                fast.as_ref(),
+            ),
+            Command::EndFastDrain {
+                group,
+                expected_epoch,
+                accept_loss: _,
+            } => self.end_fast_drain(group, *expected_epoch),
             Command::PromoteGroup {
                 group,
                 to,
@@ -266,6 +280,7 @@ impl ClusterMetadata {
                     last_failover: None,
                     offers: BTreeMap::new(),
                     follow: Follow::Off,
+                    fast_drain: None,
                 };
                 (id, 1, Some((group, next)))
             }
@@ -349,6 +364,7 @@ impl ClusterMetadata {
         Ok(group)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn transfer_group(
         &mut self,
         name: &str,
@@ -357,8 +373,13 @@ impl ClusterMetadata {
         expected_epoch: u64,
         after_seq: u64,
         migration: bool,
+        fast: Option<&FastSeal>,
     ) -> CommandResult {
         self.data_site(to)?;
+        let data_sites = self.data_sites().len();
+        if fast.is_some() && data_sites != 2 {
+            return Err(CommandError::FastNeedsTwoSites { data_sites });
+        }
         let id = self.fenced_group(name, expected_epoch)?.id;
         let migrating_to = self.moves.get(&id).map(|record| record.to.as_str());
         if migration && migrating_to != Some(to) {
@@ -381,9 +402,28 @@ impl ClusterMetadata {
             });
         }
         let epoch = change_owner(group, to, after_seq, true)?;
+        group.fast_drain = fast.map(|seal| FastDrain {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            epoch,
+            regions: seal.regions.clone(),
+        });
         let id = group.id;
         self.moves.remove(&id);
         Ok(Outcome::Epoch { group: id, epoch })
+    }
+
+    fn end_fast_drain(&mut self, name: &str, expected_epoch: u64) -> CommandResult {
+        let group = self.fenced_group(name, expected_epoch)?;
+        if group.fast_drain.take().is_none() {
+            return Err(CommandError::NoFastDrain {
+                group: name.to_owned(),
+            });
+        }
+        Ok(Outcome::Epoch {
+            group: group.id,
+            epoch: group.epoch,
+        })
     }
 
     fn promote_group(
@@ -473,6 +513,13 @@ impl ClusterMetadata {
                 group: name.to_owned(),
             });
         }
+        if let Some(drain) = &group.fast_drain {
+            // The owner's image is not whole until its copy ends.
+            return Err(CommandError::FastDrainRunning {
+                group: name.to_owned(),
+                from: drain.from.clone(),
+            });
+        }
         group.state = GroupState::Moving;
         let record = Move {
             group: group.id,
@@ -550,6 +597,8 @@ fn change_owner(
     group.epoch = epoch;
     group.owner = to.to_owned();
     group.state = GroupState::Active;
+    // A drain's target loses it (a failover): resynced whole instead.
+    group.fast_drain = None;
     // Offers name images of the line this change ends.
     group.offers.clear();
     push_history(group, epoch, after_seq, handed_over);
@@ -604,6 +653,7 @@ mod tests {
             expected_epoch: epoch,
             after_seq: 0,
             migration: false,
+            fast: None,
         }
     }
 
@@ -1014,6 +1064,7 @@ mod tests {
             expected_epoch: 1,
             after_seq: 0,
             migration: true,
+            fast: None,
         };
         // No move begun: refused, the owner stays.
         assert!(matches!(
@@ -1105,5 +1156,120 @@ mod tests {
             (m, results)
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn a_fast_switchover_records_its_drain_until_it_ends_or_the_owner_changes() {
+        let mut m = cluster();
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        m.apply(&Command::BeginMove {
+            group: "g1".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+        })
+        .expect("begin");
+        let fast = |regions| Command::TransferGroup {
+            group: "g1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+            after_seq: 7,
+            migration: true,
+            fast: Some(FastSeal { regions }),
+        };
+        m.apply(&fast(Some(vec![(1, 0), (1, 3)])))
+            .expect("switchover");
+        let g = m.group_by_name("g1").expect("group");
+        assert_eq!((g.owner.as_str(), g.epoch), ("b", 2));
+        assert_eq!(
+            g.fast_drain,
+            Some(FastDrain {
+                from: "a".into(),
+                to: "b".into(),
+                epoch: 2,
+                regions: Some(vec![(1, 0), (1, 3)]),
+            })
+        );
+        assert_eq!(g.history.last().map(|start| start.after_seq), Some(7));
+        // No new move while it copies.
+        assert_eq!(
+            m.apply(&Command::BeginMove {
+                group: "g1".into(),
+                to: "a".into(),
+                expected_epoch: 2,
+            }),
+            Err(CommandError::FastDrainRunning {
+                group: "g1".into(),
+                from: "a".into()
+            })
+        );
+        let end = |epoch| Command::EndFastDrain {
+            group: "g1".into(),
+            expected_epoch: epoch,
+            accept_loss: false,
+        };
+        assert!(matches!(
+            m.apply(&end(1)),
+            Err(CommandError::StaleEpoch { .. })
+        ));
+        m.apply(&end(2)).expect("end");
+        assert_eq!(m.group_by_name("g1").expect("group").fast_drain, None);
+        assert_eq!(
+            m.apply(&end(2)),
+            Err(CommandError::NoFastDrain { group: "g1".into() })
+        );
+        // A failover ends a drain too.
+        m.apply(&Command::BeginMove {
+            group: "g1".into(),
+            to: "a".into(),
+            expected_epoch: 2,
+        })
+        .expect("begin");
+        let mut back = fast(None);
+        if let Command::TransferGroup {
+            from,
+            to,
+            expected_epoch,
+            ..
+        } = &mut back
+        {
+            (*from, *to, *expected_epoch) = ("b".into(), "a".into(), 2);
+        }
+        m.apply(&back).expect("switchover back");
+        assert!(m.group_by_name("g1").expect("group").fast_drain.is_some());
+        m.apply(&Command::PromoteGroup {
+            group: "g1".into(),
+            to: "b".into(),
+            expected_epoch: 3,
+            after_seq: 7,
+            automatic: false,
+            passed_over: Vec::new(),
+        })
+        .expect("promote");
+        assert_eq!(m.group_by_name("g1").expect("group").fast_drain, None);
+    }
+
+    #[test]
+    fn a_fast_switchover_needs_exactly_two_data_sites() {
+        let mut m = cluster();
+        m.apply(&Command::AddSite {
+            name: "c".into(),
+            role: Role::Data,
+        })
+        .expect("add site");
+        m.apply(&create("v1", "g1", "a")).expect("create");
+        let command = Command::TransferGroup {
+            group: "g1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            expected_epoch: 1,
+            after_seq: 0,
+            migration: false,
+            fast: Some(FastSeal { regions: None }),
+        };
+        assert_eq!(
+            m.apply(&command),
+            Err(CommandError::FastNeedsTwoSites { data_sites: 3 })
+        );
     }
 }

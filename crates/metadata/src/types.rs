@@ -167,6 +167,29 @@ pub struct Group {
     /// Whether ownership follows the workload.
     #[serde(default)]
     pub follow: Follow,
+    /// A fast migration's drain still running: the owner copies what it
+    /// lacks from the old owner. Ended by [`crate::Command::EndFastDrain`]
+    /// or by any change of owner.
+    #[serde(default)]
+    pub fast_drain: Option<FastDrain>,
+}
+
+/// What a fast switchover records: the regions the new owner may lack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastSeal {
+    /// `(volume, region)` pairs; `None`: every region of the group.
+    pub regions: Option<Vec<(VolumeId, u64)>>,
+}
+
+/// A fast migration's drain: `to` owns the group from `epoch` on and
+/// copies `regions` from `from`, whose image of them is the newest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastDrain {
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    /// `None`: every region of the group.
+    pub regions: Option<Vec<(VolumeId, u64)>>,
 }
 
 /// Entries kept in [`Group::history`]; a site further behind than the

@@ -10,6 +10,7 @@
 //! | DELETE | /v1/volumes/NAME      | [`VolumeInfo`] of the deleted one   |
 //! | POST   | /v1/volumes/NAME/move | [`MoveVolume`] in, [`VolumeInfo`]   |
 //! | POST   | /v1/volumes/NAME/follow | [`SetFollow`] in, [`VolumeInfo`]  |
+//! | POST   | /v1/volumes/NAME/accept-loss | [`AcceptLoss`] in, [`LossAccepted`] |
 //! | GET    | /v1/migrations        | list of `MigrationInfo`             |
 //! | POST   | /v1/migrations        | [`StartMigration`] in, `MigrationInfo` |
 //! | POST   | /v1/migrations/NAME/cancel | `MigrationInfo` (NAME: group or volume) |
@@ -212,6 +213,26 @@ pub struct PromoteVolume {
     pub site: String,
     /// Must be true: the operator accepts that writes are lost.
     pub accept_data_loss: bool,
+}
+
+/// `POST /v1/volumes/NAME/accept-loss`: end the fast migration's copy of
+/// the volume's group at this node (its target) without the regions its
+/// lost source never sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptLoss {
+    /// Must be true: the operator accepts that writes are lost.
+    pub accept_data_loss: bool,
+}
+
+/// The answer to [`AcceptLoss`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossAccepted {
+    pub volume: String,
+    /// Regions (of `region_bytes` each) the target never copied: they keep
+    /// its older image.
+    pub regions_not_copied: u64,
+    pub region_bytes: u64,
 }
 
 /// The newest failover of a volume's group.
@@ -615,6 +636,7 @@ impl Shared {
             | Route::DeleteVolume(_)
             | Route::MoveVolume(_)
             | Route::PromoteVolume(_)
+            | Route::AcceptLoss(_)
             | Route::FollowVolume(_)
             | Route::StartMigration => {
                 // Waiting here is cancelled if the client goes away; once
@@ -859,6 +881,7 @@ enum Route {
     DeleteVolume(String),
     MoveVolume(String),
     PromoteVolume(String),
+    AcceptLoss(String),
     FollowVolume(String),
     ListMigrations,
     StartMigration,
@@ -876,6 +899,7 @@ impl Route {
             Route::CreateVolume
                 | Route::MoveVolume(_)
                 | Route::PromoteVolume(_)
+                | Route::AcceptLoss(_)
                 | Route::FollowVolume(_)
                 | Route::StartMigration
                 | Route::SetLink
@@ -907,6 +931,9 @@ fn parse_route(method: &Method, path: &str) -> Result<Route, Reply> {
             Route::PromoteVolume(name(volume)?)
         }
         (&Method::POST, ["v1", "volumes", volume, "follow"]) => Route::FollowVolume(name(volume)?),
+        (&Method::POST, ["v1", "volumes", volume, "accept-loss"]) => {
+            Route::AcceptLoss(name(volume)?)
+        }
         (&Method::GET, ["v1", "migrations"]) => Route::ListMigrations,
         (&Method::POST, ["v1", "migrations"]) => Route::StartMigration,
         (&Method::POST, ["v1", "migrations", group, "cancel"]) => {
@@ -1123,6 +1150,32 @@ fn node_route(node: &Arc<Node>, route: Route, body: &[u8]) -> Reply {
             }
             match node.promote_volume(&name, &request.site) {
                 Ok(record) => Reply::json(200, &volume_info(node, &record)),
+                Err(error) => node_error(error),
+            }
+        }
+        Route::AcceptLoss(name) => {
+            let request: AcceptLoss = match serde_json::from_slice(body) {
+                Ok(request) => request,
+                Err(error) => {
+                    return Reply::error(400, format!("bad accept-loss request: {error}"));
+                }
+            };
+            if !request.accept_data_loss {
+                return Reply::error(
+                    400,
+                    "ending the copy loses the writes the source acknowledged in the regions not \
+                     copied yet: set accept_data_loss (stretch volume accept-loss --accept-data-loss)",
+                );
+            }
+            match node.accept_drain_loss(&name) {
+                Ok(regions) => Reply::json(
+                    200,
+                    &LossAccepted {
+                        volume: name,
+                        regions_not_copied: regions,
+                        region_bytes: stretch_core::REGION_BLOCKS * stretch_core::BLOCK_SIZE as u64,
+                    },
+                ),
                 Err(error) => node_error(error),
             }
         }

@@ -51,10 +51,9 @@ pub(crate) struct Driver {
     /// size is bounded by the engine: deltas by `backlog_bytes_max`, the
     /// rest by the requests clients may have in flight.
     outbox: tokio::sync::mpsc::UnboundedSender<(SiteId, SiteMessage)>,
-    /// Where the map of regions each other site may lack is saved.
-    dirty_maps: BTreeMap<SiteId, PathBuf>,
-    /// Where the groups mid-resync here are saved.
-    resync_marks: PathBuf,
+    /// Where the maps of regions each other site may lack, the groups
+    /// mid-resync here and the fast drain log are saved.
+    paths: stretch_storage::StartPaths,
 }
 
 /// Where a driver's messages for other sites come out.
@@ -69,6 +68,13 @@ enum JournalCommand {
         io: stretch_core::IoId,
         path: PathBuf,
         groups: Vec<stretch_core::GroupId>,
+    },
+    SaveFastDrain {
+        io: stretch_core::IoId,
+        path: PathBuf,
+        group: stretch_core::GroupId,
+        epoch: stretch_core::Epoch,
+        regions: Vec<(VolumeId, u64)>,
     },
 }
 
@@ -115,8 +121,7 @@ impl Driver {
         journal: Journal<OsFileSystem>,
         metrics: Metrics,
         name: &str,
-        dirty_maps: BTreeMap<SiteId, PathBuf>,
-        resync_marks: PathBuf,
+        paths: stretch_storage::StartPaths,
     ) -> std::io::Result<(Arc<Driver>, IoThreads, Outbox)> {
         let (journal_queue, journal_commands) = mpsc::channel();
         let (leg_queue, leg_commands) = mpsc::channel();
@@ -133,8 +138,7 @@ impl Driver {
             journal_queue,
             leg_queue,
             outbox,
-            dirty_maps,
-            resync_marks,
+            paths,
         });
         // The threads hold weak references: the queues close when the last
         // strong reference goes, which ends them.
@@ -210,8 +214,23 @@ impl Driver {
                     self.queue_journal(JournalCommand::Release(upto));
                 }
                 Action::SaveResyncMarks { io, groups } => {
-                    let path = self.resync_marks.clone();
+                    let path = self.paths.resync_marks.clone();
                     self.queue_journal(JournalCommand::SaveResyncMarks { io, path, groups });
+                }
+                Action::SaveFastDrain {
+                    io,
+                    group,
+                    epoch,
+                    regions,
+                } => {
+                    let path = self.paths.fast_drain_log.clone();
+                    self.queue_journal(JournalCommand::SaveFastDrain {
+                        io,
+                        path,
+                        group,
+                        epoch,
+                        regions,
+                    });
                 }
                 Action::WriteLeg { io, blocks, .. } => {
                     self.queue_leg(LegCommand::Write { io, blocks });
@@ -220,7 +239,7 @@ impl Driver {
                     self.queue_leg(LegCommand::Sync { io, volumes });
                 }
                 Action::SaveDirtyMap { io, peer, regions } => {
-                    let Some(path) = self.dirty_maps.get(&peer).cloned() else {
+                    let Some(path) = self.paths.dirty_maps.get(&peer).cloned() else {
                         panic!("driver invariant: site {peer} has a dirty-map path");
                     };
                     let regions = regions.into_iter().collect();
@@ -366,6 +385,26 @@ fn journal_loop(
                 }
                 driver.with_engine(|engine| engine.resync_marks_saved(io, result));
             }
+            JournalCommand::SaveFastDrain {
+                io,
+                path,
+                group,
+                epoch,
+                regions,
+            } => {
+                let result = stretch_storage::append_fast_drain_log(
+                    &OsFileSystem,
+                    &path,
+                    group,
+                    epoch,
+                    &regions,
+                )
+                .map_err(|error| error.to_string());
+                if let Err(error) = &result {
+                    tracing::error!(%error, "appending to the fast drain log failed; the node stops taking writes");
+                }
+                driver.with_engine(|engine| engine.fast_drain_saved(io, result));
+            }
             JournalCommand::Release(upto) => {
                 if let Err(error) = journal.release(upto) {
                     // The records stay on disk; replaying them again is
@@ -458,6 +497,11 @@ impl DataLayout {
     /// The groups whose legs here are mid-resync.
     pub fn resync_marks(&self) -> PathBuf {
         self.root.join("resync-marks")
+    }
+
+    /// The regions fast migrations copied to this node.
+    pub fn fast_drain_log(&self) -> PathBuf {
+        self.root.join("fast-drain-log")
     }
 
     pub fn lock(&self) -> PathBuf {

@@ -3,8 +3,9 @@
 //! requests come from (the engine counts them by the site that sent them)
 //! and migrates the group to a site that brings most of them for long
 //! enough ([`FollowTracker`], the rule and its hysteresis). A migration it
-//! starts is an ordinary one: `stretch migration list` shows it, and
-//! `stretch migration cancel` ends it.
+//! starts is an ordinary one (fast mode with two data sites, drain mode
+//! with more): `stretch migration list` shows it, and `stretch migration
+//! cancel` ends it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use stretch_metadata::{Command, Follow, GroupState};
 use stretch_storage::CatalogError;
 use tokio::sync::watch;
 
-use crate::migration::StartMigration;
+use crate::migration::{MigrationMode, StartMigration};
 use crate::node::{Node, NodeError};
 
 /// How often the owner samples where its groups' requests come from.
@@ -126,11 +127,19 @@ impl Node {
             decision.share_percent,
             decision.window_ms / 1000,
         );
+        // Fast where it can be (two data sites): the workload already runs
+        // at the target, and waits for no catch-up there.
+        let mode = if self.sites.data_site_count() == 2 {
+            MigrationMode::Fast
+        } else {
+            MigrationMode::Drain
+        };
         let request = StartMigration {
             volume: None,
             group: Some(group.to_string()),
             to: to.clone(),
             timeout_s: None,
+            mode,
         };
         match self.start_migration(&request) {
             Ok(_) => self.driver.metrics.follow_decision("migrating"),

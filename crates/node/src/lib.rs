@@ -13,6 +13,7 @@ mod control;
 mod driver;
 mod export;
 mod failover;
+mod fast_drain;
 mod follow;
 mod links;
 mod metrics;
@@ -23,9 +24,9 @@ mod sites;
 mod volumes;
 
 pub use admin::{
-    ADMIN_TOKEN_FILE, AdminConfig, AdminError, AdminToken, CreateVolume, FailoverInfo, LeaseInfo,
-    LinkPair, MoveVolume, PeerInfo, PromoteVolume, ReplicaInfo, SetLink, StatusInfo,
-    SuspendedVolume, TokenError, VolumeInfo, ensure_admin_token,
+    ADMIN_TOKEN_FILE, AcceptLoss, AdminConfig, AdminError, AdminToken, CreateVolume, FailoverInfo,
+    LeaseInfo, LinkPair, LossAccepted, MoveVolume, PeerInfo, PromoteVolume, ReplicaInfo, SetLink,
+    StatusInfo, SuspendedVolume, TokenError, VolumeInfo, ensure_admin_token,
 };
 pub use byte_size::ByteSize;
 pub use config::{
@@ -35,8 +36,8 @@ pub use config::{
 pub use control::{ControlError, MetadataStatus, VoterInfo};
 pub use links::{LinkChange, LinkControl, LinkError, LinkInfo};
 pub use migration::{
-    MIGRATION_TIMEOUT_S_DEFAULT, MIGRATION_TIMEOUT_S_MAX, MigrationInfo, SWITCHOVER_HOLD_MS_MAX,
-    StartMigration,
+    MIGRATION_TIMEOUT_S_DEFAULT, MIGRATION_TIMEOUT_S_MAX, MigrationInfo, MigrationMode,
+    SWITCHOVER_HOLD_MS_MAX, StartMigration,
 };
 pub use node::{Node, NodeError, NodeOptions, run_cluster, run_node};
 pub use peers::PeersError;

@@ -1,4 +1,5 @@
-//! Live migration of a consistency group to another site, drain mode.
+//! Live migration of a consistency group to another site, in drain or
+//! fast mode.
 //!
 //! The source (the owner's node) drives it; the metadata holds the record
 //! ([`Command::BeginMove`]) so that every node sees it and a cancel
@@ -21,6 +22,16 @@
 //!    link drains) ends the migration; the group stays at the source, and
 //!    the outcome says why in one line.
 //!
+//! **Fast mode** switches over as soon as the target streams deltas (or is
+//! being resynced, when it fell too far behind): the
+//! writes are held only while the open delta closes and reaches the
+//! source's journal, then the metadata names the target owner with the
+//! regions it lacks (`TransferGroup` with `fast`), whatever the backlog.
+//! The target serves at once and copies those regions from the source
+//! (see `fast_drain`); the migration shows the copy as its `copying`
+//! phase and is done when the target recorded its end. Two data sites
+//! only (the metadata refuses it otherwise).
+//!
 //! A migration recorded for this site that no driver here runs (the node
 //! restarted mid-migration) is cancelled when the node reconciles.
 
@@ -32,7 +43,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use stretch_control::SwitchPoint;
 use stretch_core::{BLOCK_SIZE, Epoch, GroupId, PeerState, SiteId};
-use stretch_metadata::{ClusterMetadata, Command, CommandError};
+use stretch_metadata::{ClusterMetadata, Command, CommandError, FastSeal};
 use stretch_storage::{CatalogError, VolumeRecord};
 
 use crate::control::{Control, ControlError};
@@ -66,6 +77,38 @@ pub struct StartMigration {
     /// happened by then; default [`MIGRATION_TIMEOUT_S_DEFAULT`].
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub mode: MigrationMode,
+}
+
+/// How a migration moves ownership.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// The target catches up first; ownership moves once it holds every
+    /// delta.
+    #[default]
+    Drain,
+    /// Ownership moves first; the target copies what it lacks after.
+    Fast,
+}
+
+impl MigrationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::Drain => "drain",
+            MigrationMode::Fast => "fast",
+        }
+    }
+}
+
+/// What a switchover is part of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Switch {
+    /// `volume move`: a hand-over, no migration record.
+    Move,
+    /// A live migration's switchover.
+    Migration(MigrationMode),
 }
 
 /// One migration, as `migration list` shows it.
@@ -78,8 +121,12 @@ pub struct MigrationInfo {
     pub volumes: Vec<String>,
     pub from: String,
     pub to: String,
-    /// `catching-up`, `switching-over`, `done`, `gave-up`, `cancelled` or
-    /// `failed`; `recorded` for one driven elsewhere.
+    /// `drain` or `fast`.
+    #[serde(default)]
+    pub mode: String,
+    /// `catching-up`, `switching-over`, `copying` (fast mode, after the
+    /// switchover: the target copies what it lacks), `done`, `gave-up`,
+    /// `cancelled` or `failed`; `recorded` for one driven elsewhere.
     pub phase: String,
     /// What the target still lacks (known at the source's node only).
     pub bytes_left: Option<u64>,
@@ -110,6 +157,7 @@ impl MigrationInfo {
             volumes,
             from,
             to,
+            mode: MigrationMode::Drain.name().into(),
             phase: phase.into(),
             bytes_left: None,
             bytes_left_max: 0,
@@ -209,6 +257,14 @@ impl Node {
                 "the timeout must be 1 to {MIGRATION_TIMEOUT_S_MAX} seconds, not {timeout_s}"
             )));
         }
+        if request.mode == MigrationMode::Fast {
+            let data_sites = self.sites.data_site_count();
+            if data_sites != 2 {
+                return Err(fail(&format!(
+                    "fast mode needs exactly two data sites (this cluster has {data_sites}); use --mode drain"
+                )));
+            }
+        }
         let target = self.migration_target(&record, to)?;
         let control = self.control()?.clone();
         let group = record.group_id;
@@ -222,6 +278,7 @@ impl Node {
             let info = MigrationInfo {
                 id: migrations.next_id,
                 timeout_s,
+                mode: request.mode.name().into(),
                 ..MigrationInfo::new(
                     record.group.clone(),
                     volumes,
@@ -277,14 +334,15 @@ impl Node {
                 error => error.into(),
             });
         }
+        let mode = request.mode;
         tracing::info!(group = %record.group, from = %self.site, to, timeout_s,
-            "migration started");
+            mode = mode.name(), "migration started");
         let weak = self.weak();
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{group}"))
             .spawn(move || {
                 if let Some(node) = weak.upgrade() {
-                    node.drive_migration(&control, &record, &target, timeout_s, &cancel);
+                    node.drive_migration(&control, &record, &target, mode, timeout_s, &cancel);
                 }
             });
         if let Err(error) = spawned {
@@ -516,6 +574,7 @@ impl Node {
         control: &Arc<Control>,
         record: &VolumeRecord,
         target: &Target,
+        mode: MigrationMode,
         timeout_s: u64,
         cancel: &AtomicBool,
     ) {
@@ -539,15 +598,29 @@ impl Node {
             if Instant::now() >= deadline {
                 break self.give_up(control, record, target, timeout_s, &sampler, sample);
             }
-            if SwitchPoint::NODE.reached(sample.streaming, sample.bytes_left, sampler.drain_rate())
-            {
+            // Fast mode moves ownership as soon as the target streams or
+            // is resynced (what it lacks is then known here), whatever the
+            // backlog.
+            let reached = match mode {
+                MigrationMode::Fast => sample.streaming || sample.resyncing,
+                MigrationMode::Drain => SwitchPoint::NODE.reached(
+                    sample.streaming,
+                    sample.bytes_left,
+                    sampler.drain_rate(),
+                ),
+            };
+            if reached {
                 self.update_running(group, |info| info.phase = "switching-over".into());
                 self.moving.lock().insert(group);
                 let hold = Duration::from_millis(SWITCHOVER_HOLD_MS_MAX);
-                let result = self.switch_over(control, record, target, hold, true, Some(cancel));
+                let switch = Switch::Migration(mode);
+                let result = self.switch_over(control, record, target, hold, switch, Some(cancel));
                 self.moving.lock().remove(&group);
                 self.reconcile_now();
                 match result {
+                    Ok((pause, epoch)) if mode == MigrationMode::Fast => {
+                        break self.follow_copy(control, record, started, millis(pause), epoch);
+                    }
                     Ok((pause, epoch)) => {
                         break Ended::Done {
                             pause_ms: millis(pause),
@@ -576,6 +649,55 @@ impl Node {
             std::thread::sleep(SAMPLE_INTERVAL);
         };
         self.finish_migration(group, started, outcome);
+    }
+
+    /// After a fast switchover: follows the target's copy (the regions the
+    /// source has answered, for the progress) until its end is recorded.
+    fn follow_copy(
+        &self,
+        control: &Control,
+        record: &VolumeRecord,
+        started: Instant,
+        pause_ms: u64,
+        epoch: u64,
+    ) -> Ended {
+        let group = record.group_id;
+        let region_bytes = {
+            let engine = self.driver.engine.lock();
+            engine.config().region_blocks * BLOCK_SIZE as u64
+        };
+        self.update_running(group, |info| info.phase = "copying".into());
+        loop {
+            let (metadata, _) = control.applied();
+            let Some(now) = metadata.groups.get(&group) else {
+                return Ended::Failed("the group was deleted while its copy ran".into());
+            };
+            if now.epoch != epoch {
+                return Ended::Failed(format!(
+                    "ownership moved on (to {} at epoch {}) before the target copied everything: it is resynced from the new owner",
+                    now.owner, now.epoch
+                ));
+            }
+            if now.fast_drain.is_none() {
+                return Ended::Done { pause_ms, epoch };
+            }
+            let progress = self
+                .driver
+                .engine
+                .lock()
+                .fast_drain_progress(record.group_id());
+            self.update_running(group, |info| {
+                if let Some(progress) = progress {
+                    let left = progress.regions_left * region_bytes;
+                    info.bytes_left = Some(left);
+                    info.bytes_left_max = progress.regions_total * region_bytes;
+                }
+                info.pause_ms = Some(pause_ms);
+                info.epoch = Some(epoch);
+                info.elapsed_ms = millis(started.elapsed());
+            });
+            std::thread::sleep(SAMPLE_INTERVAL);
+        }
     }
 
     /// How the migration ended, if it did: cancelled, or its record gone
@@ -664,6 +786,7 @@ impl Node {
         };
         Sample {
             streaming: peer.state == PeerState::Streaming,
+            resyncing: peer.state == PeerState::Resyncing,
             bytes_left: peer.unapplied_bytes + peer.resync_regions_left * region_bytes,
             written_bytes: status.closed_bytes_total,
         }
@@ -728,9 +851,10 @@ impl Node {
         record: &VolumeRecord,
         target: &Target,
         hold_limit: Duration,
-        migration: bool,
+        switch: Switch,
         cancel: Option<&AtomicBool>,
     ) -> Result<(Duration, u64), SwitchError> {
+        let fast = switch == Switch::Migration(MigrationMode::Fast);
         let group = record.group_id();
         let now = self.driver.now();
         self.driver
@@ -764,7 +888,15 @@ impl Node {
                     return Err(call_off(SwitchError::NotReady));
                 }
             }
-            if answered && self.driver.engine.lock().hand_over_ready(group, target.id) {
+            let ready = {
+                let engine = self.driver.engine.lock();
+                if fast {
+                    engine.fast_hand_over_ready(group, target.id)
+                } else {
+                    engine.hand_over_ready(group, target.id)
+                }
+            };
+            if answered && ready {
                 break;
             }
             if cancel.is_some_and(|cancel| cancel.load(Ordering::Acquire)) {
@@ -778,22 +910,39 @@ impl Node {
             std::thread::sleep(Duration::from_millis(1));
         }
         // Nothing is written while handing over: the last delta is the
-        // one the new owner's epoch starts after.
-        let last_seq = self
-            .driver
-            .engine
-            .lock()
-            .replication_status()
-            .iter()
-            .find(|status| status.group == group)
-            .map_or(0, |status| status.last_seq.0);
+        // one the new owner's epoch starts after; in fast mode, with the
+        // regions the target lacks.
+        let (last_seq, seal) = {
+            let engine = self.driver.engine.lock();
+            let last_seq = engine
+                .replication_status()
+                .iter()
+                .find(|status| status.group == group)
+                .map_or(0, |status| status.last_seq.0);
+            let seal = fast
+                .then(|| engine.fast_seal(group, target.id))
+                .flatten()
+                .map(|sealed| FastSeal {
+                    regions: sealed.regions.map(|regions| {
+                        regions
+                            .into_iter()
+                            .map(|(volume, region)| (volume.0, region))
+                            .collect()
+                    }),
+                });
+            (last_seq, seal)
+        };
+        if fast && seal.is_none() {
+            return Err(call_off(SwitchError::NotReady));
+        }
         let command = Command::TransferGroup {
             group: record.group.clone(),
             from: self.site.clone(),
             to: target.site.clone(),
             expected_epoch: record.epoch,
             after_seq: last_seq,
-            migration,
+            migration: switch != Switch::Move,
+            fast: seal,
         };
         let index = match self.wait(control.execute(command)) {
             Ok((_, index)) => index,
@@ -827,8 +976,17 @@ impl Node {
         // before it applied the change waits there for it (it comes from
         // the site it still takes for the owner), so the pause need not
         // include the new owner's confirmation.
-        self.driver
-            .with_engine(|engine| engine.set_owner(group, target.id, Epoch(epoch)));
+        // A fast switchover's source answers the target's copies from now
+        // on (told before the owner, as every node's reconcile does).
+        let drain = metadata
+            .group_by_name(&record.group)
+            .and_then(|g| g.fast_drain.as_ref())
+            .and_then(|drain| crate::fast_drain::engine_drain(drain, &self.sites));
+        let owner = target.id;
+        self.driver.with_engine(|engine| {
+            engine.set_fast_drain(group, owner, drain);
+            engine.set_owner(group, owner, Epoch(epoch));
+        });
         let pause = held_at.elapsed();
         // The command still returns only once the new owner applied the
         // change, so that what is asked of it next (a write there, `volume
@@ -857,6 +1015,8 @@ enum Ended {
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
     streaming: bool,
+    /// Being resynced (connected, what it lacks known as regions).
+    resyncing: bool,
     bytes_left: u64,
     written_bytes: u64,
 }

@@ -305,6 +305,7 @@ fn open_node(
     let paths = stretch_storage::StartPaths {
         journal_dir: layout.journal(),
         resync_marks: layout.resync_marks(),
+        fast_drain_log: layout.fast_drain_log(),
         dirty_maps: sites
             .data_peers(&node.site)
             .into_iter()
@@ -360,27 +361,22 @@ fn open_node(
         crate::volumes::serve_in_engine(&mut engine, record, spec, owner);
         metrics.volumes.inc();
     }
-    // The epoch histories first: restoring the maps looks at them.
+    // The epoch histories first: restoring the maps looks at them. The
+    // drains' logs before the drains.
+    started.restore_fast_drain_log(&mut engine);
     if let Some(metadata) = &metadata {
         crate::failover::tell_epoch_histories(&mut engine, metadata);
+        crate::fast_drain::tell_fast_drains(&mut engine, metadata, &sites);
     }
     started.restore_maps(&mut engine);
     let journal = started.journal;
-    let dirty_maps = paths.dirty_maps;
     let legs: BTreeMap<VolumeId, Arc<Leg<OsFileSystem>>> = legs
         .into_iter()
         .map(|(id, leg)| (id, Arc::new(leg)))
         .collect();
-    let (driver, threads, outbox) = Driver::start(
-        engine,
-        legs,
-        journal,
-        metrics,
-        &node.name,
-        dirty_maps,
-        layout.resync_marks(),
-    )
-    .map_err(NodeError::Threads)?;
+    let (driver, threads, outbox) =
+        Driver::start(engine, legs, journal, metrics, &node.name, paths)
+            .map_err(NodeError::Threads)?;
     let node = Arc::new(Node {
         name: node.name.clone(),
         site: node.site.clone(),
@@ -575,6 +571,12 @@ pub async fn run_node(
         control.watch_applied(),
         stop_peers.subscribe(),
     ));
+    if multi_site {
+        control_tasks.spawn(crate::fast_drain::finish_fast_drains(
+            node.clone(),
+            stop_peers.subscribe(),
+        ));
+    }
     let listener = match node_config.nbd_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)

@@ -41,6 +41,14 @@ impl SiteTable {
             .any(|(site, role)| site == name && *role == SiteRole::Data)
     }
 
+    /// How many sites hold volume legs.
+    pub fn data_site_count(&self) -> usize {
+        self.sites
+            .iter()
+            .filter(|(_, role)| *role == SiteRole::Data)
+            .count()
+    }
+
     /// The data sites other than `local`.
     pub fn data_peers(&self, local: &str) -> Vec<SiteId> {
         self.sites

@@ -211,7 +211,14 @@ impl Node {
         let control = self.control()?.clone();
         let group = record.group_id();
         self.moving.lock().insert(group.0);
-        let result = self.switch_over(&control, &record, &target, MOVE_TIMEOUT, false, None);
+        let result = self.switch_over(
+            &control,
+            &record,
+            &target,
+            MOVE_TIMEOUT,
+            crate::migration::Switch::Move,
+            None,
+        );
         self.moving.lock().remove(&group.0);
         // Whatever happened, this node now follows the metadata.
         self.reconcile_now();
@@ -268,8 +275,10 @@ impl Node {
         self.cancel_stale_migrations(metadata);
         let moving = self.moving.lock().clone();
         let taking_over = self.taking_over.lock().clone();
-        self.driver
-            .with_engine(|engine| crate::failover::tell_epoch_histories(engine, metadata));
+        self.driver.with_engine(|engine| {
+            crate::failover::tell_epoch_histories(engine, metadata);
+            crate::fast_drain::tell_fast_drains(engine, metadata, &self.sites);
+        });
         for record in wanted.values() {
             let existing = self.volumes.lock().get(&record.name).cloned();
             match existing {

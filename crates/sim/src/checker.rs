@@ -806,6 +806,12 @@ impl Checker {
     }
 
     /// `write`: the record of write `version`, if there is one.
+    /// The version `sector` of `volume` showed at its owner's last judged
+    /// image (0: zeros, or never judged).
+    pub fn baseline(&self, volume: usize, sector: u64) -> u32 {
+        self.volumes[volume].baseline[sector as usize]
+    }
+
     fn version_could_be_here(
         &self,
         write: Option<&WriteRecord>,
@@ -893,21 +899,37 @@ impl Checker {
 
     /// A recovered owner: checks the decoded leg images of the volumes it
     /// owns (from [`Checker::decode_image`]) against what was acknowledged,
-    /// then makes them the new baseline.
+    /// then makes them the new baseline. `unknown`: per volume, sectors
+    /// whose newest image is not at this site yet (a fast migration's
+    /// target has not copied them): writes touching them are judged later
+    /// (when the copy ends), and what the legs show there is not judged.
     pub fn after_owner_recovery(
         &mut self,
         site: usize,
         visible: Vec<View>,
+        unknown: &BTreeMap<usize, Vec<std::ops::Range<u64>>>,
     ) -> Result<(), Violation> {
         let views: BTreeMap<usize, View> = visible
             .into_iter()
             .map(|view| (view.volume, view))
             .collect();
+        let is_unknown = |volume: usize, sectors: std::ops::Range<u64>| {
+            unknown.get(&volume).is_some_and(|ranges| {
+                ranges
+                    .iter()
+                    .any(|range| range.start < sectors.end && sectors.start < range.end)
+            })
+        };
         let judged: Vec<u32> = self
             .open
             .iter()
             .copied()
-            .filter(|id| self.volumes[self.writes[id].volume].setup.owner == site)
+            .filter(|id| {
+                let write = &self.writes[id];
+                self.volumes[write.volume].setup.owner == site
+                    && views.contains_key(&write.volume)
+                    && !is_unknown(write.volume, write.sectors())
+            })
             .collect();
         // G4: durable writes survive.
         for id in &judged {
@@ -926,12 +948,12 @@ impl Checker {
         let mut newest_issue: BTreeMap<u32, u64> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for (volume, view) in &views {
-            for (_, version) in view.runs() {
-                if !seen.insert(version) {
+            for (sector, version) in view.runs() {
+                if is_unknown(*volume, sector..sector + 1) || !seen.insert(version) {
                     continue;
                 }
                 let write = &self.writes[&version];
-                if write.finalized {
+                if write.finalized || is_unknown(write.volume, write.sectors()) {
                     continue;
                 }
                 if !self.present(&views, version) {
@@ -977,7 +999,7 @@ impl Checker {
         }
         // The recovered image is the owner's truth from now on; what it
         // lacks is gone for good.
-        self.adopt_image(judged, views, None);
+        self.adopt_image(judged, views, None, unknown);
         Ok(())
     }
 
@@ -1113,7 +1135,18 @@ impl Checker {
             self.volumes[*volume].setup.owner = to;
         }
         let now = self.tick();
-        Ok(self.adopt_image(judged, views, Some(now)))
+        Ok(self.adopt_image(judged, views, Some(now), &BTreeMap::new()))
+    }
+
+    /// A fast migration moved `group` to `to` before its image holds
+    /// everything: judged once its copy ends ([`Checker::after_handover`]).
+    pub fn owner_moved(&mut self, group: u32, to: usize) {
+        let volumes: Vec<usize> = (0..self.volumes.len())
+            .filter(|volume| self.volumes[*volume].setup.group == group)
+            .collect();
+        for volume in volumes {
+            self.volumes[volume].setup.owner = to;
+        }
     }
 
     /// A live migration switched `group` over to `to`, whose image (legs
@@ -1169,6 +1202,7 @@ impl Checker {
         judged: Vec<u32>,
         views: BTreeMap<usize, View>,
         failover_at: Option<u64>,
+        unknown: &BTreeMap<usize, Vec<std::ops::Range<u64>>>,
     ) -> u64 {
         let mut lost = 0;
         for id in judged {
@@ -1199,11 +1233,26 @@ impl Checker {
         self.remember_straddling(&views);
         for (volume, view) in views {
             let model = &mut self.volumes[volume];
-            model.baseline.clone_from(&view.versions);
-            model.sectors = view.versions;
+            let Some(ranges) = unknown.get(&volume) else {
+                model.baseline.clone_from(&view.versions);
+                model.sectors = view.versions;
+                model.undurable.clear();
+                self.maybe
+                    .retain(|(maybe_volume, _), _| *maybe_volume != volume);
+                continue;
+            };
+            // Sectors whose image is not here yet keep what the model
+            // expects of them, and the writes that may still show there.
+            let in_unknown = |sector: u64| ranges.iter().any(|range| range.contains(&sector));
+            for (sector, version) in view.versions.iter().enumerate() {
+                if !in_unknown(sector as u64) {
+                    model.baseline[sector] = *version;
+                    model.sectors[sector] = *version;
+                }
+            }
             model.undurable.clear();
             self.maybe
-                .retain(|(maybe_volume, _), _| *maybe_volume != volume);
+                .retain(|(maybe_volume, sector), _| *maybe_volume != volume || in_unknown(*sector));
         }
         lost
     }

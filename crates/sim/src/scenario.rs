@@ -107,6 +107,9 @@ pub struct Faults {
     /// group moves to another site in drain mode while it is written,
     /// under whatever faults the scenario draws.
     pub migration_per_second: f64,
+    /// The share of those migrations made in fast mode (ownership first,
+    /// the data the target lacks copied after). Two sites only.
+    pub fast_migration_share: f64,
 }
 
 /// The links between sites: one connection per pair of sites, messages of
@@ -251,6 +254,7 @@ impl Default for Faults {
             failover_per_second: 0.0,
             isolation_ms_max: 2_000,
             migration_per_second: 0.0,
+            fast_migration_share: 0.0,
         }
     }
 }
@@ -648,6 +652,11 @@ impl Scenario {
         if read_mostly && rng.chance(0.75) {
             self.engine.read_leases_max = rng.between(4, 24) as usize;
         }
+        // Last: in two-site seeds with migrations, none, half or all of
+        // them in fast mode.
+        if self.topology.sites == 2 && self.faults.migration_per_second > 0.0 {
+            self.faults.fast_migration_share = [0.0, 0.5, 1.0][rng.below(3) as usize];
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -702,6 +711,7 @@ impl Scenario {
             f.failover_per_second,
             f.migration_per_second,
             f.slow_disk_probability,
+            f.fast_migration_share,
         ];
         if rates.iter().any(|rate| !(*rate >= 0.0 && rate.is_finite())) {
             return Err("faults: rates and probabilities must be finite and >= 0".into());
@@ -752,6 +762,12 @@ impl Scenario {
         }
         if f.migration_per_second > 0.0 && self.sites() < 2 {
             return Err("faults.migration_per_second needs two or more sites".into());
+        }
+        if f.fast_migration_share > 1.0 {
+            return Err("faults.fast_migration_share is a share: 0 to 1".into());
+        }
+        if f.fast_migration_share > 0.0 && self.sites() != 2 {
+            return Err("faults.fast_migration_share needs exactly two sites".into());
         }
         if f.failover_per_second > 0.0 {
             if self.sites() < 2 {

@@ -17,8 +17,9 @@ use stretch_core::{
     SiteId, SiteMessage, Timestamp, VolumeId, VolumeSpec,
 };
 use stretch_storage::{
-    ContentMark, Journal, Leg, Regions as DirtyRegions, SimFileSystem, StartError, StartPaths,
-    apply_to_legs, save_dirty_map, save_resync_marks, start as start_from_disk,
+    ContentMark, DrainLog, Journal, Leg, Regions as DirtyRegions, SimFileSystem, StartError,
+    StartPaths, append_fast_drain_log, apply_to_legs, save_dirty_map, save_resync_marks,
+    start as start_from_disk,
 };
 
 use crate::checker::{
@@ -57,7 +58,7 @@ pub enum SimBug {
 }
 
 impl SimBug {
-    pub const ALL: [SimBug; 19] = [
+    pub const ALL: [SimBug; 20] = [
         SimBug::SkipJournalFsync,
         SimBug::EarlyTakeover,
         SimBug::TakeoverIgnoresImages,
@@ -77,6 +78,7 @@ impl SimBug {
         SimBug::Core(PlantedBug::ReadLeaseNeverExpires),
         SimBug::Core(PlantedBug::ReadLeaseWriteBeforeRevoked),
         SimBug::Core(PlantedBug::ReadLeaseForgottenOnRestart),
+        SimBug::Core(PlantedBug::FastDrainWritesUncopied),
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +106,7 @@ impl SimBug {
             SimBug::Core(PlantedBug::ReadLeaseForgottenOnRestart) => {
                 "read-lease-forgotten-on-restart"
             }
+            SimBug::Core(PlantedBug::FastDrainWritesUncopied) => "fast-drain-writes-uncopied",
         }
     }
 
@@ -167,6 +170,10 @@ pub struct Stats {
     pub migrations_started: u64,
     pub migrations: u64,
     pub migrations_gave_up: u64,
+    /// Fast migrations switched over, and those whose drain then ended
+    /// with every region copied.
+    pub fast_migrations: u64,
+    pub fast_drains_done: u64,
     pub switchovers_called_off: u64,
     pub migration_pause_max_ns: u64,
     /// How often each protocol decision was taken, over every site and
@@ -282,6 +289,8 @@ enum Event {
     /// Live migrations (see `migration`): one starting, a driver's look.
     MigrationStart,
     MigrationStep(u32),
+    /// A fast migration's drain: its target's driver looks at the copy.
+    FastDrainStep(u32),
     /// A migration's target applies the switchover (after its source).
     MigrationTargetLearns(usize),
 }
@@ -292,6 +301,7 @@ enum JournalOp {
     Sync(IoId),
     Release(JournalPosition),
     SaveResyncMarks(IoId, Vec<GroupId>),
+    SaveFastDrain(IoId, GroupId, Epoch, Vec<(VolumeId, u64)>),
 }
 
 #[derive(Debug)]
@@ -534,6 +544,10 @@ fn resync_marks_path() -> &'static Path {
     Path::new("/node/resync-marks")
 }
 
+fn fast_drain_log_path() -> &'static Path {
+    Path::new("/node/fast-drain-log")
+}
+
 /// Where a site keeps the map of regions site `peer` may lack.
 fn dirty_map_path(peer: SiteId) -> PathBuf {
     PathBuf::from(format!("/node/dirty-site-{peer}.map"))
@@ -767,6 +781,11 @@ impl<'a> Simulation<'a> {
         if !up || !self.net.links.iter().all(|link| link.healthy()) {
             return false;
         }
+        // A fast migration's target still copying what it lacks.
+        if (1..=self.scenario.topology.groups).any(|group| self.control.fast_drain(group).is_some())
+        {
+            return false;
+        }
         self.replication_settled()
     }
 
@@ -781,6 +800,11 @@ impl<'a> Simulation<'a> {
         }
         if !self.net.quiet() {
             return "messages still in flight".into();
+        }
+        if let Some(group) = (1..=self.scenario.topology.groups)
+            .find(|group| self.control.fast_drain(*group).is_some())
+        {
+            return format!("group {group}'s fast migration is still copying");
         }
         for (site, state) in self.sites.iter().enumerate() {
             let Some(node) = &state.node else {
@@ -953,7 +977,19 @@ impl<'a> Simulation<'a> {
         } else {
             0
         };
-        self.scenario.engine.backlog_wait_ms_max * MS + 500 * MS + disk_ns + slow_ns + read_lease_ns
+        // At a fast migration's target a write to a region not copied yet
+        // waits for the copy, or fails after the remote timeout.
+        let copy_ns = if self.drains_to(request.site, request.volume) {
+            self.scenario.engine.remote_timeout_ms * MS
+        } else {
+            0
+        };
+        self.scenario.engine.backlog_wait_ms_max * MS
+            + 500 * MS
+            + disk_ns
+            + slow_ns
+            + read_lease_ns
+            + copy_ns
     }
 
     /// Cheap invariants after every step.
@@ -1243,6 +1279,7 @@ impl<'a> Simulation<'a> {
             Event::Learn(site) => self.learn_after_isolation(site),
             Event::MigrationStart => self.migration_start(),
             Event::MigrationStep(group) => self.migration_step(group),
+            Event::FastDrainStep(group) => self.fast_drain_step(group),
             Event::MigrationTargetLearns(site) => self.learn_now(site),
         }
     }

@@ -13,6 +13,7 @@
 //!   marks), the same for the runtime and the simulator.
 
 mod dirty_map;
+mod fast_drain_log;
 mod filesystem;
 mod journal;
 mod leg;
@@ -23,6 +24,7 @@ mod start;
 mod volume;
 
 pub use dirty_map::{DirtyMapError, Regions, load_dirty_map, save_dirty_map};
+pub use fast_drain_log::{DrainLog, DrainLogError, append_fast_drain_log, load_fast_drain_log};
 pub use filesystem::{FileSystem, OsFileSystem, StorageFile};
 pub use journal::{Journal, JournalError, MAX_RECORD_BYTES, decode_record, encode_record};
 pub use leg::{Leg, LegError, apply_to_legs};

@@ -14,10 +14,12 @@
 //! 4. only then are the replayed segments deleted: from here on only the
 //!    maps name those regions;
 //! 5. the resync marks say which groups' legs were mid-resync (at no delta
-//!    boundary).
+//!    boundary), and the fast drain log which regions a fast migration's
+//!    target copied already.
 //!
 //! What comes out is handed to the engine: [`Started::state`] to
-//! `Engine::new`, [`Started::restore_maps`] once its volumes and owners are
+//! `Engine::new`, [`Started::restore_fast_drain_log`] before it learns who
+//! owns what, [`Started::restore_maps`] once its volumes and owners are
 //! known.
 
 use std::collections::BTreeMap;
@@ -27,8 +29,9 @@ use std::sync::Arc;
 use stretch_core::{Engine, RecoveredState, SiteId, VolumeId};
 
 use crate::{
-    DirtyMapError, FileSystem, Journal, JournalError, Leg, Recovery, RecoveryError, Regions,
-    ResyncMarksError, load_dirty_map, load_resync_marks, recover, save_dirty_map,
+    DirtyMapError, DrainLog, DrainLogError, FileSystem, Journal, JournalError, Leg, Recovery,
+    RecoveryError, Regions, ResyncMarksError, load_dirty_map, load_fast_drain_log,
+    load_resync_marks, recover, save_dirty_map,
 };
 
 /// Where a node keeps what [`start`] reads.
@@ -36,6 +39,7 @@ use crate::{
 pub struct StartPaths {
     pub journal_dir: PathBuf,
     pub resync_marks: PathBuf,
+    pub fast_drain_log: PathBuf,
     /// Per other data site, its map of the regions it may lack.
     pub dirty_maps: BTreeMap<SiteId, PathBuf>,
 }
@@ -52,6 +56,8 @@ pub struct Started<F: FileSystem> {
     /// Per other site: its saved map with the replayed regions merged in,
     /// or `None` if none was ever saved (it may lack anything).
     pub dirty_maps: BTreeMap<SiteId, Option<Regions>>,
+    /// The regions fast drains copied here, by group and epoch.
+    pub fast_drain_log: DrainLog,
 }
 
 impl<F: FileSystem> std::fmt::Debug for Started<F> {
@@ -61,6 +67,7 @@ impl<F: FileSystem> std::fmt::Debug for Started<F> {
             .field("recovery", &self.recovery)
             .field("state", &self.state)
             .field("dirty_maps", &self.dirty_maps)
+            .field("fast_drain_log", &self.fast_drain_log)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +77,14 @@ impl<F: FileSystem> Started<F> {
     pub fn restore_maps(&self, engine: &mut Engine) {
         for (peer, saved) in &self.dirty_maps {
             engine.restore_dirty_map(*peer, saved.clone(), &self.recovery.replayed_regions);
+        }
+    }
+
+    /// Tells `engine` what its fast drains copied, before it learns which
+    /// drains run.
+    pub fn restore_fast_drain_log(&self, engine: &mut Engine) {
+        for ((group, epoch), regions) in &self.fast_drain_log {
+            engine.restore_fast_drain_log(*group, *epoch, regions.clone());
         }
     }
 }
@@ -88,6 +103,8 @@ pub enum StartError {
     SaveMap(DirtyMapError),
     #[error(transparent)]
     ResyncMarks(#[from] ResyncMarksError),
+    #[error(transparent)]
+    FastDrainLog(#[from] DrainLogError),
 }
 
 /// Runs the start sequence (see the module docs) on `legs`, opened by the
@@ -114,6 +131,7 @@ pub fn start<F: FileSystem>(
     }
     journal.discard_replayed(&recovery.stale_segments)?;
     let resyncing = load_resync_marks(fs.as_ref(), &paths.resync_marks)?;
+    let fast_drain_log = load_fast_drain_log(fs.as_ref(), &paths.fast_drain_log)?;
     let state = RecoveredState {
         next_position: recovery.next_position,
         next_seq: recovery.next_seq.clone(),
@@ -126,6 +144,7 @@ pub fn start<F: FileSystem>(
         recovery,
         state,
         dirty_maps,
+        fast_drain_log,
     })
 }
 
@@ -159,6 +178,7 @@ mod tests {
         StartPaths {
             journal_dir: root.join("journal"),
             resync_marks: root.join("resync.marks"),
+            fast_drain_log: root.join("fast-drain-log"),
             dirty_maps: BTreeMap::from([(SiteId(2), root.join("dirty-b.map"))]),
         }
     }

@@ -630,6 +630,11 @@ impl Engine {
         let Some(spec) = self.volume(volume) else {
             return false;
         };
+        if self.fast_drain_copying(spec.group) {
+            // Which regions the sealed epoch's tail wrote is not known
+            // here until the drain ends.
+            return false;
+        }
         let group = spec.group;
         let region_bytes = self.config.region_blocks * BLOCK_SIZE as u64;
         let volume_regions = spec.size.div_ceil(region_bytes);

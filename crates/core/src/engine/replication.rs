@@ -46,6 +46,7 @@
 use super::*;
 
 mod failover;
+mod fast_drain;
 mod owner;
 mod replica;
 mod ship_window;
@@ -53,6 +54,7 @@ mod ship_window;
 use ship_window::ShipWindow;
 
 pub use failover::EpochStart;
+pub use fast_drain::{FAST_DRAIN_REGIONS_MAX, FastDrain, FastDrainProgress, SealedGroup};
 
 /// Requests the engine issues itself (forwarded from other sites, resync
 /// reads) are numbered from here; drivers number theirs below it.
@@ -185,6 +187,11 @@ pub(super) struct Replication {
     /// [`Engine::set_owner`]). At most [`AWAITING_OWNERSHIP_MAX`].
     awaiting_ownership: BTreeMap<GroupId, VecDeque<AwaitingOwnership>>,
     awaiting_ownership_count: usize,
+    /// Fast migrations this site is the source or target of, by group.
+    fast_drains: BTreeMap<GroupId, fast_drain::DrainRole>,
+    /// Regions a drain logged as copied before a restart, by group and the
+    /// epoch of its switchover, until [`Engine::set_fast_drain`] takes them.
+    fast_drain_logged: BTreeMap<(GroupId, Epoch), BTreeSet<(VolumeId, u64)>>,
 }
 
 /// A request that reached the new owner of a group before the change of
@@ -409,6 +416,12 @@ enum Internal {
         generation: u64,
         stale: bool,
     },
+    /// A region of a drain whose loss was accepted, read from this site's
+    /// own image to be written again as a delta (see `fast_drain`).
+    DrainCopy {
+        group: GroupId,
+        region: (VolumeId, u64),
+    },
 }
 
 impl Replication {
@@ -559,7 +572,9 @@ impl Engine {
         let origin = match self.replication.internal.get(&request) {
             None => self.config.site,
             Some(Internal::Forward { peer, .. }) => *peer,
-            Some(Internal::Read { .. } | Internal::ResyncRead { .. }) => return,
+            Some(
+                Internal::Read { .. } | Internal::ResyncRead { .. } | Internal::DrainCopy { .. },
+            ) => return,
         };
         self.count_request_from(group, origin);
     }
@@ -641,17 +656,7 @@ impl Engine {
             return false;
         };
         let last = DeltaSeq(state.next_seq.0 - 1);
-        let in_group = |volume: VolumeId| {
-            self.volumes
-                .get(&volume)
-                .is_some_and(|v| v.spec.group == group)
-        };
-        let busy = self
-            .pending
-            .values()
-            .any(|pending| !matches!(pending, Pending::Read(_)) && in_group(pending.volume()))
-            || self.throttled.iter().any(|write| in_group(write.volume))
-            || self.read_leases.holds_writes_of(group);
+        let busy = self.group_writes_in_flight(group);
         let caught_up = self
             .replication
             .outbound
@@ -662,6 +667,21 @@ impl Engine {
             && state.open.blocks.is_empty()
             && !busy
             && caught_up
+    }
+
+    /// True if a write, flush or trim of `group` is in flight here (taking
+    /// its blocks, waiting for cache room, or for read leases to end).
+    pub(super) fn group_writes_in_flight(&self, group: GroupId) -> bool {
+        let in_group = |volume: VolumeId| {
+            self.volumes
+                .get(&volume)
+                .is_some_and(|v| v.spec.group == group)
+        };
+        self.pending
+            .values()
+            .any(|pending| !matches!(pending, Pending::Read(_)) && in_group(pending.volume()))
+            || self.throttled.iter().any(|write| in_group(write.volume))
+            || self.read_leases.holds_writes_of(group)
     }
 
     /// Calls a hand-over off: held requests are served here.
@@ -759,6 +779,7 @@ impl Engine {
             if !was_owner {
                 self.serve_remote_reads_here(group);
             }
+            self.pump_fast_drain(group);
             self.learn_lease_knowledge(group, previous_owner.filter(|previous| *previous != site));
             return;
         }
@@ -819,6 +840,7 @@ impl Engine {
         for group in replicated {
             self.send_resume(group);
         }
+        self.fast_drains_peer_changed(peer, true);
     }
 
     /// The connection to `peer` is gone: whatever was in flight on it may
@@ -848,6 +870,7 @@ impl Engine {
             self.fold_absent_peers();
         }
         self.retire_shipped();
+        self.fast_drains_peer_changed(peer, false);
     }
 
     /// A message from the engine at site `from`. Messages are checked
@@ -954,7 +977,11 @@ impl Engine {
             SiteMessage::ReadRequest { id, request, have } => {
                 self.receive_read_request(from, id, request, have)
             }
-            SiteMessage::ReadReply { id, result } => self.receive_read_reply(id, result),
+            SiteMessage::ReadReply { id, result } => {
+                if !self.receive_fast_drain_copy(id, &result) {
+                    self.receive_read_reply(id, result);
+                }
+            }
             SiteMessage::Forward { id, request } => self.receive_forward(from, id, request),
             SiteMessage::LeaseRequest {
                 id,
@@ -1064,6 +1091,7 @@ impl Engine {
         if std::mem::take(&mut self.replication.marks_stale) {
             self.save_resync_marks(None);
         }
+        self.fast_drains_marked();
         // Chunks (and what followed them) held for a mark now saved.
         let ready: Vec<GroupId> = self
             .replication

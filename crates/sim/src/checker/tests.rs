@@ -145,12 +145,12 @@ fn a_flushed_write_lost_in_the_owners_crash_breaks_g4() {
     let mut checker = checker(false);
     let id = acked_write(&mut checker, 1, 0, 0, 2);
     flush(&mut checker, 2, 0);
-    let lost = checker.after_owner_recovery(0, vec![view(0, &[0; 16])]);
+    let lost = checker.after_owner_recovery(0, vec![view(0, &[0; 16])], &BTreeMap::new());
     assert_eq!(guarantee(lost), "G4");
     let mut kept = checker_with_flushed_write();
     let mut versions = vec![0; 16];
     versions[..2].copy_from_slice(&[id, id]);
-    kept.after_owner_recovery(0, vec![view(0, &versions)])
+    kept.after_owner_recovery(0, vec![view(0, &versions)], &BTreeMap::new())
         .expect("the flushed write survived");
 }
 
@@ -166,7 +166,7 @@ fn an_unflushed_write_may_be_lost_but_then_stays_lost() {
     let mut checker = checker(false);
     let id = acked_write(&mut checker, 1, 0, 0, 2);
     checker
-        .after_owner_recovery(0, vec![view(0, &[0; 16])])
+        .after_owner_recovery(0, vec![view(0, &[0; 16])], &BTreeMap::new())
         .expect("an unflushed write may be lost in a crash");
     // The model follows the recovered image: a later read of zeros is right.
     read(&mut checker, 2, 0, zeros(2)).expect("zeros after the loss");
@@ -186,7 +186,7 @@ fn a_write_surviving_only_in_part_breaks_g3() {
     let mut versions = vec![0; 16];
     versions[0] = id;
     assert_eq!(
-        guarantee(checker.after_owner_recovery(0, vec![view(0, &versions)])),
+        guarantee(checker.after_owner_recovery(0, vec![view(0, &versions)], &BTreeMap::new())),
         "G3"
     );
 }
@@ -205,7 +205,11 @@ fn a_later_write_surviving_an_earlier_lost_one_of_the_group_breaks_g3() {
     let (mut checker, _, second) = two_writes_of_one_group();
     let mut later = vec![0; 16];
     later[4] = second;
-    let reordered = checker.after_owner_recovery(0, vec![view(0, &[0; 16]), view(1, &later)]);
+    let reordered = checker.after_owner_recovery(
+        0,
+        vec![view(0, &[0; 16]), view(1, &later)],
+        &BTreeMap::new(),
+    );
     assert_eq!(guarantee(reordered), "G3");
     let (mut checker, first, second) = two_writes_of_one_group();
     let mut earlier = vec![0; 16];
@@ -213,7 +217,11 @@ fn a_later_write_surviving_an_earlier_lost_one_of_the_group_breaks_g3() {
     let mut later = vec![0; 16];
     later[4] = second;
     checker
-        .after_owner_recovery(0, vec![view(0, &earlier), view(1, &later)])
+        .after_owner_recovery(
+            0,
+            vec![view(0, &earlier), view(1, &later)],
+            &BTreeMap::new(),
+        )
         .expect("both writes, in order");
 }
 

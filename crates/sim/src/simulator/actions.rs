@@ -46,6 +46,14 @@ impl Simulation<'_> {
                 Action::SaveResyncMarks { io, groups } => {
                     self.queue_journal(site, JournalOp::SaveResyncMarks(io, groups));
                 }
+                Action::SaveFastDrain {
+                    io,
+                    group,
+                    epoch,
+                    regions,
+                } => {
+                    self.queue_journal(site, JournalOp::SaveFastDrain(io, group, epoch, regions));
+                }
                 Action::WriteLeg { io, blocks, .. } => {
                     self.queue_leg(site, LegOp::Write(io, blocks))
                 }
@@ -133,13 +141,15 @@ impl Simulation<'_> {
                 }
             };
             self.checker.on_snapshot_reply(request.0, answer)
-        } else if (tracked.remote || tracked.may_fail)
+        } else if (tracked.remote || tracked.may_fail || self.drains_to(site, tracked.volume))
             && !tracked.write
             && matches!(result, Err(RequestError::Io(_)))
         {
             // The owner did not answer in time (or could not be reached):
             // allowed at a site that does not own the volume, and counted;
-            // or the site's lease ran out while it was cut off.
+            // or the site's lease ran out while it was cut off; or the
+            // site is a fast migration's target and the source did not
+            // answer for a region it has not copied yet.
             self.stats.remote_failures += 1;
             self.checker.on_allowed_failure(request.0);
             Ok(())
@@ -239,6 +249,25 @@ impl Simulation<'_> {
                         )
                     });
             }
+            JournalOp::SaveFastDrain(io, group, epoch, regions) => {
+                let result =
+                    append_fast_drain_log(&fs, fast_drain_log_path(), group, epoch, &regions)
+                        .map_err(|error| error.to_string());
+                let ok = result.is_ok();
+                node.engine.fast_drain_saved(io, result);
+                self.trace.record(
+                    self.now,
+                    Some(site),
+                    &[16, io.0, group.0 as u64, regions.len() as u64, ok as u64],
+                    || {
+                        format!(
+                            "fast drain of group {group} logged {} regions: {}",
+                            regions.len(),
+                            if ok { "ok" } else { "FAILED" }
+                        )
+                    },
+                );
+            }
             JournalOp::Release(upto) => {
                 let ok = node.journal.release(upto).is_ok();
                 self.trace
@@ -309,5 +338,13 @@ impl Simulation<'_> {
             self.start_device(site, Event::LegOpDone { site, generation });
         }
         self.dispatch(site);
+    }
+
+    /// True if `site` is the target of a running fast migration of the
+    /// group of `volume` (by the authority: the drain is running now).
+    pub(super) fn drains_to(&self, site: usize, volume: usize) -> bool {
+        self.control
+            .fast_drain(self.group_of(volume))
+            .is_some_and(|drain| super::ownership::site_index(&drain.to) == site)
     }
 }

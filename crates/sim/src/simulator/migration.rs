@@ -24,9 +24,9 @@ use std::collections::VecDeque;
 
 use stretch_control::SwitchPoint;
 use stretch_core::BLOCK_SIZE;
-use stretch_metadata::Command;
+use stretch_metadata::{Command, FastDrain, FastSeal};
 
-use super::ownership::{group_name, site_name};
+use super::ownership::{group_name, site_index, site_name};
 use super::*;
 
 /// How often a migration's driver looks at the target's progress.
@@ -59,6 +59,9 @@ pub(super) struct Migration {
     holding_since: Option<u64>,
     /// (time, bytes the target applied) samples, for the drain rate.
     samples: VecDeque<(u64, u64)>,
+    /// Fast mode: ownership moves as soon as the writes are held, and the
+    /// target copies what it lacks afterwards (see `fast_drain_step`).
+    fast: bool,
 }
 
 impl Simulation<'_> {
@@ -89,14 +92,25 @@ impl Simulation<'_> {
             return;
         }
         let to = targets[self.migration_rng.below(targets.len() as u64) as usize];
+        let share = self.scenario.faults.fast_migration_share;
+        // No draw without fast migrations: such runs stay as they were.
+        let fast = share > 0.0 && self.migration_rng.chance(share);
         let Some(epoch) = self.control.begin_move(group, to) else {
             return;
         };
         self.stats.migrations_started += 1;
-        self.trace
-            .record(self.now, Some(from), &[60, group as u64, to as u64], || {
-                format!("MIGRATION of group {group} to site {} begins", to + 1)
-            });
+        self.trace.record(
+            self.now,
+            Some(from),
+            &[60, group as u64, to as u64, fast as u64],
+            || {
+                let mode = if fast { "fast" } else { "drain" };
+                format!(
+                    "MIGRATION of group {group} to site {} begins ({mode} mode)",
+                    to + 1
+                )
+            },
+        );
         let step = self.scenario.engine.delta_interval_ms.max(1);
         let timeout_ms = self.migration_rng.between(TIMEOUT_MS_MIN, TIMEOUT_MS_MAX);
         self.migrations.insert(
@@ -110,6 +124,7 @@ impl Simulation<'_> {
                 deadline: self.now + timeout_ms * MS,
                 holding_since: None,
                 samples: VecDeque::new(),
+                fast,
             },
         );
         self.schedule(self.now + step * MS, Event::MigrationStep(group));
@@ -220,7 +235,15 @@ impl Simulation<'_> {
             bytes_min: self.scenario.engine.delta_max_bytes,
         };
         let streaming = peer.state == stretch_core::PeerState::Streaming;
-        if !point.reached(streaming, bytes_left, drain_rate) {
+        // Fast mode moves ownership at once; the target only has to stream
+        // or be resynced (what it lacks is then known: the regions of the
+        // deltas it has not applied and those its resync has not copied).
+        let reached = if migration.fast {
+            streaming || peer.state == stretch_core::PeerState::Resyncing
+        } else {
+            point.reached(streaming, bytes_left, drain_rate)
+        };
+        if !reached {
             return false;
         }
         if node.engine.hand_over(now, group).is_err() {
@@ -258,7 +281,11 @@ impl Simulation<'_> {
             return false;
         };
         let early = self.options.bug == Some(SimBug::MigrationSwitchesEarly);
-        let ready = early || node.engine.hand_over_ready(group, target);
+        let ready = if migration.fast {
+            node.engine.fast_hand_over_ready(group, target)
+        } else {
+            early || node.engine.hand_over_ready(group, target)
+        };
         if !(ready && reaches_voters && target_up) {
             if self.now - since > HOLD_MS_MAX * MS {
                 node.engine.cancel_hand_over(now, group);
@@ -275,6 +302,12 @@ impl Simulation<'_> {
             }
             return false;
         }
+        if migration.fast {
+            let Some(sealed) = node.engine.fast_seal(group, target) else {
+                panic!("simulator invariant: a group ready for a fast switchover seals");
+            };
+            return self.fast_switch_over(migration, since, sealed.last.0, sealed.regions);
+        }
         let last_seq = node
             .engine
             .replication_status()
@@ -288,7 +321,7 @@ impl Simulation<'_> {
                 return true;
             }
         };
-        self.control.switch_over(migration, last_seq);
+        self.control.switch_over(migration, last_seq, None);
         if let Err(violation) = self
             .checker
             .after_handover(migration.group, migration.to, views)
@@ -312,13 +345,18 @@ impl Simulation<'_> {
                 )
             },
         );
-        // As the node does: the source applies the switchover at once and
-        // sends the held writes on; the target and the other sites apply
-        // it up to TARGET_LEARNS_MS_MAX later, each in its own time (held
-        // writes and strict reads that reach the target before wait there
-        // for it; a third site meanwhile still takes the source for the
-        // owner, and may hold read leases the source granted). A site cut
-        // off from the voters learns when it returns.
+        self.learn_switchover(from);
+        true
+    }
+
+    /// As the node does: the source applies a switchover at once and sends
+    /// the held writes on; the target and the other sites apply it up to
+    /// TARGET_LEARNS_MS_MAX later, each in its own time (held writes and
+    /// strict reads that reach the target before wait there for it; a
+    /// third site meanwhile still takes the source for the owner, and may
+    /// hold read leases the source granted). A site cut off from the
+    /// voters learns when it returns.
+    fn learn_switchover(&mut self, from: usize) {
         self.learn_now(from);
         for site in 0..self.sites.len() {
             if site != from && self.control.isolated() != Some(site) {
@@ -326,7 +364,95 @@ impl Simulation<'_> {
                 self.schedule(self.now + delay, Event::MigrationTargetLearns(site));
             }
         }
+    }
+
+    /// A fast switchover: the target owns the group from the seal on and
+    /// copies what it lacks. Judged once the copy ends (`fast_drain_step`):
+    /// the target's image must then hold every write the group accepted.
+    fn fast_switch_over(
+        &mut self,
+        migration: &Migration,
+        since: u64,
+        last_seq: u64,
+        regions: Option<Vec<(VolumeId, u64)>>,
+    ) -> bool {
+        let count = regions
+            .as_ref()
+            .map_or(u64::MAX, |regions| regions.len() as u64);
+        let regions = regions.map(|regions| {
+            regions
+                .into_iter()
+                .map(|(volume, region)| (volume.0, region))
+                .collect()
+        });
+        self.control.switch_over(migration, last_seq, Some(regions));
+        self.checker.owner_moved(migration.group, migration.to);
+        let pause = self.now - since;
+        self.stats.migrations += 1;
+        self.stats.fast_migrations += 1;
+        self.stats.migration_pause_max_ns = self.stats.migration_pause_max_ns.max(pause);
+        self.trace.record(
+            self.now,
+            Some(migration.to),
+            &[65, migration.group as u64, last_seq, count],
+            || {
+                format!(
+                    "MIGRATION of group {} switched over to site {} after delta {last_seq} (fast: {} regions to copy); writes held {} ms",
+                    migration.group,
+                    migration.to + 1,
+                    if count == u64::MAX { "every".to_string() } else { count.to_string() },
+                    pause / MS
+                )
+            },
+        );
+        self.learn_switchover(migration.from);
+        self.schedule(
+            self.now + STEP_MS * MS,
+            Event::FastDrainStep(migration.group),
+        );
         true
+    }
+
+    /// One look of a fast migration's driver at its target: once every
+    /// region is copied it commits the drain's end, and the target's image
+    /// is judged as a drain-mode switchover's is (G3, G4). A drain a
+    /// failover ended (the record is gone) is over here.
+    pub(super) fn fast_drain_step(&mut self, group: u32) {
+        let Some(drain) = self.control.fast_drain(group) else {
+            return;
+        };
+        let to = site_index(&drain.to);
+        let reaches_voters = self.control.isolated() != Some(to);
+        let done = self.sites[to].node.as_ref().is_some_and(|node| {
+            node.engine
+                .fast_drain_progress(GroupId(group))
+                .is_some_and(|progress| progress.regions_left == 0)
+        });
+        if !(done && reaches_voters) {
+            self.schedule(self.now + STEP_MS * MS, Event::FastDrainStep(group));
+            return;
+        }
+        let views = match self.image_of(to, group) {
+            Ok(views) => views,
+            Err(violation) => {
+                self.fail(violation);
+                return;
+            }
+        };
+        self.control.end_fast_drain(group, drain.epoch);
+        if let Err(violation) = self.checker.after_handover(group, to, views) {
+            self.fail(violation);
+            return;
+        }
+        self.stats.fast_drains_done += 1;
+        self.trace
+            .record(self.now, Some(to), &[66, group as u64], || {
+                format!(
+                    "MIGRATION of group {group}: site {} copied every region it lacked",
+                    to + 1
+                )
+            });
+        self.learn_switchover(to);
     }
 }
 
@@ -363,8 +489,14 @@ impl super::ownership::Control {
     }
 
     /// Commits the switchover: `to` owns the group at the next epoch,
-    /// after `last_seq`.
-    fn switch_over(&mut self, migration: &Migration, last_seq: u64) {
+    /// after `last_seq`; in fast mode (`fast_regions` set), copying the
+    /// regions named (`None`: every one).
+    fn switch_over(
+        &mut self,
+        migration: &Migration,
+        last_seq: u64,
+        fast_regions: Option<Option<Vec<(u32, u64)>>>,
+    ) {
         let command = Command::TransferGroup {
             group: group_name(migration.group),
             from: site_name(migration.from),
@@ -372,9 +504,27 @@ impl super::ownership::Control {
             expected_epoch: migration.epoch,
             after_seq: last_seq,
             migration: true,
+            fast: fast_regions.map(|regions| FastSeal { regions }),
         };
         if let Err(error) = self.apply_ownership_change(&command, migration.to, migration.group) {
             panic!("simulator invariant: the switchover applies ({command}): {error}");
+        }
+    }
+
+    /// The drain of `group`'s fast migration, if one runs.
+    pub(super) fn fast_drain(&self, group: u32) -> Option<FastDrain> {
+        self.authority().groups.get(&group)?.fast_drain.clone()
+    }
+
+    /// Commits the end of `group`'s drain (its target copied everything).
+    fn end_fast_drain(&mut self, group: u32, epoch: u64) {
+        let command = Command::EndFastDrain {
+            group: group_name(group),
+            expected_epoch: epoch,
+            accept_loss: false,
+        };
+        if let Err(error) = self.apply_unversioned(&command) {
+            panic!("simulator invariant: a running drain can end ({command}): {error}");
         }
     }
 }

@@ -83,7 +83,7 @@ pub(super) fn group_name(group: u32) -> String {
     format!("g{group}")
 }
 
-fn site_index(name: &str) -> usize {
+pub(super) fn site_index(name: &str) -> usize {
     name.strip_prefix('s')
         .and_then(|number| number.parse::<usize>().ok())
         .and_then(|number| number.checked_sub(1))
@@ -112,6 +112,22 @@ fn epoch_history(group: &stretch_metadata::Group) -> Vec<EpochStart> {
 fn tell_group(engine: &mut Engine, group: &stretch_metadata::Group) {
     engine.set_epoch_history(GroupId(group.id), epoch_history(group));
     let owner = SiteId(site_index(&group.owner) as u32 + 1);
+    let site_id = |name: &str| SiteId(site_index(name) as u32 + 1);
+    let drain = group
+        .fast_drain
+        .as_ref()
+        .map(|drain| stretch_core::FastDrain {
+            source: site_id(&drain.from),
+            target: site_id(&drain.to),
+            epoch: Epoch(drain.epoch),
+            regions: drain.regions.as_ref().map(|regions| {
+                regions
+                    .iter()
+                    .map(|(volume, region)| (VolumeId(*volume), *region))
+                    .collect()
+            }),
+        });
+    engine.set_fast_drain(GroupId(group.id), owner, drain);
     engine.set_owner(GroupId(group.id), owner, Epoch(group.epoch));
 }
 
@@ -564,11 +580,9 @@ impl Simulation<'_> {
             .groups
             .values()
             .filter(|group| {
-                before
-                    .0
-                    .groups
-                    .get(&group.id)
-                    .is_none_or(|known| known.epoch != group.epoch)
+                before.0.groups.get(&group.id).is_none_or(|known| {
+                    known.epoch != group.epoch || known.fast_drain != group.fast_drain
+                })
             })
             .cloned()
             .collect();

@@ -109,6 +109,7 @@ impl Simulation<'_> {
         let paths = StartPaths {
             journal_dir: journal_dir().to_path_buf(),
             resync_marks: resync_marks_path().to_path_buf(),
+            fast_drain_log: fast_drain_log_path().to_path_buf(),
             dirty_maps: peers
                 .into_iter()
                 .map(|peer| (peer, dirty_map_path(peer)))
@@ -125,7 +126,11 @@ impl Simulation<'_> {
             Ok(started) => started,
             // A map or the marks unreadable after a crash: their saves are
             // meant to be atomic.
-            Err(error @ (StartError::LoadMap(_) | StartError::ResyncMarks(_))) => {
+            Err(
+                error @ (StartError::LoadMap(_)
+                | StartError::ResyncMarks(_)
+                | StartError::FastDrainLog(_)),
+            ) => {
                 self.fail(Violation {
                     guarantee: "G3",
                     detail: format!("site {}: {error}", site + 1),
@@ -141,7 +146,7 @@ impl Simulation<'_> {
                 return false;
             }
         };
-        if !fresh && let Err(violation) = self.check_recovered(site) {
+        if !fresh && let Err(violation) = self.check_recovered(site, &started.fast_drain_log) {
             self.fail(violation);
             return true;
         }
@@ -170,6 +175,7 @@ impl Simulation<'_> {
             );
         }
         if self.multi() {
+            started.restore_fast_drain_log(&mut engine);
             self.tell_ownership(site, &mut engine);
             // What each other site may lack: its saved map, with what the
             // journal replayed.
@@ -188,10 +194,15 @@ impl Simulation<'_> {
         if !fresh && self.multi() {
             // A site whose legs were mid-resync must say so after its
             // restart (its snapshot reads are refused until it is whole).
+            // (Not one it owns now: a fast migration made it the owner
+            // while it was mid-resync, and its drain holds back every read
+            // of what it lacks.)
             let exempt: Vec<u32> = self
                 .resyncing
                 .iter()
-                .filter(|(at, _)| *at == site)
+                .filter(|(at, group)| {
+                    *at == site && self.control.owner_known_at(site, *group) != site
+                })
                 .map(|(_, group)| *group)
                 .collect();
             for group in exempt {
@@ -213,11 +224,17 @@ impl Simulation<'_> {
     /// After a recovery: the owner's legs against what it acknowledged, the
     /// other groups' legs as whole-delta prefixes, and the site-loss check
     /// this site may be part of.
-    pub(super) fn check_recovered(&mut self, site: usize) -> Result<(), Violation> {
+    pub(super) fn check_recovered(
+        &mut self,
+        site: usize,
+        drain_log: &DrainLog,
+    ) -> Result<(), Violation> {
         let volumes = self.scenario.topology.volumes as usize;
         let mut owned = Vec::new();
         let mut replicated = Vec::new();
         let mut all = Vec::new();
+        let draining = self.draining_images(site, drain_log)?;
+        let mut unknown: BTreeMap<usize, Vec<std::ops::Range<u64>>> = BTreeMap::new();
         for volume in 0..volumes {
             let at_owner = self.owner_of_volume(volume) == site;
             // Holds deltas a failover lost until the new owner's resync
@@ -228,15 +245,51 @@ impl Simulation<'_> {
                     .control
                     .diverged
                     .contains(&(site, self.group_of(volume)));
-            let decoded = self.sites[site]
-                .decoded_leg(volume)
-                .map(|sectors| self.checker.check_decoded(volume, sectors, at_owner))
-                .unwrap_or_else(|| {
-                    Err(Violation {
-                        guarantee: "G3",
-                        detail: format!("the leg of volume {volume} is gone after recovery"),
-                    })
-                });
+            let drain = draining.get(&self.group_of(volume)).filter(|_| at_owner);
+            let decoded = match drain {
+                None => self.sites[site]
+                    .decoded_leg(volume)
+                    .map(|sectors| self.checker.check_decoded(volume, sectors, at_owner)),
+                Some(drain) => self.sites[site].decoded_leg(volume).map(|sectors| {
+                    let mut sectors = sectors.to_vec();
+                    let sectors_per_region =
+                        self.scenario.engine.region_blocks * (BLOCK_SIZE as u64 / SECTOR_BYTES);
+                    // A fast migration's target: the regions it has not
+                    // copied yet are judged as the source holds them (what
+                    // the copy brings); with the source down, not judged
+                    // now (the drain's end judges them), and taken as the
+                    // last judged image meanwhile.
+                    for region in drain.regions.iter().filter(|(v, _)| *v == volume) {
+                        let first = region.1 * sectors_per_region;
+                        let end = (first + sectors_per_region).min(sectors.len() as u64);
+                        if first >= end {
+                            continue;
+                        }
+                        let range = first as usize..end as usize;
+                        match drain.source_views.get(&volume) {
+                            Some(source) => {
+                                for sector in range {
+                                    sectors[sector] = Some(source.versions[sector]);
+                                }
+                            }
+                            None => {
+                                for sector in range {
+                                    sectors[sector] =
+                                        Some(self.checker.baseline(volume, sector as u64));
+                                }
+                                unknown.entry(volume).or_default().push(first..end);
+                            }
+                        }
+                    }
+                    self.checker.check_decoded(volume, &sectors, at_owner)
+                }),
+            };
+            let decoded = decoded.unwrap_or_else(|| {
+                Err(Violation {
+                    guarantee: "G3",
+                    detail: format!("the leg of volume {volume} is gone after recovery"),
+                })
+            });
             let versions = match decoded {
                 Ok(versions) => versions,
                 Err(violation) if !at_owner => {
@@ -270,11 +323,84 @@ impl Simulation<'_> {
             }
         }
         if !owned.is_empty() {
-            self.checker.after_owner_recovery(site, owned)?;
+            self.checker.after_owner_recovery(site, owned, &unknown)?;
         }
         if !replicated.is_empty() {
             self.checker.after_replica_recovery(site, replicated)?;
         }
         self.site_loss_recovered(site, &all)
     }
+
+    /// The groups `site` (just restarted) drains as a fast migration's
+    /// target, by the authority (the site may not have applied the
+    /// switchover yet; the checker takes it for the owner from the
+    /// commit): the regions it still lacks (the drain's less those its log
+    /// names) and, if the source is up, the source's image of the group's
+    /// volumes.
+    fn draining_images(
+        &self,
+        site: usize,
+        drain_log: &DrainLog,
+    ) -> Result<BTreeMap<u32, DrainImage>, Violation> {
+        let mut draining = BTreeMap::new();
+        let region_blocks = self.scenario.engine.region_blocks;
+        let regions_per_volume = self
+            .scenario
+            .topology
+            .volume_bytes
+            .div_ceil(region_blocks * BLOCK_SIZE as u64);
+        for group in 1..=self.scenario.topology.groups {
+            let Some(drain) = self.control.fast_drain(group) else {
+                continue;
+            };
+            if super::ownership::site_index(&drain.to) != site {
+                continue;
+            }
+            let logged = drain_log
+                .get(&(GroupId(group), Epoch(drain.epoch)))
+                .cloned()
+                .unwrap_or_default();
+            let named: Vec<(u32, u64)> = match &drain.regions {
+                Some(regions) => regions.clone(),
+                None => (0..self.scenario.topology.volumes as usize)
+                    .filter(|volume| self.group_of(*volume) == group)
+                    .flat_map(|volume| {
+                        (0..regions_per_volume).map(move |region| (volume as u32 + 1, region))
+                    })
+                    .collect(),
+            };
+            let regions: Vec<(usize, u64)> = named
+                .into_iter()
+                .filter(|(volume, region)| !logged.contains(&(VolumeId(*volume), *region)))
+                .map(|(volume, region)| (volume as usize - 1, region))
+                .collect();
+            if regions.is_empty() {
+                continue;
+            }
+            let source = super::ownership::site_index(&drain.from);
+            let source_views = if self.sites[source].node.is_some() {
+                self.image_of(source, group)?
+                    .into_iter()
+                    .map(|view| (view.volume, view))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            draining.insert(
+                group,
+                DrainImage {
+                    regions,
+                    source_views,
+                },
+            );
+        }
+        Ok(draining)
+    }
+}
+
+/// A restarted target's drain: the regions it lacks (by volume index) and
+/// the source's image of its group's volumes (empty if the source is down).
+struct DrainImage {
+    regions: Vec<(usize, u64)>,
+    source_views: BTreeMap<usize, View>,
 }

@@ -688,6 +688,14 @@ impl Engine {
                 .dirty
                 .pop_first()
                 .expect("engine invariant: dirty is not empty");
+            if self.fast_drain_source_holds(group, peer, region) {
+                // Not copied here yet: `peer`, the drain's source, holds
+                // the newest image of it.
+                continue;
+            }
+            let Some(progress) = self.replication.progress_mut(group, peer) else {
+                return;
+            };
             progress.resync_reading += 1;
             let generation = progress.resync_generation;
             self.start_resync_read(group, peer, region, generation);
@@ -969,6 +977,24 @@ impl Engine {
             answer(self, Err(error));
             return;
         }
+        if self.serves_fast_drain(spec.group, from) {
+            // A fast migration's target copying a region: epoch e's image
+            // here, which its seal froze, needs no lease.
+            self.count_fast_drain_served(spec.group);
+            self.read_whole_range(from, id, volume, offset, length);
+            return;
+        }
+        if self.fast_drain_holds_read(
+            from,
+            spec.group,
+            &SiteMessage::ReadRequest {
+                id,
+                request: request.clone(),
+                have,
+            },
+        ) {
+            return;
+        }
         if self.owner_of(spec.group) != self.config.site {
             if self.await_ownership(
                 spec.group,
@@ -1048,6 +1074,18 @@ impl Engine {
         }
         // The site is too far behind for a diff: send the whole range.
         self.marks.hit(Mark::StrictReadWholeRange);
+        self.read_whole_range(from, id, volume, offset, length);
+    }
+
+    /// Answers read `id` of `from` with every block of the range.
+    fn read_whole_range(
+        &mut self,
+        from: SiteId,
+        id: u64,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+    ) {
         let block_bytes = BLOCK_SIZE as u64;
         let first_block = offset / block_bytes;
         let end_block = (offset + length).div_ceil(block_bytes);
@@ -1245,6 +1283,9 @@ impl Engine {
                 generation,
                 stale,
             } => self.resync_read_done(peer, group, region, generation, stale, result),
+            Internal::DrainCopy { group, region } => {
+                self.local_drain_copy_done(group, region, result)
+            }
         }
     }
 }

@@ -75,6 +75,7 @@ impl Engine {
             })
             .map(|(group, _)| *group)
             .chain(starting)
+            .chain(self.fast_drain_targets())
             .collect();
         if wanted == self.replication.marks {
             return;

@@ -58,6 +58,8 @@ struct Site {
     saved_marks: BTreeSet<GroupId>,
     /// How many times they were saved.
     marks_saves: u64,
+    /// The regions each fast drain logged as copied.
+    drain_log: BTreeMap<(GroupId, Epoch), BTreeSet<(VolumeId, u64)>>,
     /// The group's epoch history, told to the engine again at a restart
     /// (empty: none, the epoch rules are off).
     history: Vec<EpochStart>,
@@ -101,6 +103,7 @@ impl Site {
             saved_maps: BTreeMap::new(),
             saved_marks: BTreeSet::new(),
             marks_saves: 0,
+            drain_log: BTreeMap::new(),
             history: Vec::new(),
             hold_leg_reads: false,
             held_leg_reads: Vec::new(),
@@ -164,6 +167,18 @@ impl Site {
                     self.marks_saves += 1;
                     self.saved_marks = groups.into_iter().collect();
                     self.engine.resync_marks_saved(io, Ok(()));
+                }
+                Action::SaveFastDrain {
+                    io,
+                    group,
+                    epoch,
+                    regions,
+                } => {
+                    self.drain_log
+                        .entry((group, epoch))
+                        .or_default()
+                        .extend(regions);
+                    self.engine.fast_drain_saved(io, Ok(()));
                 }
                 Action::SyncJournal { io, .. } => self.engine.journal_synced(io, Ok(())),
                 Action::WriteLeg { io, blocks, .. } if self.hold_leg_writes => {
@@ -6199,4 +6214,319 @@ fn a_lease_at_either_sites_bound_is_still_renewed() {
         assert_eq!(pair.b.read_reply(read), block(1));
     }
     assert!(pair.b.engine.marks().count(Mark::ReadLeaseRenewed) >= 2);
+}
+
+// ---------------------------------------------------------------------------
+// Fast migration: ownership first, the data b lacks copied after
+
+impl Pair {
+    /// a writes 1s at block 0 (region 0) and 2s at block 512 (region 2),
+    /// which never reach b, then seals the group for a fast switchover to
+    /// b, which both sites apply: b owns the group at epoch 2, after the
+    /// seal. Returns the regions b lacks, as the record names them.
+    fn fast_switchover_with_backlog(&mut self) -> Vec<(VolumeId, u64)> {
+        self.hold_group_lane_to_b = true;
+        self.write(false, 0, block(1));
+        self.write(false, 512 * BLOCK_SIZE as u64, block(2));
+        self.tick(100);
+        self.a
+            .engine
+            .hand_over(self.now, GROUP)
+            .expect("a owns the group");
+        self.settle();
+        assert!(
+            !self.a.engine.hand_over_ready(GROUP, B),
+            "b lacks a's deltas"
+        );
+        assert!(self.a.engine.fast_hand_over_ready(GROUP, B));
+        let sealed = self.a.engine.fast_seal(GROUP, B).expect("ready to seal");
+        let last = sealed.last;
+        let regions = sealed.regions.expect("a few regions, named");
+        // The deltas b never got are lost on the way.
+        self.to_b.retain(|message| message.lane() == Lane::Request);
+        self.hold_group_lane_to_b = false;
+        let history = vec![
+            EpochStart {
+                epoch: Epoch(1),
+                after_seq: DeltaSeq(0),
+                handed_over: false,
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                after_seq: last,
+                handed_over: true,
+            },
+        ];
+        let drain = FastDrain {
+            source: A,
+            target: B,
+            epoch: Epoch(2),
+            regions: Some(regions.clone()),
+        };
+        for site in [&mut self.a, &mut self.b] {
+            site.history = history.clone();
+            site.engine.set_epoch_history(GROUP, history.clone());
+            site.engine.set_fast_drain(GROUP, B, Some(drain.clone()));
+            site.engine.set_owner(GROUP, B, Epoch(2));
+        }
+        regions
+    }
+
+    /// Both sites learn the drain ended (b copied everything, or the loss
+    /// of what it did not was accepted).
+    fn end_fast_drain(&mut self) {
+        for site in [&mut self.a, &mut self.b] {
+            site.engine.set_fast_drain(GROUP, B, None);
+        }
+        self.settle();
+    }
+}
+
+#[test]
+fn a_fast_switchover_seals_the_regions_the_target_lacks() {
+    let mut pair = Pair::new(Mode::Async);
+    let regions = pair.fast_switchover_with_backlog();
+    assert_eq!(regions, vec![(VOLUME, 0), (VOLUME, 2)]);
+    // b numbers its deltas after the seal, under the new epoch.
+    let status = pair.b.engine.replication_status();
+    assert_eq!(status[0].owner, B);
+    assert_eq!(status[0].last_seq, DeltaSeq(1));
+}
+
+#[test]
+fn a_fast_switchover_is_refused_while_writes_are_open_or_the_target_is_away() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.write(false, 0, block(1));
+    pair.a
+        .engine
+        .hand_over(pair.now, GROUP)
+        .expect("a owns the group");
+    pair.settle();
+    assert!(pair.a.engine.fast_hand_over_ready(GROUP, B));
+    pair.disconnect();
+    assert!(
+        !pair.a.engine.fast_hand_over_ready(GROUP, B),
+        "b does not stream: what it lacks is not known"
+    );
+    assert_eq!(pair.a.engine.fast_seal(GROUP, B), None);
+    // Only to the other site of the pair, and only while handing over.
+    assert!(!pair.a.engine.fast_hand_over_ready(GROUP, SiteId(3)));
+    pair.connect();
+    pair.a.engine.cancel_hand_over(pair.now, GROUP);
+    assert!(!pair.a.engine.fast_hand_over_ready(GROUP, B));
+}
+
+#[test]
+fn after_a_fast_switchover_the_target_writes_at_once_where_it_lacks_nothing() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    // Cut from the source before anything was copied: a write to region
+    // 1, which b does not lack, is acknowledged; one to region 0 waits.
+    pair.disconnect();
+    let free = pair.write(true, 256 * BLOCK_SIZE as u64, block(5));
+    assert_eq!(pair.b.reply(free), Some(&Ok(Response::Done)));
+    let held = pair.write(true, BLOCK_SIZE as u64, block(6));
+    assert_eq!(pair.b.reply(held), None, "region 0 is not copied yet");
+    let read = pair.read(true, false, 0, BLOCK_SIZE as u64);
+    assert_eq!(pair.b.reply(read), None);
+    assert_eq!(
+        pair.b
+            .engine
+            .fast_drain_progress(GROUP)
+            .map(|p| p.regions_left),
+        Some(2)
+    );
+    // The source is back: region 0 comes first, then region 2.
+    pair.connect();
+    pair.tick(10);
+    assert_eq!(pair.b.reply(held), Some(&Ok(Response::Done)));
+    assert_eq!(pair.b.read_reply(read), block(1), "a's write, copied");
+    let progress = pair.b.engine.fast_drain_progress(GROUP).expect("drains");
+    assert_eq!((progress.regions_total, progress.regions_left), (2, 0));
+    assert_eq!(
+        pair.b.drain_log[&(GROUP, Epoch(2))],
+        BTreeSet::from([(VOLUME, 0), (VOLUME, 2)])
+    );
+    assert!(pair.b.engine.marks().count(Mark::FastDrainRequestWaited) >= 2);
+    assert!(pair.a.engine.marks().count(Mark::FastDrainServed) >= 2);
+    pair.end_fast_drain();
+    for _ in 0..5 {
+        pair.tick(100);
+    }
+    assert_legs_equal(&pair);
+    assert_eq!(
+        pair.b.leg[&512],
+        block(2),
+        "region 2 copied in the background"
+    );
+    assert_eq!(pair.b.leg[&1], block(6));
+    assert_eq!(pair.a.leg[&1], block(6), "b's writes reach a as deltas");
+    assert!(
+        pair.b.saved_marks.is_empty(),
+        "whole again: {:?}",
+        pair.b.saved_marks
+    );
+}
+
+#[test]
+fn a_fast_drains_target_is_marked_mid_resync_until_every_region_is_copied() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    pair.disconnect();
+    assert!(pair.b.saved_marks.contains(&GROUP));
+    // No read lease on a group whose image is incomplete.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::LeaseRequest {
+            id: 7,
+            volume: VOLUME,
+            first_region: 1,
+            regions: 1,
+            have: DeltaSeq(1),
+        },
+    );
+    let sent = pair.b.run();
+    assert!(
+        sent.iter()
+            .all(|(_, message)| !matches!(message, SiteMessage::LeaseReply { lease_ms, .. } if *lease_ms > 0)),
+        "{sent:?}"
+    );
+    pair.connect();
+    pair.tick(10);
+    assert!(
+        !pair.b.saved_marks.contains(&GROUP),
+        "{:?}",
+        pair.b.saved_marks
+    );
+}
+
+#[test]
+fn a_copy_that_is_not_the_regions_blocks_is_refused_and_asked_again() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    let sent = pair.b.run();
+    let asks: Vec<u64> = sent
+        .iter()
+        .filter_map(|(_, message)| match message {
+            SiteMessage::ReadRequest { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks.len(), 2, "{sent:?}");
+    let refused = pair.b.engine.stats().refused_messages_total;
+    // One block short, and one block of another volume.
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::ReadReply {
+            id: asks[0],
+            result: Ok(vec![(
+                BlockKey {
+                    volume: VOLUME,
+                    block: 0,
+                },
+                BlockImage::Data(block(9)),
+            )]),
+        },
+    );
+    assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 1);
+    let short_block = Bytes::from(vec![9u8; 100]);
+    let mut wrong: Vec<(BlockKey, BlockImage)> = (0..REGION_BLOCKS)
+        .map(|block| {
+            (
+                BlockKey {
+                    volume: VOLUME,
+                    block: 512 + block,
+                },
+                BlockImage::Zero,
+            )
+        })
+        .collect();
+    wrong[3].1 = BlockImage::Data(short_block);
+    pair.b.engine.receive(
+        pair.now,
+        A,
+        SiteMessage::ReadReply {
+            id: asks[1],
+            result: Ok(wrong),
+        },
+    );
+    assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 2);
+    assert_eq!(
+        pair.b
+            .engine
+            .fast_drain_progress(GROUP)
+            .map(|p| p.regions_left),
+        Some(2),
+        "nothing refused was taken"
+    );
+    // Asked again after a pause, and copied.
+    pair.tick(100);
+    pair.tick(100);
+    assert_eq!(
+        pair.b
+            .engine
+            .fast_drain_progress(GROUP)
+            .map(|p| p.regions_left),
+        Some(0)
+    );
+    pair.end_fast_drain();
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
+
+#[test]
+fn accepting_the_loss_of_a_fast_drain_writes_the_targets_image_over_the_sources() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    // a is lost before anything is copied; an operator accepts the loss.
+    pair.disconnect();
+    let held = pair.write(true, BLOCK_SIZE as u64, block(6));
+    pair.end_fast_drain();
+    assert_eq!(pair.b.reply(held), Some(&Ok(Response::Done)));
+    assert_eq!(pair.b.engine.stats().fast_drain_regions_lost_total, 2);
+    // a returns: b's image of regions 0 and 2 replaces a's newer one.
+    pair.connect();
+    for _ in 0..5 {
+        pair.tick(100);
+    }
+    assert_legs_equal(&pair);
+    assert_eq!(
+        pair.a.leg.get(&512).cloned().unwrap_or_else(|| block(0)),
+        block(0)
+    );
+}
+
+#[test]
+fn a_target_that_loses_the_group_mid_drain_is_resynced_whole() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    pair.disconnect();
+    // A failover back to a: the drain's record is gone, a owns epoch 3.
+    let history = {
+        let mut history = pair.a.history.clone();
+        history.push(EpochStart {
+            epoch: Epoch(3),
+            after_seq: DeltaSeq(1),
+            handed_over: false,
+        });
+        history
+    };
+    for site in [&mut pair.a, &mut pair.b] {
+        site.history = history.clone();
+        site.engine.set_epoch_history(GROUP, history.clone());
+        site.engine.set_fast_drain(GROUP, A, None);
+        site.engine.set_owner(GROUP, A, Epoch(3));
+    }
+    pair.settle();
+    assert_eq!(pair.b.engine.marks().count(Mark::FastDrainAbandoned), 1);
+    assert!(pair.b.saved_marks.contains(&GROUP));
+    pair.connect();
+    for _ in 0..5 {
+        pair.tick(100);
+    }
+    assert_legs_equal(&pair);
+    assert_eq!(pair.b.leg[&512], block(2));
+    assert!(!pair.b.saved_marks.contains(&GROUP));
 }
