@@ -46,6 +46,12 @@ pub const FAST_DRAIN_REGIONS_MAX: usize = 65_536;
 /// asked again after this long.
 const REFUSED_RETRY_MS: u64 = 50;
 
+/// Asks that timed out whose answers are still taken if they come, per
+/// drain: a source slower than the remote timeout (a slow disk) would
+/// otherwise never get a copy through, each answer arriving after its ask
+/// was replaced.
+const LATE_ASKS_MAX: usize = 64;
+
 /// A fast migration's drain, as the ownership authority recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FastDrain {
@@ -103,6 +109,9 @@ pub(super) struct Copying {
     lacking: BTreeSet<Region>,
     /// Asked of the source: request id to region and when to ask again.
     asked: BTreeMap<u64, (Region, Timestamp)>,
+    /// Asks that timed out (asked again since): their answers are taken
+    /// if the region is still not copied. At most [`LATE_ASKS_MAX`].
+    late: BTreeMap<u64, Region>,
     /// Being read from this site's own image (the loss of the source's
     /// was accepted).
     reading: BTreeSet<Region>,
@@ -159,6 +168,32 @@ fn regions_touched(volume: VolumeId, offset: u64, length: u64, region_blocks: u6
 }
 
 impl Copying {
+    /// The ask `id` was answered: `Some(Some(region))` to take the copy,
+    /// `Some(None)` for a late answer whose region is copied already (or
+    /// being copied), `None` if `id` is no ask of this drain.
+    fn take_answered(&mut self, id: u64) -> Option<Option<Region>> {
+        if let Some((region, _)) = self.asked.remove(&id) {
+            return Some(Some(region));
+        }
+        let region = self.late.remove(&id)?;
+        // Still not copied: not asked again yet, or asked again (that ask's
+        // answer, when it comes, finds the region copied).
+        let asked_again: Vec<u64> = self
+            .asked
+            .iter()
+            .filter(|(_, (asked, _))| *asked == region)
+            .map(|(id, _)| *id)
+            .collect();
+        if !self.lacking.remove(&region) && asked_again.is_empty() {
+            return Some(None);
+        }
+        for id in asked_again {
+            self.asked.remove(&id);
+            self.late.insert(id, region);
+        }
+        Some(Some(region))
+    }
+
     /// The regions of `range` a request must wait for: those not durably
     /// copied, and every one for a change before the mark is saved.
     fn holds_back(
@@ -282,6 +317,7 @@ impl Engine {
                 gated: lacking.clone(),
                 lacking,
                 asked: BTreeMap::new(),
+                late: BTreeMap::new(),
                 reading: BTreeSet::new(),
                 copied: Vec::new(),
                 applying: Vec::new(),
@@ -717,14 +753,17 @@ impl Engine {
             .fast_drains
             .iter_mut()
             .find_map(|(group, role)| match role {
-                DrainRole::Target(copying) => copying
-                    .asked
-                    .remove(&id)
-                    .map(|(region, _)| (*group, region)),
+                DrainRole::Target(copying) => {
+                    copying.take_answered(id).map(|region| (*group, region))
+                }
                 DrainRole::Source { .. } => None,
             });
         let Some((group, region)) = found else {
             return false;
+        };
+        let Some(region) = region else {
+            // A late answer for a region copied since: nothing to take.
+            return true;
         };
         let blocks = match result {
             Ok(blocks) => blocks,
@@ -990,7 +1029,11 @@ impl Engine {
             for id in late {
                 if let Some((region, _)) = copying.asked.remove(&id) {
                     copying.lacking.insert(region);
+                    copying.late.insert(id, region);
                 }
+            }
+            while copying.late.len() > LATE_ASKS_MAX {
+                copying.late.pop_first();
             }
             let (expired, keep): (VecDeque<Waiting>, VecDeque<Waiting>) = copying
                 .waiting

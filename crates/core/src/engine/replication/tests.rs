@@ -6530,3 +6530,58 @@ fn a_target_that_loses_the_group_mid_drain_is_resynced_whole() {
     assert_eq!(pair.b.leg[&512], block(2));
     assert!(!pair.b.saved_marks.contains(&GROUP));
 }
+
+#[test]
+fn a_copy_answered_after_its_ask_timed_out_is_taken_once() {
+    let mut pair = Pair::new(Mode::Async);
+    pair.fast_switchover_with_backlog();
+    let asks = |sent: Vec<(SiteId, SiteMessage)>| -> Vec<SiteMessage> {
+        sent.into_iter()
+            .map(|(_, message)| message)
+            .filter(|message| matches!(message, SiteMessage::ReadRequest { .. }))
+            .collect()
+    };
+    let first = asks(pair.b.run());
+    assert_eq!(first.len(), 2);
+    // The source answers slower than the remote timeout: b asks again.
+    pair.now = pair.now.saturating_add_millis(1_100);
+    pair.b.engine.handle_timeout(pair.now);
+    let second = asks(pair.b.run());
+    assert_eq!(second.len(), 2, "asked again");
+    let answers = |pair: &mut Pair, requests: Vec<SiteMessage>| -> Vec<SiteMessage> {
+        for request in requests {
+            pair.a.engine.receive(pair.now, B, request);
+        }
+        pair.a
+            .run()
+            .into_iter()
+            .map(|(_, message)| message)
+            .filter(|message| matches!(message, SiteMessage::ReadReply { .. }))
+            .collect()
+    };
+    let late = answers(&mut pair, first);
+    let refused = pair.b.engine.stats().refused_messages_total;
+    for answer in late {
+        pair.b.engine.receive(pair.now, A, answer);
+    }
+    pair.b.run();
+    // The answers to the second asks find the regions copied: dropped,
+    // not taken again, not counted as refused.
+    let again = answers(&mut pair, second);
+    for answer in again {
+        pair.b.engine.receive(pair.now, A, answer);
+    }
+    pair.settle();
+    assert_eq!(pair.b.engine.stats().refused_messages_total, refused);
+    assert_eq!(pair.b.engine.marks().count(Mark::FastDrainRegionCopied), 2);
+    assert_eq!(
+        pair.b
+            .engine
+            .fast_drain_progress(GROUP)
+            .map(|p| p.regions_left),
+        Some(0)
+    );
+    pair.end_fast_drain();
+    pair.tick(100);
+    assert_legs_equal(&pair);
+}
