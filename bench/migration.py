@@ -22,8 +22,10 @@ after the switchover each write is forwarded to b: one round trip), the
 writer's failed writes, and the command's total time (for fast mode,
 until b copied everything).
 
-Figures from different runs are not comparable on shared machines.
-Usage: bench/migration.py [--backlogs 0,64,512] [--keep]
+The a-b link is shaped to --bandwidth-mbit (200) so that a backlog takes
+seconds to drain, as over a WAN. Figures from different runs are not
+comparable on shared machines.
+Usage: bench/migration.py [--backlogs 0,64,512] [--bandwidth-mbit 200] [--keep]
 The binary is REPO/target/release/stretch, or the path in $STRETCH.
 """
 
@@ -80,19 +82,33 @@ def one_move(cluster, command, volume):
     return (int(paused.group(1)) if paused else None), writer, took, result.stdout.strip()
 
 
+def switched_after(output, took):
+    """When ownership moved: reported in fast mode, the end otherwise."""
+    moved = re.search(r"ownership moved after ([0-9.]+) s", output)
+    return float(moved.group(1)) if moved else took
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backlogs", default="0,64,512",
                         help="backlogs to measure, in MiB, comma-separated")
+    parser.add_argument("--bandwidth-mbit", type=int, default=200,
+                        help="shape the a-b link to this rate (0: unshaped)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    backlogs = [int(value) for value in args.backlogs.split(",")]
+    try:
+        backlogs = [int(value) for value in args.backlogs.split(",")]
+    except ValueError:
+        sys.exit(f"--backlogs: comma-separated MiB counts, not {args.backlogs!r}")
+    if args.bandwidth_mbit < 0:
+        sys.exit("--bandwidth-mbit must be 0 or more")
     if not os.path.exists(STRETCH):
         sys.exit("build first: cargo build --release")
     workdir = tempfile.mkdtemp(prefix="stretch-migration-", dir=os.path.join(REPO, "target"))
     cluster = Cluster(workdir)
     rows = []
     try:
+        cluster.cli(0, "link", "set", "a", "b", "--bandwidth-mbit", str(args.bandwidth_mbit))
         for backlog in backlogs:
             for label, command in [("migrate (drain)", ["migrate"]),
                                    ("migrate (fast)", ["migrate", "--mode", "fast"]),
@@ -104,7 +120,8 @@ def main():
                 make_backlog(cluster, volume, backlog, workdir)
                 paused, writer, took, output = one_move(cluster, command, volume)
                 longest = max(writer.latencies) * 1000 if writer.latencies else float("nan")
-                rows.append((backlog, label, paused, longest, writer.failures, took, output))
+                rows.append((backlog, label, paused, longest, writer.failures, took,
+                             switched_after(output, took), output))
                 log(f"  {output}")
     finally:
         cluster.stop()
@@ -112,14 +129,17 @@ def main():
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("| backlog | command | writes held (node) | writer's longest write | failed writes | command time |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for backlog, label, paused, longest, failures, took, output in rows:
+    print("| backlog | command | writes held (node) | writer's longest write | failed writes "
+          "| owner moved after | command time |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for backlog, label, paused, longest, failures, took, switched, output in rows:
         held = f"{paused} ms" if paused is not None else ("-" if "move" in label else "FAILED")
-        print(f"| {backlog} MiB | {label} | {held} | {longest:.0f} ms | {failures} | {took:.1f} s |")
+        print(f"| {backlog} MiB | {label} | {held} | {longest:.0f} ms | {failures} "
+              f"| {switched:.1f} s | {took:.1f} s |")
     print()
-    print("(one run; a<->b 25 ms one way; `volume move` reports no pause: its writes are held "
-          "from the start, so the writer's longest write is its pause)")
+    print(f"(one run; a<->b 25 ms one way, {args.bandwidth_mbit} Mbit/s; `volume move` reports "
+          "no pause: its writes are held from the start, so the writer's longest write is its "
+          "pause; fast mode's command time includes the copy after the switchover)")
 
 
 if __name__ == "__main__":

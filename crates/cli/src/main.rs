@@ -196,9 +196,11 @@ enum VolumeCommand {
     },
     /// Live-migrate a volume's consistency group (or `--group`) to another
     /// site while it is written: the target catches up in the background,
-    /// then writes pause briefly while ownership moves. Ask the owner's
-    /// node (--admin). Shows progress until the move ends; gives up, with
-    /// the reason, if the backlog does not converge within --timeout.
+    /// then writes pause briefly while ownership moves (--mode drain); or
+    /// ownership moves at once and the target copies what it lacks after
+    /// (--mode fast). Ask the owner's node (--admin). Shows progress until
+    /// the move (and a fast move's copy) ends; gives up, with the reason,
+    /// if the switchover does not come within --timeout.
     Migrate(migrate_command::MigrateArgs),
     /// Set whether the ownership of a volume's consistency group follows
     /// its workload. With auto, once a site other than the owner brings

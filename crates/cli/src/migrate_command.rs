@@ -114,10 +114,11 @@ pub fn migrate(client: &AdminClient, args: MigrateArgs) -> anyhow::Result<()> {
     match ended.phase.as_str() {
         "done" if ended.mode == "fast" => {
             println!(
-                "migrated {what} from {} to {} in {:.1} s (fast): writes paused {} ms at the switchover (epoch {}), then {} copied the {} it lacked{}",
+                "migrated {what} from {} to {} in {:.1} s (fast): ownership moved after {:.1} s, writes paused {} ms at the switchover (epoch {}), then {} copied the {} it lacked{}",
                 ended.from,
                 ended.to,
                 ended.elapsed_ms as f64 / 1000.0,
+                ended.switched_after_ms.unwrap_or(0) as f64 / 1000.0,
                 ended.pause_ms.unwrap_or(0),
                 ended.epoch.unwrap_or(0),
                 ended.to,

@@ -142,6 +142,10 @@ pub struct MigrationInfo {
     pub switchovers_called_off: u32,
     /// How long writes were held at the switchover that succeeded.
     pub pause_ms: Option<u64>,
+    /// When ownership moved, counted from the start (the end, in drain
+    /// mode; in fast mode the copy follows).
+    #[serde(default)]
+    pub switched_after_ms: Option<u64>,
     /// The epoch the group has at the target (done).
     pub epoch: Option<u64>,
     /// Why it ended, for every end but `done`.
@@ -167,6 +171,7 @@ impl MigrationInfo {
             timeout_s: 0,
             switchovers_called_off: 0,
             pause_ms: None,
+            switched_after_ms: None,
             epoch: None,
             reason: None,
         }
@@ -666,7 +671,11 @@ impl Node {
             let engine = self.driver.engine.lock();
             engine.config().region_blocks * BLOCK_SIZE as u64
         };
-        self.update_running(group, |info| info.phase = "copying".into());
+        let switched_after_ms = millis(started.elapsed());
+        self.update_running(group, |info| {
+            info.phase = "copying".into();
+            info.switched_after_ms = Some(switched_after_ms);
+        });
         loop {
             let (metadata, _) = control.applied();
             let Some(now) = metadata.groups.get(&group) else {

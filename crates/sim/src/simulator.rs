@@ -431,6 +431,9 @@ struct ClientRequest {
     /// Writes of its volume its site had held for read-lease revocations
     /// when it was issued.
     lease_waits_at_issue: u64,
+    /// Requests at the site that had waited for a fast migration's copy
+    /// when this one was issued.
+    copy_waits_at_issue: u64,
     /// A write at the owner that needs no other site (async, or a plain
     /// write in flush-sync mode): answered within the write-stall bound
     /// whatever the network does.
@@ -978,8 +981,9 @@ impl<'a> Simulation<'a> {
             0
         };
         // At a fast migration's target a write to a region not copied yet
-        // waits for the copy, or fails after the remote timeout.
-        let copy_ns = if self.drains_to(request.site, request.volume) {
+        // waits for the copy, or fails after the remote timeout; so may
+        // any write queued behind one that does (if one waited meanwhile).
+        let copy_ns = if self.copy_waits(request.site) > request.copy_waits_at_issue {
             self.scenario.engine.remote_timeout_ms * MS
         } else {
             0
@@ -1128,6 +1132,16 @@ impl<'a> Simulation<'a> {
     /// A site drawn uniformly (no draw with one site).
     /// Writes of `volume` that `site` held for read-lease revocations
     /// since it last started.
+    /// Requests at `site` that waited for a fast migration's copy, this
+    /// run of its node.
+    fn copy_waits(&self, site: usize) -> u64 {
+        self.sites[site].node.as_ref().map_or(0, |node| {
+            node.engine
+                .marks()
+                .count(stretch_core::Mark::FastDrainRequestWaited)
+        })
+    }
+
     fn lease_waits(&self, site: usize, volume: usize) -> u64 {
         self.sites[site].node.as_ref().map_or(0, |node| {
             node.engine

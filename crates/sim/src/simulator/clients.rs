@@ -200,6 +200,7 @@ impl Simulation<'_> {
                 issued_at: self.now,
                 slow_disk_ns_at_issue: self.sites[site].slow_disk_ns,
                 lease_waits_at_issue: self.lease_waits(site, volume),
+                copy_waits_at_issue: self.copy_waits(site),
                 owner_local_write: write
                     && !remote
                     && !(self.multi() && needs_peer)
