@@ -736,8 +736,12 @@ fn a_fast_migrations_copy_waits_for_a_killed_source_and_loses_nothing() {
     // acknowledged while the copy runs.
     let at_b = sites.nbd_uri(B, "vm");
     qemu_io_ok(&at_b, &["write -P 6 32M 64k", "flush", "read -P 6 32M 64k"]);
-    let listed = sites.ok(A, &["migration", "list"]);
-    assert!(listed.contains("copying"), "{listed}");
+    // The source's driver shows the copy once its switchover returned.
+    sites.wait_until(
+        "a lists the migration as copying",
+        Duration::from_secs(10),
+        || sites.ok(A, &["migration", "list"]).contains("copying"),
+    );
     let again = sites.cli(B, &["volume", "migrate", "vm", "--to", "a"]);
     assert!(
         !again.success() && again.stderr.contains("still copying"),
@@ -777,4 +781,87 @@ fn a_fast_migrations_copy_waits_for_a_killed_source_and_loses_nothing() {
             "read -P 8 12M 64k",
         ],
     );
+}
+
+/// A source lost for good mid-copy: the operator accepts the loss at the
+/// target (`stretch volume accept-loss`), the target's older image of the
+/// regions never copied stands and serves, and the old source, back after
+/// all, converges on the target's image (the regions are written again).
+#[test]
+fn accepting_the_loss_of_a_lost_sources_copy_ends_it_and_the_source_converges() {
+    require_tool("qemu-io");
+    require_tool("qemu-img");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
+    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
+        [A, B]
+            .iter()
+            .all(|node| sites.status(*node)["lease"]["valid"] == true)
+    });
+    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let uri = sites.nbd_uri(A, "vm");
+    // b lacks what a writes: the link drains 2 Mbit/s.
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--mode",
+            "fast",
+            "--no-wait",
+        ],
+    );
+    sites.wait_until("b owns the group", Duration::from_secs(30), || {
+        owner(&sites, B, "vm") == ("b".to_string(), 2)
+    });
+    sites.kill9(A);
+    let unconfirmed = sites.cli(B, &["volume", "accept-loss", "vm"]);
+    assert!(
+        !unconfirmed.success() && unconfirmed.stderr.contains("--accept-data-loss"),
+        "{unconfirmed}"
+    );
+    let accepted = sites.ok(B, &["volume", "accept-loss", "vm", "--accept-data-loss"]);
+    let never_copied: u64 = accepted
+        .split("ended: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no region count in {accepted:?}"));
+    assert!(
+        (1..=4).contains(&never_copied),
+        "a died before b copied its regions: {accepted}"
+    );
+    let at_b = sites.nbd_uri(B, "vm");
+    // Each 1 MiB region of the first 4 MiB shows a's writes (copied before
+    // a died) or b's older image of it (zeros), whole: never a mix within
+    // a region, never anything else.
+    let shows = |pattern: u8, offset: u64| {
+        let read = qemu_io(&at_b, &[&format!("read -P {pattern} {offset} 1M")]);
+        read.success() && !read.output().contains("Pattern verification failed")
+    };
+    for region in 0..4u64 {
+        let offset = region << 20;
+        assert!(
+            shows(5, offset) != shows(0, offset),
+            "region {region} is neither a's new image nor b's older one, whole"
+        );
+    }
+    qemu_io_ok(&at_b, &["write -P 6 1M 64k", "flush", "read -P 6 1M 64k"]);
+    // a returns and converges on b's image.
+    sites.ok(B, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
+    sites.start_node(A);
+    sites.wait_replicated_from(B, A, Duration::from_secs(120));
+    let compare = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, "vm"))
+            .arg(sites.leg(B, "vm")),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    compare.assert_ok();
 }

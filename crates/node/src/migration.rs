@@ -633,8 +633,12 @@ impl Node {
                         };
                     }
                     Err(SwitchError::NotReady) => {
+                        let what = match mode {
+                            MigrationMode::Drain => "apply every delta",
+                            MigrationMode::Fast => "answer",
+                        };
                         tracing::info!(group = %record.group, to = %target.site,
-                            "switchover called off: the target did not apply every delta within {SWITCHOVER_HOLD_MS_MAX} ms; catching up goes on");
+                            "switchover called off: the target did not {what} within {SWITCHOVER_HOLD_MS_MAX} ms; catching up goes on");
                         self.driver.metrics.switchover_called_off();
                         self.update_running(group, |info| {
                             info.phase = "catching-up".into();
