@@ -4,7 +4,8 @@
 //! (nothing left open, every delta up to `L` durable in its journal) and
 //! the authority names the target owner from `L + 1`, recording the
 //! regions the target may lack: every region written by a delta the
-//! target had not applied ([`Engine::fast_seal`]). Rules:
+//! target had not applied, and those a resync of it had not finished
+//! ([`Engine::fast_seal`]). Rules:
 //! - the target serves at once. A request touching a region it may still
 //!   lack (a client's read or write, another site's strict read) waits
 //!   while that region is copied from the source, ahead of the others,
@@ -22,13 +23,19 @@
 //! - the source answers the copies from its image without an ownership
 //!   lease: the target writes no region it may lack, so the source's image
 //!   of such a region is the one at `L`, which nothing changes;
-//! - while the drain runs the target grants no read leases on the group,
-//!   and does not resync to the source a region it lacks (the source's is
-//!   the newest);
+//! - while the drain runs the target is durably marked mid-resync (a
+//!   restart does not offer its image to a failover; its writes wait for
+//!   the mark once), grants no read leases on the group, and does not
+//!   resync to the source a region it lacks (the source's is the newest);
+//! - copies asked, read or not yet on the legs share one window of
+//!   `resync_chunks_in_flight_max` regions over every drain here, which the
+//!   cache bound allows for;
 //! - the drain ends when every region is logged (the owner's driver then
 //!   commits its end), or when an operator accepts the loss of what was
 //!   not copied (the source was lost): the target's older image of those
-//!   regions stands, and the source is resynced from it when it returns.
+//!   regions stands, and is written again from it, behind the same gate,
+//!   so a returning source converges on it; ownership moving away from the
+//!   target first leaves it a replica marked mid-resync, resynced whole.
 //!
 //! Two data sites only: with a third, its image would lag the target's in
 //! regions the target copies, and neither site could resync it.
