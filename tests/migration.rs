@@ -5,9 +5,10 @@
 //! migration whose backlog cannot converge over a slow link gives up with
 //! the reason and leaves the group at the source; one in flight is listed
 //! and cancelled; bad requests are refused with one line. Fast mode moves
-//! ownership first: fio runs on across it both ways, and a source killed
+//! ownership first: fio runs on across it both ways; a source killed
 //! while the target copies what it lacks leaves the copy waiting until it
-//! returns, with nothing lost.
+//! returns, with nothing lost, or is given up for (accept-loss); a target
+//! killed mid-copy fails the group back to the source.
 
 mod common;
 
@@ -855,6 +856,75 @@ fn accepting_the_loss_of_a_lost_sources_copy_ends_it_and_the_source_converges() 
     sites.ok(B, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
     sites.start_node(A);
     sites.wait_replicated_from(B, A, Duration::from_secs(120));
+    let compare = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, "vm"))
+            .arg(sites.leg(B, "vm")),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    compare.assert_ok();
+}
+
+/// A fast migration's target killed mid-copy, the group set to fail over
+/// by itself: the source (which holds every write up to the switchover
+/// and the target's since, as a replica) takes the group back when the
+/// target's lease runs out, loses no write it had, and the target, back,
+/// is resynced whole (it was marked mid-copy) and converges on it.
+#[test]
+fn a_fast_migrations_target_killed_mid_copy_fails_back_to_the_source_and_loses_nothing() {
+    require_tool("qemu-io");
+    require_tool("qemu-img");
+    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
+    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
+        [A, B]
+            .iter()
+            .all(|node| sites.status(*node)["lease"]["valid"] == true)
+    });
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "create",
+            "vm",
+            "--size",
+            "64M",
+            "--failover",
+            "auto",
+        ],
+    );
+    let uri = sites.nbd_uri(A, "vm");
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
+    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
+    sites.ok(
+        A,
+        &[
+            "volume",
+            "migrate",
+            "vm",
+            "--to",
+            "b",
+            "--mode",
+            "fast",
+            "--no-wait",
+        ],
+    );
+    sites.wait_until("b owns the group", Duration::from_secs(30), || {
+        owner(&sites, B, "vm") == ("b".to_string(), 2)
+    });
+    // b takes a write in a region it does not lack, flushed: a holds it
+    // once b shipped it.
+    qemu_io_ok(&sites.nbd_uri(B, "vm"), &["write -P 6 32M 64k", "flush"]);
+    sites.kill9(B);
+    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
+    sites.wait_until("a took the group back", Duration::from_secs(60), || {
+        owner(&sites, A, "vm").0 == "a"
+    });
+    // Everything a wrote is there (it never lacked it).
+    qemu_io_ok(&uri, &["read -P 5 0 4M", "write -P 7 8M 64k", "flush"]);
+    sites.start_node(B);
+    sites.wait_replicated_from(A, B, Duration::from_secs(120));
     let compare = run(
         Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw"])
