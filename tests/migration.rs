@@ -207,15 +207,7 @@ fn a_volume_written_by_fio_migrates_to_b_and_back_without_an_error() {
         );
     }
     sites.wait_replicated_from(A, B, Duration::from_secs(60));
-    let compare = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.leg(A, "vm"))
-            .arg(sites.leg(B, "vm")),
-        None,
-        COMMAND_TIMEOUT,
-    );
-    compare.assert_ok();
+    assert_legs_equal(&sites, "vm");
     eprintln!(
         "a->b: writes paused {pause_to_b} ms, fio's longest write {longest_first:.1} ms; \
          b->a: paused {pause_to_a} ms, longest write {longest_second:.1} ms"
@@ -400,10 +392,15 @@ fn a_migration_that_cannot_converge_gives_up_and_one_in_flight_is_cancelled() {
 }
 
 /// a and b as separate `stretch node` processes, both holding leases, a
-/// sending to b at 2 Mbit/s: 4 MiB written at a keep a migration of `vm`
-/// to b, started here without waiting (`--timeout timeout_s`), catching up
-/// for about 16 s. Returns the sites and vm's export at a.
-fn separate_nodes_migrating_over_a_slow_link(timeout_s: &str) -> (TwoSites, String) {
+/// sending to b at 2 Mbit/s: `vm` (created with `create_options`) takes
+/// 4 MiB of 5s at a, which b lacks for about 16 s, and a migration of it
+/// to b starts here without waiting (`migrate_options`: a drain keeps
+/// catching up that long; a fast one switches over at once and copies
+/// that long). Returns the sites and vm's export at a.
+fn separate_nodes_migrating_over_a_slow_link(
+    create_options: &[&str],
+    migrate_options: &[&str],
+) -> (TwoSites, String) {
     require_tool("qemu-io");
     let sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
     sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
@@ -411,29 +408,46 @@ fn separate_nodes_migrating_over_a_slow_link(timeout_s: &str) -> (TwoSites, Stri
             .iter()
             .all(|node| sites.status(*node)["lease"]["valid"] == true)
     });
-    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
+    let mut create = vec!["volume", "create", "vm", "--size", "64M"];
+    create.extend_from_slice(create_options);
+    sites.ok(A, &create);
     let uri = sites.nbd_uri(A, "vm");
     sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
     qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "migrate",
-            "vm",
-            "--to",
-            "b",
-            "--no-wait",
-            "--timeout",
-            timeout_s,
-        ],
-    );
+    let mut migrate = vec!["volume", "migrate", "vm", "--to", "b", "--no-wait"];
+    migrate.extend_from_slice(migrate_options);
+    let started = sites.ok(A, &migrate);
+    assert!(started.contains("migration list"), "{started}");
     (sites, uri)
+}
+
+/// As [`separate_nodes_migrating_over_a_slow_link`], in fast mode, once b
+/// owns the group.
+fn separate_nodes_switched_over_fast(create_options: &[&str]) -> (TwoSites, String) {
+    let (sites, uri) =
+        separate_nodes_migrating_over_a_slow_link(create_options, &["--mode", "fast"]);
+    sites.wait_until("b owns the group", Duration::from_secs(30), || {
+        owner(&sites, B, "vm") == ("b".to_string(), 2)
+    });
+    (sites, uri)
+}
+
+/// The legs of `volume` at a and b hold the same bytes.
+fn assert_legs_equal(sites: &TwoSites, volume: &str) {
+    let compare = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(sites.leg(A, volume))
+            .arg(sites.leg(B, volume)),
+        None,
+        COMMAND_TIMEOUT,
+    );
+    compare.assert_ok();
 }
 
 #[test]
 fn a_migration_left_by_a_restarted_source_is_cancelled_and_the_group_stays() {
-    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link("600");
+    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link(&[], &["--timeout", "600"]);
     sites.wait_until("b applied the record", Duration::from_secs(10), || {
         sites.ok(B, &["migration", "list"]).contains("recorded")
     });
@@ -595,7 +609,7 @@ fn a_group_set_to_follow_its_workload_moves_to_where_the_workload_runs() {
 /// migration completes.
 #[test]
 fn a_migration_whose_target_dies_while_catching_up_completes_once_it_returns() {
-    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link("300");
+    let (mut sites, uri) = separate_nodes_migrating_over_a_slow_link(&[], &["--timeout", "300"]);
     std::thread::sleep(Duration::from_secs(2));
     sites.kill9(B);
     // The source goes on taking writes while b is away.
@@ -683,15 +697,7 @@ fn a_volume_written_by_fio_migrates_fast_to_b_and_back_without_an_error() {
     let listed = sites.ok(A, &["migration", "list"]);
     assert!(listed.contains("done"), "{listed}");
     sites.wait_replicated_from(A, B, Duration::from_secs(60));
-    let compare = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.leg(A, "vm"))
-            .arg(sites.leg(B, "vm")),
-        None,
-        COMMAND_TIMEOUT,
-    );
-    compare.assert_ok();
+    assert_legs_equal(&sites, "vm");
     eprintln!(
         "fast a->b: {moved}; fio's longest write {longest_first:.1} ms (pause {pause_to_b} ms); \
          fast b->a: {back}; longest write {longest_second:.1} ms (pause {pause_to_a} ms)"
@@ -705,34 +711,7 @@ fn a_volume_written_by_fio_migrates_fast_to_b_and_back_without_an_error() {
 /// second migration may start only then.
 #[test]
 fn a_fast_migrations_copy_waits_for_a_killed_source_and_loses_nothing() {
-    require_tool("qemu-io");
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
-    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
-        [A, B]
-            .iter()
-            .all(|node| sites.status(*node)["lease"]["valid"] == true)
-    });
-    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
-    let uri = sites.nbd_uri(A, "vm");
-    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
-    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
-    let moved = sites.ok(
-        A,
-        &[
-            "volume",
-            "migrate",
-            "vm",
-            "--to",
-            "b",
-            "--mode",
-            "fast",
-            "--no-wait",
-        ],
-    );
-    assert!(moved.contains("migration list"), "{moved}");
-    sites.wait_until("b owns the group", Duration::from_secs(30), || {
-        owner(&sites, B, "vm") == ("b".to_string(), 2)
-    });
+    let (mut sites, uri) = separate_nodes_switched_over_fast(&[]);
     // b serves at once: a write to a region it does not lack is
     // acknowledged while the copy runs.
     let at_b = sites.nbd_uri(B, "vm");
@@ -790,35 +769,8 @@ fn a_fast_migrations_copy_waits_for_a_killed_source_and_loses_nothing() {
 /// all, converges on the target's image (the regions are written again).
 #[test]
 fn accepting_the_loss_of_a_lost_sources_copy_ends_it_and_the_source_converges() {
-    require_tool("qemu-io");
     require_tool("qemu-img");
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
-    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
-        [A, B]
-            .iter()
-            .all(|node| sites.status(*node)["lease"]["valid"] == true)
-    });
-    sites.ok(A, &["volume", "create", "vm", "--size", "64M"]);
-    let uri = sites.nbd_uri(A, "vm");
-    // b lacks what a writes: the link drains 2 Mbit/s.
-    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
-    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "migrate",
-            "vm",
-            "--to",
-            "b",
-            "--mode",
-            "fast",
-            "--no-wait",
-        ],
-    );
-    sites.wait_until("b owns the group", Duration::from_secs(30), || {
-        owner(&sites, B, "vm") == ("b".to_string(), 2)
-    });
+    let (mut sites, _) = separate_nodes_switched_over_fast(&[]);
     sites.kill9(A);
     let unconfirmed = sites.cli(B, &["volume", "accept-loss", "vm"]);
     assert!(
@@ -856,15 +808,7 @@ fn accepting_the_loss_of_a_lost_sources_copy_ends_it_and_the_source_converges() 
     sites.ok(B, &["link", "set", "a", "b", "--bandwidth-mbit", "0"]);
     sites.start_node(A);
     sites.wait_replicated_from(B, A, Duration::from_secs(120));
-    let compare = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.leg(A, "vm"))
-            .arg(sites.leg(B, "vm")),
-        None,
-        COMMAND_TIMEOUT,
-    );
-    compare.assert_ok();
+    assert_legs_equal(&sites, "vm");
 }
 
 /// A fast migration's target killed mid-copy, the group set to fail over
@@ -874,45 +818,8 @@ fn accepting_the_loss_of_a_lost_sources_copy_ends_it_and_the_source_converges() 
 /// is resynced whole (it was marked mid-copy) and converges on it.
 #[test]
 fn a_fast_migrations_target_killed_mid_copy_fails_back_to_the_source_and_loses_nothing() {
-    require_tool("qemu-io");
     require_tool("qemu-img");
-    let mut sites = TwoSites::start(Layout::ProcessPerNode, &[RAW_LINK]);
-    sites.wait_until("a and b hold leases", Duration::from_secs(30), || {
-        [A, B]
-            .iter()
-            .all(|node| sites.status(*node)["lease"]["valid"] == true)
-    });
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "create",
-            "vm",
-            "--size",
-            "64M",
-            "--failover",
-            "auto",
-        ],
-    );
-    let uri = sites.nbd_uri(A, "vm");
-    sites.ok(A, &["link", "set", "a", "b", "--bandwidth-mbit", "2"]);
-    qemu_io_ok(&uri, &["write -P 5 0 4M", "flush"]);
-    sites.ok(
-        A,
-        &[
-            "volume",
-            "migrate",
-            "vm",
-            "--to",
-            "b",
-            "--mode",
-            "fast",
-            "--no-wait",
-        ],
-    );
-    sites.wait_until("b owns the group", Duration::from_secs(30), || {
-        owner(&sites, B, "vm") == ("b".to_string(), 2)
-    });
+    let (mut sites, uri) = separate_nodes_switched_over_fast(&["--failover", "auto"]);
     // b takes a write in a region it does not lack, flushed: a holds it
     // once b shipped it.
     qemu_io_ok(&sites.nbd_uri(B, "vm"), &["write -P 6 32M 64k", "flush"]);
@@ -925,13 +832,5 @@ fn a_fast_migrations_target_killed_mid_copy_fails_back_to_the_source_and_loses_n
     qemu_io_ok(&uri, &["read -P 5 0 4M", "write -P 7 8M 64k", "flush"]);
     sites.start_node(B);
     sites.wait_replicated_from(A, B, Duration::from_secs(120));
-    let compare = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(sites.leg(A, "vm"))
-            .arg(sites.leg(B, "vm")),
-        None,
-        COMMAND_TIMEOUT,
-    );
-    compare.assert_ok();
+    assert_legs_equal(&sites, "vm");
 }

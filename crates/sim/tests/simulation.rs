@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use stretch_core::PlantedBug;
-use stretch_sim::{Mark, Scenario, SimBug, SimOptions, run, swarm_scenario};
+use stretch_sim::{Mark, Outcome, Scenario, SimBug, SimOptions, run, swarm_scenario};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -86,6 +86,19 @@ fn seed_42_trace_hash_is_pinned() {
     let outcome = run(&scenario("single-site.toml"), &options(42, None));
     assert!(outcome.violation.is_none(), "{:?}", outcome.violation);
     assert_eq!(format!("{:016x}", outcome.trace_hash), "c690c4d09b757e5b");
+}
+
+/// Runs `scenario` (the file `simulation/FILE`) at `seed`; panics on a
+/// violation with the command that replays it.
+fn run_clean(scenario: &Scenario, file: &str, seed: u64) -> Outcome {
+    let outcome = run(scenario, &options(seed, None));
+    if let Some((violation, step, _)) = &outcome.violation {
+        panic!(
+            "seed {seed} step {step}: {} {} (replay: stretch sim --scenario simulation/{file} --seed {seed} --replay)",
+            violation.guarantee, violation.detail
+        );
+    }
+    outcome
 }
 
 /// The CI swarm passes, and every coverage mark is reached by at least
@@ -225,13 +238,7 @@ fn migrations_switch_over_under_faults() {
     ] {
         let migration = scenario(file);
         for seed in 1..=seeds {
-            let outcome = run(&migration, &options(seed, None));
-            if let Some((violation, step, _)) = outcome.violation {
-                panic!(
-                    "seed {seed} step {step}: {} {} (replay: stretch sim --scenario simulation/{file} --seed {seed} --replay)",
-                    violation.guarantee, violation.detail
-                );
-            }
+            let outcome = run_clean(&migration, file, seed);
             begun += outcome.stats.migrations_started;
             done += outcome.stats.migrations;
             called_off += outcome.stats.switchovers_called_off;
@@ -293,13 +300,7 @@ fn fast_migrations_drain_under_faults() {
     let mut reached = [0u64; Mark::FAST_DRAIN_FAULTS.len()];
     let (mut fast, mut drained) = (0, 0);
     for seed in 1..=seeds {
-        let outcome = run(&migration, &options(seed, None));
-        if let Some((violation, step, _)) = outcome.violation {
-            panic!(
-                "seed {seed} step {step}: {} {} (replay: stretch sim --scenario simulation/migration/fast-two-sites.toml --seed {seed} --replay)",
-                violation.guarantee, violation.detail
-            );
-        }
+        let outcome = run_clean(&migration, "migration/fast-two-sites.toml", seed);
         fast += outcome.stats.fast_migrations;
         drained += outcome.stats.fast_drains_done;
         for (count, mark) in reached.iter_mut().zip(Mark::FAST_DRAIN_FAULTS) {
@@ -363,15 +364,9 @@ fn failovers_run_clean() {
     let seeds = if cfg!(debug_assertions) { 3 } else { 40 };
     let (mut failovers, mut lost) = (0, 0);
     for seed in 1..=seeds {
-        let outcome = run(&failover, &options(seed, None));
+        let outcome = run_clean(&failover, "failover/two-sites.toml", seed);
         failovers += outcome.stats.failovers;
         lost += outcome.stats.failover_lost_writes;
-        if let Some((violation, step, _)) = outcome.violation {
-            panic!(
-                "seed {seed} step {step}: {} {} (replay: stretch sim --scenario simulation/failover/two-sites.toml --seed {seed} --replay)",
-                violation.guarantee, violation.detail
-            );
-        }
     }
     assert!(
         failovers >= seeds,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use stretch_core::VolumeId;
 
-use crate::filesystem::{FileSystem, StorageFile};
+use crate::filesystem::{FileSystem, StorageFile, replace_file};
 
 const MAGIC: &[u8; 8] = b"STRDMAP1";
 const ENTRY_BYTES: u64 = 12;
@@ -102,18 +102,7 @@ pub fn save_dirty_map<F: FileSystem>(
     }
     let checksum = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&checksum.to_le_bytes());
-    let temporary = path.with_extension("map.tmp");
-    // Order: data durable in the temporary file, then the rename, then the
-    // directory entry durable.
-    let file = fs.open(&temporary, true).map_err(io_error)?;
-    file.set_len(0).map_err(io_error)?;
-    file.write_all_at(&bytes, 0).map_err(io_error)?;
-    file.sync_data().map_err(io_error)?;
-    fs.rename(&temporary, path).map_err(io_error)?;
-    if let Some(dir) = path.parent() {
-        fs.sync_dir(dir).map_err(io_error)?;
-    }
-    Ok(())
+    replace_file(fs, path, &path.with_extension("map.tmp"), &bytes).map_err(io_error)
 }
 
 #[cfg(test)]

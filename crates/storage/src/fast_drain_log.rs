@@ -18,7 +18,7 @@ use std::path::Path;
 
 use stretch_core::{Epoch, GroupId, VolumeId};
 
-use crate::filesystem::{FileSystem, StorageFile};
+use crate::filesystem::{FileSystem, StorageFile, replace_file};
 
 /// The regions each drain logged, by group and the epoch of its switchover.
 pub type DrainLog = BTreeMap<(GroupId, Epoch), BTreeSet<(VolumeId, u64)>>;
@@ -86,8 +86,8 @@ pub fn append_fast_drain_log<F: FileSystem>(
             }
         }
     }
-    for (volume, region) in regions {
-        text.push_str(&format!("{} {} {} {region}\n", group.0, epoch.0, volume.0));
+    for region in regions {
+        push_line(&mut text, group, epoch, *region);
     }
     file.write_all_at(text.as_bytes(), end).map_err(io_error)?;
     file.sync_data().map_err(io_error)?;
@@ -170,6 +170,11 @@ fn parse(bytes: &[u8]) -> Result<(DrainLog, bool), String> {
     Ok((log, dropped || torn))
 }
 
+/// One logged region, as [`parse_line`] reads it back.
+fn push_line(text: &mut String, group: GroupId, epoch: Epoch, (volume, region): (VolumeId, u64)) {
+    text.push_str(&format!("{} {} {} {region}\n", group.0, epoch.0, volume.0));
+}
+
 fn parse_line(line: &[u8]) -> Option<(GroupId, Epoch, (VolumeId, u64))> {
     let text = std::str::from_utf8(line).ok()?;
     let mut fields = text.split(' ');
@@ -203,20 +208,11 @@ fn rewrite<F: FileSystem>(fs: &F, path: &Path, log: &DrainLog) -> io::Result<()>
     let mut text = String::from(HEADER);
     text.push('\n');
     for ((group, epoch), regions) in log {
-        for (volume, region) in regions {
-            text.push_str(&format!("{} {} {} {region}\n", group.0, epoch.0, volume.0));
+        for region in regions {
+            push_line(&mut text, *group, *epoch, *region);
         }
     }
-    let temporary = path.with_extension("tmp");
-    let file = fs.open(&temporary, true)?;
-    file.set_len(0)?;
-    file.write_all_at(text.as_bytes(), 0)?;
-    file.sync_data()?;
-    fs.rename(&temporary, path)?;
-    if let Some(dir) = path.parent() {
-        fs.sync_dir(dir)?;
-    }
-    Ok(())
+    replace_file(fs, path, &path.with_extension("tmp"), text.as_bytes())
 }
 
 #[cfg(test)]

@@ -20,6 +20,27 @@ pub trait FileSystem: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
 }
 
+/// Replaces the file at `path` with `bytes`, durably and atomically,
+/// through `temporary`: the data durable in the temporary file, then the
+/// rename, then the directory entry durable. A crash leaves the old file
+/// or the new one.
+pub(crate) fn replace_file<F: FileSystem>(
+    fs: &F,
+    path: &Path,
+    temporary: &Path,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let file = fs.open(temporary, true)?;
+    file.set_len(0)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync_data()?;
+    fs.rename(temporary, path)?;
+    if let Some(dir) = path.parent() {
+        fs.sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// One open file. Positional I/O only, so it can be shared across threads.
 // `len` is the file size, as on `std::fs::Metadata`; an `is_empty` would
 // add nothing callers need.

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use stretch_core::GroupId;
 
-use crate::filesystem::{FileSystem, StorageFile};
+use crate::filesystem::{FileSystem, StorageFile, replace_file};
 
 const HEADER: &str = "stretch resync marks v1";
 /// Far above any real set; a larger file is not ours.
@@ -44,16 +44,7 @@ pub fn save_resync_marks<F: FileSystem>(
         text.push_str(&group.0.to_string());
         text.push('\n');
     }
-    let temporary = path.with_extension("tmp");
-    let file = fs.open(&temporary, true).map_err(io_error)?;
-    file.set_len(0).map_err(io_error)?;
-    file.write_all_at(text.as_bytes(), 0).map_err(io_error)?;
-    file.sync_data().map_err(io_error)?;
-    fs.rename(&temporary, path).map_err(io_error)?;
-    if let Some(dir) = path.parent() {
-        fs.sync_dir(dir).map_err(io_error)?;
-    }
-    Ok(())
+    replace_file(fs, path, &path.with_extension("tmp"), text.as_bytes()).map_err(io_error)
 }
 
 /// The saved set (empty if none was ever saved).

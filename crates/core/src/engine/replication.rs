@@ -518,6 +518,20 @@ fn fold(
     progress.state = PeerState::NeedsResync;
 }
 
+/// The blocks of `data`, read from `volume` from block `first_block` on.
+fn blocks_read(volume: VolumeId, first_block: u64, data: &Bytes) -> Vec<(BlockKey, BlockImage)> {
+    data.chunks(BLOCK_SIZE)
+        .enumerate()
+        .map(|(number, chunk)| {
+            let key = BlockKey {
+                volume,
+                block: first_block + number as u64,
+            };
+            (key, BlockImage::Data(data.slice_ref(chunk)))
+        })
+        .collect()
+}
+
 fn is_internal(request: RequestId) -> bool {
     request.0 >= INTERNAL_REQUEST_BASE
 }

@@ -89,8 +89,6 @@ pub struct FastDrainProgress {
     /// for (not durably copied).
     pub regions_total: u64,
     pub regions_left: u64,
-    /// Requests waiting for a region now.
-    pub waiting_requests: u64,
 }
 
 /// This site's part in a group's drain.
@@ -416,7 +414,6 @@ impl Engine {
                 source: copying.source,
                 regions_total: copying.regions_total,
                 regions_left: copying.gated.len() as u64,
-                waiting_requests: copying.waiting.len() as u64,
             }),
             DrainRole::Source {
                 regions_total,
@@ -426,17 +423,7 @@ impl Engine {
                 source: self.config.site,
                 regions_total: *regions_total,
                 regions_left: regions_total.saturating_sub(*served),
-                waiting_requests: 0,
             }),
-        }
-    }
-
-    /// At a drain's target: the regions requests still wait for (not
-    /// durably copied), in order.
-    pub fn fast_drain_regions_left(&self, group: GroupId) -> Vec<(VolumeId, u64)> {
-        match self.replication.fast_drains.get(&group) {
-            Some(DrainRole::Target(copying)) => copying.gated.iter().copied().collect(),
-            _ => Vec::new(),
         }
     }
 
@@ -808,18 +795,7 @@ impl Engine {
         let first_block = index * self.config.region_blocks;
         match result {
             Ok(Response::Data(data)) => {
-                let blocks: Vec<(BlockKey, BlockImage)> = data
-                    .chunks(BLOCK_SIZE)
-                    .enumerate()
-                    .map(|(number, chunk)| {
-                        let key = BlockKey {
-                            volume,
-                            block: first_block + number as u64,
-                        };
-                        (key, BlockImage::Data(data.slice_ref(chunk)))
-                    })
-                    .collect();
-                self.take_copy(group, region, blocks);
+                self.take_copy(group, region, blocks_read(volume, first_block, &data));
             }
             // A deleted volume has nothing left to copy; a failed read
             // fails the engine (the leg is unreadable).

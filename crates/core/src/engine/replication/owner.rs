@@ -1258,17 +1258,7 @@ impl Engine {
                 first_block,
             } => {
                 let result = result.map(|response| match response {
-                    Response::Data(data) => data
-                        .chunks(BLOCK_SIZE)
-                        .enumerate()
-                        .map(|(number, chunk)| {
-                            let key = BlockKey {
-                                volume,
-                                block: first_block + number as u64,
-                            };
-                            (key, BlockImage::Data(data.slice_ref(chunk)))
-                        })
-                        .collect(),
+                    Response::Data(data) => blocks_read(volume, first_block, &data),
                     Response::Done => Vec::new(),
                 });
                 self.actions.push_back(Action::Send {

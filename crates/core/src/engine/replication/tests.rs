@@ -6272,6 +6272,14 @@ impl Pair {
         regions
     }
 
+    /// The regions b's drain still holds requests back for.
+    fn regions_left_at_b(&self) -> Option<u64> {
+        self.b
+            .engine
+            .fast_drain_progress(GROUP)
+            .map(|progress| progress.regions_left)
+    }
+
     /// Both sites learn the drain ended (b copied everything, or the loss
     /// of what it did not was accepted).
     fn end_fast_drain(&mut self) {
@@ -6329,13 +6337,7 @@ fn after_a_fast_switchover_the_target_writes_at_once_where_it_lacks_nothing() {
     assert_eq!(pair.b.reply(held), None, "region 0 is not copied yet");
     let read = pair.read(true, false, 0, BLOCK_SIZE as u64);
     assert_eq!(pair.b.reply(read), None);
-    assert_eq!(
-        pair.b
-            .engine
-            .fast_drain_progress(GROUP)
-            .map(|p| p.regions_left),
-        Some(2)
-    );
+    assert_eq!(pair.regions_left_at_b(), Some(2));
     // The source is back: region 0 comes first, then region 2.
     pair.connect();
     pair.tick(10);
@@ -6454,23 +6456,14 @@ fn a_copy_that_is_not_the_regions_blocks_is_refused_and_asked_again() {
     );
     assert_eq!(pair.b.engine.stats().refused_messages_total, refused + 2);
     assert_eq!(
-        pair.b
-            .engine
-            .fast_drain_progress(GROUP)
-            .map(|p| p.regions_left),
+        pair.regions_left_at_b(),
         Some(2),
         "nothing refused was taken"
     );
     // Asked again after a pause, and copied.
     pair.tick(100);
     pair.tick(100);
-    assert_eq!(
-        pair.b
-            .engine
-            .fast_drain_progress(GROUP)
-            .map(|p| p.regions_left),
-        Some(0)
-    );
+    assert_eq!(pair.regions_left_at_b(), Some(0));
     pair.end_fast_drain();
     pair.tick(100);
     assert_legs_equal(&pair);
@@ -6574,13 +6567,7 @@ fn a_copy_answered_after_its_ask_timed_out_is_taken_once() {
     pair.settle();
     assert_eq!(pair.b.engine.stats().refused_messages_total, refused);
     assert_eq!(pair.b.engine.marks().count(Mark::FastDrainRegionCopied), 2);
-    assert_eq!(
-        pair.b
-            .engine
-            .fast_drain_progress(GROUP)
-            .map(|p| p.regions_left),
-        Some(0)
-    );
+    assert_eq!(pair.regions_left_at_b(), Some(0));
     pair.end_fast_drain();
     pair.tick(100);
     assert_legs_equal(&pair);
